@@ -1,0 +1,151 @@
+"""Plain PyTorch attention over paged KV: the slow, obviously-right version every fast kernel must match.
+
+Layout (per layer): k_cache, v_cache: [num_pages, page_size, kv_heads, head_dim]; a sequence is a
+page table (list of page ids); its token at position p lives in page page_table[p // page_size],
+slot p % page_size. Page summaries: kmin, kmax: [num_pages, kv_heads, head_dim], the element-wise
+min/max over the page's written slots (Quest). All arithmetic here is float32.
+
+Sparse decode rounds token counts to pages: budget_pages = budget_tokens // page_size (the budget
+includes the sink and recent pages), sink_pages = ceil(sink_tokens / page_size), recent_pages =
+ceil(recent_tokens / page_size) counted back from the last (possibly partial) page.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def token_slots(page_table: torch.Tensor, start: int, end: int, page_size: int) -> torch.Tensor:
+    """Flat slot indices (page * page_size + offset) of positions [start, end) of one sequence."""
+    positions = torch.arange(start, end, device=page_table.device)
+    return page_table[positions // page_size].long() * page_size + positions % page_size
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor, start: int,
+             k: torch.Tensor, v: torch.Tensor) -> None:
+    """Write new keys/values k, v: [n, kv_heads, head_dim] at positions [start, start + n)."""
+    num_pages, page_size, kv_heads, head_dim = k_cache.shape
+    slots = token_slots(page_table, start, start + k.shape[0], page_size)
+    k_cache.view(-1, kv_heads, head_dim)[slots] = k.to(k_cache.dtype)
+    v_cache.view(-1, kv_heads, head_dim)[slots] = v.to(v_cache.dtype)
+
+
+def gather_kv(cache: torch.Tensor, page_table: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` tokens of a sequence as a contiguous [length, kv_heads, head_dim] tensor."""
+    page_size = cache.shape[1]
+    num_used = -(-length // page_size)
+    return cache[page_table[:num_used].long()].flatten(0, 1)[:length]
+
+
+def update_page_summaries(kmin: torch.Tensor, kmax: torch.Tensor, k_cache: torch.Tensor,
+                          page_table: torch.Tensor, start: int, end: int) -> None:
+    """Recompute min/max of every page touched by positions [start, end), over its written slots."""
+    page_size = k_cache.shape[1]
+    for logical in range(start // page_size, -(-end // page_size)):
+        filled = min(page_size, end - logical * page_size)
+        page = int(page_table[logical])
+        keys = k_cache[page, :filled].float()
+        kmin[page] = keys.amin(dim=0).to(kmin.dtype)
+        kmax[page] = keys.amax(dim=0).to(kmax.dtype)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    page_table: torch.Tensor, start: int, scale: float) -> torch.Tensor:
+    """Causal attention of n new queries q: [n, q_heads, d] at positions [start, start + n).
+
+    Their K/V must already be written. Covers prefill (start = 0), extend and decode (n = 1).
+    """
+    n, q_heads, head_dim = q.shape
+    kv_heads = k_cache.shape[2]
+    group = q_heads // kv_heads
+    assert q_heads == group * kv_heads, "q heads must be a multiple of kv heads"
+    total = start + n
+    k = gather_kv(k_cache, page_table, total).float().repeat_interleave(group, dim=1)
+    v = gather_kv(v_cache, page_table, total).float().repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.float(), k) * scale
+    query_pos = torch.arange(start, total).unsqueeze(1)
+    key_pos = torch.arange(total).unsqueeze(0)
+    scores = scores.masked_fill(key_pos > query_pos, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(dim=-1), v)
+
+
+def quest_page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
+                      page_table: torch.Tensor, num_used_pages: int) -> torch.Tensor:
+    """Upper bound of q.k per page and KV head, summed over the q heads of each GQA group.
+
+    q: [q_heads, d] -> scores: [kv_heads, num_used_pages].
+    """
+    q_heads, head_dim = q.shape
+    kv_heads = kmin.shape[1]
+    pages = page_table[:num_used_pages].long()
+    qg = q.float().view(kv_heads, q_heads // kv_heads, 1, head_dim)          # [kvh, g, 1, d]
+    lo = kmin[pages].float().permute(1, 0, 2).unsqueeze(1)                    # [kvh, 1, P, d]
+    hi = kmax[pages].float().permute(1, 0, 2).unsqueeze(1)
+    bound = torch.maximum(qg * lo, qg * hi).sum(dim=-1)                       # [kvh, g, P]
+    return bound.sum(dim=1)
+
+
+def sparse_page_counts(page_size: int, budget_tokens: int, sink_tokens: int,
+                       recent_tokens: int) -> tuple[int, int, int]:
+    """(budget_pages, sink_pages, recent_pages) from token counts, rounded as the module says."""
+    budget_pages = budget_tokens // page_size
+    sink_pages = -(-sink_tokens // page_size)
+    recent_pages = max(1, -(-recent_tokens // page_size))
+    assert budget_pages > sink_pages + recent_pages, "budget must leave room for selected pages"
+    return budget_pages, sink_pages, recent_pages
+
+
+def select_pages(scores: torch.Tensor, budget_pages: int, sink_pages: int,
+                 recent_pages: int) -> torch.Tensor:
+    """Logical page indices to attend, per KV head: sink + recent + best-scoring middle pages.
+
+    scores: [kv_heads, P] -> [kv_heads, min(P, budget_pages)], sorted ascending. When P fits the
+    budget every page is kept (sparse decode is then exactly dense).
+    """
+    kv_heads, num_pages = scores.shape
+    if num_pages <= budget_pages:
+        return torch.arange(num_pages).expand(kv_heads, num_pages)
+    forced = torch.zeros(num_pages, dtype=torch.bool)
+    forced[:sink_pages] = True
+    forced[num_pages - recent_pages:] = True
+    middle = scores.masked_fill(forced, float("-inf"))
+    picked = middle.topk(budget_pages - int(forced.sum()), dim=-1).indices
+    keep = forced.expand(kv_heads, num_pages).clone()
+    keep.scatter_(1, picked, True)
+    return keep.nonzero()[:, 1].view(kv_heads, budget_pages)
+
+
+def sparse_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        kmin: torch.Tensor, kmax: torch.Tensor, page_table: torch.Tensor,
+                        seq_len: int, scale: float, budget_tokens: int, sink_tokens: int,
+                        recent_tokens: int) -> tuple[torch.Tensor, int]:
+    """Quest decode of one query q: [q_heads, d] over the first seq_len tokens (its own K/V written).
+
+    Returns (out [q_heads, d] float32, pages read summed over KV heads).
+    """
+    q_heads, head_dim = q.shape
+    num_pages_total, page_size, kv_heads, _ = k_cache.shape
+    group = q_heads // kv_heads
+    num_used = -(-seq_len // page_size)
+    budget_pages, sink_pages, recent_pages = sparse_page_counts(
+        page_size, budget_tokens, sink_tokens, recent_tokens)
+    scores = quest_page_scores(q, kmin, kmax, page_table, num_used)
+    chosen = select_pages(scores, budget_pages, sink_pages, recent_pages)     # [kvh, k]
+    out = torch.empty(q_heads, head_dim)
+    for h in range(kv_heads):
+        logical = chosen[h]
+        pages = page_table[logical].long()
+        k = k_cache[pages, :, h].float().flatten(0, 1)                        # [k*page, d]
+        v = v_cache[pages, :, h].float().flatten(0, 1)
+        positions = (logical.unsqueeze(1) * page_size + torch.arange(page_size)).flatten()
+        valid = positions < seq_len
+        qh = q[h * group:(h + 1) * group].float()                            # [g, d]
+        s = (qh @ k.T) * scale
+        s = s.masked_fill(~valid, float("-inf"))
+        out[h * group:(h + 1) * group] = s.softmax(dim=-1) @ v
+    return out, int(chosen.numel())
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
