@@ -1,0 +1,77 @@
+"""One generation request's state, kept in one place and owned by the scheduler thread."""
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from gateway.detokenizer import IncrementalDetokenizer
+from gateway.engine.sampling import Sampler, SamplingParams
+
+
+class RequestState(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class TokenEvent:
+    """What the scheduler tells the HTTP side after each step of one request (one choice)."""
+
+    index: int                                   # choice index within the HTTP request
+    text: str                                    # newly safe text (may be "")
+    token_ids: list[int]
+    logprobs: list[tuple[int, float, list[tuple[int, float]]]]  # (token, logprob, top) per token
+    finish_reason: str | None = None             # stop | length | cancelled | error
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class Request:
+    """A prompt to continue and everything the scheduler tracks about it."""
+
+    id: str
+    index: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_new_tokens: int
+    stop_token_ids: frozenset[int]
+    detokenizer: IncrementalDetokenizer
+    emit: Callable[[TokenEvent], None]           # thread-safe hand-off to the HTTP side
+    wait_for: Request | None = None              # an n>1 sibling whose prompt we share
+    arrival_s: float = field(default_factory=time.monotonic)
+
+    state: RequestState = RequestState.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    page_table: list[int] = field(default_factory=list)
+    tree_pages: int = 0              # leading pages of page_table owned by the radix cache (locked)
+    lock_node: object | None = None  # the deepest radix node this request holds locked
+    num_computed: int = 0            # tokens whose KV is in the pages
+    cached_tokens: int = 0           # prompt tokens served from the cache (first admission)
+    admitted_once: bool = False
+    cancelled: bool = False
+    finish_reason: str | None = None
+    first_token_s: float | None = None
+    sampler: Sampler | None = None
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def total_len(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def owned_pages(self) -> int:
+        """Pages this request holds outside the radix cache."""
+        return len(self.page_table) - self.tree_pages
+
+    @property
+    def prefill_done(self) -> bool:
+        return self.num_computed >= len(self.prompt_ids)

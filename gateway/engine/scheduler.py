@@ -1,0 +1,288 @@
+"""Continuous batching over paged KV: admission, chunked prefill, decode, preemption, cancellation.
+
+Runs on the engine thread only; nothing here is shared with the HTTP side except through the
+requests' `emit` callbacks. Every step builds one ForwardBatch holding one decode token for every
+running request that has finished its prompt plus prefill chunks within `prefill_chunk_tokens`.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from backends.base import Backend, ForwardBatch, SequenceChunk
+from gateway.engine.page_pool import PagePool
+from gateway.engine.radix_cache import RadixCache
+from gateway.engine.request import Request, RequestState, TokenEvent
+from gateway.engine.sampling import Sampler
+
+log = logging.getLogger("radixgate.scheduler")
+
+
+@dataclass
+class SchedulerStats:
+    """Counters since start-up; read by /health and /metrics through Engine.snapshot()."""
+
+    steps: int = 0
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    generated_tokens: int = 0
+    preemptions: int = 0
+    cancelled: int = 0
+    pages_read: int = 0
+    pages_skipped: int = 0
+
+
+class Scheduler:
+    """Owns the waiting queue, the running batch, the page pool and the radix cache."""
+
+    def __init__(self, backend: Backend, pool: PagePool, cache: RadixCache, *,
+                 max_running: int, prefill_chunk_tokens: int, context_length: int):
+        self.backend = backend
+        self.pool = pool
+        self.cache = cache
+        self.page_size = backend.page_size
+        self.max_running = max_running
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.context_length = context_length
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.stats = SchedulerStats()
+
+    # ---- requests in and out -------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        request.sampler = Sampler(request.params, self.backend.info.vocab_size)
+        self.waiting.append(request)
+
+    def cancel(self, request_id: str) -> None:
+        for request in list(self.waiting) + self.running:
+            if request.id == request_id:
+                request.cancelled = True
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- one step ------------------------------------------------------------------------
+    def step(self) -> None:
+        """Drop cancelled work, admit, run one forward pass, sample, finish what is done."""
+        self._drop_cancelled()
+        self._admit()
+        chunks, scheduled = self._build_batch()
+        if not chunks:
+            return
+        try:
+            result = self.backend.forward(ForwardBatch(chunks))
+        except Exception as error:   # a backend bug must not take the server down with it
+            log.exception("forward failed; failing the %d requests of this step", len(scheduled))
+            for request, _ in scheduled:
+                self._finish(request, "error", error=f"internal error in the model runner: {error}")
+            return
+        self.stats.steps += 1
+        self.stats.pages_read += result.attention.pages_read
+        self.stats.pages_skipped += result.attention.pages_skipped
+        row = 0
+        for request, chunk in scheduled:
+            request.num_computed = chunk.end_position
+            if chunk.want_logits:
+                self._accept_token(request, result.logits[row])
+                row += 1
+
+    def _drop_cancelled(self) -> None:
+        for request in [r for r in self.waiting if r.cancelled]:
+            self.waiting.remove(request)
+            self._finish(request, "cancelled")
+        for request in [r for r in self.running if r.cancelled]:
+            self._finish(request, "cancelled")
+
+    def _admit(self) -> None:
+        """Move waiting requests into the running batch, each starting from its cached prefix."""
+        for request in list(self.waiting):
+            if len(self.running) >= self.max_running:
+                return
+            sibling = request.wait_for
+            if sibling is not None and sibling.state is not RequestState.FINISHED \
+                    and not sibling.prefill_done:
+                continue   # an n>1 choice waits for its first sibling to cache the shared prompt
+            self.waiting.remove(request)
+            ids = request.all_ids
+            match = self.cache.match_prefix(ids[:-1])   # at least one token left for logits
+            self.cache.inc_lock_ref(match.last_node)
+            request.lock_node = match.last_node
+            request.page_table = list(match.pages)
+            request.tree_pages = len(match.pages)
+            request.num_computed = match.num_tokens
+            if not request.admitted_once:
+                request.admitted_once = True
+                request.cached_tokens = match.num_tokens
+                self.stats.prompt_tokens += len(request.prompt_ids)
+                self.stats.cached_prompt_tokens += match.num_tokens
+            request.state = RequestState.RUNNING
+            self.running.append(request)
+
+    def _build_batch(self) -> tuple[list[SequenceChunk], list[tuple[Request, SequenceChunk]]]:
+        """Decode tokens first (they keep streams flowing), then prefill chunks within the budget."""
+        budget = self.prefill_chunk_tokens
+        order = sorted(self.running, key=lambda r: (r.total_len - r.num_computed > 1, r.arrival_s))
+        scheduled: list[tuple[Request, SequenceChunk]] = []
+        for request in order:
+            if request.state is not RequestState.RUNNING:
+                continue   # preempted earlier in this loop
+            remaining = request.total_len - request.num_computed
+            count = remaining if remaining == 1 else min(remaining, budget)
+            if count <= 0:
+                continue
+            if not self._ensure_pages(request, request.num_computed + count, scheduled):
+                continue
+            if remaining > 1:
+                budget -= count
+            ids = request.all_ids
+            chunk = SequenceChunk(
+                token_ids=ids[request.num_computed:request.num_computed + count],
+                start_position=request.num_computed,
+                page_table=list(request.page_table),
+                want_logits=request.num_computed + count == request.total_len)
+            scheduled.append((request, chunk))
+        return [chunk for _, chunk in scheduled], scheduled
+
+    def _ensure_pages(self, request: Request, num_tokens: int,
+                      scheduled: list[tuple[Request, SequenceChunk]]) -> bool:
+        """Give `request` pages for `num_tokens`; evict cache, then preempt the newest, if short.
+
+        Requests already in this step's batch are never preempted; with no one else left to
+        preempt, the request itself goes back to the queue.
+        """
+        needed = -(-num_tokens // self.page_size) - len(request.page_table)
+        while needed > 0:
+            if self.pool.num_free < needed:
+                self.cache.evict(needed - self.pool.num_free)
+            pages = self.pool.allocate(needed)
+            if pages is not None:
+                request.page_table.extend(pages)
+                return True
+            in_batch = {id(r) for r, _ in scheduled}
+            others = [r for r in self.running if id(r) not in in_batch and r is not request]
+            victim = max(others + [request], key=lambda r: r.arrival_s)
+            self._preempt(victim)
+            if victim is request:
+                return False
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        """Return a running request to the front of the queue; its computed prefix stays cached."""
+        self.stats.preemptions += 1
+        self._release(request)
+        request.state = RequestState.WAITING
+        request.num_computed = 0
+        self.running.remove(request)
+        self.waiting.appendleft(request)
+        log.info("preempted %s (%d tokens) to free KV pages", request.id, request.total_len)
+
+    # ---- tokens and finishing ------------------------------------------------------------
+    def _accept_token(self, request: Request, logits) -> None:
+        sampled = request.sampler.sample(logits)
+        token = sampled.token_id
+        request.output_ids.append(token)
+        self.stats.generated_tokens += 1
+        if request.first_token_s is None:
+            request.first_token_s = time.monotonic()
+            self._share_prompt(request)
+        text = request.detokenizer.add_token(token)
+        logprobs = [] if sampled.logprob is None else [(token, sampled.logprob, sampled.top_logprobs)]
+        reason = None
+        if token in request.stop_token_ids or request.detokenizer.stopped:
+            reason = "stop"
+        elif len(request.output_ids) >= request.max_new_tokens or request.total_len >= self.context_length:
+            reason = "length"
+        if reason is None:
+            request.emit(TokenEvent(request.index, text, [token], logprobs))
+            return
+        text += request.detokenizer.finish()
+        self._finish(request, reason, text=text, token_ids=[token], logprobs=logprobs)
+
+    def _share_prompt(self, request: Request) -> None:
+        """Put a freshly prefilled prompt into the cache so concurrent requests reuse it now."""
+        if not self.cache.enabled:
+            return
+        full_pages = min(request.num_computed, len(request.prompt_ids)) // self.page_size
+        if full_pages <= request.tree_pages:
+            return
+        tokens = request.prompt_ids[:full_pages * self.page_size]
+        self.cache.insert(tokens, request.page_table[:full_pages])
+        match = self.cache.match_prefix(tokens)
+        assert match.num_tokens == len(tokens), "a just-inserted prefix must match in full"
+        self.cache.inc_lock_ref(match.last_node)
+        self.cache.dec_lock_ref(request.lock_node)
+        request.lock_node = match.last_node
+        request.page_table[:full_pages] = match.pages
+        request.tree_pages = full_pages
+
+    def _release(self, request: Request) -> None:
+        """Hand the request's pages back: full computed pages to the cache, the rest to the pool."""
+        if request.lock_node is None:
+            return
+        if self.cache.enabled:
+            full_pages = min(request.num_computed // self.page_size, len(request.page_table))
+            self.cache.insert(request.all_ids[:full_pages * self.page_size], request.page_table[:full_pages])
+            self.pool.free(request.page_table[full_pages:])
+        else:
+            self.pool.free(request.page_table[request.tree_pages:])
+        self.cache.dec_lock_ref(request.lock_node)
+        request.lock_node = None
+        request.page_table = []
+        request.tree_pages = 0
+
+    def _finish(self, request: Request, reason: str, *, text: str = "", token_ids=None,
+                logprobs=None, error: str | None = None) -> None:
+        self._release(request)
+        if request in self.running:
+            self.running.remove(request)
+        request.state = RequestState.FINISHED
+        request.finish_reason = reason
+        if reason == "cancelled":
+            self.stats.cancelled += 1
+        request.emit(TokenEvent(
+            request.index, text, token_ids or [], logprobs or [], finish_reason=reason,
+            prompt_tokens=len(request.prompt_ids), completion_tokens=len(request.output_ids),
+            cached_tokens=request.cached_tokens, error=error))
+
+    # ---- accounting ----------------------------------------------------------------------
+    def held_pages(self) -> int:
+        return sum(r.owned_pages for r in self.running)
+
+    def check_accounting(self) -> None:
+        """free + evictable + protected + held by requests == total pages, exactly."""
+        total = self.pool.num_free + self.cache.evictable_size + self.cache.protected_size + self.held_pages()
+        assert total == self.pool.num_pages, (
+            f"page accounting broken: free {self.pool.num_free} + evictable {self.cache.evictable_size}"
+            f" + protected {self.cache.protected_size} + held {self.held_pages()} != {self.pool.num_pages}")
+
+    def fail_all(self, message: str) -> None:
+        """Last resort after an unexpected error: end every request with an error event."""
+        for request in list(self.running) + list(self.waiting):
+            try:
+                self._finish(request, "error", error=message)
+            except Exception:   # state may be what broke; still tell the client
+                log.exception("could not release %s", request.id)
+                request.emit(TokenEvent(request.index, "", [], [], finish_reason="error", error=message))
+        self.running.clear()
+        self.waiting.clear()
+
+    def snapshot(self) -> dict:
+        """Counters and cache statistics for /health and /metrics (engine thread only)."""
+        stats = self.stats
+        cache_stats = dict(self.cache.stats())
+        cache_stats["hit_rate"] = stats.cached_prompt_tokens / stats.prompt_tokens if stats.prompt_tokens else 0.0
+        eligible = stats.pages_read + stats.pages_skipped
+        return {
+            "running_requests": len(self.running), "waiting_requests": len(self.waiting),
+            "kv_pages_total": self.pool.num_pages, "kv_pages_free": self.pool.num_free,
+            "kv_pages_held_by_requests": self.held_pages(), "page_size": self.page_size,
+            "radix_cache_enabled": self.cache.enabled, "radix_cache_stats": cache_stats,
+            "prompt_tokens_total": stats.prompt_tokens, "cached_prompt_tokens_total": stats.cached_prompt_tokens,
+            "generated_tokens_total": stats.generated_tokens, "preemptions_total": stats.preemptions,
+            "cancelled_total": stats.cancelled, "steps_total": stats.steps,
+            "attention_pages_read_total": stats.pages_read, "attention_pages_skipped_total": stats.pages_skipped,
+            "attention_sparsity_ratio": stats.pages_skipped / eligible if eligible else 0.0,
+        }

@@ -1,0 +1,126 @@
+"""From a validated OpenAI request to engine events: limits, sampling params, disconnect handling."""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastapi import Request as HTTPRequest
+
+from gateway.engine.engine import QueueFull, RequestHandle
+from gateway.engine.request import TokenEvent
+from gateway.engine.sampling import SamplingParams
+from gateway.errors import APIError
+from gateway.protocol import SamplingFields
+from gateway.router import LocalModel
+
+
+def resolve_max_tokens(requested: int | None, prompt_tokens: int, context_length: int) -> int:
+    """Tokens the completion may have; a prompt that does not fit is a 400 naming both numbers."""
+    if prompt_tokens >= context_length:
+        raise APIError(400, f"This model's maximum context length is {context_length} tokens. However, "
+                            f"your prompt is {prompt_tokens} tokens, which leaves no room for a completion.",
+                       param="messages", code="context_length_exceeded")
+    room = context_length - prompt_tokens
+    if requested is not None and requested > room:
+        raise APIError(400, f"This model's maximum context length is {context_length} tokens. However, you "
+                            f"requested {prompt_tokens + requested} tokens ({prompt_tokens} in the prompt, "
+                            f"{requested} for the completion).", param="max_tokens",
+                       code="context_length_exceeded")
+    return requested if requested is not None else room
+
+
+def sampling_params(body: SamplingFields, index: int, logprobs: bool, top_logprobs: int,
+                    vocab_size: int) -> SamplingParams:
+    bias = {int(k): v for k, v in (body.logit_bias or {}).items()}
+    bad = [token for token in bias if not 0 <= token < vocab_size]
+    if bad:
+        raise APIError(400, f"logit_bias names token ids outside the vocabulary (0..{vocab_size - 1}): {bad}",
+                       param="logit_bias")
+    return SamplingParams(
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=body.top_k or 0, min_p=body.min_p or 0.0,
+        seed=None if body.seed is None else body.seed + index,
+        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+        logit_bias=bias, logprobs=logprobs, top_logprobs=top_logprobs)
+
+
+def submit(model: LocalModel, prompts: list[list[int]], body: SamplingFields, max_new_tokens: int,
+           logprobs: bool, top_logprobs: int) -> RequestHandle:
+    """n choices for each prompt; choice index = prompt index * n + i."""
+    vocab = model.engine.backend.info.vocab_size
+    choices = [(prompt, sampling_params(body, i, logprobs, top_logprobs, vocab))
+               for prompt in prompts for i in range(body.n)]
+    try:
+        return model.engine.submit(choices, max_new_tokens=max_new_tokens, stop=body.stop_list(),
+                                   ignore_eos=body.ignore_eos)
+    except QueueFull as error:
+        raise APIError(429, f"The server is busy: {error}.", type="rate_limit_error",
+                       code="rate_limit_exceeded", headers={"Retry-After": "1"}) from None
+
+
+@dataclass
+class ChoiceResult:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+async def _wait_disconnect(http_request: HTTPRequest) -> None:
+    while True:
+        message = await http_request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def collect(handle: RequestHandle, num_choices: int, http_request: HTTPRequest) -> list[ChoiceResult]:
+    """Gather every choice's whole output; a client that goes away cancels the work."""
+    results = [ChoiceResult() for _ in range(num_choices)]
+
+    async def gather() -> None:
+        async for event in handle:
+            merge(results[event.index], event)
+
+    work = asyncio.ensure_future(gather())
+    gone = asyncio.ensure_future(_wait_disconnect(http_request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():
+            work.cancel()
+            handle.cancel()
+    if not work.done() or work.cancelled():
+        raise asyncio.CancelledError("client disconnected")
+    work.result()
+    errors = [r for r in results if r.finish_reason == "error"]
+    if errors:
+        raise APIError(500, errors[0].text or "internal error in the engine", type="server_error")
+    return results
+
+
+def merge(result: ChoiceResult, event: TokenEvent) -> None:
+    result.text += event.text if event.error is None else ""
+    result.token_ids += event.token_ids
+    result.logprobs += event.logprobs
+    if event.finish_reason is not None:
+        result.finish_reason = event.finish_reason
+        result.prompt_tokens = event.prompt_tokens
+        result.completion_tokens = event.completion_tokens
+        result.cached_tokens = event.cached_tokens
+        if event.error:
+            result.text = event.error
+
+
+async def stream_events(handle: RequestHandle) -> AsyncIterator[TokenEvent]:
+    """The handle's events; if the consumer stops early (client gone), the work is cancelled."""
+    try:
+        async for event in handle:
+            yield event
+    finally:
+        handle.cancel()

@@ -1,0 +1,83 @@
+"""OpenAI response and stream-chunk objects for chat and text completions."""
+from __future__ import annotations
+
+from gateway.generation import ChoiceResult
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    """`cached_tokens` is always present: 0 when nothing came from the cache, never null."""
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens},
+            "completion_tokens_details": {"reasoning_tokens": 0}}
+
+
+def usage_of(results: list[ChoiceResult], num_prompts: int, n: int) -> dict:
+    """Each prompt counts once however many choices it has; cached tokens likewise."""
+    firsts = results[::n][:num_prompts]
+    return usage(sum(r.prompt_tokens for r in firsts), sum(r.completion_tokens for r in results),
+                 sum(r.cached_tokens for r in firsts))
+
+
+def _token_entry(tokenizer, token_id: int, logprob: float) -> dict:
+    text = tokenizer.decode([token_id])
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+
+def chat_logprobs(tokenizer, entries: list) -> dict | None:
+    content = []
+    for token_id, logprob, top in entries:
+        item = _token_entry(tokenizer, token_id, logprob)
+        item["top_logprobs"] = [_token_entry(tokenizer, t, lp) for t, lp in top]
+        content.append(item)
+    return {"content": content}
+
+
+def text_logprobs(tokenizer, entries: list, offset: int) -> dict:
+    tokens, token_logprobs, tops, offsets = [], [], [], []
+    for token_id, logprob, top in entries:
+        text = tokenizer.decode([token_id])
+        tokens.append(text)
+        token_logprobs.append(logprob)
+        tops.append({tokenizer.decode([t]): lp for t, lp in top})
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_completion(response_id: str, created: int, model: str, results: list[ChoiceResult],
+                    tokenizer, want_logprobs: bool) -> dict:
+    choices = [{"index": i, "message": {"role": "assistant", "content": r.text},
+                "logprobs": chat_logprobs(tokenizer, r.logprobs) if want_logprobs else None,
+                "finish_reason": r.finish_reason} for i, r in enumerate(results)]
+    return {"id": response_id, "object": "chat.completion", "created": created, "model": model,
+            "system_fingerprint": None, "choices": choices, "usage": usage_of(results, 1, len(results))}
+
+
+def chat_chunk(response_id: str, created: int, model: str, choices: list[dict],
+               usage_block: dict | None = None, with_usage_field: bool = False) -> dict:
+    chunk = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": model,
+             "system_fingerprint": None, "choices": choices}
+    if with_usage_field:
+        chunk["usage"] = usage_block
+    return chunk
+
+
+def text_completion(response_id: str, created: int, model: str, results: list[ChoiceResult],
+                    tokenizer, want_logprobs: bool, prefixes: list[str], num_prompts: int, n: int) -> dict:
+    choices = []
+    for i, r in enumerate(results):
+        prefix = prefixes[i // n]
+        choices.append({"index": i, "text": prefix + r.text, "finish_reason": r.finish_reason,
+                        "logprobs": text_logprobs(tokenizer, r.logprobs, len(prefix)) if want_logprobs else None})
+    return {"id": response_id, "object": "text_completion", "created": created, "model": model,
+            "system_fingerprint": None, "choices": choices, "usage": usage_of(results, num_prompts, n)}
+
+
+def text_chunk(response_id: str, created: int, model: str, choices: list[dict],
+               usage_block: dict | None = None, with_usage_field: bool = False) -> dict:
+    chunk = {"id": response_id, "object": "text_completion", "created": created, "model": model,
+             "system_fingerprint": None, "choices": choices}
+    if with_usage_field:
+        chunk["usage"] = usage_block
+    return chunk

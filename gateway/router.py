@@ -1,0 +1,99 @@
+"""Model name → what serves it. Local models run in an Engine; remote ones (litellm) come later."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+from backends.base import BackendInfo, RunnerSettings, SparseSettings
+from backends.source import resolve_source
+from gateway.config import Config, ModelConfig
+from gateway.engine.engine import Engine, EngineSettings
+from gateway.errors import APIError, model_not_found
+from gateway.templating import ChatTokenizer, load_tokenizer
+
+log = logging.getLogger("radixgate.router")
+
+
+@dataclass
+class LocalModel:
+    name: str
+    engine: Engine
+    tokenizer: ChatTokenizer
+    info: BackendInfo
+
+
+def choose_backend(requested: str) -> str:
+    """auto → cuda when a CUDA device is present, else cpu (mlx arrives with its own issue)."""
+    if requested != "auto":
+        return requested
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def runner_settings(cfg: ModelConfig, backend: str) -> RunnerSettings:
+    source = resolve_source(cfg.source)
+    sparse = cfg.sparse_attention
+    return RunnerSettings(
+        source_kind=source.kind, source_path=source.path, model_name=cfg.name, dtype=cfg.dtype,
+        device=backend, page_size=cfg.kv_cache.page_size, num_pages=cfg.kv_cache.num_pages,
+        kv_memory_bytes=int(cfg.kv_cache.cpu_cache_gb * (1 << 30)), context_length=cfg.context_length,
+        threads=cfg.threads, sparse=SparseSettings(
+            enabled=sparse.enabled, token_budget=sparse.token_budget, dense_layers=sparse.dense_layers,
+            sink_tokens=sparse.sink_tokens, recent_tokens=sparse.recent_tokens))
+
+
+def load_local_model(cfg: ModelConfig, check_invariants: bool = False) -> LocalModel:
+    backend = choose_backend(cfg.backend)
+    if backend == "mlx":
+        raise APIError(501, "the MLX backend is not available in this version")
+    from backends.cuda.runner import TorchRunner   # torch loads only when a local model does
+    settings = runner_settings(cfg, backend)
+    runner = TorchRunner(settings)
+    tokenizer = load_tokenizer(resolve_source(cfg.source))
+    sched = cfg.scheduler
+    engine = Engine(runner, tokenizer, EngineSettings(
+        max_running_requests=sched.max_running_requests, max_waiting_requests=sched.max_waiting_requests,
+        prefill_chunk_tokens=sched.prefill_chunk_tokens, radix_cache=sched.radix_cache,
+        check_invariants=check_invariants))
+    info = runner.info
+    log.info("model %s: backend %s, device %s, dtype %s, %d KV pages of %d tokens, context %d",
+             info.model_name, info.backend, info.device, info.dtype, info.num_pages, info.page_size,
+             engine.context_length)
+    return LocalModel(cfg.name, engine, tokenizer, info)
+
+
+class Router:
+    """Finds the model a request names; unknown names are a 404, never a silent default."""
+
+    def __init__(self, models: dict[str, LocalModel], remote: dict[str, ModelConfig]):
+        self.models = models
+        self.remote = remote
+
+    @classmethod
+    def from_config(cls, config: Config) -> Router:
+        check = os.environ.get("RADIXGATE_CHECK_INVARIANTS") == "1"
+        local, remote = {}, {}
+        for cfg in config.models:
+            if cfg.backend == "litellm":
+                log.warning("model %s: remote (litellm) models are not served by this version", cfg.name)
+                remote[cfg.name] = cfg
+            else:
+                local[cfg.name] = load_local_model(cfg, check_invariants=check)
+        return cls(local, remote)
+
+    def get(self, name: str) -> LocalModel:
+        if name in self.models:
+            return self.models[name]
+        if name in self.remote:
+            raise APIError(501, f"The model `{name}` is a remote (litellm) model, which this version of "
+                                "radixgate does not serve yet.", type="server_error", param="model")
+        raise model_not_found(name)
+
+    def start(self) -> None:
+        for model in self.models.values():
+            model.engine.start()
+
+    def stop(self) -> None:
+        for model in self.models.values():
+            model.engine.stop()

@@ -1,0 +1,203 @@
+"""FastAPI routes: the OpenAI API, health, metrics and the radix-cache admin endpoints."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from sse_starlette.sse import EventSourceResponse
+
+from gateway import generation, responses
+from gateway.config import Config
+from gateway.errors import APIError, install_error_handlers
+from gateway.metrics import Metrics
+from gateway.protocol import ChatCompletionRequest, CompletionRequest, new_id, now_s
+from gateway.router import Router
+
+
+def create_app(config: Config, router: Router) -> FastAPI:
+    """The app serving `router`'s models; engines start and stop with the app."""
+    metrics = Metrics()
+    keys = set(config.server.api_keys)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        router.start()
+        yield
+        router.stop()
+
+    app = FastAPI(title="radixgate", lifespan=lifespan)
+    install_error_handlers(app)
+
+    def authorize(request: Request) -> None:
+        if not keys:
+            return
+        header = request.headers.get("authorization", "")
+        if not header.startswith("Bearer ") or header[7:] not in keys:
+            raise APIError(401, "Incorrect or missing API key. Send 'Authorization: Bearer <key>'.",
+                           code="invalid_api_key")
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        response = await call_next(request)
+        metrics.requests.labels(request.url.path, str(response.status_code)).inc()
+        return response
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        model = router.get(body.model)
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        prompt = model.tokenizer.apply_chat_template(messages)
+        max_new = generation.resolve_max_tokens(body.max_completion_tokens or body.max_tokens, len(prompt),
+                                                model.engine.context_length)
+        handle = generation.submit(model, [prompt], body, max_new, body.logprobs, body.top_logprobs or 0)
+        rid, created, started = new_id("chatcmpl"), now_s(), time.monotonic()
+        if body.stream:
+            return EventSourceResponse(_chat_stream(handle, body, model, rid, created, started),
+                                       ping=15)
+        results = await generation.collect(handle, body.n, request)
+        metrics.latency.labels(body.model).observe(time.monotonic() - started)
+        return responses.chat_completion(rid, created, body.model, results, model.tokenizer, body.logprobs)
+
+    async def _chat_stream(handle, body, model, rid, created, started):
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        def chunk(choices, usage_block=None):
+            return json.dumps(responses.chat_chunk(rid, created, body.model, choices, usage_block, include_usage))
+
+        for index in range(body.n):
+            yield {"data": chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
+                                   "logprobs": None, "finish_reason": None}])}
+        totals = [generation.ChoiceResult() for _ in range(body.n)]
+        first = True
+        async for event in generation.stream_events(handle):
+            if event.error:
+                yield {"data": json.dumps({"error": {"message": event.error, "type": "server_error",
+                                                     "param": None, "code": None}})}
+                return
+            generation.merge(totals[event.index], event)
+            if not event.text and event.finish_reason is None and not (body.logprobs and event.logprobs):
+                continue
+            if first:
+                metrics.ttft.labels(body.model).observe(time.monotonic() - started)
+                first = False
+            yield {"data": chunk([{
+                "index": event.index, "delta": {"content": event.text} if event.text else {},
+                "logprobs": responses.chat_logprobs(model.tokenizer, event.logprobs) if body.logprobs else None,
+                "finish_reason": event.finish_reason}])}
+        metrics.latency.labels(body.model).observe(time.monotonic() - started)
+        if include_usage:
+            yield {"data": chunk([], responses.usage_of(totals, 1, body.n))}
+        yield {"data": "[DONE]"}
+
+    @app.post("/v1/completions", dependencies=[Depends(authorize)])
+    async def completions(body: CompletionRequest, request: Request):
+        model = router.get(body.model)
+        prompts = _prompt_ids(body.prompt, model)
+        if body.echo and body.logprobs is not None:
+            raise APIError(400, "echo together with logprobs is not supported", param="echo")
+        longest = max(len(p) for p in prompts)
+        max_new = generation.resolve_max_tokens(body.max_tokens, longest, model.engine.context_length)
+        want_logprobs = body.logprobs is not None
+        handle = generation.submit(model, prompts, body, max_new, want_logprobs, body.logprobs or 0)
+        prefixes = [model.tokenizer.decode(p) if body.echo else "" for p in prompts]
+        rid, created, started = new_id("cmpl"), now_s(), time.monotonic()
+        if body.stream:
+            return EventSourceResponse(_text_stream(handle, body, model, rid, created, prefixes, len(prompts)),
+                                       ping=15)
+        results = await generation.collect(handle, len(prompts) * body.n, request)
+        metrics.latency.labels(body.model).observe(time.monotonic() - started)
+        return responses.text_completion(rid, created, body.model, results, model.tokenizer, want_logprobs,
+                                         prefixes, len(prompts), body.n)
+
+    async def _text_stream(handle, body, model, rid, created, prefixes, num_prompts):
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        totals = [generation.ChoiceResult() for _ in range(num_prompts * body.n)]
+        sent_prefix = set()
+        async for event in generation.stream_events(handle):
+            if event.error:
+                yield {"data": json.dumps({"error": {"message": event.error, "type": "server_error",
+                                                     "param": None, "code": None}})}
+                return
+            generation.merge(totals[event.index], event)
+            text = event.text
+            if event.index not in sent_prefix:
+                sent_prefix.add(event.index)
+                text = prefixes[event.index // body.n] + text
+            if not text and event.finish_reason is None:
+                continue
+            logprobs = (responses.text_logprobs(model.tokenizer, event.logprobs, 0)
+                        if body.logprobs is not None else None)
+            yield {"data": json.dumps(responses.text_chunk(rid, created, body.model, [{
+                "index": event.index, "text": text, "logprobs": logprobs,
+                "finish_reason": event.finish_reason}], None, include_usage))}
+        if include_usage:
+            yield {"data": json.dumps(responses.text_chunk(
+                rid, created, body.model, [], responses.usage_of(totals, num_prompts, body.n), True))}
+        yield {"data": "[DONE]"}
+
+    def _prompt_ids(prompt, model) -> list[list[int]]:
+        if isinstance(prompt, str):
+            return [model.tokenizer.encode(prompt)]
+        if all(isinstance(p, int) for p in prompt):
+            prompts = [list(prompt)]
+        elif all(isinstance(p, str) for p in prompt):
+            prompts = [model.tokenizer.encode(p) for p in prompt]
+        else:
+            prompts = [list(p) for p in prompt]
+        vocab = model.info.vocab_size
+        for ids in prompts:
+            if not ids:
+                raise APIError(400, "prompt must not be empty", param="prompt")
+            if any(not 0 <= t < vocab for t in ids):
+                raise APIError(400, f"prompt token ids must be within 0..{vocab - 1}", param="prompt")
+        return prompts
+
+    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    async def list_models():
+        return {"object": "list", "data": [_model_card(name) for name in router.models]}
+
+    @app.get("/v1/models/{name:path}", dependencies=[Depends(authorize)])
+    async def get_model(name: str):
+        router.get(name)
+        return _model_card(name)
+
+    def _model_card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "radixgate"}
+
+    async def _snapshots() -> dict[str, dict]:
+        names = list(router.models)
+        snaps = await asyncio.gather(*(router.models[n].engine.call(lambda s: s.snapshot()) for n in names))
+        return dict(zip(names, snaps, strict=True))
+
+    @app.get("/health")
+    async def health():
+        snaps = await _snapshots()
+        models = {}
+        for name, snap in snaps.items():
+            info = router.models[name].info
+            models[name] = {"backend": info.backend, "device": info.device, "dtype": info.dtype,
+                            "context_length": router.models[name].engine.context_length, **snap}
+        first = next(iter(models.values()), {})
+        return {"status": "ok", "models": models,
+                "radix_cache_stats": first.get("radix_cache_stats", {}),
+                "attention_sparsity_ratio": first.get("attention_sparsity_ratio", 0.0)}
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return Response(metrics.render(await _snapshots()), media_type="text/plain; version=0.0.4")
+
+    @app.get("/debug/radix_stats")
+    async def radix_stats():
+        snaps = await _snapshots()
+        return {name: snap["radix_cache_stats"] for name, snap in snaps.items()}
+
+    @app.post("/clear_radix_cache", dependencies=[Depends(authorize)])
+    async def clear_radix_cache():
+        freed = {name: await m.engine.call(lambda s: s.cache.reset()) for name, m in router.models.items()}
+        return JSONResponse({"status": "ok", "pages_freed": freed})
+
+    return app
