@@ -71,8 +71,9 @@ class Router:
         self.remote = remote
 
     @classmethod
-    def from_config(cls, config: Config) -> Router:
-        check = os.environ.get("RADIXGATE_CHECK_INVARIANTS") == "1"
+    def from_config(cls, config: Config, check_invariants: bool = False) -> Router:
+        """Load every local model of the config; check_invariants walks the radix tree each step."""
+        check = check_invariants or os.environ.get("RADIXGATE_CHECK_INVARIANTS") == "1"
         local, remote = {}, {}
         for cfg in config.models:
             if cfg.backend == "litellm":
