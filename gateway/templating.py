@@ -1,0 +1,215 @@
+"""The model's tokenizer and chat template, behind one small interface the gateway uses.
+
+`load_tokenizer(source)` gives a `ChatTokenizer`: chat messages -> prompt ids (with the model's
+own Jinja template, rendered sandboxed by transformers), completion text -> ids, ids -> text,
+and the token ids that end a turn.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import mmap
+import struct
+from pathlib import Path
+
+from backends.source import ModelSource
+
+# Used only when the model ships no chat template: plain ChatML, the most common convention.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# End-of-turn markers of common chat formats; one counts as EOS when the vocab has it and the
+# template writes it (a model stops at the marker its template closes turns with).
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>",
+               "<|endoftext|>", "<|end_of_text|>", "</s>", "<|return|>", "<｜end▁of▁sentence｜>")
+
+
+class ChatTemplateError(ValueError):
+    """The messages cannot be rendered by the model's chat template (a client error)."""
+
+
+class ChatTokenizer:
+    """A loaded tokenizer plus its chat template; immutable after construction."""
+
+    def __init__(self, hf_tokenizer, name: str, chat_template: str | None,
+                 extra_eos_ids: tuple[int, ...] = ()):
+        self.hf = hf_tokenizer
+        self.name = name
+        self._backend = hf_tokenizer.backend_tokenizer   # the Rust tokenizer: ~4x faster decode
+        self.chat_template = chat_template or CHATML_TEMPLATE
+        self.uses_fallback_template = chat_template is None
+        hf_tokenizer.chat_template = self.chat_template
+        self.vocab_size: int = len(hf_tokenizer)
+        self.bos_token_id: int | None = hf_tokenizer.bos_token_id
+        self.add_bos = self._adds_bos()
+        self.eos_token_ids: frozenset[int] = self._eos_ids(extra_eos_ids)
+        # Newer transformers can encode control tokens found inside message text as plain text,
+        # so a user cannot inject "<|im_end|><|im_start|>system" into the prompt structure.
+        self._sanitize = "sanitize_control_tokens" in inspect.signature(
+            hf_tokenizer.apply_chat_template).parameters
+
+    def _adds_bos(self) -> bool:
+        # The post-processor reflects the metadata (GGUF add_bos_token, tokenizer.json template).
+        if self.bos_token_id is None:
+            return False
+        ids = self._backend.encode("a", add_special_tokens=True).ids
+        return bool(ids) and ids[0] == self.bos_token_id
+
+    def _eos_ids(self, extra: tuple[int, ...]) -> frozenset[int]:
+        ids = set(extra)
+        if self.hf.eos_token_id is not None:
+            ids.add(self.hf.eos_token_id)
+        for token in END_OF_TURN:
+            tid = self._backend.token_to_id(token)
+            if tid is not None and token in self.chat_template:
+                ids.add(tid)
+        return frozenset(ids)
+
+    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """Prompt ids for a chat, ending with the template's generation prompt."""
+        if not messages:
+            raise ChatTemplateError("messages must not be empty")
+        msgs = [normalize_message(m) for m in messages]
+        extra = {"sanitize_control_tokens": True} if self._sanitize else {}
+        try:
+            ids = self.hf.apply_chat_template(msgs, tools=tools, add_generation_prompt=True,
+                                              tokenize=True, return_dict=False, **extra)
+        except Exception as exc:   # jinja raise_exception(), missing keys, type errors in the template
+            raise ChatTemplateError(f"chat template failed: {exc}") from exc
+        return list(ids)
+
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        """The prompt text the template produces (for logging and tests)."""
+        msgs = [normalize_message(m) for m in messages]
+        return self.hf.apply_chat_template(msgs, tools=tools, add_generation_prompt=True, tokenize=False)
+
+    def encode(self, text: str) -> list[int]:
+        """Ids for a raw completions prompt: BOS only if the model adds one, never EOS."""
+        ids = self._backend.encode(text, add_special_tokens=False).ids
+        return [self.bos_token_id, *ids] if self.add_bos else ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        # No clean_up_tokenization_spaces: it rewrites " ." etc., which would make incremental
+        # decoding disagree with decoding the whole output.
+        return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+def normalize_message(message: dict) -> dict:
+    """OpenAI message -> template message: text parts joined, developer -> system, args as dicts."""
+    if not isinstance(message, dict) or "role" not in message:
+        raise ChatTemplateError("each message must be an object with a 'role'")
+    out = {k: v for k, v in message.items() if v is not None}
+    if out["role"] == "developer":
+        out["role"] = "system"
+    content = out.get("content", "")
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text" or not isinstance(part.get("text"), str):
+                raise ChatTemplateError(f"unsupported content part type {kind!r}: only 'text' parts")
+            texts.append(part["text"])
+        content = "\n".join(texts)   # the same joiner vLLM uses for multi-part text
+    elif not isinstance(content, str):
+        raise ChatTemplateError("message content must be a string or a list of text parts")
+    out["content"] = content
+    if out.get("tool_calls"):
+        out["tool_calls"] = [_parse_arguments(c) for c in out["tool_calls"]]
+    return out
+
+
+def _parse_arguments(call: dict) -> dict:
+    # OpenAI sends arguments as a JSON string; HF chat templates expect a dict (`| tojson`).
+    fn = call.get("function") if isinstance(call, dict) else None
+    if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+        try:
+            args = json.loads(fn["arguments"])
+        except ValueError:
+            return call
+        if isinstance(args, dict):
+            return {**call, "function": {**fn, "arguments": args}}
+    return call
+
+
+_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def _gguf_chat_template(path: str) -> str | None:
+    """`tokenizer.chat_template` from a GGUF header, for transformers versions that drop it.
+
+    A minimal walk over the key/value section: gguf.GGUFReader would parse every token array
+    into Python objects first (~7 s for a 49k vocab); this skips arrays and takes ~50 ms.
+    """
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        if m[:4] != b"GGUF" or struct.unpack_from("<I", m, 4)[0] < 2:
+            return None
+        n_kv = struct.unpack_from("<Q", m, 16)[0]
+        pos = 24
+
+        def string(at: int) -> tuple[bytes, int]:
+            n = struct.unpack_from("<Q", m, at)[0]
+            return m[at + 8:at + 8 + n], at + 8 + n
+
+        def skip(kind: int, at: int) -> int:
+            if kind == 8:
+                return string(at)[1]
+            if kind == 9:
+                sub, count = struct.unpack_from("<IQ", m, at)
+                at += 12
+                if sub in _SCALAR:
+                    return at + count * struct.calcsize("<" + _SCALAR[sub])
+                for _ in range(count):
+                    at = skip(sub, at)
+                return at
+            return at + struct.calcsize("<" + _SCALAR[kind])
+
+        for _ in range(n_kv):
+            key, pos = string(pos)
+            kind = struct.unpack_from("<I", m, pos)[0]
+            pos += 4
+            if key == b"tokenizer.chat_template" and kind == 8:
+                return string(pos)[0].decode("utf-8")
+            pos = skip(kind, pos)
+    return None
+
+
+def _generation_eos(folder: Path) -> tuple[int, ...]:
+    # HF models list all their stop ids (e.g. Llama 3's three) in generation_config.json.
+    try:
+        eos = json.loads((folder / "generation_config.json").read_text()).get("eos_token_id")
+    except (OSError, ValueError):
+        return ()
+    if isinstance(eos, int):
+        return (eos,)
+    return tuple(i for i in eos if isinstance(i, int)) if isinstance(eos, list) else ()
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(source: ModelSource) -> ChatTokenizer:
+    """Load the tokenizer of a model source, offline; cached per source in this process."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    path = Path(source.path)
+    if source.kind == "gguf":
+        # PreTrainedTokenizerFast reads only the tokenizer metadata (~0.6 s); AutoTokenizer would
+        # first build the model config by parsing the whole file with GGUFReader (~6 s).
+        try:
+            tok = PreTrainedTokenizerFast.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                          local_files_only=True)
+        except Exception:
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                local_files_only=True)
+        template = tok.chat_template or _gguf_chat_template(str(path))
+        return ChatTokenizer(tok, path.stem, template)
+    if source.kind == "hf":
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        template = tok.chat_template
+        if isinstance(template, dict):   # named templates: the default one is the chat template
+            template = template.get("default")
+        return ChatTokenizer(tok, path.name, template, _generation_eos(path))
+    raise ValueError(f"unknown model source kind {source.kind!r}")
