@@ -1,0 +1,184 @@
+"""Dense paged decode (split-K "flash decoding") over the paged KV layout of kernels/reference.py.
+
+Stage 1: one program per (sequence, KV head, split) walks its slice of the page table and keeps an
+online softmax (running max, sum, fp32 accumulator) for ALL q heads of the GQA group at once, so
+each K/V row is read from memory once per group. Stage 2 merges the splits by their log-sum-exp.
+
+The page table may carry a KV-head dimension ([batch, kv_heads, pages]); sparse decode uses that to
+give every KV head its own list of selected pages and reuses stage 1 unchanged.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def dot_upcast(dtype: torch.dtype) -> bool:
+    """The CPU interpreter multiplies bf16 dot operands as raw uint16 bit patterns (triton 3.9).
+
+    Under the interpreter only, bf16 operands are widened to fp32 before tl.dot; bf16 x bf16 products
+    are exact in fp32, so the result is what the GPU's bf16 MMA with fp32 accumulation computes.
+    """
+    return interpreting() and dtype == torch.bfloat16
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # H100 SXM; only used to size the grid
+
+
+def check_kv(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int]:
+    """Validate dtypes/shapes shared by every kernel; returns (group, page_size)."""
+    assert q.dtype in (torch.float16, torch.bfloat16), "q must be fp16 or bf16"
+    assert k_cache.dtype == v_cache.dtype == q.dtype, "q and the KV cache must share a dtype"
+    assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, "cache: [pages, page_size, kv_heads, d]"
+    _, page_size, kv_heads, head_dim = k_cache.shape
+    assert q.shape[-1] == head_dim and head_dim in (64, 128), "head_dim must be 64 or 128"
+    assert page_size & (page_size - 1) == 0, "page_size must be a power of two"
+    assert k_cache.stride(3) == 1 and v_cache.stride(3) == 1, "head_dim must be contiguous"
+    assert q.shape[-2] % kv_heads == 0, "q heads must be a multiple of kv heads"
+    return q.shape[-2] // kv_heads, page_size
+
+
+@triton.jit
+def _mma(a, b, acc, UPCAST: tl.constexpr):
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _decode_stage1(Q, K, V, PT, SeqLens, MidO, MidL, qk_scale, num_splits,
+                   s_qb, s_qh, s_kp, s_ks, s_kh, s_vp, s_vs, s_vh, s_pb, s_ph, s_pp,
+                   s_ob, s_oh, s_os, s_lb, s_lh,
+                   GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, UPCAST: tl.constexpr):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask_h = offs_h < GROUP
+    heads = kvh * GROUP + offs_h
+
+    seq_len = tl.load(SeqLens + b)
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+
+    q = tl.load(Q + b * s_qb + heads[:, None] * s_qh + offs_d[None, :], mask=mask_h[:, None], other=0.0)
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
+    pt = PT + b.to(tl.int64) * s_pb + kvh * s_ph
+    k_base = K + kvh * s_kh
+    v_base = V + kvh * s_vh
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        page = tl.load(pt + (offs_n // PAGE_SIZE) * s_pp, mask=mask_n, other=0).to(tl.int64)
+        slot = offs_n % PAGE_SIZE
+        k = tl.load(k_base + (page * s_kp + slot * s_ks)[:, None] + offs_d[None, :],
+                    mask=mask_n[:, None], other=0.0)
+        qk = _mma(q, tl.trans(k), tl.zeros([BLOCK_H, BLOCK_N], tl.float32), UPCAST) * qk_scale
+        qk = tl.where(mask_n[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + (page * s_vp + slot * s_vs)[:, None] + offs_d[None, :],
+                    mask=mask_n[:, None], other=0.0)
+        acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], UPCAST)
+        m_i = m_new
+
+    # An empty split (short sequence) stores lse = -inf and a zero partial, so stage 2 weighs it 0.
+    nonempty = l_i > 0
+    out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+    lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+    tl.store(MidO + b * s_ob + heads[:, None] * s_oh + split * s_os + offs_d[None, :], out,
+             mask=mask_h[:, None])
+    tl.store(MidL + b * s_lb + heads * s_lh + split, lse, mask=mask_h)
+
+
+@triton.jit
+def _decode_stage2(MidO, MidL, Out, num_splits, s_ob, s_oh, s_os, s_lb, s_lh, s_b, s_h,
+                   HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask_s = offs_s < num_splits
+    lse = tl.load(MidL + b * s_lb + h * s_lh + offs_s, mask=mask_s, other=float("-inf"))
+    w = tl.exp2(lse - tl.max(lse, 0))
+    part = tl.load(MidO + b * s_ob + h * s_oh + offs_s[:, None] * s_os + offs_d[None, :],
+                   mask=mask_s[:, None], other=0.0)
+    out = tl.sum(w[:, None] * part, 0) / tl.sum(w, 0)
+    tl.store(Out + b * s_b + h * s_h + offs_d, out.to(Out.dtype.element_ty))
+
+
+def default_num_splits(batch: int, kv_heads: int, max_tokens: int, device: torch.device,
+                       block_n: int = 64) -> int:
+    """Enough splits that batch * kv_heads * splits fills the GPU ~2 programs per SM, each split
+    keeping at least 4 blocks of keys; a static choice (no device sync, CUDA-graph safe)."""
+    want = -(-2 * num_sms(device) // (batch * kv_heads))
+    most = max(1, max_tokens // (4 * block_n))
+    return int(max(1, min(want, most, 64)))
+
+
+def split_k_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   page_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float | None = None,
+                   num_splits: int | None = None, block_n: int = 64, num_warps: int = 4,
+                   num_stages: int = 2, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Split-K decode where page_tables is [batch, pages] or per KV head [batch, kv_heads, pages]."""
+    group, page_size = check_kv(q, k_cache, v_cache)
+    batch, q_heads, head_dim = q.shape
+    kv_heads = k_cache.shape[2]
+    if page_tables.dim() == 2:
+        page_tables = page_tables.unsqueeze(1).expand(batch, kv_heads, page_tables.shape[1])
+    assert page_tables.shape[:2] == (batch, kv_heads) and page_tables.dtype == torch.int32
+    assert seq_lens.shape == (batch,) and seq_lens.dtype == torch.int32
+    assert q.stride(2) == 1
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    if num_splits is None:
+        num_splits = default_num_splits(batch, kv_heads, page_tables.shape[2] * page_size, q.device, block_n)
+    mid_o = torch.empty(batch, q_heads, num_splits, head_dim, device=q.device, dtype=torch.float32)
+    mid_l = torch.empty(batch, q_heads, num_splits, device=q.device, dtype=torch.float32)
+    if out is None:
+        out = torch.empty_like(q)
+    block_h = max(16, triton.next_power_of_2(group))
+    _decode_stage1[(batch, kv_heads, num_splits)](
+        q, k_cache, v_cache, page_tables, seq_lens, mid_o, mid_l, scale * LOG2E, num_splits,
+        q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], *page_tables.stride(),
+        *mid_o.stride()[:3], *mid_l.stride()[:2],
+        GROUP=group, BLOCK_H=block_h, HEAD_DIM=head_dim, BLOCK_N=block_n, PAGE_SIZE=page_size,
+        UPCAST=dot_upcast(q.dtype), num_warps=num_warps, num_stages=num_stages)
+    _decode_stage2[(batch, q_heads)](
+        mid_o, mid_l, out, num_splits, *mid_o.stride()[:3], *mid_l.stride()[:2],
+        out.stride(0), out.stride(1), HEAD_DIM=head_dim,
+        BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=4)
+    return out
+
+
+def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 page_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float | None = None,
+                 **tuning) -> torch.Tensor:
+    """Decode one query token per sequence over its whole page table.
+
+    q: [batch, q_heads, d] (its own K/V already written); k_cache, v_cache: [num_pages, page_size,
+    kv_heads, d]; page_tables: int32 [batch, max_pages] (padding never read); seq_lens: int32 [batch],
+    each >= 1, including the current token. Returns [batch, q_heads, d] in q's dtype.
+    tuning: num_splits, block_n, num_warps, num_stages, out.
+    """
+    assert page_tables.dim() == 2, "dense decode takes page_tables [batch, max_pages]"
+    return split_k_decode(q, k_cache, v_cache, page_tables, seq_lens, scale, **tuning)

@@ -1,0 +1,110 @@
+"""Quest sparse decode: score pages by their key summaries, keep the best under a token budget (plus
+sink and recent pages), and attend only to those.
+
+A: a Triton kernel scores every used page per (sequence, KV head) with
+   sum_{q heads of the group} sum_d max(q_d * kmin_d, q_d * kmax_d), reading only kmin/kmax
+   (1/page_size of the K/V bytes). Sink and recent pages (and every page of a sequence that fits
+   the budget) get +inf, pages past the sequence get -inf.
+B: torch.topk over the scores, then the chosen logical pages sorted ascending and mapped through
+   the page table: a per-(sequence, KV head) page list whose last entry is the (possibly partial)
+   last page, so it reads like a shorter sequence of length seq_len - dropped_pages * page_size.
+C: the dense split-K decode kernel (decode.py) over those per-head page lists.
+Everything is static-shaped and sync-free (CUDA-graph safe). A sequence that fits the budget gets
+its own page table back unchanged, so with the same num_splits its output is bitwise that of dense
+decode; when no sequence can exceed the budget the launcher calls dense decode directly.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.reference import sparse_page_counts
+from kernels.triton.decode import check_kv, paged_decode, split_k_decode
+
+
+@triton.jit
+def _quest_scores(Q, KMin, KMax, PT, SeqLens, Scores, s_qb, s_qh, s_mp, s_mh, s_xp, s_xh, s_pb,
+                  s_sb, s_sh, max_pages, budget_pages, sink_pages, recent_pages,
+                  GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr,
+                  PAGE_SIZE: tl.constexpr, FORCE: tl.constexpr):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    offs_p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_d = tl.arange(0, HEAD_DIM)
+    n_pages = tl.cdiv(tl.load(SeqLens + b), PAGE_SIZE)
+    valid = offs_p < n_pages
+    page = tl.load(PT + b.to(tl.int64) * s_pb + offs_p, mask=valid, other=0).to(tl.int64)
+    lo = tl.load(KMin + page[:, None] * s_mp + kvh * s_mh + offs_d[None, :], mask=valid[:, None],
+                 other=0.0).to(tl.float32)
+    hi = tl.load(KMax + page[:, None] * s_xp + kvh * s_xh + offs_d[None, :], mask=valid[:, None],
+                 other=0.0).to(tl.float32)
+    score = tl.zeros([BLOCK_P], tl.float32)
+    for g in tl.static_range(GROUP):
+        qv = tl.load(Q + b * s_qb + (kvh * GROUP + g) * s_qh + offs_d).to(tl.float32)
+        score += tl.sum(tl.maximum(qv[None, :] * lo, qv[None, :] * hi), 1)
+    if FORCE:
+        forced = (offs_p < sink_pages) | (offs_p >= n_pages - recent_pages) | (n_pages <= budget_pages)
+        score = tl.where(forced, float("inf"), score)
+    score = tl.where(valid, score, float("-inf"))
+    tl.store(Scores + b * s_sb + kvh * s_sh + offs_p, score, mask=offs_p < max_pages)
+
+
+def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_tables: torch.Tensor,
+                 seq_lens: torch.Tensor, page_size: int, force: tuple[int, int, int] | None = None,
+                 block_p: int = 64) -> torch.Tensor:
+    """Stage A. q: [batch, q_heads, d] -> fp32 scores [batch, kv_heads, max_pages] (-inf past each
+    sequence). force=(budget_pages, sink_pages, recent_pages) sets forced pages to +inf; without it
+    the scores are reference.quest_page_scores, batched."""
+    batch, q_heads, head_dim = q.shape
+    kv_heads = kmin.shape[1]
+    max_pages = page_tables.shape[1]
+    assert kmin.shape == kmax.shape and kmin.shape[1:] == (kv_heads, head_dim) and q_heads % kv_heads == 0
+    assert q.stride(2) == 1 and kmin.stride(2) == 1 and kmax.stride(2) == 1 and page_tables.stride(1) == 1
+    assert page_tables.dtype == seq_lens.dtype == torch.int32
+    scores = torch.empty(batch, kv_heads, max_pages, device=q.device, dtype=torch.float32)
+    budget, sink, recent = force if force is not None else (0, 0, 0)
+    _quest_scores[(batch, kv_heads, triton.cdiv(max_pages, block_p))](
+        q, kmin, kmax, page_tables, seq_lens, scores, q.stride(0), q.stride(1), *kmin.stride()[:2],
+        *kmax.stride()[:2], page_tables.stride(0), scores.stride(0), scores.stride(1),
+        max_pages, budget, sink, recent, GROUP=q_heads // kv_heads, HEAD_DIM=head_dim, BLOCK_P=block_p,
+        PAGE_SIZE=page_size, FORCE=force is not None, num_warps=4)
+    return scores
+
+
+def select_pages(scores: torch.Tensor, page_tables: torch.Tensor, seq_lens: torch.Tensor,
+                 page_size: int, budget_pages: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stage B. Forced scores [batch, kv_heads, max_pages] -> (logical pages [batch, kv_heads, k]
+    sorted ascending, their physical ids int32, virtual seq_lens int32 [batch]). Entries past
+    min(n_pages, budget_pages) are padding that the virtual length never reaches."""
+    batch, kv_heads, max_pages = scores.shape
+    k = min(budget_pages, max_pages)
+    logical = scores.topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values
+    physical = torch.gather(page_tables.unsqueeze(1).expand(batch, kv_heads, max_pages), 2, logical)
+    n_pages = (seq_lens + page_size - 1) // page_size
+    dropped = (n_pages - budget_pages).clamp(min=0)
+    return logical, physical.to(torch.int32), (seq_lens - dropped * page_size).to(torch.int32)
+
+
+def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kmin: torch.Tensor,
+                  kmax: torch.Tensor, page_tables: torch.Tensor, seq_lens: torch.Tensor,
+                  budget_tokens: int, sink_tokens: int, recent_tokens: int, scale: float | None = None,
+                  return_selection: bool = False, **tuning):
+    """Batched reference.sparse_paged_decode.
+
+    q: [batch, q_heads, d]; caches [num_pages, page_size, kv_heads, d]; kmin, kmax [num_pages,
+    kv_heads, d]; page_tables int32 [batch, max_pages]; seq_lens int32 [batch] (>= 1). Token counts
+    round to pages as reference.sparse_page_counts says. Returns out [batch, q_heads, d] (q's dtype),
+    or (out, logical pages [batch, kv_heads, k], virtual seq_lens) with return_selection.
+    tuning (num_splits, block_n, num_warps, num_stages) goes to the split-K decode kernel.
+    """
+    check_kv(q, k_cache, v_cache)
+    page_size = k_cache.shape[1]
+    budget, sink, recent = sparse_page_counts(page_size, budget_tokens, sink_tokens, recent_tokens)
+    max_pages = page_tables.shape[1]
+    if max_pages <= budget and not return_selection:
+        return paged_decode(q, k_cache, v_cache, page_tables, seq_lens, scale, **tuning)
+    scores = quest_scores(q, kmin, kmax, page_tables, seq_lens, page_size, (budget, sink, recent))
+    logical, physical, vlens = select_pages(scores, page_tables, seq_lens, page_size, budget)
+    out = split_k_decode(q, k_cache, v_cache, physical, vlens, scale, **tuning)
+    return (out, logical, vlens) if return_selection else out

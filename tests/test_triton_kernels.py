@@ -1,0 +1,204 @@
+"""Triton attention kernels vs kernels/reference.py, on CPU under the Triton interpreter.
+
+Fresh random inputs (torch.randn) at small shapes: ragged lengths, partial last pages, GQA 1/4/8,
+head_dim 64/128, page sizes 8..64, sparse lengths below and above the budget. Unused pages, page
+table padding and unwritten slots hold NaN, and outputs are NaN-filled before each launch, so a
+stray read or an unwritten output shows up as NaN.
+"""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported, anywhere
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")
+
+from kernels import reference as ref  # noqa: E402
+from kernels.triton import (  # noqa: E402
+    extend_attention,
+    paged_decode,
+    quest_scores,
+    sparse_decode,
+    update_page_summaries,
+    write_kv_and_summaries,
+)
+
+F16, BF16 = torch.float16, torch.bfloat16
+# ||out - ref|| / ||ref|| bounds (reference in fp32); docs/kernels.md lists what was measured.
+TOL = {F16: 2e-3, BF16: 1.2e-2}
+KV_HEADS = 2
+
+
+def rel_err(out, expected):
+    assert torch.isfinite(out).all(), "unwritten or poisoned output"
+    return ((out.float() - expected.float()).norm() / expected.float().norm()).item()
+
+
+def make_paged(lens, page_size, group, head_dim, dtype, seed, poison_v=True):
+    """Random paged KV for sequences of `lens` tokens: shuffled pages, NaN in the spare page (table
+    padding points there) and in K (and V if poison_v) of slots past each sequence's end."""
+    gen = torch.Generator().manual_seed(seed)
+    used = [-(-n // page_size) for n in lens]
+    num_pages = sum(used) + 3
+    k = torch.randn(num_pages, page_size, KV_HEADS, head_dim, generator=gen).to(dtype)
+    v = torch.randn(num_pages, page_size, KV_HEADS, head_dim, generator=gen).to(dtype)
+    perm = torch.randperm(num_pages, generator=gen)
+    poison = int(perm[-1])
+    k[poison] = float("nan")
+    v[poison] = float("nan")
+    table = torch.full((len(lens), max(used) + 1), poison, dtype=torch.int32)
+    at = 0
+    for i, n in enumerate(lens):
+        table[i, :used[i]] = perm[at:at + used[i]].int()
+        at += used[i]
+        last, fill = int(table[i, used[i] - 1]), n - (used[i] - 1) * page_size
+        k[last, fill:] = float("nan")
+        if poison_v:
+            v[last, fill:] = float("nan")
+    q_heads = KV_HEADS * group
+    return k, v, table, q_heads, gen
+
+
+def i32(values):
+    return torch.tensor(values, dtype=torch.int32)
+
+
+DECODE_CASES = [  # dtype, group, head_dim, page_size, num_splits (None: launcher's choice)
+    (F16, 1, 64, 16, None),
+    (BF16, 4, 128, 16, 3),
+    (F16, 8, 128, 64, None),
+    (BF16, 8, 64, 8, 7),
+    (BF16, 1, 128, 32, 2),
+]
+
+
+@pytest.mark.parametrize("dtype,group,head_dim,page_size,num_splits", DECODE_CASES)
+def test_paged_decode(dtype, group, head_dim, page_size, num_splits):
+    lens = [1, 37, 100, 64, 129]
+    k, v, table, q_heads, gen = make_paged(lens, page_size, group, head_dim, dtype, seed=len(lens) + group)
+    q = torch.randn(len(lens), q_heads, head_dim, generator=gen).to(dtype)
+    out = torch.full_like(q, float("nan"))
+    paged_decode(q, k, v, table, i32(lens), num_splits=num_splits, block_n=32, out=out)
+    scale = ref.default_scale(head_dim)
+    expected = torch.stack([ref.paged_attention(q[i:i + 1], k, v, table[i], n - 1, scale)[0]
+                            for i, n in enumerate(lens)])
+    assert rel_err(out, expected) < TOL[dtype]
+
+
+EXTEND_CASES = [  # dtype, group, head_dim, page_size, tuning
+    (F16, 1, 64, 16, dict(block_m=16, block_n=16)),
+    (BF16, 4, 128, 16, dict(block_m=32, block_n=16)),
+    (F16, 8, 64, 64, dict(block_m=16, block_n=32)),
+    (BF16, 8, 128, 32, dict(block_m=32, block_n=64)),
+    (F16, 4, 128, 16, {}),  # the GPU default tiles (128 x 64)
+]
+
+
+@pytest.mark.parametrize("dtype,group,head_dim,page_size,tuning", EXTEND_CASES)
+def test_extend_attention(dtype, group, head_dim, page_size, tuning):
+    prefix, new = [0, 21, 64, 5], [40, 1, 17, 70]
+    lens = [p + n for p, n in zip(prefix, new, strict=True)]
+    k, v, table, q_heads, gen = make_paged(lens, page_size, group, head_dim, dtype, seed=100 + group)
+    q = torch.randn(sum(new), q_heads, head_dim, generator=gen).to(dtype)
+    cu = i32([0] + torch.tensor(new).cumsum(0).tolist())
+    out = torch.full_like(q, float("nan"))
+    extend_attention(q, k, v, table, cu, i32(prefix), out=out, **tuning)
+    scale = ref.default_scale(head_dim)
+    expected = torch.cat([ref.paged_attention(q[cu[i]:cu[i + 1]], k, v, table[i], prefix[i], scale)
+                          for i in range(len(lens))])
+    assert rel_err(out, expected) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype,summary_dtype,page_size", [(F16, torch.float32, 16), (BF16, BF16, 8),
+                                                           (BF16, torch.float32, 64)])
+def test_write_kv_and_summaries(dtype, summary_dtype, page_size):
+    head_dim, starts, new = 64, [0, 13, 40, 7], [35, 1, 24, 0]
+    ends = [s + n for s, n in zip(starts, new, strict=True)]
+    k, v, table, _, gen = make_paged([max(e, 1) for e in ends], page_size, 1, head_dim, dtype, seed=7)
+    k_new = torch.randn(sum(new), KV_HEADS, head_dim, generator=gen).to(dtype)
+    v_new = torch.randn(sum(new), KV_HEADS, head_dim, generator=gen).to(dtype)
+    kmin = torch.randn(k.shape[0], KV_HEADS, head_dim, generator=gen).to(summary_dtype)
+    kmax = torch.randn_like(kmin)
+    k_ref, v_ref, kmin_ref, kmax_ref = k.clone(), v.clone(), kmin.clone(), kmax.clone()
+    cu = [0] + torch.tensor(new).cumsum(0).tolist()
+    for i in range(len(new)):
+        rows = slice(cu[i], cu[i + 1])
+        ref.write_kv(k_ref, v_ref, table[i], starts[i], k_new[rows], v_new[rows])
+        if new[i]:
+            ref.update_page_summaries(kmin_ref, kmax_ref, k_ref, table[i], starts[i], ends[i])
+    write_kv_and_summaries(k, v, kmin, kmax, table, i32(cu), i32(starts), k_new, v_new)
+    for got, want in ((k, k_ref), (v, v_ref), (kmin, kmin_ref), (kmax, kmax_ref)):
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
+    kmin2, kmax2 = torch.randn_like(kmin), torch.randn_like(kmax)  # summary-only refresh
+    kmin2_ref, kmax2_ref = kmin2.clone(), kmax2.clone()
+    for i in range(len(new)):
+        if new[i]:
+            ref.update_page_summaries(kmin2_ref, kmax2_ref, k_ref, table[i], starts[i], ends[i])
+    update_page_summaries(kmin2, kmax2, k, table, i32(starts), i32(ends))
+    assert torch.equal(kmin2, kmin2_ref) and torch.equal(kmax2, kmax2_ref)
+
+
+def sparse_inputs(lens, page_size, group, head_dim, dtype, seed):
+    k, v, table, q_heads, gen = make_paged(lens, page_size, group, head_dim, dtype, seed, poison_v=False)
+    kmin = torch.empty(k.shape[0], KV_HEADS, head_dim, dtype=torch.float32)
+    kmax = torch.empty_like(kmin)
+    for i, n in enumerate(lens):
+        ref.update_page_summaries(kmin, kmax, k, table[i], 0, n)
+    q = torch.randn(len(lens), q_heads, head_dim, generator=gen).to(dtype)
+    return q, k, v, kmin.to(dtype), kmax.to(dtype), table
+
+
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_quest_scores(group):
+    lens = [200, 17, 96]
+    q, _, _, kmin, kmax, table = sparse_inputs(lens, 16, group, 64, BF16, seed=30 + group)
+    scores = quest_scores(q, kmin, kmax, table, i32(lens), 16)
+    for i, n in enumerate(lens):
+        used = -(-n // 16)
+        expected = ref.quest_page_scores(q[i], kmin, kmax, table[i], used)
+        torch.testing.assert_close(scores[i, :, :used], expected, rtol=1e-5, atol=1e-4)
+        assert (scores[i, :, used:] == float("-inf")).all()
+
+
+SPARSE_CASES = [  # dtype, group, head_dim, page_size, budget/sink/recent tokens
+    (BF16, 1, 64, 16, (128, 16, 32)),
+    (F16, 4, 128, 16, (160, 1, 16)),
+    (BF16, 8, 64, 8, (64, 8, 20)),
+    (F16, 4, 64, 32, (256, 32, 33)),
+]
+
+
+@pytest.mark.parametrize("dtype,group,head_dim,page_size,budget", SPARSE_CASES)
+def test_sparse_decode(dtype, group, head_dim, page_size, budget):
+    budget_tokens, sink, recent = budget
+    budget_pages = budget_tokens // page_size
+    # above the budget (partial and full last pages), just above, exactly at and below it
+    lens = [7 * budget_tokens // 2 + 5, budget_tokens + page_size + 1, budget_tokens,
+            budget_tokens // 3, 3 * budget_tokens]
+    q, k, v, kmin, kmax, table = sparse_inputs(lens, page_size, group, head_dim, dtype, seed=50 + group)
+    out, chosen, vlens = sparse_decode(q, k, v, kmin, kmax, table, i32(lens), budget_tokens, sink,
+                                       recent, num_splits=3, block_n=16, return_selection=True)
+    scale = ref.default_scale(head_dim)
+    for i, n in enumerate(lens):
+        expected, pages_read = ref.sparse_paged_decode(q[i], k, v, kmin, kmax, table[i], n, scale,
+                                                       budget_tokens, sink, recent)
+        used = min(-(-n // page_size), budget_pages)
+        assert torch.equal(chosen[i, :, :used], ref.select_pages(
+            ref.quest_page_scores(q[i], kmin, kmax, table[i], -(-n // page_size)),
+            *ref.sparse_page_counts(page_size, budget_tokens, sink, recent)))
+        assert used * KV_HEADS == pages_read
+        assert rel_err(out[i], expected) < TOL[dtype]
+    # a sequence within the budget reads its own page table: bitwise dense decode (same splits)
+    dense = paged_decode(q, k, v, table, i32(lens), num_splits=3, block_n=16)
+    below = [i for i, n in enumerate(lens) if -(-n // page_size) <= budget_pages]
+    assert below and torch.equal(out[below], dense[below])
+    assert torch.equal(vlens[below], i32(lens)[below])
+
+
+def test_sparse_decode_all_below_budget_is_dense():
+    lens = [33, 90, 5]
+    q, k, v, kmin, kmax, table = sparse_inputs(lens, 16, 4, 64, BF16, seed=77)
+    out = torch.full_like(q, float("nan"))
+    sparse_decode(q, k, v, kmin, kmax, table, i32(lens), 256, 16, 16, out=out)
+    assert torch.equal(out, paged_decode(q, k, v, table, i32(lens)))
