@@ -43,7 +43,6 @@ class ChatTokenizer:
         self._backend = hf_tokenizer.backend_tokenizer   # the Rust tokenizer: ~4x faster decode
         self.chat_template = chat_template or CHATML_TEMPLATE
         self.uses_fallback_template = chat_template is None
-        hf_tokenizer.chat_template = self.chat_template
         self.vocab_size: int = len(hf_tokenizer)
         self.bos_token_id: int | None = hf_tokenizer.bos_token_id
         self.add_bos = self._adds_bos()
@@ -72,21 +71,22 @@ class ChatTokenizer:
 
     def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """Prompt ids for a chat, ending with the template's generation prompt."""
-        if not messages:
-            raise ChatTemplateError("messages must not be empty")
-        msgs = [normalize_message(m) for m in messages]
         extra = {"sanitize_control_tokens": True} if self._sanitize else {}
-        try:
-            ids = self.hf.apply_chat_template(msgs, tools=tools, add_generation_prompt=True,
-                                              tokenize=True, return_dict=False, **extra)
-        except Exception as exc:   # jinja raise_exception(), missing keys, type errors in the template
-            raise ChatTemplateError(f"chat template failed: {exc}") from exc
-        return list(ids)
+        return list(self._render(messages, tools, tokenize=True, return_dict=False, **extra))
 
     def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> str:
         """The prompt text the template produces (for logging and tests)."""
+        return self._render(messages, tools, tokenize=False)
+
+    def _render(self, messages: list[dict], tools: list[dict] | None, **kwargs):
+        if not messages:
+            raise ChatTemplateError("messages must not be empty")
         msgs = [normalize_message(m) for m in messages]
-        return self.hf.apply_chat_template(msgs, tools=tools, add_generation_prompt=True, tokenize=False)
+        try:
+            return self.hf.apply_chat_template(msgs, tools=tools, chat_template=self.chat_template,
+                                               add_generation_prompt=True, **kwargs)
+        except Exception as exc:   # jinja raise_exception(), missing keys, type errors in the template
+            raise ChatTemplateError(f"chat template failed: {exc}") from exc
 
     def encode(self, text: str) -> list[int]:
         """Ids for a raw completions prompt: BOS only if the model adds one, never EOS."""
