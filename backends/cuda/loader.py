@@ -1,0 +1,191 @@
+"""Load Llama-family weights (Llama 2/3, Mistral, Qwen2, SmolLM) from a .gguf file or an HF folder.
+
+Both loaders return the same thing: a ModelConfig and a dict of tensors named as in Hugging Face
+checkpoints without the "model." prefix (embed_tokens.weight, layers.0.self_attn.q_proj.weight, ...,
+norm.weight, lm_head.weight when untied), with Q/K rows in the HF rotate_half rotary layout.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+GGUF_ARCHS = ("llama", "qwen2")      # llama also covers Mistral and SmolLM (llama.cpp converts them so)
+HF_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+# GGUF tensor name pieces -> HF names (per block, then whole-model).
+_GGUF_BLOCK = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+_GGUF_TOP = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head"}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Hyper-parameters of a Llama-family decoder."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    rms_norm_eps: float
+    context_length: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    rope_scaling: tuple[tuple[str, float], ...] = ()           # e.g. (("rope_type", "llama3"), ...)
+    rope_freq_factors: tuple[float, ...] | None = None           # GGUF rope_freqs: divides inv_freq
+
+
+def load_model(kind: str, path: str, dtype: torch.dtype = torch.float32
+               ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Load from a ModelSource's kind ("gguf" | "hf") and path; tensors are converted one by one."""
+    if kind == "gguf":
+        return load_gguf(path, dtype)
+    if kind == "hf":
+        return load_hf_folder(path, dtype)
+    raise ValueError(f"unknown model source kind {kind!r}")
+
+
+def unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's Q/K row permutation (interleaved rotary pairs -> HF rotate_half halves)."""
+    half = w.shape[0] // n_head // 2
+    return w.reshape(n_head, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _field(reader, key: str, default=None):
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+    if hasattr(field, "contents"):
+        return field.contents()
+    return field.parts[field.data[0]].tolist()[0]      # gguf < 0.11: scalar fields only needed here
+
+
+def load_gguf(path: str, dtype: torch.dtype = torch.float32
+              ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Dequantise every tensor of a llama/qwen2 .gguf file at load."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    arch = _field(reader, "general.architecture")
+    if arch not in GGUF_ARCHS:
+        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (only {GGUF_ARCHS})")
+
+    def meta(name, default=None):
+        return _field(reader, f"{arch}.{name}", default)
+
+    hidden, heads = int(meta("embedding_length")), int(meta("attention.head_count"))
+    kv_heads = int(meta("attention.head_count_kv", heads))
+    head_dim = int(meta("attention.key_length", hidden // heads))
+    rope_dim = int(meta("rope.dimension_count", head_dim))
+    assert rope_dim == head_dim, f"partial rotary ({rope_dim} of {head_dim}) is not supported"
+    scaling = ()
+    scaling_type = meta("rope.scaling.type")
+    if scaling_type not in (None, "none"):
+        if scaling_type != "linear":
+            raise ValueError(f"{path}: GGUF rope scaling {scaling_type!r} is not supported")
+        scaling = (("rope_type", "linear"), ("factor", float(meta("rope.scaling.factor"))))
+
+    weights: dict[str, torch.Tensor] = {}
+    freq_factors = None
+    for t in tqdm(reader.tensors, desc=f"loading {Path(path).name}", unit="tensor"):
+        array = gguf.quants.dequantize(t.data, t.tensor_type)
+        array = np.asarray(array, dtype=np.float32).reshape([int(n) for n in reversed(t.shape)])
+        tensor = torch.from_numpy(array.copy())     # copy: the memmap behind F32 tensors is read-only
+        if t.name == "rope_freqs.weight":            # llama3 rope scaling, baked per frequency
+            freq_factors = tuple(tensor.tolist())
+            continue
+        parts = t.name.split(".")
+        if parts[0] == "blk":
+            name = f"layers.{parts[1]}.{_GGUF_BLOCK[parts[2]]}.{parts[3]}"
+        else:
+            name = f"{_GGUF_TOP[parts[0]]}.{parts[1]}"
+        if arch == "llama" and parts[0] == "blk" and parts[2] in ("attn_q", "attn_k"):
+            tensor = unpermute_rows(tensor, heads if parts[2] == "attn_q" else kv_heads)
+        weights[name] = tensor.to(dtype)
+
+    config = ModelConfig(
+        vocab_size=weights["embed_tokens.weight"].shape[0],
+        hidden_size=hidden,
+        intermediate_size=int(meta("feed_forward_length")),
+        num_layers=int(meta("block_count")),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        rope_theta=float(meta("rope.freq_base", 10000.0)),
+        rms_norm_eps=float(meta("attention.layer_norm_rms_epsilon", 1e-5)),
+        context_length=int(meta("context_length", 2048)),
+        tie_word_embeddings="lm_head.weight" not in weights,
+        attention_bias="layers.0.self_attn.q_proj.bias" in weights,
+        rope_scaling=scaling,
+        rope_freq_factors=freq_factors,
+    )
+    return config, weights
+
+
+def rope_settings(cfg: dict) -> tuple[float, tuple[tuple[str, float], ...]]:
+    """(rope_theta, scaling items) from config.json: transformers 5 keeps both in rope_parameters."""
+    params = dict(cfg.get("rope_parameters") or {})
+    params.update(cfg.get("rope_scaling") or {})
+    theta = float(params.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
+    rope_type = params.pop("rope_type", params.pop("type", "default"))
+    if rope_type == "default":
+        return theta, ()
+    if rope_type not in ("linear", "llama3"):
+        raise ValueError(f"rope type {rope_type!r} is not supported (default, linear, llama3)")
+    return theta, (("rope_type", rope_type), *sorted((k, float(v)) for k, v in params.items()
+                                                     if isinstance(v, (int, float))))
+
+
+def load_hf_folder(folder: str, dtype: torch.dtype = torch.float32
+                   ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Load config.json + *.safetensors of a Llama/Mistral/Qwen2 Hugging Face checkpoint."""
+    from safetensors import safe_open
+
+    root = Path(folder)
+    cfg = json.loads((root / "config.json").read_text())
+    if cfg.get("model_type") not in HF_MODEL_TYPES:
+        raise ValueError(f"{folder}: model_type {cfg.get('model_type')!r} is not supported "
+                         f"(only {HF_MODEL_TYPES})")
+    files = sorted(root.glob("*.safetensors"))
+    handles = [safe_open(str(f), framework="pt") for f in files]
+    keys = [(h, k) for h in handles for k in h.keys()]
+    weights: dict[str, torch.Tensor] = {}
+    for handle, key in tqdm(keys, desc=f"loading {root.name}", unit="tensor"):
+        if key.endswith("rotary_emb.inv_freq"):       # stale buffer in old checkpoints; we recompute it
+            continue
+        name = key.removeprefix("model.")
+        weights[name] = handle.get_tensor(key).to(dtype)
+
+    heads = cfg["num_attention_heads"]
+    theta, scaling = rope_settings(cfg)
+    tied = "lm_head.weight" not in weights
+    if tied and not cfg.get("tie_word_embeddings", True):
+        raise ValueError(f"{folder}: lm_head.weight is missing but tie_word_embeddings is false")
+    config = ModelConfig(
+        vocab_size=weights["embed_tokens.weight"].shape[0],
+        hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"],
+        num_layers=cfg["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+        rope_theta=theta,
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        context_length=int(cfg.get("max_position_embeddings", 2048)),
+        tie_word_embeddings=tied,
+        attention_bias="layers.0.self_attn.q_proj.bias" in weights,
+        rope_scaling=scaling,
+    )
+    return config, weights

@@ -1,0 +1,112 @@
+"""TorchRunner: the Backend of backends/base.py on PyTorch (CPU now, CUDA later)."""
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import torch
+
+from backends.base import BackendInfo, ForwardBatch, ForwardResult, RunnerSettings
+from backends.cuda.attention import PagedKVCache, build_metadata
+from backends.cuda.loader import load_model
+from backends.cuda.model import LlamaModel
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+log = logging.getLogger(__name__)
+MAX_SEQUENCES = 64          # the page pool never holds more than this many full contexts
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        # bf16 matmuls on CPU are slower than fp32 on most hosts; GPUs want bf16.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not supported by the torch backend "
+                         f"(auto, {', '.join(DTYPES)})")
+    return DTYPES[name]
+
+
+def default_threads() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+class TorchRunner:
+    """Owns the model and its paged KV cache; runs one ForwardBatch at a time."""
+
+    def __init__(self, settings: RunnerSettings):
+        self.settings = settings
+        self.device = torch.device(settings.device)
+        self.dtype = pick_dtype(settings.dtype, self.device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(settings.threads or default_threads())
+        config, weights = load_model(settings.source_kind, settings.source_path, torch.float32)
+        self.config = config
+        self.model = LlamaModel.from_weights(config, weights, self.device, self.dtype)
+        del weights
+        if settings.sparse.enabled:
+            log.warning("sparse (Quest) decode is not implemented in the torch backend yet: "
+                        "every layer attends densely")
+
+        self.page_size = settings.page_size
+        self.context_length = settings.context_length or config.context_length
+        per_page = PagedKVCache.bytes_per_page(config.num_layers, self.page_size, config.num_kv_heads,
+                                               config.head_dim, self.dtype.itemsize)
+        cap = -(-self.context_length // self.page_size) * MAX_SEQUENCES
+        self.num_pages = settings.num_pages or min(settings.kv_memory_bytes // per_page, cap)
+        if self.num_pages < 1:
+            raise ValueError(f"kv_memory_bytes {settings.kv_memory_bytes} holds no page "
+                             f"({per_page} bytes each)")
+        self.cache = PagedKVCache(config.num_layers, self.num_pages, self.page_size,
+                                  config.num_kv_heads, config.head_dim, self.dtype, self.device)
+        if self.device.type == "cuda":
+            device_name = torch.cuda.get_device_name(self.device)
+        else:
+            device_name = f"cpu ({torch.get_num_threads()} threads)"
+        self.info = BackendInfo(
+            model_name=settings.model_name, backend=self.device.type, device=device_name,
+            dtype=str(self.dtype).removeprefix("torch."), num_pages=self.num_pages,
+            page_size=self.page_size, context_length=self.context_length,
+            vocab_size=config.vocab_size)
+
+    def _validate(self, batch: ForwardBatch) -> None:
+        slots = []
+        for seq in batch.sequences:
+            end = seq.end_position
+            assert seq.token_ids, "a sequence chunk must carry at least one new token"
+            assert seq.start_position >= 0
+            assert end <= self.context_length, f"positions up to {end} exceed {self.context_length}"
+            assert len(seq.page_table) >= -(-end // self.page_size), "page table too short"
+            used = seq.page_table[:-(-end // self.page_size)]
+            assert 0 <= min(used) and max(used) < self.num_pages, "page id out of range"
+            assert 0 <= min(seq.token_ids) and max(seq.token_ids) < self.config.vocab_size
+            pages = np.asarray(used)[np.arange(seq.start_position, end) // self.page_size]
+            slots.append(pages * self.page_size + np.arange(seq.start_position, end) % self.page_size)
+        if len(batch.sequences) > 1:
+            flat = np.concatenate(slots)
+            assert len(np.unique(flat)) == len(flat), "two sequences write the same KV slot"
+
+    def forward(self, batch: ForwardBatch) -> ForwardResult:
+        """Run every chunk's new tokens, write their K/V, return last-token logits where wanted."""
+        self._validate(batch)
+        rows, offset, token_ids, positions, chunks = [], 0, [], [], []
+        for seq in batch.sequences:
+            n = len(seq.token_ids)
+            token_ids.extend(seq.token_ids)
+            positions.extend(range(seq.start_position, seq.end_position))
+            chunks.append((seq.start_position, n, list(seq.page_table)))
+            offset += n
+            if seq.want_logits:
+                rows.append(offset - 1)
+        if not token_ids:
+            return ForwardResult(np.zeros((0, self.config.vocab_size), dtype=np.float32))
+        device = self.device
+        sparse = self.settings.sparse if self.settings.sparse.enabled else None
+        meta = build_metadata(chunks, self.page_size, device, sparse)
+        with torch.inference_mode():
+            logits = self.model(torch.tensor(token_ids, dtype=torch.long, device=device),
+                                torch.tensor(positions, dtype=torch.long, device=device),
+                                self.cache, meta, torch.tensor(rows, dtype=torch.long, device=device))
+        return ForwardResult(logits.cpu().numpy(), meta.stats)
