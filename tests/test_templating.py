@@ -121,3 +121,23 @@ def test_hf_folder(tmp_path, tok):
     assert hf.eos_token_ids == frozenset({0, 2})
     assert hf.apply_chat_template(SYSTEM_USER) == tok.apply_chat_template(SYSTEM_USER)
     assert hf.encode("Hello world") == [19556, 905]
+
+
+def test_tokenizer_without_rust_backend(tok):
+    class NoBackend:                       # stands in for a python-only (slow) tokenizer
+        def __init__(self, inner):
+            self._inner = inner
+
+        def __getattr__(self, name):
+            if name == "backend_tokenizer":
+                raise AttributeError(name)
+            return getattr(self._inner, name)
+
+        def __len__(self):
+            return len(self._inner)
+
+    slow = ChatTokenizer(NoBackend(tok.hf), "slow", tok.chat_template)
+    assert slow.eos_token_ids == tok.eos_token_ids and slow.add_bos == tok.add_bos
+    assert slow.encode("Hello world") == tok.encode("Hello world")
+    assert slow.decode([1, 19556, 2]) == "Hello"
+    assert slow.apply_chat_template(SYSTEM_USER) == tok.apply_chat_template(SYSTEM_USER)
