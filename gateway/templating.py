@@ -7,10 +7,14 @@ and the token ids that end a turn.
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 import json
 import mmap
+import os
+import shutil
 import struct
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -209,24 +213,57 @@ def _generation_eos(folder: Path) -> tuple[int, ...]:
     return tuple(i for i in eos if isinstance(i, int)) if isinstance(eos, list) else ()
 
 
+def _cache_dir(gguf_path: Path) -> Path:
+    """Where the converted tokenizer of this exact file (and transformers version) is kept."""
+    import transformers
+
+    st = gguf_path.stat()
+    key = f"{gguf_path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}"
+    root = os.environ.get("RADIXGATE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "radixgate")
+    return Path(root) / "tokenizers" / hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
+def _load_gguf_tokenizer(path: Path):
+    """The GGUF's tokenizer, converted once and then read back from a tokenizer.json cache.
+
+    Converting needs transformers' GGUF reader, which imports torch (~4 s) and walks the token
+    arrays (~1 s); the cached tokenizer.json loads in ~0.5 s without torch. AutoTokenizer is
+    avoided: it would also build the model config by parsing the whole file (~6 s)."""
+    from transformers import PreTrainedTokenizerFast
+
+    cache = _cache_dir(path)
+    if (cache / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(str(cache), local_files_only=True)
+    try:
+        tok = PreTrainedTokenizerFast.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                      local_files_only=True)
+    except Exception:
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=cache.parent)
+    except OSError:
+        return tok                      # read-only home: the cache is optional
+    try:   # a private folder renamed into place: concurrent loaders never see half a cache
+        tok.save_pretrained(tmp)
+        os.replace(tmp, cache)
+    except OSError:                     # another process won the race
+        shutil.rmtree(tmp, ignore_errors=True)
+    return tok
+
+
 @functools.lru_cache(maxsize=4)
 def load_tokenizer(source: ModelSource) -> ChatTokenizer:
     """Load the tokenizer of a model source, offline; cached per source in this process."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
     path = Path(source.path)
     if source.kind == "gguf":
-        # PreTrainedTokenizerFast reads only the tokenizer metadata (~0.6 s); AutoTokenizer would
-        # first build the model config by parsing the whole file with GGUFReader (~6 s).
-        try:
-            tok = PreTrainedTokenizerFast.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                          local_files_only=True)
-        except Exception:
-            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                local_files_only=True)
+        tok = _load_gguf_tokenizer(path)
         template = tok.chat_template or _gguf_chat_template(str(path))
         return ChatTokenizer(tok, path.stem, template)
     if source.kind == "hf":
+        from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         template = tok.chat_template
         if isinstance(template, dict):   # named templates: the default one is the chat template

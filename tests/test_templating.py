@@ -141,3 +141,15 @@ def test_tokenizer_without_rust_backend(tok):
     assert slow.encode("Hello world") == tok.encode("Hello world")
     assert slow.decode([1, 19556, 2]) == "Hello"
     assert slow.apply_chat_template(SYSTEM_USER) == tok.apply_chat_template(SYSTEM_USER)
+
+
+def test_gguf_tokenizer_disk_cache(tmp_path, monkeypatch, source, tok):
+    monkeypatch.setenv("RADIXGATE_CACHE_DIR", str(tmp_path))
+    fresh = load_tokenizer.__wrapped__(source)                  # converts, then writes the cache
+    assert list(tmp_path.glob("tokenizers/*/tokenizer.json"))
+    cached = load_tokenizer.__wrapped__(source)                 # reads tokenizer.json back
+    for t in (fresh, cached):
+        assert t.chat_template == tok.chat_template and t.eos_token_ids == tok.eos_token_ids
+        assert t.add_bos == tok.add_bos and t.vocab_size == tok.vocab_size
+        assert t.apply_chat_template(SYSTEM_USER) == tok.apply_chat_template(SYSTEM_USER)
+        assert t.encode("Hello 你好 😀") == tok.encode("Hello 你好 😀")
