@@ -42,7 +42,7 @@ def sampling_params(body: SamplingFields, index: int, logprobs: bool, top_logpro
         top_p=1.0 if body.top_p is None else body.top_p,
         top_k=body.top_k or 0, min_p=body.min_p or 0.0,
         seed=None if body.seed is None else body.seed + index,
-        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+        presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
         logit_bias=bias, logprobs=logprobs, top_logprobs=top_logprobs)
 
 

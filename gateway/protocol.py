@@ -50,12 +50,18 @@ class SamplingFields(_Lenient):
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0, le=1)
     n: int = Field(1, ge=1, le=16)
+
+    @field_validator("n", "presence_penalty", "frequency_penalty", "temperature", "top_p", mode="before")
+    @classmethod
+    def _null_is_default(cls, value, info):
+        # clients send explicit nulls for "use the default"; n's default is 1
+        return 1 if value is None and info.field_name == "n" else value
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     max_tokens: int | None = Field(None, ge=1)
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
     seed: int | None = None
     ignore_eos: bool = False

@@ -19,8 +19,13 @@ def usage_of(results: list[ChoiceResult], num_prompts: int, n: int) -> dict:
                  sum(r.cached_tokens for r in firsts))
 
 
+def token_text(tokenizer, token_id: int) -> str:
+    """A token's own text; special tokens keep their names (e.g. <|im_end|>)."""
+    return tokenizer.decode([token_id], skip_special_tokens=False)
+
+
 def _token_entry(tokenizer, token_id: int, logprob: float) -> dict:
-    text = tokenizer.decode([token_id])
+    text = token_text(tokenizer, token_id)
     return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
 
@@ -36,10 +41,10 @@ def chat_logprobs(tokenizer, entries: list) -> dict | None:
 def text_logprobs(tokenizer, entries: list, offset: int) -> dict:
     tokens, token_logprobs, tops, offsets = [], [], [], []
     for token_id, logprob, top in entries:
-        text = tokenizer.decode([token_id])
+        text = token_text(tokenizer, token_id)
         tokens.append(text)
         token_logprobs.append(logprob)
-        tops.append({tokenizer.decode([t]): lp for t, lp in top})
+        tops.append({token_text(tokenizer, t): lp for t, lp in top})
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}

@@ -16,6 +16,7 @@ from gateway.errors import APIError, install_error_handlers
 from gateway.metrics import Metrics
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, new_id, now_s
 from gateway.router import Router
+from gateway.templating import ChatTemplateError
 
 
 def create_app(config: Config, router: Router) -> FastAPI:
@@ -50,7 +51,11 @@ def create_app(config: Config, router: Router) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         model = router.get(body.model)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        prompt = model.tokenizer.apply_chat_template(messages)
+        try:
+            prompt = model.tokenizer.apply_chat_template(messages)
+        except ChatTemplateError as error:
+            raise APIError(400, f"The messages cannot be rendered by this model's chat template: {error}",
+                           param="messages") from None
         max_new = generation.resolve_max_tokens(body.max_completion_tokens or body.max_tokens, len(prompt),
                                                 model.engine.context_length)
         handle = generation.submit(model, [prompt], body, max_new, body.logprobs, body.top_logprobs or 0)

@@ -140,3 +140,12 @@ def test_api_keys_enforced():
             assert http.get("/health").status_code == 200
     finally:
         server.stop()
+
+
+def test_image_parts_rejected_and_nulls_accepted(http):
+    image = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}
+    assert_error(http.post(CHAT, json={**GOOD, "messages": [image]}), 400)
+    nulls = {**GOOD, "temperature": None, "top_p": None, "n": None, "presence_penalty": None,
+             "frequency_penalty": None, "stop": None, "seed": None, "logit_bias": None, "max_tokens": None}
+    nulls["max_tokens"] = 2
+    assert http.post(CHAT, json=nulls).status_code == 200
