@@ -18,8 +18,8 @@ def _kv_write_summaries(Knew, Vnew, CuSeq, Starts, Ends, PT, K, V, KMin, KMax,
                         s_nt, s_nh, s_vnt, s_vnh, s_pb, s_kp, s_ks, s_kh, s_vp, s_vs, s_vh,
                         s_mp, s_mh, s_xp, s_xh,
                         HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, WRITE_KV: tl.constexpr):
-    b = tl.program_id(0)
-    j = tl.program_id(1)
+    j = tl.program_id(0)  # touched page: axis 0 has no 65535 limit
+    b = tl.program_id(1)
     h = tl.program_id(2)
     start = tl.load(Starts + b)
     end = tl.load(Ends + b)
@@ -68,7 +68,7 @@ def _launch(k_cache, v_cache, kmin, kmax, page_tables, starts, ends, max_new_tok
     if not write:
         k = v = k_cache.view(-1, kv_heads, head_dim)
         cu = starts
-    _kv_write_summaries[(batch, touched, kv_heads)](
+    _kv_write_summaries[(touched, batch, kv_heads)](
         k, v, cu, starts, ends, page_tables, k_cache, v_cache, kmin, kmax,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), page_tables.stride(0),
         *k_cache.stride()[:3], *v_cache.stride()[:3], *kmin.stride()[:2], *kmax.stride()[:2],
