@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from backends.base import ForwardBatch, RunnerSettings, SequenceChunk
+from backends.cuda.loader import rope_settings
 from backends.cuda.runner import TorchRunner
 from backends.source import resolve_source
 
@@ -128,8 +129,7 @@ def tiny_config(kind: str):
     return Qwen2Config(**sizes, tie_word_embeddings=True)   # q/k/v bias, tied head
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
-def test_tiny_hf_folder_matches_transformers(kind, tmp_path):
+def tiny_model(kind: str):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -138,16 +138,98 @@ def test_tiny_hf_folder_matches_transformers(kind, tmp_path):
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, 0.1)
-    model.save_pretrained(tmp_path, safe_serialization=True)
+    return model
+
+
+def assert_runner_matches(runner: TorchRunner, model) -> None:
+    """Prefill 70 random tokens, decode 20 more across a page boundary; compare every logits row."""
     ids = torch.randint(0, 256, (1, 90), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         expected = model(ids).logits[0].numpy()
-
-    runner = TorchRunner(RunnerSettings("hf", str(tmp_path), kind, page_size=PAGE_SIZE, num_pages=16,
-                                         threads=THREADS))
-    assert runner.config.attention_bias == (kind == "qwen2")
-    tokens, table = ids[0].tolist(), shuffled_table(16, 90, seed=3)
+    tokens, table = ids[0].tolist(), shuffled_table(runner.num_pages, 90, seed=3)
     got = [runner.forward(ForwardBatch([SequenceChunk(tokens[:70], 0, table)])).logits[0]]
-    for pos in range(70, 90):                  # decode across the page boundary at 80
+    for pos in range(70, 90):
         got.append(runner.forward(ForwardBatch([SequenceChunk([tokens[pos]], pos, table)])).logits[0])
     assert np.abs(np.stack(got) - expected[69:]).max() < TINY_ATOL
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
+def test_tiny_hf_folder_matches_transformers(kind, tmp_path):
+    model = tiny_model(kind)
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    runner = TorchRunner(RunnerSettings("hf", str(tmp_path), kind, page_size=PAGE_SIZE, num_pages=16,
+                                        threads=THREADS))
+    assert runner.config.attention_bias == (kind == "qwen2")
+    assert runner.config.tie_word_embeddings == (kind == "qwen2")
+    assert_runner_matches(runner, model)
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """What llama.cpp's convert_hf_to_gguf.py does to Q/K rows of llama-architecture models."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+GGUF_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+              "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+              "mlp.down_proj": "ffn_down", "model.embed_tokens": "token_embd",
+              "model.norm": "output_norm", "lm_head": "output"}
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_tiny_gguf_matches_transformers(kind, tmp_path):
+    """A GGUF written as llama.cpp would (permuted Q/K for llama, rope_freqs for llama3 scaling)."""
+    import gguf
+
+    model, path = tiny_model(kind), tmp_path / "tiny.gguf"
+    cfg, heads, kv_heads = model.config, model.config.num_attention_heads, model.config.num_key_value_heads
+    writer = gguf.GGUFWriter(str(path), kind)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    if kind == "llama":                        # llama.cpp stores llama3 scaling as frequency divisors
+        head_dim = cfg.hidden_size // heads
+        theta = cfg.rope_parameters["rope_theta"]
+        plain = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+        writer.add_tensor("rope_freqs.weight", (plain / model.model.rotary_emb.inv_freq).numpy())
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        stem, leaf = name.rsplit(".", 1)
+        if stem.startswith("model.layers."):
+            layer, module = stem.removeprefix("model.layers.").split(".", 1)
+            stem = f"blk.{layer}.{GGUF_NAMES[module]}"
+        else:
+            stem = GGUF_NAMES[stem]
+        array = tensor.numpy()
+        if kind == "llama" and stem.endswith(("attn_q", "attn_k")):
+            array = llama_cpp_permute(array, heads if stem.endswith("attn_q") else kv_heads)
+        writer.add_tensor(f"{stem}.{leaf}", array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    runner = TorchRunner(RunnerSettings("gguf", str(path), kind, page_size=PAGE_SIZE, num_pages=16,
+                                        threads=THREADS))
+    assert runner.config.rope_freq_factors is not None or kind == "qwen2"
+    assert_runner_matches(runner, model)
+
+
+def test_rope_settings_from_old_and_new_config_json():
+    new = {"rope_parameters": {"rope_theta": 500000.0, "rope_type": "llama3", "factor": 8.0,
+                               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                               "original_max_position_embeddings": 8192}}
+    old = {"rope_theta": 500000.0, "rope_scaling": {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                    "high_freq_factor": 4.0,
+                                                    "original_max_position_embeddings": 8192}}
+    assert rope_settings(new) == rope_settings(old)
+    assert rope_settings(new)[0] == 500000.0
+    smollm2 = {"rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}}
+    assert rope_settings(smollm2) == (100000.0, ())
+    assert rope_settings({}) == (10000.0, ())
