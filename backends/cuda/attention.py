@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from backends.base import AttentionStats, SparseSettings
+from backends.cuda.sparse_attention import sparse_decode_attention
 
 
 class PagedKVCache:
@@ -160,9 +161,9 @@ def paged_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         rows = slice(seq.offset, seq.offset + seq.length)
         out[rows] = prefill_attention(q[rows], cache, layer, seq, scale)
     if meta.decode_rows.numel():
-        # Seam for Quest: when meta.sparse is enabled and layer >= meta.sparse.dense_layers, decode
-        # rows will go through a sparse path (reference.sparse_paged_decode semantics) that reads
-        # only selected pages and adds to meta.stats.pages_read / pages_skipped. Until then every
-        # layer is dense and the stats stay zero.
-        out[meta.decode_rows] = decode_attention(q[meta.decode_rows], cache, layer, meta, scale)
+        q_decode = q[meta.decode_rows]
+        if meta.sparse is not None and layer >= meta.sparse.dense_layers:
+            out[meta.decode_rows] = sparse_decode_attention(q_decode, cache, layer, meta, scale)
+        else:
+            out[meta.decode_rows] = decode_attention(q_decode, cache, layer, meta, scale)
     return out
