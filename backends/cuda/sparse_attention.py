@@ -1,15 +1,212 @@
-"""Quest sparse decode for the torch backend (placeholder until implemented: dense, counted as read)."""
+"""Quest sparse decode for the torch backend: attend only to the pages whose keys can matter.
+
+For a decode row whose sequence spans more pages than the budget, every page gets an upper bound of
+q.k from the page's key min/max summary (Quest): sum over d of max(q_d * kmin_d, q_d * kmax_d),
+summed over the q heads of a GQA group. The sink pages (first), the recent pages (last, counted
+back from the partial last page) and the best-bounded remaining pages fill `budget_pages`, per KV
+head and per sequence; attention then reads only those pages, straight from the paged cache
+(indexed by page id and KV head; the sequence is never copied into a contiguous buffer).
+
+Token counts round to pages as kernels/reference.py says: budget_pages = token_budget // page_size
+(it includes the sink and recent pages), sink_pages = ceil(sink_tokens / page_size), recent_pages =
+max(1, ceil(recent_tokens / page_size)). A row of at most budget_pages pages attends densely.
+
+Stats (meta.stats, per eligible layer): a sparse row reads budget_pages * kv_heads pages and skips
+(num_pages - budget_pages) * kv_heads; a row within the budget reads num_pages * kv_heads.
+
+Everything that is the same for every layer (which rows are sparse, the forced pages, the stats) is
+computed once per forward and kept on the metadata object as `meta._quest_plan`.
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
+
+from backends.base import SparseSettings
 
 if TYPE_CHECKING:
     from backends.cuda.attention import AttentionMetadata, PagedKVCache
 
+PLAN_ATTRIBUTE = "_quest_plan"
+
+
+def page_counts(sparse: SparseSettings, page_size: int) -> tuple[int, int, int]:
+    """(budget_pages, sink_pages, recent_pages), rounded as kernels/reference.py says.
+
+    Raises ValueError (naming the setting) when the budget leaves no page to select.
+    """
+    if page_size < 1:
+        raise ValueError(f"page_size must be at least 1, got {page_size}")
+    for name in ("token_budget", "recent_tokens"):
+        if getattr(sparse, name) < 1:
+            raise ValueError(f"sparse_attention.{name} must be at least 1, got {getattr(sparse, name)}")
+    for name in ("sink_tokens", "dense_layers"):
+        if getattr(sparse, name) < 0:
+            raise ValueError(f"sparse_attention.{name} must be at least 0, got {getattr(sparse, name)}")
+    budget_pages = sparse.token_budget // page_size
+    sink_pages = -(-sparse.sink_tokens // page_size)
+    recent_pages = max(1, -(-sparse.recent_tokens // page_size))
+    if budget_pages <= sink_pages + recent_pages:
+        raise ValueError(
+            f"sparse_attention.token_budget {sparse.token_budget} is {budget_pages} pages of "
+            f"{page_size} tokens; it must exceed the sink ({sink_pages}) + recent ({recent_pages}) "
+            f"pages so that some pages are selected")
+    return budget_pages, sink_pages, recent_pages
+
+
+def check_sparse_settings(sparse: SparseSettings, page_size: int, num_layers: int) -> None:
+    """Start-up check of enabled settings against the page size and the model's layer count."""
+    if not sparse.enabled:
+        return
+    page_counts(sparse, page_size)
+    if sparse.dense_layers >= num_layers:
+        raise ValueError(f"sparse_attention.dense_layers {sparse.dense_layers} leaves none of the "
+                         f"model's {num_layers} layers sparse (it must be below {num_layers})")
+
+
+@dataclass
+class QuestPlan:
+    """Per-forward layout of the decode rows, shared by every sparse layer."""
+
+    budget_pages: int
+    all_dense: bool                 # no row exceeds the budget: plain dense decode
+    dense_rows: torch.Tensor        # [Bd] decode rows within the budget
+    sparse_rows: torch.Tensor       # [Bs] decode rows past it
+    dense_pages: torch.Tensor       # [Bd, Wd] their page tables, trimmed to the longest
+    dense_mask: torch.Tensor        # [Bd, 1, 1, Wd * page_size]
+    sparse_pages: torch.Tensor      # [Bs, P] page tables of the sparse rows
+    sparse_lengths: torch.Tensor    # [Bs, 1, 1] tokens, including the new one
+    bias: torch.Tensor              # [Bs, 1, P] +inf forced (sink, recent), -inf padding, else 0
+    slot: torch.Tensor              # [page_size] 0..page_size-1
+    pages_read: int
+    pages_skipped: int
+
+
+def make_plan(meta: AttentionMetadata, page_size: int, kv_heads: int) -> QuestPlan:
+    budget_pages, sink_pages, recent_pages = page_counts(meta.sparse, page_size)
+    device = meta.decode_pages.device
+    lengths = meta.decode_lengths
+    num_pages = (lengths + page_size - 1) // page_size                           # [B]
+    is_sparse = num_pages > budget_pages
+    sparse_rows = is_sparse.nonzero().flatten()
+    dense_rows = (~is_sparse).nonzero().flatten()
+    pages_cpu = num_pages.cpu()
+    sparse_cpu = is_sparse.cpu()
+    n_sparse = int(sparse_cpu.sum())
+    read = int(pages_cpu[~sparse_cpu].sum()) + n_sparse * budget_pages
+    skipped = int((pages_cpu[sparse_cpu] - budget_pages).sum()) if n_sparse else 0
+
+    dense_pages = meta.decode_pages[dense_rows]
+    dense_width = int(pages_cpu[~sparse_cpu].max()) if len(dense_rows) else 0
+    dense_pages = dense_pages[:, :dense_width]
+    dense_mask = meta.decode_mask[dense_rows][..., :dense_width * page_size]
+
+    sparse_pages = meta.decode_pages[sparse_rows]
+    width = sparse_pages.shape[1]
+    logical = torch.arange(width, device=device).unsqueeze(0)                    # [1, P]
+    used = num_pages[sparse_rows].unsqueeze(1)                                   # [Bs, 1]
+    forced = (logical < sink_pages) | ((logical >= used - recent_pages) & (logical < used))
+    bias = torch.zeros(sparse_pages.shape, dtype=torch.float32, device=device)
+    bias = bias.masked_fill(logical >= used, float("-inf")).masked_fill(forced, float("inf"))
+    return QuestPlan(
+        budget_pages=budget_pages, all_dense=n_sparse == 0, dense_rows=dense_rows,
+        sparse_rows=sparse_rows, dense_pages=dense_pages, dense_mask=dense_mask,
+        sparse_pages=sparse_pages, sparse_lengths=lengths[sparse_rows].view(-1, 1, 1),
+        bias=bias.unsqueeze(1), slot=torch.arange(page_size, device=device),
+        pages_read=read * kv_heads, pages_skipped=skipped * kv_heads)
+
+
+def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
+    """Quest bound per row, KV head and page, summed over each GQA group's q heads.
+
+    q: [B, H, d]; kmin, kmax: [B, P, kv_heads, d] -> [B, kv_heads, P] (float32).
+    max(q*lo, q*hi) is q*hi where q >= 0 and q*lo where q < 0 (hi >= lo), so the bound summed over
+    d and over the group is two batched matmuls with the group's positive and negative parts.
+    """
+    batch, heads, head_dim = q.shape
+    kv_heads = kmin.shape[2]
+    qg = q.float().view(batch, kv_heads, heads // kv_heads, head_dim)
+    positive = qg.clamp(min=0).sum(dim=2).unsqueeze(2)                            # [B, kvh, 1, d]
+    negative = qg.clamp(max=0).sum(dim=2).unsqueeze(2)
+    hi = kmax.float().permute(0, 2, 3, 1)                                         # [B, kvh, d, P]
+    lo = kmin.float().permute(0, 2, 3, 1)
+    return (positive @ hi + negative @ lo).squeeze(2)
+
+
+def select_pages(scores: torch.Tensor, bias: torch.Tensor, budget_pages: int) -> torch.Tensor:
+    """Logical pages to attend per row and KV head: forced ones plus the best, sorted ascending.
+
+    scores: [B, kv_heads, P]; bias: [B, 1, P] (+inf forced, -inf beyond the sequence) ->
+    [B, kv_heads, budget_pages].
+    """
+    picked = (scores + bias).topk(budget_pages, dim=-1, sorted=False).indices
+    return picked.sort(dim=-1).values
+
+
+def _dense(q: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor, pages: torch.Tensor,
+           mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """decode_attention's math on a subset of rows: q [B, H, d] over pages [B, W] -> [B, H, d]."""
+    batch, width = pages.shape
+    page_size, kv_heads, head_dim = k_layer.shape[1:]
+    k = k_layer[pages].view(batch, width * page_size, kv_heads, head_dim).transpose(1, 2)
+    v = v_layer[pages].view(batch, width * page_size, kv_heads, head_dim).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=scale,
+                                         enable_gqa=True)
+    return out.squeeze(2)
+
+
+def sparse_rows_attention(q: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor,
+                          kmin_layer: torch.Tensor, kmax_layer: torch.Tensor, plan: QuestPlan,
+                          scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quest decode of the plan's sparse rows, q: [Bs, H, d] -> (out [Bs, H, d], logical pages
+    chosen [Bs, kv_heads, budget_pages])."""
+    batch, heads, head_dim = q.shape
+    page_size, kv_heads = k_layer.shape[1:3]
+    group = heads // kv_heads
+    pages = plan.sparse_pages                                                    # [Bs, P]
+    scores = quest_scores(q, kmin_layer[pages], kmax_layer[pages])               # [Bs, kvh, P]
+    chosen = select_pages(scores, plan.bias, plan.budget_pages)                  # [Bs, kvh, k]
+    physical = pages.gather(1, chosen.flatten(1)).view_as(chosen)                # [Bs, kvh, k]
+    # Flat row of (page, slot, head) in the cache viewed as [pages * page_size * kv_heads, d].
+    head = torch.arange(kv_heads, device=q.device).view(1, kv_heads, 1, 1)
+    rows = ((physical.unsqueeze(-1) * page_size + plan.slot) * kv_heads + head).flatten()
+    span = plan.budget_pages * page_size
+    k = k_layer.view(-1, head_dim).index_select(0, rows).view(batch, kv_heads, span, head_dim)
+    v = v_layer.view(-1, head_dim).index_select(0, rows).view(batch, kv_heads, span, head_dim)
+    positions = (chosen.unsqueeze(-1) * page_size + plan.slot).view(batch, kv_heads, 1, span)
+    mask = positions < plan.sparse_lengths.unsqueeze(-1)                         # [Bs, kvh, 1, span]
+    qg = q.view(batch, kv_heads, group, head_dim)
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
+    return out.reshape(batch, heads, head_dim), chosen
+
+
+def get_plan(cache: PagedKVCache, meta: AttentionMetadata) -> QuestPlan:
+    plan = getattr(meta, PLAN_ATTRIBUTE, None)
+    if plan is None:
+        plan = make_plan(meta, cache.page_size, cache.k.shape[3])
+        setattr(meta, PLAN_ATTRIBUTE, plan)
+    return plan
+
 
 def sparse_decode_attention(q: torch.Tensor, cache: PagedKVCache, layer: int, meta: AttentionMetadata,
                             scale: float) -> torch.Tensor:
-    from backends.cuda.attention import decode_attention
-    return decode_attention(q, cache, layer, meta, scale)
+    """Decode attention of B single-token queries [B, H, d] for one sparse-eligible layer."""
+    plan = get_plan(cache, meta)
+    meta.stats.pages_read += plan.pages_read
+    meta.stats.pages_skipped += plan.pages_skipped
+    if plan.all_dense:
+        from backends.cuda.attention import decode_attention
+        return decode_attention(q, cache, layer, meta, scale)
+    k_layer, v_layer = cache.k[layer], cache.v[layer]
+    sparse_out, _ = sparse_rows_attention(q[plan.sparse_rows], k_layer, v_layer, cache.kmin[layer],
+                                          cache.kmax[layer], plan, scale)
+    if not len(plan.dense_rows):
+        return sparse_out
+    out = torch.empty_like(q)
+    out[plan.sparse_rows] = sparse_out
+    out[plan.dense_rows] = _dense(q[plan.dense_rows], k_layer, v_layer, plan.dense_pages,
+                                  plan.dense_mask, scale)
+    return out
