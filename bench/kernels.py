@@ -163,9 +163,11 @@ def flex_decode_fn(q, k, v, table, ps):
     """torch flex_attention over the same paged cache: a block mask whose KV blocks are the pages."""
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
     batch, per = table.shape
-    n_pages = k.shape[0]
+    n_pages = batch * per  # a compact shuffled pool of just these pages (flex fails at >= 2^31 elements)
+    shuffle = torch.randperm(n_pages, device=DEV)
+    k, v = (torch.empty_like(t[:n_pages]).index_copy_(0, shuffle, t[table.flatten().long()]) for t in (k, v))
     idx = torch.zeros(batch, 1, 1, n_pages, device=DEV, dtype=torch.int32)
-    idx[..., :per] = table.view(batch, 1, 1, per)
+    idx[..., :per] = shuffle.view(batch, 1, 1, per)
     zero = torch.zeros(batch, 1, 1, device=DEV, dtype=torch.int32)
     mask = BlockMask.from_kv_blocks(zero, torch.zeros_like(idx), zero + per, idx, BLOCK_SIZE=(128, ps),
                                     seq_lengths=(1, n_pages * ps), compute_q_blocks=False)
@@ -203,6 +205,12 @@ def decode_section(ceil, flex_budget_s):
             say(f"sweep decode b{tb} ctx{tc} {cfg}: {ms * 1e3:.0f} us {gbs / ms:.0f} GB/s")
     best = min(sweep, key=lambda s: s[0])[1]
     tune = {k: v for k, v in best.items() if k != "num_splits"}
+    for b, ctx, splits in ((16, 32 * KI, (0, 2, 3, 4, 6, 8, 12, 16)), (1, 32 * KI, (0, 8, 16, 33, 64)),
+                           (64, 16 * KI, (0, 1, 2, 4))) if not TINY else ():
+        tab_s, lens_s = tables(b, ctx, ps, kp.shape[0]), i32([ctx] * b)
+        run = partial(paged_decode, q[:b], kp, vp, tab_s, lens_s, **tune)
+        res = [f"{n or 'default'}: {timed(partial(run, num_splits=n or None)) * 1e3:.0f}" for n in splits]
+        say(f"splits sweep b{b} ctx{ctx} (us): " + ", ".join(res))
     kh, vh = (torch.randn(tb * tc // ps, HKV, ps, D, device=DEV, dtype=DT) for _ in range(2))
     ms = timed(partial(paged_decode, q[:tb], kh.transpose(1, 2), vh.transpose(1, 2),
                        tables(tb, tc, ps, kh.shape[0]), lens, **best))
@@ -248,7 +256,8 @@ def decode_section(ceil, flex_budget_s):
 
 def sparse_section(kp, vp, q, tune):
     srows, sums = [], {}
-    scases = [(32 * KI, 1, 64), (32 * KI, 16, 64), (128 * KI, 1, 64), (32 * KI, 16, 16)] if not TINY else \
+    scases = [(32 * KI, 1, 64), (32 * KI, 16, 64), (32 * KI, 64, 64), (128 * KI, 1, 64), (32 * KI, 16, 16)] \
+        if not TINY else \
         [(512, 1, 16), (512, 2, 16)]
     for ctx, b, sps in scases:
         for budget in ((2048, 4096) if not TINY else (128, 256)):
@@ -281,7 +290,7 @@ def extend_section(kp, vp):
         cu, pl = i32([i * new for i in range(nb + 1)]), i32([pre] * nb)
         tflop = nb * HQ * 4 * D * (new * pre + new * (new + 1) / 2) / 1e9  # TFLOP/s = tflop / ms
         ours = extend_attention(qe, ke, ve, tab, cu, pl, max_new_tokens=new)
-        cfgs = ({}, dict(block_n=128), dict(num_stages=4), dict(block_m=64, num_warps=4))
+        cfgs = ({}, dict(block_n=64), dict(num_stages=2), dict(num_stages=4), dict(block_m=64, num_warps=4))
         run = partial(extend_attention, qe, ke, ve, tab, cu, pl, max_new_tokens=new)
         res = [(try_time(partial(run, **c), str(c)), c) for c in (cfgs if eps == 64 else cfgs[:1])]
         for ms, c in res:
@@ -319,9 +328,12 @@ def main():
         say(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     ok = correctness()
     say(f"correctness: {'ALL PASS' if ok else 'FAILURES'}  ({time.time() - t0:.0f}s)")
-    src = torch.randn(512 * 2**20 if not TINY else 2**16, device=DEV, dtype=DT)
-    ceil = 2 * src.numel() * 2 / timed(partial(torch.empty_like(src).copy_, src)) / 1e6  # GB/s, r + w
-    del src
+    ceil = 0.0
+    for n in (512 * 2**20, 2048 * 2**20) if not TINY else (2**16,):  # 1 and 4 GiB copies
+        src = torch.randn(n, device=DEV, dtype=DT)
+        ceil = max(ceil, 4 * n / timed(partial(torch.empty_like(src).copy_, src)) / 1e6)  # GB/s, r + w
+        say(f"copy {2 * n / 2**30:.0f} GiB: best so far {ceil:.0f} GB/s")
+        del src
     rows, extra, best, tune, kp, vp, q = decode_section(ceil, args.flex_budget_s)
     srows = sparse_section(kp, vp, q, tune)
     erows = extend_section(kp, vp)
@@ -341,7 +353,7 @@ def planted(ctx, ps):
     chans = torch.stack([torch.randperm(D, device=DEV)[:4] for _ in range(HKV)])     # [HKV, 4]
     bump = torch.zeros(HKV, D, device=DEV).scatter_(1, chans, 4.0)
     k.view(ctx, HKV, D).add_((hot.T.unsqueeze(-1) * bump).to(DT))
-    q = torch.randn(1, HQ, D, device=DEV) + bump.repeat_interleave(HQ // HKV, 0)[None] * 0.75
+    q = torch.randn(1, HQ, D, device=DEV) + bump.repeat_interleave(HQ // HKV, 0)[None] * 1.5
     return k, v, q.to(DT)
 
 

@@ -19,6 +19,7 @@ from kernels.triton import (  # noqa: E402
     extend_attention,
     paged_decode,
     quest_scores,
+    select_pages,
     sparse_decode,
     update_page_summaries,
     write_kv_and_summaries,
@@ -91,7 +92,7 @@ EXTEND_CASES = [  # dtype, group, head_dim, page_size, tuning
     (BF16, 4, 128, 16, dict(block_m=32, block_n=16)),
     (F16, 8, 64, 64, dict(block_m=16, block_n=32)),
     (BF16, 8, 128, 32, dict(block_m=32, block_n=64)),
-    (F16, 4, 128, 16, {}),  # the GPU default tiles (128 x 64)
+    (F16, 4, 128, 16, {}),  # the GPU default tiles (128 x 128)
 ]
 
 
@@ -202,3 +203,28 @@ def test_sparse_decode_all_below_budget_is_dense():
     out = torch.full_like(q, float("nan"))
     sparse_decode(q, k, v, kmin, kmax, table, i32(lens), 256, 16, 16, out=out)
     assert torch.equal(out, paged_decode(q, k, v, table, i32(lens)))
+
+
+def test_select_pages_exact_top_k_with_ties():
+    """Integer-valued scores (many ties, negatives, -0.0) and forced +inf pages: the kept set is an
+    exact top-k (ties to the lower index), ascending, and the virtual lengths drop whole pages."""
+    gen = torch.Generator().manual_seed(5)
+    lens, page_size, budget = [16 * 40 - 3, 16 * 9, 16 * 25 + 1], 16, 10
+    max_pages = 41
+    scores = torch.randint(-4, 4, (3, KV_HEADS, max_pages), generator=gen).float()
+    scores[0, 0, 2:30:2] = -0.0
+    scores[0, 0, 3:30:2] = 0.0
+    scores[:, :, [0, 1]] = float("inf")
+    for i, n in enumerate(lens):
+        scores[i, :, -(-n // page_size):] = float("-inf")
+        scores[i, :, -(-n // page_size) - 1] = float("inf")
+    table = torch.randperm(200, generator=gen)[:3 * max_pages].view(3, max_pages).int()
+    logical, physical, vlens = select_pages(scores, table, i32(lens), page_size, budget)
+    for i, n in enumerate(lens):
+        used = min(-(-n // page_size), budget)
+        for h in range(KV_HEADS):
+            expected = scores[i, h].double().neg().sort(stable=True).indices[:used].sort().values
+            assert torch.equal(logical[i, h, :used], expected)
+            assert torch.equal(physical[i, h, :used], table[i, expected.long()])
+            assert (logical[i, h, used:] == -1).all()
+        assert vlens[i] == n - max(0, -(-n // page_size) - budget) * page_size

@@ -5,9 +5,11 @@ A: a Triton kernel scores every used page per (sequence, KV head) with
    sum_{q heads of the group} sum_d max(q_d * kmin_d, q_d * kmax_d), reading only kmin/kmax
    (1/page_size of the K/V bytes). Sink and recent pages (and every page of a sequence that fits
    the budget) get +inf, pages past the sequence get -inf.
-B: torch.topk over the scores, then the chosen logical pages sorted ascending and mapped through
-   the page table: a per-(sequence, KV head) page list whose last entry is the (possibly partial)
-   last page, so it reads like a shorter sequence of length seq_len - dropped_pages * page_size.
+B: one Triton program per (sequence, KV head) finds the k-th largest score exactly (radix search
+   on the float bits), keeps the pages above it (ties: lower index first), and writes them in
+   ascending order through the page table: a per-(sequence, KV head) page list whose last entry is
+   the (possibly partial) last page, so it reads like a shorter sequence of length
+   seq_len - dropped_pages * page_size. (One launch instead of topk + sort + gather.)
 C: the dense split-K decode kernel (decode.py) over those per-head page lists.
 Everything is static-shaped and sync-free (CUDA-graph safe). A sequence that fits the budget gets
 its own page table back unchanged, so with the same num_splits its output is bitwise that of dense
@@ -72,18 +74,57 @@ def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_t
     return scores
 
 
+@triton.jit
+def _select_pages(Scores, PT, SeqLens, Logical, Physical, VLens, s_sb, s_sh, s_pb, s_lb, s_lh,
+                  s_yb, s_yh, max_pages, budget_pages, k_sel,
+                  BLOCK_P: tl.constexpr, PAGE_SIZE: tl.constexpr):
+    """Exact top-k of one (sequence, KV head) row by a 32-step radix search for the k-th largest
+    score, then an ascending compaction of the kept pages (ties go to the lower page index)."""
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    offs = tl.arange(0, BLOCK_P)
+    score = tl.load(Scores + b * s_sb + kvh * s_sh + offs, mask=offs < max_pages, other=float("-inf"))
+    seq_len = tl.load(SeqLens + b)
+    n_pages = tl.cdiv(seq_len, PAGE_SIZE)
+    k = tl.minimum(n_pages, budget_pages)
+    bits = tl.where(score == 0.0, 0.0, score).to(tl.int32, bitcast=True)  # -0.0 ties with +0.0
+    key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648  # float order, in [0, 2^32)
+    thresh = tl.zeros([], tl.int64)
+    for bit in tl.static_range(31, -1, -1):
+        cand = thresh + (1 << bit)
+        thresh = tl.where(tl.sum((key >= cand).to(tl.int32), 0) >= k, cand, thresh)
+    above = key > thresh
+    tie = key == thresh
+    take = above | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= k - tl.sum(above.to(tl.int32), 0)))
+    pos = tl.cumsum(take.to(tl.int32), 0) - 1
+    page = tl.load(PT + b.to(tl.int64) * s_pb + offs, mask=take, other=0)
+    tl.store(Logical + b * s_lb + kvh * s_lh + pos, offs, mask=take)
+    tl.store(Physical + b * s_yb + kvh * s_yh + pos, page, mask=take)
+    pad = (offs >= k) & (offs < k_sel)
+    tl.store(Logical + b * s_lb + kvh * s_lh + offs, -1, mask=pad)
+    tl.store(Physical + b * s_yb + kvh * s_yh + offs, 0, mask=pad)
+    if kvh == 0:
+        tl.store(VLens + b, seq_len - tl.maximum(n_pages - budget_pages, 0) * PAGE_SIZE)
+
+
 def select_pages(scores: torch.Tensor, page_tables: torch.Tensor, seq_lens: torch.Tensor,
                  page_size: int, budget_pages: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stage B. Forced scores [batch, kv_heads, max_pages] -> (logical pages [batch, kv_heads, k]
-    sorted ascending, their physical ids int32, virtual seq_lens int32 [batch]). Entries past
-    min(n_pages, budget_pages) are padding that the virtual length never reaches."""
+    """Stage B. Forced scores [batch, kv_heads, max_pages] -> (logical pages int32 [batch, kv_heads, k]
+    ascending, their physical ids int32, virtual seq_lens int32 [batch]), k = min(budget, max_pages).
+    Entries past a sequence's min(n_pages, budget_pages) are padding (-1 / 0), never read."""
     batch, kv_heads, max_pages = scores.shape
-    k = min(budget_pages, max_pages)
-    logical = scores.topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values
-    physical = torch.gather(page_tables.unsqueeze(1).expand(batch, kv_heads, max_pages), 2, logical)
-    n_pages = (seq_lens + page_size - 1) // page_size
-    dropped = (n_pages - budget_pages).clamp(min=0)
-    return logical, physical.to(torch.int32), (seq_lens - dropped * page_size).to(torch.int32)
+    assert page_tables.stride(1) == 1 and scores.stride(2) == 1
+    k_sel = min(budget_pages, max_pages)
+    logical = torch.empty(batch, kv_heads, k_sel, device=scores.device, dtype=torch.int32)
+    physical = torch.empty_like(logical)
+    vlens = torch.empty(batch, device=scores.device, dtype=torch.int32)
+    block_p = max(16, triton.next_power_of_2(max_pages))
+    _select_pages[(batch, kv_heads)](
+        scores, page_tables, seq_lens, logical, physical, vlens, scores.stride(0), scores.stride(1),
+        page_tables.stride(0), logical.stride(0), logical.stride(1), physical.stride(0), physical.stride(1),
+        max_pages, budget_pages, k_sel, BLOCK_P=block_p, PAGE_SIZE=page_size,
+        num_warps=4 if block_p <= 2048 else 8)
+    return logical, physical, vlens
 
 
 def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kmin: torch.Tensor,
