@@ -5,6 +5,7 @@ Tolerances (float32): embedded SmolLM2 GGUF, last-token logits: max abs diff < 1
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import random
@@ -41,12 +42,17 @@ def smol_path() -> str:
 @pytest.fixture(scope="module")
 def hf_smol(smol_path):
     pytest.importorskip("accelerate", reason="transformers needs accelerate to load a GGUF file")
+    import gguf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = os.path.split(smol_path)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
-    return model, tokenizer
+    with pytest.MonkeyPatch.context() as patch:
+        # transformers rebuilds gguf's tensor-name map for each of ~400 modules (a fifth of its load
+        # time); the map is a pure function of (arch, layers) and is only read, so memoise it.
+        patch.setattr(gguf, "get_tensor_name_map", functools.lru_cache(gguf.get_tensor_name_map))
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    return model.eval(), tokenizer
 
 
 @pytest.fixture(scope="module")
