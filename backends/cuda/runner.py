@@ -42,7 +42,8 @@ class TorchRunner:
         self.dtype = pick_dtype(settings.dtype, self.device)
         if self.device.type == "cpu":
             torch.set_num_threads(settings.threads or default_threads())
-        config, weights = load_model(settings.source_kind, settings.source_path, torch.float32)
+        # Convert tensor by tensor while loading: peak memory stays near one copy in self.dtype.
+        config, weights = load_model(settings.source_kind, settings.source_path, self.dtype)
         self.config = config
         self.model = LlamaModel.from_weights(config, weights, self.device, self.dtype)
         del weights
