@@ -169,6 +169,21 @@ def test_locked_path_survives_evict_and_reset():
         cache.dec_lock_ref(m.last_node)
 
 
+def test_splitting_a_locked_node_keeps_both_halves_locked():
+    pool, cache = make(page_size=2)
+    put(cache, [1, 2, 3, 4, 5, 6])
+    held = cache.match_prefix([1, 2, 3, 4, 5, 6])
+    cache.inc_lock_ref(held.last_node)
+    short = cache.match_prefix([1, 2, 9, 9])  # splits the locked node after one page
+    assert short.num_tokens == 2 and short.last_node.lock_ref == 1
+    assert (cache.protected_size, cache.evictable_size) == (3, 0)
+    assert cache.evict(10) == 0
+    cache.check_invariants()
+    cache.dec_lock_ref(held.last_node)
+    assert (cache.protected_size, cache.evictable_size) == (0, 3)
+    cache.check_invariants()
+
+
 def test_reset_frees_everything_unlocked():
     pool, cache = make(page_size=1)
     for t in ([1, 2, 3], [1, 2, 4], [5]):
