@@ -1,0 +1,293 @@
+"""Quest sparse decode inside the engine.
+
+1. A property test: the real scheduler, page pool and radix cache drive a tiny random Llama with
+   sparse decode on, through shared prefixes, eviction, preemption and page recycling. After every
+   step the min/max summary of every live page (radix tree pages and the requests' own pages,
+   partial last pages included) is exactly the min/max of the keys its owner wrote, and the keys of
+   the layers that do not depend on sparse attention are those a fresh dense prefill of the same
+   tokens gives: no page carries a summary (or keys) of an earlier owner. The attention stats of
+   every forward equal what the page counts say.
+2. The embedded model: greedy decoding at or below the budget is identical to dense (logits too);
+   above it pages are skipped as counted.
+3. A live server with sparse_attention enabled answers the openai SDK; /health and /metrics show
+   the pages read and skipped, exactly as the token counts predict.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from backends.base import ForwardBatch, RunnerSettings, SequenceChunk, SparseSettings
+from backends.cuda.runner import TorchRunner
+from backends.cuda.sparse_attention import page_counts
+from backends.source import resolve_source
+from gateway.engine.page_pool import PagePool
+from gateway.engine.radix_cache import RadixCache
+from gateway.engine.request import Request
+from gateway.engine.sampling import SamplingParams
+from gateway.engine.scheduler import Scheduler
+from tests.conftest import MODEL, model_config, start_server
+
+PAGE = 4
+VOCAB = 96
+TINY_SPARSE = SparseSettings(enabled=True, token_budget=16, dense_layers=1, sink_tokens=4, recent_tokens=4)
+
+
+# ---- 1. property test on a tiny model --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> str:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=6,
+                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256)
+    path = tmp_path_factory.mktemp("tiny-llama-sparse")
+    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_runners(tiny_folder):
+    def make(sparse: SparseSettings) -> TorchRunner:
+        return TorchRunner(RunnerSettings("hf", tiny_folder, "tiny", page_size=PAGE, num_pages=24, threads=1,
+                                          sparse=sparse))
+    return make(TINY_SPARSE), make(SparseSettings())
+
+
+class StubDetokenizer:
+    stopped = False
+
+    def add_token(self, token_id: int) -> str:
+        return ""
+
+    def finish(self) -> str:
+        return ""
+
+
+class CountingRunner:
+    """Checks each forward's attention stats against the page counts of its decode rows."""
+
+    def __init__(self, runner: TorchRunner):
+        self.runner = runner
+        self.page_size, self.num_pages, self.info = runner.page_size, runner.num_pages, runner.info
+        self.skipped = 0
+
+    def forward(self, batch: ForwardBatch):
+        result = self.runner.forward(batch)
+        sparse, kv_heads = self.runner.settings.sparse, self.runner.config.num_kv_heads
+        budget, _, _ = page_counts(sparse, PAGE)
+        layers = self.runner.config.num_layers - sparse.dense_layers
+        read = skipped = 0
+        for seq in batch.sequences:
+            if len(seq.token_ids) == 1:
+                pages = -(-seq.end_position // PAGE)
+                read += min(pages, budget) * kv_heads * layers
+                skipped += max(0, pages - budget) * kv_heads * layers
+        assert (result.attention.pages_read, result.attention.pages_skipped) == (read, skipped)
+        self.skipped += skipped
+        return result
+
+
+def check_pages(runner: TorchRunner, oracle: TorchRunner,
+                sequences: list[tuple[list[int], list[int]]]) -> None:
+    """sequences: (tokens written, their pages). Summaries are exact; oracle layers match."""
+    cache = runner.cache
+    for tokens, pages in sequences:
+        n = len(tokens)
+        if n == 0:
+            continue
+        used = torch.tensor(pages[:-(-n // PAGE)])
+        filled = torch.tensor([min(PAGE, n - i * PAGE) for i in range(len(used))])
+        empty = (torch.arange(PAGE).unsqueeze(0) >= filled.unsqueeze(1)).view(len(used), PAGE, 1, 1)
+        for layer in range(runner.config.num_layers):
+            keys = cache.k[layer][used]
+            assert torch.equal(cache.kmin[layer][used], keys.masked_fill(empty, float("inf")).amin(dim=1))
+            assert torch.equal(cache.kmax[layer][used], keys.masked_fill(empty, float("-inf")).amax(dim=1))
+        # Layers up to dense_layers only see dense attention: a fresh prefill reproduces them.
+        table = list(range(len(used)))
+        oracle.forward(ForwardBatch([SequenceChunk(tokens, 0, table, want_logits=False)]))
+        for layer in range(TINY_SPARSE.dense_layers + 1):
+            got = cache.k[layer][used].flatten(0, 1)[:n]
+            want = oracle.cache.k[layer][:len(used)].flatten(0, 1)[:n]
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(cache.kmax[layer][used], oracle.cache.kmax[layer][:len(used)],
+                                       atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(cache.kmin[layer][used], oracle.cache.kmin[layer][:len(used)],
+                                       atol=2e-5, rtol=1e-4)
+
+
+def tree_sequences(cache: RadixCache) -> list[tuple[list[int], list[int]]]:
+    out = []
+    stack = [(node, [], []) for node in cache.root.children.values()]
+    while stack:
+        node, tokens, pages = stack.pop()
+        tokens, pages = tokens + list(node.key), pages + list(node.pages)
+        out.append((tokens, pages))
+        stack.extend((child, tokens, pages) for child in node.children.values())
+    return out
+
+
+PREFIXES = [list(range(3, 3 + 13)), [7, 8, 9, 10, 11, 12, 13, 14, 15], []]
+request_spec = st.tuples(st.sampled_from([0, 1, 2]),
+                         st.lists(st.integers(1, VOCAB - 1), min_size=1, max_size=14),
+                         st.integers(1, 14), st.integers(0, 4))
+
+
+def make_request(rid: str, prompt: list[int], max_new: int) -> Request:
+    return Request(id=rid, index=0, prompt_ids=prompt, params=SamplingParams(temperature=0),
+                   max_new_tokens=max_new, stop_token_ids=frozenset(), detokenizer=StubDetokenizer(),
+                   emit=lambda event: None)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(specs=st.lists(request_spec, min_size=3, max_size=7))
+def test_summaries_exact_under_reuse_eviction_and_recycling(tiny_runners, specs):
+    runner, oracle = tiny_runners
+    counting = CountingRunner(runner)
+    pool = PagePool(runner.num_pages)
+    cache = RadixCache(pool, PAGE)
+    scheduler = Scheduler(counting, pool, cache, max_running=3, prefill_chunk_tokens=12, context_length=128)
+    ids = itertools.count()
+    for prefix, suffix, max_new, steps_after in specs:
+        scheduler.add(make_request(f"r{next(ids)}", PREFIXES[prefix] + suffix, max_new))
+        for _ in range(steps_after + 1):
+            if not scheduler.has_work:
+                break
+            scheduler.step()
+            scheduler.check_accounting()
+            cache.check_invariants()
+            live = [(r.all_ids[:r.num_computed], r.page_table) for r in scheduler.running]
+            check_pages(runner, oracle, live)
+    for _ in range(200):
+        if not scheduler.has_work:
+            break
+        scheduler.step()
+        check_pages(runner, oracle, [(r.all_ids[:r.num_computed], r.page_table) for r in scheduler.running])
+    assert not scheduler.has_work
+    check_pages(runner, oracle, tree_sequences(cache))
+
+
+def test_property_run_covers_sparse_decode_and_recycling(tiny_runners):
+    """A fixed run of the property test that must evict, preempt and decode sparsely."""
+    runner, oracle = tiny_runners
+    counting = CountingRunner(runner)
+    pool = PagePool(runner.num_pages)
+    cache = RadixCache(pool, PAGE)
+    scheduler = Scheduler(counting, pool, cache, max_running=3, prefill_chunk_tokens=12, context_length=128)
+    rng = np.random.default_rng(4)
+    for i in range(6):
+        prompt = PREFIXES[i % 2] + rng.integers(1, VOCAB, 6 + 3 * i).tolist()
+        scheduler.add(make_request(f"f{i}", prompt, 10 + i))
+    while scheduler.has_work:
+        scheduler.step()
+        check_pages(runner, oracle, [(r.all_ids[:r.num_computed], r.page_table) for r in scheduler.running])
+    check_pages(runner, oracle, tree_sequences(cache))
+    assert counting.skipped > 0 and cache.evictions > 0 and scheduler.stats.preemptions > 0
+    assert scheduler.stats.cached_prompt_tokens > 0
+
+
+# ---- 2. the embedded model -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smollm():
+    source = resolve_source("packaged:smollm2-135m-instruct")
+    runner = TorchRunner(RunnerSettings(source.kind, source.path, MODEL, page_size=16, num_pages=64,
+                                        context_length=1024, threads=1))
+    from gateway.templating import load_tokenizer
+    return runner, load_tokenizer(source)
+
+
+PASSAGE = ("The lighthouse keeper climbed the spiral stairs every evening at dusk. He trimmed the wick, "
+           "polished the great lens and wrote the weather in a worn leather logbook. Ships passing the "
+           "rocky headland relied on the steady beam to find the harbour entrance, and the keeper took "
+           "pride in never letting the light fail, not even during the worst winter storms. ")
+
+
+def greedy(runner: TorchRunner, prompt: list[int], steps: int, sparse: SparseSettings):
+    runner.settings = dataclasses.replace(runner.settings, sparse=sparse)
+    table = list(range(1, 1 + -(-(len(prompt) + steps) // runner.page_size)))
+    result = runner.forward(ForwardBatch([SequenceChunk(prompt, 0, table)]))
+    assert result.attention.pages_read == result.attention.pages_skipped == 0     # prefill is dense
+    logits, stats, tokens = [result.logits[0]], [], [int(result.logits[0].argmax())]
+    for i in range(steps - 1):
+        result = runner.forward(ForwardBatch([SequenceChunk([tokens[-1]], len(prompt) + i, table)]))
+        logits.append(result.logits[0])
+        stats.append((result.attention.pages_read, result.attention.pages_skipped))
+        tokens.append(int(result.logits[0].argmax()))
+    return tokens, np.stack(logits), stats
+
+
+def test_real_model_greedy_identical_to_dense_within_budget(smollm):
+    runner, tokenizer = smollm
+    prompt = tokenizer.encode(PASSAGE + "Where did the keeper record the weather?")
+    steps = 12
+    sparse = SparseSettings(True, 256, 2, 16, 32)
+    assert len(prompt) + steps <= 256
+    dense_tokens, dense_logits, _ = greedy(runner, prompt, steps, SparseSettings())
+    tokens, logits, stats = greedy(runner, prompt, steps, sparse)
+    assert tokens == dense_tokens
+    assert np.array_equal(logits, dense_logits)
+    kv_heads, layers = runner.config.num_kv_heads, runner.config.num_layers - 2
+    for i, (read, skipped) in enumerate(stats):
+        assert (read, skipped) == (-(-(len(prompt) + i + 1) // 16) * kv_heads * layers, 0)
+
+
+def test_real_model_above_budget_skips_pages(smollm):
+    runner, tokenizer = smollm
+    prompt = tokenizer.encode(PASSAGE * 2 + "Where did the keeper record the weather?")
+    sparse = SparseSettings(True, 64, 2, 16, 16)                 # 4 pages: sink, recent, 2 chosen
+    tokens, logits, stats = greedy(runner, prompt, 8, sparse)
+    dense_tokens, dense_logits, _ = greedy(runner, prompt, 8, SparseSettings())
+    assert np.array_equal(logits[0], dense_logits[0])            # the first token comes from prefill
+    kv_heads, layers = runner.config.num_kv_heads, runner.config.num_layers - 2
+    for i, (read, skipped) in enumerate(stats):
+        pages = -(-(len(prompt) + i + 1) // 16)
+        assert (read, skipped) == (4 * kv_heads * layers, (pages - 4) * kv_heads * layers)
+    assert np.isfinite(logits).all()
+
+
+# ---- 3. live server ----------------------------------------------------------------------------
+
+def test_live_server_with_sparse_attention():
+    sparse = {"enabled": True, "token_budget": 64, "dense_layers": 2, "sink_tokens": 16, "recent_tokens": 16}
+    server = start_server(model_config(kv_cache={"page_size": 16, "num_pages": 256}, context_length=2048,
+                                       threads=1, sparse_attention=sparse))
+    try:
+        client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=300)
+        reply = client.chat.completions.create(
+            model=MODEL, temperature=0, max_tokens=16,
+            messages=[{"role": "user", "content": PASSAGE * 2 + "Where did the keeper record the weather?"}])
+        text = reply.choices[0].message.content
+        assert text.strip() and reply.choices[0].finish_reason in ("stop", "length")
+        prompt, completion = reply.usage.prompt_tokens, reply.usage.completion_tokens
+        assert prompt > 150
+        server.wait_idle()
+        health = httpx.get(f"{server.url}/health", timeout=30).json()
+        # Decode steps run the sampled tokens but the last: sequence lengths prompt+1 .. prompt+completion-1.
+        read = skipped = 0
+        for length in range(prompt + 1, prompt + completion):
+            pages = -(-length // 16)
+            read += min(pages, 4) * 3 * 28
+            skipped += max(0, pages - 4) * 3 * 28
+        snap = health["models"][MODEL]
+        assert (snap["attention_pages_read_total"], snap["attention_pages_skipped_total"]) == (read, skipped)
+        assert health["attention_sparsity_ratio"] == pytest.approx(skipped / (read + skipped))
+        assert health["attention_sparsity_ratio"] > 0.5
+        metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
+        values = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                  if line.startswith("radixgate_attention_")}
+        assert values["radixgate_attention_pages_read_total"] == read
+        assert values["radixgate_attention_pages_skipped_total"] == skipped
+        assert values["radixgate_attention_sparsity_ratio"] == pytest.approx(skipped / (read + skipped))
+        assert server.engine.fatal_error is None
+    finally:
+        server.stop()
