@@ -1,7 +1,6 @@
 """TorchRunner: the Backend of backends/base.py on PyTorch (CPU now, CUDA later)."""
 from __future__ import annotations
 
-import logging
 import os
 
 import numpy as np
@@ -11,9 +10,9 @@ from backends.base import BackendInfo, ForwardBatch, ForwardResult, RunnerSettin
 from backends.cuda.attention import PagedKVCache, build_metadata
 from backends.cuda.loader import load_model
 from backends.cuda.model import LlamaModel
+from backends.cuda.sparse_attention import check_sparse_settings
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-log = logging.getLogger(__name__)
 MAX_SEQUENCES = 64          # the page pool never holds more than this many full contexts
 
 
@@ -47,9 +46,7 @@ class TorchRunner:
         self.config = config
         self.model = LlamaModel.from_weights(config, weights, self.device, self.dtype)
         del weights
-        if settings.sparse.enabled:
-            log.warning("sparse (Quest) decode is not implemented in the torch backend yet: "
-                        "every layer attends densely")
+        check_sparse_settings(settings.sparse, settings.page_size, config.num_layers)
 
         self.page_size = settings.page_size
         self.context_length = settings.context_length or config.context_length
