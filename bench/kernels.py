@@ -8,6 +8,7 @@ of one call, so host launch overhead is out for ours and torch's alike. Llama-3-
 32 q heads, 8 KV heads, head_dim 128, bf16. K/V pages are scattered randomly over the pool.
 """
 import argparse
+import math
 import os
 import sys
 import time
@@ -26,7 +27,10 @@ from kernels import reference as ref  # noqa: E402
 from kernels.triton import (  # noqa: E402
     extend_attention,
     paged_decode,
+    quest_scores,
+    select_pages,
     sparse_decode,
+    split_k_decode,
     update_page_summaries,
     write_kv_and_summaries,
 )
@@ -192,33 +196,35 @@ def decode_section(ceil, flex_budget_s):
     ps = 64 if not TINY else 16
     kp, vp = pool(max(batches) * max(ctxs), ps)
     q = torch.randn(max(batches), HQ, D, device=DEV, dtype=DT)
-    tb, tc = batches[0], ctxs[1]  # the target shape: config sweep and layout / page size variants
-    tab, lens = tables(tb, tc, ps, kp.shape[0]), i32([tc] * tb)
+    tb, tc = batches[0], ctxs[1]  # the target shape
+    lens = i32([tc] * tb)
     gbs = 2 * tb * tc * HKV * D * 2 / 1e6  # GB/s = gbs / ms
+    # tile sweep over three shapes; the table uses the best by geometric-mean time (default num_splits)
+    cands = [dict(block_n=bn, num_warps=nw, num_stages=ns, evict_first=ev) for bn, nw, ns, ev in (
+        (64, 4, 2, False), (64, 4, 2, True), (64, 4, 3, True), (32, 4, 4, True), (64, 2, 3, True),
+        (128, 8, 2, True), (32, 2, 4, False))]
+    shapes = [(64, 4 * KI), (64, 16 * KI), (16, 32 * KI)] if not TINY else [(2, 256)]
+    shape_tabs = [(b, ctx, tables(b, ctx, ps, kp.shape[0]), i32([ctx] * b)) for b, ctx in shapes]
     sweep = []
-    cands = ((64, 4, 2), (32, 4, 2), (64, 4, 3), (128, 4, 2), (64, 8, 2), (128, 8, 3), (32, 2, 3))
-    for bn, nw, ns in cands if not TINY else cands[:1]:
-        for splits in (None, 2):
-            cfg = dict(block_n=bn, num_warps=nw, num_stages=ns, num_splits=splits)
-            ms = try_time(partial(paged_decode, q[:tb], kp, vp, tab, lens, **cfg), str(cfg))
-            sweep.append((ms, cfg))
-            say(f"sweep decode b{tb} ctx{tc} {cfg}: {ms * 1e3:.0f} us {gbs / ms:.0f} GB/s")
-    best = min(sweep, key=lambda s: s[0])[1]
-    tune = {k: v for k, v in best.items() if k != "num_splits"}
-    for b, ctx, splits in ((16, 32 * KI, (0, 2, 3, 4, 6, 8, 12, 16)), (1, 32 * KI, (0, 8, 16, 33, 64)),
-                           (64, 16 * KI, (0, 1, 2, 4))) if not TINY else ():
-        tab_s, lens_s = tables(b, ctx, ps, kp.shape[0]), i32([ctx] * b)
-        run = partial(paged_decode, q[:b], kp, vp, tab_s, lens_s, **tune)
-        res = [f"{n or 'default'}: {timed(partial(run, num_splits=n or None)) * 1e3:.0f}" for n in splits]
-        say(f"splits sweep b{b} ctx{ctx} (us): " + ", ".join(res))
-    kh, vh = (torch.randn(tb * tc // ps, HKV, ps, D, device=DEV, dtype=DT) for _ in range(2))
-    ms = timed(partial(paged_decode, q[:tb], kh.transpose(1, 2), vh.transpose(1, 2),
-                       tables(tb, tc, ps, kh.shape[0]), lens, **best))
-    extra = [f"head-major pages [pages, kv_heads, {ps}, d]: {gbs / ms:.0f} GB/s"]
-    del kh, vh
+    for cfg in cands if not TINY else cands[:2]:
+        times = [try_time(partial(paged_decode, q[:b], kp, vp, t, n, **cfg), str(cfg))
+                 for b, _, t, n in shape_tabs]
+        sweep.append((math.prod(times) ** (1 / len(times)), cfg))
+        say(f"sweep decode {cfg}: " + ", ".join(
+            f"b{b} {kfmt(c)} {t * 1e3:.0f} us {2 * b * c * HKV * D * 2 / t / 1e6:.0f} GB/s"
+            for (b, c, _, _), t in zip(shape_tabs, times, strict=True)))
+    best = tune = min(sweep, key=lambda s: s[0])[1]
+    extra = []
+    for b, ctx, _, n in shape_tabs[1:]:  # the same shapes with head-major pages
+        kh, vh = (torch.randn(b * ctx // ps, HKV, ps, D, device=DEV, dtype=DT) for _ in range(2))
+        ms = timed(partial(paged_decode, q[:b], kh.transpose(1, 2), vh.transpose(1, 2),
+                           tables(b, ctx, ps, kh.shape[0]), n, **tune))
+        extra.append(f"b{b} {kfmt(ctx)} head-major pages [pages, kv_heads, {ps}, d]: "
+                     f"{2 * b * ctx * HKV * D * 2 / ms / 1e6:.0f} GB/s")
+        del kh, vh
     k16, v16 = kp.view(-1, 16, HKV, D), vp.view(-1, 16, HKV, D)
-    ms = timed(partial(paged_decode, q[:tb], k16, v16, tables(tb, tc, 16, k16.shape[0]), lens, **best))
-    extra.append(f"token-major, page_size 16: {gbs / ms:.0f} GB/s")
+    ms = timed(partial(paged_decode, q[:tb], k16, v16, tables(tb, tc, 16, k16.shape[0]), lens, **tune))
+    extra.append(f"b{tb} {kfmt(tc)} token-major, page_size 16: {gbs / ms:.0f} GB/s")
     rows, flex_used = [], 0.0
     for b in batches:
         for ctx in ctxs:
@@ -243,7 +249,7 @@ def decode_section(ceil, flex_budget_s):
                     torch_ms["flex"] = timed(fx)
                     notes += f", flex err {err:.1e}"
                 except Exception as exc:
-                    notes += f", flex {type(exc).__name__}: {str(exc)[:60]}"
+                    notes += f", flex {type(exc).__name__}: {' '.join(str(exc).split())[:70]}"
                 flex_used += time.time() - t1
             g = 2 * b * ctx * HKV * D * 2 / ms / 1e6
             best_t = min(torch_ms.values()) if torch_ms else float("nan")
@@ -272,6 +278,13 @@ def sparse_section(kp, vp, q, tune):
             kpl, vpl, qpl = planted(ctx, sps)
             tpl = torch.arange(kpl.shape[0], device=DEV, dtype=torch.int32)[None]
             acc.append(sparse_quality(qpl, (kpl, vpl), summaries(kpl, sps), tpl, lens[:1], sps, skw, tune))
+            if (b, sps, budget) in ((16, 64, 2048), (1, 64, 2048), (1, 16, 128)):
+                score = partial(quest_scores, q[:b], *sums[sps], tab, lens, sps, (budget // sps, 1, 2))
+                sel = select_pages(score(), tab, lens, sps, budget // sps)
+                parts = [timed(score), timed(partial(select_pages, score(), tab, lens, sps, budget // sps)),
+                         timed(partial(split_k_decode, q[:b], *kv, sel[1], sel[2], **tune))]
+                say(f"sparse stages b{b} {kfmt(ctx)} (us): score {parts[0] * 1e3:.1f}, select "
+                    f"{parts[1] * 1e3:.1f}, attend {parts[2] * 1e3:.1f}")
             srows.append(f"| {kfmt(ctx)} | {b} | {sps} | {budget} | {dms * 1e3:.1f} | {sms * 1e3:.1f} | "
                          f"{dms / sms:.2f}x | {acc[0][0]:.3f} / {acc[1][0]:.3f} | "
                          f"{acc[0][1]:.3f} / {acc[1][1]:.3f} |")
@@ -290,7 +303,7 @@ def extend_section(kp, vp):
         cu, pl = i32([i * new for i in range(nb + 1)]), i32([pre] * nb)
         tflop = nb * HQ * 4 * D * (new * pre + new * (new + 1) / 2) / 1e9  # TFLOP/s = tflop / ms
         ours = extend_attention(qe, ke, ve, tab, cu, pl, max_new_tokens=new)
-        cfgs = ({}, dict(block_n=64), dict(num_stages=2), dict(num_stages=4), dict(block_m=64, num_warps=4))
+        cfgs = ({}, dict(block_n=64), dict(num_stages=2))
         run = partial(extend_attention, qe, ke, ve, tab, cu, pl, max_new_tokens=new)
         res = [(try_time(partial(run, **c), str(c)), c) for c in (cfgs if eps == 64 else cfgs[:1])]
         for ms, c in res:
@@ -377,8 +390,8 @@ def report(ceil, rows, srows, erows, extra, best, ok, out_dir, secs):
     table = [
         "", f"## Triton kernels, {time.strftime('%Y-%m-%d')}, correctness {'PASS' if ok else 'FAIL'}, "
         f"{secs:.0f}s", "", f"device-to-device copy (read + write): {ceil:.0f} GB/s = the ceiling", "",
-        f"Dense decode (32/8 heads, d128, bf16, page 64; swept best {best}, table uses its tiles with the "
-        "default num_splits); torch/ours = best torch time / ours:",
+        f"Dense decode (32/8 heads, d128, bf16, page 64; tiles {best}, default num_splits); "
+        "torch/ours = best torch time / ours:",
         "| batch | ctx | ours us | GB/s | % ceil | SDPA us | flex us | torch/ours | notes |",
         "|---|---|---|---|---|---|---|---|---|", *rows, "", *[f"- {e}" for e in extra], "",
         "Sparse decode (sink 64, recent 128 tokens); each pair: iid random data / planted hot runs;"

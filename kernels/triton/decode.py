@@ -59,11 +59,19 @@ def _mma(a, b, acc, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _load_kv(ptr, mask, EVICT: tl.constexpr):
+    if EVICT:  # K/V are streamed once: keep them from displacing reusable lines in L2
+        return tl.load(ptr, mask=mask, other=0.0, eviction_policy="evict_first")
+    return tl.load(ptr, mask=mask, other=0.0)
+
+
+@triton.jit
 def _decode_stage1(Q, K, V, PT, SeqLens, MidO, MidL, qk_scale, num_splits,
                    s_qb, s_qh, s_kp, s_ks, s_kh, s_vp, s_vs, s_vh, s_pb, s_ph, s_pp,
                    s_ob, s_oh, s_os, s_lb, s_lh,
                    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, UPCAST: tl.constexpr):
+                   BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, UPCAST: tl.constexpr,
+                   EVICT: tl.constexpr, DIRECT: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -89,26 +97,26 @@ def _decode_stage1(Q, K, V, PT, SeqLens, MidO, MidL, qk_scale, num_splits,
         mask_n = offs_n < end
         page = tl.load(pt + (offs_n // PAGE_SIZE) * s_pp, mask=mask_n, other=0).to(tl.int64)
         slot = offs_n % PAGE_SIZE
-        k = tl.load(k_base + (page * s_kp + slot * s_ks)[:, None] + offs_d[None, :],
-                    mask=mask_n[:, None], other=0.0)
+        k = _load_kv(k_base + (page * s_kp + slot * s_ks)[:, None] + offs_d[None, :], mask_n[:, None], EVICT)
         qk = _mma(q, tl.trans(k), tl.zeros([BLOCK_H, BLOCK_N], tl.float32), UPCAST) * qk_scale
         qk = tl.where(mask_n[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + (page * s_vp + slot * s_vs)[:, None] + offs_d[None, :],
-                    mask=mask_n[:, None], other=0.0)
+        v = _load_kv(v_base + (page * s_vp + slot * s_vs)[:, None] + offs_d[None, :], mask_n[:, None], EVICT)
         acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], UPCAST)
         m_i = m_new
 
     # An empty split (short sequence) stores lse = -inf and a zero partial, so stage 2 weighs it 0.
+    # DIRECT (a single split): MidO is the output itself and stage 2 is skipped.
     nonempty = l_i > 0
     out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
-    lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
-    tl.store(MidO + b * s_ob + heads[:, None] * s_oh + split * s_os + offs_d[None, :], out,
-             mask=mask_h[:, None])
-    tl.store(MidL + b * s_lb + heads * s_lh + split, lse, mask=mask_h)
+    tl.store(MidO + b * s_ob + heads[:, None] * s_oh + split * s_os + offs_d[None, :],
+             out.to(MidO.dtype.element_ty), mask=mask_h[:, None])
+    if not DIRECT:
+        lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+        tl.store(MidL + b * s_lb + heads * s_lh + split, lse, mask=mask_h)
 
 
 @triton.jit
@@ -139,7 +147,8 @@ def default_num_splits(batch: int, kv_heads: int, max_tokens: int, device: torch
 def split_k_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    page_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float | None = None,
                    num_splits: int | None = None, block_n: int = 64, num_warps: int = 4,
-                   num_stages: int = 2, out: torch.Tensor | None = None) -> torch.Tensor:
+                   num_stages: int = 2, evict_first: bool = False,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """Split-K decode where page_tables is [batch, pages] or per KV head [batch, kv_heads, pages]."""
     group, page_size = check_kv(q, k_cache, v_cache)
     batch, q_heads, head_dim = q.shape
@@ -152,17 +161,23 @@ def split_k_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     if num_splits is None:
         num_splits = default_num_splits(batch, kv_heads, page_tables.shape[2] * page_size, q.device, block_n)
-    mid_o = torch.empty(batch, q_heads, num_splits, head_dim, device=q.device, dtype=torch.float32)
-    mid_l = torch.empty(batch, q_heads, num_splits, device=q.device, dtype=torch.float32)
     if out is None:
         out = torch.empty_like(q)
-    block_h = max(16, triton.next_power_of_2(group))
+    direct = num_splits == 1
+    if direct:
+        mid_o, mid_l, mid_strides = out, out, (out.stride(0), out.stride(1), 0, 0, 0)
+    else:
+        mid_o = torch.empty(batch, q_heads, num_splits, head_dim, device=q.device, dtype=torch.float32)
+        mid_l = torch.empty(batch, q_heads, num_splits, device=q.device, dtype=torch.float32)
+        mid_strides = (*mid_o.stride()[:3], *mid_l.stride()[:2])
     _decode_stage1[(batch, kv_heads, num_splits)](
         q, k_cache, v_cache, page_tables, seq_lens, mid_o, mid_l, scale * LOG2E, num_splits,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], *page_tables.stride(),
-        *mid_o.stride()[:3], *mid_l.stride()[:2],
-        GROUP=group, BLOCK_H=block_h, HEAD_DIM=head_dim, BLOCK_N=block_n, PAGE_SIZE=page_size,
-        UPCAST=dot_upcast(q.dtype), num_warps=num_warps, num_stages=num_stages)
+        *mid_strides, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        BLOCK_N=block_n, PAGE_SIZE=page_size, UPCAST=dot_upcast(q.dtype), EVICT=evict_first, DIRECT=direct,
+        num_warps=num_warps, num_stages=num_stages)
+    if direct:
+        return out
     _decode_stage2[(batch, q_heads)](
         mid_o, mid_l, out, num_splits, *mid_o.stride()[:3], *mid_l.stride()[:2],
         out.stride(0), out.stride(1), HEAD_DIM=head_dim,
@@ -178,7 +193,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     q: [batch, q_heads, d] (its own K/V already written); k_cache, v_cache: [num_pages, page_size,
     kv_heads, d]; page_tables: int32 [batch, max_pages] (padding never read); seq_lens: int32 [batch],
     each >= 1, including the current token. Returns [batch, q_heads, d] in q's dtype.
-    tuning: num_splits, block_n, num_warps, num_stages, out.
+    tuning: num_splits, block_n, num_warps, num_stages, evict_first, out.
     """
     assert page_tables.dim() == 2, "dense decode takes page_tables [batch, max_pages]"
     return split_k_decode(q, k_cache, v_cache, page_tables, seq_lens, scale, **tuning)
