@@ -34,7 +34,8 @@ async def conversation(client, model: str, index: int, rounds: int, max_tokens: 
     topic = TOPICS[index % len(TOPICS)]
     messages = [{"role": "system", "content": SYSTEM}]
     for round_no in range(rounds):
-        messages.append({"role": "user", "content": f"(visitor {index}) " + TURNS[round_no % len(TURNS)].format(t=topic)})
+        turn = TURNS[round_no % len(TURNS)].format(t=topic)
+        messages.append({"role": "user", "content": f"(visitor {index}) {turn}"})
         started = time.perf_counter()
         first = None
         text, usage = [], None
@@ -101,8 +102,9 @@ def main() -> None:
     ttft_off = [t for r in later for *_, t in results["off"][0][r]]
     hits = [sum(c for _, c, _ in results["on"][0][r]) / sum(p for p, _, _ in results["on"][0][r])
             for r in range(1, args.rounds)]
-    print(f"hit rate rounds 2+: min {min(hits):.1%}; TTFT rounds 3+ p50 on {statistics.median(ttft_on) * 1e3:.0f} ms"
-          f" vs off {statistics.median(ttft_off) * 1e3:.0f} ms = {statistics.median(ttft_off) / statistics.median(ttft_on):.2f}x;"
+    p50_on, p50_off = statistics.median(ttft_on), statistics.median(ttft_off)
+    print(f"hit rate rounds 2+: min {min(hits):.1%}; TTFT rounds 3+ p50 on {p50_on * 1e3:.0f} ms"
+          f" vs off {p50_off * 1e3:.0f} ms = {p50_off / p50_on:.2f}x;"
           f" total time on {results['on'][1]:.1f} s vs off {results['off'][1]:.1f} s")
 
 

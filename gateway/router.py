@@ -47,7 +47,7 @@ def load_local_model(cfg: ModelConfig, check_invariants: bool = False) -> LocalM
     backend = choose_backend(cfg.backend)
     if backend == "mlx":
         raise APIError(501, "the MLX backend is not available in this version")
-    from backends.cuda.runner import TorchRunner   # torch loads only when a local model does
+    from backends.cuda.runner import TorchRunner  # torch loads only when a local model does
     settings = runner_settings(cfg, backend)
     runner = TorchRunner(settings)
     tokenizer = load_tokenizer(resolve_source(cfg.source))
