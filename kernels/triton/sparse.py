@@ -78,7 +78,7 @@ def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_t
 def _select_pages(Scores, PT, SeqLens, Logical, Physical, VLens, s_sb, s_sh, s_pb, s_lb, s_lh,
                   s_yb, s_yh, max_pages, budget_pages, k_sel,
                   BLOCK_P: tl.constexpr, PAGE_SIZE: tl.constexpr):
-    """Exact top-k of one (sequence, KV head) row by an 8-pass radix search for the k-th largest
+    """Exact top-k of one (sequence, KV head) row by a 32-step radix search for the k-th largest
     score, then an ascending compaction of the kept pages (ties go to the lower page index)."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -90,11 +90,9 @@ def _select_pages(Scores, PT, SeqLens, Logical, Physical, VLens, s_sb, s_sh, s_p
     bits = tl.where(score == 0.0, 0.0, score).to(tl.int32, bitcast=True)  # -0.0 ties with +0.0
     key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648  # float order, in [0, 2^32)
     thresh = tl.zeros([], tl.int64)
-    digits = tl.arange(0, 16).to(tl.int64)
-    for shift in tl.static_range(28, -1, -4):  # 4 bits a pass: the largest digit that keeps >= k
-        cand = thresh + (digits << shift)
-        count = tl.sum((key[None, :] >= cand[:, None]).to(tl.int32), 1)
-        thresh += tl.max(tl.where(count >= k, digits, 0), 0) << shift
+    for bit in tl.static_range(31, -1, -1):
+        cand = thresh + (1 << bit)
+        thresh = tl.where(tl.sum((key >= cand).to(tl.int32), 0) >= k, cand, thresh)
     above = key > thresh
     tie = key == thresh
     take = above | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= k - tl.sum(above.to(tl.int32), 0)))
