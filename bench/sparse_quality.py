@@ -1,0 +1,369 @@
+"""Quest sparse decode vs dense on the embedded model, in one run: quality, passkey, decode speed.
+
+    python bench/sparse_quality.py                          # everything on this CPU
+    python bench/sparse_quality.py --device cuda            # quality on the GPU, timing on the CPU
+    python bench/sparse_quality.py --quick                  # small smoke run of every code path
+
+1. Teacher-forced: --texts contexts of --context tokens of real English text shipped with Python
+   (the language reference, pydoc_data.topics, plus the standard library's module docstrings).
+   Each is prefilled densely up to `context - positions` (prefill is always dense), then every
+   config (dense and each budget) decodes the remaining tokens one per step, fed the true token:
+   the sparse path sees its own K/V, as in serving. Per config: top-1 agreement with dense, mean
+   KL(dense || sparse) of the next-token distributions, perplexity of the true next tokens, and
+   the sparsity ratio (KV pages skipped / pages dense would read, over the sparse-eligible layers).
+2. Passkey: a 5-digit number hidden at depths 10%..90% of a 4k..7k-token filler. The prompt is
+   prefilled densely except its last ~20 tokens (the question), which every config decodes one
+   per step before answering greedily, so retrieval happens through the decode path under test.
+3. Decode ms/token at --timing-context tokens, dense vs each budget, on the CPU with each of
+   --timing-threads thread counts (median of --timing-steps steps after 2 warm-ups).
+
+Every config runs through TorchRunner.forward (swapping runner.settings.sparse between forwards),
+so the numbers are those of the serving code path. Settings: page 16, sink 16, recent 256,
+dense_layers 2 (the config defaults); budgets in tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import math
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from backends.base import ForwardBatch, RunnerSettings, SequenceChunk, SparseSettings  # noqa: E402
+from backends.cuda.runner import TorchRunner  # noqa: E402
+from backends.source import resolve_source  # noqa: E402
+
+LINES: list[str] = []
+
+
+def say(line: str = "") -> None:
+    print(line, flush=True)
+    LINES.append(line)
+
+
+# ---- text ------------------------------------------------------------------------------------
+
+def english_text() -> str:
+    """The Python language reference topics, then stdlib module docstrings (all ship with Python)."""
+    import importlib
+    import pydoc_data.topics as topics
+    parts = [topics.topics[key] for key in sorted(topics.topics)]
+    for name in ("argparse", "collections", "contextlib", "csv", "dataclasses", "decimal", "email",
+                 "functools", "heapq", "inspect", "logging", "pathlib", "pickle", "re", "shutil",
+                 "string", "subprocess", "textwrap", "threading", "typing", "unittest", "zipfile"):
+        doc = importlib.import_module(name).__doc__
+        if doc:
+            parts.append(doc)
+    return "\n\n".join(parts)
+
+
+class Tokenizer:
+    def __init__(self, path: str | None, source):
+        if path:
+            from tokenizers import Tokenizer as RustTokenizer
+            self.backend = RustTokenizer.from_file(path)
+        else:
+            from gateway.templating import load_tokenizer
+            self.backend = load_tokenizer(source).hf.backend_tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.backend.decode(ids, skip_special_tokens=True)
+
+
+# ---- running configs ---------------------------------------------------------------------------
+
+class Pages:
+    """Hands out page ids (page 0 is the padding page); reset() reuses them all."""
+
+    def __init__(self, page_size: int):
+        self.page_size, self.next = page_size, 1
+
+    def take(self, tokens: int) -> list[int]:
+        n = -(-tokens // self.page_size)
+        out = list(range(self.next, self.next + n))
+        self.next += n
+        return out
+
+    def reset(self) -> None:
+        self.next = 1
+
+
+def configs(budgets: list[int], args) -> list[tuple[str, SparseSettings]]:
+    out = [("dense", SparseSettings())]
+    for budget in budgets:
+        out.append((f"sparse {budget}", SparseSettings(True, budget, args.dense_layers, args.sink, args.recent)))
+    return out
+
+
+def forward(runner: TorchRunner, sparse: SparseSettings, chunks: list[SequenceChunk]):
+    runner.settings = dataclasses.replace(runner.settings, sparse=sparse)
+    return runner.forward(ForwardBatch(chunks))
+
+
+def prefill(runner: TorchRunner, seqs: list[tuple[list[int], list[int]]], chunk: int) -> None:
+    """Dense prefill of every (tokens, pages), `chunk` tokens per sequence per forward."""
+    longest = max(len(t) for t, _ in seqs)
+    for start in range(0, longest, chunk):
+        batch = [SequenceChunk(t[start:start + chunk], start, p, want_logits=False)
+                 for t, p in seqs if start < len(t)]
+        forward(runner, SparseSettings(), batch)
+
+
+def fork(prefix_pages: list[int], prefix_len: int, total: int, pages: Pages) -> list[int]:
+    """A page table sharing the full pages of a prefix (prefix_len is page aligned)."""
+    assert prefix_len % pages.page_size == 0
+    return prefix_pages[:prefix_len // pages.page_size] + pages.take(total - prefix_len)
+
+
+# ---- 1. teacher-forced -------------------------------------------------------------------------
+
+def teacher_forced(runner, tok, cfgs, args) -> dict[str, dict]:
+    ids = tok.encode(english_text())
+    need = args.texts * args.context
+    if len(ids) < need:
+        raise SystemExit(f"only {len(ids)} tokens of text, {need} needed")
+    texts = [ids[i * args.context:(i + 1) * args.context] for i in range(args.texts)]
+    start = (args.context - args.positions) // runner.page_size * runner.page_size
+    positions = args.context - 1 - start          # decode inputs start..context-2 predict start+1..
+    pages = Pages(runner.page_size)
+    shared = [pages.take(start) for _ in texts]
+    t0 = time.perf_counter()
+    prefill(runner, [(t[:start], p) for t, p in zip(texts, shared, strict=True)], args.prefill_chunk)
+    say(f"teacher-forced: {len(texts)} texts of {args.context} tokens, prefill {start} each "
+        f"({time.perf_counter() - t0:.1f} s), {positions} decode positions each "
+        f"({positions * len(texts)} in all, contexts {start + 1}..{args.context - 1})")
+    tables = {name: [fork(s, start, args.context, pages) for s in shared] for name, _ in cfgs}
+    stats = {name: {"agree": 0, "kl": 0.0, "nll": 0.0, "read": 0, "skipped": 0} for name, _ in cfgs}
+    count = 0
+    t0 = time.perf_counter()
+    for pos in range(start, args.context - 1):
+        targets = torch.tensor([t[pos + 1] for t in texts])
+        logprobs = {}
+        for name, sparse in cfgs:
+            chunks = [SequenceChunk([t[pos]], pos, table) for t, table in zip(texts, tables[name], strict=True)]
+            result = forward(runner, sparse, chunks)
+            logprobs[name] = torch.from_numpy(result.logits).double().log_softmax(dim=-1)
+            stats[name]["read"] += result.attention.pages_read
+            stats[name]["skipped"] += result.attention.pages_skipped
+        dense = logprobs["dense"]
+        top = dense.argmax(dim=-1)
+        for name, lp in logprobs.items():
+            s = stats[name]
+            s["agree"] += int((lp.argmax(dim=-1) == top).sum())
+            s["kl"] += float((dense.exp() * (dense - lp)).sum())
+            s["nll"] -= float(lp.gather(1, targets.unsqueeze(1)).sum())
+        count += len(texts)
+        if (pos - start) % 100 == 0:
+            print(f"  position {pos} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    for s in stats.values():
+        s.update(agree=s["agree"] / count, kl=s["kl"] / count, ppl=math.exp(s["nll"] / count),
+                 ratio=s["skipped"] / max(1, s["read"] + s["skipped"]), positions=count)
+    return stats
+
+
+# ---- 2. passkey --------------------------------------------------------------------------------
+
+INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+         "I will quiz you about the important information there.\n")
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+QUESTION = "\nWhat is the pass key? The pass key is"
+
+
+def passkey_prompt(tok, length: int, depth: float, key: int) -> list[int]:
+    intro, unit, question = tok.encode(INTRO), tok.encode(FILLER), tok.encode(QUESTION)
+    needle = tok.encode(f"The pass key is {key}. Remember it. {key} is the pass key. ")
+    units = max(2, (length - len(intro) - len(needle) - len(question)) // len(unit))
+    before = round(units * depth)
+    return intro + unit * before + needle + unit * (units - before) + question
+
+
+def passkey(runner, tok, cfgs, args) -> tuple[dict[str, float], list[tuple]]:
+    rng = np.random.default_rng(args.seed)
+    trials = []
+    for length in args.passkey_lengths:
+        for depth in args.passkey_depths:
+            key = int(rng.integers(10000, 100000))
+            trials.append((length, depth, key, passkey_prompt(tok, length, depth, key)))
+    pages = Pages(runner.page_size)
+    gen = args.passkey_tokens
+    prefixes = []
+    for _, _, _, ids in trials:
+        split = (len(ids) - 16) // runner.page_size * runner.page_size        # >= 16 tokens decoded
+        prefixes.append((split, pages.take(split)))
+    t0 = time.perf_counter()
+    prefill(runner, [(ids[:split], p) for (_, _, _, ids), (split, p) in zip(trials, prefixes, strict=True)],
+            args.prefill_chunk)
+    say(f"passkey: {len(trials)} prompts of {min(len(t[3]) for t in trials)}..{max(len(t[3]) for t in trials)} "
+        f"tokens, depths {args.passkey_depths}, prefill {time.perf_counter() - t0:.1f} s")
+    answers: dict[str, list[str]] = {}
+    for name, sparse in cfgs:
+        tables = [fork(p, split, len(ids) + gen, pages) for (_, _, _, ids), (split, p)
+                  in zip(trials, prefixes, strict=True)]
+        fed = [list(ids) for _, _, _, ids in trials]
+        pos = [split for split, _ in prefixes]
+        out = [[] for _ in trials]
+        while True:
+            active = [i for i in range(len(trials)) if len(out[i]) < gen]
+            if not active:
+                break
+            chunks = [SequenceChunk([fed[i][pos[i]]], pos[i], tables[i]) for i in active]
+            logits = forward(runner, sparse, chunks).logits
+            for row, i in enumerate(active):
+                pos[i] += 1
+                if pos[i] >= len(fed[i]):                    # past the prompt: greedy answer
+                    token = int(logits[row].argmax())
+                    fed[i].append(token)
+                    out[i].append(token)
+        answers[name] = [tok.decode(o) for o in out]
+    accuracy, rows = {}, []
+    for name, _ in cfgs:
+        hits = []
+        for (_, depth, key, ids), text in zip(trials, answers[name], strict=True):
+            found = re.search(r"\d+", text)
+            hits.append(found is not None and found.group() == str(key))
+            rows.append((name, len(ids), depth, key, text.strip()[:24], hits[-1]))
+        accuracy[name] = sum(hits) / len(hits)
+    return accuracy, rows
+
+
+# ---- 3. decode speed -----------------------------------------------------------------------------
+
+def decode_speed(source, tok, cfgs, args) -> list[tuple]:
+    runner = TorchRunner(RunnerSettings(source.kind, source.path, "bench", dtype="float32", device="cpu",
+                                        page_size=args.page_size, num_pages=args.timing_context // args.page_size + 8,
+                                        context_length=8192))
+    ids = tok.encode(english_text())[:args.timing_context]
+    pages = Pages(runner.page_size)
+    table = pages.take(len(ids) + 1)
+    t0 = time.perf_counter()
+    torch.set_num_threads(max(args.timing_threads))
+    prefill(runner, [(ids, table)], args.prefill_chunk)
+    say(f"decode timing: context {len(ids)} on {platform.processor() or platform.machine()}, "
+        f"prefill {time.perf_counter() - t0:.1f} s")
+    rows = []
+    for threads in args.timing_threads:
+        torch.set_num_threads(threads)
+        for name, sparse in cfgs:
+            times = []
+            for step in range(args.timing_steps + 2):
+                t0 = time.perf_counter()
+                result = forward(runner, sparse, [SequenceChunk([ids[-1]], len(ids), table)])
+                if step >= 2:
+                    times.append(time.perf_counter() - t0)
+            a = result.attention
+            rows.append((threads, name, statistics.median(times) * 1e3,
+                         a.pages_skipped / max(1, a.pages_read + a.pages_skipped)))
+    return rows
+
+
+# ---- main ----------------------------------------------------------------------------------------
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="packaged:smollm2-135m-instruct", help="model source")
+    parser.add_argument("--tokenizer-json", default=None, help="tokenizer.json (default: the model's)")
+    parser.add_argument("--device", default="cpu", help="device for the quality runs (cpu | cuda)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for the quality runs")
+    parser.add_argument("--budgets", type=int, nargs="+", default=[512, 1024, 2048])
+    parser.add_argument("--page-size", type=int, default=16)
+    parser.add_argument("--sink", type=int, default=16)
+    parser.add_argument("--recent", type=int, default=256)
+    parser.add_argument("--dense-layers", type=int, default=2)
+    parser.add_argument("--texts", type=int, default=4)
+    parser.add_argument("--context", type=int, default=7000, help="tokens per teacher-forced text")
+    parser.add_argument("--positions", type=int, default=560, help="decoded positions per text")
+    parser.add_argument("--passkey-lengths", type=int, nargs="+", default=[4000, 5500, 7000])
+    parser.add_argument("--passkey-depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
+    parser.add_argument("--passkey-tokens", type=int, default=8, help="answer tokens generated")
+    parser.add_argument("--timing-context", type=int, default=7000)
+    parser.add_argument("--timing-threads", type=int, nargs="+", default=[2])
+    parser.add_argument("--timing-steps", type=int, default=8)
+    parser.add_argument("--prefill-chunk", type=int, default=1024)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["quality", "passkey", "timing"])
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run of every path")
+    parser.add_argument("--out", default=None, help="also write the report to this file")
+    args = parser.parse_args()
+    if args.quick:
+        args.budgets, args.recent, args.texts, args.context, args.positions = [64, 128], 32, 2, 400, 40
+        args.passkey_lengths, args.passkey_depths, args.timing_context = [300, 500], [0.2, 0.8], 600
+        args.timing_steps = 3
+
+    source = resolve_source(args.model)
+    tok = Tokenizer(args.tokenizer_json, source)
+    cfgs = configs(args.budgets, args)
+    started = time.perf_counter()
+    say(f"# bench/sparse_quality.py  {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+    say(f"command: python {' '.join(sys.argv)}")
+    say(f"python {platform.python_version()}, torch {torch.__version__}, model {source.path.rsplit('/', 1)[-1]}, "
+        f"float32, page {args.page_size}, sink {args.sink}, recent {args.recent}, dense_layers {args.dense_layers}")
+    quality = keys = timing = None
+    if not {"quality", "passkey"} <= set(args.skip):
+        needed = max(args.texts * (args.context + len(cfgs) * (args.positions + 2 * args.page_size)),
+                     len(args.passkey_lengths) * len(args.passkey_depths)
+                     * (max(args.passkey_lengths) + 64 + len(cfgs) * (16 + args.passkey_tokens + 48)))
+        runner = TorchRunner(RunnerSettings(
+            source.kind, source.path, "bench", dtype="float32", device=args.device, page_size=args.page_size,
+            num_pages=needed // args.page_size + 16, context_length=8192, threads=args.threads))
+        say(f"quality runs on {runner.info.device}")
+        if "quality" not in args.skip:
+            quality = teacher_forced(runner, tok, cfgs, args)
+        if "passkey" not in args.skip:
+            keys, rows = passkey(runner, tok, cfgs, args)
+            for name, length, depth, key, text, hit in rows:
+                mark = "ok" if hit else "MISS"
+                print(f"  {name:12s} {length:5d} tokens depth {depth:.1f} key {key}: {text!r} {mark}")
+        del runner
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    if "timing" not in args.skip:
+        timing = decode_speed(source, tok, cfgs, args)
+
+    say("")
+    say(f"| config | top-1 agree | mean KL | perplexity | ppl vs dense | sparsity | passkey | "
+        f"decode ms/token @{args.timing_context} ({'/'.join(f'{t} thr' for t in args.timing_threads)}) "
+        f"| speed-up |")
+    say("|---|---|---|---|---|---|---|---|---|")
+    for name, _ in cfgs:
+        cells = [name]
+        if quality:
+            q, d = quality[name], quality["dense"]
+            cells += [f"{q['agree'] * 100:.2f}%", f"{q['kl']:.4f}", f"{q['ppl']:.3f}",
+                      f"{(q['ppl'] / d['ppl'] - 1) * 100:+.2f}%", f"{q['ratio']:.3f}"]
+        else:
+            cells += ["-"] * 5
+        cells.append(f"{keys[name] * 100:.0f}%" if keys else "-")
+        if timing:
+            mine = [r for r in timing if r[1] == name]
+            dense = {r[0]: r[2] for r in timing if r[1] == "dense"}
+            cells.append(" / ".join(f"{r[2]:.1f}" for r in mine))
+            cells.append(" / ".join(f"{dense[r[0]] / r[2]:.2f}x" for r in mine))
+        else:
+            cells += ["-", "-"]
+        say("| " + " | ".join(cells) + " |")
+    if quality:
+        say(f"teacher-forced positions per config: {quality['dense']['positions']}; sparsity = pages skipped / "
+            f"pages dense would read, sparse-eligible layers")
+    if timing:
+        say("timing sparsity at the timed step: " + ", ".join(f"{r[1]} {r[3]:.3f}" for r in timing
+                                                               if r[0] == args.timing_threads[0]))
+    say(f"total {time.perf_counter() - started:.0f} s")
+    if args.out:
+        Path(args.out).write_text("\n".join(LINES) + "\n")
+
+
+if __name__ == "__main__":
+    main()
