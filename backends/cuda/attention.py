@@ -59,6 +59,10 @@ class AttentionMetadata:
     decode_lengths: torch.Tensor         # [B] sequence length including the new token
     sparse: SparseSettings | None = None
     stats: AttentionStats = field(default_factory=AttentionStats)
+    # Fast-path extras (the fields above keep their meaning for sparse_attention.py):
+    decode_only: bool = False            # every chunk is one new token, each on a page of its own
+    summary_first: torch.Tensor | None = None   # [S, 1, 1] True where the new token opens its page
+    decode_max_length: int = 0           # max(decode_lengths), known on the host
 
 
 def build_metadata(chunks: list[tuple[int, int, list[int]]], page_size: int,
@@ -92,12 +96,18 @@ def build_metadata(chunks: list[tuple[int, int, list[int]]], page_size: int,
     def as_long(values):
         return torch.tensor(values, dtype=torch.long, device=device)
 
+    # All single-token chunks on distinct pages: summaries update in place (min/max with the new key).
+    decode_only = not prefill and len(set(pages)) == len(pages)
+    first = None
+    if decode_only:
+        first = torch.tensor([f == 1 for f in filled], dtype=torch.bool, device=device).view(-1, 1, 1)
     return AttentionMetadata(
         slots=as_long(slots), summary_pages=as_long(pages), summary_filled=as_long(filled),
         prefill=prefill, decode_rows=as_long(decode_rows),
         decode_pages=torch.tensor(padded, dtype=torch.long, device=device).view(len(padded), width),
         decode_mask=mask.view(len(padded), 1, 1, width * page_size).to(device),
-        decode_lengths=lengths.to(device), sparse=sparse)
+        decode_lengths=lengths.to(device), sparse=sparse, decode_only=decode_only,
+        summary_first=first, decode_max_length=max(decode_lengths, default=0))
 
 
 def write_kv_and_summaries(cache: PagedKVCache, layer: int, k: torch.Tensor, v: torch.Tensor,
@@ -109,8 +119,16 @@ def write_kv_and_summaries(cache: PagedKVCache, layer: int, k: torch.Tensor, v: 
     """
     k_cache, v_cache = cache.k[layer], cache.v[layer]
     kv_heads, head_dim = k_cache.shape[2:]
-    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, meta.slots, k.to(k_cache.dtype))
+    k = k.to(k_cache.dtype)
+    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, meta.slots, k)
     v_cache.view(-1, kv_heads, head_dim).index_copy_(0, meta.slots, v.to(v_cache.dtype))
+    if meta.decode_only:
+        # One new key per page: the page's summary over [0, filled) is the old one (exact over
+        # [0, filled - 1)) folded with the new key, or the new key alone when it opens the page.
+        kmin, kmax, pages = cache.kmin[layer], cache.kmax[layer], meta.summary_pages
+        kmin[pages] = torch.where(meta.summary_first, k, torch.minimum(kmin[pages], k))
+        kmax[pages] = torch.where(meta.summary_first, k, torch.maximum(kmax[pages], k))
+        return
     keys = k_cache[meta.summary_pages]                                   # [S, page, kvh, d]
     empty = (torch.arange(cache.page_size, device=keys.device).unsqueeze(0)
              >= meta.summary_filled.unsqueeze(1)).view(*keys.shape[:2], 1, 1)
@@ -148,7 +166,13 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, layer: int, meta: Att
     batch, width = meta.decode_pages.shape
     k = cache.k[layer][meta.decode_pages].view(batch, width * cache.page_size, *cache.k.shape[3:])
     v = cache.v[layer][meta.decode_pages].view(batch, width * cache.page_size, *cache.v.shape[3:])
-    out = _sdpa(q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), meta.decode_mask, False, scale)
+    if batch == 1:          # one stream: cut the keys to its length instead of masking
+        length = meta.decode_max_length
+        out = _sdpa(q.unsqueeze(2), k[:, :length].transpose(1, 2), v[:, :length].transpose(1, 2),
+                    None, False, scale)
+    else:
+        out = _sdpa(q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), meta.decode_mask, False,
+                    scale)
     return out.squeeze(2)
 
 
@@ -156,6 +180,10 @@ def paged_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
                     cache: PagedKVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """One layer: write k, v: [T, kv_heads, d], then attend q: [T, H, d] -> [T, H, d]."""
     write_kv_and_summaries(cache, layer, k, v, meta)
+    if meta.decode_only:        # rows are exactly the decode rows, in order: no gather / scatter
+        if meta.sparse is not None and layer >= meta.sparse.dense_layers:
+            return sparse_decode_attention(q, cache, layer, meta, scale)
+        return decode_attention(q, cache, layer, meta, scale)
     out = torch.empty_like(q)
     for seq in meta.prefill:
         rows = slice(seq.offset, seq.offset + seq.length)

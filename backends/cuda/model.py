@@ -7,12 +7,14 @@ Module names follow Hugging Face, so the loader's tensors load with load_state_d
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from backends.cuda.attention import AttentionMetadata, PagedKVCache, paged_attention
+from backends.cuda.linear import FastLinear
 from backends.cuda.loader import ModelConfig
 
 
@@ -118,25 +120,133 @@ class LlamaModel(nn.Module):
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.inv_freq = rope_inv_freq(config)      # plain attribute: stays float32 under .to(dtype)
+        self.fast: list[FastLayer] | None = None    # set by prepare(): the serving path
 
     @classmethod
     def from_weights(cls, config: ModelConfig, weights: dict[str, torch.Tensor],
-                     device: torch.device | str, dtype: torch.dtype) -> LlamaModel:
-        """Build without allocating random weights, then adopt the loaded tensors."""
+                     device: torch.device | str, dtype: torch.dtype, mode: str | None = None
+                     ) -> LlamaModel:
+        """Build without allocating random weights, adopt the loaded tensors, prepare the fast path.
+
+        mode: float32 | bfloat16 | int8 (weight-only int8, bfloat16 activations); None: from dtype.
+        """
         with torch.device("meta"):
             model = cls(config)
         model.load_state_dict(weights, strict=True, assign=True)
         model.inv_freq = rope_inv_freq(config).to(device)
-        return model.to(device=device, dtype=dtype).eval()
+        mode = mode or str(dtype).removeprefix("torch.")
+        model = model.to(device=device).eval()
+        if mode != "int8":                  # int8 quantises from the float32 weights as loaded
+            model = model.to(dtype=dtype)
+        model.prepare(mode)
+        return model
 
     def rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float().unsqueeze(1) * self.inv_freq.unsqueeze(0)
         angles = torch.cat((freqs, freqs), dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
+    # ---- serving path -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def prepare(self, mode: str) -> None:
+        """Fuse Q/K/V and gate/up into one weight each, prepare kernels, cache rotary tables.
+
+        The modules keep their HF names and now hold views into the fused weights (state_dict
+        still works and no second copy is kept). int8 replaces the weights by their int8 round trip.
+        """
+        self.mode = mode
+        self.act_dtype = torch.bfloat16 if mode == "int8" else self.embed_tokens.weight.dtype
+        linears = []
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv_w = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+            qkv_b = None
+            if attn.q_proj.bias is not None:
+                qkv_b = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+            gate_up_w = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+            entry = FastLayer(
+                ln1=None, ln2=None,
+                qkv=FastLinear(qkv_w, qkv_b, mode), o=FastLinear(attn.o_proj.weight, None, mode),
+                gate_up=FastLinear(gate_up_w, None, mode), down=FastLinear(mlp.down_proj.weight, None, mode))
+            del qkv_w, gate_up_w
+            q, kv = attn.heads * attn.head_dim, attn.kv_heads * attn.head_dim
+            w = entry.qkv.weight
+            attn.q_proj.weight = nn.Parameter(w[:q], requires_grad=False)
+            attn.k_proj.weight = nn.Parameter(w[q:q + kv], requires_grad=False)
+            attn.v_proj.weight = nn.Parameter(w[q + kv:], requires_grad=False)
+            attn.o_proj.weight = nn.Parameter(entry.o.weight, requires_grad=False)
+            inter = mlp.gate_proj.weight.shape[0]
+            mlp.gate_proj.weight = nn.Parameter(entry.gate_up.weight[:inter], requires_grad=False)
+            mlp.up_proj.weight = nn.Parameter(entry.gate_up.weight[inter:], requires_grad=False)
+            mlp.down_proj.weight = nn.Parameter(entry.down.weight, requires_grad=False)
+            linears.append(entry)
+        if self.config.tie_word_embeddings:
+            # The embedding lookup keeps the unquantised table; only the head GEMV is int8.
+            self.head = FastLinear(self.embed_tokens.weight, None, mode)
+        else:
+            self.head = FastLinear(self.lm_head.weight, None, mode)
+            self.lm_head.weight = nn.Parameter(self.head.weight, requires_grad=False)
+        self.to(dtype=self.act_dtype)       # norms and embedding (the fused weights already are)
+        for layer, entry in zip(self.layers, linears):
+            entry.ln1 = layer.input_layernorm.weight
+            entry.ln2 = layer.post_attention_layernorm.weight
+        self.fast = linears
+        self._cos = self._sin = None
+        self._grow_rotary(1024)
+
+    def _grow_rotary(self, needed: int) -> None:
+        """cos / signed-sin tables [positions, head_dim] in the activation dtype, grown by doubling."""
+        size = 1024
+        while size < needed:
+            size *= 2
+        positions = torch.arange(size, device=self.inv_freq.device)
+        cos, sin = self.rotary(positions, self.act_dtype)
+        half = sin.shape[1] // 2
+        # rotate_half(x) * sin == roll(x, half) * [-sin_first_half, sin_second_half]
+        self._cos, self._sin = cos, torch.cat((-sin[:, :half], sin[:, half:]), dim=1)
+
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache,
-                meta: AttentionMetadata, logits_rows: torch.Tensor) -> torch.Tensor:
+                meta: AttentionMetadata, logits_rows: torch.Tensor, max_position: int | None = None
+                ) -> torch.Tensor:
         """token_ids, positions: [T]; logits_rows: [N] rows whose next-token logits to return."""
+        if self.fast is None:
+            return self.reference_forward(token_ids, positions, cache, meta, logits_rows)
+        cfg = self.config
+        if max_position is None:
+            max_position = int(positions.max())
+        if max_position >= self._cos.shape[0]:
+            self._grow_rotary(max_position + 1)
+        tokens = token_ids.shape[0]
+        heads, kv_heads, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q_size, qk_heads = heads * d, heads + kv_heads
+        qk_size = qk_heads * d
+        inter, hidden, eps = cfg.intermediate_size, (cfg.hidden_size,), cfg.rms_norm_eps
+        scale = 1.0 / math.sqrt(d)
+        half = d // 2
+        cos = self._cos[positions].unsqueeze(1)
+        sin = self._sin[positions].unsqueeze(1)
+        x = F.embedding(token_ids, self.embed_tokens.weight)
+        for layer, entry in enumerate(self.fast):
+            h = F.rms_norm(x, hidden, entry.ln1, eps)
+            qkv = entry.qkv(h)
+            qk = qkv[:, :qk_size].view(tokens, qk_heads, d)
+            qk = torch.addcmul(qk * cos, qk.roll(half, -1), sin)
+            v = qkv[:, qk_size:].view(tokens, kv_heads, d)
+            out = paged_attention(layer, qk[:, :heads], qk[:, heads:], v, cache, meta, scale)
+            x = x + entry.o(out.reshape(tokens, q_size))
+            h = F.rms_norm(x, hidden, entry.ln2, eps)
+            gate_up = entry.gate_up(h)
+            act = F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:])
+            x = x + entry.down(act)
+        if logits_rows.shape[0] != tokens:
+            x = x[logits_rows]
+        x = F.rms_norm(x, hidden, self.norm.weight, eps)
+        return self.head(x).float()
+
+    def reference_forward(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache,
+                          meta: AttentionMetadata, logits_rows: torch.Tensor) -> torch.Tensor:
+        """The plain module-by-module forward (before prepare()): the readable reference."""
         x = self.embed_tokens(token_ids)
         cos, sin = self.rotary(positions, x.dtype)
         for layer in self.layers:
@@ -144,3 +254,15 @@ class LlamaModel(nn.Module):
         x = self.norm(x[logits_rows])          # norm is per token: only the rows we need
         head = self.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
         return F.linear(x, head).float()
+
+
+@dataclass
+class FastLayer:
+    """One decoder layer's prepared weights: norms, fused QKV, output, fused gate/up, down."""
+
+    ln1: torch.Tensor | None
+    ln2: torch.Tensor | None
+    qkv: FastLinear
+    o: FastLinear
+    gate_up: FastLinear
+    down: FastLinear

@@ -1,6 +1,7 @@
 """TorchRunner: the Backend of backends/base.py on PyTorch (CPU now, CUDA later)."""
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
@@ -12,18 +13,37 @@ from backends.cuda.loader import load_model
 from backends.cuda.model import LlamaModel
 from backends.cuda.sparse_attention import check_sparse_settings
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "int8": torch.bfloat16}      # int8: weight-only int8 matmuls, bfloat16 activations and KV
 MAX_SEQUENCES = 64          # the page pool never holds more than this many full contexts
+INT8_MIN_HIDDEN = 256       # auto on CPU: int8 from this hidden size up (below, per-op overhead rules)
+log = logging.getLogger("radixgate.runner")
 
 
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+def pick_dtype(name: str, device: torch.device, hidden_size: int | None = None) -> str:
+    """The serving mode for config's dtype: float32 | bfloat16 | float16 | int8.
+
+    auto: GPUs want bf16. On CPU, weight-only int8 decodes fastest for real models (it reads half
+    the bytes of bf16 through aten._weight_int8pack_mm; docs/cpu.md has the measurements) and its
+    logits stay within the tolerance of tests/test_cpu_fast_path.py; tiny models (hidden < 256,
+    e.g. test fixtures) are overhead-bound and stay float32, exact.
+    """
     if name == "auto":
-        # bf16 matmuls on CPU are slower than fp32 on most hosts; GPUs want bf16.
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            return "bfloat16"
+        if hidden_size is not None and hidden_size >= INT8_MIN_HIDDEN and _int8_kernel_available():
+            return "int8"
+        return "float32"
     if name not in DTYPES:
         raise ValueError(f"dtype {name!r} is not supported by the torch backend "
                          f"(auto, {', '.join(DTYPES)})")
-    return DTYPES[name]
+    if name == "int8" and device.type != "cpu":
+        raise ValueError("dtype int8 (weight-only) is implemented for the CPU backend only")
+    return name
+
+
+def _int8_kernel_available() -> bool:
+    return hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
 
 def default_threads() -> int:
@@ -38,13 +58,17 @@ class TorchRunner:
     def __init__(self, settings: RunnerSettings):
         self.settings = settings
         self.device = torch.device(settings.device)
-        self.dtype = pick_dtype(settings.dtype, self.device)
         if self.device.type == "cpu":
             torch.set_num_threads(settings.threads or default_threads())
-        # Convert tensor by tensor while loading: peak memory stays near one copy in self.dtype.
-        config, weights = load_model(settings.source_kind, settings.source_path, self.dtype)
+        # Convert tensor by tensor while loading: peak memory stays near one copy in the load dtype.
+        # int8 (and auto, which may pick it) quantise from the float32 weights.
+        load_dtype = (torch.float32 if settings.dtype in ("auto", "int8") and self.device.type == "cpu"
+                      else DTYPES.get(pick_dtype(settings.dtype, self.device), torch.float32))
+        config, weights = load_model(settings.source_kind, settings.source_path, load_dtype)
         self.config = config
-        self.model = LlamaModel.from_weights(config, weights, self.device, self.dtype)
+        self.mode = pick_dtype(settings.dtype, self.device, config.hidden_size)
+        self.dtype = DTYPES[self.mode]          # activations and KV cache
+        self.model = LlamaModel.from_weights(config, weights, self.device, self.dtype, self.mode)
         del weights
         check_sparse_settings(settings.sparse, settings.page_size, config.num_layers)
 
@@ -65,9 +89,13 @@ class TorchRunner:
             device_name = f"cpu ({torch.get_num_threads()} threads)"
         self.info = BackendInfo(
             model_name=settings.model_name, backend=self.device.type, device=device_name,
-            dtype=str(self.dtype).removeprefix("torch."), num_pages=self.num_pages,
+            dtype=self.mode, num_pages=self.num_pages,
             page_size=self.page_size, context_length=self.context_length,
             vocab_size=config.vocab_size)
+
+        log.info("torch runner: dtype %s (config %s; %s), %s", self.mode, settings.dtype,
+                 "weight-only int8 matmuls, bfloat16 activations and KV" if self.mode == "int8"
+                 else f"{self.mode} weights, activations and KV", device_name)
 
     def _validate(self, batch: ForwardBatch) -> None:
         slots = []
@@ -106,5 +134,6 @@ class TorchRunner:
         with torch.inference_mode():
             logits = self.model(torch.tensor(token_ids, dtype=torch.long, device=device),
                                 torch.tensor(positions, dtype=torch.long, device=device),
-                                self.cache, meta, torch.tensor(rows, dtype=torch.long, device=device))
+                                self.cache, meta, torch.tensor(rows, dtype=torch.long, device=device),
+                                max(seq.end_position for seq in batch.sequences) - 1)
         return ForwardResult(logits.cpu().numpy(), meta.stats)
