@@ -1,0 +1,316 @@
+"""CPU engine benchmark: radixgate in process and over HTTP vs HF transformers and llama.cpp, one run.
+
+Same model (the packaged SmolLM2-135M-Instruct Q4_1 GGUF), same chat prompt, greedy, N new tokens:
+  * single-stream decode tok/s (after the first token),
+  * TTFT of a cold ~650-token prompt (a fresh nonce defeats every prefix cache),
+  * aggregate tok/s and p95 TTFT of 8 concurrent streams (servers; in process: one batched loop).
+
+    python bench/cpu.py                      # everything that is installed
+    python bench/cpu.py --skip-hf --skip-llama
+
+llama.cpp is optional: CMAKE_ARGS="-DGGML_NATIVE=ON" pip install 'llama-cpp-python[server]==0.3.36'
+(builds from source, ~7 min on 2 cores). When absent the bench says so and prints the peer figures
+of the issue instead, labelled as not measured in this run.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import os
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+MODEL = "smollm2-135m-instruct"
+SOURCE = "packaged:smollm2-135m-instruct"
+CHAT = ("Write a short story about a lighthouse keeper who finds a message in a bottle. "
+        "Describe the sea, the weather and what the message says.")
+PARAGRAPH = ("The history of the printing press is a story of many hands. Movable type appeared in "
+             "East Asia centuries before Gutenberg, and the spread of paper, ink and presses changed "
+             "how ideas travelled between cities, universities and markets. ")
+# Reference figures from the issue (same machine kind, 2026-11-22), used when llama.cpp is absent.
+PEERS = {"llama.cpp in process decode": 94.5, "llama.cpp in process TTFT 650": 2.85,
+         "llama.cpp server 1 stream decode": 71.0, "llama.cpp server 8-stream agg": 37.5,
+         "llama.cpp server 8-stream p95 TTFT": 11.0, "HF fp32 decode": 14.0}
+
+
+def long_message(tokenizer, target: int = 650) -> str:
+    """A user message whose chat prompt is about `target` tokens, unique per call (cold)."""
+    nonce = f"[{uuid.uuid4().hex}] "
+    text = nonce
+    while len(tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": text + PARAGRAPH}]))) < target:
+        text += PARAGRAPH
+    return text + "Summarise the text above in one sentence."
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+# ---------------------------------------------------------------------------------------------
+# radixgate in process (TorchRunner, the engine's backend)
+
+
+def ours_in_process(args, tokenizer) -> dict:
+    from backends.base import ForwardBatch, RunnerSettings, SequenceChunk
+    from backends.cuda.runner import TorchRunner
+    from backends.source import resolve_source
+
+    src = resolve_source(SOURCE)
+    runner = TorchRunner(RunnerSettings(src.kind, src.path, MODEL, dtype=args.dtype, page_size=16,
+                                        num_pages=1024, threads=args.threads))
+    prompt = tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": CHAT}]))
+    pages = iter(range(runner.num_pages))
+
+    def table(n):
+        return [next(pages) for _ in range(-(-n // 16))]
+
+    def generate(prompt_ids, n, streams=1):
+        tables = [table(len(prompt_ids) + n) for _ in range(streams)]
+        toks = []
+        for t in tables:
+            toks.append(int(runner.forward(ForwardBatch([SequenceChunk(prompt_ids, 0, t)])).logits[0].argmax()))
+        started = time.perf_counter()
+        for step in range(n - 1):
+            logits = runner.forward(ForwardBatch([SequenceChunk([toks[i]], len(prompt_ids) + step, t)
+                                                  for i, t in enumerate(tables)])).logits
+            toks = [int(row.argmax()) for row in logits]
+        return streams * (n - 1) / (time.perf_counter() - started)
+
+    generate(prompt, 8)                                           # warm-up
+    decode = generate(prompt, args.tokens)
+    long_ids = tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": long_message(tokenizer)}]))
+    started = time.perf_counter()
+    runner.forward(ForwardBatch([SequenceChunk(long_ids, 0, table(len(long_ids) + 1))]))
+    ttft = time.perf_counter() - started
+    pages = iter(range(runner.num_pages))
+    batched = generate(prompt, args.tokens, streams=args.streams)
+    return {"dtype": runner.info.dtype, "device": runner.info.device, "prompt_tokens": len(prompt),
+            "long_tokens": len(long_ids), "decode": decode, "ttft_long": ttft, "agg": batched}
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenAI-compatible servers over HTTP (radixgate, llama.cpp's server)
+
+
+async def one_stream(client, model: str, content: str, max_tokens: int, extra: dict) -> dict:
+    started = time.perf_counter()
+    stamps = []
+    stream = await client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": content}], temperature=0,
+        max_tokens=max_tokens, stream=True, extra_body=extra)
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            stamps.append(time.perf_counter())
+    # One content chunk per token on both servers (radixgate may merge a few for UTF-8 pieces).
+    n = len(stamps)
+    return {"ttft": stamps[0] - started if stamps else float("nan"), "tokens": n,
+            "decode": (n - 1) / (stamps[-1] - stamps[0]) if n > 1 else float("nan"),
+            "end": stamps[-1] if stamps else time.perf_counter(), "start": started}
+
+
+async def http_suite(base_url: str, model: str, args, tokenizer, extra: dict) -> dict:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=900)
+    await one_stream(client, model, CHAT, 8, extra)                         # warm-up
+    single = await one_stream(client, model, CHAT, args.tokens, extra)
+    long = await one_stream(client, model, long_message(tokenizer), 4, extra)
+    started = time.perf_counter()
+    many = await asyncio.gather(*(one_stream(client, model, f"(reader {i}) {CHAT}", args.tokens, extra)
+                                  for i in range(args.streams)))
+    wall = max(r["end"] for r in many) - started
+    return {"decode": single["decode"], "tokens": single["tokens"], "ttft_long": long["ttft"],
+            "agg": sum(r["tokens"] for r in many) / wall, "p95_ttft": pct([r["ttft"] for r in many], 0.95)}
+
+
+def ours_http(args, tokenizer) -> dict:
+    from bench.serve_process import radixgate_server
+
+    model = {"name": MODEL, "backend": "cpu", "source": SOURCE, "dtype": args.dtype}
+    if args.threads:
+        model["threads"] = args.threads
+    with radixgate_server(model) as base_url:
+        return asyncio.run(http_suite(base_url, MODEL, args, tokenizer, {"ignore_eos": True}))
+
+
+@contextlib.contextmanager
+def llama_server(path: str, threads: int):
+    import httpx
+
+    from bench.serve_process import free_port
+
+    port = free_port()
+    log = open("/tmp/llama_server.log", "w")
+    process = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", path, "--port", str(port),
+                                "--n_ctx", "4096", "--n_threads", str(threads), "--model_alias", MODEL],
+                               stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(Path("/tmp/llama_server.log").read_text()[-2000:])
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError("llama.cpp server did not start")
+            time.sleep(0.3)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Peers in process
+
+
+def hf_fp32(args, tokenizer) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from backends.source import resolve_source
+
+    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
+    path = resolve_source(SOURCE).path
+    folder, name = os.path.split(path)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    ids = torch.tensor([tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": CHAT}]))])
+
+    def gen(input_ids, n):
+        started = time.perf_counter()
+        model.generate(input_ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return time.perf_counter() - started
+
+    gen(ids, 4)
+    first, total = gen(ids, 1), gen(ids, args.tokens)
+    long_ids = torch.tensor([tokenizer.encode(tokenizer.render_chat(
+        [{"role": "user", "content": long_message(tokenizer)}]))])
+    return {"decode": (args.tokens - 1) / (total - first), "ttft_long": gen(long_ids, 1)}
+
+
+def llama_in_process(args, tokenizer, path: str) -> dict:
+    from llama_cpp import Llama
+
+    threads = args.threads or len(os.sched_getaffinity(0))
+    llm = Llama(model_path=path, n_ctx=4096, n_threads=threads, n_threads_batch=threads, verbose=False)
+    prompt = tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": CHAT}]))
+
+    def gen(ids, n):
+        llm.reset()
+        stamps, started = [], time.perf_counter()
+        for i, _ in enumerate(llm.generate(ids, temp=0.0, top_k=1, reset=True)):
+            stamps.append(time.perf_counter())
+            if i + 1 >= n:
+                break
+        return stamps[0] - started, (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0
+
+    gen(prompt, 8)
+    _, decode = gen(prompt, args.tokens)
+    long_ids = tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": long_message(tokenizer)}]))
+    ttft, _ = gen(long_ids, 1)
+    return {"decode": decode, "ttft_long": ttft}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--threads", type=int, default=None, help="default: all cores of the affinity mask")
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--skip-http", action="store_true")
+    parser.add_argument("--skip-llama", action="store_true")
+    args = parser.parse_args()
+
+    from backends.source import resolve_source
+    from gateway.templating import load_tokenizer
+
+    tokenizer = load_tokenizer(resolve_source(SOURCE))
+    path = resolve_source(SOURCE).path
+    print(f"# bench/cpu.py  {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  "
+          f"cmd: python {' '.join(sys.argv)}")
+    print(f"# host: {os.cpu_count()} cpus, affinity {len(os.sched_getaffinity(0))}, load {os.getloadavg()[0]:.2f}; "
+          f"greedy, {args.tokens} new tokens, {args.streams} streams")
+    rows: dict[str, dict] = {}
+
+    def section(name, fn, *a):
+        print(f"... {name}", flush=True)
+        started = time.perf_counter()
+        try:
+            rows[name] = fn(*a)
+        except Exception as exc:          # a missing peer must not sink the rest of the table
+            print(f"    {name} failed: {type(exc).__name__}: {exc}")
+            return
+        print(f"    {rows[name]}  ({time.perf_counter() - started:.0f} s)", flush=True)
+
+    section("radixgate in process", ours_in_process, args, tokenizer)
+    if not args.skip_http:
+        section("radixgate HTTP", ours_http, args, tokenizer)
+    if not args.skip_hf:
+        section("HF transformers fp32", hf_fp32, args, tokenizer)
+    have_llama = False
+    if not args.skip_llama:
+        try:
+            import llama_cpp  # noqa: F401
+            have_llama = True
+        except ImportError:
+            print("SKIP llama.cpp: llama-cpp-python is not installed. To measure it: "
+                  "CMAKE_ARGS=\"-DGGML_NATIVE=ON\" pip install 'llama-cpp-python[server]==0.3.36' (~7 min build). "
+                  "Peer figures below are the issue's, NOT measured in this run.")
+    if have_llama:
+        section("llama.cpp in process", llama_in_process, args, tokenizer, path)
+        threads = args.threads or len(os.sched_getaffinity(0))
+
+        def llama_http():
+            with llama_server(path, threads) as url:
+                return asyncio.run(http_suite(url, MODEL, args, tokenizer, {}))
+        section("llama.cpp server HTTP", llama_http)
+
+    def get(name, key):
+        return rows.get(name, {}).get(key, float("nan"))
+
+    print()
+    print(f"| engine | decode tok/s (1 stream) | TTFT cold ~650-tok prompt s | {args.streams}-stream aggregate tok/s | "
+          f"{args.streams}-stream p95 TTFT s |")
+    print("|---|---|---|---|---|")
+    for name in rows:
+        r = rows[name]
+        label = name + (f" ({r['dtype']}, {r['device']})" if "dtype" in r else "")
+        print(f"| {label} | {r.get('decode', float('nan')):.1f} | {r.get('ttft_long', float('nan')):.2f} | "
+              f"{r.get('agg', float('nan')):.1f} | {r.get('p95_ttft', float('nan')):.2f} |")
+    llama_decode = get("llama.cpp in process", "decode")
+    llama_ttft = get("llama.cpp in process", "ttft_long")
+    llama_agg = get("llama.cpp server HTTP", "agg")
+    measured = "measured"
+    if not have_llama:
+        llama_decode, llama_ttft = PEERS["llama.cpp in process decode"], PEERS["llama.cpp in process TTFT 650"]
+        llama_agg, measured = PEERS["llama.cpp server 8-stream agg"], "peer figures, not this run"
+    hf = get("HF transformers fp32", "decode")
+    http = get("radixgate HTTP", "decode")
+    print()
+    print(f"ratios (llama.cpp: {measured}):")
+    print(f"  HTTP decode / llama.cpp in process = {http / llama_decode:.2f}  (target >= 0.5)")
+    print(f"  HTTP decode / HF fp32              = {http / hf:.2f}  (target >= 3)")
+    print(f"  HTTP {args.streams}-stream agg / llama.cpp server agg = {get('radixgate HTTP', 'agg') / llama_agg:.2f}"
+          f"  (target >= 3)")
+    print(f"  cold 650 TTFT: ours HTTP {get('radixgate HTTP', 'ttft_long'):.2f} s, in process "
+          f"{get('radixgate in process', 'ttft_long'):.2f} s vs llama.cpp in process {llama_ttft:.2f} s "
+          f"(target: no slower)")
+
+
+if __name__ == "__main__":
+    main()
