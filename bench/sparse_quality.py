@@ -15,7 +15,8 @@
    prefilled densely except its last ~20 tokens (the question), which every config decodes one
    per step before answering greedily, so retrieval happens through the decode path under test.
 3. Decode ms/token at --timing-context tokens, dense vs each budget, on the CPU with each of
-   --timing-threads thread counts (median of --timing-steps steps after 2 warm-ups).
+   --timing-threads thread counts (median of --timing-steps steps after 2 warm-ups, the configs
+   interleaved step by step so that drift in the machine's speed hits them alike).
 
 Every config runs through TorchRunner.forward (swapping runner.settings.sparse between forwards),
 so the numbers are those of the serving code path. Settings: page 16, sink 16, recent 256,
@@ -256,16 +257,17 @@ def decode_speed(source, tok, cfgs, args) -> list[tuple]:
     rows = []
     for threads in args.timing_threads:
         torch.set_num_threads(threads)
-        for name, sparse in cfgs:
-            times = []
-            for step in range(args.timing_steps + 2):
+        times: dict[str, list[float]] = {name: [] for name, _ in cfgs}
+        ratio = {}
+        for step in range(args.timing_steps + 2):        # configs interleaved: drift hits all alike
+            for name, sparse in cfgs:
                 t0 = time.perf_counter()
                 result = forward(runner, sparse, [SequenceChunk([ids[-1]], len(ids), table)])
                 if step >= 2:
-                    times.append(time.perf_counter() - t0)
-            a = result.attention
-            rows.append((threads, name, statistics.median(times) * 1e3,
-                         a.pages_skipped / max(1, a.pages_read + a.pages_skipped)))
+                    times[name].append(time.perf_counter() - t0)
+                a = result.attention
+                ratio[name] = a.pages_skipped / max(1, a.pages_read + a.pages_skipped)
+        rows += [(threads, name, statistics.median(times[name]) * 1e3, ratio[name]) for name, _ in cfgs]
     return rows
 
 
@@ -290,7 +292,7 @@ def main() -> None:
     parser.add_argument("--passkey-tokens", type=int, default=8, help="answer tokens generated")
     parser.add_argument("--timing-context", type=int, default=7000)
     parser.add_argument("--timing-threads", type=int, nargs="+", default=[2])
-    parser.add_argument("--timing-steps", type=int, default=8)
+    parser.add_argument("--timing-steps", type=int, default=15)
     parser.add_argument("--prefill-chunk", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip", nargs="*", default=[], choices=["quality", "passkey", "timing"])

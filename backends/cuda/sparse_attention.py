@@ -151,8 +151,9 @@ def _dense(q: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor, pages:
     """decode_attention's math on a subset of rows: q [B, H, d] over pages [B, W] -> [B, H, d]."""
     batch, width = pages.shape
     page_size, kv_heads, head_dim = k_layer.shape[1:]
-    k = k_layer[pages].view(batch, width * page_size, kv_heads, head_dim).transpose(1, 2)
-    v = v_layer[pages].view(batch, width * page_size, kv_heads, head_dim).transpose(1, 2)
+    flat = pages.flatten()
+    k = k_layer.index_select(0, flat).view(batch, width * page_size, kv_heads, head_dim).transpose(1, 2)
+    v = v_layer.index_select(0, flat).view(batch, width * page_size, kv_heads, head_dim).transpose(1, 2)
     out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=scale,
                                          enable_gqa=True)
     return out.squeeze(2)
@@ -167,7 +168,10 @@ def sparse_rows_attention(q: torch.Tensor, k_layer: torch.Tensor, v_layer: torch
     page_size, kv_heads = k_layer.shape[1:3]
     group = heads // kv_heads
     pages = plan.sparse_pages                                                    # [Bs, P]
-    scores = quest_scores(q, kmin_layer[pages], kmax_layer[pages])               # [Bs, kvh, P]
+    flat = pages.flatten()                 # index_select: ~4x faster than kmin[pages] on CPU
+    kmin = kmin_layer.index_select(0, flat).view(*pages.shape, *kmin_layer.shape[1:])
+    kmax = kmax_layer.index_select(0, flat).view(*pages.shape, *kmax_layer.shape[1:])
+    scores = quest_scores(q, kmin, kmax)                                         # [Bs, kvh, P]
     chosen = select_pages(scores, plan.bias, plan.budget_pages)                  # [Bs, kvh, k]
     physical = pages.gather(1, chosen.flatten(1)).view_as(chosen)                # [Bs, kvh, k]
     # Flat row of (page, slot, head) in the cache viewed as [pages * page_size * kv_heads, d].
