@@ -63,6 +63,7 @@ class AttentionMetadata:
     decode_only: bool = False            # every chunk is one new token, each on a page of its own
     summary_first: torch.Tensor | None = None   # [S, 1, 1] True where the new token opens its page
     decode_max_length: int = 0           # max(decode_lengths), known on the host
+    decode_slot_index: torch.Tensor | None = None   # flat key slots of the decodes, built lazily
 
 
 def build_metadata(chunks: list[tuple[int, int, list[int]]], page_size: int,
@@ -126,8 +127,10 @@ def write_kv_and_summaries(cache: PagedKVCache, layer: int, k: torch.Tensor, v: 
         # One new key per page: the page's summary over [0, filled) is the old one (exact over
         # [0, filled - 1)) folded with the new key, or the new key alone when it opens the page.
         kmin, kmax, pages = cache.kmin[layer], cache.kmax[layer], meta.summary_pages
-        kmin[pages] = torch.where(meta.summary_first, k, torch.minimum(kmin[pages], k))
-        kmax[pages] = torch.where(meta.summary_first, k, torch.maximum(kmax[pages], k))
+        kmin.index_copy_(0, pages, torch.where(meta.summary_first, k,
+                                               torch.minimum(kmin.index_select(0, pages), k)))
+        kmax.index_copy_(0, pages, torch.where(meta.summary_first, k,
+                                               torch.maximum(kmax.index_select(0, pages), k)))
         return
     keys = k_cache[meta.summary_pages]                                   # [S, page, kvh, d]
     empty = (torch.arange(cache.page_size, device=keys.device).unsqueeze(0)
@@ -162,18 +165,31 @@ def prefill_attention(q: torch.Tensor, cache: PagedKVCache, layer: int, seq: Pre
 
 def decode_attention(q: torch.Tensor, cache: PagedKVCache, layer: int, meta: AttentionMetadata,
                      scale: float) -> torch.Tensor:
-    """Dense attention of B single-token queries [B, H, d], each over its own pages."""
+    """Dense attention of B single-token queries [B, H, d], each over its own pages.
+
+    Keys are gathered by flat slot: one index_select per tensor (3-5x cheaper than indexing by page
+    table on CPU), the index built once per forward; one stream attends its exact length unmasked.
+    """
     batch, width = meta.decode_pages.shape
-    k = cache.k[layer][meta.decode_pages].view(batch, width * cache.page_size, *cache.k.shape[3:])
-    v = cache.v[layer][meta.decode_pages].view(batch, width * cache.page_size, *cache.v.shape[3:])
-    if batch == 1:          # one stream: cut the keys to its length instead of masking
-        length = meta.decode_max_length
-        out = _sdpa(q.unsqueeze(2), k[:, :length].transpose(1, 2), v[:, :length].transpose(1, 2),
-                    None, False, scale)
-    else:
-        out = _sdpa(q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), meta.decode_mask, False,
-                    scale)
+    kv_heads, d = cache.k.shape[3:]
+    if meta.decode_slot_index is None:
+        meta.decode_slot_index = _decode_slot_index(meta, cache.page_size)
+    index = meta.decode_slot_index
+    length = index.shape[0] // batch
+    k = cache.k[layer].view(-1, kv_heads, d).index_select(0, index).view(batch, length, kv_heads, d)
+    v = cache.v[layer].view(-1, kv_heads, d).index_select(0, index).view(batch, length, kv_heads, d)
+    mask = meta.decode_mask[..., :length] if batch > 1 else None
+    out = _sdpa(q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), mask, False, scale)
     return out.squeeze(2)
+
+
+def _decode_slot_index(meta: AttentionMetadata, page_size: int) -> torch.Tensor:
+    """Flat slots [B * L] of every decode sequence's keys, L = the longest one (shorter: padded)."""
+    batch, width = meta.decode_pages.shape
+    length = meta.decode_max_length if batch == 1 else width * page_size
+    offsets = torch.arange(page_size, device=meta.decode_pages.device)
+    slots = (meta.decode_pages.unsqueeze(2) * page_size + offsets).view(batch, width * page_size)
+    return slots[:, :length].reshape(-1)
 
 
 def paged_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
