@@ -80,6 +80,42 @@ def timed(fn):
     return triton.testing.do_bench(run, warmup=10, rep=60, return_mode="median")
 
 
+def eager(fn):
+    """Median ms of one call launched from Python (no graph): host launch overhead included."""
+    if TINY:
+        return timed(fn)
+    fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
+
+
+VARIANTS: list[str] = []
+SPREAD: list[str] = []
+
+
+def spread_section(kp, vp, q, ps, shapes):
+    """Run-to-run spread: ours (launcher defaults) and SDPA, each timed twice, interleaved, on two
+    different page tables / contiguous copies (do_bench also flushes L2 before every call)."""
+    SPREAD.extend(["| shape | ours run 1 | ours run 2 | SDPA run 1 | SDPA run 2 | ours spread | SDPA spread "
+                   "| best SDPA / best ours |", "|---|---|---|---|---|---|---|---|"])
+    for b, ctx in shapes:
+        lens, ours, ref_t = i32([ctx] * b), [], []
+        qf = q[:b].view(b, HKV, HQ // HKV, D)
+        for _ in range(2):
+            tab = tables(b, ctx, ps, kp.shape[0])
+            ours.append(timed(partial(paged_decode, q[:b], kp, vp, tab, lens)))
+            kc, vc = contiguous(kp, tab, ctx), contiguous(vp, tab, ctx)
+            try:
+                ref_t.append(timed(partial(sdpa, qf, kc, vc)))
+            except Exception:
+                ref_t.append(float("nan"))
+            del kc, vc
+        sp = lambda t: 100 * abs(t[0] - t[1]) / min(t)  # noqa: E731
+        SPREAD.append(f"| b{b} {kfmt(ctx)} | {ours[0] * 1e3:.1f} | {ours[1] * 1e3:.1f} | {ref_t[0] * 1e3:.1f} | "
+                      f"{ref_t[1] * 1e3:.1f} | {sp(ours):.1f}% | {sp(ref_t):.1f}% | {min(ref_t) / min(ours):.3f}x |")
+        say(SPREAD[-1])
+
+
 def kfmt(n):
     return f"{n // 1024}k" if n >= 1024 else str(n)
 
@@ -199,23 +235,34 @@ def decode_section(ceil, flex_budget_s):
     tb, tc = batches[0], ctxs[1]  # the target shape
     lens = i32([tc] * tb)
     gbs = 2 * tb * tc * HKV * D * 2 / 1e6  # GB/s = gbs / ms
-    # tile sweep over three shapes; the table uses the best by geometric-mean time (default num_splits)
-    cands = [dict(block_n=bn, num_warps=nw, num_stages=ns, evict_first=ev) for bn, nw, ns, ev in (
-        (64, 4, 2, False), (64, 4, 2, True), (64, 4, 3, True), (32, 4, 4, True), (64, 2, 3, True),
-        (128, 8, 2, True), (32, 2, 4, False))]
-    shapes = [(64, 4 * KI), (64, 16 * KI), (16, 32 * KI)] if not TINY else [(2, 256)]
+    # variant sweep on the shapes where torch was ahead in the 2026-11-22 run (plus the target shape);
+    # the table below uses the best tile config by geometric-mean time (num_splits left at default)
+    variants = [("default", {}), ("heads inner", dict(heads_inner=True)), ("per-page ids", dict(per_page=True)),
+                ("heads inner + per-page", dict(heads_inner=True, per_page=True)),
+                ("bn32 s4", dict(block_n=32, num_stages=4)), ("bn32 s4 per-page", dict(block_n=32, num_stages=4,
+                                                                                     per_page=True)),
+                ("bn32 s4 heads inner", dict(block_n=32, num_stages=4, heads_inner=True)),
+                ("evict_first + heads inner", dict(evict_first=True, heads_inner=True)),
+                ("splits 2", dict(num_splits=2)), ("splits 2 heads inner", dict(num_splits=2, heads_inner=True))]
+    shapes = [(64, 4 * KI), (16, 4 * KI), (16, 16 * KI), (16, 32 * KI), (64, 16 * KI)] if not TINY else [(2, 256)]
+    if TINY:
+        variants = variants[:2] + variants[-1:]
     shape_tabs = [(b, ctx, tables(b, ctx, ps, kp.shape[0]), i32([ctx] * b)) for b, ctx in shapes]
-    sweep = []
-    for cfg in cands if not TINY else cands[:2]:
-        times = [try_time(partial(paged_decode, q[:b], kp, vp, t, n, **cfg), str(cfg))
-                 for b, _, t, n in shape_tabs]
-        sweep.append((math.prod(times) ** (1 / len(times)), cfg))
-        say(f"sweep decode {cfg}: " + ", ".join(
-            f"b{b} {kfmt(c)} {t * 1e3:.0f} us {2 * b * c * HKV * D * 2 / t / 1e6:.0f} GB/s"
+    sweep, vrows = [], []
+    for name, cfg in variants:
+        times = [try_time(partial(paged_decode, q[:b], kp, vp, t, n, **cfg), name) for b, _, t, n in shape_tabs]
+        if "num_splits" not in cfg:
+            sweep.append((math.prod(times) ** (1 / len(times)), cfg))
+        vrows.append(f"| {name} | " + " | ".join(f"{t * 1e3:.1f}" for t in times) + " |")
+        say(f"sweep decode {name}: " + ", ".join(
+            f"b{b} {kfmt(c)} {t * 1e3:.1f} us {2 * b * c * HKV * D * 2 / t / 1e6:.0f} GB/s"
             for (b, c, _, _), t in zip(shape_tabs, times, strict=True)))
+    VARIANTS.extend(["| variant | " + " | ".join(f"b{b} {kfmt(c)} us" for b, c in shapes) + " |",
+                     "|---" * (len(shapes) + 1) + "|", *vrows])
+    spread_section(kp, vp, q, ps, shapes)
     best = tune = min(sweep, key=lambda s: s[0])[1]
     extra = []
-    for b, ctx, _, n in shape_tabs[1:]:  # the same shapes with head-major pages
+    for b, ctx, _, n in [st for st in shape_tabs if (st[0], st[1]) in ((64, 16 * KI), (16, 32 * KI))]:  # head-major
         kh, vh = (torch.randn(b * ctx // ps, HKV, ps, D, device=DEV, dtype=DT) for _ in range(2))
         ms = timed(partial(paged_decode, q[:b], kh.transpose(1, 2), vh.transpose(1, 2),
                            tables(b, ctx, ps, kh.shape[0]), n, **tune))
@@ -274,23 +321,66 @@ def sparse_section(kp, vp, q, tune):
             skw = dict(budget_tokens=budget, sink_tokens=64 >> 2 * TINY, recent_tokens=128 >> 2 * TINY)
             dms = timed(partial(paged_decode, q[:b], *kv, tab, lens, **tune))
             sms = timed(partial(sparse_decode, q[:b], *kv, *sums[sps], tab, lens, **skw, **tune))
+            dme = eager(partial(paged_decode, q[:b], *kv, tab, lens, **tune))
+            sme = eager(partial(sparse_decode, q[:b], *kv, *sums[sps], tab, lens, **skw, **tune))
             acc = [sparse_quality(q[:1], kv, sums[sps], tab[:1], lens[:1], sps, skw, tune)]
             kpl, vpl, qpl = planted(ctx, sps)
             tpl = torch.arange(kpl.shape[0], device=DEV, dtype=torch.int32)[None]
             acc.append(sparse_quality(qpl, (kpl, vpl), summaries(kpl, sps), tpl, lens[:1], sps, skw, tune))
-            if (b, sps, budget) in ((16, 64, 2048), (1, 64, 2048), (1, 16, 128)):
-                score = partial(quest_scores, q[:b], *sums[sps], tab, lens, sps, (budget // sps, 1, 2))
-                sel = select_pages(score(), tab, lens, sps, budget // sps)
-                parts = [timed(score), timed(partial(select_pages, score(), tab, lens, sps, budget // sps)),
-                         timed(partial(split_k_decode, q[:b], *kv, sel[1], sel[2], **tune))]
-                say(f"sparse stages b{b} {kfmt(ctx)} (us): score {parts[0] * 1e3:.1f}, select "
-                    f"{parts[1] * 1e3:.1f}, attend {parts[2] * 1e3:.1f}")
+            if budget == (2048 >> 4 * TINY) and sps == (64 >> 2 * TINY):
+                stage_sweep(q[:b], kv, sums[sps], tab, lens, sps, skw, tune, f"b{b} {kfmt(ctx)}", dms)
             srows.append(f"| {kfmt(ctx)} | {b} | {sps} | {budget} | {dms * 1e3:.1f} | {sms * 1e3:.1f} | "
-                         f"{dms / sms:.2f}x | {acc[0][0]:.3f} / {acc[1][0]:.3f} | "
-                         f"{acc[0][1]:.3f} / {acc[1][1]:.3f} |")
+                         f"{dms / sms:.2f}x | {dme * 1e3:.1f} | {sme * 1e3:.1f} | {dme / sme:.2f}x | "
+                         f"{acc[0][0]:.3f} / {acc[1][0]:.3f} | {acc[0][1]:.3f} / {acc[1][1]:.3f} |")
             say(srows[-1])
             del kpl, vpl
     return srows
+
+
+STAGES: list[str] = []
+
+
+def stage_sweep(q, kv, sums, tab, lens, ps, skw, tune, label, dense_ms):
+    """Sparse stages on their own (graph-replayed): scoring variants, selection with / without the
+    early exit, the attend stage at several split counts; then the whole sparse_decode with the best
+    scoring variant and split count."""
+    budget = skw["budget_tokens"]
+    force = ref.sparse_page_counts(ps, budget, skw["sink_tokens"], skw["recent_tokens"])
+    score_cfgs = [("per-head (old) p64 w4", dict(all_heads=False)), ("all-heads default (p4 w4 ~8 progs/SM)", {})] + [
+        (f"all-heads p{bp} w{nw} {pp} pages/prog", dict(block_p=bp, num_warps=nw, pages_per_prog=pp))
+        for bp, nw, pp in ((4, 4, 4), (4, 4, 16), (2, 4, None), (8, 4, None), (4, 2, None), (2, 2, 2))]
+    if TINY:
+        score_cfgs = score_cfgs[:2]
+    base = quest_scores(q, *sums, tab, lens, ps, force)
+    res = []
+    for name, cfg in score_cfgs:
+        got = quest_scores(q, *sums, tab, lens, ps, force, **cfg)
+        err = ((got - base).abs() / base.abs().clamp_min(1)).nan_to_num(0).max().item()
+        res.append((try_time(partial(quest_scores, q, *sums, tab, lens, ps, force, **cfg), name), name, err, cfg))
+    scores = base
+    sel_t = [timed(partial(select_pages, scores, tab, lens, ps, budget // ps, early_exit=e)) for e in (False, True)]
+    full = select_pages(scores, tab, lens, ps, budget // ps, early_exit=False)
+    early = select_pages(scores, tab, lens, ps, budget // ps, early_exit=True)
+    same = all(torch.equal(a, b) for a, b in zip(full, early, strict=True))
+    att = []
+    for ns in (None, 2, 4, 8, 16, 32):
+        cfg = dict(tune, num_splits=ns) if ns else tune
+        att.append((try_time(partial(split_k_decode, q, *kv, full[1], full[2], **cfg), str(ns)), ns))
+    best_score = min(res, key=lambda r: r[0])
+    best_att = min(att, key=lambda r: r[0])
+    cfg = dict(tune, num_splits=best_att[1]) if best_att[1] else tune
+    combo = timed(partial(sparse_decode, q, *kv, *sums, tab, lens, **skw, score_tuning=best_score[3], **cfg))
+    line = (f"| {label} | " + " / ".join(f"{r[0] * 1e3:.1f}" for r in res) + f" | {best_score[1]} |"
+            f" {sel_t[0] * 1e3:.1f} / {sel_t[1] * 1e3:.1f} ({'same' if same else 'DIFFERENT'}) | "
+            + " / ".join(f"{t * 1e3:.1f}" for t, _ in att) + f" | {best_att[1] or 'default'} | {combo * 1e3:.1f} | "
+            f"{dense_ms / combo:.2f}x |")
+    if not STAGES:
+        STAGES.extend([f"scoring variants: {' / '.join(n for n, _ in score_cfgs)} (max rel diff vs default "
+                       "listed in the log); attend split counts: default / 2 / 4 / 8 / 16 / 32",
+                       "| shape | score us | best score | select us full / early exit | attend us | best splits | "
+                       "sparse us, best score + splits | speedup vs dense |", "|---|---|---|---|---|---|---|---|"])
+    STAGES.append(line)
+    say(line + "  score diffs: " + ", ".join(f"{r[2]:.1e}" for r in res))
 
 
 def extend_section(kp, vp):
@@ -394,10 +484,14 @@ def report(ceil, rows, srows, erows, extra, best, ok, out_dir, secs):
         "torch/ours = best torch time / ours:",
         "| batch | ctx | ours us | GB/s | % ceil | SDPA us | flex us | torch/ours | notes |",
         "|---|---|---|---|---|---|---|---|---|", *rows, "", *[f"- {e}" for e in extra], "",
+        "Dense decode variants (us, CUDA graph, default num_splits unless named):", *VARIANTS, "",
+        "Run-to-run spread (launcher defaults vs SDPA, each twice on different pages):", *SPREAD, "",
         "Sparse decode (sink 64, recent 128 tokens); each pair: iid random data / planted hot runs;"
         " top-mass kept = share of the true top-budget tokens' attention mass in the kept pages:",
-        "| ctx | batch | page | budget | dense us | sparse us | speedup | rel err vs dense | top-mass kept |",
-        "|---|---|---|---|---|---|---|---|---|", *srows, "",
+        "| ctx | batch | page | budget | dense us graph | sparse us graph | speedup graph | dense us eager | "
+        "sparse us eager | speedup eager | rel err vs dense | top-mass kept |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|", *srows, "",
+        "Sparse stages (CUDA graph, us):", *STAGES, "",
         "Extend (causal over prefix + chunk):",
         "| shape | page | config | ours us | ours TFLOP/s | SDPA TFLOP/s | ours/SDPA | notes |",
         "|---|---|---|---|---|---|---|---|", *erows]

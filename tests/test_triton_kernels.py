@@ -88,6 +88,21 @@ def test_paged_decode(dtype, group, head_dim, page_size, num_splits):
     assert rel_err(out, expected) < TOL[dtype]
 
 
+def test_paged_decode_per_page_and_grid_order_match():
+    """One page-id load per key block (block_n <= page_size) and the heads-inner grid order compute
+    bitwise what the default per-row gather in (batch, head, split) order does."""
+    lens = [1, 63, 64, 65, 200]
+    k, v, table, q_heads, gen = make_paged(lens, 32, 4, 64, F16, seed=9)
+    q = torch.randn(len(lens), q_heads, 64, generator=gen).to(F16)
+    base = paged_decode(q, k, v, table, i32(lens), num_splits=3, block_n=32)
+    for block_n, splits, kw in ((32, 3, dict(per_page=True)), (32, 3, dict(heads_inner=True)),
+                                (32, 3, dict(per_page=True, heads_inner=True))):
+        a = paged_decode(q, k, v, table, i32(lens), num_splits=splits, block_n=block_n, **kw)
+        assert torch.isfinite(a).all() and torch.equal(a, base)
+    a = paged_decode(q, k, v, table, i32(lens), num_splits=1, block_n=16, per_page=True, heads_inner=True)
+    assert torch.equal(a, paged_decode(q, k, v, table, i32(lens), num_splits=1, block_n=16))
+
+
 EXTEND_CASES = [  # dtype, group, head_dim, page_size, tuning
     (F16, 1, 64, 16, dict(block_m=16, block_n=16)),
     (BF16, 4, 128, 16, dict(block_m=32, block_n=16)),
@@ -151,11 +166,12 @@ def sparse_inputs(lens, page_size, group, head_dim, dtype, seed):
     return q, k, v, kmin.to(dtype), kmax.to(dtype), table
 
 
-@pytest.mark.parametrize("group", [1, 4, 8])
-def test_quest_scores(group):
+@pytest.mark.parametrize("group,tuning", [(1, {}), (4, {}), (8, {}), (4, dict(all_heads=False)),
+                                          (8, dict(block_p=4, pages_per_prog=6)), (4, dict(block_p=2))])
+def test_quest_scores(group, tuning):
     lens = [200, 17, 96]
     q, _, _, kmin, kmax, table = sparse_inputs(lens, 16, group, 64, BF16, seed=30 + group)
-    scores = quest_scores(q, kmin, kmax, table, i32(lens), 16)
+    scores = quest_scores(q, kmin, kmax, table, i32(lens), 16, **tuning)
     for i, n in enumerate(lens):
         used = -(-n // 16)
         expected = ref.quest_page_scores(q[i], kmin, kmax, table[i], used)
@@ -206,7 +222,8 @@ def test_sparse_decode_all_below_budget_is_dense():
     assert torch.equal(out, paged_decode(q, k, v, table, i32(lens)))
 
 
-def test_select_pages_exact_top_k_with_ties():
+@pytest.mark.parametrize("early_exit", [True, False])
+def test_select_pages_exact_top_k_with_ties(early_exit):
     """Integer-valued scores (many ties, negatives, -0.0) and forced +inf pages: the kept set is an
     exact top-k (ties to the lower index), ascending, and the virtual lengths drop whole pages."""
     gen = torch.Generator().manual_seed(5)
@@ -220,7 +237,7 @@ def test_select_pages_exact_top_k_with_ties():
         scores[i, :, -(-n // page_size):] = float("-inf")
         scores[i, :, -(-n // page_size) - 1] = float("inf")
     table = torch.randperm(200, generator=gen)[:3 * max_pages].view(3, max_pages).int()
-    logical, physical, vlens = select_pages(scores, table, i32(lens), page_size, budget)
+    logical, physical, vlens = select_pages(scores, table, i32(lens), page_size, budget, early_exit=early_exit)
     for i, n in enumerate(lens):
         used = min(-(-n // page_size), budget)
         for h in range(KV_HEADS):
