@@ -156,14 +156,15 @@ def default_num_splits(batch: int, kv_heads: int, max_tokens: int, device: torch
 def split_k_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    page_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float | None = None,
                    num_splits: int | None = None, block_n: int = 64, num_warps: int = 4,
-                   num_stages: int = 2, evict_first: bool = False, per_page: bool = False,
-                   heads_inner: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+                   num_stages: int = 2, evict_first: bool = True, per_page: bool = False,
+                   heads_inner: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
     """Split-K decode where page_tables is [batch, pages] or per KV head [batch, kv_heads, pages].
 
     per_page (needs block_n <= page_size): one page-id load per key block instead of one per key
     row (measured slower at batch 64 on the H100 with block_n 64, so off by default).
-    heads_inner: launch order with the KV head varying fastest, so the programs reading the same
-    token rows (all heads of a page) run at the same time."""
+    heads_inner (default): launch order with the KV head varying fastest, so the programs reading the
+    same token rows (all heads of a page) run at the same time (H100: 0.2-0.5% faster at batch 64).
+    evict_first (default): K/V loads marked evict-first (no measurable effect on the H100 bench)."""
     group, page_size = check_kv(q, k_cache, v_cache)
     batch, q_heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
