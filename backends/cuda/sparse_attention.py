@@ -81,6 +81,7 @@ class QuestPlan:
     sparse_lengths: torch.Tensor    # [Bs, 1, 1] tokens, including the new one
     bias: torch.Tensor              # [Bs, 1, P] +inf forced (sink, recent), -inf padding, else 0
     slot: torch.Tensor              # [page_size] 0..page_size-1
+    slot_head: torch.Tensor         # [1, kv_heads, 1, page_size] slot * kv_heads + head
     pages_read: int
     pages_skipped: int
 
@@ -111,11 +112,13 @@ def make_plan(meta: AttentionMetadata, page_size: int, kv_heads: int) -> QuestPl
     forced = (logical < sink_pages) | ((logical >= used - recent_pages) & (logical < used))
     bias = torch.zeros(sparse_pages.shape, dtype=torch.float32, device=device)
     bias = bias.masked_fill(logical >= used, float("-inf")).masked_fill(forced, float("inf"))
+    slot = torch.arange(page_size, device=device)
+    head = torch.arange(kv_heads, device=device).view(1, kv_heads, 1, 1)
     return QuestPlan(
         budget_pages=budget_pages, all_dense=n_sparse == 0, dense_rows=dense_rows,
         sparse_rows=sparse_rows, dense_pages=dense_pages, dense_mask=dense_mask,
         sparse_pages=sparse_pages, sparse_lengths=lengths[sparse_rows].view(-1, 1, 1),
-        bias=bias.unsqueeze(1), slot=torch.arange(page_size, device=device),
+        bias=bias.unsqueeze(1), slot=slot, slot_head=slot * kv_heads + head,
         pages_read=read * kv_heads, pages_skipped=skipped * kv_heads)
 
 
@@ -174,9 +177,8 @@ def sparse_rows_attention(q: torch.Tensor, k_layer: torch.Tensor, v_layer: torch
     scores = quest_scores(q, kmin, kmax)                                         # [Bs, kvh, P]
     chosen = select_pages(scores, plan.bias, plan.budget_pages)                  # [Bs, kvh, k]
     physical = pages.gather(1, chosen.flatten(1)).view_as(chosen)                # [Bs, kvh, k]
-    # Flat row of (page, slot, head) in the cache viewed as [pages * page_size * kv_heads, d].
-    head = torch.arange(kv_heads, device=q.device).view(1, kv_heads, 1, 1)
-    rows = ((physical.unsqueeze(-1) * page_size + plan.slot) * kv_heads + head).flatten()
+    # Flat row (page * page_size + slot) * kv_heads + head of the cache viewed as [-1, d].
+    rows = (physical.unsqueeze(-1) * (page_size * kv_heads) + plan.slot_head).flatten()
     span = plan.budget_pages * page_size
     k = k_layer.view(-1, head_dim).index_select(0, rows).view(batch, kv_heads, span, head_dim)
     v = v_layer.view(-1, head_dim).index_select(0, rows).view(batch, kv_heads, span, head_dim)
