@@ -288,7 +288,8 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=7000, help="tokens per teacher-forced text")
     parser.add_argument("--positions", type=int, default=560, help="decoded positions per text")
     parser.add_argument("--passkey-lengths", type=int, nargs="+", default=[4000, 5500, 7000])
-    parser.add_argument("--passkey-depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
+    parser.add_argument("--passkey-depths", type=float, nargs="+",
+                        default=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     parser.add_argument("--passkey-tokens", type=int, default=8, help="answer tokens generated")
     parser.add_argument("--timing-context", type=int, default=7000)
     parser.add_argument("--timing-threads", type=int, nargs="+", default=[2])
