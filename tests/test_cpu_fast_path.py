@@ -1,4 +1,4 @@
-"""The CPU serving path on the real default model: the default dtype against the float32 reference.
+"""The CPU serving path on the real default model: int8 (the fast dtype) against the float32 reference.
 
 Tolerances (docs/cpu.md has the measurements behind them):
   * greedy: 32 greedy tokens of the default dtype equal the float32 reference's; where they may
@@ -56,7 +56,8 @@ def reference(source) -> TorchRunner:
 
 @pytest.fixture(scope="module")
 def default(source) -> TorchRunner:
-    return runner(source, "auto")
+    """The fast CPU dtype (int8); auto is float32 on CPU, see pick_dtype."""
+    return runner(source, "int8")
 
 
 def forced_logits(r: TorchRunner, prompt: list[int], tokens: list[int], table: list[int]) -> np.ndarray:
@@ -76,8 +77,12 @@ def greedy(r: TorchRunner, prompt: list[int], table: list[int], steps: int) -> l
     return out
 
 
-def test_auto_picks_the_fast_dtype(default):
-    assert default.info.dtype == "int8" and default.mode == "int8"
+def test_dtype_choice(default, reference):
+    assert default.info.dtype == "int8" and default.mode == "int8" and default.cache.k.dtype.itemsize == 2
+    assert reference.info.dtype == "float32"
+    from backends.cuda.runner import pick_dtype
+    import torch
+    assert pick_dtype("auto", torch.device("cpu"), 576) == "float32"     # batch-invariant greedy
 
 
 def test_greedy_tokens_match_float32(reference, default, prompt):
