@@ -59,13 +59,13 @@ def pct(values: list[float], q: float) -> float:
 # radixgate in process (TorchRunner, the engine's backend)
 
 
-def ours_in_process(args, tokenizer) -> dict:
+def ours_in_process(args, tokenizer, dtype: str) -> dict:
     from backends.base import ForwardBatch, RunnerSettings, SequenceChunk
     from backends.cuda.runner import TorchRunner
     from backends.source import resolve_source
 
     src = resolve_source(SOURCE)
-    runner = TorchRunner(RunnerSettings(src.kind, src.path, MODEL, dtype=args.dtype, page_size=16,
+    runner = TorchRunner(RunnerSettings(src.kind, src.path, MODEL, dtype=dtype, page_size=16,
                                         num_pages=1024, threads=args.threads))
     prompt = tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": CHAT}]))
     pages = iter(range(runner.num_pages))
@@ -229,7 +229,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--streams", type=int, default=8)
-    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--dtype", default="int8", help="the server's dtype (auto is float32 on CPU)")
+    parser.add_argument("--dtypes", default="float32,int8", help="in-process runs, comma-separated")
     parser.add_argument("--threads", type=int, default=None, help="default: all cores of the affinity mask")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--skip-http", action="store_true")
@@ -243,6 +244,7 @@ def main() -> None:
     path = resolve_source(SOURCE).path
     print(f"# bench/cpu.py  {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  "
           f"cmd: python {' '.join(sys.argv)}")
+    print(f"# radixgate HTTP server dtype: {args.dtype}")
     print(f"# host: {os.cpu_count()} cpus, affinity {len(os.sched_getaffinity(0))}, load {os.getloadavg()[0]:.2f}; "
           f"greedy, {args.tokens} new tokens, {args.streams} streams")
     rows: dict[str, dict] = {}
@@ -257,9 +259,10 @@ def main() -> None:
             return
         print(f"    {rows[name]}  ({time.perf_counter() - started:.0f} s)", flush=True)
 
-    section("radixgate in process", ours_in_process, args, tokenizer)
+    for dtype in args.dtypes.split(","):
+        section(f"radixgate in process {dtype}", ours_in_process, args, tokenizer, dtype)
     if not args.skip_http:
-        section("radixgate HTTP", ours_http, args, tokenizer)
+        section("radixgate HTTP", ours_http, args, tokenizer)   # dtype: args.dtype
     if not args.skip_hf:
         section("HF transformers fp32", hf_fp32, args, tokenizer)
     have_llama = False
@@ -308,7 +311,7 @@ def main() -> None:
     print(f"  HTTP {args.streams}-stream agg / llama.cpp server agg = {get('radixgate HTTP', 'agg') / llama_agg:.2f}"
           f"  (target >= 3)")
     print(f"  cold 650 TTFT: ours HTTP {get('radixgate HTTP', 'ttft_long'):.2f} s, in process "
-          f"{get('radixgate in process', 'ttft_long'):.2f} s vs llama.cpp in process {llama_ttft:.2f} s "
+          f"{get('radixgate in process ' + args.dtype, 'ttft_long'):.2f} s vs llama.cpp in process {llama_ttft:.2f} s "
           f"(target: no slower)")
 
 
