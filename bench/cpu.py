@@ -200,11 +200,31 @@ def hf_fp32(args, tokenizer) -> dict:
 
 
 def llama_in_process(args, tokenizer, path: str) -> dict:
-    from llama_cpp import Llama
+    """llama-cpp-python in a fresh process: loaded next to torch's OpenMP it crashed (GPF in ggml-cpu)."""
+    import json
+    import tempfile
 
     threads = args.threads or len(os.sched_getaffinity(0))
-    llm = Llama(model_path=path, n_ctx=4096, n_threads=threads, n_threads_batch=threads, verbose=False)
     prompt = tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": CHAT}]))
+    long_ids = tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": long_message(tokenizer)}]))
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump({"path": path, "threads": threads, "tokens": args.tokens, "prompt": prompt, "long": long_ids}, f)
+    out = subprocess.run([sys.executable, __file__, "--llama-worker", f.name], capture_output=True, text=True,
+                         timeout=900)
+    os.unlink(f.name)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-1500:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def llama_worker(job_path: str) -> None:
+    import json
+
+    from llama_cpp import Llama
+
+    job = json.loads(Path(job_path).read_text())
+    llm = Llama(model_path=job["path"], n_ctx=4096, n_threads=job["threads"], n_threads_batch=job["threads"],
+                verbose=False)
 
     def gen(ids, n):
         llm.reset()
@@ -215,17 +235,18 @@ def llama_in_process(args, tokenizer, path: str) -> dict:
                 break
         return stamps[0] - started, (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0
 
-    gen(prompt, 8)
-    _, decode = gen(prompt, args.tokens)
-    long_ids = tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": long_message(tokenizer)}]))
-    ttft, _ = gen(long_ids, 1)
-    return {"decode": decode, "ttft_long": ttft}
+    gen(job["prompt"], 8)
+    _, decode = gen(job["prompt"], job["tokens"])
+    ttft, _ = gen(job["long"], 1)
+    print(json.dumps({"decode": decode, "ttft_long": ttft}))
 
 
 # ---------------------------------------------------------------------------------------------
 
 
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--llama-worker":
+        return llama_worker(sys.argv[2])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--streams", type=int, default=8)
