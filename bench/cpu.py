@@ -213,7 +213,8 @@ def llama_in_process(args, tokenizer, path: str) -> dict:
                          timeout=900)
     os.unlink(f.name)
     if out.returncode != 0:
-        raise RuntimeError(out.stderr[-1500:])
+        raise RuntimeError(f"worker exit status {out.returncode} (negative: killed by that signal) "
+                           f"{out.stderr[-1500:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -320,7 +321,7 @@ def main() -> None:
     llama_ttft = get("llama.cpp in process", "ttft_long")
     llama_agg = get("llama.cpp server HTTP", "agg")
     measured = "measured"
-    if not have_llama:
+    if not have_llama or llama_decode != llama_decode or llama_agg != llama_agg:     # absent or failed (nan)
         llama_decode, llama_ttft = PEERS["llama.cpp in process decode"], PEERS["llama.cpp in process TTFT 650"]
         llama_agg, measured = PEERS["llama.cpp server 8-stream agg"], "peer figures, not this run"
     hf = get("HF transformers fp32", "decode")
