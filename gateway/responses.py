@@ -59,13 +59,22 @@ def chat_completion(response_id: str, created: int, model: str, results: list[Ch
             "system_fingerprint": None, "choices": choices, "usage": usage_of(results, 1, len(results))}
 
 
-def chat_chunk(response_id: str, created: int, model: str, choices: list[dict],
-               usage_block: dict | None = None, with_usage_field: bool = False) -> dict:
-    chunk = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": model,
+def stream_chunk(kind: str, response_id: str, created: int, model: str, choices: list[dict],
+                 usage_block: dict | None = None, with_usage_field: bool = False) -> dict:
+    """One SSE chunk; kind is "chat.completion.chunk" or "text_completion".
+
+    With stream_options.include_usage every chunk carries "usage" (null until the last one).
+    """
+    chunk = {"id": response_id, "object": kind, "created": created, "model": model,
              "system_fingerprint": None, "choices": choices}
     if with_usage_field:
         chunk["usage"] = usage_block
     return chunk
+
+
+def stream_error(message: str) -> dict:
+    """An error that happens after streaming began travels as an SSE event holding an error object."""
+    return {"error": {"message": message, "type": "server_error", "param": None, "code": None}}
 
 
 def text_completion(response_id: str, created: int, model: str, results: list[ChoiceResult],
@@ -77,12 +86,3 @@ def text_completion(response_id: str, created: int, model: str, results: list[Ch
                         "logprobs": text_logprobs(tokenizer, r.logprobs, len(prefix)) if want_logprobs else None})
     return {"id": response_id, "object": "text_completion", "created": created, "model": model,
             "system_fingerprint": None, "choices": choices, "usage": usage_of(results, num_prompts, n)}
-
-
-def text_chunk(response_id: str, created: int, model: str, choices: list[dict],
-               usage_block: dict | None = None, with_usage_field: bool = False) -> dict:
-    chunk = {"id": response_id, "object": "text_completion", "created": created, "model": model,
-             "system_fingerprint": None, "choices": choices}
-    if with_usage_field:
-        chunk["usage"] = usage_block
-    return chunk

@@ -71,7 +71,8 @@ def create_app(config: Config, router: Router) -> FastAPI:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         def chunk(choices, usage_block=None):
-            return json.dumps(responses.chat_chunk(rid, created, body.model, choices, usage_block, include_usage))
+            return json.dumps(responses.stream_chunk("chat.completion.chunk", rid, created, body.model, choices,
+                                                     usage_block, include_usage))
 
         for index in range(body.n):
             yield {"data": chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
@@ -80,8 +81,7 @@ def create_app(config: Config, router: Router) -> FastAPI:
         first = True
         async for event in generation.stream_events(handle):
             if event.error:
-                yield {"data": json.dumps({"error": {"message": event.error, "type": "server_error",
-                                                     "param": None, "code": None}})}
+                yield {"data": json.dumps(responses.stream_error(event.error))}
                 return
             generation.merge(totals[event.index], event)
             if not event.text and event.finish_reason is None and not (body.logprobs and event.logprobs):
@@ -124,8 +124,7 @@ def create_app(config: Config, router: Router) -> FastAPI:
         sent_prefix = set()
         async for event in generation.stream_events(handle):
             if event.error:
-                yield {"data": json.dumps({"error": {"message": event.error, "type": "server_error",
-                                                     "param": None, "code": None}})}
+                yield {"data": json.dumps(responses.stream_error(event.error))}
                 return
             generation.merge(totals[event.index], event)
             text = event.text
@@ -136,12 +135,13 @@ def create_app(config: Config, router: Router) -> FastAPI:
                 continue
             logprobs = (responses.text_logprobs(model.tokenizer, event.logprobs, 0)
                         if body.logprobs is not None else None)
-            yield {"data": json.dumps(responses.text_chunk(rid, created, body.model, [{
+            yield {"data": json.dumps(responses.stream_chunk("text_completion", rid, created, body.model, [{
                 "index": event.index, "text": text, "logprobs": logprobs,
                 "finish_reason": event.finish_reason}], None, include_usage))}
         if include_usage:
-            yield {"data": json.dumps(responses.text_chunk(
-                rid, created, body.model, [], responses.usage_of(totals, num_prompts, body.n), True))}
+            yield {"data": json.dumps(responses.stream_chunk(
+                "text_completion", rid, created, body.model, [], responses.usage_of(totals, num_prompts, body.n),
+                True))}
         yield {"data": "[DONE]"}
 
     def _prompt_ids(prompt, model) -> list[list[int]]:
