@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import datetime
 import os
-import statistics
 import subprocess
 import sys
 import time

@@ -80,8 +80,9 @@ def greedy(r: TorchRunner, prompt: list[int], table: list[int], steps: int) -> l
 def test_dtype_choice(default, reference):
     assert default.info.dtype == "int8" and default.mode == "int8" and default.cache.k.dtype.itemsize == 2
     assert reference.info.dtype == "float32"
-    from backends.cuda.runner import pick_dtype
     import torch
+
+    from backends.cuda.runner import pick_dtype
     assert pick_dtype("auto", torch.device("cpu"), 576) == "float32"     # batch-invariant greedy
 
 
@@ -90,7 +91,7 @@ def test_greedy_tokens_match_float32(reference, default, prompt):
     want = greedy(reference, prompt, table, STEPS)
     got = greedy(default, prompt, table, STEPS)
     if got != want:
-        step = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
+        step = next(i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b)
         ref = forced_logits(reference, prompt, got[:step], table)[step]
         gap = float(ref.max() - ref[got[step]])
         assert gap <= GREEDY_GAP, f"step {step}: we picked {got[step]}, {gap:.3f} below the float32 max"
@@ -112,18 +113,18 @@ def test_batched_decode_equals_single(default, prompt):
     tables = [list(range(10 * i, 10 * i + 10)) for i in range(4)]
     prompts = [prompt, prompt[:-3], prompt[5:], prompt[:20]]
     alone, batched = {}, {}
-    for i, (p, t) in enumerate(zip(prompts, tables)):
+    for i, (p, t) in enumerate(zip(prompts, tables, strict=True)):
         first = int(default.forward(ForwardBatch([SequenceChunk(p, 0, t)])).logits[0].argmax())
         alone[i] = [first]
         for step in range(6):
             logits = default.forward(ForwardBatch([SequenceChunk([alone[i][-1]], len(p) + step, t)]))
             alone[i].append(int(logits.logits[0].argmax()))
     single_logits = []
-    for i, (p, t) in enumerate(zip(prompts, tables)):      # the last step again, alone, for logits
+    for i, (p, t) in enumerate(zip(prompts, tables, strict=True)):      # the last step again, alone, for logits
         single_logits.append(default.forward(ForwardBatch(
             [SequenceChunk([alone[i][5]], len(p) + 5, t)])).logits[0])
     # Now the same streams decoded together (their K/V up to step 5 is already cached identically).
-    batch = [SequenceChunk([alone[i][5]], len(p) + 5, t) for i, (p, t) in enumerate(zip(prompts, tables))]
+    batch = [SequenceChunk([alone[i][5]], len(p) + 5, t) for i, (p, t) in enumerate(zip(prompts, tables, strict=True))]
     got = default.forward(ForwardBatch(batch)).logits
     for i in range(4):
         np.testing.assert_allclose(got[i], single_logits[i], atol=BATCH_ATOL)

@@ -188,7 +188,7 @@ class LlamaModel(nn.Module):
             self.head = FastLinear(self.lm_head.weight, None, mode)
             self.lm_head.weight = nn.Parameter(self.head.weight, requires_grad=False)
         self.to(dtype=self.act_dtype)       # norms and embedding (the fused weights already are)
-        for layer, entry in zip(self.layers, linears):
+        for layer, entry in zip(self.layers, linears, strict=True):
             entry.ln1 = layer.input_layernorm.weight
             entry.ln2 = layer.post_attention_layernorm.weight
         self.fast = linears
