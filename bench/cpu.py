@@ -21,6 +21,7 @@ import datetime
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -143,26 +144,17 @@ def ours_http(args, tokenizer) -> dict:
 
 @contextlib.contextmanager
 def llama_server(path: str, threads: int):
-    import httpx
 
-    from bench.serve_process import free_port
+    from bench.serve_process import free_port, wait_until_ready
 
     port = free_port()
-    log = open("/tmp/llama_server.log", "w")
+    log_path = Path(tempfile.mkdtemp()) / "llama_server.log"
+    log = open(log_path, "w")
     process = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", path, "--port", str(port),
                                 "--n_ctx", "4096", "--n_threads", str(threads), "--model_alias", MODEL],
                                stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(Path("/tmp/llama_server.log").read_text()[-2000:])
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError("llama.cpp server did not start")
-            time.sleep(0.3)
+        wait_until_ready(process, f"http://127.0.0.1:{port}/v1/models", log_path, 300)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
         process.terminate()

@@ -22,6 +22,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_until_ready(process: subprocess.Popen, url: str, log_path: Path, timeout_s: float) -> None:
+    """Poll `url` until it answers 200; a process that exits or a timeout raises with its log's tail."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited: {log_path.read_text()[-2000:]}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"server did not start in time: {log_path.read_text()[-2000:]}")
+        time.sleep(0.2)
+
+
 @contextlib.contextmanager
 def radixgate_server(model: dict, timeout_s: float = 300):
     """Yield the base URL (…/v1) of a server running one model config (a dict of models[0])."""
@@ -34,18 +48,7 @@ def radixgate_server(model: dict, timeout_s: float = 300):
                                     "--log-level", "warning"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                    env={**os.environ, "PYTHONPATH": str(ROOT)})
         try:
-            deadline = time.monotonic() + timeout_s
-            while True:
-                if process.poll() is not None:
-                    raise RuntimeError(f"server exited: {(Path(folder) / 'server.log').read_text()[-2000:]}")
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError("server did not start in time")
-                time.sleep(0.2)
+            wait_until_ready(process, f"http://127.0.0.1:{port}/health", Path(folder) / "server.log", timeout_s)
             yield f"http://127.0.0.1:{port}/v1"
         finally:
             process.terminate()
