@@ -37,12 +37,13 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from backends.source import SourceError
+    from gateway.engine.engine import EngineStartError
     from gateway.router import Router
     from gateway.server import create_app
 
     try:
         router = Router.from_config(config)
-    except SourceError as error:
+    except (SourceError, EngineStartError) as error:
         print(f"radixgate: {error}", file=sys.stderr)
         return 2
     app = create_app(config, router)

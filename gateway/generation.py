@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from fastapi import Request as HTTPRequest
 
-from gateway.engine.engine import QueueFull, RequestHandle
+from gateway.engine.engine import EngineUnavailable, QueueFull, RequestHandle
 from gateway.engine.request import TokenEvent
 from gateway.engine.sampling import SamplingParams
 from gateway.errors import APIError
@@ -49,7 +49,7 @@ def sampling_params(body: SamplingFields, index: int, logprobs: bool, top_logpro
 def submit(model: LocalModel, prompts: list[list[int]], body: SamplingFields, max_new_tokens: int,
            logprobs: bool, top_logprobs: int) -> RequestHandle:
     """n choices for each prompt; choice index = prompt index * n + i."""
-    vocab = model.engine.backend.info.vocab_size
+    vocab = model.info.vocab_size
     choices = [(prompt, sampling_params(body, i, logprobs, top_logprobs, vocab))
                for prompt in prompts for i in range(body.n)]
     try:
@@ -58,6 +58,9 @@ def submit(model: LocalModel, prompts: list[list[int]], body: SamplingFields, ma
     except QueueFull as error:
         raise APIError(429, f"The server is busy: {error}.", type="rate_limit_error",
                        code="rate_limit_exceeded", headers={"Retry-After": "1"}) from None
+    except EngineUnavailable as error:
+        raise APIError(503, f"The model `{model.name}` is unavailable: {error}.", type="server_error",
+                       code="engine_unavailable") from None
 
 
 @dataclass

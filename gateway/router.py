@@ -1,14 +1,16 @@
 """Model name → what serves it. Local models run in an Engine; remote ones (litellm) come later."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
 
 from backends.base import BackendInfo, RunnerSettings, SparseSettings
+from backends.factory import create_backend
 from backends.source import resolve_source
 from gateway.config import Config, ModelConfig
-from gateway.engine.engine import Engine, EngineSettings
+from gateway.engine.engine import Engine, EngineSettings, EngineSpec
 from gateway.errors import APIError, model_not_found
 from gateway.templating import ChatTokenizer, load_tokenizer
 
@@ -47,16 +49,20 @@ def load_local_model(cfg: ModelConfig, check_invariants: bool = False) -> LocalM
     backend = choose_backend(cfg.backend)
     if backend == "mlx":
         raise APIError(501, "the MLX backend is not available in this version")
-    from backends.cuda.runner import TorchRunner  # torch loads only when a local model does
-    settings = runner_settings(cfg, backend)
-    runner = TorchRunner(settings)
-    tokenizer = load_tokenizer(resolve_source(cfg.source))
+    source = resolve_source(cfg.source)
+    tokenizer = load_tokenizer(source)
     sched = cfg.scheduler
-    engine = Engine(runner, tokenizer, EngineSettings(
-        max_running_requests=sched.max_running_requests, max_waiting_requests=sched.max_waiting_requests,
-        prefill_chunk_tokens=sched.prefill_chunk_tokens, radix_cache=sched.radix_cache,
-        check_invariants=check_invariants))
-    info = runner.info
+    # The engine process builds its own backend and tokenizer from these (see engine/worker.py).
+    engine = Engine(EngineSpec(
+        make_backend=functools.partial(create_backend, runner_settings(cfg, backend)),
+        make_tokenizer=functools.partial(load_tokenizer, source),
+        settings=EngineSettings(
+            max_running_requests=sched.max_running_requests, max_waiting_requests=sched.max_waiting_requests,
+            prefill_chunk_tokens=sched.prefill_chunk_tokens, radix_cache=sched.radix_cache,
+            check_invariants=check_invariants),
+        log_level=logging.getLogger("radixgate").getEffectiveLevel()))
+    engine.start()
+    info = engine.info
     log.info("model %s: backend %s, device %s, dtype %s, %d KV pages of %d tokens, context %d",
              info.model_name, info.backend, info.device, info.dtype, info.num_pages, info.page_size,
              engine.context_length)
@@ -90,10 +96,6 @@ class Router:
             raise APIError(501, f"The model `{name}` is a remote (litellm) model, which this version of "
                                 "radixgate does not serve yet.", type="server_error", param="model")
         raise model_not_found(name)
-
-    def start(self) -> None:
-        for model in self.models.values():
-            model.engine.start()
 
     def stop(self) -> None:
         for model in self.models.values():

@@ -12,6 +12,7 @@ from sse_starlette.sse import EventSourceResponse
 
 from gateway import generation, responses
 from gateway.config import Config
+from gateway.engine.engine import EngineUnavailable
 from gateway.errors import APIError, install_error_handlers
 from gateway.metrics import Metrics
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, new_id, now_s
@@ -26,7 +27,6 @@ def create_app(config: Config, router: Router) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
-        router.start()
         yield
         router.stop()
 
@@ -175,8 +175,14 @@ def create_app(config: Config, router: Router) -> FastAPI:
 
     async def _snapshots() -> dict[str, dict]:
         names = list(router.models)
-        snaps = await asyncio.gather(*(router.models[n].engine.call(lambda s: s.snapshot()) for n in names))
+        snaps = await asyncio.gather(*(_snapshot(n) for n in names))
         return dict(zip(names, snaps, strict=True))
+
+    async def _snapshot(name: str) -> dict:
+        try:
+            return await router.models[name].engine.call("snapshot")
+        except EngineUnavailable as error:
+            return {"error": str(error)}
 
     @app.get("/health")
     async def health():
@@ -187,22 +193,29 @@ def create_app(config: Config, router: Router) -> FastAPI:
             models[name] = {"backend": info.backend, "device": info.device, "dtype": info.dtype,
                             "context_length": router.models[name].engine.context_length, **snap}
         first = next(iter(models.values()), {})
-        return {"status": "ok", "models": models,
+        healthy = all("error" not in snap for snap in snaps.values())
+        body = {"status": "ok" if healthy else "unavailable", "models": models,
                 "radix_cache_stats": first.get("radix_cache_stats", {}),
                 "attention_sparsity_ratio": first.get("attention_sparsity_ratio", 0.0)}
+        return JSONResponse(body, status_code=200 if healthy else 503)
 
     @app.get("/metrics")
     async def prometheus_metrics():
-        return Response(metrics.render(await _snapshots()), media_type="text/plain; version=0.0.4")
+        snaps = {name: snap for name, snap in (await _snapshots()).items() if "error" not in snap}
+        return Response(metrics.render(snaps), media_type="text/plain; version=0.0.4")
 
     @app.get("/debug/radix_stats")
     async def radix_stats():
         snaps = await _snapshots()
-        return {name: snap["radix_cache_stats"] for name, snap in snaps.items()}
+        return {name: snap.get("radix_cache_stats", snap) for name, snap in snaps.items()}
 
     @app.post("/clear_radix_cache", dependencies=[Depends(authorize)])
     async def clear_radix_cache():
-        freed = {name: await m.engine.call(lambda s: s.cache.reset()) for name, m in router.models.items()}
+        try:
+            freed = {name: await m.engine.call("reset_cache") for name, m in router.models.items()}
+        except EngineUnavailable as error:
+            raise APIError(503, f"A model is unavailable: {error}.", type="server_error",
+                           code="engine_unavailable") from None
         return JSONResponse({"status": "ok", "pages_freed": freed})
 
     return app

@@ -42,8 +42,7 @@ class LiveServer:
         """Until the engine has no running or waiting work (cancellations are asynchronous)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            scheduler = self.engine.scheduler
-            if not scheduler.running and not scheduler.waiting and self.engine._inbox.empty():
+            if self.engine.call_sync("idle"):
                 return
             time.sleep(0.02)
         raise AssertionError("engine did not become idle")

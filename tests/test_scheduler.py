@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import httpx
 import openai
@@ -167,8 +166,6 @@ def test_queue_full_gets_429():
         limited = next(r for r in responses if r.status_code == 429)
         assert limited.headers["retry-after"]
         assert limited.json()["error"]["type"] == "rate_limit_error"
-        deadline = time.monotonic() + 30
-        while server.engine.scheduler.running and time.monotonic() < deadline:
-            time.sleep(0.05)
+        server.wait_idle()
     finally:
         server.stop()

@@ -1,7 +1,9 @@
-"""The engine: a scheduler thread that owns all mutable state, and an async face for the HTTP side.
+"""The gateway's side of an engine: it starts the engine process and turns its messages into async streams.
 
-The HTTP side only enqueues commands (submit, cancel, call) and reads events from its own
-asyncio queue; it never touches requests, pages or the radix tree.
+The HTTP side only sends commands (add, cancel, call) down the pipe and reads its own asyncio
+queues; requests, pages and the radix tree live in the engine process (gateway/engine/worker.py).
+One reader thread receives the engine's messages and hands each request's events to the event
+loop that submitted it.
 """
 from __future__ import annotations
 
@@ -9,41 +11,41 @@ import asyncio
 import concurrent.futures
 import itertools
 import logging
-import queue
+import multiprocessing
 import threading
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 
-from backends.base import Backend
-from gateway.detokenizer import IncrementalDetokenizer
-from gateway.engine.page_pool import PagePool
-from gateway.engine.radix_cache import RadixCache
-from gateway.engine.request import Request, TokenEvent
+from backends.base import BackendInfo
+from gateway.engine import worker
+from gateway.engine.request import TokenEvent
 from gateway.engine.sampling import SamplingParams
-from gateway.engine.scheduler import Scheduler
+from gateway.engine.worker import EngineSettings, EngineSpec, RequestSpec
 
 log = logging.getLogger("radixgate.engine")
 
-
-@dataclass(frozen=True)
-class EngineSettings:
-    max_running_requests: int = 64
-    max_waiting_requests: int = 256
-    prefill_chunk_tokens: int = 512
-    radix_cache: bool = True
-    check_invariants: bool = False      # walk the radix tree after every step (tests)
+__all__ = ["Engine", "EngineSettings", "EngineSpec", "EngineStartError", "EngineUnavailable",
+           "QueueFull", "RequestHandle"]
 
 
 class QueueFull(Exception):
     """More requests wait than the engine admits; the HTTP side answers 429."""
 
 
+class EngineUnavailable(Exception):
+    """The engine process is gone (crashed or stopped); the HTTP side answers 503."""
+
+
+class EngineStartError(Exception):
+    """The engine process could not load its model; the message says why."""
+
+
 class RequestHandle:
     """The HTTP side's view of one submitted request (all n choices): an async stream of events."""
 
-    def __init__(self, engine: Engine, request_ids: list[str]):
+    def __init__(self, engine: Engine, request_ids: list[str], loop: asyncio.AbstractEventLoop):
         self.engine = engine
         self.request_ids = request_ids
+        self.loop = loop
         self.events: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self._open = len(request_ids)
 
@@ -54,40 +56,83 @@ class RequestHandle:
                 self._open -= 1
             yield event
 
+    def deliver(self, events: list[TokenEvent]) -> None:
+        for event in events:
+            self.events.put_nowait(event)
+
     def cancel(self) -> None:
         if self._open:
             self.engine.cancel(self)
 
 
 class Engine:
-    """Submits requests to the scheduler thread and hands their token events back to asyncio."""
+    """One engine process: submit() returns a RequestHandle whose events arrive as the engine steps."""
 
     _ids = itertools.count()
 
-    def __init__(self, backend: Backend, tokenizer, settings: EngineSettings):
-        self.backend = backend
-        self.tokenizer = tokenizer
-        self.settings = settings
-        self.context_length = min(backend.info.context_length, backend.num_pages * backend.page_size)
-        pool = PagePool(backend.num_pages)
-        cache = RadixCache(pool, backend.page_size, enabled=settings.radix_cache)
-        self.scheduler = Scheduler(
-            backend, pool, cache, max_running=settings.max_running_requests,
-            prefill_chunk_tokens=settings.prefill_chunk_tokens, context_length=self.context_length)
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._waiting = 0          # published by the engine thread after each step
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="radixgate-engine", daemon=True)
+    def __init__(self, spec: EngineSpec):
+        self.settings = spec.settings
+        self.info: BackendInfo | None = None
+        self.context_length = 0
         self.fatal_error: str | None = None
+        context = multiprocessing.get_context("spawn")      # fork would copy threads and locks
+        self._conn, child_conn = context.Pipe()
+        self._process = context.Process(target=worker.main, args=(child_conn, spec),
+                                        name="radixgate-engine", daemon=True)
+        self._child_conn = child_conn
+        self._send_lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        self._open: dict[str, tuple[RequestHandle, int]] = {}     # request id -> (handle, choice index)
+        self._calls: dict[int, concurrent.futures.Future] = {}
+        self._call_ids = itertools.count()
+        self._adds_sent = 0
+        self._adds_handled = 0
+        self._waiting = 0
+        self._stopping = False
+        self._reader = threading.Thread(target=self._read, name="radixgate-engine-reader", daemon=True)
 
-    # ---- HTTP side -----------------------------------------------------------------------
+    # ---- life cycle ----------------------------------------------------------------------
     def start(self) -> None:
-        self._thread.start()
+        """Start the engine process and wait until its model is loaded (raises EngineStartError)."""
+        self._process.start()
+        self._child_conn.close()      # the child holds its end: EOF here means it is gone
+        try:
+            message = self._conn.recv()
+        except EOFError:
+            self._process.join(timeout=5)
+            raise EngineStartError(f"the engine process exited while loading (exit code "
+                                   f"{self._process.exitcode})") from None
+        if message[0] == "failed":
+            self._process.join(timeout=5)
+            raise EngineStartError(message[1])
+        assert message[0] == "ready", message
+        self.info, self.context_length = message[1], message[2]
+        self._reader.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._inbox.put(("wake",))
-        self._thread.join(timeout=10)
+        self._stopping = True
+        if self._process.is_alive():
+            try:
+                self._send(("stop",))
+            except (OSError, EngineUnavailable):
+                pass
+            self._process.join(timeout=10)
+            if self._process.is_alive():
+                self._process.terminate()
+                self._process.join(timeout=5)
+        self._conn.close()
+
+    @property
+    def alive(self) -> bool:
+        return self._process.is_alive() and not self._stopping
+
+    # ---- HTTP side -----------------------------------------------------------------------
+    def _send(self, message: tuple) -> None:
+        with self._send_lock:
+            try:
+                self._conn.send(message)
+            except (OSError, ValueError) as error:      # ValueError: the connection is closed
+                raise EngineUnavailable(self.fatal_error or "the engine process is not running") from error
 
     def submit(self, choices: list[tuple[list[int], SamplingParams]], *, max_new_tokens: int,
                stop: list[str], ignore_eos: bool = False) -> RequestHandle:
@@ -96,76 +141,122 @@ class Engine:
         Choices with the same prompt wait for the first of them to cache it, so n>1 computes the
         prompt once.
         """
-        if self._waiting + self._inbox.qsize() >= self.settings.max_waiting_requests:
-            raise QueueFull(f"{self._waiting} requests are waiting; try again shortly")
-        loop = asyncio.get_running_loop()
+        if not self.alive:
+            raise EngineUnavailable(self.fatal_error or "the engine process is not running")
+        pending = self._adds_sent - self._adds_handled
+        if self._waiting + pending >= self.settings.max_waiting_requests:
+            raise QueueFull(f"{self._waiting + pending} requests are waiting; try again shortly")
         base = f"req-{next(self._ids)}"
-        handle = RequestHandle(self, [f"{base}-{i}" for i in range(len(choices))])
-
-        def emit(event: TokenEvent) -> None:
-            loop.call_soon_threadsafe(handle.events.put_nowait, event)
-
-        stop_ids = frozenset() if ignore_eos else self.tokenizer.eos_token_ids
-        requests: list[Request] = []
-        for index, (prompt_ids, choice_params) in enumerate(choices):
-            first_same = next((r for r in requests if r.prompt_ids == prompt_ids), None)
-            requests.append(Request(
-                id=handle.request_ids[index], index=index, prompt_ids=list(prompt_ids),
-                params=choice_params, max_new_tokens=max_new_tokens, stop_token_ids=stop_ids,
-                detokenizer=IncrementalDetokenizer(self.tokenizer, stop),
-                emit=emit, wait_for=first_same))
-        self._inbox.put(("add", requests))
+        handle = RequestHandle(self, [f"{base}-{i}" for i in range(len(choices))], asyncio.get_running_loop())
+        specs: list[RequestSpec] = []
+        for index, (prompt_ids, params) in enumerate(choices):
+            first_same = next((s.id for s in specs if s.prompt_ids == prompt_ids), None)
+            specs.append(RequestSpec(id=handle.request_ids[index], index=index, prompt_ids=list(prompt_ids),
+                                     params=params, max_new_tokens=max_new_tokens, stop=list(stop),
+                                     ignore_eos=ignore_eos, wait_for=first_same))
+        with self._state_lock:
+            for index, request_id in enumerate(handle.request_ids):
+                self._open[request_id] = (handle, index)
+            self._adds_sent += 1
+        try:
+            self._send(("add", specs))
+        except EngineUnavailable:
+            with self._state_lock:
+                for request_id in handle.request_ids:
+                    self._open.pop(request_id, None)
+            raise
         return handle
 
     def cancel(self, handle: RequestHandle) -> None:
         for request_id in handle.request_ids:
-            self._inbox.put(("cancel", request_id))
-
-    async def call(self, fn: Callable[[Scheduler], object]) -> object:
-        """Run fn(scheduler) on the engine thread (the only thread that may touch its state)."""
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        self._inbox.put(("call", fn, future))
-        return await asyncio.wrap_future(future)
-
-    # ---- engine thread -------------------------------------------------------------------
-    def _handle(self, command: tuple) -> None:
-        kind = command[0]
-        if kind == "add":
-            for request in command[1]:
-                self.scheduler.add(request)
-        elif kind == "cancel":
-            self.scheduler.cancel(command[1])
-        elif kind == "call":
-            fn, future = command[1], command[2]
             try:
-                future.set_result(fn(self.scheduler))
-            except Exception as error:
-                future.set_exception(error)
-
-    def _drain(self, block: bool) -> None:
-        try:
-            command = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
-        except queue.Empty:
-            return
-        self._handle(command)
-        while True:
-            try:
-                self._handle(self._inbox.get_nowait())
-            except queue.Empty:
+                self._send(("cancel", request_id))
+            except EngineUnavailable:
                 return
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self._drain(block=not self.scheduler.has_work)
-            if not self.scheduler.has_work:
-                continue
+    def _start_call(self, name: str) -> concurrent.futures.Future:
+        assert name in worker.CALLS, name
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        call_id = next(self._call_ids)
+        with self._state_lock:
+            self._calls[call_id] = future
+        try:
+            self._send(("call", call_id, name))
+        except EngineUnavailable as error:
+            with self._state_lock:
+                self._calls.pop(call_id, None)
+            future.set_exception(error)
+        return future
+
+    async def call(self, name: str) -> object:
+        """Run one of worker.CALLS on the engine's scheduler, between two steps."""
+        return await asyncio.wrap_future(self._start_call(name))
+
+    def call_sync(self, name: str, timeout_s: float = 30.0) -> object:
+        """call() for code outside any event loop (tests, tools)."""
+        return self._start_call(name).result(timeout=timeout_s)
+
+    # ---- reader thread -------------------------------------------------------------------
+    def _read(self) -> None:
+        while True:
             try:
-                self.scheduler.step()
-                self.scheduler.check_accounting()
-                if self.settings.check_invariants:
-                    self.scheduler.cache.check_invariants()
-            except Exception as error:   # keep serving: fail the batch, record what broke
-                log.exception("scheduler step failed")
-                self.fatal_error = self.fatal_error or repr(error)
-                self.scheduler.fail_all(f"internal error: {error}")
-            self._waiting = len(self.scheduler.waiting)
+                message = self._conn.recv()
+            except (EOFError, OSError):
+                self._engine_gone()
+                return
+            kind = message[0]
+            if kind == "events":
+                self._dispatch(message[1])
+                self._waiting, self._adds_handled = message[2], message[3]
+            elif kind == "result":
+                with self._state_lock:
+                    future = self._calls.pop(message[1])
+                if message[2]:
+                    future.set_result(message[3])
+                else:
+                    future.set_exception(RuntimeError(message[3]))
+            elif kind == "fatal":
+                self.fatal_error = self.fatal_error or message[1]
+            else:
+                log.error("unexpected message from the engine: %r", kind)
+
+    def _dispatch(self, events: list[tuple[str, TokenEvent]]) -> None:
+        batches: dict[int, tuple[RequestHandle, list[TokenEvent]]] = {}
+        with self._state_lock:
+            for request_id, event in events:
+                entry = self._open.get(request_id)
+                if entry is None:
+                    continue
+                handle = entry[0]
+                batches.setdefault(id(handle), (handle, []))[1].append(event)
+                if event.finish_reason is not None:
+                    del self._open[request_id]
+        for handle, batch in batches.values():
+            try:
+                handle.loop.call_soon_threadsafe(handle.deliver, batch)
+            except RuntimeError:       # that event loop is closed: nobody is listening
+                pass
+
+    def _engine_gone(self) -> None:
+        """The pipe closed: end every open request and call with an error (unless we stopped it)."""
+        if not self._stopping:
+            self._process.join(timeout=5)
+            self.fatal_error = self.fatal_error or (
+                f"the engine process exited unexpectedly (exit code {self._process.exitcode})")
+            log.error("%s", self.fatal_error)
+        message = self.fatal_error or "the engine was stopped"
+        with self._state_lock:
+            open_requests, self._open = self._open, {}
+            calls, self._calls = self._calls, {}
+        self._dispatch_failures(open_requests, message)
+        for future in calls.values():
+            future.set_exception(EngineUnavailable(message))
+
+    @staticmethod
+    def _dispatch_failures(open_requests: dict[str, tuple[RequestHandle, int]], message: str) -> None:
+        for handle, index in open_requests.values():
+            event = TokenEvent(index, "", [], [], finish_reason="error", error=message)
+            try:
+                handle.loop.call_soon_threadsafe(handle.deliver, [event])
+            except RuntimeError:
+                pass
