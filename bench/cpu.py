@@ -9,8 +9,13 @@ Same model (the packaged SmolLM2-135M-Instruct Q4_1 GGUF), same chat prompt, gre
     python bench/cpu.py --skip-hf --skip-llama
 
 llama.cpp is optional: CMAKE_ARGS="-DGGML_NATIVE=ON" pip install 'llama-cpp-python[server]==0.3.36'
-(builds from source, ~7 min on 2 cores). When absent the bench says so and prints the peer figures
-of the issue instead, labelled as not measured in this run.
+(builds from source, ~7-15 min on 2 cores), in this venv or another one named by --llama-python.
+On a host whose CPU has AMX but whose hypervisor does not grant the tile state, a native build
+dies with SIGSEGV at its first matmul (ldtilecfg); build it without AMX instead:
+CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON
+-DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF
+-DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF". When absent the bench says so and prints the peer
+figures of the issue instead, labelled as not measured in this run.
 """
 from __future__ import annotations
 
@@ -129,7 +134,10 @@ async def http_suite(base_url: str, model: str, args, tokenizer, extra: dict) ->
                                   for i in range(args.streams)))
     wall = max(r["end"] for r in many) - started
     return {"decode": single["decode"], "tokens": single["tokens"], "ttft_long": long["ttft"],
-            "agg": sum(r["tokens"] for r in many) / wall, "p95_ttft": pct([r["ttft"] for r in many], 0.95)}
+            "agg": sum(r["tokens"] for r in many) / wall,
+            "p95_ttft": pct([r["ttft"] for r in many if r["tokens"]], 0.95),
+            "empty_streams": sum(1 for r in many if not r["tokens"]),
+            "stream_tokens": [r["tokens"] for r in many]}
 
 
 def ours_http(args, tokenizer) -> dict:
@@ -143,14 +151,14 @@ def ours_http(args, tokenizer) -> dict:
 
 
 @contextlib.contextmanager
-def llama_server(path: str, threads: int):
+def llama_server(path: str, threads: int, python: str):
 
     from bench.serve_process import free_port, wait_until_ready
 
     port = free_port()
     log_path = Path(tempfile.mkdtemp()) / "llama_server.log"
     log = open(log_path, "w")
-    process = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", path, "--port", str(port),
+    process = subprocess.Popen([python, "-m", "llama_cpp.server", "--model", path, "--port", str(port),
                                 "--n_ctx", "4096", "--n_threads", str(threads), "--model_alias", MODEL],
                                stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -200,7 +208,7 @@ def llama_in_process(args, tokenizer, path: str) -> dict:
     long_ids = tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": long_message(tokenizer)}]))
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump({"path": path, "threads": threads, "tokens": args.tokens, "prompt": prompt, "long": long_ids}, f)
-    out = subprocess.run([sys.executable, __file__, "--llama-worker", f.name], capture_output=True, text=True,
+    out = subprocess.run([args.llama_python, __file__, "--llama-worker", f.name], capture_output=True, text=True,
                          timeout=900)
     os.unlink(f.name)
     if out.returncode != 0:
@@ -248,6 +256,8 @@ def main() -> None:
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--skip-http", action="store_true")
     parser.add_argument("--skip-llama", action="store_true")
+    parser.add_argument("--llama-python", default=sys.executable,
+                        help="a Python with llama-cpp-python[server] installed (default: this one)")
     args = parser.parse_args()
 
     from backends.source import resolve_source
@@ -280,10 +290,9 @@ def main() -> None:
         section("HF transformers fp32", hf_fp32, args, tokenizer)
     have_llama = False
     if not args.skip_llama:
-        try:
-            import llama_cpp  # noqa: F401
-            have_llama = True
-        except ImportError:
+        have_llama = subprocess.run([args.llama_python, "-c", "import llama_cpp"],
+                                    capture_output=True).returncode == 0
+        if not have_llama:
             print("SKIP llama.cpp: llama-cpp-python is not installed. To measure it: "
                   "CMAKE_ARGS=\"-DGGML_NATIVE=ON\" pip install 'llama-cpp-python[server]==0.3.36' (~7 min build). "
                   "Peer figures below are the issue's, NOT measured in this run.")
@@ -292,7 +301,7 @@ def main() -> None:
         threads = args.threads or len(os.sched_getaffinity(0))
 
         def llama_http():
-            with llama_server(path, threads) as url:
+            with llama_server(path, threads, args.llama_python) as url:
                 return asyncio.run(http_suite(url, MODEL, args, tokenizer, {}))
         section("llama.cpp server HTTP", llama_http)
 

@@ -56,7 +56,7 @@ def reference(source) -> TorchRunner:
 
 @pytest.fixture(scope="module")
 def default(source) -> TorchRunner:
-    """The fast CPU dtype (int8); auto is float32 on CPU, see pick_dtype."""
+    """The default CPU dtype (auto picks int8, see pick_dtype)."""
     return runner(source, "int8")
 
 
@@ -83,7 +83,8 @@ def test_dtype_choice(default, reference):
     import torch
 
     from backends.cuda.runner import pick_dtype
-    assert pick_dtype("auto", torch.device("cpu"), 576) == "float32"     # batch-invariant greedy
+    assert pick_dtype("auto", torch.device("cpu"), 576) == "int8"        # the default on CPU
+    assert pick_dtype("auto", torch.device("cpu"), 64) == "float32"       # tiny models: overhead rules
 
 
 def test_greedy_tokens_match_float32(reference, default, prompt):

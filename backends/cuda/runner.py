@@ -16,20 +16,20 @@ from backends.cuda.sparse_attention import check_sparse_settings
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "int8": torch.bfloat16}      # int8: weight-only int8 matmuls, bfloat16 activations and KV
 MAX_SEQUENCES = 64          # the page pool never holds more than this many full contexts
-AUTO_CPU = "float32"        # what auto picks on CPU; "int8" once batch-invariant greedy is not required
-INT8_MIN_HIDDEN = 256       # if AUTO_CPU is int8: only from this hidden size up (below, overhead rules)
+AUTO_CPU = "int8"           # what auto picks on CPU (when the int8 kernel exists; else float32)
+INT8_MIN_HIDDEN = 256       # int8 only from this hidden size up (below, per-op overhead rules)
 log = logging.getLogger("radixgate.runner")
 
 
 def pick_dtype(name: str, device: torch.device, hidden_size: int | None = None) -> str:
     """The serving mode for config's dtype: float32 | bfloat16 | float16 | int8.
 
-    auto: GPUs want bf16. On CPU auto stays float32 (AUTO_CPU). int8 decodes fastest (1.5-2x
-    float32: aten._weight_int8pack_mm reads a quarter of the bytes; docs/cpu.md) and meets the
-    logit tolerance of tests/test_cpu_fast_path.py, but its decode kernel depends on the number of
-    rows (int8pack for 1-2, oneDNN bf16 above), so a stream's greedy text can change with what it
-    is batched with; tests/test_scheduler.py pins greedy output alone == batched (and after
-    preemption), which only float32 keeps. Set dtype: int8 to opt in.
+    auto: GPUs want bf16. On CPU auto is int8 (AUTO_CPU): it decodes 1.5-2x faster than float32
+    (aten._weight_int8pack_mm reads a quarter of the bytes; docs/cpu.md) and meets the logit
+    tolerance of tests/test_cpu_fast_path.py. Its kernel depends on the number of rows (int8pack
+    for 1-2, oneDNN bf16 above), so a greedy stream may break a near tie differently when batched
+    (as on vLLM or SGLang without their deterministic modes); dtype: float32 is batch-invariant
+    to far below any logit gap, and tests/test_scheduler.py checks both.
     """
     if name == "auto":
         if device.type == "cuda":
