@@ -42,7 +42,7 @@ class SparseAttentionConfig(Strict):
     token_budget: int = Field(2048, ge=1, description="KV tokens read per decode step and layer")
     dense_layers: int = Field(2, ge=0, description="the first layers always attend densely")
     sink_tokens: int = Field(16, ge=0, description="always kept from the start of the sequence")
-    recent_tokens: int = Field(256, ge=1, description="always kept from the end of the sequence")
+    recent_tokens: int = Field(64, ge=1, description="always kept from the end of the sequence")
 
 
 class SchedulerConfig(Strict):
@@ -56,7 +56,7 @@ class ModelConfig(Strict):
     name: str = Field(min_length=1)
     backend: Literal["auto", "cuda", "mlx", "cpu", "litellm"] = "auto"
     source: str = DEFAULT_MODEL_SOURCE
-    dtype: Literal["auto", "float32", "bfloat16", "float16", "int8"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "int8", "int4"] = "auto"
     context_length: int | None = Field(None, ge=16, description="null: the model's own")
     threads: int | None = Field(None, ge=1, description="CPU threads; null: all cores")
     kv_cache: KVCacheConfig = Field(default_factory=KVCacheConfig)

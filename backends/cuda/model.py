@@ -128,7 +128,7 @@ class LlamaModel(nn.Module):
                      ) -> LlamaModel:
         """Build without allocating random weights, adopt the loaded tensors, prepare the fast path.
 
-        mode: float32 | bfloat16 | int8 (weight-only int8, bfloat16 activations); None: from dtype.
+        mode: float32 | bfloat16 | int8 | int4 (weight-only, bfloat16 activations); None: from dtype.
         """
         with torch.device("meta"):
             model = cls(config)
@@ -136,7 +136,7 @@ class LlamaModel(nn.Module):
         model.inv_freq = rope_inv_freq(config).to(device)
         mode = mode or str(dtype).removeprefix("torch.")
         model = model.to(device=device).eval()
-        if mode != "int8":                  # int8 quantises from the float32 weights as loaded
+        if mode not in ("int8", "int4"):    # these quantise from the float32 weights as loaded
             model = model.to(dtype=dtype)
         model.prepare(mode)
         return model
@@ -156,7 +156,7 @@ class LlamaModel(nn.Module):
         still works and no second copy is kept). int8 replaces the weights by their int8 round trip.
         """
         self.mode = mode
-        self.act_dtype = torch.bfloat16 if mode == "int8" else self.embed_tokens.weight.dtype
+        self.act_dtype = torch.bfloat16 if mode in ("int8", "int4") else self.embed_tokens.weight.dtype
         linears = []
         for layer in self.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -181,11 +181,14 @@ class LlamaModel(nn.Module):
             mlp.up_proj.weight = nn.Parameter(entry.gate_up.weight[inter:], requires_grad=False)
             mlp.down_proj.weight = nn.Parameter(entry.down.weight, requires_grad=False)
             linears.append(entry)
+        # The head stays int8 under int4: GGUF files keep it (or the tied embedding) at 8 bits or
+        # more, and 4 bits there moves the logits of every token.
+        head_mode = "int8" if mode == "int4" else mode
         if self.config.tie_word_embeddings:
-            # The embedding lookup keeps the unquantised table; only the head GEMV is int8.
-            self.head = FastLinear(self.embed_tokens.weight, None, mode)
+            # The embedding lookup keeps the unquantised table; only the head GEMV is quantised.
+            self.head = FastLinear(self.embed_tokens.weight, None, head_mode)
         else:
-            self.head = FastLinear(self.lm_head.weight, None, mode)
+            self.head = FastLinear(self.lm_head.weight, None, head_mode)
             self.lm_head.weight = nn.Parameter(self.head.weight, requires_grad=False)
         self.to(dtype=self.act_dtype)       # norms and embedding (the fused weights already are)
         for layer, entry in zip(self.layers, linears, strict=True):

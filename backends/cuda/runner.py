@@ -14,40 +14,46 @@ from backends.cuda.model import LlamaModel
 from backends.cuda.sparse_attention import check_sparse_settings
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "int8": torch.bfloat16}      # int8: weight-only int8 matmuls, bfloat16 activations and KV
+          "int8": torch.bfloat16,      # int8 / int4: weight-only matmuls, bfloat16 activations and KV
+          "int4": torch.bfloat16}
 MAX_SEQUENCES = 64          # the page pool never holds more than this many full contexts
-AUTO_CPU = "int8"           # what auto picks on CPU (when the int8 kernel exists; else float32)
-INT8_MIN_HIDDEN = 256       # int8 only from this hidden size up (below, per-op overhead rules)
+AUTO_CPU = "int4"           # what auto picks on CPU (when its kernel exists; else int8, else float32)
+QUANT_MIN_HIDDEN = 256      # quantised weights only from this hidden size up (below, overhead rules)
 log = logging.getLogger("radixgate.runner")
 
 
 def pick_dtype(name: str, device: torch.device, hidden_size: int | None = None) -> str:
-    """The serving mode for config's dtype: float32 | bfloat16 | float16 | int8.
+    """The serving mode for config's dtype: float32 | bfloat16 | float16 | int8 | int4.
 
-    auto: GPUs want bf16. On CPU auto is int8 (AUTO_CPU): it decodes 1.5-2x faster than float32
-    (aten._weight_int8pack_mm reads a quarter of the bytes; docs/cpu.md) and meets the logit
-    tolerance of tests/test_cpu_fast_path.py. Its kernel depends on the number of rows (int8pack
-    for 1-2, oneDNN bf16 above), so a greedy stream may break a near tie differently when batched
-    (as on vLLM or SGLang without their deterministic modes); dtype: float32 is batch-invariant
-    to far below any logit gap, and tests/test_scheduler.py checks both.
+    auto: GPUs want bf16. On CPU auto is int4 (AUTO_CPU): weight-only int4 in groups of 32, which
+    holds a GGUF Q4_0/Q4_1 file's weights on their own grid, decodes about 2.5x faster than
+    float32 (a sixth of the bytes; docs/cpu.md) and meets the logit tolerance of
+    tests/test_cpu_fast_path.py; the head stays int8. Its kernel depends on the number of rows
+    (int4pack for 1-2, oneDNN bf16 above), so a greedy stream may break a near tie differently
+    when batched (as on vLLM or SGLang without their deterministic modes); dtype: float32 is
+    batch-invariant to far below any logit gap, and tests/test_scheduler.py checks both.
     """
     if name == "auto":
         if device.type == "cuda":
             return "bfloat16"
-        if (AUTO_CPU == "int8" and hidden_size is not None and hidden_size >= INT8_MIN_HIDDEN
-                and _int8_kernel_available()):
-            return "int8"
+        if hidden_size is None or hidden_size < QUANT_MIN_HIDDEN:
+            return "float32"
+        for mode in (AUTO_CPU, "int8"):
+            if _kernel_available(mode):
+                return mode
         return "float32"
     if name not in DTYPES:
         raise ValueError(f"dtype {name!r} is not supported by the torch backend "
                          f"(auto, {', '.join(DTYPES)})")
-    if name == "int8" and device.type != "cpu":
-        raise ValueError("dtype int8 (weight-only) is implemented for the CPU backend only")
+    if name in ("int8", "int4") and device.type != "cpu":
+        raise ValueError(f"dtype {name} (weight-only) is implemented for the CPU backend only")
     return name
 
 
-def _int8_kernel_available() -> bool:
-    return hasattr(torch.ops.aten, "_weight_int8pack_mm")
+def _kernel_available(mode: str) -> bool:
+    names = {"int8": ["_weight_int8pack_mm"],
+             "int4": ["_weight_int4pack_mm_for_cpu", "_convert_weight_to_int4pack_for_cpu"]}[mode]
+    return all(hasattr(torch.ops.aten, name) for name in names)
 
 
 def default_threads() -> int:
@@ -65,8 +71,8 @@ class TorchRunner:
         if self.device.type == "cpu":
             torch.set_num_threads(settings.threads or default_threads())
         # Convert tensor by tensor while loading: peak memory stays near one copy in the load dtype.
-        # int8 (and auto, which may pick it) quantise from the float32 weights.
-        load_dtype = (torch.float32 if settings.dtype in ("auto", "int8") and self.device.type == "cpu"
+        # int8 / int4 (and auto, which may pick them) quantise from the float32 weights.
+        load_dtype = (torch.float32 if settings.dtype in ("auto", "int8", "int4") and self.device.type == "cpu"
                       else DTYPES.get(pick_dtype(settings.dtype, self.device), torch.float32))
         config, weights = load_model(settings.source_kind, settings.source_path, load_dtype)
         self.config = config
@@ -98,7 +104,7 @@ class TorchRunner:
             vocab_size=config.vocab_size)
 
         log.info("torch runner: dtype %s (config %s; %s), %s", self.mode, settings.dtype,
-                 "weight-only int8 matmuls, bfloat16 activations and KV" if self.mode == "int8"
+                 f"weight-only {self.mode} matmuls, bfloat16 activations and KV" if self.mode in ("int8", "int4")
                  else f"{self.mode} weights, activations and KV", device_name)
 
     def _validate(self, batch: ForwardBatch) -> None:
