@@ -19,8 +19,11 @@
    interleaved step by step so that drift in the machine's speed hits them alike).
 
 Every config runs through TorchRunner.forward (swapping runner.settings.sparse between forwards),
-so the numbers are those of the serving code path. Settings: page 16, sink 16, recent 256,
-dense_layers 2 (the config defaults); budgets in tokens.
+so the numbers are those of the serving code path. Settings: page 16, sink 16, recent 64,
+dense_layers 2 (the config defaults); budgets in tokens. --sweep adds configs at every budget with
+other settings or another page-scoring rule (see RULES below), e.g.
+
+    python bench/sparse_quality.py --device cuda --sweep rule=sum,recent=256 rule=sub8-lse-max
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from backends.base import ForwardBatch, RunnerSettings, SequenceChunk, SparseSettings  # noqa: E402
+from backends.cuda import sparse_attention as sa  # noqa: E402
 from backends.cuda.runner import TorchRunner  # noqa: E402
 from backends.source import resolve_source  # noqa: E402
 
@@ -50,6 +54,12 @@ LINES: list[str] = []
 def say(line: str = "") -> None:
     print(line, flush=True)
     LINES.append(line)
+
+
+def flush_report(args) -> None:
+    """Write the report so far to --out (a run cut short keeps what it measured)."""
+    if args.out:
+        Path(args.out).write_text("\n".join(LINES) + "\n")
 
 
 # ---- text ------------------------------------------------------------------------------------
@@ -87,7 +97,7 @@ class Tokenizer:
 # ---- running configs ---------------------------------------------------------------------------
 
 class Pages:
-    """Hands out page ids (page 0 is the padding page); reset() reuses them all."""
+    """Hands out page ids (page 0 is the padding page); release(mark) hands back those taken since."""
 
     def __init__(self, page_size: int):
         self.page_size, self.next = page_size, 1
@@ -98,19 +108,115 @@ class Pages:
         self.next += n
         return out
 
-    def reset(self) -> None:
-        self.next = 1
+    def release(self, mark: int) -> None:
+        self.next = mark
 
 
-def configs(budgets: list[int], args) -> list[tuple[str, SparseSettings]]:
-    out = [("dense", SparseSettings())]
-    for budget in budgets:
-        out.append((f"sparse {budget}", SparseSettings(True, budget, args.dense_layers, args.sink, args.recent)))
+@dataclasses.dataclass
+class Config:
+    name: str
+    sparse: SparseSettings
+    rule: str = "engine"        # how pages are scored: the engine's own, or a RULES candidate
+    timed: bool = True
+
+
+# ---- RULES: candidate page-scoring rules (--sweep rule=...) --------------------------------------
+# The engine's rule is "engine" (the same as "lse-max"). The candidates below replace its page
+# scores through the same selection and attention code (sa.select_pages, sa.attend_pages), so that
+# a sweep compares rules on equal terms: "sum" (raw bounds summed over the GQA group, the engine's
+# earlier rule), "max" (raw bounds, max over the group), "lse-max" (log-softmax over the pages per
+# head, max over the group) and "softmax-sum" (softmax per head, summed). "subN-" rules score each
+# page by the best Quest bound of its N-token sub-blocks, computed here from the keys themselves:
+# they show what finer summaries would buy (the engine keeps one min/max per page), and are not timed.
+
+def head_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
+    """Quest bound of every q head: q [B, H, d], kmin/kmax [B, P, kvh, d] -> [B, kvh, group, P]."""
+    batch, heads, head_dim = q.shape
+    kv_heads = kmin.shape[2]
+    qg = q.float().view(batch, kv_heads, heads // kv_heads, head_dim)
+    hi, lo = kmax.float().permute(0, 2, 3, 1), kmin.float().permute(0, 2, 3, 1)
+    return qg.clamp(min=0) @ hi + qg.clamp(max=0) @ lo
+
+
+def sub_block_bounds(q: torch.Tensor, k_layer: torch.Tensor, plan, sub: int) -> torch.Tensor:
+    """Per head, each page's best bound over its `sub`-token blocks of written keys -> [B, kvh, g, P]."""
+    pages = plan.sparse_pages
+    batch, width = pages.shape
+    page_size, kv_heads, head_dim = k_layer.shape[1:]
+    blocks = page_size // sub
+    keys = k_layer.index_select(0, pages.flatten()).float().view(batch, width, blocks, sub, kv_heads, head_dim)
+    position = (torch.arange(width, device=pages.device).view(width, 1) * page_size
+                + plan.slot).view(1, width, blocks, sub, 1, 1)
+    written = position < plan.sparse_lengths.view(batch, 1, 1, 1, 1, 1)
+    empty = ~written.any(dim=3)                                                   # [B, P, blocks, 1, 1]
+    lo = keys.masked_fill(~written, float("inf")).amin(dim=3).masked_fill(empty, 0.0)
+    hi = keys.masked_fill(~written, float("-inf")).amax(dim=3).masked_fill(empty, 0.0)
+    bound = head_bounds(q, lo.flatten(1, 2), hi.flatten(1, 2))                   # [B, kvh, g, P * blocks]
+    bound = bound.view(batch, kv_heads, -1, width, blocks)
+    return bound.masked_fill(empty.view(batch, 1, 1, width, blocks), float("-inf")).amax(dim=-1)
+
+
+def combine(bound: torch.Tensor, valid: torch.Tensor, how: str, scale: float) -> torch.Tensor:
+    """Per-head bounds [B, kvh, g, P] -> page scores [B, kvh, P]; valid: [B, 1, 1, P]."""
+    if how == "sum":
+        return bound.sum(dim=2)
+    if how == "max":
+        return bound.amax(dim=2)
+    logits = (bound * scale).masked_fill(~valid, float("-inf"))
+    if how == "lse-max":        # max over heads of log softmax over pages (each head normalised)
+        return (logits - logits.logsumexp(dim=-1, keepdim=True)).amax(dim=2)
+    if how == "softmax-sum":    # estimated attention mass of the page, summed over heads
+        return logits.softmax(dim=-1).sum(dim=2)
+    raise ValueError(f"unknown combination {how!r}")
+
+
+def rule_attention(rule: str):
+    """An sa.sparse_rows_attention that scores pages by `rule` ("[subN-]sum|max|lse-max|softmax-sum")."""
+    sub, _, how = rule.partition("-") if rule.startswith("sub") else ("", "", rule)
+
+    def rows_attention(q, k_layer, v_layer, kmin_layer, kmax_layer, plan, scale):
+        if sub:
+            bound = sub_block_bounds(q, k_layer, plan, int(sub[3:]))
+        else:
+            flat = plan.sparse_pages.flatten()
+            kmin = kmin_layer.index_select(0, flat).view(*plan.sparse_pages.shape, *kmin_layer.shape[1:])
+            kmax = kmax_layer.index_select(0, flat).view(*plan.sparse_pages.shape, *kmax_layer.shape[1:])
+            bound = head_bounds(q, kmin, kmax)
+        scores = combine(bound, (plan.bias > float("-inf")).unsqueeze(1), how, scale)
+        chosen = sa.select_pages(scores, plan.bias, plan.budget_pages)
+        return sa.attend_pages(q, k_layer, v_layer, chosen, plan, scale), chosen
+
+    return rows_attention
+
+
+ENGINE_ROWS_ATTENTION = sa.sparse_rows_attention
+
+
+def configs(budgets: list[int], args) -> list[Config]:
+    """dense, then each budget with the defaults, then each budget with every --sweep entry."""
+    out = [Config("dense", SparseSettings())]
+    base = dict(rule="engine", sink=args.sink, recent=args.recent, dense=args.dense_layers)
+    for spec in [""] + list(args.sweep or []):
+        opts = dict(base)
+        for item in filter(None, spec.split(",")):
+            key, _, value = item.partition("=")
+            if key not in opts:
+                raise SystemExit(f"--sweep {spec!r}: unknown key {key!r} (rule, sink, recent, dense)")
+            opts[key] = value if key == "rule" else int(value)
+        if opts["rule"] != "engine":
+            rule_attention(opts["rule"])            # fail early on a bad name
+        for budget in budgets:
+            sparse = SparseSettings(True, budget, opts["dense"], opts["sink"], opts["recent"])
+            out.append(Config(f"sparse {budget}" + (f" [{spec}]" if spec else ""), sparse, opts["rule"],
+                              timed=not opts["rule"].startswith("sub")))
     return out
 
 
-def forward(runner: TorchRunner, sparse: SparseSettings, chunks: list[SequenceChunk]):
-    runner.settings = dataclasses.replace(runner.settings, sparse=sparse)
+def forward(runner: TorchRunner, cfg: Config | SparseSettings, chunks: list[SequenceChunk]):
+    if isinstance(cfg, SparseSettings):
+        cfg = Config("", cfg)
+    sa.sparse_rows_attention = ENGINE_ROWS_ATTENTION if cfg.rule == "engine" else rule_attention(cfg.rule)
+    runner.settings = dataclasses.replace(runner.settings, sparse=cfg.sparse)
     return runner.forward(ForwardBatch(chunks))
 
 
@@ -132,6 +238,8 @@ def fork(prefix_pages: list[int], prefix_len: int, total: int, pages: Pages) -> 
 # ---- 1. teacher-forced -------------------------------------------------------------------------
 
 def teacher_forced(runner, tok, cfgs, args) -> dict[str, dict]:
+    """Config by config (dense first): each decodes every position on its own K/V past the shared
+    dense prefill; its pages are handed back before the next config, which rewrites them."""
     ids = tok.encode(english_text())
     need = args.texts * args.context
     if len(ids) < need:
@@ -146,32 +254,35 @@ def teacher_forced(runner, tok, cfgs, args) -> dict[str, dict]:
     say(f"teacher-forced: {len(texts)} texts of {args.context} tokens, prefill {start} each "
         f"({time.perf_counter() - t0:.1f} s), {positions} decode positions each "
         f"({positions * len(texts)} in all, contexts {start + 1}..{args.context - 1})")
-    tables = {name: [fork(s, start, args.context, pages) for s in shared] for name, _ in cfgs}
-    stats = {name: {"agree": 0, "kl": 0.0, "nll": 0.0, "read": 0, "skipped": 0} for name, _ in cfgs}
-    count = 0
-    t0 = time.perf_counter()
-    for pos in range(start, args.context - 1):
-        targets = torch.tensor([t[pos + 1] for t in texts])
-        logprobs = {}
-        for name, sparse in cfgs:
-            chunks = [SequenceChunk([t[pos]], pos, table) for t, table in zip(texts, tables[name], strict=True)]
-            result = forward(runner, sparse, chunks)
-            logprobs[name] = torch.from_numpy(result.logits).double().log_softmax(dim=-1)
-            stats[name]["read"] += result.attention.pages_read
-            stats[name]["skipped"] += result.attention.pages_skipped
-        dense = logprobs["dense"]
-        top = dense.argmax(dim=-1)
-        for name, lp in logprobs.items():
-            s = stats[name]
-            s["agree"] += int((lp.argmax(dim=-1) == top).sum())
+    targets = torch.tensor([[t[pos + 1] for t in texts] for pos in range(start, args.context - 1)])
+    dense_lp: list[torch.Tensor] = []             # [texts, vocab] per position
+    stats = {}
+    for cfg in cfgs:
+        t0 = time.perf_counter()
+        mark = pages.next
+        tables = [fork(s, start, args.context, pages) for s in shared]
+        s = stats[cfg.name] = {"agree": 0, "kl": 0.0, "nll": 0.0, "read": 0, "skipped": 0}
+        for step, pos in enumerate(range(start, args.context - 1)):
+            chunks = [SequenceChunk([t[pos]], pos, table) for t, table in zip(texts, tables, strict=True)]
+            result = forward(runner, cfg, chunks)
+            lp = torch.from_numpy(result.logits).double().log_softmax(dim=-1)
+            s["read"] += result.attention.pages_read
+            s["skipped"] += result.attention.pages_skipped
+            if cfg.name == "dense":
+                dense_lp.append(lp)
+            dense = dense_lp[step]
+            s["agree"] += int((lp.argmax(dim=-1) == dense.argmax(dim=-1)).sum())
             s["kl"] += float((dense.exp() * (dense - lp)).sum())
-            s["nll"] -= float(lp.gather(1, targets.unsqueeze(1)).sum())
-        count += len(texts)
-        if (pos - start) % 100 == 0:
-            print(f"  position {pos} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    for s in stats.values():
+            s["nll"] -= float(lp.gather(1, targets[step].unsqueeze(1)).sum())
+        pages.release(mark)
+        count = positions * len(texts)
         s.update(agree=s["agree"] / count, kl=s["kl"] / count, ppl=math.exp(s["nll"] / count),
                  ratio=s["skipped"] / max(1, s["read"] + s["skipped"]), positions=count)
+        d = stats["dense"]
+        say(f"  tf {cfg.name:40s} top-1 {s['agree'] * 100:6.2f}%  KL {s['kl']:.4f}  ppl {s['ppl']:.3f} "
+            f"({(s['ppl'] / d['ppl'] - 1) * 100:+.2f}%)  sparsity {s['ratio']:.3f}  "
+            f"({time.perf_counter() - t0:.0f} s)")
+        flush_report(args)
     return stats
 
 
@@ -210,7 +321,9 @@ def passkey(runner, tok, cfgs, args) -> tuple[dict[str, float], list[tuple]]:
     say(f"passkey: {len(trials)} prompts of {min(len(t[3]) for t in trials)}..{max(len(t[3]) for t in trials)} "
         f"tokens, depths {args.passkey_depths}, prefill {time.perf_counter() - t0:.1f} s")
     answers: dict[str, list[str]] = {}
-    for name, sparse in cfgs:
+    accuracy, rows = {}, []
+    for cfg in cfgs:
+        mark = pages.next
         tables = [fork(p, split, len(ids) + gen, pages) for (_, _, _, ids), (split, p)
                   in zip(trials, prefixes, strict=True)]
         fed = [list(ids) for _, _, _, ids in trials]
@@ -221,22 +334,24 @@ def passkey(runner, tok, cfgs, args) -> tuple[dict[str, float], list[tuple]]:
             if not active:
                 break
             chunks = [SequenceChunk([fed[i][pos[i]]], pos[i], tables[i]) for i in active]
-            logits = forward(runner, sparse, chunks).logits
+            logits = forward(runner, cfg, chunks).logits
             for row, i in enumerate(active):
                 pos[i] += 1
                 if pos[i] >= len(fed[i]):                    # past the prompt: greedy answer
                     token = int(logits[row].argmax())
                     fed[i].append(token)
                     out[i].append(token)
-        answers[name] = [tok.decode(o) for o in out]
-    accuracy, rows = {}, []
-    for name, _ in cfgs:
+        pages.release(mark)
+        answers[cfg.name] = [tok.decode(o) for o in out]
         hits = []
-        for (_, depth, key, ids), text in zip(trials, answers[name], strict=True):
+        for (_, depth, key, ids), text in zip(trials, answers[cfg.name], strict=True):
             found = re.search(r"\d+", text)
             hits.append(found is not None and found.group() == str(key))
-            rows.append((name, len(ids), depth, key, text.strip()[:24], hits[-1]))
-        accuracy[name] = sum(hits) / len(hits)
+            rows.append((cfg.name, len(ids), depth, key, text.strip()[:24], hits[-1]))
+        accuracy[cfg.name] = sum(hits) / len(hits)
+        missed = [f"{len(ids)}/{depth}" for (_, depth, _, ids), hit in zip(trials, hits, strict=True) if not hit]
+        say(f"  passkey {cfg.name:40s} {sum(hits)}/{len(hits)}" + (f"  missed {' '.join(missed)}" if missed else ""))
+        flush_report(args)
     return accuracy, rows
 
 
@@ -257,17 +372,20 @@ def decode_speed(source, tok, cfgs, args) -> list[tuple]:
     rows = []
     for threads in args.timing_threads:
         torch.set_num_threads(threads)
-        times: dict[str, list[float]] = {name: [] for name, _ in cfgs}
+        timed = [cfg for cfg in cfgs if cfg.timed]
+        times: dict[str, list[float]] = {cfg.name: [] for cfg in timed}
         ratio = {}
         for step in range(args.timing_steps + 2):        # configs interleaved: drift hits all alike
-            for name, sparse in cfgs:
+            for cfg in timed:
                 t0 = time.perf_counter()
-                result = forward(runner, sparse, [SequenceChunk([ids[-1]], len(ids), table)])
+                result = forward(runner, cfg, [SequenceChunk([ids[-1]], len(ids), table)])
                 if step >= 2:
-                    times[name].append(time.perf_counter() - t0)
+                    times[cfg.name].append(time.perf_counter() - t0)
                 a = result.attention
-                ratio[name] = a.pages_skipped / max(1, a.pages_read + a.pages_skipped)
-        rows += [(threads, name, statistics.median(times[name]) * 1e3, ratio[name]) for name, _ in cfgs]
+                ratio[cfg.name] = a.pages_skipped / max(1, a.pages_read + a.pages_skipped)
+        rows += [(threads, cfg.name, statistics.median(times[cfg.name]) * 1e3, ratio[cfg.name]) for cfg in timed]
+        say(f"  timing at {threads} threads: " + ", ".join(f"{r[1]} {r[2]:.1f} ms" for r in rows if r[0] == threads))
+        flush_report(args)
     return rows
 
 
@@ -282,7 +400,7 @@ def main() -> None:
     parser.add_argument("--budgets", type=int, nargs="+", default=[512, 1024, 2048])
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--sink", type=int, default=16)
-    parser.add_argument("--recent", type=int, default=256)
+    parser.add_argument("--recent", type=int, default=64)
     parser.add_argument("--dense-layers", type=int, default=2)
     parser.add_argument("--texts", type=int, default=4)
     parser.add_argument("--context", type=int, default=7000, help="tokens per teacher-forced text")
@@ -297,6 +415,9 @@ def main() -> None:
     parser.add_argument("--prefill-chunk", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip", nargs="*", default=[], choices=["quality", "passkey", "timing"])
+    parser.add_argument("--sweep", nargs="*", default=[], metavar="SPEC",
+                        help="extra configs at every budget, e.g. rule=lse-max,recent=64 (keys: rule, sink, "
+                             "recent, dense; rules: [subN-]sum|max|lse-max|softmax-sum)")
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run of every path")
     parser.add_argument("--out", default=None, help="also write the report to this file")
     args = parser.parse_args()
@@ -315,20 +436,21 @@ def main() -> None:
         f"float32, page {args.page_size}, sink {args.sink}, recent {args.recent}, dense_layers {args.dense_layers}")
     quality = keys = timing = None
     if not {"quality", "passkey"} <= set(args.skip):
-        needed = max(args.texts * (args.context + len(cfgs) * (args.positions + 2 * args.page_size)),
+        # One config's pages at a time (each hands its pages back before the next).
+        needed = max(args.texts * (args.context + args.positions + 2 * args.page_size),
                      len(args.passkey_lengths) * len(args.passkey_depths)
-                     * (max(args.passkey_lengths) + 64 + len(cfgs) * (16 + args.passkey_tokens + 48)))
+                     * (max(args.passkey_lengths) + 64 + 16 + args.passkey_tokens + 48))
         runner = TorchRunner(RunnerSettings(
             source.kind, source.path, "bench", dtype="float32", device=args.device, page_size=args.page_size,
             num_pages=needed // args.page_size + 16, context_length=8192, threads=args.threads))
         say(f"quality runs on {runner.info.device}")
-        if "quality" not in args.skip:
-            quality = teacher_forced(runner, tok, cfgs, args)
         if "passkey" not in args.skip:
             keys, rows = passkey(runner, tok, cfgs, args)
             for name, length, depth, key, text, hit in rows:
                 mark = "ok" if hit else "MISS"
                 print(f"  {name:12s} {length:5d} tokens depth {depth:.1f} key {key}: {text!r} {mark}")
+        if "quality" not in args.skip:
+            quality = teacher_forced(runner, tok, cfgs, args)
         del runner
         if args.device == "cuda":
             torch.cuda.empty_cache()
@@ -340,7 +462,7 @@ def main() -> None:
         f"decode ms/token @{args.timing_context} ({'/'.join(f'{t} thr' for t in args.timing_threads)}) "
         f"| speed-up |")
     say("|---|---|---|---|---|---|---|---|---|")
-    for name, _ in cfgs:
+    for name in [cfg.name for cfg in cfgs]:
         cells = [name]
         if quality:
             q, d = quality[name], quality["dense"]
@@ -352,8 +474,8 @@ def main() -> None:
         if timing:
             mine = [r for r in timing if r[1] == name]
             dense = {r[0]: r[2] for r in timing if r[1] == "dense"}
-            cells.append(" / ".join(f"{r[2]:.1f}" for r in mine))
-            cells.append(" / ".join(f"{dense[r[0]] / r[2]:.2f}x" for r in mine))
+            cells.append(" / ".join(f"{r[2]:.1f}" for r in mine) or "-")
+            cells.append(" / ".join(f"{dense[r[0]] / r[2]:.2f}x" for r in mine) or "-")
         else:
             cells += ["-", "-"]
         say("| " + " | ".join(cells) + " |")
@@ -364,8 +486,7 @@ def main() -> None:
         say("timing sparsity at the timed step: " + ", ".join(f"{r[1]} {r[3]:.3f}" for r in timing
                                                                if r[0] == args.timing_threads[0]))
     say(f"total {time.perf_counter() - started:.0f} s")
-    if args.out:
-        Path(args.out).write_text("\n".join(LINES) + "\n")
+    flush_report(args)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,11 @@ page table (list of page ids); its token at position p lives in page page_table[
 slot p % page_size. Page summaries: kmin, kmax: [num_pages, kv_heads, head_dim], the element-wise
 min/max over the page's written slots (Quest). All arithmetic here is float32.
 
-Sparse decode rounds token counts to pages: budget_pages = budget_tokens // page_size (the budget
-includes the sink and recent pages), sink_pages = ceil(sink_tokens / page_size), recent_pages =
-ceil(recent_tokens / page_size) counted back from the last (possibly partial) page.
+Sparse decode scores pages with quest_page_scores (the Quest bound per q head, normalised per head
+over the pages, max over the GQA group) and rounds token counts to pages: budget_pages =
+budget_tokens // page_size (the budget includes the sink and recent pages), sink_pages =
+ceil(sink_tokens / page_size), recent_pages = ceil(recent_tokens / page_size) counted back from the
+last (possibly partial) page.
 """
 from __future__ import annotations
 
@@ -70,11 +72,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     return torch.einsum("hqk,khd->qhd", scores.softmax(dim=-1), v)
 
 
-def quest_page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
+def quest_head_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
                       page_table: torch.Tensor, num_used_pages: int) -> torch.Tensor:
-    """Upper bound of q.k per page and KV head, summed over the q heads of each GQA group.
+    """Quest's upper bound of q.k over each page's keys, per q head:
+    sum over d of max(q_d * kmin_d, q_d * kmax_d).
 
-    q: [q_heads, d] -> scores: [kv_heads, num_used_pages].
+    q: [q_heads, d] -> bounds: [kv_heads, group, num_used_pages].
     """
     q_heads, head_dim = q.shape
     kv_heads = kmin.shape[1]
@@ -82,8 +85,24 @@ def quest_page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
     qg = q.float().view(kv_heads, q_heads // kv_heads, 1, head_dim)          # [kvh, g, 1, d]
     lo = kmin[pages].float().permute(1, 0, 2).unsqueeze(1)                    # [kvh, 1, P, d]
     hi = kmax[pages].float().permute(1, 0, 2).unsqueeze(1)
-    bound = torch.maximum(qg * lo, qg * hi).sum(dim=-1)                       # [kvh, g, P]
-    return bound.sum(dim=1)
+    return torch.maximum(qg * lo, qg * hi).sum(dim=-1)                        # [kvh, g, P]
+
+
+def quest_page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
+                      page_table: torch.Tensor, num_used_pages: int,
+                      scale: float | None = None) -> torch.Tensor:
+    """Page scores per KV head: the Quest bound of each q head of the GQA group, normalised per head
+    by a log-softmax over the sequence's pages at the attention scale, then the max over the group.
+
+    Summing raw bounds over the group lets the heads with the largest bounds choose for all. A log-
+    softmax turns each head's bounds into the (bounded) log share of its attention that a page may
+    take, and the max keeps a page that any one head needs (a retrieval head's needle page).
+
+    q: [q_heads, d] -> scores: [kv_heads, num_used_pages].
+    """
+    scale = default_scale(q.shape[1]) if scale is None else scale
+    logits = quest_head_bounds(q, kmin, kmax, page_table, num_used_pages) * scale
+    return (logits - logits.logsumexp(dim=-1, keepdim=True)).amax(dim=1)
 
 
 def sparse_page_counts(page_size: int, budget_tokens: int, sink_tokens: int,
@@ -121,6 +140,7 @@ def sparse_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                         seq_len: int, scale: float, budget_tokens: int, sink_tokens: int,
                         recent_tokens: int) -> tuple[torch.Tensor, int]:
     """Quest decode of one query q: [q_heads, d] over the first seq_len tokens (its own K/V written).
+    Pages are scored by quest_page_scores at the attention's own scale.
 
     Returns (out [q_heads, d] float32, pages read summed over KV heads).
     """
@@ -130,7 +150,7 @@ def sparse_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     num_used = -(-seq_len // page_size)
     budget_pages, sink_pages, recent_pages = sparse_page_counts(
         page_size, budget_tokens, sink_tokens, recent_tokens)
-    scores = quest_page_scores(q, kmin, kmax, page_table, num_used)
+    scores = quest_page_scores(q, kmin, kmax, page_table, num_used, scale)
     chosen = select_pages(scores, budget_pages, sink_pages, recent_pages)     # [kvh, k]
     out = torch.empty(q_heads, head_dim)
     for h in range(kv_heads):

@@ -99,15 +99,36 @@ def test_matches_reference(page_size, group, kv_heads, budget, sink, recent, len
 
 
 def test_quest_scores_equal_reference_bound():
+    """Per-head bounds, log-softmax over each row's own pages (padding kept out), max over the group."""
     gen = torch.Generator().manual_seed(3)
     kv_heads, group, d, pages = 3, 3, 16, 10
+    used = [10, 6]
     q = torch.randn(2, kv_heads * group, d, generator=gen)
     kmin = torch.randn(2, pages, kv_heads, d, generator=gen)
     kmax = kmin + torch.rand(2, pages, kv_heads, d, generator=gen)
-    got = sa.quest_scores(q, kmin, kmax)
-    for b in range(2):
-        expected = reference.quest_page_scores(q[b], kmin[b], kmax[b], torch.arange(pages), pages)
-        torch.testing.assert_close(got[b], expected, atol=1e-5, rtol=1e-5)
+    padding = torch.zeros(2, 1, 1, pages)
+    padding[1, ..., used[1]:] = float("-inf")
+    got = sa.quest_scores(q, kmin, kmax, padding, 0.3)
+    for b, n in enumerate(used):
+        expected = reference.quest_page_scores(q[b], kmin[b], kmax[b], torch.arange(pages), n, 0.3)
+        torch.testing.assert_close(got[b, :, :n], expected, atol=1e-5, rtol=1e-5)
+    assert (got[1, :, used[1]:] == float("-inf")).all()
+
+
+def test_reference_scores_normalise_each_head():
+    """Two pages to keep: head 0 (small bounds) needs page 2, head 1 (large bounds) prefers page 5.
+    Summed raw bounds let head 1 choose both; the per-head normalised scores keep one for each."""
+    d, pages = 4, 6
+    kmin = torch.zeros(pages, 1, d)
+    kmax = torch.zeros(pages, 1, d)
+    kmax[2, 0, 0] = 1.0
+    kmax[:, 0, 1] = torch.tensor([0.0, 0.5, 0.55, 0.7, 0.8, 0.9])
+    q = torch.tensor([[2.0, 0.0, 0.0, 0.0], [0.0, 10.0, 0.0, 0.0]])
+    bounds = reference.quest_head_bounds(q, kmin, kmax, torch.arange(pages), pages)
+    assert set(bounds.sum(dim=1)[0].topk(2).indices.tolist()) == {4, 5}
+    scores = reference.quest_page_scores(q, kmin, kmax, torch.arange(pages), pages, scale=1.0)
+    assert scores.shape == (1, pages)
+    assert set(scores[0].topk(2).indices.tolist()) == {2, 5}
 
 
 def test_within_budget_is_exactly_dense():

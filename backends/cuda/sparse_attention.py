@@ -1,11 +1,14 @@
 """Quest sparse decode for the torch backend: attend only to the pages whose keys can matter.
 
-For a decode row whose sequence spans more pages than the budget, every page gets an upper bound of
-q.k from the page's key min/max summary (Quest): sum over d of max(q_d * kmin_d, q_d * kmax_d),
-summed over the q heads of a GQA group. The sink pages (first), the recent pages (last, counted
-back from the partial last page) and the best-bounded remaining pages fill `budget_pages`, per KV
-head and per sequence; attention then reads only those pages, straight from the paged cache
-(indexed by page id and KV head; the sequence is never copied into a contiguous buffer).
+For a decode row whose sequence spans more pages than the budget, every page gets Quest's upper
+bound of q.k from the page's key min/max summary, sum over d of max(q_d * kmin_d, q_d * kmax_d),
+for each q head. The bounds are combined over the q heads of a GQA group as kernels/reference.py
+says: a log-softmax over the row's pages per head (at the attention scale), then the max over the
+group, so a page that one head needs is kept even when another head's bounds are larger. The sink
+pages (first), the recent pages (last, counted back from the partial last page) and the best-scored
+remaining pages fill `budget_pages`, per KV head and per sequence; attention then reads only those
+pages, straight from the paged cache (indexed by page id and KV head; the sequence is never copied
+into a contiguous buffer).
 
 Token counts round to pages as kernels/reference.py says: budget_pages = token_budget // page_size
 (it includes the sink and recent pages), sink_pages = ceil(sink_tokens / page_size), recent_pages =
@@ -80,6 +83,7 @@ class QuestPlan:
     sparse_pages: torch.Tensor      # [Bs, P] page tables of the sparse rows
     sparse_lengths: torch.Tensor    # [Bs, 1, 1] tokens, including the new one
     bias: torch.Tensor              # [Bs, 1, P] +inf forced (sink, recent), -inf padding, else 0
+    padding: torch.Tensor           # [Bs, 1, 1, P] -inf padding, else 0
     slot: torch.Tensor              # [page_size] 0..page_size-1
     slot_head: torch.Tensor         # [1, kv_heads, 1, page_size] slot * kv_heads + head
     pages_read: int
@@ -110,33 +114,37 @@ def make_plan(meta: AttentionMetadata, page_size: int, kv_heads: int) -> QuestPl
     logical = torch.arange(width, device=device).unsqueeze(0)                    # [1, P]
     used = num_pages[sparse_rows].unsqueeze(1)                                   # [Bs, 1]
     forced = (logical < sink_pages) | ((logical >= used - recent_pages) & (logical < used))
-    bias = torch.zeros(sparse_pages.shape, dtype=torch.float32, device=device)
-    bias = bias.masked_fill(logical >= used, float("-inf")).masked_fill(forced, float("inf"))
+    padding = torch.zeros(sparse_pages.shape, dtype=torch.float32, device=device)
+    padding = padding.masked_fill(logical >= used, float("-inf"))
+    bias = padding.masked_fill(forced, float("inf"))
     slot = torch.arange(page_size, device=device)
     head = torch.arange(kv_heads, device=device).view(1, kv_heads, 1, 1)
     return QuestPlan(
         budget_pages=budget_pages, all_dense=n_sparse == 0, dense_rows=dense_rows,
         sparse_rows=sparse_rows, dense_pages=dense_pages, dense_mask=dense_mask,
         sparse_pages=sparse_pages, sparse_lengths=lengths[sparse_rows].view(-1, 1, 1),
-        bias=bias.unsqueeze(1), slot=slot, slot_head=slot * kv_heads + head,
+        bias=bias.unsqueeze(1), padding=padding.view(len(sparse_rows), 1, 1, width), slot=slot,
+        slot_head=slot * kv_heads + head,
         pages_read=read * kv_heads, pages_skipped=skipped * kv_heads)
 
 
-def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
-    """Quest bound per row, KV head and page, summed over each GQA group's q heads.
+def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, padding: torch.Tensor,
+                 scale: float) -> torch.Tensor:
+    """Page scores per row and KV head, as kernels/reference.quest_page_scores: the Quest bound of
+    each q head, log-softmax over the row's pages at the attention scale, max over the GQA group.
 
-    q: [B, H, d]; kmin, kmax: [B, P, kv_heads, d] -> [B, kv_heads, P] (float32).
-    max(q*lo, q*hi) is q*hi where q >= 0 and q*lo where q < 0 (hi >= lo), so the bound summed over
-    d and over the group is two batched matmuls with the group's positive and negative parts.
+    q: [B, H, d]; kmin, kmax: [B, P, kv_heads, d]; padding: [B, 1, 1, P] (0, or -inf past the
+    sequence, which keeps padded pages out of the softmax) -> [B, kv_heads, P] (float32).
+    max(q*lo, q*hi) is q*hi where q >= 0 and q*lo where q < 0 (hi >= lo), so every head's bound is
+    two batched matmuls with the positive and negative parts of q (scaled first: one op fewer).
     """
     batch, heads, head_dim = q.shape
     kv_heads = kmin.shape[2]
-    qg = q.float().view(batch, kv_heads, heads // kv_heads, head_dim)
-    positive = qg.clamp(min=0).sum(dim=2).unsqueeze(2)                            # [B, kvh, 1, d]
-    negative = qg.clamp(max=0).sum(dim=2).unsqueeze(2)
+    qg = (q.float() * scale).view(batch, kv_heads, heads // kv_heads, head_dim)   # [B, kvh, g, d]
     hi = kmax.float().permute(0, 2, 3, 1)                                         # [B, kvh, d, P]
     lo = kmin.float().permute(0, 2, 3, 1)
-    return (positive @ hi + negative @ lo).squeeze(2)
+    logits = qg.clamp(min=0) @ hi + qg.clamp(max=0) @ lo + padding                # [B, kvh, g, P]
+    return (logits - logits.logsumexp(dim=-1, keepdim=True)).amax(dim=2)
 
 
 def select_pages(scores: torch.Tensor, bias: torch.Tensor, budget_pages: int) -> torch.Tensor:
@@ -167,26 +175,33 @@ def sparse_rows_attention(q: torch.Tensor, k_layer: torch.Tensor, v_layer: torch
                           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Quest decode of the plan's sparse rows, q: [Bs, H, d] -> (out [Bs, H, d], logical pages
     chosen [Bs, kv_heads, budget_pages])."""
-    batch, heads, head_dim = q.shape
-    page_size, kv_heads = k_layer.shape[1:3]
-    group = heads // kv_heads
     pages = plan.sparse_pages                                                    # [Bs, P]
     flat = pages.flatten()                 # index_select: ~4x faster than kmin[pages] on CPU
     kmin = kmin_layer.index_select(0, flat).view(*pages.shape, *kmin_layer.shape[1:])
     kmax = kmax_layer.index_select(0, flat).view(*pages.shape, *kmax_layer.shape[1:])
-    scores = quest_scores(q, kmin, kmax)                                         # [Bs, kvh, P]
+    scores = quest_scores(q, kmin, kmax, plan.padding, scale)                    # [Bs, kvh, P]
     chosen = select_pages(scores, plan.bias, plan.budget_pages)                  # [Bs, kvh, k]
-    physical = pages.gather(1, chosen.flatten(1)).view_as(chosen)                # [Bs, kvh, k]
+    return attend_pages(q, k_layer, v_layer, chosen, plan, scale), chosen
+
+
+def attend_pages(q: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor, chosen: torch.Tensor,
+                 plan: QuestPlan, scale: float) -> torch.Tensor:
+    """Attention of the sparse rows' q [Bs, H, d] over the chosen logical pages [Bs, kv_heads, k]
+    of each KV head, read straight from the paged cache -> [Bs, H, d]."""
+    batch, heads, head_dim = q.shape
+    page_size, kv_heads = k_layer.shape[1:3]
+    group = heads // kv_heads
+    physical = plan.sparse_pages.gather(1, chosen.flatten(1)).view_as(chosen)    # [Bs, kvh, k]
     # Flat row (page * page_size + slot) * kv_heads + head of the cache viewed as [-1, d].
     rows = (physical.unsqueeze(-1) * (page_size * kv_heads) + plan.slot_head).flatten()
-    span = plan.budget_pages * page_size
+    span = chosen.shape[-1] * page_size
     k = k_layer.view(-1, head_dim).index_select(0, rows).view(batch, kv_heads, span, head_dim)
     v = v_layer.view(-1, head_dim).index_select(0, rows).view(batch, kv_heads, span, head_dim)
     positions = (chosen.unsqueeze(-1) * page_size + plan.slot).view(batch, kv_heads, 1, span)
     mask = positions < plan.sparse_lengths.unsqueeze(-1)                         # [Bs, kvh, 1, span]
     qg = q.view(batch, kv_heads, group, head_dim)
     out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
-    return out.reshape(batch, heads, head_dim), chosen
+    return out.reshape(batch, heads, head_dim)
 
 
 def get_plan(cache: PagedKVCache, meta: AttentionMetadata) -> QuestPlan:

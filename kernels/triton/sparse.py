@@ -1,10 +1,12 @@
 """Quest sparse decode: score pages by their key summaries, keep the best under a token budget (plus
 sink and recent pages), and attend only to those.
 
-A: a Triton kernel scores every used page per (sequence, KV head) with
-   sum_{q heads of the group} sum_d max(q_d * kmin_d, q_d * kmax_d), reading only kmin/kmax
-   (1/page_size of the K/V bytes). Sink and recent pages (and every page of a sequence that fits
-   the budget) get +inf, pages past the sequence get -inf.
+A: a Triton kernel computes every used page's Quest bound sum_d max(q_d * kmin_d, q_d * kmax_d) for
+   each q head, reading only kmin/kmax (1/page_size of the K/V bytes); a second one scores each
+   page per (sequence, KV head) as reference.quest_page_scores does: per q head a log-softmax of
+   the bounds over the sequence's pages (attention scale), then the max over the GQA group. Sink
+   and recent pages (and every page of a sequence that fits the budget) get +inf, pages past the
+   sequence get -inf.
 B: one Triton program per (sequence, KV head) finds the k-th largest score exactly (radix search
    on the float bits), keeps the pages above it (ties: lower index first), and writes them in
    ascending order through the page table: a per-(sequence, KV head) page list whose last entry is
@@ -21,15 +23,16 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.reference import sparse_page_counts
+from kernels.reference import default_scale, sparse_page_counts
 from kernels.triton.decode import check_kv, default_num_splits, num_sms, paged_decode, split_k_decode
 
 
 @triton.jit
-def _quest_scores(Q, KMin, KMax, PT, SeqLens, Scores, s_qb, s_qh, s_mp, s_mh, s_xp, s_xh, s_pb,
-                  s_sb, s_sh, max_pages, budget_pages, sink_pages, recent_pages,
-                  GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr,
-                  PAGE_SIZE: tl.constexpr, FORCE: tl.constexpr):
+def _quest_head_bounds(Q, KMin, KMax, PT, SeqLens, Bounds, s_qb, s_qh, s_mp, s_mh, s_xp, s_xh, s_pb,
+                       s_bb, s_bh, max_pages,
+                       GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr,
+                       PAGE_SIZE: tl.constexpr):
+    """One program per (sequence, KV head, block of pages): the Quest bound of each q head of the group."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     offs_p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -41,38 +44,24 @@ def _quest_scores(Q, KMin, KMax, PT, SeqLens, Scores, s_qb, s_qh, s_mp, s_mh, s_
                  other=0.0).to(tl.float32)
     hi = tl.load(KMax + page[:, None] * s_xp + kvh * s_xh + offs_d[None, :], mask=valid[:, None],
                  other=0.0).to(tl.float32)
-    score = tl.zeros([BLOCK_P], tl.float32)
     for g in tl.static_range(GROUP):
         qv = tl.load(Q + b * s_qb + (kvh * GROUP + g) * s_qh + offs_d).to(tl.float32)
-        score += tl.sum(tl.maximum(qv[None, :] * lo, qv[None, :] * hi), 1)
-    if FORCE:
-        forced = (offs_p < sink_pages) | (offs_p >= n_pages - recent_pages) | (n_pages <= budget_pages)
-        score = tl.where(forced, float("inf"), score)
-    score = tl.where(valid, score, float("-inf"))
-    tl.store(Scores + b * s_sb + kvh * s_sh + offs_p, score, mask=offs_p < max_pages)
+        bound = tl.sum(tl.maximum(qv[None, :] * lo, qv[None, :] * hi), 1)
+        tl.store(Bounds + b * s_bb + (kvh * GROUP + g) * s_bh + offs_p, bound, mask=offs_p < max_pages)
 
 
 @triton.jit
-def _quest_scores_all_heads(Q, KMin, KMax, PT, SeqLens, Scores, s_qb, s_qh, s_mp, s_mh, s_xp, s_xh, s_pb,
-                            s_sb, s_sh, max_pages, budget_pages, sink_pages, recent_pages, pages_per_prog,
-                            KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_KVH: tl.constexpr,
-                            BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr,
-                            PAGE_SIZE: tl.constexpr, FORCE: tl.constexpr):
+def _quest_head_bounds_all_heads(Q, KMin, KMax, PT, SeqLens, Bounds, s_qb, s_qh, s_mp, s_mh, s_xp, s_xh,
+                                 s_pb, s_bb, s_bh, max_pages, pages_per_prog,
+                                 KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_KVH: tl.constexpr,
+                                 HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr, PAGE_SIZE: tl.constexpr):
     """One program per (sequence, block of pages), all KV heads at once: each page's summaries for all
-    heads are one contiguous row of kmin (and of kmax). Since kmin <= kmax element-wise,
-    max(q*lo, q*hi) = relu(q)*hi + min(q, 0)*lo, so the group sum folds into the query first:
-    score = sum_d qpos_d*hi_d + qneg_d*lo_d with qpos = sum_g relu(q_g), qneg = sum_g min(q_g, 0)."""
+    heads are one contiguous row of kmin (and of kmax), read once for the whole group. Since
+    kmin <= kmax element-wise, max(q*lo, q*hi) = relu(q)*hi + min(q, 0)*lo."""
     b = tl.program_id(0)
     offs_h = tl.arange(0, BLOCK_KVH)
-    offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, HEAD_DIM)
     mask_h = offs_h < KV_HEADS
-    qrow = offs_h[:, None] * GROUP + offs_g[None, :]
-    qmask = mask_h[:, None] & (offs_g[None, :] < GROUP)
-    qv = tl.load(Q + b * s_qb + qrow[:, :, None] * s_qh + offs_d[None, None, :], mask=qmask[:, :, None],
-                 other=0.0).to(tl.float32)
-    qpos = tl.sum(tl.maximum(qv, 0.0), 1)[None, :, :]
-    qneg = tl.sum(tl.minimum(qv, 0.0), 1)[None, :, :]
     n_pages = tl.cdiv(tl.load(SeqLens + b), PAGE_SIZE)
     hd_lo = offs_h[None, :, None] * s_mh + offs_d[None, None, :]
     hd_hi = offs_h[None, :, None] * s_xh + offs_d[None, None, :]
@@ -84,38 +73,68 @@ def _quest_scores_all_heads(Q, KMin, KMax, PT, SeqLens, Scores, s_qb, s_qh, s_mp
         m3 = valid[:, None, None] & mask_h[None, :, None]
         lo = tl.load(KMin + page[:, None, None] * s_mp + hd_lo, mask=m3, other=0.0).to(tl.float32)
         hi = tl.load(KMax + page[:, None, None] * s_xp + hd_hi, mask=m3, other=0.0).to(tl.float32)
-        score = tl.sum(hi * qpos + lo * qneg, 2)
-        if FORCE:
-            forced = (offs_p < sink_pages) | (offs_p >= n_pages - recent_pages) | (n_pages <= budget_pages)
-            score = tl.where(forced[:, None], float("inf"), score)
-        score = tl.where(valid[:, None], score, float("-inf"))
-        tl.store(Scores + b * s_sb + offs_h[None, :] * s_sh + offs_p[:, None], score,
-                 mask=(offs_p < max_pages)[:, None] & mask_h[None, :])
+        out_mask = (offs_p < max_pages)[:, None] & mask_h[None, :]
+        for g in tl.static_range(GROUP):
+            qv = tl.load(Q + b * s_qb + (offs_h[:, None] * GROUP + g) * s_qh + offs_d[None, :],
+                         mask=mask_h[:, None], other=0.0).to(tl.float32)[None, :, :]
+            bound = tl.sum(hi * tl.maximum(qv, 0.0) + lo * tl.minimum(qv, 0.0), 2)    # [BLOCK_P, BLOCK_KVH]
+            tl.store(Bounds + b * s_bb + (offs_h[None, :] * GROUP + g) * s_bh + offs_p[:, None], bound,
+                     mask=out_mask)
+
+
+@triton.jit
+def _combine_heads(Bounds, SeqLens, Scores, s_bb, s_bh, s_sb, s_sh, max_pages, scale,
+                   budget_pages, sink_pages, recent_pages,
+                   GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
+                   PAGE_SIZE: tl.constexpr, FORCE: tl.constexpr):
+    """One program per (sequence, KV head): log-softmax of each q head's bounds over the sequence's
+    pages (at the attention scale), max over the group; forced pages +inf, pages past the end -inf."""
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_p = tl.arange(0, BLOCK_P)
+    n_pages = tl.cdiv(tl.load(SeqLens + b), PAGE_SIZE)
+    valid = offs_p < n_pages
+    mask_g = offs_g < GROUP
+    m2 = mask_g[:, None] & valid[None, :]
+    bound = tl.load(Bounds + b * s_bb + (kvh * GROUP + offs_g[:, None]) * s_bh + offs_p[None, :], mask=m2,
+                    other=0.0)
+    logits = tl.where(m2, bound * scale, float("-inf"))
+    top = tl.where(mask_g, tl.max(logits, 1), 0.0)          # every sequence has a page: finite
+    lse = top + tl.log(tl.sum(tl.exp(logits - top[:, None]), 1))
+    score = tl.max(tl.where(m2, logits - lse[:, None], float("-inf")), 0)
+    if FORCE:
+        forced = (offs_p < sink_pages) | (offs_p >= n_pages - recent_pages) | (n_pages <= budget_pages)
+        score = tl.where(forced, float("inf"), score)
+    score = tl.where(valid, score, float("-inf"))
+    tl.store(Scores + b * s_sb + kvh * s_sh + offs_p, score, mask=offs_p < max_pages)
 
 
 def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_tables: torch.Tensor,
                  seq_lens: torch.Tensor, page_size: int, force: tuple[int, int, int] | None = None,
                  block_p: int | None = None, num_warps: int | None = None, pages_per_prog: int | None = None,
-                 all_heads: bool = True) -> torch.Tensor:
+                 all_heads: bool = True, scale: float | None = None) -> torch.Tensor:
     """Stage A. q: [batch, q_heads, d] -> fp32 scores [batch, kv_heads, max_pages] (-inf past each
-    sequence). force=(budget_pages, sink_pages, recent_pages) sets forced pages to +inf; without it
-    the scores are reference.quest_page_scores, batched (summed in another order: equal to rounding).
-    all_heads (default): one program per (sequence, pages_per_prog pages), block_p pages per step,
-    every KV head at once, group folded into the query (needs kmin <= kmax, true of written pages);
-    pages_per_prog defaults to about 8 programs per SM. Else one program per (sequence, KV head,
-    block_p pages) summing max(q*lo, q*hi) per q head (the original kernel)."""
+    sequence): reference.quest_page_scores, batched (summed in another order: equal to rounding), at
+    the attention scale `scale` (default 1/sqrt(d)). force=(budget_pages, sink_pages, recent_pages)
+    sets forced pages to +inf.
+    Two launches: the Quest bound of every q head into a [batch, q_heads, max_pages] buffer, then
+    one program per (sequence, KV head) normalises each head over the sequence's pages and takes the
+    max over the group. all_heads (default): the bounds kernel runs one program per (sequence,
+    pages_per_prog pages), block_p pages per step, every KV head at once (needs kmin <= kmax, true
+    of written pages); pages_per_prog defaults to about 8 programs per SM. Else one program per
+    (sequence, KV head, block_p pages) summing max(q*lo, q*hi) directly (the original kernel)."""
     batch, q_heads, head_dim = q.shape
     kv_heads = kmin.shape[1]
     max_pages = page_tables.shape[1]
     assert kmin.shape == kmax.shape and kmin.shape[1:] == (kv_heads, head_dim) and q_heads % kv_heads == 0
     assert q.stride(2) == 1 and kmin.stride(2) == 1 and kmax.stride(2) == 1 and page_tables.stride(1) == 1
     assert page_tables.dtype == seq_lens.dtype == torch.int32
+    bounds = torch.empty(batch, q_heads, max_pages, device=q.device, dtype=torch.float32)
     scores = torch.empty(batch, kv_heads, max_pages, device=q.device, dtype=torch.float32)
-    budget, sink, recent = force if force is not None else (0, 0, 0)
     group = q_heads // kv_heads
-    args = (q, kmin, kmax, page_tables, seq_lens, scores, q.stride(0), q.stride(1), *kmin.stride()[:2],
-            *kmax.stride()[:2], page_tables.stride(0), scores.stride(0), scores.stride(1),
-            max_pages, budget, sink, recent)
+    args = (q, kmin, kmax, page_tables, seq_lens, bounds, q.stride(0), q.stride(1), *kmin.stride()[:2],
+            *kmax.stride()[:2], page_tables.stride(0), bounds.stride(0), bounds.stride(1), max_pages)
     if all_heads:
         block_kvh = triton.next_power_of_2(kv_heads)
         # 4 pages x 8 heads x 128 (H100: 22 us vs 28 us per head at b16 x 32k; 8 and 16 pages were slower)
@@ -124,15 +143,21 @@ def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_t
             per = -(-batch * max_pages // (8 * num_sms(q.device)))
             pages_per_prog = -(-per // block_p) * block_p
         pages_per_prog = max(block_p, -(-pages_per_prog // block_p) * block_p)
-        _quest_scores_all_heads[(batch, triton.cdiv(max_pages, pages_per_prog))](
-            *args, pages_per_prog, KV_HEADS=kv_heads, GROUP=group, BLOCK_KVH=block_kvh,
-            BLOCK_G=triton.next_power_of_2(group), HEAD_DIM=head_dim, BLOCK_P=block_p, PAGE_SIZE=page_size,
-            FORCE=force is not None, num_warps=num_warps or 4)
-        return scores
-    block_p = block_p or 64
-    _quest_scores[(batch, kv_heads, triton.cdiv(max_pages, block_p))](
-        *args, GROUP=group, HEAD_DIM=head_dim, BLOCK_P=block_p,
-        PAGE_SIZE=page_size, FORCE=force is not None, num_warps=num_warps or 4)
+        _quest_head_bounds_all_heads[(batch, triton.cdiv(max_pages, pages_per_prog))](
+            *args, pages_per_prog, KV_HEADS=kv_heads, GROUP=group, BLOCK_KVH=block_kvh, HEAD_DIM=head_dim,
+            BLOCK_P=block_p, PAGE_SIZE=page_size, num_warps=num_warps or 4)
+    else:
+        block_p = block_p or 64
+        _quest_head_bounds[(batch, kv_heads, triton.cdiv(max_pages, block_p))](
+            *args, GROUP=group, HEAD_DIM=head_dim, BLOCK_P=block_p, PAGE_SIZE=page_size,
+            num_warps=num_warps or 4)
+    budget, sink, recent = force if force is not None else (0, 0, 0)
+    block_all = max(16, triton.next_power_of_2(max_pages))
+    _combine_heads[(batch, kv_heads)](
+        bounds, seq_lens, scores, bounds.stride(0), bounds.stride(1), scores.stride(0), scores.stride(1),
+        max_pages, default_scale(head_dim) if scale is None else scale, budget, sink, recent, GROUP=group,
+        BLOCK_G=triton.next_power_of_2(group), BLOCK_P=block_all, PAGE_SIZE=page_size,
+        FORCE=force is not None, num_warps=4 if block_all * group <= 4096 else 8)
     return scores
 
 
@@ -221,7 +246,7 @@ def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     if max_pages <= budget and not return_selection:
         return paged_decode(q, k_cache, v_cache, page_tables, seq_lens, scale, **tuning)
     scores = quest_scores(q, kmin, kmax, page_tables, seq_lens, page_size, (budget, sink, recent),
-                          **(score_tuning or {}))
+                          scale=scale, **(score_tuning or {}))
     logical, physical, vlens = select_pages(scores, page_tables, seq_lens, page_size, budget,
                                             **(select_tuning or {}))
     if tuning.get("num_splits") is None:  # short page lists: splits of 2 key blocks (H100 b1: 14.7 vs 17.3 us)
