@@ -159,7 +159,10 @@ def llama_server(path: str, threads: int, python: str):
     log_path = Path(tempfile.mkdtemp()) / "llama_server.log"
     log = open(log_path, "w")
     process = subprocess.Popen([python, "-m", "llama_cpp.server", "--model", path, "--port", str(port),
-                                "--n_ctx", "4096", "--n_threads", str(threads), "--model_alias", MODEL],
+                                "--n_ctx", "4096", "--n_threads", str(threads), "--model_alias", MODEL,
+                                # its default cuts a running stream when the next request arrives;
+                                # measure it at its best: one request after the other
+                                "--interrupt_requests", "False"],
                                stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_until_ready(process, f"http://127.0.0.1:{port}/v1/models", log_path, 300)
