@@ -246,7 +246,9 @@ class LlamaModel(nn.Module):
             h = rms_norm_fast(x, entry.ln1, eps)
             qkv = entry.qkv(h)
             qk = qkv[:, :qk_size].view(tokens, qk_heads, d)
-            qk = torch.addcmul(qk * cos, qk.roll(half, -1), sin)
+            # roll by half a head == swap the two halves: flip of a [2, half] view, one kernel
+            swapped = qk.view(tokens, qk_heads, 2, half).flip(2).view(tokens, qk_heads, d)
+            qk = torch.addcmul(qk * cos, swapped, sin)
             v = qkv[:, qk_size:].view(tokens, kv_heads, d)
             out = paged_attention(layer, qk[:, :heads], qk[:, heads:], v, cache, meta, scale)
             x = x + entry.o(out.reshape(tokens, q_size))
