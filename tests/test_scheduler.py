@@ -69,6 +69,18 @@ def test_32_concurrent_streams_match_alone(float32_server):
     float32_server.wait_idle()
 
 
+def test_seed_reproducible_float32(float32_server):
+    """With float32, a seeded request gives the same text cold, from the radix cache, and as
+    choice 0 of n=3 (choice i draws with seed + i)."""
+    client = openai.OpenAI(base_url=float32_server.base_url, api_key="unused", max_retries=0)
+    kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "Write a word."}], temperature=1.0,
+                  max_tokens=12, seed=1234)
+    cold = client.chat.completions.create(**kwargs).choices[0].message.content
+    warm = client.chat.completions.create(**kwargs).choices[0].message.content
+    many = client.chat.completions.create(n=3, **kwargs)
+    assert cold == warm == many.choices[0].message.content
+
+
 async def stream_tokens(client: openai.AsyncOpenAI, spec: dict) -> list[str]:
     stream = await client.chat.completions.create(model=MODEL, temperature=0, stream=True, logprobs=True,
                                                   **spec)

@@ -96,10 +96,11 @@ class FastLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.q4 is not None and x.shape[0] <= INT4_MAX_ROWS:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.q4, INT4_GROUP, self.scale_zero)
+            # the kernel refuses strided rows (e.g. a slice of model.rms_norm_fast's output)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.q4, INT4_GROUP, self.scale_zero)
             return y if self.bias is None else y + self.bias
         if self.q is not None and x.shape[0] <= INT8_MAX_ROWS:
-            y = torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
+            y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.q, self.scale)
             return y if self.bias is None else y + self.bias
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
