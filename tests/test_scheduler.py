@@ -173,6 +173,9 @@ def test_n_choices_share_the_prompt(live_server):
 
 def test_health_metrics_and_clear(live_server):
     with httpx.Client(base_url=live_server.url, timeout=30) as http:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Name a fruit."}], "max_tokens": 2}
+        for _ in range(2):          # the second finds the first's prompt cached
+            assert http.post("/v1/chat/completions", json=body).status_code == 200
         health = http.get("/health").json()
         stats = health["radix_cache_stats"]
         for key in ("total_nodes", "cached_tokens", "shared_prefix_count", "avg_sharing_depth", "hit_rate",
@@ -183,6 +186,7 @@ def test_health_metrics_and_clear(live_server):
         metrics = http.get("/metrics").text
         assert "radixgate_radix_cache_hit_rate" in metrics
         assert "radixgate_attention_pages_skipped_total" in metrics
+        assert 'radixgate_requests_total{endpoint="/v1/chat/completions",status="200"}' in metrics
         assert http.get("/debug/radix_stats").json()[MODEL]["total_nodes"] == stats["total_nodes"]
         cleared = http.post("/clear_radix_cache").json()
         assert cleared["pages_freed"][MODEL] > 0
