@@ -137,11 +137,11 @@ class Scheduler:
                 continue
             if remaining > 1:
                 budget -= count
-            ids = request.all_ids
             chunk = SequenceChunk(
-                token_ids=ids[request.num_computed:request.num_computed + count],
+                token_ids=request.token_slice(request.num_computed, request.num_computed + count),
                 start_position=request.num_computed,
-                page_table=list(request.page_table),
+                # by reference: the backend reads it within this step, before anything changes it
+                page_table=request.page_table,
                 want_logits=request.num_computed + count == request.total_len)
             scheduled.append((request, chunk))
         return [chunk for _, chunk in scheduled], scheduled
