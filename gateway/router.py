@@ -97,6 +97,11 @@ class Router:
                                 "radixgate does not serve yet.", type="server_error", param="model")
         raise model_not_found(name)
 
+    def attach(self, loop) -> None:
+        """Read every engine's messages on the server's event loop."""
+        for model in self.models.values():
+            model.engine.attach(loop)
+
     def stop(self) -> None:
         for model in self.models.values():
             model.engine.stop()

@@ -48,6 +48,7 @@ def create_app(config: Config, router: Router) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
+        router.attach(asyncio.get_running_loop())
         yield
         router.stop()
 

@@ -2,8 +2,8 @@
 
 The HTTP side only sends commands (add, cancel, call) down the pipe and reads its own asyncio
 queues; requests, pages and the radix tree live in the engine process (gateway/engine/worker.py).
-One reader thread receives the engine's messages and hands each request's events to the event
-loop that submitted it.
+The event loop itself watches the pipe (loop.add_reader): a step's message wakes it once and its
+events go straight into the requests' queues, with no thread hop per token.
 """
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ class Engine:
         self._adds_handled = 0
         self._waiting = 0
         self._stopping = False
-        self._reader = threading.Thread(target=self._read, name="radixgate-engine-reader", daemon=True)
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # ---- life cycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -107,10 +107,22 @@ class Engine:
             raise EngineStartError(message[1])
         assert message[0] == "ready", message
         self.info, self.context_length = message[1], message[2]
-        self._reader.start()
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Read the engine's messages on `loop` (the server's event loop; call it on that loop)."""
+        if self._loop is loop:
+            return
+        assert self._loop is None, "an engine reads on one event loop"
+        self._loop = loop
+        loop.add_reader(self._conn.fileno(), self._on_readable)
 
     def stop(self) -> None:
         self._stopping = True
+        if self._loop is not None and not self._loop.is_closed():
+            try:
+                self._loop.remove_reader(self._conn.fileno())
+            except (OSError, ValueError, RuntimeError):
+                pass
         if self._process.is_alive():
             try:
                 self._send(("stop",))
@@ -143,6 +155,8 @@ class Engine:
         """
         if not self.alive:
             raise EngineUnavailable(self.fatal_error or "the engine process is not running")
+        if self._loop is None:
+            self.attach(asyncio.get_running_loop())
         pending = self._adds_sent - self._adds_handled
         if self._waiting + pending >= self.settings.max_waiting_requests:
             raise QueueFull(f"{self._waiting + pending} requests are waiting; try again shortly")
@@ -196,29 +210,31 @@ class Engine:
         """call() for code outside any event loop (tests, tools)."""
         return self._start_call(name).result(timeout=timeout_s)
 
-    # ---- reader thread -------------------------------------------------------------------
-    def _read(self) -> None:
-        while True:
-            try:
-                message = self._conn.recv()
-            except (EOFError, OSError):
-                self._engine_gone()
-                return
-            kind = message[0]
-            if kind == "events":
-                self._dispatch(message[1])
-                self._waiting, self._adds_handled = message[2], message[3]
-            elif kind == "result":
-                with self._state_lock:
-                    future = self._calls.pop(message[1])
-                if message[2]:
-                    future.set_result(message[3])
-                else:
-                    future.set_exception(RuntimeError(message[3]))
-            elif kind == "fatal":
-                self.fatal_error = self.fatal_error or message[1]
+    # ---- messages from the engine (on the attached loop) -----------------------------------
+    def _on_readable(self) -> None:
+        try:
+            while self._conn.poll():
+                self._handle(self._conn.recv())
+        except (EOFError, OSError):
+            self._loop.remove_reader(self._conn.fileno())
+            self._engine_gone()
+
+    def _handle(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "events":
+            self._dispatch(message[1])
+            self._waiting, self._adds_handled = message[2], message[3]
+        elif kind == "result":
+            with self._state_lock:
+                future = self._calls.pop(message[1])
+            if message[2]:
+                future.set_result(message[3])
             else:
-                log.error("unexpected message from the engine: %r", kind)
+                future.set_exception(RuntimeError(message[3]))
+        elif kind == "fatal":
+            self.fatal_error = self.fatal_error or message[1]
+        else:
+            log.error("unexpected message from the engine: %r", kind)
 
     def _dispatch(self, events: list[tuple[str, TokenEvent]]) -> None:
         batches: dict[int, tuple[RequestHandle, list[TokenEvent]]] = {}
@@ -232,10 +248,16 @@ class Engine:
                 if event.finish_reason is not None:
                     del self._open[request_id]
         for handle, batch in batches.values():
-            try:
-                handle.loop.call_soon_threadsafe(handle.deliver, batch)
-            except RuntimeError:       # that event loop is closed: nobody is listening
-                pass
+            self._deliver(handle, batch)
+
+    def _deliver(self, handle: RequestHandle, events: list[TokenEvent]) -> None:
+        if handle.loop is self._loop:
+            handle.deliver(events)
+            return
+        try:
+            handle.loop.call_soon_threadsafe(handle.deliver, events)
+        except RuntimeError:           # that event loop is closed: nobody is listening
+            pass
 
     def _engine_gone(self) -> None:
         """The pipe closed: end every open request and call with an error (unless we stopped it)."""
@@ -248,15 +270,7 @@ class Engine:
         with self._state_lock:
             open_requests, self._open = self._open, {}
             calls, self._calls = self._calls, {}
-        self._dispatch_failures(open_requests, message)
+        for handle, index in open_requests.values():
+            self._deliver(handle, [TokenEvent(index, "", [], [], finish_reason="error", error=message)])
         for future in calls.values():
             future.set_exception(EngineUnavailable(message))
-
-    @staticmethod
-    def _dispatch_failures(open_requests: dict[str, tuple[RequestHandle, int]], message: str) -> None:
-        for handle, index in open_requests.values():
-            event = TokenEvent(index, "", [], [], finish_reason="error", error=message)
-            try:
-                handle.loop.call_soon_threadsafe(handle.deliver, [event])
-            except RuntimeError:
-                pass
