@@ -80,13 +80,18 @@ class Backend(Protocol):
 
 @dataclass(frozen=True)
 class SparseSettings:
-    """Quest decode settings in tokens (kernels/reference.py says how they round to pages)."""
+    """Quest decode settings in tokens (kernels/reference.py says how they round to pages).
+
+    summary_tokens: tokens per key min/max summary; it divides the page size, so each page keeps
+    page_size // summary_tokens summaries. Pages are still what is selected and read.
+    """
 
     enabled: bool = False
     token_budget: int = 2048
     dense_layers: int = 2
     sink_tokens: int = 16
-    recent_tokens: int = 256
+    recent_tokens: int = 64
+    summary_tokens: int = 4
 
 
 @dataclass(frozen=True)

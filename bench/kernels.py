@@ -137,8 +137,14 @@ def tables(batch, ctx, page_size, num_pages):
     return torch.randperm(num_pages, device=DEV)[:batch * per].view(batch, per).int()
 
 
-def summaries(k, page_size):
-    kmin = torch.empty(k.shape[0], HKV, D, device=DEV, dtype=DT)
+# Tokens per key summary in the timing sections; None: one summary per page, as in the timings that
+# docs/kernels.md records. The correctness checks use the engine's default, 4 (reference.py layout).
+TIMING_SUMMARY_TOKENS = None
+
+
+def summaries(k, page_size, summary_tokens=None):
+    summary_tokens = summary_tokens or TIMING_SUMMARY_TOKENS or page_size
+    kmin = torch.empty(k.shape[0], page_size // summary_tokens, HKV, D, device=DEV, dtype=DT)
     kmax = torch.empty_like(kmin)
     n = k.shape[0] * page_size
     update_page_summaries(kmin, kmax, k, torch.arange(k.shape[0], device=DEV, dtype=torch.int32)[None],
@@ -171,7 +177,7 @@ def correctness():
         lens = [p + n for p, n in zip(prefix, new, strict=True)]
         cu = [0] + torch.tensor(new).cumsum(0).tolist()
         kn, vn = (torch.randn(sum(new), hkv, hd, device=DEV).to(dt) for _ in "kv")
-        kmin, kmax = (torch.zeros(k.shape[0], hkv, hd, device=DEV) for _ in "kv")
+        kmin, kmax = (torch.zeros(k.shape[0], ps // 4, hkv, hd, device=DEV) for _ in "kv")    # 4-token blocks
         kmr, kxr = kmin.cpu(), kmax.cpu()
         for i in range(len(new)):
             ref.write_kv(kr, vr, tc[i], prefix[i], kn[cu[i]:cu[i + 1]].cpu(), vn[cu[i]:cu[i + 1]].cpu())
@@ -192,7 +198,7 @@ def correctness():
         for i, n in enumerate(lens):
             e, _ = ref.sparse_paged_decode(q[i].cpu(), kr, vr, kmr, kxr, tc[i], n, sc, *counts)
             errs.append(rel(out[i].cpu(), e))
-            want = ref.select_pages(ref.quest_page_scores(q[i].cpu(), kmr, kxr, tc[i], -(-n // ps)),
+            want = ref.select_pages(ref.quest_page_scores(q[i].cpu(), kmr, kxr, tc[i], n, ps),
                                     *ref.sparse_page_counts(ps, *counts))
             same &= torch.equal(chosen[i, :, :want.shape[1]].cpu(), want)
         ok &= check(f"sparse {name} (same pages: {same})", max(errs), TOL[dt] if same else 0)
@@ -428,7 +434,11 @@ def main():
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", ""))
     ap.add_argument("--flex-budget-s", type=float, default=150.0)
+    ap.add_argument("--summary-tokens", type=int, default=None,
+                    help="tokens per key summary in the sparse timings (default: one summary per page)")
     args = ap.parse_args()
+    global TIMING_SUMMARY_TOKENS
+    TIMING_SUMMARY_TOKENS = args.summary_tokens
     dyn = torch._dynamo.config  # flex recompiles once per shape
     setattr(dyn, "recompile_limit" if hasattr(dyn, "recompile_limit") else "cache_size_limit", 64)
     torch.manual_seed(0)

@@ -19,15 +19,18 @@
    interleaved step by step so that drift in the machine's speed hits them alike).
 
 Every config runs through TorchRunner.forward (swapping runner.settings.sparse between forwards),
-so the numbers are those of the serving code path. Settings: page 16, sink 16, recent 64,
-dense_layers 2 (the config defaults); budgets in tokens. --sweep adds configs at every budget with
-other settings or another page-scoring rule (see RULES below), e.g.
+so the numbers are those of the serving code path. The runners are built with sparse attention on,
+so their caches keep key summaries (written in every config); the timed dense steps run without
+them, as a server with sparse attention off does. Settings: page 16, sink 16, recent 64,
+dense_layers 2, summary_tokens 4 (the config defaults); budgets in tokens. --sweep adds configs at
+every budget with other settings or another page-scoring rule (see RULES below), e.g.
 
-    python bench/sparse_quality.py --device cuda --sweep rule=sum,recent=256 rule=sub8-lse-max
+    python bench/sparse_quality.py --device cuda --sweep rule=sum,recent=256 rule=sub2-lse-max
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import math
@@ -123,11 +126,12 @@ class Config:
 # ---- RULES: candidate page-scoring rules (--sweep rule=...) --------------------------------------
 # The engine's rule is "engine" (the same as "lse-max"). The candidates below replace its page
 # scores through the same selection and attention code (sa.select_pages, sa.attend_pages), so that
-# a sweep compares rules on equal terms: "sum" (raw bounds summed over the GQA group, the engine's
-# earlier rule), "max" (raw bounds, max over the group), "lse-max" (log-softmax over the pages per
-# head, max over the group) and "softmax-sum" (softmax per head, summed). "subN-" rules score each
-# page by the best Quest bound of its N-token sub-blocks, computed here from the keys themselves:
-# they show what finer summaries would buy (the engine keeps one min/max per page), and are not timed.
+# a sweep compares rules on equal terms. Each head's page bound comes from the cache's summaries
+# (the best of the page's written blocks of --summary-tokens tokens); then "sum" (raw bounds summed
+# over the GQA group, the engine's earlier rule), "max" (raw bounds, max over the group), "lse-max"
+# (log-softmax over the pages per head, max over the group) or "softmax-sum" (softmax per head,
+# summed). "subN-" rules take each page's bound from N-token sub-blocks computed here from the keys
+# themselves: they show what other summary sizes would buy without another cache, and are not timed.
 
 def head_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
     """Quest bound of every q head: q [B, H, d], kmin/kmax [B, P, kvh, d] -> [B, kvh, group, P]."""
@@ -178,10 +182,8 @@ def rule_attention(rule: str):
         if sub:
             bound = sub_block_bounds(q, k_layer, plan, int(sub[3:]))
         else:
-            flat = plan.sparse_pages.flatten()
-            kmin = kmin_layer.index_select(0, flat).view(*plan.sparse_pages.shape, *kmin_layer.shape[1:])
-            kmax = kmax_layer.index_select(0, flat).view(*plan.sparse_pages.shape, *kmax_layer.shape[1:])
-            bound = head_bounds(q, kmin, kmax)
+            kmin, kmax = sa.gather_summaries(kmin_layer, kmax_layer, plan.sparse_pages)
+            bound = sa.head_page_logits(q, kmin, kmax, plan.unwritten, 1.0)      # raw bounds
         scores = combine(bound, (plan.bias > float("-inf")).unsqueeze(1), how, scale)
         chosen = sa.select_pages(scores, plan.bias, plan.budget_pages)
         return sa.attend_pages(q, k_layer, v_layer, chosen, plan, scale), chosen
@@ -206,7 +208,7 @@ def configs(budgets: list[int], args) -> list[Config]:
         if opts["rule"] != "engine":
             rule_attention(opts["rule"])            # fail early on a bad name
         for budget in budgets:
-            sparse = SparseSettings(True, budget, opts["dense"], opts["sink"], opts["recent"])
+            sparse = SparseSettings(True, budget, opts["dense"], opts["sink"], opts["recent"], args.summary_tokens)
             out.append(Config(f"sparse {budget}" + (f" [{spec}]" if spec else ""), sparse, opts["rule"],
                               timed=not opts["rule"].startswith("sub")))
     return out
@@ -218,6 +220,24 @@ def forward(runner: TorchRunner, cfg: Config | SparseSettings, chunks: list[Sequ
     sa.sparse_rows_attention = ENGINE_ROWS_ATTENTION if cfg.rule == "engine" else rule_attention(cfg.rule)
     runner.settings = dataclasses.replace(runner.settings, sparse=cfg.sparse)
     return runner.forward(ForwardBatch(chunks))
+
+
+def runner_sparse(args) -> SparseSettings:
+    """Settings that the runners are built with: sparse on, so that their caches keep summaries."""
+    return SparseSettings(True, max(args.budgets), args.dense_layers, args.sink, args.recent, args.summary_tokens)
+
+
+@contextlib.contextmanager
+def no_summaries(runner: TorchRunner, off: bool):
+    """With off, the cache has no summaries for the duration: nothing writes them, as in a server
+    with sparse attention off (the dense baseline of the timing)."""
+    saved = runner.cache.kmin, runner.cache.kmax
+    if off:
+        runner.cache.kmin = runner.cache.kmax = None
+    try:
+        yield
+    finally:
+        runner.cache.kmin, runner.cache.kmax = saved
 
 
 def prefill(runner: TorchRunner, seqs: list[tuple[list[int], list[int]]], chunk: int) -> None:
@@ -360,7 +380,7 @@ def passkey(runner, tok, cfgs, args) -> tuple[dict[str, float], list[tuple]]:
 def decode_speed(source, tok, cfgs, args) -> list[tuple]:
     runner = TorchRunner(RunnerSettings(source.kind, source.path, "bench", dtype="float32", device="cpu",
                                         page_size=args.page_size, num_pages=args.timing_context // args.page_size + 8,
-                                        context_length=8192))
+                                        context_length=8192, sparse=runner_sparse(args)))
     ids = tok.encode(english_text())[:args.timing_context]
     pages = Pages(runner.page_size)
     table = pages.take(len(ids) + 1)
@@ -377,10 +397,11 @@ def decode_speed(source, tok, cfgs, args) -> list[tuple]:
         ratio = {}
         for step in range(args.timing_steps + 2):        # configs interleaved: drift hits all alike
             for cfg in timed:
-                t0 = time.perf_counter()
-                result = forward(runner, cfg, [SequenceChunk([ids[-1]], len(ids), table)])
-                if step >= 2:
-                    times[cfg.name].append(time.perf_counter() - t0)
+                with no_summaries(runner, off=not cfg.sparse.enabled):
+                    t0 = time.perf_counter()
+                    result = forward(runner, cfg, [SequenceChunk([ids[-1]], len(ids), table)])
+                    if step >= 2:
+                        times[cfg.name].append(time.perf_counter() - t0)
                 a = result.attention
                 ratio[cfg.name] = a.pages_skipped / max(1, a.pages_read + a.pages_skipped)
         rows += [(threads, cfg.name, statistics.median(times[cfg.name]) * 1e3, ratio[cfg.name]) for cfg in timed]
@@ -402,6 +423,7 @@ def main() -> None:
     parser.add_argument("--sink", type=int, default=16)
     parser.add_argument("--recent", type=int, default=64)
     parser.add_argument("--dense-layers", type=int, default=2)
+    parser.add_argument("--summary-tokens", type=int, default=4, help="tokens per key min/max summary")
     parser.add_argument("--texts", type=int, default=4)
     parser.add_argument("--context", type=int, default=7000, help="tokens per teacher-forced text")
     parser.add_argument("--positions", type=int, default=560, help="decoded positions per text")
@@ -433,7 +455,8 @@ def main() -> None:
     say(f"# bench/sparse_quality.py  {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
     say(f"command: python {' '.join(sys.argv)}")
     say(f"python {platform.python_version()}, torch {torch.__version__}, model {source.path.rsplit('/', 1)[-1]}, "
-        f"float32, page {args.page_size}, sink {args.sink}, recent {args.recent}, dense_layers {args.dense_layers}")
+        f"float32, page {args.page_size}, sink {args.sink}, recent {args.recent}, dense_layers {args.dense_layers}, "
+        f"summary_tokens {args.summary_tokens}")
     quality = keys = timing = None
     if not {"quality", "passkey"} <= set(args.skip):
         # One config's pages at a time (each hands its pages back before the next).
@@ -442,7 +465,8 @@ def main() -> None:
                      * (max(args.passkey_lengths) + 64 + 16 + args.passkey_tokens + 48))
         runner = TorchRunner(RunnerSettings(
             source.kind, source.path, "bench", dtype="float32", device=args.device, page_size=args.page_size,
-            num_pages=needed // args.page_size + 16, context_length=8192, threads=args.threads))
+            num_pages=needed // args.page_size + 16, context_length=8192, threads=args.threads,
+            sparse=runner_sparse(args)))
         say(f"quality runs on {runner.info.device}")
         if "passkey" not in args.skip:
             keys, rows = passkey(runner, tok, cfgs, args)

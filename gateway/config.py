@@ -43,6 +43,8 @@ class SparseAttentionConfig(Strict):
     dense_layers: int = Field(2, ge=0, description="the first layers always attend densely")
     sink_tokens: int = Field(16, ge=0, description="always kept from the start of the sequence")
     recent_tokens: int = Field(64, ge=1, description="always kept from the end of the sequence")
+    summary_tokens: int = Field(4, ge=1, description="tokens per key min/max summary (several per page: "
+                                "tighter page scores); must divide kv_cache.page_size")
 
 
 class SchedulerConfig(Strict):
@@ -70,6 +72,9 @@ class ModelConfig(Strict):
             raise ValueError("backend litellm needs litellm_params (e.g. {model: openai/gpt-4o-mini})")
         sparse, page = self.sparse_attention, self.kv_cache.page_size
         if sparse.enabled:
+            if page % sparse.summary_tokens:
+                raise ValueError(f"sparse_attention.summary_tokens {sparse.summary_tokens} must divide "
+                                 f"kv_cache.page_size {page}")
             budget_pages = sparse.token_budget // page
             fixed = -(-sparse.sink_tokens // page) + max(1, -(-sparse.recent_tokens // page))
             if budget_pages <= fixed:

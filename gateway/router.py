@@ -42,7 +42,8 @@ def runner_settings(cfg: ModelConfig, backend: str) -> RunnerSettings:
         kv_memory_bytes=int(cfg.kv_cache.cpu_cache_gb * (1 << 30)), context_length=cfg.context_length,
         threads=cfg.threads, sparse=SparseSettings(
             enabled=sparse.enabled, token_budget=sparse.token_budget, dense_layers=sparse.dense_layers,
-            sink_tokens=sparse.sink_tokens, recent_tokens=sparse.recent_tokens))
+            sink_tokens=sparse.sink_tokens, recent_tokens=sparse.recent_tokens,
+            summary_tokens=sparse.summary_tokens))
 
 
 def load_local_model(cfg: ModelConfig, check_invariants: bool = False) -> LocalModel:

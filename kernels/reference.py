@@ -2,11 +2,19 @@
 
 Layout (per layer): k_cache, v_cache: [num_pages, page_size, kv_heads, head_dim]; a sequence is a
 page table (list of page ids); its token at position p lives in page page_table[p // page_size],
-slot p % page_size. Page summaries: kmin, kmax: [num_pages, kv_heads, head_dim], the element-wise
-min/max over the page's written slots (Quest). All arithmetic here is float32.
+slot p % page_size.
 
-Sparse decode scores pages with quest_page_scores (the Quest bound per q head, normalised per head
-over the pages, max over the GQA group) and rounds token counts to pages: budget_pages =
+Key summaries (Quest): kmin, kmax: [num_pages, blocks, kv_heads, head_dim]. Each page is cut into
+`blocks` blocks of summary_tokens = page_size // blocks slots; block j covers slots
+[j * summary_tokens, (j + 1) * summary_tokens). Its summary is the element-wise min/max of the keys
+in its written slots; a block with no written slot holds 0 (never an earlier owner's keys), and no
+score ever reads it. Viewed as [num_pages * blocks, kv_heads, head_dim], these are exactly the
+one-per-page summaries of the same cache seen as pages of summary_tokens tokens.
+All arithmetic here is float32.
+
+Sparse decode scores pages with quest_page_scores: each page's Quest bound per q head is the best
+bound of its written blocks; each head's bounds are normalised over the pages, then the max over
+the GQA group is taken. Selection stays per page. Token counts round to pages: budget_pages =
 budget_tokens // page_size (the budget includes the sink and recent pages), sink_pages =
 ceil(sink_tokens / page_size), recent_pages = ceil(recent_tokens / page_size) counted back from the
 last (possibly partial) page.
@@ -40,16 +48,31 @@ def gather_kv(cache: torch.Tensor, page_table: torch.Tensor, length: int) -> tor
     return cache[page_table[:num_used].long()].flatten(0, 1)[:length]
 
 
+def summary_tokens(k_cache: torch.Tensor, kmin: torch.Tensor) -> int:
+    """Tokens per summary block: page_size // blocks."""
+    page_size, blocks = k_cache.shape[1], kmin.shape[1]
+    assert page_size % blocks == 0, f"{blocks} summary blocks do not divide a page of {page_size}"
+    return page_size // blocks
+
+
 def update_page_summaries(kmin: torch.Tensor, kmax: torch.Tensor, k_cache: torch.Tensor,
                           page_table: torch.Tensor, start: int, end: int) -> None:
-    """Recompute min/max of every page touched by positions [start, end), over its written slots."""
+    """Recompute every block summary of every page touched by positions [start, end): min/max over
+    the block's written slots [0, end) of the page, 0 for a block with none."""
     page_size = k_cache.shape[1]
+    sub = summary_tokens(k_cache, kmin)
     for logical in range(start // page_size, -(-end // page_size)):
         filled = min(page_size, end - logical * page_size)
         page = int(page_table[logical])
-        keys = k_cache[page, :filled].float()
-        kmin[page] = keys.amin(dim=0).to(kmin.dtype)
-        kmax[page] = keys.amax(dim=0).to(kmax.dtype)
+        for block in range(kmin.shape[1]):
+            first, last = block * sub, min((block + 1) * sub, filled)
+            if first < last:
+                keys = k_cache[page, first:last].float()
+                kmin[page, block] = keys.amin(dim=0).to(kmin.dtype)
+                kmax[page, block] = keys.amax(dim=0).to(kmax.dtype)
+            else:
+                kmin[page, block] = 0
+                kmax[page, block] = 0
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -73,35 +96,43 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 
 def quest_head_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
-                      page_table: torch.Tensor, num_used_pages: int) -> torch.Tensor:
-    """Quest's upper bound of q.k over each page's keys, per q head:
-    sum over d of max(q_d * kmin_d, q_d * kmax_d).
+                      page_table: torch.Tensor, seq_len: int, page_size: int) -> torch.Tensor:
+    """Quest's upper bound of q.k over each page's keys, per q head: the largest, over the page's
+    written blocks, of sum over d of max(q_d * kmin_d, q_d * kmax_d).
 
-    q: [q_heads, d] -> bounds: [kv_heads, group, num_used_pages].
+    A block is written when its first position is below seq_len; the others (in the last page)
+    never count, whatever their summary holds.
+    q: [q_heads, d] -> bounds: [kv_heads, group, ceil(seq_len / page_size)].
     """
     q_heads, head_dim = q.shape
-    kv_heads = kmin.shape[1]
-    pages = page_table[:num_used_pages].long()
-    qg = q.float().view(kv_heads, q_heads // kv_heads, 1, head_dim)          # [kvh, g, 1, d]
-    lo = kmin[pages].float().permute(1, 0, 2).unsqueeze(1)                    # [kvh, 1, P, d]
-    hi = kmax[pages].float().permute(1, 0, 2).unsqueeze(1)
-    return torch.maximum(qg * lo, qg * hi).sum(dim=-1)                        # [kvh, g, P]
+    blocks, kv_heads = kmin.shape[1:3]
+    sub = page_size // blocks
+    num_used = -(-seq_len // page_size)
+    pages = page_table[:num_used].long()
+    qg = q.float().view(kv_heads, q_heads // kv_heads, 1, 1, head_dim)       # [kvh, g, 1, 1, d]
+    lo = kmin[pages].float().permute(2, 0, 1, 3).unsqueeze(1)                 # [kvh, 1, P, blocks, d]
+    hi = kmax[pages].float().permute(2, 0, 1, 3).unsqueeze(1)
+    bounds = torch.maximum(qg * lo, qg * hi).sum(dim=-1)                      # [kvh, g, P, blocks]
+    first = torch.arange(num_used).unsqueeze(1) * page_size + torch.arange(blocks) * sub
+    bounds = bounds.masked_fill(first >= seq_len, float("-inf"))              # unwritten blocks
+    return bounds.amax(dim=-1)                                                # [kvh, g, P]
 
 
 def quest_page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
-                      page_table: torch.Tensor, num_used_pages: int,
+                      page_table: torch.Tensor, seq_len: int, page_size: int,
                       scale: float | None = None) -> torch.Tensor:
-    """Page scores per KV head: the Quest bound of each q head of the GQA group, normalised per head
-    by a log-softmax over the sequence's pages at the attention scale, then the max over the group.
+    """Page scores per KV head: the Quest bound of each q head of the GQA group (quest_head_bounds),
+    normalised per head by a log-softmax over the sequence's pages at the attention scale, then the
+    max over the group.
 
     Summing raw bounds over the group lets the heads with the largest bounds choose for all. A log-
     softmax turns each head's bounds into the (bounded) log share of its attention that a page may
     take, and the max keeps a page that any one head needs (a retrieval head's needle page).
 
-    q: [q_heads, d] -> scores: [kv_heads, num_used_pages].
+    q: [q_heads, d] -> scores: [kv_heads, ceil(seq_len / page_size)].
     """
     scale = default_scale(q.shape[1]) if scale is None else scale
-    logits = quest_head_bounds(q, kmin, kmax, page_table, num_used_pages) * scale
+    logits = quest_head_bounds(q, kmin, kmax, page_table, seq_len, page_size) * scale
     return (logits - logits.logsumexp(dim=-1, keepdim=True)).amax(dim=1)
 
 
@@ -140,17 +171,17 @@ def sparse_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                         seq_len: int, scale: float, budget_tokens: int, sink_tokens: int,
                         recent_tokens: int) -> tuple[torch.Tensor, int]:
     """Quest decode of one query q: [q_heads, d] over the first seq_len tokens (its own K/V written).
-    Pages are scored by quest_page_scores at the attention's own scale.
+    Pages are scored by quest_page_scores at the attention's own scale; kmin, kmax: [num_pages,
+    blocks, kv_heads, d] as the module says.
 
     Returns (out [q_heads, d] float32, pages read summed over KV heads).
     """
     q_heads, head_dim = q.shape
     num_pages_total, page_size, kv_heads, _ = k_cache.shape
     group = q_heads // kv_heads
-    num_used = -(-seq_len // page_size)
     budget_pages, sink_pages, recent_pages = sparse_page_counts(
         page_size, budget_tokens, sink_tokens, recent_tokens)
-    scores = quest_page_scores(q, kmin, kmax, page_table, num_used, scale)
+    scores = quest_page_scores(q, kmin, kmax, page_table, seq_len, page_size, scale)
     chosen = select_pages(scores, budget_pages, sink_pages, recent_pages)     # [kvh, k]
     out = torch.empty(q_heads, head_dim)
     for h in range(kv_heads):

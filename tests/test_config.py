@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import ConfigError, load_config, parse_config
+from gateway.config import ConfigError, SparseAttentionConfig, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -16,6 +16,7 @@ def test_repository_config_is_valid():
     config = load_config(ROOT / "config.yaml")
     assert config.models[0].name == "smollm2-135m-instruct"
     assert config.models[0].kv_cache.page_size == 16
+    assert config.models[0].sparse_attention == SparseAttentionConfig()     # config.yaml shows the defaults
 
 
 @pytest.mark.parametrize("data, key, words", [
@@ -26,6 +27,11 @@ def test_repository_config_is_valid():
      "models.0", "token_budget"),
     ({"models": [{"name": "m", "sparse_attention": {"dense_layers": -1}}]},
      "models.0.sparse_attention.dense_layers", "greater than or equal"),
+    ({"models": [{"name": "m", "kv_cache": {"page_size": 8}, "sparse_attention": {"enabled": True,
+                                                                                  "summary_tokens": 16}}]},
+     "models.0", "sparse_attention.summary_tokens 16 must divide kv_cache.page_size 8"),
+    ({"models": [{"name": "m", "sparse_attention": {"summary_tokens": 0}}]},
+     "models.0.sparse_attention.summary_tokens", "greater than or equal"),
     ({"models": [{"name": "m", "colour": "blue"}]}, "models.0.colour", "Extra inputs"),
     ({"models": [{"name": "a"}, {"name": "a"}]}, "(top level)", "unique"),
     ({"models": [{"name": "g", "backend": "litellm"}]}, "models.0", "litellm_params"),

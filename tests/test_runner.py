@@ -5,12 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from backends.base import ForwardBatch, RunnerSettings, SequenceChunk
+from backends.base import ForwardBatch, RunnerSettings, SequenceChunk, SparseSettings
 from backends.cuda.runner import TorchRunner
 from kernels import reference
 
 PAGE = 4
 VOCAB = 128
+# Sparse decode on (so the cache keeps key summaries), two 2-token summary blocks per page.
+SPARSE = SparseSettings(True, token_budget=16, dense_layers=1, sink_tokens=4, recent_tokens=4, summary_tokens=2)
 
 
 @pytest.fixture(scope="module")
@@ -62,22 +64,24 @@ def test_mixed_batch_equals_sequences_alone(folder):
 
 
 def assert_summaries_exact(runner: TorchRunner, table: list[int], length: int) -> None:
+    """Every block of the used pages: min/max of its written keys, 0 where none is written yet."""
     cache = runner.cache
     used = table[:-(-length // PAGE)]
     for layer in range(runner.config.num_layers):
-        kmin, kmax = torch.zeros_like(cache.kmin[layer]), torch.zeros_like(cache.kmax[layer])
+        kmin, kmax = torch.full_like(cache.kmin[layer], torch.nan), torch.full_like(cache.kmax[layer], torch.nan)
         reference.update_page_summaries(kmin, kmax, cache.k[layer], torch.tensor(table), 0, length)
         assert torch.equal(cache.kmin[layer][used], kmin[used])
         assert torch.equal(cache.kmax[layer][used], kmax[used])
 
 
 def test_page_summaries_exact_after_writes_and_page_reuse(folder):
-    runner = make_runner(folder)
+    runner = make_runner(folder, sparse=SPARSE)
+    assert runner.cache.kmin.shape == (2, 32, PAGE // 2, 2, 16)
     table = [6, 3, 11, 2]
     seq = tokens(14, 5)
     run(runner, SequenceChunk(seq[:5], 0, table))          # page 3 partly filled (1 of 4)
     assert_summaries_exact(runner, table, 5)
-    run(runner, SequenceChunk(seq[5:7], 5, table))         # extend inside the partial page
+    run(runner, SequenceChunk(seq[5:7], 5, table))         # extend inside the partial page and block
     assert_summaries_exact(runner, table, 7)
     for pos in range(7, 14):                               # decode across two page boundaries
         run(runner, SequenceChunk([seq[pos]], pos, table))
@@ -88,7 +92,22 @@ def test_page_summaries_exact_after_writes_and_page_reuse(folder):
     run(runner, SequenceChunk(tokens(5, 6), 0, reused))
     assert_summaries_exact(runner, reused, 5)
     k = runner.cache.k[0]
-    assert torch.equal(runner.cache.kmax[0][3], k[3, :1].amax(dim=0))
+    assert torch.equal(runner.cache.kmax[0][3, 0], k[3, :1].amax(dim=0))
+    assert not runner.cache.kmax[0][3, 1].any()            # the old owner's second block is gone
+    # Decodes reuse page 2 (written at slots 0-1 by the first sequence) from slot 0, in place.
+    other = [2]
+    for pos, token in enumerate(tokens(3, 7)):
+        run(runner, SequenceChunk([token], pos, other))
+        assert_summaries_exact(runner, other, pos + 1)
+
+
+def test_dense_runner_keeps_no_summaries(folder):
+    runner = make_runner(folder)
+    assert runner.cache.kmin is None and runner.cache.kmax is None
+    seq, table = tokens(9, 8), [3, 1, 7]
+    run(runner, SequenceChunk(seq[:6], 0, table))
+    run(runner, SequenceChunk(seq[6:7], 6, table))
+    assert runner.cache.kmin is None
 
 
 def test_bfloat16_close_to_float32(folder):
@@ -108,8 +127,11 @@ def test_bfloat16_close_to_float32(folder):
 def test_info_and_pool_sizing(folder):
     runner = make_runner(folder, num_pages=None, kv_memory_bytes=1 << 20)
     info = runner.info
-    # 2 layers * 2 kv heads * 16 dims * 4 bytes * 2 (K, V) * (4 slots + 1 summary slot) = 2560 bytes
-    assert info.num_pages == (1 << 20) // 2560 == runner.num_pages
+    # 2 layers * 2 kv heads * 16 dims * 4 bytes * 2 (K, V) * 4 slots = 2048 bytes: no summaries
+    assert info.num_pages == (1 << 20) // 2048 == runner.num_pages
+    # Sparse on: 2 summary blocks of 2 tokens per page, a min and a max row each: 2560 + 512 bytes
+    sparse = make_runner(folder, num_pages=None, kv_memory_bytes=1 << 20, sparse=SPARSE)
+    assert sparse.num_pages == (1 << 20) // 3072
     assert (info.page_size, info.context_length, info.vocab_size) == (PAGE, 128, VOCAB)
     assert info.backend == "cpu" and info.dtype == "float32" and info.device == "cpu (1 threads)"
     capped = make_runner(folder, num_pages=None, kv_memory_bytes=1 << 30, context_length=64)

@@ -1,9 +1,10 @@
 """Triton attention kernels vs kernels/reference.py, on CPU under the Triton interpreter.
 
-Fresh random inputs (torch.randn) at small shapes: ragged lengths, partial last pages, GQA 1/4/8,
-head_dim 64/128, page sizes 8..64, sparse lengths below and above the budget. Unused pages, page
-table padding and unwritten slots hold NaN, and outputs are NaN-filled before each launch, so a
-stray read or an unwritten output shows up as NaN.
+Fresh random inputs (torch.randn) at small shapes: ragged lengths, partial last pages and partial
+summary blocks, GQA 1/4/8, head_dim 64/128, page sizes 8..64, 1 to 16 summaries per page, sparse
+lengths below and above the budget. Unused pages, page table padding, unwritten slots and the
+summaries of unwritten blocks hold NaN, and outputs are NaN-filled before each launch, so a stray
+read or an unwritten output shows up as NaN.
 """
 import os
 
@@ -127,15 +128,18 @@ def test_extend_attention(dtype, group, head_dim, page_size, tuning):
     assert rel_err(out, expected) < TOL[dtype]
 
 
-@pytest.mark.parametrize("dtype,summary_dtype,page_size", [(F16, torch.float32, 16), (BF16, BF16, 8),
-                                                           (BF16, torch.float32, 64)])
-def test_write_kv_and_summaries(dtype, summary_dtype, page_size):
+@pytest.mark.parametrize("dtype,summary_dtype,page_size,summary_tokens", [
+    (F16, torch.float32, 16, 4), (BF16, BF16, 8, 8), (BF16, torch.float32, 64, 4), (F16, F16, 16, 1)])
+def test_write_kv_and_summaries(dtype, summary_dtype, page_size, summary_tokens):
+    """Old random summaries stand for a page's earlier owner: every block of every touched page must
+    come out exact (0 where no slot is written yet), untouched pages unchanged."""
     head_dim, starts, new = 64, [0, 13, 40, 7], [35, 1, 24, 0]
     ends = [s + n for s, n in zip(starts, new, strict=True)]
     k, v, table, _, gen = make_paged([max(e, 1) for e in ends], page_size, 1, head_dim, dtype, seed=7)
     k_new = torch.randn(sum(new), KV_HEADS, head_dim, generator=gen).to(dtype)
     v_new = torch.randn(sum(new), KV_HEADS, head_dim, generator=gen).to(dtype)
-    kmin = torch.randn(k.shape[0], KV_HEADS, head_dim, generator=gen).to(summary_dtype)
+    blocks = page_size // summary_tokens
+    kmin = torch.randn(k.shape[0], blocks, KV_HEADS, head_dim, generator=gen).to(summary_dtype)
     kmax = torch.randn_like(kmin)
     k_ref, v_ref, kmin_ref, kmax_ref = k.clone(), v.clone(), kmin.clone(), kmax.clone()
     cu = [0] + torch.tensor(new).cumsum(0).tolist()
@@ -156,45 +160,55 @@ def test_write_kv_and_summaries(dtype, summary_dtype, page_size):
     assert torch.equal(kmin2, kmin2_ref) and torch.equal(kmax2, kmax2_ref)
 
 
-def sparse_inputs(lens, page_size, group, head_dim, dtype, seed):
+def sparse_inputs(lens, page_size, group, head_dim, dtype, seed, summary_tokens=4):
+    """make_paged, plus summaries: exact for written blocks, NaN everywhere else (spare pages and the
+    unwritten blocks of each last page), so that reading or selecting on them shows."""
     k, v, table, q_heads, gen = make_paged(lens, page_size, group, head_dim, dtype, seed, poison_v=False)
-    kmin = torch.empty(k.shape[0], KV_HEADS, head_dim, dtype=torch.float32)
-    kmax = torch.empty_like(kmin)
+    blocks = page_size // summary_tokens
+    kmin = torch.full((k.shape[0], blocks, KV_HEADS, head_dim), float("nan"))
+    kmax = torch.full_like(kmin, float("nan"))
     for i, n in enumerate(lens):
         ref.update_page_summaries(kmin, kmax, k, table[i], 0, n)
+        last = int(table[i, (n - 1) // page_size])
+        first_unwritten = -(-(n - (n - 1) // page_size * page_size) // summary_tokens)
+        kmin[last, first_unwritten:] = kmax[last, first_unwritten:] = float("nan")
     q = torch.randn(len(lens), q_heads, head_dim, generator=gen).to(dtype)
     return q, k, v, kmin.to(dtype), kmax.to(dtype), table
 
 
-@pytest.mark.parametrize("group,tuning", [(1, {}), (4, {}), (8, {}), (4, dict(all_heads=False)),
-                                          (8, dict(block_p=4, pages_per_prog=6)), (4, dict(block_p=2))])
-def test_quest_scores(group, tuning):
-    lens = [200, 17, 96]
-    q, _, _, kmin, kmax, table = sparse_inputs(lens, 16, group, 64, BF16, seed=30 + group)
+@pytest.mark.parametrize("group,tuning,summary_tokens", [
+    (1, {}, 4), (4, {}, 4), (8, {}, 2), (4, {}, 16), (4, dict(all_heads=False), 4), (2, dict(all_heads=False), 1),
+    (8, dict(block_p=4, pages_per_prog=6), 4), (4, dict(block_p=2), 8)])
+def test_quest_scores(group, tuning, summary_tokens):
+    lens = [200, 17, 96, 35]            # last pages: 8, 1, 16 and 3 of 16 slots written
+    q, _, _, kmin, kmax, table = sparse_inputs(lens, 16, group, 64, BF16, seed=30 + group,
+                                               summary_tokens=summary_tokens)
     scores = quest_scores(q, kmin, kmax, table, i32(lens), 16, **tuning)
     for i, n in enumerate(lens):
         used = -(-n // 16)
-        expected = ref.quest_page_scores(q[i], kmin, kmax, table[i], used)
+        expected = ref.quest_page_scores(q[i], kmin, kmax, table[i], n, 16)
+        assert torch.isfinite(expected).all()
         torch.testing.assert_close(scores[i, :, :used], expected, rtol=1e-5, atol=1e-4)
         assert (scores[i, :, used:] == float("-inf")).all()
 
 
-SPARSE_CASES = [  # dtype, group, head_dim, page_size, budget/sink/recent tokens
-    (BF16, 1, 64, 16, (128, 16, 32)),
-    (F16, 4, 128, 16, (160, 1, 16)),
-    (BF16, 8, 64, 8, (64, 8, 20)),
-    (F16, 4, 64, 32, (256, 32, 33)),
+SPARSE_CASES = [  # dtype, group, head_dim, page_size, budget/sink/recent tokens, summary_tokens
+    (BF16, 1, 64, 16, (128, 16, 32), 4),
+    (F16, 4, 128, 16, (160, 1, 16), 2),
+    (BF16, 8, 64, 8, (64, 8, 20), 8),
+    (F16, 4, 64, 32, (256, 32, 33), 4),
 ]
 
 
-@pytest.mark.parametrize("dtype,group,head_dim,page_size,budget", SPARSE_CASES)
-def test_sparse_decode(dtype, group, head_dim, page_size, budget):
+@pytest.mark.parametrize("dtype,group,head_dim,page_size,budget,summary_tokens", SPARSE_CASES)
+def test_sparse_decode(dtype, group, head_dim, page_size, budget, summary_tokens):
     budget_tokens, sink, recent = budget
     budget_pages = budget_tokens // page_size
     # above the budget (partial and full last pages), just above, exactly at and below it
     lens = [7 * budget_tokens // 2 + 5, budget_tokens + page_size + 1, budget_tokens,
             budget_tokens // 3, 3 * budget_tokens]
-    q, k, v, kmin, kmax, table = sparse_inputs(lens, page_size, group, head_dim, dtype, seed=50 + group)
+    q, k, v, kmin, kmax, table = sparse_inputs(lens, page_size, group, head_dim, dtype, seed=50 + group,
+                                               summary_tokens=summary_tokens)
     out, chosen, vlens = sparse_decode(q, k, v, kmin, kmax, table, i32(lens), budget_tokens, sink,
                                        recent, num_splits=3, block_n=16, return_selection=True)
     scale = ref.default_scale(head_dim)
@@ -203,7 +217,7 @@ def test_sparse_decode(dtype, group, head_dim, page_size, budget):
                                                        budget_tokens, sink, recent)
         used = min(-(-n // page_size), budget_pages)
         assert torch.equal(chosen[i, :, :used], ref.select_pages(
-            ref.quest_page_scores(q[i], kmin, kmax, table[i], -(-n // page_size)),
+            ref.quest_page_scores(q[i], kmin, kmax, table[i], n, page_size),
             *ref.sparse_page_counts(page_size, budget_tokens, sink, recent)))
         assert used * KV_HEADS == pages_read
         assert rel_err(out[i], expected) < TOL[dtype]

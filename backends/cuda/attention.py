@@ -1,8 +1,9 @@
-"""Attention over paged KV for the torch backend: write new K/V and page summaries, then attend.
+"""Attention over paged KV for the torch backend: write new K/V and key summaries, then attend.
 
 Layout and semantics are those of kernels/reference.py; this module only batches the work: the
 metadata (slots, touched pages, decode page tables) is built once per forward and reused by every
 layer. Prefill/extend chunks attend one sequence at a time; single-token decodes are batched.
+Key summaries exist only when sparse attention is on (PagedKVCache(summary_tokens=...)).
 """
 from __future__ import annotations
 
@@ -16,23 +17,38 @@ from backends.cuda.sparse_attention import sparse_decode_attention
 
 
 class PagedKVCache:
-    """Per-layer K/V pages [num_pages, page_size, kv_heads, head_dim] and Quest min/max summaries."""
+    """Per-layer K/V pages [num_pages, page_size, kv_heads, head_dim], and with summary_tokens the
+    Quest key summaries kmin/kmax [num_layers, num_pages, page_size // summary_tokens, kv_heads,
+    head_dim] of kernels/reference.py (one min/max per block of summary_tokens slots).
+
+    summary_tokens=None (sparse attention off): kmin = kmax = None. Only sparse decode reads the
+    summaries, so a dense server neither stores nor writes them.
+    """
 
     def __init__(self, num_layers: int, num_pages: int, page_size: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str):
+                 dtype: torch.dtype, device: torch.device | str, summary_tokens: int | None = None):
         shape = (num_layers, num_pages, page_size, kv_heads, head_dim)
-        self.page_size, self.num_pages = page_size, num_pages
+        self.page_size, self.num_pages, self.summary_tokens = page_size, num_pages, summary_tokens
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        # min/max of values stored in `dtype` are values of `dtype`: summaries lose nothing by it.
-        self.kmin = torch.zeros(num_layers, num_pages, kv_heads, head_dim, dtype=dtype, device=device)
-        self.kmax = torch.zeros_like(self.kmin)
+        self.kmin: torch.Tensor | None = None
+        self.kmax: torch.Tensor | None = None
+        if summary_tokens is not None:
+            assert summary_tokens >= 1 and page_size % summary_tokens == 0, \
+                f"summary_tokens {summary_tokens} must divide the page size {page_size}"
+            blocks = page_size // summary_tokens
+            # min/max of values stored in `dtype` are values of `dtype`: summaries lose nothing by it.
+            self.kmin = torch.zeros(num_layers, num_pages, blocks, kv_heads, head_dim, dtype=dtype,
+                                    device=device)
+            self.kmax = torch.zeros_like(self.kmin)
 
     @staticmethod
     def bytes_per_page(num_layers: int, page_size: int, kv_heads: int, head_dim: int,
-                       element_size: int) -> int:
-        """K + V slots and both summaries of one page, over all layers."""
-        return num_layers * kv_heads * head_dim * element_size * 2 * (page_size + 1)
+                       element_size: int, summary_tokens: int | None = None) -> int:
+        """K + V slots of one page over all layers, plus both summaries of each of its blocks when
+        summary_tokens is given (sparse attention on)."""
+        rows = 2 * page_size + (2 * (page_size // summary_tokens) if summary_tokens else 0)
+        return num_layers * kv_heads * head_dim * element_size * rows
 
 
 @dataclass
@@ -50,6 +66,7 @@ class AttentionMetadata:
     """Everything the layers need about the batch layout, built once per forward."""
 
     slots: torch.Tensor                  # [T] flat slot (page * page_size + offset) of each new token
+    slot_list: list[int]                 # the same on the host (summary indices derive from it)
     summary_pages: torch.Tensor          # [S] pages touched by this batch
     summary_filled: torch.Tensor         # [S] written slots of each touched page after the batch
     prefill: list[PrefillSeq]
@@ -61,9 +78,9 @@ class AttentionMetadata:
     stats: AttentionStats = field(default_factory=AttentionStats)
     # Fast-path extras (the fields above keep their meaning for sparse_attention.py):
     decode_only: bool = False            # every chunk is one new token, each on a page of its own
-    summary_first: torch.Tensor | None = None   # [S, 1, 1] True where the new token opens its page
     decode_max_length: int = 0           # max(decode_lengths), known on the host
     decode_slot_index: torch.Tensor | None = None   # flat key slots of the decodes, built lazily
+    summary_plan: SummaryPlan | None = None         # how this batch updates summaries, built lazily
 
 
 def build_metadata(chunks: list[tuple[int, int, list[int]]], page_size: int,
@@ -99,44 +116,106 @@ def build_metadata(chunks: list[tuple[int, int, list[int]]], page_size: int,
 
     # All single-token chunks on distinct pages: summaries update in place (min/max with the new key).
     decode_only = not prefill and len(set(pages)) == len(pages)
-    first = None
-    if decode_only:
-        first = torch.tensor([f == 1 for f in filled], dtype=torch.bool, device=device).view(-1, 1, 1)
     return AttentionMetadata(
-        slots=as_long(slots), summary_pages=as_long(pages), summary_filled=as_long(filled),
-        prefill=prefill, decode_rows=as_long(decode_rows),
+        slots=as_long(slots), slot_list=slots, summary_pages=as_long(pages),
+        summary_filled=as_long(filled), prefill=prefill, decode_rows=as_long(decode_rows),
         decode_pages=torch.tensor(padded, dtype=torch.long, device=device).view(len(padded), width),
         decode_mask=mask.view(len(padded), 1, 1, width * page_size).to(device),
         decode_lengths=lengths.to(device), sparse=sparse, decode_only=decode_only,
-        summary_first=first, decode_max_length=max(decode_lengths, default=0))
+        decode_max_length=max(decode_lengths, default=0))
+
+
+@dataclass
+class SummaryPlan:
+    """How one forward updates the key summaries, the same for every layer (built once).
+
+    Decode-only batches fold each new key into its block's summary in place: `blocks` [T] are the
+    flat block rows (page * blocks_per_page + slot // summary_tokens, i.e. slot // summary_tokens),
+    `opens_block` [T, 1, 1] says the key is the block's first, and `opened_pages` lists the pages a
+    key opens at slot 0, whose blocks are all zeroed first (a recycled page keeps nothing of its
+    previous owner). Other batches recompute every block of every touched page from the cache:
+    `unwritten` [S, blocks, summary_tokens, 1, 1] marks slots at or past `summary_filled`, and
+    `empty` [S, blocks, 1, 1] blocks with no written slot (their summary is 0).
+    """
+
+    summary_tokens: int
+    blocks: torch.Tensor | None = None
+    opens_block: torch.Tensor | None = None
+    opened_pages: torch.Tensor | None = None
+    unwritten: torch.Tensor | None = None
+    empty: torch.Tensor | None = None
+
+
+def make_summary_plan(meta: AttentionMetadata, page_size: int, summary_tokens: int) -> SummaryPlan:
+    device = meta.slots.device
+    plan = SummaryPlan(summary_tokens)
+    if meta.decode_only:
+        slots = meta.slot_list
+        plan.blocks = torch.tensor([s // summary_tokens for s in slots], dtype=torch.long, device=device)
+        plan.opens_block = torch.tensor([s % summary_tokens == 0 for s in slots], dtype=torch.bool,
+                                        device=device).view(-1, 1, 1)
+        opened = [s // page_size for s in slots if s % page_size == 0]
+        if opened:                              # known on the host: no op at all on most steps
+            plan.opened_pages = torch.tensor(opened, dtype=torch.long, device=device)
+        return plan
+    blocks = page_size // summary_tokens
+    slot = torch.arange(page_size, device=device)
+    unwritten = slot.unsqueeze(0) >= meta.summary_filled.unsqueeze(1)                # [S, page]
+    plan.unwritten = unwritten.view(-1, blocks, summary_tokens, 1, 1)
+    plan.empty = plan.unwritten.all(dim=2)
+    return plan
 
 
 def write_kv_and_summaries(cache: PagedKVCache, layer: int, k: torch.Tensor, v: torch.Tensor,
                            meta: AttentionMetadata) -> None:
-    """Store new k, v: [T, kv_heads, d] and recompute min/max of every touched page exactly.
+    """Store new k, v: [T, kv_heads, d] and, when the cache keeps summaries, bring every block
+    summary of every touched page to its exact value (reference.update_page_summaries).
 
-    A page is always written from slot 0 first, so the summary over slots [0, filled) never keeps
-    values of an earlier owner of the page.
+    A page is always written from slot 0 first, and its blocks are all rewritten then (zeros for
+    those not yet written), so no summary keeps values of an earlier owner of the page.
     """
     k_cache, v_cache = cache.k[layer], cache.v[layer]
     kv_heads, head_dim = k_cache.shape[2:]
     k = k.to(k_cache.dtype)
     k_cache.view(-1, kv_heads, head_dim).index_copy_(0, meta.slots, k)
     v_cache.view(-1, kv_heads, head_dim).index_copy_(0, meta.slots, v.to(v_cache.dtype))
-    if meta.decode_only:
-        # One new key per page: the page's summary over [0, filled) is the old one (exact over
-        # [0, filled - 1)) folded with the new key, or the new key alone when it opens the page.
-        kmin, kmax, pages = cache.kmin[layer], cache.kmax[layer], meta.summary_pages
-        kmin.index_copy_(0, pages, torch.where(meta.summary_first, k,
-                                               torch.minimum(kmin.index_select(0, pages), k)))
-        kmax.index_copy_(0, pages, torch.where(meta.summary_first, k,
-                                               torch.maximum(kmax.index_select(0, pages), k)))
+    if cache.kmin is None:                  # sparse attention off: nobody reads summaries
         return
-    keys = k_cache[meta.summary_pages]                                   # [S, page, kvh, d]
-    empty = (torch.arange(cache.page_size, device=keys.device).unsqueeze(0)
-             >= meta.summary_filled.unsqueeze(1)).view(*keys.shape[:2], 1, 1)
-    cache.kmin[layer][meta.summary_pages] = keys.masked_fill(empty, float("inf")).amin(dim=1)
-    cache.kmax[layer][meta.summary_pages] = keys.masked_fill(empty, float("-inf")).amax(dim=1)
+    plan = meta.summary_plan
+    if plan is None:
+        plan = meta.summary_plan = make_summary_plan(meta, cache.page_size, cache.summary_tokens)
+    assert plan.summary_tokens == cache.summary_tokens, "metadata was planned for another cache"
+    if meta.decode_only:
+        _fold_new_keys(cache.kmin[layer], cache.kmax[layer], k, plan)
+    else:
+        _recompute_touched_pages(cache, layer, meta, plan)
+
+
+def _fold_new_keys(kmin: torch.Tensor, kmax: torch.Tensor, k: torch.Tensor, plan: SummaryPlan) -> None:
+    """One new key per page (so per block): the block's summary over its written slots is the old
+    one (exact over the slots before the new key) folded with the key, or the key alone when it
+    opens the block. kmin, kmax: one layer's [pages, blocks, kv_heads, d]."""
+    if plan.opened_pages is not None:
+        kmin.index_fill_(0, plan.opened_pages, 0)
+        kmax.index_fill_(0, plan.opened_pages, 0)
+    flat_min, flat_max = kmin.view(-1, *kmin.shape[2:]), kmax.view(-1, *kmax.shape[2:])
+    rows, first = plan.blocks, plan.opens_block
+    flat_min.index_copy_(0, rows, torch.where(first, k, torch.minimum(flat_min.index_select(0, rows), k)))
+    flat_max.index_copy_(0, rows, torch.where(first, k, torch.maximum(flat_max.index_select(0, rows), k)))
+
+
+def _recompute_touched_pages(cache: PagedKVCache, layer: int, meta: AttentionMetadata,
+                             plan: SummaryPlan) -> None:
+    """Every block of every touched page from the keys in the cache: min/max over the written
+    slots [0, filled) of the page, 0 for a block with none."""
+    pages = meta.summary_pages
+    blocks = cache.kmin.shape[2]
+    keys = cache.k[layer][pages]                                                 # [S, page, kvh, d]
+    keys = keys.view(len(pages), blocks, cache.summary_tokens, *keys.shape[2:])  # [S, blocks, sub, kvh, d]
+    lo = keys.masked_fill(plan.unwritten, float("inf")).amin(dim=2).masked_fill(plan.empty, 0)
+    hi = keys.masked_fill(plan.unwritten, float("-inf")).amax(dim=2).masked_fill(plan.empty, 0)
+    cache.kmin[layer][pages] = lo
+    cache.kmax[layer][pages] = hi
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

@@ -84,15 +84,17 @@ class TorchRunner:
 
         self.page_size = settings.page_size
         self.context_length = settings.context_length or config.context_length
+        # Key summaries only when sparse decode will read them.
+        summary_tokens = settings.sparse.summary_tokens if settings.sparse.enabled else None
         per_page = PagedKVCache.bytes_per_page(config.num_layers, self.page_size, config.num_kv_heads,
-                                               config.head_dim, self.dtype.itemsize)
+                                               config.head_dim, self.dtype.itemsize, summary_tokens)
         cap = -(-self.context_length // self.page_size) * MAX_SEQUENCES
         self.num_pages = settings.num_pages or min(settings.kv_memory_bytes // per_page, cap)
         if self.num_pages < 1:
             raise ValueError(f"kv_memory_bytes {settings.kv_memory_bytes} holds no page "
                              f"({per_page} bytes each)")
         self.cache = PagedKVCache(config.num_layers, self.num_pages, self.page_size,
-                                  config.num_kv_heads, config.head_dim, self.dtype, self.device)
+                                  config.num_kv_heads, config.head_dim, self.dtype, self.device, summary_tokens)
         if self.device.type == "cuda":
             device_name = torch.cuda.get_device_name(self.device)
         else:

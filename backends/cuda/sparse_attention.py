@@ -1,8 +1,10 @@
 """Quest sparse decode for the torch backend: attend only to the pages whose keys can matter.
 
 For a decode row whose sequence spans more pages than the budget, every page gets Quest's upper
-bound of q.k from the page's key min/max summary, sum over d of max(q_d * kmin_d, q_d * kmax_d),
-for each q head. The bounds are combined over the q heads of a GQA group as kernels/reference.py
+bound of q.k for each q head: the largest, over the page's written blocks of summary_tokens slots,
+of sum over d of max(q_d * kmin_d, q_d * kmax_d) from the block's key min/max summary. Several
+summaries per page bound the keys far more tightly than one (docs/sparse.md), while selection,
+budget and reads stay whole pages. The bounds are combined over the q heads of a GQA group as kernels/reference.py
 says: a log-softmax over the row's pages per head (at the attention scale), then the max over the
 group, so a page that one head needs is kept even when another head's bounds are larger. The sink
 pages (first), the recent pages (last, counted back from the partial last page) and the best-scored
@@ -60,11 +62,22 @@ def page_counts(sparse: SparseSettings, page_size: int) -> tuple[int, int, int]:
     return budget_pages, sink_pages, recent_pages
 
 
+def summary_blocks(sparse: SparseSettings, page_size: int) -> int:
+    """Summaries per page, page_size // summary_tokens. Raises ValueError (naming the setting)
+    unless summary_tokens divides the page size."""
+    tokens = sparse.summary_tokens
+    if tokens < 1 or page_size % tokens:
+        raise ValueError(f"sparse_attention.summary_tokens {tokens} must divide kv_cache.page_size "
+                         f"{page_size} (tokens per key summary; e.g. 4, 8 or {page_size})")
+    return page_size // tokens
+
+
 def check_sparse_settings(sparse: SparseSettings, page_size: int, num_layers: int) -> None:
     """Start-up check of enabled settings against the page size and the model's layer count."""
     if not sparse.enabled:
         return
     page_counts(sparse, page_size)
+    summary_blocks(sparse, page_size)
     if sparse.dense_layers >= num_layers:
         raise ValueError(f"sparse_attention.dense_layers {sparse.dense_layers} leaves none of the "
                          f"model's {num_layers} layers sparse (it must be below {num_layers})")
@@ -83,14 +96,14 @@ class QuestPlan:
     sparse_pages: torch.Tensor      # [Bs, P] page tables of the sparse rows
     sparse_lengths: torch.Tensor    # [Bs, 1, 1] tokens, including the new one
     bias: torch.Tensor              # [Bs, 1, P] +inf forced (sink, recent), -inf padding, else 0
-    padding: torch.Tensor           # [Bs, 1, 1, P] -inf padding, else 0
+    unwritten: torch.Tensor         # [Bs, 1, 1, P * blocks] True for summary blocks past the sequence
     slot: torch.Tensor              # [page_size] 0..page_size-1
     slot_head: torch.Tensor         # [1, kv_heads, 1, page_size] slot * kv_heads + head
     pages_read: int
     pages_skipped: int
 
 
-def make_plan(meta: AttentionMetadata, page_size: int, kv_heads: int) -> QuestPlan:
+def make_plan(meta: AttentionMetadata, page_size: int, kv_heads: int, summary_tokens: int) -> QuestPlan:
     budget_pages, sink_pages, recent_pages = page_counts(meta.sparse, page_size)
     device = meta.decode_pages.device
     lengths = meta.decode_lengths
@@ -117,33 +130,49 @@ def make_plan(meta: AttentionMetadata, page_size: int, kv_heads: int) -> QuestPl
     padding = torch.zeros(sparse_pages.shape, dtype=torch.float32, device=device)
     padding = padding.masked_fill(logical >= used, float("-inf"))
     bias = padding.masked_fill(forced, float("inf"))
+    # A block counts when its first position is written: the unwritten blocks of the last page
+    # (and every block of a padding page) never score, whatever their summary holds.
+    first = torch.arange(0, width * page_size, summary_tokens, device=device).unsqueeze(0)  # [1, P*blocks]
+    unwritten = first >= lengths[sparse_rows].unsqueeze(1)
     slot = torch.arange(page_size, device=device)
     head = torch.arange(kv_heads, device=device).view(1, kv_heads, 1, 1)
     return QuestPlan(
         budget_pages=budget_pages, all_dense=n_sparse == 0, dense_rows=dense_rows,
         sparse_rows=sparse_rows, dense_pages=dense_pages, dense_mask=dense_mask,
         sparse_pages=sparse_pages, sparse_lengths=lengths[sparse_rows].view(-1, 1, 1),
-        bias=bias.unsqueeze(1), padding=padding.view(len(sparse_rows), 1, 1, width), slot=slot,
+        bias=bias.unsqueeze(1), unwritten=unwritten.view(len(sparse_rows), 1, 1, first.shape[1]), slot=slot,
         slot_head=slot * kv_heads + head,
         pages_read=read * kv_heads, pages_skipped=skipped * kv_heads)
 
 
-def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, padding: torch.Tensor,
-                 scale: float) -> torch.Tensor:
-    """Page scores per row and KV head, as kernels/reference.quest_page_scores: the Quest bound of
-    each q head, log-softmax over the row's pages at the attention scale, max over the GQA group.
+def head_page_logits(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, unwritten: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """scale * the Quest bound of every page for every q head, kernels/reference.quest_head_bounds:
+    the best bound of the page's written blocks.
 
-    q: [B, H, d]; kmin, kmax: [B, P, kv_heads, d]; padding: [B, 1, 1, P] (0, or -inf past the
-    sequence, which keeps padded pages out of the softmax) -> [B, kv_heads, P] (float32).
+    q: [B, H, d]; kmin, kmax: [B, P, blocks, kv_heads, d]; unwritten: [B, 1, 1, P * blocks] (True
+    for a block past the sequence: -inf whatever its summary holds) -> [B, kv_heads, group, P]
+    float32, -inf for padding pages.
     max(q*lo, q*hi) is q*hi where q >= 0 and q*lo where q < 0 (hi >= lo), so every head's bound is
     two batched matmuls with the positive and negative parts of q (scaled first: one op fewer).
     """
     batch, heads, head_dim = q.shape
-    kv_heads = kmin.shape[2]
+    width, blocks, kv_heads = kmin.shape[1:4]
     qg = (q.float() * scale).view(batch, kv_heads, heads // kv_heads, head_dim)   # [B, kvh, g, d]
-    hi = kmax.float().permute(0, 2, 3, 1)                                         # [B, kvh, d, P]
-    lo = kmin.float().permute(0, 2, 3, 1)
-    logits = qg.clamp(min=0) @ hi + qg.clamp(max=0) @ lo + padding                # [B, kvh, g, P]
+    hi = kmax.float().flatten(1, 2).permute(0, 2, 3, 1)                           # [B, kvh, d, P*blocks]
+    lo = kmin.float().flatten(1, 2).permute(0, 2, 3, 1)
+    logits = (qg.clamp(min=0) @ hi + qg.clamp(max=0) @ lo).masked_fill(unwritten, float("-inf"))
+    if blocks == 1:
+        return logits
+    return logits.view(*logits.shape[:3], width, blocks).amax(dim=-1)
+
+
+def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, unwritten: torch.Tensor,
+                 scale: float) -> torch.Tensor:
+    """Page scores per row and KV head, as kernels/reference.quest_page_scores: each q head's page
+    bounds (head_page_logits), log-softmax over the row's pages (padding pages, at -inf, take no
+    share), max over the GQA group -> [B, kv_heads, P] (float32)."""
+    logits = head_page_logits(q, kmin, kmax, unwritten, scale)                   # [B, kvh, g, P]
     return (logits - logits.logsumexp(dim=-1, keepdim=True)).amax(dim=2)
 
 
@@ -174,14 +203,21 @@ def sparse_rows_attention(q: torch.Tensor, k_layer: torch.Tensor, v_layer: torch
                           kmin_layer: torch.Tensor, kmax_layer: torch.Tensor, plan: QuestPlan,
                           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Quest decode of the plan's sparse rows, q: [Bs, H, d] -> (out [Bs, H, d], logical pages
-    chosen [Bs, kv_heads, budget_pages])."""
-    pages = plan.sparse_pages                                                    # [Bs, P]
-    flat = pages.flatten()                 # index_select: ~4x faster than kmin[pages] on CPU
-    kmin = kmin_layer.index_select(0, flat).view(*pages.shape, *kmin_layer.shape[1:])
-    kmax = kmax_layer.index_select(0, flat).view(*pages.shape, *kmax_layer.shape[1:])
-    scores = quest_scores(q, kmin, kmax, plan.padding, scale)                    # [Bs, kvh, P]
+    chosen [Bs, kv_heads, budget_pages]). kmin_layer, kmax_layer: [pages, blocks, kv_heads, d]."""
+    kmin, kmax = gather_summaries(kmin_layer, kmax_layer, plan.sparse_pages)
+    scores = quest_scores(q, kmin, kmax, plan.unwritten, scale)                  # [Bs, kvh, P]
     chosen = select_pages(scores, plan.bias, plan.budget_pages)                  # [Bs, kvh, k]
     return attend_pages(q, k_layer, v_layer, chosen, plan, scale), chosen
+
+
+def gather_summaries(kmin_layer: torch.Tensor, kmax_layer: torch.Tensor, pages: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The summaries [pages, blocks, kv_heads, d] of each row's pages [B, P] -> two [B, P, blocks,
+    kv_heads, d]. index_select: ~4x faster than kmin[pages] on CPU."""
+    flat = pages.flatten()
+    kmin = kmin_layer.index_select(0, flat).view(*pages.shape, *kmin_layer.shape[1:])
+    kmax = kmax_layer.index_select(0, flat).view(*pages.shape, *kmax_layer.shape[1:])
+    return kmin, kmax
 
 
 def attend_pages(q: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor, chosen: torch.Tensor,
@@ -207,7 +243,12 @@ def attend_pages(q: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor, 
 def get_plan(cache: PagedKVCache, meta: AttentionMetadata) -> QuestPlan:
     plan = getattr(meta, PLAN_ATTRIBUTE, None)
     if plan is None:
-        plan = make_plan(meta, cache.page_size, cache.k.shape[3])
+        assert cache.kmin is not None, ("sparse decode needs key summaries: build the PagedKVCache with "
+                                        "summary_tokens (TorchRunner does when sparse_attention is enabled)")
+        assert meta.sparse.summary_tokens == cache.summary_tokens, (
+            f"sparse_attention.summary_tokens {meta.sparse.summary_tokens} differs from the cache's "
+            f"{cache.summary_tokens}")
+        plan = make_plan(meta, cache.page_size, cache.k.shape[3], cache.summary_tokens)
         setattr(meta, PLAN_ATTRIBUTE, plan)
     return plan
 

@@ -1,12 +1,12 @@
 """Quest sparse decode: score pages by their key summaries, keep the best under a token budget (plus
 sink and recent pages), and attend only to those.
 
-A: a Triton kernel computes every used page's Quest bound sum_d max(q_d * kmin_d, q_d * kmax_d) for
-   each q head, reading only kmin/kmax (1/page_size of the K/V bytes); a second one scores each
-   page per (sequence, KV head) as reference.quest_page_scores does: per q head a log-softmax of
-   the bounds over the sequence's pages (attention scale), then the max over the GQA group. Sink
-   and recent pages (and every page of a sequence that fits the budget) get +inf, pages past the
-   sequence get -inf.
+A: a Triton kernel computes every used page's Quest bound for each q head: the best, over the
+   page's written summary blocks, of sum_d max(q_d * kmin_d, q_d * kmax_d), reading only kmin/kmax
+   (2 rows per summary_tokens keys); a second one scores each page per (sequence, KV head) as
+   reference.quest_page_scores does: per q head a log-softmax of the bounds over the sequence's
+   pages (attention scale), then the max over the GQA group. Sink and recent pages (and every page
+   of a sequence that fits the budget) get +inf, pages past the sequence get -inf.
 B: one Triton program per (sequence, KV head) finds the k-th largest score exactly (radix search
    on the float bits), keeps the pages above it (ties: lower index first), and writes them in
    ascending order through the page table: a per-(sequence, KV head) page list whose last entry is
@@ -28,58 +28,75 @@ from kernels.triton.decode import check_kv, default_num_splits, num_sms, paged_d
 
 
 @triton.jit
-def _quest_head_bounds(Q, KMin, KMax, PT, SeqLens, Bounds, s_qb, s_qh, s_mp, s_mh, s_xp, s_xh, s_pb,
-                       s_bb, s_bh, max_pages,
+def _quest_head_bounds(Q, KMin, KMax, PT, SeqLens, Bounds, s_qb, s_qh, s_mp, s_mb, s_mh, s_xp, s_xb, s_xh,
+                       s_pb, s_bb, s_bh, max_pages,
                        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr,
-                       PAGE_SIZE: tl.constexpr):
-    """One program per (sequence, KV head, block of pages): the Quest bound of each q head of the group."""
+                       PAGE_SIZE: tl.constexpr, BLOCKS: tl.constexpr):
+    """One program per (sequence, KV head, block of pages): the Quest bound of each q head of the
+    group, the best over each page's written summary blocks."""
+    SUB: tl.constexpr = PAGE_SIZE // BLOCKS
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     offs_p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_j = tl.arange(0, BLOCKS)
     offs_d = tl.arange(0, HEAD_DIM)
-    n_pages = tl.cdiv(tl.load(SeqLens + b), PAGE_SIZE)
-    valid = offs_p < n_pages
+    seq_len = tl.load(SeqLens + b)
+    valid = offs_p < tl.cdiv(seq_len, PAGE_SIZE)
+    written = (offs_p[:, None] * PAGE_SIZE + offs_j[None, :] * SUB) < seq_len       # [BLOCK_P, BLOCKS]
     page = tl.load(PT + b.to(tl.int64) * s_pb + offs_p, mask=valid, other=0).to(tl.int64)
-    lo = tl.load(KMin + page[:, None] * s_mp + kvh * s_mh + offs_d[None, :], mask=valid[:, None],
-                 other=0.0).to(tl.float32)
-    hi = tl.load(KMax + page[:, None] * s_xp + kvh * s_xh + offs_d[None, :], mask=valid[:, None],
-                 other=0.0).to(tl.float32)
+    m3 = written[:, :, None]
+    lo = tl.load(KMin + page[:, None, None] * s_mp + offs_j[None, :, None] * s_mb + kvh * s_mh
+                 + offs_d[None, None, :], mask=m3, other=0.0).to(tl.float32)
+    hi = tl.load(KMax + page[:, None, None] * s_xp + offs_j[None, :, None] * s_xb + kvh * s_xh
+                 + offs_d[None, None, :], mask=m3, other=0.0).to(tl.float32)
     for g in tl.static_range(GROUP):
-        qv = tl.load(Q + b * s_qb + (kvh * GROUP + g) * s_qh + offs_d).to(tl.float32)
-        bound = tl.sum(tl.maximum(qv[None, :] * lo, qv[None, :] * hi), 1)
+        qv = tl.load(Q + b * s_qb + (kvh * GROUP + g) * s_qh + offs_d).to(tl.float32)[None, None, :]
+        bound = tl.sum(tl.maximum(qv * lo, qv * hi), 2)                               # [BLOCK_P, BLOCKS]
+        bound = tl.max(tl.where(written, bound, float("-inf")), 1)
         tl.store(Bounds + b * s_bb + (kvh * GROUP + g) * s_bh + offs_p, bound, mask=offs_p < max_pages)
 
 
 @triton.jit
-def _quest_head_bounds_all_heads(Q, KMin, KMax, PT, SeqLens, Bounds, s_qb, s_qh, s_mp, s_mh, s_xp, s_xh,
-                                 s_pb, s_bb, s_bh, max_pages, pages_per_prog,
+def _quest_head_bounds_all_heads(Q, KMin, KMax, PT, SeqLens, Bounds, s_qb, s_qh, s_mp, s_mb, s_mh,
+                                 s_xp, s_xb, s_xh, s_pb, s_bb, s_bh, max_pages, pages_per_prog,
                                  KV_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_KVH: tl.constexpr,
-                                 HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr, PAGE_SIZE: tl.constexpr):
-    """One program per (sequence, block of pages), all KV heads at once: each page's summaries for all
-    heads are one contiguous row of kmin (and of kmax), read once for the whole group. Since
-    kmin <= kmax element-wise, max(q*lo, q*hi) = relu(q)*hi + min(q, 0)*lo."""
+                                 BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr,
+                                 PAGE_SIZE: tl.constexpr, BLOCKS: tl.constexpr):
+    """One program per (sequence, block of pages), all KV heads at once: a summary block's rows for
+    all heads are contiguous (and so are a page's blocks), read once for the whole group. Since
+    kmin <= kmax element-wise, max(q*lo, q*hi) = relu(q)*hi + min(q, 0)*lo. The best bound over a
+    page's written blocks is kept per (page, KV head, group head) in registers."""
+    SUB: tl.constexpr = PAGE_SIZE // BLOCKS
     b = tl.program_id(0)
     offs_h = tl.arange(0, BLOCK_KVH)
+    offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, HEAD_DIM)
     mask_h = offs_h < KV_HEADS
-    n_pages = tl.cdiv(tl.load(SeqLens + b), PAGE_SIZE)
+    seq_len = tl.load(SeqLens + b)
+    n_pages = tl.cdiv(seq_len, PAGE_SIZE)
     hd_lo = offs_h[None, :, None] * s_mh + offs_d[None, None, :]
     hd_hi = offs_h[None, :, None] * s_xh + offs_d[None, None, :]
+    out_heads = (offs_h[None, :, None] * GROUP + offs_g[None, None, :]) * s_bh     # [1, KVH, G]
+    mask_hg = mask_h[None, :, None] & (offs_g < GROUP)[None, None, :]
     p_start = tl.program_id(1) * pages_per_prog
     for p0 in range(p_start, tl.minimum(p_start + pages_per_prog, max_pages), BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         valid = offs_p < n_pages
         page = tl.load(PT + b.to(tl.int64) * s_pb + offs_p, mask=valid, other=0).to(tl.int64)
-        m3 = valid[:, None, None] & mask_h[None, :, None]
-        lo = tl.load(KMin + page[:, None, None] * s_mp + hd_lo, mask=m3, other=0.0).to(tl.float32)
-        hi = tl.load(KMax + page[:, None, None] * s_xp + hd_hi, mask=m3, other=0.0).to(tl.float32)
-        out_mask = (offs_p < max_pages)[:, None] & mask_h[None, :]
-        for g in tl.static_range(GROUP):
-            qv = tl.load(Q + b * s_qb + (offs_h[:, None] * GROUP + g) * s_qh + offs_d[None, :],
-                         mask=mask_h[:, None], other=0.0).to(tl.float32)[None, :, :]
-            bound = tl.sum(hi * tl.maximum(qv, 0.0) + lo * tl.minimum(qv, 0.0), 2)    # [BLOCK_P, BLOCK_KVH]
-            tl.store(Bounds + b * s_bb + (offs_h[None, :] * GROUP + g) * s_bh + offs_p[:, None], bound,
-                     mask=out_mask)
+        best = tl.full([BLOCK_P, BLOCK_KVH, BLOCK_G], float("-inf"), tl.float32)
+        for j in tl.static_range(BLOCKS):
+            written = offs_p * PAGE_SIZE + j * SUB < seq_len                           # implies valid
+            m3 = written[:, None, None] & mask_h[None, :, None]
+            lo = tl.load(KMin + page[:, None, None] * s_mp + j * s_mb + hd_lo, mask=m3, other=0.0).to(tl.float32)
+            hi = tl.load(KMax + page[:, None, None] * s_xp + j * s_xb + hd_hi, mask=m3, other=0.0).to(tl.float32)
+            for g in tl.static_range(GROUP):
+                qv = tl.load(Q + b * s_qb + (offs_h[:, None] * GROUP + g) * s_qh + offs_d[None, :],
+                             mask=mask_h[:, None], other=0.0).to(tl.float32)[None, :, :]
+                bound = tl.sum(hi * tl.maximum(qv, 0.0) + lo * tl.minimum(qv, 0.0), 2)  # [BLOCK_P, BLOCK_KVH]
+                bound = tl.where(written[:, None], bound, float("-inf"))
+                best = tl.where(offs_g[None, None, :] == g, tl.maximum(best, bound[:, :, None]), best)
+        tl.store(Bounds + b * s_bb + out_heads + offs_p[:, None, None], best,
+                 mask=(offs_p < max_pages)[:, None, None] & mask_hg)
 
 
 @triton.jit
@@ -114,7 +131,8 @@ def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_t
                  seq_lens: torch.Tensor, page_size: int, force: tuple[int, int, int] | None = None,
                  block_p: int | None = None, num_warps: int | None = None, pages_per_prog: int | None = None,
                  all_heads: bool = True, scale: float | None = None) -> torch.Tensor:
-    """Stage A. q: [batch, q_heads, d] -> fp32 scores [batch, kv_heads, max_pages] (-inf past each
+    """Stage A. q: [batch, q_heads, d], kmin/kmax [num_pages, blocks, kv_heads, d] (reference.py's
+    summaries) -> fp32 scores [batch, kv_heads, max_pages] (-inf past each
     sequence): reference.quest_page_scores, batched (summed in another order: equal to rounding), at
     the attention scale `scale` (default 1/sqrt(d)). force=(budget_pages, sink_pages, recent_pages)
     sets forced pages to +inf.
@@ -122,34 +140,37 @@ def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_t
     one program per (sequence, KV head) normalises each head over the sequence's pages and takes the
     max over the group. all_heads (default): the bounds kernel runs one program per (sequence,
     pages_per_prog pages), block_p pages per step, every KV head at once (needs kmin <= kmax, true
-    of written pages); pages_per_prog defaults to about 8 programs per SM. Else one program per
+    of written blocks); pages_per_prog defaults to about 8 programs per SM. Else one program per
     (sequence, KV head, block_p pages) summing max(q*lo, q*hi) directly (the original kernel)."""
     batch, q_heads, head_dim = q.shape
-    kv_heads = kmin.shape[1]
+    blocks, kv_heads = kmin.shape[1:3]
     max_pages = page_tables.shape[1]
-    assert kmin.shape == kmax.shape and kmin.shape[1:] == (kv_heads, head_dim) and q_heads % kv_heads == 0
-    assert q.stride(2) == 1 and kmin.stride(2) == 1 and kmax.stride(2) == 1 and page_tables.stride(1) == 1
+    assert kmin.shape == kmax.shape and kmin.shape[2:] == (kv_heads, head_dim) and q_heads % kv_heads == 0
+    assert page_size % blocks == 0, f"{blocks} summary blocks do not divide a page of {page_size}"
+    assert q.stride(2) == 1 and kmin.stride(3) == 1 and kmax.stride(3) == 1 and page_tables.stride(1) == 1
     assert page_tables.dtype == seq_lens.dtype == torch.int32
     bounds = torch.empty(batch, q_heads, max_pages, device=q.device, dtype=torch.float32)
     scores = torch.empty(batch, kv_heads, max_pages, device=q.device, dtype=torch.float32)
     group = q_heads // kv_heads
-    args = (q, kmin, kmax, page_tables, seq_lens, bounds, q.stride(0), q.stride(1), *kmin.stride()[:2],
-            *kmax.stride()[:2], page_tables.stride(0), bounds.stride(0), bounds.stride(1), max_pages)
+    args = (q, kmin, kmax, page_tables, seq_lens, bounds, q.stride(0), q.stride(1), *kmin.stride()[:3],
+            *kmax.stride()[:3], page_tables.stride(0), bounds.stride(0), bounds.stride(1), max_pages)
     if all_heads:
         block_kvh = triton.next_power_of_2(kv_heads)
-        # 4 pages x 8 heads x 128 (H100: 22 us vs 28 us per head at b16 x 32k; 8 and 16 pages were slower)
+        # 4 pages x 8 heads x 128 (H100, one summary per page: 22 us vs 28 us per head at b16 x 32k;
+        # 8 and 16 pages were slower). Each page's blocks are one more loop over the same tile.
         block_p = block_p or max(1, min(16, 4096 // (block_kvh * head_dim)))
         if pages_per_prog is None:
             per = -(-batch * max_pages // (8 * num_sms(q.device)))
             pages_per_prog = -(-per // block_p) * block_p
         pages_per_prog = max(block_p, -(-pages_per_prog // block_p) * block_p)
         _quest_head_bounds_all_heads[(batch, triton.cdiv(max_pages, pages_per_prog))](
-            *args, pages_per_prog, KV_HEADS=kv_heads, GROUP=group, BLOCK_KVH=block_kvh, HEAD_DIM=head_dim,
-            BLOCK_P=block_p, PAGE_SIZE=page_size, num_warps=num_warps or 4)
+            *args, pages_per_prog, KV_HEADS=kv_heads, GROUP=group, BLOCK_KVH=block_kvh,
+            BLOCK_G=triton.next_power_of_2(group), HEAD_DIM=head_dim, BLOCK_P=block_p, PAGE_SIZE=page_size,
+            BLOCKS=blocks, num_warps=num_warps or 4)
     else:
-        block_p = block_p or 64
+        block_p = block_p or max(1, 64 // blocks)          # a [block_p, blocks, d] tile per load
         _quest_head_bounds[(batch, kv_heads, triton.cdiv(max_pages, block_p))](
-            *args, GROUP=group, HEAD_DIM=head_dim, BLOCK_P=block_p, PAGE_SIZE=page_size,
+            *args, GROUP=group, HEAD_DIM=head_dim, BLOCK_P=block_p, PAGE_SIZE=page_size, BLOCKS=blocks,
             num_warps=num_warps or 4)
     budget, sink, recent = force if force is not None else (0, 0, 0)
     block_all = max(16, triton.next_power_of_2(max_pages))
@@ -233,8 +254,9 @@ def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     """Batched reference.sparse_paged_decode.
 
     q: [batch, q_heads, d]; caches [num_pages, page_size, kv_heads, d]; kmin, kmax [num_pages,
-    kv_heads, d]; page_tables int32 [batch, max_pages]; seq_lens int32 [batch] (>= 1). Token counts
-    round to pages as reference.sparse_page_counts says. Returns out [batch, q_heads, d] (q's dtype),
+    blocks, kv_heads, d] (one min/max per page_size // blocks slots); page_tables int32 [batch,
+    max_pages]; seq_lens int32 [batch] (>= 1). Token counts round to pages as
+    reference.sparse_page_counts says. Returns out [batch, q_heads, d] (q's dtype),
     or (out, logical pages [batch, kv_heads, k], virtual seq_lens) with return_selection.
     tuning (num_splits, block_n, num_warps, num_stages, ...) goes to the split-K decode kernel;
     score_tuning to quest_scores (block_p, num_warps, all_heads), select_tuning to select_pages.
