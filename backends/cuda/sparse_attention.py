@@ -4,9 +4,10 @@ For a decode row whose sequence spans more pages than the budget, every page get
 bound of q.k for each q head: the largest, over the page's written blocks of summary_tokens slots,
 of sum over d of max(q_d * kmin_d, q_d * kmax_d) from the block's key min/max summary. Several
 summaries per page bound the keys far more tightly than one (docs/sparse.md), while selection,
-budget and reads stay whole pages. The bounds are combined over the q heads of a GQA group as kernels/reference.py
-says: a log-softmax over the row's pages per head (at the attention scale), then the max over the
-group, so a page that one head needs is kept even when another head's bounds are larger. The sink
+budget and reads stay whole pages. The bounds are combined over the q heads of a GQA group as
+kernels/reference.py says: a log-softmax over the row's pages per head (at the attention scale),
+then the max over the group, so a page that one head needs is kept even when another head's
+bounds are larger. The sink
 pages (first), the recent pages (last, counted back from the partial last page) and the best-scored
 remaining pages fill `budget_pages`, per KV head and per sequence; attention then reads only those
 pages, straight from the paged cache (indexed by page id and KV head; the sequence is never copied
