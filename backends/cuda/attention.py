@@ -31,6 +31,10 @@ class PagedKVCache:
         self.page_size, self.num_pages, self.summary_tokens = page_size, num_pages, summary_tokens
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # Per layer, every slot as a row [pages * page_size, kv_heads, d]: views made once, since
+        # each decode step writes and gathers through them 4 times per layer.
+        self.k_slots = [layer.view(-1, kv_heads, head_dim) for layer in self.k]
+        self.v_slots = [layer.view(-1, kv_heads, head_dim) for layer in self.v]
         self.kmin: torch.Tensor | None = None
         self.kmax: torch.Tensor | None = None
         if summary_tokens is not None:
@@ -174,11 +178,10 @@ def write_kv_and_summaries(cache: PagedKVCache, layer: int, k: torch.Tensor, v: 
     A page is always written from slot 0 first, and its blocks are all rewritten then (zeros for
     those not yet written), so no summary keeps values of an earlier owner of the page.
     """
-    k_cache, v_cache = cache.k[layer], cache.v[layer]
-    kv_heads, head_dim = k_cache.shape[2:]
-    k = k.to(k_cache.dtype)
-    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, meta.slots, k)
-    v_cache.view(-1, kv_heads, head_dim).index_copy_(0, meta.slots, v.to(v_cache.dtype))
+    k_slots, v_slots = cache.k_slots[layer], cache.v_slots[layer]
+    k = k.to(k_slots.dtype)
+    k_slots.index_copy_(0, meta.slots, k)
+    v_slots.index_copy_(0, meta.slots, v.to(v_slots.dtype))
     if cache.kmin is None:                  # sparse attention off: nobody reads summaries
         return
     plan = meta.summary_plan
@@ -255,8 +258,8 @@ def decode_attention(q: torch.Tensor, cache: PagedKVCache, layer: int, meta: Att
         meta.decode_slot_index = _decode_slot_index(meta, cache.page_size)
     index = meta.decode_slot_index
     length = index.shape[0] // batch
-    k = cache.k[layer].view(-1, kv_heads, d).index_select(0, index).view(batch, length, kv_heads, d)
-    v = cache.v[layer].view(-1, kv_heads, d).index_select(0, index).view(batch, length, kv_heads, d)
+    k = cache.k_slots[layer].index_select(0, index).view(batch, length, kv_heads, d)
+    v = cache.v_slots[layer].index_select(0, index).view(batch, length, kv_heads, d)
     mask = meta.decode_mask[..., :length] if batch > 1 else None
     out = _sdpa(q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), mask, False, scale)
     return out.squeeze(2)

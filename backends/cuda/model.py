@@ -251,11 +251,11 @@ class LlamaModel(nn.Module):
             qk = torch.addcmul(qk * cos, swapped, sin)
             v = qkv[:, qk_size:].view(tokens, kv_heads, d)
             out = paged_attention(layer, qk[:, :heads], qk[:, heads:], v, cache, meta, scale)
-            x = x + entry.o(out.reshape(tokens, q_size))
+            x += entry.o(out.reshape(tokens, q_size))       # x is this forward's own tensor
             h = rms_norm_fast(x, entry.ln2, eps)
             gate_up = entry.gate_up(h)
             act = F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:])
-            x = x + entry.down(act)
+            x += entry.down(act)
         if logits_rows.shape[0] != tokens:
             x = x[logits_rows]
         x = rms_norm_fast(x, self.final_norm, eps)
