@@ -4,6 +4,9 @@ Same model (the packaged SmolLM2-135M-Instruct Q4_1 GGUF), same chat prompt, gre
   * single-stream decode tok/s (after the first token),
   * TTFT of a cold ~650-token prompt (a fresh nonce defeats every prefix cache),
   * aggregate tok/s and p95 TTFT of 8 concurrent streams (servers; in process: one batched loop).
+Decode and 8-stream figures are the median of --repeat runs (default 3; every run is in the JSON
+line printed per section): one 128-token stream lasts 2-3 s, and a 2-core machine shared with
+others swings by 20-30% from one second to the next.
 
     python bench/cpu.py                      # everything that is installed
     python bench/cpu.py --skip-hf --skip-llama
@@ -55,6 +58,10 @@ def long_message(tokenizer, target: int = 650) -> str:
     return text + "Summarise the text above in one sentence."
 
 
+def median(values: list[float]) -> float:
+    return pct(values, 0.5)
+
+
 def pct(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
@@ -91,15 +98,16 @@ def ours_in_process(args, tokenizer, dtype: str) -> dict:
         return streams * (n - 1) / (time.perf_counter() - started)
 
     generate(prompt, 8)                                           # warm-up
-    decode = generate(prompt, args.tokens)
+    decodes = [generate(prompt, args.tokens) for _ in range(args.repeat)]
     long_ids = tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": long_message(tokenizer)}]))
     started = time.perf_counter()
     runner.forward(ForwardBatch([SequenceChunk(long_ids, 0, table(len(long_ids) + 1))]))
     ttft = time.perf_counter() - started
     pages = iter(range(runner.num_pages))
-    batched = generate(prompt, args.tokens, streams=args.streams)
+    batched = [generate(prompt, args.tokens, streams=args.streams) for _ in range(args.repeat)]
     return {"dtype": runner.info.dtype, "device": runner.info.device, "prompt_tokens": len(prompt),
-            "long_tokens": len(long_ids), "decode": decode, "ttft_long": ttft, "agg": batched}
+            "long_tokens": len(long_ids), "decode": median(decodes), "decode_runs": decodes,
+            "ttft_long": ttft, "agg": median(batched), "agg_runs": batched}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,17 +135,21 @@ async def http_suite(base_url: str, model: str, args, tokenizer, extra: dict) ->
 
     client = openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=900)
     await one_stream(client, model, CHAT, 8, extra)                         # warm-up
-    single = await one_stream(client, model, CHAT, args.tokens, extra)
+    singles = [await one_stream(client, model, CHAT, args.tokens, extra) for _ in range(args.repeat)]
     long = await one_stream(client, model, long_message(tokenizer), 4, extra)
-    started = time.perf_counter()
-    many = await asyncio.gather(*(one_stream(client, model, f"(reader {i}) {CHAT}", args.tokens, extra)
-                                  for i in range(args.streams)))
-    wall = max(r["end"] for r in many) - started
-    return {"decode": single["decode"], "tokens": single["tokens"], "ttft_long": long["ttft"],
-            "agg": sum(r["tokens"] for r in many) / wall,
-            "p95_ttft": pct([r["ttft"] for r in many if r["tokens"]], 0.95),
-            "empty_streams": sum(1 for r in many if not r["tokens"]),
-            "stream_tokens": [r["tokens"] for r in many]}
+    aggs, p95s, empty = [], [], 0
+    for run in range(args.repeat):
+        started = time.perf_counter()
+        many = await asyncio.gather(*(one_stream(client, model, f"(reader {i}, run {run}) {CHAT}", args.tokens,
+                                                 extra) for i in range(args.streams)))
+        wall = max(r["end"] for r in many) - started
+        aggs.append(sum(r["tokens"] for r in many) / wall)
+        p95s.append(pct([r["ttft"] for r in many if r["tokens"]], 0.95))
+        empty += sum(1 for r in many if not r["tokens"])
+    decodes = [r["decode"] for r in singles]
+    return {"decode": median(decodes), "decode_runs": decodes, "tokens": singles[0]["tokens"],
+            "ttft_long": long["ttft"], "agg": median(aggs), "agg_runs": aggs, "p95_ttft": median(p95s),
+            "empty_streams": empty}
 
 
 def ours_http(args, tokenizer) -> dict:
@@ -195,10 +207,11 @@ def hf_fp32(args, tokenizer) -> dict:
         return time.perf_counter() - started
 
     gen(ids, 4)
-    first, total = gen(ids, 1), gen(ids, args.tokens)
+    first = gen(ids, 1)
+    decodes = [(args.tokens - 1) / (gen(ids, args.tokens) - first) for _ in range(args.repeat)]
     long_ids = torch.tensor([tokenizer.encode(tokenizer.render_chat(
         [{"role": "user", "content": long_message(tokenizer)}]))])
-    return {"decode": (args.tokens - 1) / (total - first), "ttft_long": gen(long_ids, 1)}
+    return {"decode": median(decodes), "decode_runs": decodes, "ttft_long": gen(long_ids, 1)}
 
 
 def llama_in_process(args, tokenizer, path: str) -> dict:
@@ -210,7 +223,8 @@ def llama_in_process(args, tokenizer, path: str) -> dict:
     prompt = tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": CHAT}]))
     long_ids = tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": long_message(tokenizer)}]))
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump({"path": path, "threads": threads, "tokens": args.tokens, "prompt": prompt, "long": long_ids}, f)
+        json.dump({"path": path, "threads": threads, "tokens": args.tokens, "prompt": prompt, "long": long_ids,
+                   "repeat": args.repeat}, f)
     out = subprocess.run([args.llama_python, __file__, "--llama-worker", f.name], capture_output=True, text=True,
                          timeout=900)
     os.unlink(f.name)
@@ -239,9 +253,9 @@ def llama_worker(job_path: str) -> None:
         return stamps[0] - started, (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0
 
     gen(job["prompt"], 8)
-    _, decode = gen(job["prompt"], job["tokens"])
+    decodes = [gen(job["prompt"], job["tokens"])[1] for _ in range(job["repeat"])]
     ttft, _ = gen(job["long"], 1)
-    print(json.dumps({"decode": decode, "ttft_long": ttft}))
+    print(json.dumps({"decode": sorted(decodes)[len(decodes) // 2], "decode_runs": decodes, "ttft_long": ttft}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,6 +267,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="runs of each decode and 8-stream measurement; the table shows the median")
     parser.add_argument("--dtype", default="int8", help="the server's dtype (auto is float32 on CPU)")
     parser.add_argument("--dtypes", default="float32,int8", help="in-process runs, comma-separated")
     parser.add_argument("--threads", type=int, default=None, help="default: all cores of the affinity mask")
