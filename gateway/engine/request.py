@@ -1,4 +1,4 @@
-"""One generation request's state, kept in one place and owned by the scheduler thread."""
+"""One generation request's state, kept in one place and owned by the engine process."""
 from __future__ import annotations
 
 import enum

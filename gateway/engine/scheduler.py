@@ -1,8 +1,9 @@
 """Continuous batching over paged KV: admission, chunked prefill, decode, preemption, cancellation.
 
-Runs on the engine thread only; nothing here is shared with the HTTP side except through the
-requests' `emit` callbacks. Every step builds one ForwardBatch holding one decode token for every
-running request that has finished its prompt plus prefill chunks within `prefill_chunk_tokens`.
+Runs in the engine process (gateway/engine/worker.py) only; nothing here is shared with the HTTP
+side except through the requests' `emit` callbacks. Every step builds one ForwardBatch holding one
+decode token for every running request that has finished its prompt plus prefill chunks within
+`prefill_chunk_tokens`.
 """
 from __future__ import annotations
 
@@ -270,7 +271,7 @@ class Scheduler:
         self.waiting.clear()
 
     def snapshot(self) -> dict:
-        """Counters and cache statistics for /health and /metrics (engine thread only)."""
+        """Counters and cache statistics for /health and /metrics (engine process only)."""
         stats = self.stats
         cache_stats = dict(self.cache.stats())
         cache_stats["hit_rate"] = stats.cached_prompt_tokens / stats.prompt_tokens if stats.prompt_tokens else 0.0
