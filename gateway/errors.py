@@ -62,3 +62,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, error: Exception) -> JSONResponse:
         return JSONResponse(error_body(f"internal server error: {error}", "server_error"), status_code=500)
+
+
+def engine_unavailable(what: str, error: Exception) -> APIError:
+    """503 for a request whose engine process is gone (crashed or stopped)."""
+    return APIError(503, f"{what} is unavailable: {error}.", type="server_error", code="engine_unavailable")

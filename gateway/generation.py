@@ -10,7 +10,7 @@ from fastapi import Request as HTTPRequest
 from gateway.engine.engine import EngineUnavailable, QueueFull, RequestHandle
 from gateway.engine.request import TokenEvent
 from gateway.engine.sampling import SamplingParams
-from gateway.errors import APIError
+from gateway.errors import APIError, engine_unavailable
 from gateway.protocol import SamplingFields
 from gateway.router import LocalModel
 
@@ -59,8 +59,7 @@ def submit(model: LocalModel, prompts: list[list[int]], body: SamplingFields, ma
         raise APIError(429, f"The server is busy: {error}.", type="rate_limit_error",
                        code="rate_limit_exceeded", headers={"Retry-After": "1"}) from None
     except EngineUnavailable as error:
-        raise APIError(503, f"The model `{model.name}` is unavailable: {error}.", type="server_error",
-                       code="engine_unavailable") from None
+        raise engine_unavailable(f"The model `{model.name}`", error) from None
 
 
 @dataclass

@@ -13,7 +13,7 @@ from sse_starlette.sse import EventSourceResponse
 from gateway import generation, responses
 from gateway.config import Config
 from gateway.engine.engine import EngineUnavailable
-from gateway.errors import APIError, install_error_handlers
+from gateway.errors import APIError, engine_unavailable, install_error_handlers
 from gateway.metrics import Metrics
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, new_id, now_s
 from gateway.router import Router
@@ -232,8 +232,7 @@ def create_app(config: Config, router: Router) -> FastAPI:
         try:
             freed = {name: await m.engine.call("reset_cache") for name, m in router.models.items()}
         except EngineUnavailable as error:
-            raise APIError(503, f"A model is unavailable: {error}.", type="server_error",
-                           code="engine_unavailable") from None
+            raise engine_unavailable("A model", error) from None
         return JSONResponse({"status": "ok", "pages_freed": freed})
 
     return app

@@ -43,9 +43,17 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.contiguous(), scale
 
 
+KERNELS = {"int8": ["_weight_int8pack_mm"],
+           "int4": ["_weight_int4pack_mm_for_cpu", "_convert_weight_to_int4pack_for_cpu"]}
+
+
+def kernel_available(mode: str) -> bool:
+    """Whether this torch build has the weight-only kernels of `mode` (int8 | int4)."""
+    return all(hasattr(torch.ops.aten, name) for name in KERNELS[mode])
+
+
 def int4_supported(in_features: int) -> bool:
-    return (in_features % INT4_GROUP == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
-            and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"))
+    return in_features % INT4_GROUP == 0 and kernel_available("int4")
 
 
 def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

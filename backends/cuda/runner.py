@@ -9,6 +9,7 @@ import torch
 
 from backends.base import BackendInfo, ForwardBatch, ForwardResult, RunnerSettings
 from backends.cuda.attention import PagedKVCache, build_metadata
+from backends.cuda.linear import kernel_available
 from backends.cuda.loader import load_model
 from backends.cuda.model import LlamaModel
 from backends.cuda.sparse_attention import check_sparse_settings
@@ -29,8 +30,8 @@ def pick_dtype(name: str, device: torch.device, hidden_size: int | None = None) 
     holds a GGUF Q4_0/Q4_1 file's weights on their own grid, decodes about 2.5x faster than
     float32 (a sixth of the bytes; docs/cpu.md) and meets the logit tolerance of
     tests/test_cpu_fast_path.py; the head stays int8. Its kernel depends on the number of rows
-    (int4pack for 1-2, oneDNN bf16 above), so a greedy stream may break a near tie differently
-    when batched (as on vLLM or SGLang without their deterministic modes); dtype: float32 is
+    (int4pack up to 8, oneDNN bf16 above), so a greedy stream may break a near tie differently
+    when batched with more than 8 (as on vLLM or SGLang without their deterministic modes); dtype: float32 is
     batch-invariant to far below any logit gap, and tests/test_scheduler.py checks both.
     """
     if name == "auto":
@@ -39,7 +40,7 @@ def pick_dtype(name: str, device: torch.device, hidden_size: int | None = None) 
         if hidden_size is None or hidden_size < QUANT_MIN_HIDDEN:
             return "float32"
         for mode in (AUTO_CPU, "int8"):
-            if _kernel_available(mode):
+            if kernel_available(mode):
                 return mode
         return "float32"
     if name not in DTYPES:
@@ -48,12 +49,6 @@ def pick_dtype(name: str, device: torch.device, hidden_size: int | None = None) 
     if name in ("int8", "int4") and device.type != "cpu":
         raise ValueError(f"dtype {name} (weight-only) is implemented for the CPU backend only")
     return name
-
-
-def _kernel_available(mode: str) -> bool:
-    names = {"int8": ["_weight_int8pack_mm"],
-             "int4": ["_weight_int4pack_mm_for_cpu", "_convert_weight_to_int4pack_for_cpu"]}[mode]
-    return all(hasattr(torch.ops.aten, name) for name in names)
 
 
 def default_threads() -> int:
