@@ -6,13 +6,18 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: serve test setup setup-test lint bench clean
+.PHONY: serve test setup setup-test cpu-kernels lint bench clean
 
-serve: setup
+serve: setup cpu-kernels
 	$(BIN)/radixgate serve --config config.yaml
 
-test: setup-test
+test: setup-test cpu-kernels
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The fused CPU kernels compile once per machine (~15 s, then cached); without a compiler the
+# server still runs, on the plain torch path, so a failed build does not stop `make serve`.
+cpu-kernels: setup
+	-$(BIN)/python -m kernels.cpu.build
 
 setup: $(VENV)/.runtime
 setup-test: $(VENV)/.test

@@ -269,8 +269,8 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=3,
                         help="runs of each decode and 8-stream measurement; the table shows the median")
-    parser.add_argument("--dtype", default="int8", help="the server's dtype (auto is float32 on CPU)")
-    parser.add_argument("--dtypes", default="float32,int8", help="in-process runs, comma-separated")
+    parser.add_argument("--dtype", default="auto", help="the server's dtype (auto: int4 on a CPU that has the kernel)")
+    parser.add_argument("--dtypes", default="auto,float32", help="in-process runs, comma-separated")
     parser.add_argument("--threads", type=int, default=None, help="default: all cores of the affinity mask")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--skip-http", action="store_true")

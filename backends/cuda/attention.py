@@ -182,6 +182,12 @@ def write_kv_and_summaries(cache: PagedKVCache, layer: int, k: torch.Tensor, v: 
     k = k.to(k_slots.dtype)
     k_slots.index_copy_(0, meta.slots, k)
     v_slots.index_copy_(0, meta.slots, v.to(v_slots.dtype))
+    update_summaries(cache, layer, k, meta)
+
+
+def update_summaries(cache: PagedKVCache, layer: int, k: torch.Tensor, meta: AttentionMetadata) -> None:
+    """Bring the block summaries of every page this batch touched up to date, once its new keys
+    k: [T, kv_heads, d] (in the cache's dtype) are in the cache. Nothing when there are none."""
     if cache.kmin is None:                  # sparse attention off: nobody reads summaries
         return
     plan = meta.summary_plan
@@ -274,14 +280,34 @@ def _decode_slot_index(meta: AttentionMetadata, page_size: int) -> torch.Tensor:
     return slots[:, :length].reshape(-1)
 
 
+def fused_decode_attention(q: torch.Tensor, cache: PagedKVCache, layer: int, meta: AttentionMetadata,
+                           scale: float) -> torch.Tensor:
+    """decode_attention in one CPU kernel (kernels/cpu/fused.cpp): each query reads its keys
+    straight from its pages, no gather, no padding mask, float32 softmax; q may be a strided view
+    of the fused qkv rows."""
+    return torch.ops.radixgate_cpu.paged_decode_attention(
+        q, cache.k_slots[layer], cache.v_slots[layer], meta.decode_pages, meta.decode_lengths,
+        cache.page_size, scale)
+
+
 def paged_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     cache: PagedKVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """One layer: write k, v: [T, kv_heads, d], then attend q: [T, H, d] -> [T, H, d]."""
     write_kv_and_summaries(cache, layer, k, v, meta)
+    return attend(layer, q, cache, meta, scale)
+
+
+def attend(layer: int, q: torch.Tensor, cache: PagedKVCache, meta: AttentionMetadata, scale: float,
+           dense_decode=decode_attention) -> torch.Tensor:
+    """Attention of q: [T, H, d] over the cache, this batch's K/V already written -> [T, H, d].
+
+    dense_decode attends the single-token rows of dense layers (decode_attention, or
+    fused_decode_attention on CPU); prefill chunks and sparse layers have one implementation each.
+    """
     if meta.decode_only:        # rows are exactly the decode rows, in order: no gather / scatter
         if meta.sparse is not None and layer >= meta.sparse.dense_layers:
-            return sparse_decode_attention(q, cache, layer, meta, scale)
-        return decode_attention(q, cache, layer, meta, scale)
+            return sparse_decode_attention(q, cache, layer, meta, scale, dense_decode)
+        return dense_decode(q, cache, layer, meta, scale)
     out = torch.empty_like(q)
     for seq in meta.prefill:
         rows = slice(seq.offset, seq.offset + seq.length)
@@ -289,7 +315,8 @@ def paged_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     if meta.decode_rows.numel():
         q_decode = q[meta.decode_rows]
         if meta.sparse is not None and layer >= meta.sparse.dense_layers:
-            out[meta.decode_rows] = sparse_decode_attention(q_decode, cache, layer, meta, scale)
+            out[meta.decode_rows] = sparse_decode_attention(q_decode, cache, layer, meta, scale,
+                                                             dense_decode)
         else:
-            out[meta.decode_rows] = decode_attention(q_decode, cache, layer, meta, scale)
+            out[meta.decode_rows] = dense_decode(q_decode, cache, layer, meta, scale)
     return out

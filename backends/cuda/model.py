@@ -13,9 +13,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backends.cuda.attention import AttentionMetadata, PagedKVCache, paged_attention
+from backends.cuda.attention import (
+    AttentionMetadata,
+    PagedKVCache,
+    attend,
+    fused_decode_attention,
+    paged_attention,
+    update_summaries,
+)
 from backends.cuda.linear import FastLinear
 from backends.cuda.loader import ModelConfig
+from kernels.cpu import build as cpu_kernels
 
 
 class RMSNorm(nn.Module):
@@ -203,10 +211,14 @@ class LlamaModel(nn.Module):
             self.lm_head.weight = nn.Parameter(self.head.weight, requires_grad=False)
         self.to(dtype=self.act_dtype)       # norms and embedding (the fused weights already are)
         for layer, entry in zip(self.layers, linears, strict=True):
-            entry.ln1 = torch.cat([layer.input_layernorm.weight] * 2)
-            entry.ln2 = torch.cat([layer.post_attention_layernorm.weight] * 2)
+            entry.ln1, entry.ln2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
+            entry.ln1_pair, entry.ln2_pair = torch.cat([entry.ln1] * 2), torch.cat([entry.ln2] * 2)
         self.final_norm = torch.cat([self.norm.weight] * 2)
         self.fast = linears
+        # On CPU the small ops between the matmuls run as fused kernels when they build here
+        # (float32 and bfloat16 activations; float16 stays on the torch path).
+        self.fused = (self.inv_freq.device.type == "cpu" and self.act_dtype in (torch.float32, torch.bfloat16)
+                      and cpu_kernels.load().available)
         self._cos = self._sin = None
         self._grow_rotary(1024)
 
@@ -239,11 +251,13 @@ class LlamaModel(nn.Module):
         inter, eps = cfg.intermediate_size, cfg.rms_norm_eps
         scale = 1.0 / math.sqrt(d)
         half = d // 2
+        x = F.embedding(token_ids, self.embed_tokens.weight)
+        if self.fused:
+            return self._forward_fused(x, positions, cache, meta, logits_rows)
         cos = self._cos[positions].unsqueeze(1)
         sin = self._sin[positions].unsqueeze(1)
-        x = F.embedding(token_ids, self.embed_tokens.weight)
         for layer, entry in enumerate(self.fast):
-            h = rms_norm_fast(x, entry.ln1, eps)
+            h = rms_norm_fast(x, entry.ln1_pair, eps)
             qkv = entry.qkv(h)
             qk = qkv[:, :qk_size].view(tokens, qk_heads, d)
             # roll by half a head == swap the two halves: flip of a [2, half] view, one kernel
@@ -252,7 +266,7 @@ class LlamaModel(nn.Module):
             v = qkv[:, qk_size:].view(tokens, kv_heads, d)
             out = paged_attention(layer, qk[:, :heads], qk[:, heads:], v, cache, meta, scale)
             x += entry.o(out.reshape(tokens, q_size))       # x is this forward's own tensor
-            h = rms_norm_fast(x, entry.ln2, eps)
+            h = rms_norm_fast(x, entry.ln2_pair, eps)
             gate_up = entry.gate_up(h)
             act = F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:])
             x += entry.down(act)
@@ -260,6 +274,35 @@ class LlamaModel(nn.Module):
             x = x[logits_rows]
         x = rms_norm_fast(x, self.final_norm, eps)
         return self.head(x).float()
+
+    def _forward_fused(self, x: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache,
+                       meta: AttentionMetadata, logits_rows: torch.Tensor) -> torch.Tensor:
+        """forward() with the CPU kernels of kernels/cpu/fused.cpp: per layer the four matmuls
+        and five fused ops (norm, rotary + KV write, attention, residual add + norm, SiLU * up),
+        where the torch path runs ~25 ops. Same arithmetic, rounded to the activation dtype once
+        per op instead of after every step (tests/test_cpu_kernels.py, test_cpu_fast_path.py)."""
+        ops = torch.ops.radixgate_cpu
+        cfg = self.config
+        tokens, eps = x.shape[0], cfg.rms_norm_eps
+        heads, kv_heads, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q_size, scale = heads * d, 1.0 / math.sqrt(d)
+        layers = self.fast
+        h = ops.rms_norm(x, layers[0].ln1, eps)
+        for layer, entry in enumerate(layers):
+            qkv = entry.qkv(h)          # [T, (H + 2 KV) d]: q and k rotated in place below
+            ops.rotary_store(qkv, positions, self._cos, self._sin, heads, kv_heads,
+                             cache.k_slots[layer], cache.v_slots[layer], meta.slots)
+            if cache.kmin is not None:
+                update_summaries(cache, layer, qkv[:, q_size:q_size + kv_heads * d].view(tokens, kv_heads, d), meta)
+            q = qkv[:, :q_size].view(tokens, heads, d)
+            out = attend(layer, q, cache, meta, scale, dense_decode=fused_decode_attention)
+            h = ops.add_rms_norm(x, entry.o(out.reshape(tokens, q_size)), entry.ln2, eps)
+            down = entry.down(ops.silu_mul(entry.gate_up(h)))
+            next_norm = layers[layer + 1].ln1 if layer + 1 < len(layers) else self.norm.weight
+            h = ops.add_rms_norm(x, down, next_norm, eps)
+        if logits_rows.shape[0] != tokens:
+            h = h[logits_rows]
+        return self.head(h).float()
 
     def reference_forward(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache,
                           meta: AttentionMetadata, logits_rows: torch.Tensor) -> torch.Tensor:
@@ -278,9 +321,11 @@ class FastLayer:
     """One decoder layer's prepared weights: norms (doubled for rms_norm_fast), fused QKV, output,
     fused gate/up, down."""
 
-    ln1: torch.Tensor | None
+    ln1: torch.Tensor | None             # RMSNorm weights (fused kernels)
     ln2: torch.Tensor | None
     qkv: FastLinear
     o: FastLinear
     gate_up: FastLinear
     down: FastLinear
+    ln1_pair: torch.Tensor | None = None  # cat([w, w]) for rms_norm_fast (torch path)
+    ln2_pair: torch.Tensor | None = None

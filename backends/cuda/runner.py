@@ -13,6 +13,7 @@ from backends.cuda.linear import kernel_available
 from backends.cuda.loader import load_model
 from backends.cuda.model import LlamaModel
 from backends.cuda.sparse_attention import check_sparse_settings
+from kernels.cpu import build as cpu_kernels
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "int8": torch.bfloat16,      # int8 / int4: weight-only matmuls, bfloat16 activations and KV
@@ -103,6 +104,9 @@ class TorchRunner:
         log.info("torch runner: dtype %s (config %s; %s), %s", self.mode, settings.dtype,
                  f"weight-only {self.mode} matmuls, bfloat16 activations and KV" if self.mode in ("int8", "int4")
                  else f"{self.mode} weights, activations and KV", device_name)
+        if self.device.type == "cpu":
+            status = cpu_kernels.load()
+            log.info("fused CPU kernels: %s (%s)", "in use" if self.model.fused else "not in use", status.detail)
 
     def _validate(self, batch: ForwardBatch) -> None:
         slots = []

@@ -255,14 +255,19 @@ def get_plan(cache: PagedKVCache, meta: AttentionMetadata) -> QuestPlan:
 
 
 def sparse_decode_attention(q: torch.Tensor, cache: PagedKVCache, layer: int, meta: AttentionMetadata,
-                            scale: float) -> torch.Tensor:
-    """Decode attention of B single-token queries [B, H, d] for one sparse-eligible layer."""
+                            scale: float, dense_decode=None) -> torch.Tensor:
+    """Decode attention of B single-token queries [B, H, d] for one sparse-eligible layer.
+
+    dense_decode is the dense layers' decode (same signature; default attention.decode_attention):
+    when every row is within the budget this layer is exactly the dense path, arithmetic included."""
     plan = get_plan(cache, meta)
     meta.stats.pages_read += plan.pages_read
     meta.stats.pages_skipped += plan.pages_skipped
     if plan.all_dense:
-        from backends.cuda.attention import decode_attention
-        return decode_attention(q, cache, layer, meta, scale)
+        if dense_decode is None:
+            from backends.cuda.attention import decode_attention  # that module imports this one
+            dense_decode = decode_attention
+        return dense_decode(q, cache, layer, meta, scale)
     k_layer, v_layer = cache.k[layer], cache.v[layer]
     sparse_out, _ = sparse_rows_attention(q[plan.sparse_rows], k_layer, v_layer, cache.kmin[layer],
                                           cache.kmax[layer], plan, scale)

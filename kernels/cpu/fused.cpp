@@ -1,0 +1,442 @@
+// Fused CPU kernels for the decode step: the small ops between the matmuls, done in one pass each.
+//
+// On a 2-core CPU a decode step of the default model spends as much time in ~25 small torch ops per
+// layer (norms, rotary, KV writes, K/V gathers, SDPA's set-up, SiLU) as in its matmuls: each op
+// costs a dispatch, an allocation and, for the larger ones, an OpenMP region (docs/cpu.md). These
+// kernels replace them with five ops per layer that read their inputs once, in float32 registers:
+//
+//   rms_norm            y = w * norm(x)                           (RMSNorm, as the HF reference rounds)
+//   add_rms_norm        x += d; y = w * norm(x)                   (residual add fused with the next norm)
+//   rotary_store        rotate q and k of a fused qkv row in place, write k and v into their KV slots
+//   paged_decode_attention  one query per sequence over its pages, read straight from the cache
+//   silu_mul            y = silu(gate) * up                        (SwiGLU's activation)
+//
+// Semantics are those of the torch code in backends/cuda/model.py and kernels/reference.py; the
+// tests compare each op against them. Arithmetic is float32; results are rounded to the tensor's
+// dtype once, where the torch path rounds after every op (so they are at least as accurate).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+using at::Tensor;
+
+// exp(x) for float32 lanes, written so that gcc vectorises the loops that call it (no floor,
+// fmin or fmax, which gcc 12 leaves scalar): x = n ln2 + r with n rounded to nearest by adding and
+// subtracting 1.5 * 2^23, exp(r) by a degree-6 polynomial (Cephes' coefficients, relative error
+// ~2e-7), 2^n from the float's exponent bits. Inputs are clamped to [-87, 88]: exp(-87) ~ 1.6e-38
+// stands for 0 (the callers only pass softmax logits minus their max, or -x of a sigmoid).
+inline float exp_approx(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  return p * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+}
+
+// Storage types: float, or uint16_t holding bfloat16 bits. The kernels read bf16 as raw 16-bit
+// integers (c10::BFloat16 is a struct, and loops over structs do not vectorise).
+inline float to_f(float v) { return v; }
+inline float to_f(uint16_t v) { return std::bit_cast<float>(static_cast<uint32_t>(v) << 16); }
+
+template <typename S>
+inline S from_f(float v);
+template <>
+inline float from_f<float>(float v) { return v; }
+template <>
+inline uint16_t from_f<uint16_t>(float v) {   // round to nearest even, NaN stays a (quiet) NaN
+  const uint32_t bits = std::bit_cast<uint32_t>(v);
+  const uint16_t rounded = static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+  return v != v ? static_cast<uint16_t>(0x7FC0) : rounded;
+}
+
+// Calls f(S{}) with S the storage type of `dtype` (float32 or bfloat16).
+template <typename F>
+void dispatch(at::ScalarType dtype, const char* op, F&& f) {
+  if (dtype == at::kFloat) {
+    f(float{});
+  } else if (dtype == at::kBFloat16) {
+    f(uint16_t{});
+  } else {
+    TORCH_CHECK(false, op, ": float32 and bfloat16 only, got ", dtype);
+  }
+}
+
+template <typename S>
+inline S* ptr(const Tensor& t) { return static_cast<S*>(t.data_ptr()); }
+
+void check_rows(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 2, name, " must be [rows, features], got ", t.sizes());
+  TORCH_CHECK(t.stride(1) == 1, name, " must have contiguous rows");
+}
+
+// ---- RMSNorm ------------------------------------------------------------------------------------
+
+// One row: y = w * round(x * rsqrt(mean(x^2) + eps)), rounded to T: the HF reference's order
+// (normalise in float32, round to the activation dtype, multiply by the weight, round again).
+template <typename T>
+inline void norm_row(const T* x, const T* w, T* y, int64_t n, float eps) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = to_f(x[i]);
+    sum += v * v;
+  }
+  const float rstd = 1.0f / std::sqrt(sum / static_cast<float>(n) + eps);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    y[i] = from_f<T>(to_f(w[i]) * to_f(from_f<T>(to_f(x[i]) * rstd)));
+  }
+}
+
+// x += d, rounded to T as torch's in-place add rounds.
+template <typename T>
+inline void add_row(T* x, const T* d, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) x[i] = from_f<T>(to_f(x[i]) + to_f(d[i]));
+}
+
+// Rows per parallel task: a row of a few hundred features is ~1 us of work, so small batches stay
+// on the calling thread instead of waking the pool.
+constexpr int64_t kNormGrain = 16;
+
+Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps) {
+  check_rows(x, "x");
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1) && weight.is_contiguous(),
+              "weight must be [features] matching x");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "weight and x must share a dtype");
+  const int64_t rows = x.size(0), n = x.size(1), stride = x.stride(0);
+  Tensor y = at::empty({rows, n}, x.options());
+  dispatch(x.scalar_type(), "rms_norm", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* xp = ptr<scalar_t>(x);
+    const scalar_t* wp = ptr<scalar_t>(weight);
+    scalar_t* yp = ptr<scalar_t>(y);
+    at::parallel_for(0, rows, kNormGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) norm_row(xp + r * stride, wp, yp + r * n, n, float(eps));
+    });
+  });
+  return y;
+}
+
+Tensor add_rms_norm(const Tensor& x, const Tensor& delta, const Tensor& weight, double eps) {
+  check_rows(x, "x");
+  check_rows(delta, "delta");
+  TORCH_CHECK(x.is_contiguous(), "x (the residual stream, updated in place) must be contiguous");
+  TORCH_CHECK(delta.sizes() == x.sizes(), "delta must have x's shape");
+  TORCH_CHECK(delta.scalar_type() == x.scalar_type() && weight.scalar_type() == x.scalar_type(),
+              "x, delta and weight must share a dtype");
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1) && weight.is_contiguous(),
+              "weight must be [features] matching x");
+  const int64_t rows = x.size(0), n = x.size(1), dstride = delta.stride(0);
+  Tensor y = at::empty({rows, n}, x.options());
+  dispatch(x.scalar_type(), "add_rms_norm", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    scalar_t* xp = ptr<scalar_t>(x);
+    const scalar_t* dp = ptr<scalar_t>(delta);
+    const scalar_t* wp = ptr<scalar_t>(weight);
+    scalar_t* yp = ptr<scalar_t>(y);
+    at::parallel_for(0, rows, kNormGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        add_row(xp + r * n, dp + r * dstride, n);
+        norm_row(xp + r * n, wp, yp + r * n, n, float(eps));
+      }
+    });
+  });
+  return y;
+}
+
+// ---- rotary + KV write --------------------------------------------------------------------------
+
+// One head in place: [lo, hi] -> [lo cos + hi sin_signed, hi cos + lo sin_signed] (halves of d).
+template <typename T>
+inline void rotate_head(T* x, const T* c, const T* s, int64_t half) {
+#pragma omp simd
+  for (int64_t i = 0; i < half; ++i) {
+    const float lo = to_f(x[i]), hi = to_f(x[i + half]);
+    x[i] = from_f<T>(lo * to_f(c[i]) + hi * to_f(s[i]));
+    x[i + half] = from_f<T>(hi * to_f(c[i + half]) + lo * to_f(s[i + half]));
+  }
+}
+
+// qkv: [T, (H + 2 KV) d], rows [q heads | k heads | v heads]. Each q and k head is rotated in place
+// with the half-swap convention: out = x * cos + swap_halves(x) * sin_signed, where the tables
+// hold cos and [-sin, sin] per position (model.py's _grow_rotary). Then k and v rows go to their
+// slots in k_cache, v_cache: [slots, KV, d].
+void rotary_store(const Tensor& qkv, const Tensor& positions, const Tensor& cos, const Tensor& sin_signed,
+                  int64_t q_heads, int64_t kv_heads, const Tensor& k_cache, const Tensor& v_cache,
+                  const Tensor& slots) {
+  check_rows(qkv, "qkv");
+  const int64_t tokens = qkv.size(0), d = cos.size(1);
+  TORCH_CHECK(qkv.size(1) == (q_heads + 2 * kv_heads) * d, "qkv width does not match the heads");
+  TORCH_CHECK(d % 2 == 0, "head_dim must be even");
+  TORCH_CHECK(cos.is_contiguous() && sin_signed.is_contiguous() && cos.sizes() == sin_signed.sizes(),
+              "cos and sin tables must be contiguous [positions, head_dim]");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && slots.scalar_type() == at::kLong &&
+                  positions.numel() == tokens && slots.numel() == tokens &&
+                  positions.is_contiguous() && slots.is_contiguous(),
+              "positions and slots must be contiguous int64 [T]");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 3 &&
+                  k_cache.size(1) == kv_heads && k_cache.size(2) == d && v_cache.sizes() == k_cache.sizes(),
+              "caches must be contiguous [slots, kv_heads, head_dim]");
+  const auto dtype = qkv.scalar_type();
+  TORCH_CHECK(cos.scalar_type() == dtype && k_cache.scalar_type() == dtype && v_cache.scalar_type() == dtype,
+              "qkv, rotary tables and caches must share a dtype");
+  const int64_t num_slots = k_cache.size(0), table_len = cos.size(0), stride = qkv.stride(0);
+  const int64_t* pos = positions.const_data_ptr<int64_t>();
+  const int64_t* slot = slots.const_data_ptr<int64_t>();
+  for (int64_t t = 0; t < tokens; ++t) {      // checked up front: a bad index must not write anywhere
+    TORCH_CHECK(pos[t] >= 0 && pos[t] < table_len, "position ", pos[t], " outside the rotary table");
+    TORCH_CHECK(slot[t] >= 0 && slot[t] < num_slots, "slot ", slot[t], " outside the cache");
+  }
+  const int64_t half = d / 2, rotated = q_heads + kv_heads, kv_row = kv_heads * d;
+  dispatch(dtype, "rotary_store", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    scalar_t* base = ptr<scalar_t>(qkv);
+    const scalar_t* cp = ptr<scalar_t>(cos);
+    const scalar_t* sp = ptr<scalar_t>(sin_signed);
+    scalar_t* kc = ptr<scalar_t>(k_cache);
+    scalar_t* vc = ptr<scalar_t>(v_cache);
+    at::parallel_for(0, tokens, kNormGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        scalar_t* row = base + t * stride;
+        const scalar_t* c = cp + pos[t] * d;
+        const scalar_t* s = sp + pos[t] * d;
+        for (int64_t h = 0; h < rotated; ++h) rotate_head(row + h * d, c, s, half);
+        std::memcpy(kc + slot[t] * kv_row, row + q_heads * d, kv_row * sizeof(scalar_t));
+        std::memcpy(vc + slot[t] * kv_row, row + rotated * d, kv_row * sizeof(scalar_t));
+      }
+    });
+  });
+}
+
+// ---- decode attention over pages ----------------------------------------------------------------
+
+constexpr int64_t kKeysPerSplit = 256;   // keys per task: long contexts split, then merge (flash-decoding)
+constexpr int64_t kSerialWork = 1 << 16; // below this many key elements per step, no thread pool
+
+// One task: the `group` query heads sharing kv head h, over keys [begin, end) of one sequence.
+// Writes the split's running max m, sum of exp l and unnormalised output acc (float32).
+// a . b over d floats. gcc (without -ffast-math, which would break exp_approx) ends every
+// vectorised reduction with 16 in-order scalar adds, which made the score loop 4x slower than
+// this: on AVX-512, with head_dim a compile-time multiple of 16, one FMA chain and a tree sum.
+template <int64_t D>
+inline float dot(const float* a, const float* b, int64_t d) {
+#if defined(__AVX512F__)
+  if constexpr (D > 0 && D % 16 == 0) {
+    __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(a), _mm512_loadu_ps(b));
+    for (int64_t c = 16; c < D; c += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + c), _mm512_loadu_ps(b + c), acc);
+    return _mm512_reduce_add_ps(acc);
+  }
+#endif
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < d; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+// D > 0 fixes head_dim at compile time (64 and 128 are instantiated): the compiler then unrolls
+// the row loops and keeps a key row in registers, ~4x faster than a runtime d.
+template <typename T, int64_t D>
+void attend_split(const T* q, int64_t q_head_stride, const T* kc, const T* vc, int64_t kv_heads,
+                  int64_t runtime_d, int64_t h, const int64_t* table, int64_t page_size, int64_t begin,
+                  int64_t end, int64_t group, float scale, float* m, float* l, float* acc) {
+  const int64_t d = D > 0 ? D : runtime_d;
+  const int64_t keys = end - begin;
+  std::vector<float> qf(group * d), scores(group * keys), row(d);
+  std::vector<int64_t> offset(keys);          // element offset of each key's row in a cache
+  for (int64_t pos = begin; pos < end;) {     // page by page: no division per key
+    const int64_t page = pos / page_size, first = pos % page_size;
+    const int64_t run = std::min(page_size - first, end - pos);
+    const int64_t base = ((table[page] * page_size + first) * kv_heads + h) * d;
+    for (int64_t j = 0; j < run; ++j) offset[pos - begin + j] = base + j * kv_heads * d;
+    pos += run;
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    const T* qh = q + (h * group + g) * q_head_stride;
+    for (int64_t i = 0; i < d; ++i) qf[g * d + i] = to_f(qh[i]) * scale;
+  }
+  float* r = row.data();
+  for (int64_t t = 0; t < keys; ++t) {
+    const T* k = kc + offset[t];
+#pragma omp simd
+    for (int64_t i = 0; i < d; ++i) r[i] = to_f(k[i]);
+    for (int64_t g = 0; g < group; ++g) {
+      const float* qg = qf.data() + g * d;
+      scores[g * keys + t] = dot<D>(qg, r, d);
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    float* sg = scores.data() + g * keys;
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t < keys; ++t) mx = sg[t] > mx ? sg[t] : mx;
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t t = 0; t < keys; ++t) {
+      sg[t] = exp_approx(sg[t] - mx);
+      sum += sg[t];
+    }
+    m[g] = mx;
+    l[g] = sum;
+    std::fill(acc + g * d, acc + (g + 1) * d, 0.0f);
+  }
+  for (int64_t t = 0; t < keys; ++t) {
+    const T* v = vc + offset[t];
+#pragma omp simd
+    for (int64_t i = 0; i < d; ++i) r[i] = to_f(v[i]);
+    for (int64_t g = 0; g < group; ++g) {
+      const float p = scores[g * keys + t];
+      float* a = acc + g * d;
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) a[i] += p * r[i];
+    }
+  }
+}
+
+// q: [B, H, d] (any row stride, contiguous heads); caches: [slots, KV, d]; page_tables: [B, W]
+// int64 page ids (padding past a sequence's length is never read); lengths: [B] keys per sequence
+// including the token just written. Returns [B, H, d] in q's dtype.
+Tensor paged_decode_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                              const Tensor& page_tables, const Tensor& lengths, int64_t page_size,
+                              double scale) {
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2), "q must be [B, H, d] with contiguous heads");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 3 &&
+                  v_cache.sizes() == k_cache.sizes() && k_cache.size(2) == q.size(2),
+              "caches must be contiguous [slots, kv_heads, head_dim] matching q");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && v_cache.scalar_type() == k_cache.scalar_type(),
+              "q and caches must share a dtype");
+  TORCH_CHECK(page_tables.scalar_type() == at::kLong && page_tables.dim() == 2 && page_tables.is_contiguous() &&
+                  page_tables.size(0) == q.size(0),
+              "page_tables must be contiguous int64 [B, pages]");
+  TORCH_CHECK(lengths.scalar_type() == at::kLong && lengths.is_contiguous() && lengths.numel() == q.size(0),
+              "lengths must be contiguous int64 [B]");
+  const int64_t batch = q.size(0), heads = q.size(1), d = q.size(2), kv_heads = k_cache.size(1);
+  TORCH_CHECK(heads % kv_heads == 0, "query heads must be a multiple of kv heads");
+  TORCH_CHECK(page_size > 0 && k_cache.size(0) % page_size == 0, "cache slots must be whole pages");
+  const int64_t group = heads / kv_heads, width = page_tables.size(1);
+  const int64_t num_pages = k_cache.size(0) / page_size;
+  const int64_t* len = lengths.const_data_ptr<int64_t>();
+  const int64_t* tables = page_tables.const_data_ptr<int64_t>();
+  int64_t splits = 1, total_keys = 0;
+  for (int64_t b = 0; b < batch; ++b) {       // validated before any read
+    TORCH_CHECK(len[b] >= 1 && len[b] <= width * page_size, "length ", len[b], " does not fit its page table");
+    for (int64_t p = 0; p < (len[b] + page_size - 1) / page_size; ++p) {
+      const int64_t page = tables[b * width + p];
+      TORCH_CHECK(page >= 0 && page < num_pages, "page ", page, " outside the cache");
+    }
+    splits = std::max(splits, (len[b] + kKeysPerSplit - 1) / kKeysPerSplit);
+    total_keys += len[b];
+  }
+  Tensor out = at::empty({batch, heads, d}, q.options());
+  const int64_t tasks = batch * kv_heads * splits;
+  std::vector<float> m(tasks * group), l(tasks * group), acc(tasks * group * d);
+  const int64_t grain = total_keys * kv_heads * d < kSerialWork ? tasks : 1;
+  dispatch(q.scalar_type(), "paged_decode_attention", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* qp = ptr<scalar_t>(q);
+    const scalar_t* kc = ptr<scalar_t>(k_cache);
+    const scalar_t* vc = ptr<scalar_t>(v_cache);
+    scalar_t* op = ptr<scalar_t>(out);
+    at::parallel_for(0, tasks, grain, [&](int64_t first, int64_t last) {
+      for (int64_t task = first; task < last; ++task) {
+        const int64_t b = task / (kv_heads * splits), h = (task / splits) % kv_heads, s = task % splits;
+        const int64_t begin = s * kKeysPerSplit, end = std::min(len[b], begin + kKeysPerSplit);
+        float* tm = m.data() + task * group;
+        float* tl = l.data() + task * group;
+        if (begin >= end) {                   // this sequence is shorter than the longest one
+          std::fill(tm, tm + group, -std::numeric_limits<float>::infinity());
+          std::fill(tl, tl + group, 0.0f);
+          continue;
+        }
+        const auto split = d == 64 ? attend_split<scalar_t, 64>
+                           : d == 128 ? attend_split<scalar_t, 128> : attend_split<scalar_t, 0>;
+        split(qp + b * q.stride(0), d, kc, vc, kv_heads, d, h, tables + b * width, page_size,
+              begin, end, group, float(scale), tm, tl, acc.data() + task * group * d);
+      }
+    });
+    // Merge the splits of each (sequence, kv head, query head): rescale to the common max.
+    for (int64_t bh = 0; bh < batch * kv_heads; ++bh) {
+      const int64_t b = bh / kv_heads, h = bh % kv_heads;
+      for (int64_t g = 0; g < group; ++g) {
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int64_t s = 0; s < splits; ++s) mx = std::max(mx, m[(bh * splits + s) * group + g]);
+        std::vector<float> o(d, 0.0f);
+        float total = 0.0f;
+        for (int64_t s = 0; s < splits; ++s) {
+          const int64_t idx = (bh * splits + s) * group + g;
+          if (l[idx] == 0.0f) continue;
+          const float w = std::exp(m[idx] - mx);
+          total += l[idx] * w;
+          const float* a = acc.data() + idx * d;
+          for (int64_t i = 0; i < d; ++i) o[i] += a[i] * w;
+        }
+        scalar_t* dst = op + (b * heads + h * group + g) * d;
+        for (int64_t i = 0; i < d; ++i) dst[i] = from_f<scalar_t>(o[i] / total);
+      }
+    }
+  });
+  return out;
+}
+
+// ---- SwiGLU activation --------------------------------------------------------------------------
+
+// out = silu(gate) * up for one row [gate | up] of 2 * inter values.
+template <typename T>
+inline void silu_mul_row(const T* gate, T* out, int64_t inter) {
+  const T* up = gate + inter;
+#pragma omp simd
+  for (int64_t i = 0; i < inter; ++i) {
+    const float g = to_f(gate[i]);
+    out[i] = from_f<T>(g / (1.0f + exp_approx(-g)) * to_f(up[i]));
+  }
+}
+
+Tensor silu_mul(const Tensor& gate_up) {
+  check_rows(gate_up, "gate_up");
+  TORCH_CHECK(gate_up.size(1) % 2 == 0, "gate_up must hold gate and up halves");
+  const int64_t rows = gate_up.size(0), inter = gate_up.size(1) / 2, stride = gate_up.stride(0);
+  Tensor y = at::empty({rows, inter}, gate_up.options());
+  dispatch(gate_up.scalar_type(), "silu_mul", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* src = ptr<scalar_t>(gate_up);
+    scalar_t* dst = ptr<scalar_t>(y);
+    at::parallel_for(0, rows, kNormGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) silu_mul_row(src + r * stride, dst + r * inter, inter);
+    });
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(radixgate_cpu, m) {
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm);
+  m.def("add_rms_norm(Tensor(a!) x, Tensor delta, Tensor weight, float eps) -> Tensor", &add_rms_norm);
+  m.def("rotary_store(Tensor(a!) qkv, Tensor positions, Tensor cos, Tensor sin_signed, int q_heads, "
+        "int kv_heads, Tensor(b!) k_cache, Tensor(c!) v_cache, Tensor slots) -> ()", &rotary_store);
+  m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor page_tables, "
+        "Tensor lengths, int page_size, float scale) -> Tensor", &paged_decode_attention);
+  m.def("silu_mul(Tensor gate_up) -> Tensor", &silu_mul);
+}
