@@ -154,6 +154,36 @@ def test_paged_decode_attention_matches_the_reference(lens, heads, kv_heads, dty
         torch.testing.assert_close(got[b].float(), expected.float(), **tol)
 
 
+@pytest.mark.parametrize("dtype", [BF16, F32])
+def test_paged_decode_attention_with_a_page_table_per_kv_head(dtype):
+    """Sparse decode's form: each KV head reads its own pages (here: a random subset, in order)."""
+    lens, heads, kv_heads, d, page_size = [300, 90], 9, 3, 64, 16
+    q, k_cache, v_cache, tables, lengths = make_cache(lens, page_size, heads, kv_heads, d, dtype, 11)
+    gen = torch.Generator().manual_seed(5)
+    keep = 4
+    per_head, per_head_len, expected = [], [], torch.empty(len(lens), heads, d)
+    for b, n in enumerate(lens):
+        pages = -(-n // page_size)
+        rows, row_lens = [], []
+        for h in range(kv_heads):     # some full pages in order, then the partial last one
+            chosen = sorted(torch.randperm(pages - 1, generator=gen)[:keep - 1].tolist()) + [pages - 1]
+            table = tables[b][chosen]
+            rows.append(table)
+            row_lens.append((keep - 1) * page_size + n - (pages - 1) * page_size)
+            # the reference: the same keys as one sequence of row_lens tokens over `table`
+            group = heads // kv_heads
+            qh = q[b:b + 1, h * group:(h + 1) * group]
+            out = ref.paged_attention(qh, k_cache[:, :, h:h + 1], v_cache[:, :, h:h + 1], table,
+                                      row_lens[-1] - 1, 1 / 8)
+            expected[b, h * group:(h + 1) * group] = out[0].float()
+        per_head.append(torch.stack(rows))
+        per_head_len.append(row_lens)
+    got = ops.paged_decode_attention(q, k_cache.view(-1, kv_heads, d), v_cache.view(-1, kv_heads, d),
+                                     torch.stack(per_head), torch.tensor(per_head_len), page_size, 1 / 8)
+    tol = dict(rtol=2e-5, atol=2e-5) if dtype == F32 else dict(rtol=1.6e-2, atol=1.6e-2)
+    torch.testing.assert_close(got.float(), expected, **tol)
+
+
 def test_paged_decode_attention_reads_q_rows_with_a_stride():
     q, k_cache, v_cache, tables, lengths = make_cache([40, 9], 16, 9, 3, 64, F32, 7)
     wide = torch.cat((q.view(2, -1), torch.randn(2, 6 * 64)), dim=1)     # as a slice of a qkv row

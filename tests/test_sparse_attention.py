@@ -74,9 +74,13 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("fused, head_dim", [(False, 32), (True, 32), (True, 64)])   # fused: CPU kernel
 @pytest.mark.parametrize("page_size, group, kv_heads, budget, sink, recent, lengths, summary_tokens", CASES)
-def test_matches_reference(page_size, group, kv_heads, budget, sink, recent, lengths, summary_tokens):
-    head_dim = 32
+def test_matches_reference(page_size, group, kv_heads, budget, sink, recent, lengths, summary_tokens,
+                           fused, head_dim):
+    if fused:
+        from kernels.cpu.build import load
+        assert load().available, load().detail
     cache, tables = random_cache(lengths, page_size, kv_heads, head_dim, seed=page_size + group,
                                  summary_tokens=summary_tokens)
     settings = SparseSettings(True, budget, 1, sink, recent, summary_tokens)
@@ -84,7 +88,7 @@ def test_matches_reference(page_size, group, kv_heads, budget, sink, recent, len
     q = torch.randn(len(lengths), kv_heads * group, head_dim, generator=torch.Generator().manual_seed(1))
     scale = reference.default_scale(head_dim)
     layer = 1
-    out = sa.sparse_decode_attention(q, cache, layer, meta, scale)
+    out = sa.sparse_decode_attention(q, cache, layer, meta, scale, fused)
     budget_pages, _, _ = reference.sparse_page_counts(page_size, budget, sink, recent)
 
     plan = meta._quest_plan

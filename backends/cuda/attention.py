@@ -298,15 +298,16 @@ def paged_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 
 
 def attend(layer: int, q: torch.Tensor, cache: PagedKVCache, meta: AttentionMetadata, scale: float,
-           dense_decode=decode_attention) -> torch.Tensor:
+           fused: bool = False) -> torch.Tensor:
     """Attention of q: [T, H, d] over the cache, this batch's K/V already written -> [T, H, d].
 
-    dense_decode attends the single-token rows of dense layers (decode_attention, or
-    fused_decode_attention on CPU); prefill chunks and sparse layers have one implementation each.
+    fused: single-token rows use the CPU kernel (kernels/cpu/fused.cpp), dense and sparse layers
+    alike; prefill chunks always run SDPA.
     """
+    dense_decode = fused_decode_attention if fused else decode_attention
     if meta.decode_only:        # rows are exactly the decode rows, in order: no gather / scatter
         if meta.sparse is not None and layer >= meta.sparse.dense_layers:
-            return sparse_decode_attention(q, cache, layer, meta, scale, dense_decode)
+            return sparse_decode_attention(q, cache, layer, meta, scale, fused)
         return dense_decode(q, cache, layer, meta, scale)
     out = torch.empty_like(q)
     for seq in meta.prefill:
@@ -315,8 +316,7 @@ def attend(layer: int, q: torch.Tensor, cache: PagedKVCache, meta: AttentionMeta
     if meta.decode_rows.numel():
         q_decode = q[meta.decode_rows]
         if meta.sparse is not None and layer >= meta.sparse.dense_layers:
-            out[meta.decode_rows] = sparse_decode_attention(q_decode, cache, layer, meta, scale,
-                                                             dense_decode)
+            out[meta.decode_rows] = sparse_decode_attention(q_decode, cache, layer, meta, scale, fused)
         else:
             out[meta.decode_rows] = dense_decode(q_decode, cache, layer, meta, scale)
     return out

@@ -17,7 +17,6 @@ from backends.cuda.attention import (
     AttentionMetadata,
     PagedKVCache,
     attend,
-    fused_decode_attention,
     paged_attention,
     update_summaries,
 )
@@ -295,7 +294,7 @@ class LlamaModel(nn.Module):
             if cache.kmin is not None:
                 update_summaries(cache, layer, qkv[:, q_size:q_size + kv_heads * d].view(tokens, kv_heads, d), meta)
             q = qkv[:, :q_size].view(tokens, heads, d)
-            out = attend(layer, q, cache, meta, scale, dense_decode=fused_decode_attention)
+            out = attend(layer, q, cache, meta, scale, fused=True)
             h = ops.add_rms_norm(x, entry.o(out.reshape(tokens, q_size)), entry.ln2, eps)
             down = entry.down(ops.silu_mul(entry.gate_up(h)))
             next_norm = layers[layer + 1].ln1 if layer + 1 < len(layers) else self.norm.weight

@@ -202,13 +202,14 @@ def _dense(q: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor, pages:
 
 def sparse_rows_attention(q: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor,
                           kmin_layer: torch.Tensor, kmax_layer: torch.Tensor, plan: QuestPlan,
-                          scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                          scale: float, attend=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Quest decode of the plan's sparse rows, q: [Bs, H, d] -> (out [Bs, H, d], logical pages
-    chosen [Bs, kv_heads, budget_pages]). kmin_layer, kmax_layer: [pages, blocks, kv_heads, d]."""
+    chosen [Bs, kv_heads, budget_pages]). kmin_layer, kmax_layer: [pages, blocks, kv_heads, d].
+    attend: attend_pages (default) or attend_pages_fused."""
     kmin, kmax = gather_summaries(kmin_layer, kmax_layer, plan.sparse_pages)
     scores = quest_scores(q, kmin, kmax, plan.unwritten, scale)                  # [Bs, kvh, P]
     chosen = select_pages(scores, plan.bias, plan.budget_pages)                  # [Bs, kvh, k]
-    return attend_pages(q, k_layer, v_layer, chosen, plan, scale), chosen
+    return (attend or attend_pages)(q, k_layer, v_layer, chosen, plan, scale), chosen
 
 
 def gather_summaries(kmin_layer: torch.Tensor, kmax_layer: torch.Tensor, pages: torch.Tensor
@@ -241,6 +242,22 @@ def attend_pages(q: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor, 
     return out.reshape(batch, heads, head_dim)
 
 
+def attend_pages_fused(q: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor, chosen: torch.Tensor,
+                       plan: QuestPlan, scale: float) -> torch.Tensor:
+    """attend_pages in the CPU kernel: each KV head reads its own chosen pages [Bs, kv_heads, k]
+    straight from the cache, no gather and no mask. chosen is sorted, so each head's last page
+    is the sequence's last (always chosen as recent), the only one that may be partial."""
+    batch, kv_heads, k = chosen.shape
+    page_size = k_layer.shape[1]
+    physical = plan.sparse_pages.gather(1, chosen.flatten(1)).view_as(chosen)    # [Bs, kvh, k]
+    last_fill = plan.sparse_lengths.view(batch, 1) - chosen[:, :, -1] * page_size   # [Bs, kvh]
+    assert bool(((last_fill >= 1) & (last_fill <= page_size)).all()), "the last page was not chosen"
+    lengths = (k - 1) * page_size + last_fill
+    return torch.ops.radixgate_cpu.paged_decode_attention(
+        q, k_layer.view(-1, *k_layer.shape[2:]), v_layer.view(-1, *v_layer.shape[2:]),
+        physical.contiguous(), lengths.contiguous(), page_size, scale)
+
+
 def get_plan(cache: PagedKVCache, meta: AttentionMetadata) -> QuestPlan:
     plan = getattr(meta, PLAN_ATTRIBUTE, None)
     if plan is None:
@@ -255,26 +272,31 @@ def get_plan(cache: PagedKVCache, meta: AttentionMetadata) -> QuestPlan:
 
 
 def sparse_decode_attention(q: torch.Tensor, cache: PagedKVCache, layer: int, meta: AttentionMetadata,
-                            scale: float, dense_decode=None) -> torch.Tensor:
+                            scale: float, fused: bool = False) -> torch.Tensor:
     """Decode attention of B single-token queries [B, H, d] for one sparse-eligible layer.
 
-    dense_decode is the dense layers' decode (same signature; default attention.decode_attention):
-    when every row is within the budget this layer is exactly the dense path, arithmetic included."""
+    When every row is within the budget this layer is exactly the dense path, arithmetic included.
+    fused: attend with the CPU kernel (kernels/cpu/fused.cpp) over each head's chosen pages
+    instead of gathering them for SDPA; selection is the same."""
+    from backends.cuda.attention import decode_attention, fused_decode_attention  # it imports us
     plan = get_plan(cache, meta)
     meta.stats.pages_read += plan.pages_read
     meta.stats.pages_skipped += plan.pages_skipped
     if plan.all_dense:
-        if dense_decode is None:
-            from backends.cuda.attention import decode_attention  # that module imports this one
-            dense_decode = decode_attention
-        return dense_decode(q, cache, layer, meta, scale)
+        return (fused_decode_attention if fused else decode_attention)(q, cache, layer, meta, scale)
     k_layer, v_layer = cache.k[layer], cache.v[layer]
     sparse_out, _ = sparse_rows_attention(q[plan.sparse_rows], k_layer, v_layer, cache.kmin[layer],
-                                          cache.kmax[layer], plan, scale)
+                                          cache.kmax[layer], plan, scale,
+                                          attend_pages_fused if fused else attend_pages)
     if not len(plan.dense_rows):
         return sparse_out
     out = torch.empty_like(q)
     out[plan.sparse_rows] = sparse_out
-    out[plan.dense_rows] = _dense(q[plan.dense_rows], k_layer, v_layer, plan.dense_pages,
-                                  plan.dense_mask, scale)
+    if fused:
+        out[plan.dense_rows] = torch.ops.radixgate_cpu.paged_decode_attention(
+            q[plan.dense_rows], cache.k_slots[layer], cache.v_slots[layer], plan.dense_pages.contiguous(),
+            meta.decode_lengths[plan.dense_rows], cache.page_size, scale)
+    else:
+        out[plan.dense_rows] = _dense(q[plan.dense_rows], k_layer, v_layer, plan.dense_pages,
+                                      plan.dense_mask, scale)
     return out

@@ -237,59 +237,23 @@ void rotary_store(const Tensor& qkv, const Tensor& positions, const Tensor& cos,
 constexpr int64_t kKeysPerSplit = 256;   // keys per task: long contexts split, then merge (flash-decoding)
 constexpr int64_t kSerialWork = 1 << 16; // below this many key elements per step, no thread pool
 
-// One task: the `group` query heads sharing kv head h, over keys [begin, end) of one sequence.
-// Writes the split's running max m, sum of exp l and unnormalised output acc (float32).
-// a . b over d floats. gcc (without -ffast-math, which would break exp_approx) ends every
-// vectorised reduction with 16 in-order scalar adds, which made the score loop 4x slower than
-// this: on AVX-512, with head_dim a compile-time multiple of 16, one FMA chain and a tree sum.
-template <int64_t D>
-inline float dot(const float* a, const float* b, int64_t d) {
-#if defined(__AVX512F__)
-  if constexpr (D > 0 && D % 16 == 0) {
-    __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(a), _mm512_loadu_ps(b));
-    for (int64_t c = 16; c < D; c += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + c), _mm512_loadu_ps(b + c), acc);
-    return _mm512_reduce_add_ps(acc);
-  }
-#endif
-  float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < d; ++i) sum += a[i] * b[i];
-  return sum;
-}
-
-// D > 0 fixes head_dim at compile time (64 and 128 are instantiated): the compiler then unrolls
-// the row loops and keeps a key row in registers, ~4x faster than a runtime d.
-template <typename T, int64_t D>
-void attend_split(const T* q, int64_t q_head_stride, const T* kc, const T* vc, int64_t kv_heads,
-                  int64_t runtime_d, int64_t h, const int64_t* table, int64_t page_size, int64_t begin,
-                  int64_t end, int64_t group, float scale, float* m, float* l, float* acc) {
-  const int64_t d = D > 0 ? D : runtime_d;
-  const int64_t keys = end - begin;
-  std::vector<float> qf(group * d), scores(group * keys), row(d);
-  std::vector<int64_t> offset(keys);          // element offset of each key's row in a cache
-  for (int64_t pos = begin; pos < end;) {     // page by page: no division per key
+// Element offset of each key's row (position begin + t) in a [slots, KV, d] cache, page by page
+// (no division per key).
+inline void key_offsets(const int64_t* table, int64_t page_size, int64_t kv_heads, int64_t d, int64_t h,
+                        int64_t begin, int64_t end, int64_t* offset) {
+  for (int64_t pos = begin; pos < end;) {
     const int64_t page = pos / page_size, first = pos % page_size;
     const int64_t run = std::min(page_size - first, end - pos);
     const int64_t base = ((table[page] * page_size + first) * kv_heads + h) * d;
     for (int64_t j = 0; j < run; ++j) offset[pos - begin + j] = base + j * kv_heads * d;
     pos += run;
   }
+}
+
+// scores[g][t] -> exp(scores - max) in place; m[g] = max, l[g] = sum of the exps.
+inline void softmax_rows(float* scores, int64_t group, int64_t keys, float* m, float* l) {
   for (int64_t g = 0; g < group; ++g) {
-    const T* qh = q + (h * group + g) * q_head_stride;
-    for (int64_t i = 0; i < d; ++i) qf[g * d + i] = to_f(qh[i]) * scale;
-  }
-  float* r = row.data();
-  for (int64_t t = 0; t < keys; ++t) {
-    const T* k = kc + offset[t];
-#pragma omp simd
-    for (int64_t i = 0; i < d; ++i) r[i] = to_f(k[i]);
-    for (int64_t g = 0; g < group; ++g) {
-      const float* qg = qf.data() + g * d;
-      scores[g * keys + t] = dot<D>(qg, r, d);
-    }
-  }
-  for (int64_t g = 0; g < group; ++g) {
-    float* sg = scores.data() + g * keys;
+    float* sg = scores + g * keys;
     float mx = -std::numeric_limits<float>::infinity();
     for (int64_t t = 0; t < keys; ++t) mx = sg[t] > mx ? sg[t] : mx;
     float sum = 0.0f;
@@ -300,8 +264,31 @@ void attend_split(const T* q, int64_t q_head_stride, const T* kc, const T* vc, i
     }
     m[g] = mx;
     l[g] = sum;
-    std::fill(acc + g * d, acc + (g + 1) * d, 0.0f);
   }
+}
+
+// One task, plain loops (any head_dim, any group): the `group` query heads q (already scaled,
+// float32 [group, d]) sharing one kv head, over the keys at `offset`. Writes the split's
+// unnormalised output acc [group, d]; scores [group, keys] is scratch.
+template <typename T>
+void attend_generic(const float* qf, const T* kc, const T* vc, const int64_t* offset, int64_t keys,
+                    int64_t d, int64_t group, float* scores, float* m, float* l, float* acc) {
+  std::vector<float> row(d);
+  float* r = row.data();
+  for (int64_t t = 0; t < keys; ++t) {
+    const T* k = kc + offset[t];
+#pragma omp simd
+    for (int64_t i = 0; i < d; ++i) r[i] = to_f(k[i]);
+    for (int64_t g = 0; g < group; ++g) {
+      const float* qg = qf + g * d;
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t i = 0; i < d; ++i) sum += qg[i] * r[i];
+      scores[g * keys + t] = sum;
+    }
+  }
+  softmax_rows(scores, group, keys, m, l);
+  std::fill(acc, acc + group * d, 0.0f);
   for (int64_t t = 0; t < keys; ++t) {
     const T* v = vc + offset[t];
 #pragma omp simd
@@ -315,9 +302,90 @@ void attend_split(const T* q, int64_t q_head_stride, const T* kc, const T* vc, i
   }
 }
 
-// q: [B, H, d] (any row stride, contiguous heads); caches: [slots, KV, d]; page_tables: [B, W]
-// int64 page ids (padding past a sequence's length is never read); lengths: [B] keys per sequence
-// including the token just written. Returns [B, H, d] in q's dtype.
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {       // 16 bf16 -> float32: the bits shifted up by 16
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+// attend_generic with head_dim D and group G fixed at compile time, on AVX-512: the G queries
+// and, in the second pass, the G output rows live in registers, and every key or value row is
+// loaded once for all G heads. gcc leaves the plain loops' reductions as 16 in-order scalar
+// adds and keeps the accumulators in memory; this is ~4x faster at long contexts.
+template <typename T, int64_t D, int64_t G>
+void attend_avx512(const float* qf, const T* kc, const T* vc, const int64_t* offset, int64_t keys,
+                   int64_t, int64_t, float* scores, float* m, float* l, float* acc) {
+  constexpr int64_t C = D / 16;
+  __m512 qv[G][C];
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t c = 0; c < C; ++c) qv[g][c] = _mm512_loadu_ps(qf + g * D + 16 * c);
+  for (int64_t t = 0; t < keys; ++t) {
+    const T* k = kc + offset[t];
+    __m512 kv[C];
+    for (int64_t c = 0; c < C; ++c) kv[c] = load16(k + 16 * c);
+    for (int64_t g = 0; g < G; ++g) {
+      __m512 sum = _mm512_mul_ps(qv[g][0], kv[0]);
+      for (int64_t c = 1; c < C; ++c) sum = _mm512_fmadd_ps(qv[g][c], kv[c], sum);
+      scores[g * keys + t] = _mm512_reduce_add_ps(sum);
+    }
+  }
+  softmax_rows(scores, G, keys, m, l);
+  __m512 out[G][C];
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t c = 0; c < C; ++c) out[g][c] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < keys; ++t) {
+    const T* v = vc + offset[t];
+    __m512 vv[C];
+    for (int64_t c = 0; c < C; ++c) vv[c] = load16(v + 16 * c);
+    for (int64_t g = 0; g < G; ++g) {
+      const __m512 p = _mm512_set1_ps(scores[g * keys + t]);
+      for (int64_t c = 0; c < C; ++c) out[g][c] = _mm512_fmadd_ps(p, vv[c], out[g][c]);
+    }
+  }
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t c = 0; c < C; ++c) _mm512_storeu_ps(acc + g * D + 16 * c, out[g][c]);
+}
+#endif
+
+template <typename T>
+using AttendFn = void (*)(const float*, const T*, const T*, const int64_t*, int64_t, int64_t, int64_t,
+                          float*, float*, float*, float*);
+
+// The specialised kernel for (head_dim, group) where one exists on this CPU, else the plain one.
+template <typename T>
+AttendFn<T> pick_attend(int64_t d, int64_t group) {
+#if defined(__AVX512F__)
+  if (d == 64) {
+    switch (group) {
+      case 1: return attend_avx512<T, 64, 1>;
+      case 2: return attend_avx512<T, 64, 2>;
+      case 3: return attend_avx512<T, 64, 3>;
+      case 4: return attend_avx512<T, 64, 4>;
+      case 5: return attend_avx512<T, 64, 5>;
+      case 6: return attend_avx512<T, 64, 6>;
+      case 7: return attend_avx512<T, 64, 7>;
+      case 8: return attend_avx512<T, 64, 8>;
+    }
+  }
+  if (d == 128) {
+    switch (group) {
+      case 1: return attend_avx512<T, 128, 1>;
+      case 2: return attend_avx512<T, 128, 2>;
+      case 3: return attend_avx512<T, 128, 3>;
+      case 4: return attend_avx512<T, 128, 4>;
+    }
+  }
+#endif
+  return attend_generic<T>;
+}
+
+// q: [B, H, d] (any row stride, contiguous heads); caches: [slots, KV, d].
+// page_tables: [B, W] int64 page ids shared by the kv heads, or [B, KV, W] one table per kv head
+// (sparse decode: each head's chosen pages); padding past a length is never read.
+// lengths: [B] (or [B, KV] with per-head tables) keys read through the table, the last page
+// possibly partial. Keys are attended in table order; positions play no part (rotary is already
+// in the cache). Returns [B, H, d] in q's dtype.
 Tensor paged_decode_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
                               const Tensor& page_tables, const Tensor& lengths, int64_t page_size,
                               double scale) {
@@ -327,42 +395,49 @@ Tensor paged_decode_attention(const Tensor& q, const Tensor& k_cache, const Tens
               "caches must be contiguous [slots, kv_heads, head_dim] matching q");
   TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && v_cache.scalar_type() == k_cache.scalar_type(),
               "q and caches must share a dtype");
-  TORCH_CHECK(page_tables.scalar_type() == at::kLong && page_tables.dim() == 2 && page_tables.is_contiguous() &&
-                  page_tables.size(0) == q.size(0),
-              "page_tables must be contiguous int64 [B, pages]");
-  TORCH_CHECK(lengths.scalar_type() == at::kLong && lengths.is_contiguous() && lengths.numel() == q.size(0),
-              "lengths must be contiguous int64 [B]");
   const int64_t batch = q.size(0), heads = q.size(1), d = q.size(2), kv_heads = k_cache.size(1);
   TORCH_CHECK(heads % kv_heads == 0, "query heads must be a multiple of kv heads");
+  const bool per_head = page_tables.dim() == 3;
+  TORCH_CHECK(page_tables.scalar_type() == at::kLong && page_tables.is_contiguous() &&
+                  page_tables.size(0) == batch && (!per_head || page_tables.size(1) == kv_heads) &&
+                  (per_head || page_tables.dim() == 2),
+              "page_tables must be contiguous int64 [B, pages] or [B, kv_heads, pages]");
+  TORCH_CHECK(lengths.scalar_type() == at::kLong && lengths.is_contiguous() &&
+                  lengths.numel() == batch * (per_head ? kv_heads : 1),
+              "lengths must be contiguous int64 [B] ([B, kv_heads] with per-head tables)");
   TORCH_CHECK(page_size > 0 && k_cache.size(0) % page_size == 0, "cache slots must be whole pages");
-  const int64_t group = heads / kv_heads, width = page_tables.size(1);
-  const int64_t num_pages = k_cache.size(0) / page_size;
+  const int64_t group = heads / kv_heads, width = page_tables.size(-1);
+  const int64_t num_pages = k_cache.size(0) / page_size, tables_count = lengths.numel();
   const int64_t* len = lengths.const_data_ptr<int64_t>();
   const int64_t* tables = page_tables.const_data_ptr<int64_t>();
   int64_t splits = 1, total_keys = 0;
-  for (int64_t b = 0; b < batch; ++b) {       // validated before any read
-    TORCH_CHECK(len[b] >= 1 && len[b] <= width * page_size, "length ", len[b], " does not fit its page table");
-    for (int64_t p = 0; p < (len[b] + page_size - 1) / page_size; ++p) {
-      const int64_t page = tables[b * width + p];
+  for (int64_t i = 0; i < tables_count; ++i) {      // validated before any read
+    TORCH_CHECK(len[i] >= 1 && len[i] <= width * page_size, "length ", len[i], " does not fit its page table");
+    for (int64_t p = 0; p < (len[i] + page_size - 1) / page_size; ++p) {
+      const int64_t page = tables[i * width + p];
       TORCH_CHECK(page >= 0 && page < num_pages, "page ", page, " outside the cache");
     }
-    splits = std::max(splits, (len[b] + kKeysPerSplit - 1) / kKeysPerSplit);
-    total_keys += len[b];
+    splits = std::max(splits, (len[i] + kKeysPerSplit - 1) / kKeysPerSplit);
+    total_keys += len[i];
   }
   Tensor out = at::empty({batch, heads, d}, q.options());
   const int64_t tasks = batch * kv_heads * splits;
   std::vector<float> m(tasks * group), l(tasks * group), acc(tasks * group * d);
-  const int64_t grain = total_keys * kv_heads * d < kSerialWork ? tasks : 1;
+  const int64_t grain = total_keys * (per_head ? 1 : kv_heads) * d < kSerialWork ? tasks : 1;
   dispatch(q.scalar_type(), "paged_decode_attention", [&](auto tag) {
     using scalar_t = decltype(tag);
     const scalar_t* qp = ptr<scalar_t>(q);
     const scalar_t* kc = ptr<scalar_t>(k_cache);
     const scalar_t* vc = ptr<scalar_t>(v_cache);
     scalar_t* op = ptr<scalar_t>(out);
+    const AttendFn<scalar_t> attend = pick_attend<scalar_t>(d, group);
     at::parallel_for(0, tasks, grain, [&](int64_t first, int64_t last) {
+      std::vector<float> qf(group * d), scores(group * kKeysPerSplit);
+      std::vector<int64_t> offset(kKeysPerSplit);
       for (int64_t task = first; task < last; ++task) {
         const int64_t b = task / (kv_heads * splits), h = (task / splits) % kv_heads, s = task % splits;
-        const int64_t begin = s * kKeysPerSplit, end = std::min(len[b], begin + kKeysPerSplit);
+        const int64_t which = per_head ? b * kv_heads + h : b;
+        const int64_t begin = s * kKeysPerSplit, end = std::min(len[which], begin + kKeysPerSplit);
         float* tm = m.data() + task * group;
         float* tl = l.data() + task * group;
         if (begin >= end) {                   // this sequence is shorter than the longest one
@@ -370,19 +445,21 @@ Tensor paged_decode_attention(const Tensor& q, const Tensor& k_cache, const Tens
           std::fill(tl, tl + group, 0.0f);
           continue;
         }
-        const auto split = d == 64 ? attend_split<scalar_t, 64>
-                           : d == 128 ? attend_split<scalar_t, 128> : attend_split<scalar_t, 0>;
-        split(qp + b * q.stride(0), d, kc, vc, kv_heads, d, h, tables + b * width, page_size,
-              begin, end, group, float(scale), tm, tl, acc.data() + task * group * d);
+        key_offsets(tables + which * width, page_size, kv_heads, d, h, begin, end, offset.data());
+        const scalar_t* qh = qp + b * q.stride(0) + h * group * d;
+        for (int64_t i = 0; i < group * d; ++i) qf[i] = to_f(qh[i]) * float(scale);
+        attend(qf.data(), kc, vc, offset.data(), end - begin, d, group, scores.data(), tm, tl,
+               acc.data() + task * group * d);
       }
     });
     // Merge the splits of each (sequence, kv head, query head): rescale to the common max.
+    std::vector<float> o(d);
     for (int64_t bh = 0; bh < batch * kv_heads; ++bh) {
       const int64_t b = bh / kv_heads, h = bh % kv_heads;
       for (int64_t g = 0; g < group; ++g) {
         float mx = -std::numeric_limits<float>::infinity();
         for (int64_t s = 0; s < splits; ++s) mx = std::max(mx, m[(bh * splits + s) * group + g]);
-        std::vector<float> o(d, 0.0f);
+        std::fill(o.begin(), o.end(), 0.0f);
         float total = 0.0f;
         for (int64_t s = 0; s < splits; ++s) {
           const int64_t idx = (bh * splits + s) * group + g;
