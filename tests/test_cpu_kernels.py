@@ -210,3 +210,25 @@ def test_silu_mul_matches_torch(dtype):
     assert got.shape == (5, 1536) and got.dtype == dtype
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == F32 else dict(rtol=8e-3, atol=1e-5)
     torch.testing.assert_close(got.float(), expected, **tol)
+
+
+@pytest.mark.parametrize("dtype", [BF16, F32])
+@pytest.mark.parametrize("blocks", [1, 4])
+def test_quest_page_scores_match_the_reference(dtype, blocks):
+    lens, heads, kv_heads, d, page_size = [300, 90, 17], 9, 3, 64, 16
+    q, k_cache, _, tables, lengths = make_cache(lens, page_size, heads, kv_heads, d, dtype, 21)
+    num_pages = k_cache.shape[0]
+    gen = torch.Generator().manual_seed(2)
+    kmin = torch.randn(num_pages, blocks, kv_heads, d, generator=gen).to(dtype)
+    kmax = kmin + torch.rand(num_pages, blocks, kv_heads, d, generator=gen).to(dtype)
+    for b, n in enumerate(lens):       # unwritten blocks of each last page: values that would win
+        last, filled = tables[b][(n - 1) // page_size], n - (n - 1) // page_size * page_size
+        written = -(-filled // (page_size // blocks))
+        kmin[last, written:], kmax[last, written:] = -1e4, 1e4
+    got = ops.quest_page_scores(q, kmin, kmax, tables, lengths, page_size, 0.125)
+    assert got.dtype == F32 and got.shape == (len(lens), kv_heads, tables.shape[1])
+    for b, n in enumerate(lens):
+        pages = -(-n // page_size)
+        expected = ref.quest_page_scores(q[b], kmin, kmax, tables[b], n, page_size, 0.125)
+        torch.testing.assert_close(got[b, :, :pages], expected, rtol=1e-4, atol=1e-4)
+        assert torch.isinf(got[b, :, pages:]).all()

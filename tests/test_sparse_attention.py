@@ -93,7 +93,7 @@ def test_matches_reference(page_size, group, kv_heads, budget, sink, recent, len
 
     plan = meta._quest_plan
     _, chosen = sa.sparse_rows_attention(q[plan.sparse_rows], cache.k[layer], cache.v[layer],
-                                         cache.kmin[layer], cache.kmax[layer], plan, scale)
+                                         cache.kmin[layer], cache.kmax[layer], plan, scale, fused)
     chosen_by_row = dict(zip(plan.sparse_rows.tolist(), chosen, strict=True))
     read = skipped = 0
     for row, (n, table) in enumerate(zip(lengths, tables, strict=True)):

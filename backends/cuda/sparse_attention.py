@@ -202,14 +202,21 @@ def _dense(q: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor, pages:
 
 def sparse_rows_attention(q: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor,
                           kmin_layer: torch.Tensor, kmax_layer: torch.Tensor, plan: QuestPlan,
-                          scale: float, attend=None) -> tuple[torch.Tensor, torch.Tensor]:
+                          scale: float, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Quest decode of the plan's sparse rows, q: [Bs, H, d] -> (out [Bs, H, d], logical pages
     chosen [Bs, kv_heads, budget_pages]). kmin_layer, kmax_layer: [pages, blocks, kv_heads, d].
-    attend: attend_pages (default) or attend_pages_fused."""
-    kmin, kmax = gather_summaries(kmin_layer, kmax_layer, plan.sparse_pages)
-    scores = quest_scores(q, kmin, kmax, plan.unwritten, scale)                  # [Bs, kvh, P]
+    fused: score the pages and attend the chosen ones with the CPU kernels (kernels/cpu/fused.cpp)
+    instead of gathering summaries and keys for torch ops; the same scores and selection."""
+    if fused:
+        scores = torch.ops.radixgate_cpu.quest_page_scores(
+            q, kmin_layer, kmax_layer, plan.sparse_pages.contiguous(),
+            plan.sparse_lengths.reshape(-1).contiguous(), k_layer.shape[1], scale)
+    else:
+        kmin, kmax = gather_summaries(kmin_layer, kmax_layer, plan.sparse_pages)
+        scores = quest_scores(q, kmin, kmax, plan.unwritten, scale)              # [Bs, kvh, P]
     chosen = select_pages(scores, plan.bias, plan.budget_pages)                  # [Bs, kvh, k]
-    return (attend or attend_pages)(q, k_layer, v_layer, chosen, plan, scale), chosen
+    attend = attend_pages_fused if fused else attend_pages
+    return attend(q, k_layer, v_layer, chosen, plan, scale), chosen
 
 
 def gather_summaries(kmin_layer: torch.Tensor, kmax_layer: torch.Tensor, pages: torch.Tensor
@@ -286,8 +293,7 @@ def sparse_decode_attention(q: torch.Tensor, cache: PagedKVCache, layer: int, me
         return (fused_decode_attention if fused else decode_attention)(q, cache, layer, meta, scale)
     k_layer, v_layer = cache.k[layer], cache.v[layer]
     sparse_out, _ = sparse_rows_attention(q[plan.sparse_rows], k_layer, v_layer, cache.kmin[layer],
-                                          cache.kmax[layer], plan, scale,
-                                          attend_pages_fused if fused else attend_pages)
+                                          cache.kmax[layer], plan, scale, fused)
     if not len(plan.dense_rows):
         return sparse_out
     out = torch.empty_like(q)

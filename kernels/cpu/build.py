@@ -21,7 +21,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("fused.cpp")
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp-simd", "-fno-math-errno"]
-OPS = ("rms_norm", "add_rms_norm", "rotary_store", "paged_decode_attention", "silu_mul")
+OPS = ("rms_norm", "add_rms_norm", "rotary_store", "paged_decode_attention", "silu_mul", "quest_page_scores")
 log = logging.getLogger("radixgate.kernels.cpu")
 
 

@@ -17,6 +17,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -477,6 +478,115 @@ Tensor paged_decode_attention(const Tensor& q, const Tensor& k_cache, const Tens
   return out;
 }
 
+// ---- Quest page scores (sparse decode's page selection) ------------------------------------------
+
+// For each of the `group` q heads (float32 [group, d]): bound[g] = max(bound[g], sum over d of
+// max(q * lo, q * hi)), the largest q.k any key within the block's [lo, hi] can reach.
+template <typename T>
+inline void quest_bounds(const float* q, const T* lo, const T* hi, int64_t d, int64_t group, float scale,
+                         float* bound, int64_t bound_stride) {
+#if defined(__AVX512F__)
+  if (d % 16 == 0 && d <= 128) {
+    __m512 l[8], h[8];
+    const int64_t chunks = d / 16;
+    for (int64_t c = 0; c < chunks; ++c) {
+      l[c] = load16(lo + 16 * c);
+      h[c] = load16(hi + 16 * c);
+    }
+    for (int64_t g = 0; g < group; ++g) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t c = 0; c < chunks; ++c) {
+        const __m512 qv = _mm512_loadu_ps(q + g * d + 16 * c);
+        acc = _mm512_add_ps(acc, _mm512_max_ps(_mm512_mul_ps(qv, l[c]), _mm512_mul_ps(qv, h[c])));
+      }
+      const float value = _mm512_reduce_add_ps(acc) * scale;
+      bound[g * bound_stride] = std::max(bound[g * bound_stride], value);
+    }
+    return;
+  }
+#endif
+  for (int64_t g = 0; g < group; ++g) {
+    float sum = 0.0f;
+    for (int64_t i = 0; i < d; ++i) sum += std::max(q[g * d + i] * to_f(lo[i]), q[g * d + i] * to_f(hi[i]));
+    bound[g * bound_stride] = std::max(bound[g * bound_stride], sum * scale);
+  }
+}
+
+// kernels/reference.quest_page_scores for a batch: q [B, H, d]; kmin, kmax [pages, blocks, KV, d]
+// (one layer's block summaries); page_tables [B, P]; lengths [B]. Per row and KV head: each q head's
+// bound of every page (the best of its written blocks) at the attention scale, log-softmax over the
+// row's pages, max over the GQA group. Returns float32 [B, KV, P], -inf past a row's pages.
+Tensor quest_page_scores(const Tensor& q, const Tensor& kmin, const Tensor& kmax, const Tensor& page_tables,
+                         const Tensor& lengths, int64_t page_size, double scale) {
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2), "q must be [B, H, d] with contiguous heads");
+  TORCH_CHECK(kmin.dim() == 4 && kmin.is_contiguous() && kmax.is_contiguous() && kmax.sizes() == kmin.sizes() &&
+                  kmin.size(3) == q.size(2),
+              "kmin, kmax must be contiguous [pages, blocks, kv_heads, head_dim] matching q");
+  TORCH_CHECK(kmin.scalar_type() == q.scalar_type() && kmax.scalar_type() == q.scalar_type(),
+              "q and summaries must share a dtype");
+  TORCH_CHECK(page_tables.scalar_type() == at::kLong && page_tables.dim() == 2 && page_tables.is_contiguous() &&
+                  page_tables.size(0) == q.size(0),
+              "page_tables must be contiguous int64 [B, pages]");
+  TORCH_CHECK(lengths.scalar_type() == at::kLong && lengths.is_contiguous() && lengths.numel() == q.size(0),
+              "lengths must be contiguous int64 [B]");
+  const int64_t batch = q.size(0), heads = q.size(1), d = q.size(2);
+  const int64_t num_pages = kmin.size(0), blocks = kmin.size(1), kv_heads = kmin.size(2);
+  TORCH_CHECK(heads % kv_heads == 0, "query heads must be a multiple of kv heads");
+  TORCH_CHECK(page_size > 0 && page_size % blocks == 0, "blocks must divide the page size");
+  const int64_t group = heads / kv_heads, width = page_tables.size(1), sub = page_size / blocks;
+  const int64_t* len = lengths.const_data_ptr<int64_t>();
+  const int64_t* tables = page_tables.const_data_ptr<int64_t>();
+  int64_t work = 0;
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(len[b] >= 1 && len[b] <= width * page_size, "length ", len[b], " does not fit its page table");
+    for (int64_t p = 0; p < (len[b] + page_size - 1) / page_size; ++p) {
+      const int64_t page = tables[b * width + p];
+      TORCH_CHECK(page >= 0 && page < num_pages, "page ", page, " outside the summaries");
+    }
+    work += (len[b] + page_size - 1) / page_size * blocks * heads * d;
+  }
+  Tensor out = at::full({batch, kv_heads, width}, -std::numeric_limits<float>::infinity(),
+                        q.options().dtype(at::kFloat));
+  float* op = out.mutable_data_ptr<float>();
+  dispatch(q.scalar_type(), "quest_page_scores", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* qp = ptr<scalar_t>(q);
+    const scalar_t* lo_p = ptr<scalar_t>(kmin);
+    const scalar_t* hi_p = ptr<scalar_t>(kmax);
+    const int64_t tasks = batch * kv_heads;
+    at::parallel_for(0, tasks, work < kSerialWork ? tasks : 1, [&](int64_t first, int64_t last) {
+      std::vector<float> qf(group * d), logits;
+      for (int64_t task = first; task < last; ++task) {
+        const int64_t b = task / kv_heads, h = task % kv_heads;
+        const int64_t pages = (len[b] + page_size - 1) / page_size;
+        const scalar_t* qh = qp + b * q.stride(0) + h * group * d;
+        for (int64_t i = 0; i < group * d; ++i) qf[i] = to_f(qh[i]);
+        logits.assign(group * pages, -std::numeric_limits<float>::infinity());
+        for (int64_t p = 0; p < pages; ++p) {
+          const int64_t page = tables[b * width + p];
+          const int64_t filled = std::min(page_size, len[b] - p * page_size);
+          const int64_t written = (filled + sub - 1) / sub;
+          for (int64_t j = 0; j < written; ++j) {
+            const int64_t base = ((page * blocks + j) * kv_heads + h) * d;
+            quest_bounds(qf.data(), lo_p + base, hi_p + base, d, group, float(scale), logits.data() + p, pages);
+          }
+        }
+        float* dst = op + (b * kv_heads + h) * width;
+        for (int64_t g = 0; g < group; ++g) {
+          const float* lg = logits.data() + g * pages;
+          float mx = -std::numeric_limits<float>::infinity();
+          for (int64_t p = 0; p < pages; ++p) mx = std::max(mx, lg[p]);
+          float sum = 0.0f;
+          for (int64_t p = 0; p < pages; ++p) sum += std::exp(lg[p] - mx);
+          const float lse = mx + std::log(sum);
+          for (int64_t p = 0; p < pages; ++p) dst[p] = std::max(dst[p], lg[p] - lse);
+        }
+      }
+    });
+  });
+  return out;
+}
+
 // ---- SwiGLU activation --------------------------------------------------------------------------
 
 // out = silu(gate) * up for one row [gate | up] of 2 * inter values.
@@ -516,4 +626,6 @@ TORCH_LIBRARY(radixgate_cpu, m) {
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor page_tables, "
         "Tensor lengths, int page_size, float scale) -> Tensor", &paged_decode_attention);
   m.def("silu_mul(Tensor gate_up) -> Tensor", &silu_mul);
+  m.def("quest_page_scores(Tensor q, Tensor kmin, Tensor kmax, Tensor page_tables, Tensor lengths, "
+        "int page_size, float scale) -> Tensor", &quest_page_scores);
 }
