@@ -317,8 +317,8 @@ class LlamaModel(nn.Module):
 
 @dataclass
 class FastLayer:
-    """One decoder layer's prepared weights: norms (doubled for rms_norm_fast), fused QKV, output,
-    fused gate/up, down."""
+    """One decoder layer's prepared weights: norms (plain for the fused CPU kernels, doubled for
+    rms_norm_fast), fused QKV, output, fused gate/up, down."""
 
     ln1: torch.Tensor | None             # RMSNorm weights (fused kernels)
     ln2: torch.Tensor | None
