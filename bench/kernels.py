@@ -351,8 +351,9 @@ def stage_sweep(q, kv, sums, tab, lens, ps, skw, tune, label, dense_ms):
     scoring variant and split count."""
     budget = skw["budget_tokens"]
     force = ref.sparse_page_counts(ps, budget, skw["sink_tokens"], skw["recent_tokens"])
-    score_cfgs = [("per-head (old) p64 w4", dict(all_heads=False)), ("all-heads default (p4 w4 ~8 progs/SM)", {})] + [
-        (f"all-heads p{bp} w{nw} {pp} pages/prog", dict(block_p=bp, num_warps=nw, pages_per_prog=pp))
+    score_cfgs = [("per-head p64/blocks w4", dict(all_heads=False)),
+                  ("all-heads (p4 w4 ~8 progs/SM)", dict(all_heads=True))] + [
+        (f"all-heads p{bp} w{nw} {pp} pages/prog", dict(block_p=bp, num_warps=nw, pages_per_prog=pp, all_heads=True))
         for bp, nw, pp in ((4, 4, 4), (4, 4, 16), (2, 4, None), (8, 4, None), (4, 2, None), (2, 2, 2))]
     if TINY:
         score_cfgs = score_cfgs[:2]

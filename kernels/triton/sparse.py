@@ -130,7 +130,7 @@ def _combine_heads(Bounds, SeqLens, Scores, s_bb, s_bh, s_sb, s_sh, max_pages, s
 def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_tables: torch.Tensor,
                  seq_lens: torch.Tensor, page_size: int, force: tuple[int, int, int] | None = None,
                  block_p: int | None = None, num_warps: int | None = None, pages_per_prog: int | None = None,
-                 all_heads: bool = True, scale: float | None = None) -> torch.Tensor:
+                 all_heads: bool | None = None, scale: float | None = None) -> torch.Tensor:
     """Stage A. q: [batch, q_heads, d], kmin/kmax [num_pages, blocks, kv_heads, d] (reference.py's
     summaries) -> fp32 scores [batch, kv_heads, max_pages] (-inf past each
     sequence): reference.quest_page_scores, batched (summed in another order: equal to rounding), at
@@ -138,10 +138,13 @@ def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_t
     sets forced pages to +inf.
     Two launches: the Quest bound of every q head into a [batch, q_heads, max_pages] buffer, then
     one program per (sequence, KV head) normalises each head over the sequence's pages and takes the
-    max over the group. all_heads (default): the bounds kernel runs one program per (sequence,
+    max over the group. all_heads: the bounds kernel runs one program per (sequence,
     pages_per_prog pages), block_p pages per step, every KV head at once (needs kmin <= kmax, true
     of written blocks); pages_per_prog defaults to about 8 programs per SM. Else one program per
-    (sequence, KV head, block_p pages) summing max(q*lo, q*hi) directly (the original kernel)."""
+    (sequence, KV head, block_p pages) summing max(q*lo, q*hi) directly (the original kernel).
+    Default (None): all_heads with one summary per page, per head with several (H100, 4-token
+    summaries at page 64, budget 2048: 31 vs 101 us at b1 x 32k, 223 vs 1062 us at b16 x 32k,
+    docs/kernels.md)."""
     batch, q_heads, head_dim = q.shape
     blocks, kv_heads = kmin.shape[1:3]
     max_pages = page_tables.shape[1]
@@ -152,6 +155,8 @@ def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_t
     bounds = torch.empty(batch, q_heads, max_pages, device=q.device, dtype=torch.float32)
     scores = torch.empty(batch, kv_heads, max_pages, device=q.device, dtype=torch.float32)
     group = q_heads // kv_heads
+    if all_heads is None:
+        all_heads = blocks == 1
     args = (q, kmin, kmax, page_tables, seq_lens, bounds, q.stride(0), q.stride(1), *kmin.stride()[:3],
             *kmax.stride()[:3], page_tables.stride(0), bounds.stride(0), bounds.stride(1), max_pages)
     if all_heads:
