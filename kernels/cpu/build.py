@@ -79,11 +79,6 @@ def load() -> KernelStatus:
     return _status
 
 
-def ops():
-    """torch.ops.radixgate_cpu when the kernels are loaded, else None."""
-    return torch.ops.radixgate_cpu if load().available else None
-
-
 if __name__ == "__main__":
     status = load()
     print(f"fused CPU kernels: {'available' if status.available else 'NOT available'} ({status.detail})")

@@ -3,13 +3,15 @@
 // On a 2-core CPU a decode step of the default model spends as much time in ~25 small torch ops per
 // layer (norms, rotary, KV writes, K/V gathers, SDPA's set-up, SiLU) as in its matmuls: each op
 // costs a dispatch, an allocation and, for the larger ones, an OpenMP region (docs/cpu.md). These
-// kernels replace them with five ops per layer that read their inputs once, in float32 registers:
+// kernels replace them with five ops per layer that read their inputs once, in float32 registers
+// (plus the page scoring of sparse decode):
 //
 //   rms_norm            y = w * norm(x)                           (RMSNorm, as the HF reference rounds)
 //   add_rms_norm        x += d; y = w * norm(x)                   (residual add fused with the next norm)
 //   rotary_store        rotate q and k of a fused qkv row in place, write k and v into their KV slots
 //   paged_decode_attention  one query per sequence over its pages, read straight from the cache
 //   silu_mul            y = silu(gate) * up                        (SwiGLU's activation)
+//   quest_page_scores   sparse decode: each page's Quest bound per KV head (kernels/reference.py)
 //
 // Semantics are those of the torch code in backends/cuda/model.py and kernels/reference.py; the
 // tests compare each op against them. Arithmetic is float32; results are rounded to the tensor's
@@ -25,6 +27,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <limits>
 #include <vector>
 
@@ -119,9 +122,9 @@ inline void add_row(T* x, const T* d, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] = from_f<T>(to_f(x[i]) + to_f(d[i]));
 }
 
-// Rows per parallel task: a row of a few hundred features is ~1 us of work, so small batches stay
-// on the calling thread instead of waking the pool.
-constexpr int64_t kNormGrain = 16;
+// Rows (or tokens) per parallel task in the row-wise ops: a row of a few hundred features is ~1 us
+// of work, so small batches stay on the calling thread instead of waking the pool.
+constexpr int64_t kRowGrain = 16;
 
 Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps) {
   check_rows(x, "x");
@@ -135,7 +138,7 @@ Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps) {
     const scalar_t* xp = ptr<scalar_t>(x);
     const scalar_t* wp = ptr<scalar_t>(weight);
     scalar_t* yp = ptr<scalar_t>(y);
-    at::parallel_for(0, rows, kNormGrain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) norm_row(xp + r * stride, wp, yp + r * n, n, float(eps));
     });
   });
@@ -159,7 +162,7 @@ Tensor add_rms_norm(const Tensor& x, const Tensor& delta, const Tensor& weight, 
     const scalar_t* dp = ptr<scalar_t>(delta);
     const scalar_t* wp = ptr<scalar_t>(weight);
     scalar_t* yp = ptr<scalar_t>(y);
-    at::parallel_for(0, rows, kNormGrain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         add_row(xp + r * n, dp + r * dstride, n);
         norm_row(xp + r * n, wp, yp + r * n, n, float(eps));
@@ -220,7 +223,7 @@ void rotary_store(const Tensor& qkv, const Tensor& positions, const Tensor& cos,
     const scalar_t* sp = ptr<scalar_t>(sin_signed);
     scalar_t* kc = ptr<scalar_t>(k_cache);
     scalar_t* vc = ptr<scalar_t>(v_cache);
-    at::parallel_for(0, tokens, kNormGrain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, tokens, kRowGrain, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         scalar_t* row = base + t * stride;
         const scalar_t* c = cp + pos[t] * d;
@@ -353,32 +356,26 @@ template <typename T>
 using AttendFn = void (*)(const float*, const T*, const T*, const int64_t*, int64_t, int64_t, int64_t,
                           float*, float*, float*, float*);
 
-// The specialised kernel for (head_dim, group) where one exists on this CPU, else the plain one.
+#if defined(__AVX512F__)
+// attend_avx512<T, D, G> for the G in Gs equal to `group`, else nullptr.
+template <typename T, int64_t D, int64_t... Gs>
+AttendFn<T> avx512_for_group(int64_t group, std::integer_sequence<int64_t, Gs...>) {
+  AttendFn<T> picked = nullptr;
+  ((group == Gs + 1 ? (picked = attend_avx512<T, D, Gs + 1>, 0) : 0), ...);
+  return picked;
+}
+#endif
+
+// The specialised kernel for (head_dim, group) where one exists on this CPU (head_dim 64 with
+// groups up to 8, 128 with groups up to 4: the registers they need), else the plain one.
 template <typename T>
 AttendFn<T> pick_attend(int64_t d, int64_t group) {
+  AttendFn<T> picked = nullptr;
 #if defined(__AVX512F__)
-  if (d == 64) {
-    switch (group) {
-      case 1: return attend_avx512<T, 64, 1>;
-      case 2: return attend_avx512<T, 64, 2>;
-      case 3: return attend_avx512<T, 64, 3>;
-      case 4: return attend_avx512<T, 64, 4>;
-      case 5: return attend_avx512<T, 64, 5>;
-      case 6: return attend_avx512<T, 64, 6>;
-      case 7: return attend_avx512<T, 64, 7>;
-      case 8: return attend_avx512<T, 64, 8>;
-    }
-  }
-  if (d == 128) {
-    switch (group) {
-      case 1: return attend_avx512<T, 128, 1>;
-      case 2: return attend_avx512<T, 128, 2>;
-      case 3: return attend_avx512<T, 128, 3>;
-      case 4: return attend_avx512<T, 128, 4>;
-    }
-  }
+  if (d == 64) picked = avx512_for_group<T, 64>(group, std::make_integer_sequence<int64_t, 8>{});
+  if (d == 128) picked = avx512_for_group<T, 128>(group, std::make_integer_sequence<int64_t, 4>{});
 #endif
-  return attend_generic<T>;
+  return picked ? picked : attend_generic<T>;
 }
 
 // q: [B, H, d] (any row stride, contiguous heads); caches: [slots, KV, d].
@@ -609,7 +606,7 @@ Tensor silu_mul(const Tensor& gate_up) {
     using scalar_t = decltype(tag);
     const scalar_t* src = ptr<scalar_t>(gate_up);
     scalar_t* dst = ptr<scalar_t>(y);
-    at::parallel_for(0, rows, kNormGrain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) silu_mul_row(src + r * stride, dst + r * inter, inter);
     });
   });
