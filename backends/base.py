@@ -5,10 +5,27 @@ knows nothing of HTTP, requests or the radix tree: it sees token ids, positions 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
+
+from backends.sampling_params import SampledToken, SamplingParams
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """How the backend draws one sequence's next token, on its own device.
+
+    uniform is the draw's random number in [0, 1), made by the engine from the request's seed and
+    the token's index (sampling_params.draw_uniform), so a seed gives the same text cold, cached
+    or batched. generated holds the output ids so far; it is read only when penalties are on.
+    """
+
+    params: SamplingParams
+    uniform: float
+    generated: Sequence[int] = ()
 
 
 @dataclass(frozen=True)
@@ -18,7 +35,9 @@ class SequenceChunk:
     token_ids: list[int]          # tokens whose KV this step computes and writes
     start_position: int           # tokens of this sequence already in its KV pages
     page_table: list[int]         # page ids covering positions [0, start_position + len(token_ids))
-    want_logits: bool = True      # return logits for the last new token
+    seq_slot: int = 0             # the sequence's row in the backend's page-table store, [0, max_sequences)
+    table_epoch: int = 0          # a new value whenever page_table changes other than by appending
+    sample: SampleSpec | None = None   # draw the next token after the last new one (None: mid-prompt)
 
     @property
     def end_position(self) -> int:
@@ -30,6 +49,7 @@ class ForwardBatch:
     """Prefill chunks and decode tokens of many sequences, run in one forward pass."""
 
     sequences: list[SequenceChunk]
+    return_logits: bool = False   # also return the raw logits of the sampled rows (tests, tools)
 
     @property
     def num_tokens(self) -> int:
@@ -46,10 +66,15 @@ class AttentionStats:
 
 @dataclass
 class ForwardResult:
-    """Logits (float32, [sequences wanting logits, vocab], in batch order) and attention stats."""
+    """One entry per sequence that sampled, in batch order: its token, and its logprobs when asked.
 
-    logits: np.ndarray
+    logits (float32 [sampled rows, vocab]) only with ForwardBatch.return_logits: full-vocabulary
+    logits do not cross to the host in serving.
+    """
+
+    tokens: list[SampledToken]
     attention: AttentionStats = field(default_factory=AttentionStats)
+    logits: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -71,10 +96,12 @@ class Backend(Protocol):
 
     page_size: int
     num_pages: int
+    max_sequences: int            # seq slots: the most sequences one batch may hold
     info: BackendInfo
 
     def forward(self, batch: ForwardBatch) -> ForwardResult:
-        """Run new tokens of each sequence, write their K/V (and page summaries) into the pages."""
+        """Run new tokens of each sequence, write their K/V (and page summaries) into the pages,
+        and draw the next token of every sequence with a SampleSpec."""
         ...
 
 
@@ -104,8 +131,13 @@ class RunnerSettings:
     dtype: str = "auto"              # auto | float32 | bfloat16 | float16 | int8
     device: str = "cpu"              # cpu | cuda
     page_size: int = 16
-    num_pages: int | None = None     # None: sized from kv_memory_bytes
-    kv_memory_bytes: int = 1 << 30
+    num_pages: int | None = None     # None: sized from memory (below)
+    kv_memory_bytes: int = 1 << 30   # CPU: bytes for KV pages
+    device_memory_fraction: float = 0.85   # GPU: share of the memory left after weights and buffers
+    max_sequences: int = 64          # rows of the page-table store: the engine's max running requests
+    attention: str = "auto"          # auto | torch | cpu_fused | triton (chosen once at start-up)
+    cuda_graphs: bool = True         # capture decode steps per batch-size bucket (CUDA only)
+    validate_batches: bool = False   # check every batch's page tables on the host (tests, debugging)
     context_length: int | None = None
     threads: int | None = None
     sparse: SparseSettings = SparseSettings()

@@ -61,6 +61,9 @@ class ModelConfig(Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16", "int8", "int4"] = "auto"
     context_length: int | None = Field(None, ge=16, description="null: the model's own")
     threads: int | None = Field(None, ge=1, description="CPU threads; null: all cores")
+    attention_backend: Literal["auto", "torch", "cpu_fused", "triton"] = Field(
+        "auto", description="auto: triton on CUDA, the fused C++ ops on CPU; torch: the plain reference")
+    cuda_graphs: bool = Field(True, description="capture decode steps in CUDA graphs (CUDA only)")
     kv_cache: KVCacheConfig = Field(default_factory=KVCacheConfig)
     sparse_attention: SparseAttentionConfig = Field(default_factory=SparseAttentionConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)

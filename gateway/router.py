@@ -33,13 +33,16 @@ def choose_backend(requested: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def runner_settings(cfg: ModelConfig, backend: str) -> RunnerSettings:
+def runner_settings(cfg: ModelConfig, backend: str, validate_batches: bool = False) -> RunnerSettings:
     source = resolve_source(cfg.source)
     sparse = cfg.sparse_attention
     return RunnerSettings(
         source_kind=source.kind, source_path=source.path, model_name=cfg.name, dtype=cfg.dtype,
         device=backend, page_size=cfg.kv_cache.page_size, num_pages=cfg.kv_cache.num_pages,
-        kv_memory_bytes=int(cfg.kv_cache.cpu_cache_gb * (1 << 30)), context_length=cfg.context_length,
+        kv_memory_bytes=int(cfg.kv_cache.cpu_cache_gb * (1 << 30)),
+        device_memory_fraction=cfg.kv_cache.device_memory_fraction,
+        max_sequences=cfg.scheduler.max_running_requests, attention=cfg.attention_backend,
+        cuda_graphs=cfg.cuda_graphs, validate_batches=validate_batches, context_length=cfg.context_length,
         threads=cfg.threads, sparse=SparseSettings(
             enabled=sparse.enabled, token_budget=sparse.token_budget, dense_layers=sparse.dense_layers,
             sink_tokens=sparse.sink_tokens, recent_tokens=sparse.recent_tokens,
@@ -55,7 +58,7 @@ def load_local_model(cfg: ModelConfig, check_invariants: bool = False) -> LocalM
     sched = cfg.scheduler
     # The engine process builds its own backend and tokenizer from these (see engine/worker.py).
     engine = Engine(EngineSpec(
-        make_backend=functools.partial(create_backend, runner_settings(cfg, backend)),
+        make_backend=functools.partial(create_backend, runner_settings(cfg, backend, check_invariants)),
         make_tokenizer=functools.partial(load_tokenizer, source),
         settings=EngineSettings(
             max_running_requests=sched.max_running_requests, max_waiting_requests=sched.max_waiting_requests,

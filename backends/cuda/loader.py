@@ -49,7 +49,10 @@ class ModelConfig:
 
 def load_model(kind: str, path: str, dtype: torch.dtype = torch.float32
                ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Load from a ModelSource's kind ("gguf" | "hf") and path; tensors are converted one by one."""
+    """Load from a ModelSource's kind ("gguf" | "hf" | "random") and path (for random: an
+    ARCHITECTURES name); tensors are converted one by one."""
+    if kind == "random":
+        return random_weights(path, dtype)
     if kind == "gguf":
         return load_gguf(path, dtype)
     if kind == "hf":
@@ -189,3 +192,49 @@ def load_hf_folder(folder: str, dtype: torch.dtype = torch.float32
         rope_scaling=scaling,
     )
     return config, weights
+
+
+# Named architectures for random-weight benchmarks (the device machine cannot download weights).
+ARCHITECTURES = {
+    "llama-3-8b": ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+                              num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=500000.0,
+                              rms_norm_eps=1e-5, context_length=131072, tie_word_embeddings=False,
+                              attention_bias=False),
+    "llama-3.2-1b": ModelConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16,
+                                num_heads=32, num_kv_heads=8, head_dim=64, rope_theta=500000.0,
+                                rms_norm_eps=1e-5, context_length=131072, tie_word_embeddings=True,
+                                attention_bias=False),
+    # every code path at CPU-test sizes (head_dim 64: what the Triton kernels take)
+    "tiny": ModelConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=3, num_heads=4,
+                        num_kv_heads=2, head_dim=64, rope_theta=10000.0, rms_norm_eps=1e-5,
+                        context_length=4096, tie_word_embeddings=False, attention_bias=False),
+}
+
+
+def random_weights(name: str, dtype: torch.dtype, device: torch.device | str = "cpu", seed: int = 0
+                   ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """A named architecture with random weights (std 0.02, norms 1), made on `device` directly."""
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown random architecture {name!r} (one of {sorted(ARCHITECTURES)})")
+    cfg = ARCHITECTURES[name]
+    gen = torch.Generator(device=device).manual_seed(seed)
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    shapes = {"embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size)}
+    for i in range(cfg.num_layers):
+        block = f"layers.{i}."
+        shapes |= {block + "self_attn.q_proj.weight": (q, cfg.hidden_size),
+                   block + "self_attn.k_proj.weight": (kv, cfg.hidden_size),
+                   block + "self_attn.v_proj.weight": (kv, cfg.hidden_size),
+                   block + "self_attn.o_proj.weight": (cfg.hidden_size, q),
+                   block + "mlp.gate_proj.weight": (cfg.intermediate_size, cfg.hidden_size),
+                   block + "mlp.up_proj.weight": (cfg.intermediate_size, cfg.hidden_size),
+                   block + "mlp.down_proj.weight": (cfg.hidden_size, cfg.intermediate_size)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
+    weights = {name: torch.randn(shape, generator=gen, device=device, dtype=dtype) * 0.02
+               for name, shape in shapes.items()}
+    for i in range(cfg.num_layers):
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            weights[f"layers.{i}.{norm}.weight"] = torch.ones(cfg.hidden_size, device=device, dtype=dtype)
+    weights["norm.weight"] = torch.ones(cfg.hidden_size, device=device, dtype=dtype)
+    return cfg, weights

@@ -1,8 +1,11 @@
-"""A plain PyTorch Llama decoder over a flattened batch of many sequences and a paged KV cache.
+"""A Llama decoder over a flattened batch of many sequences and a paged KV cache.
 
 embed -> [RMSNorm -> attention (rotary, GQA, paged) -> residual -> RMSNorm -> SwiGLU -> residual]
-x layers -> RMSNorm -> lm head (last token of the sequences that want logits only).
-Module names follow Hugging Face, so the loader's tensors load with load_state_dict.
+x layers -> RMSNorm -> lm head (the rows whose next token is sampled only).
+The modules only hold weights under Hugging Face names, so the loader's tensors load with
+load_state_dict; prepare() fuses them for serving, and forward() is the one serving path: the
+small ops go through the layer ops and attention through the attention backend, both chosen once
+at start-up (backends/cuda/layer_ops.py, backends/cuda/attention/).
 """
 from __future__ import annotations
 
@@ -13,16 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backends.cuda.attention import (
-    AttentionMetadata,
-    PagedKVCache,
-    attend,
-    paged_attention,
-    update_summaries,
-)
+from backends.cuda.attention.base import AttentionBackend
+from backends.cuda.layer_ops import TorchLayerOps
 from backends.cuda.linear import FastLinear
 from backends.cuda.loader import ModelConfig
-from kernels.cpu import build as cpu_kernels
 
 
 class RMSNorm(nn.Module):
@@ -36,17 +33,6 @@ class RMSNorm(nn.Module):
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
-
-
-def rms_norm_fast(x: torch.Tensor, doubled_weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm as one fused LayerNorm over [x, -x]: that vector has mean 0 and variance mean(x^2).
-
-    Same result as RMSNorm (bit-identical on the default model's bf16 rows), but two kernels
-    (cat, layer_norm) instead of torch's eight small ops for rms_norm: 2x faster for one row and
-    3x for a 512-token prefill chunk on CPU. doubled_weight is cat([w, w]); returns a view.
-    """
-    hidden = x.shape[-1]
-    return F.layer_norm(torch.cat((x, -x), dim=-1), (2 * hidden,), doubled_weight, None, eps)[..., :hidden]
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -82,26 +68,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int):
+    def __init__(self, config: ModelConfig):
         super().__init__()
-        self.layer, self.heads, self.kv_heads = layer, config.num_heads, config.num_kv_heads
-        self.head_dim = config.head_dim
-        self.scale = 1.0 / math.sqrt(config.head_dim)
         q_size, kv_size = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
         bias = config.attention_bias
         self.q_proj = nn.Linear(config.hidden_size, q_size, bias=bias)
         self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=bias)
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: PagedKVCache,
-                meta: AttentionMetadata) -> torch.Tensor:
-        tokens = x.shape[0]
-        q = apply_rotary(self.q_proj(x).view(tokens, self.heads, self.head_dim), cos, sin)
-        k = apply_rotary(self.k_proj(x).view(tokens, self.kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(tokens, self.kv_heads, self.head_dim)
-        out = paged_attention(self.layer, q, k, v, cache, meta, self.scale)
-        return self.o_proj(out.reshape(tokens, self.heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -111,21 +85,27 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer)
+        self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+
+@dataclass
+class FastLayer:
+    """One decoder layer's prepared weights: norms (in the layer ops' form), fused QKV, output,
+    fused gate/up, down."""
+
+    ln1: torch.Tensor
+    ln2: torch.Tensor
+    qkv: FastLinear
+    o: FastLinear
+    gate_up: FastLinear
+    down: FastLinear
 
 
 class LlamaModel(nn.Module):
@@ -133,47 +113,49 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.inv_freq = rope_inv_freq(config)      # plain attribute: stays float32 under .to(dtype)
-        self.fast: list[FastLayer] | None = None    # set by prepare(): the serving path
+        self.fast: list[FastLayer] = []            # set by prepare()
 
     @classmethod
     def from_weights(cls, config: ModelConfig, weights: dict[str, torch.Tensor],
-                     device: torch.device | str, dtype: torch.dtype, mode: str | None = None
+                     device: torch.device | str, dtype: torch.dtype, mode: str, ops: TorchLayerOps
                      ) -> LlamaModel:
-        """Build without allocating random weights, adopt the loaded tensors, prepare the fast path.
+        """Build without allocating random weights, adopt the loaded tensors, prepare for serving.
 
-        mode: float32 | bfloat16 | int8 | int4 (weight-only, bfloat16 activations); None: from dtype.
+        mode: float32 | bfloat16 | float16 | int8 | int4 (weight-only, bfloat16 activations).
         """
         with torch.device("meta"):
             model = cls(config)
         model.load_state_dict(weights, strict=True, assign=True)
         model.inv_freq = rope_inv_freq(config).to(device)
-        mode = mode or str(dtype).removeprefix("torch.")
         model = model.to(device=device).eval()
         if mode not in ("int8", "int4"):    # these quantise from the float32 weights as loaded
             model = model.to(dtype=dtype)
-        model.prepare(mode)
+        model.prepare(mode, ops)
         return model
 
-    def rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def rotary_tables(self, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed-sin tables [max_positions, head_dim] in the activation dtype, made once
+        at start-up (graphs need fixed tables): rotate_half(x) * sin == swap_halves(x) * sin_signed."""
+        positions = torch.arange(max_positions, device=self.inv_freq.device)
         freqs = positions.float().unsqueeze(1) * self.inv_freq.unsqueeze(0)
         angles = torch.cat((freqs, freqs), dim=-1)
-        return angles.cos().to(dtype), angles.sin().to(dtype)
-
-    # ---- serving path -------------------------------------------------------------------------
+        cos, sin = angles.cos().to(self.act_dtype), angles.sin().to(self.act_dtype)
+        half = sin.shape[1] // 2
+        return cos.contiguous(), torch.cat((-sin[:, :half], sin[:, half:]), dim=1).contiguous()
 
     @torch.no_grad()
-    def prepare(self, mode: str) -> None:
-        """Fuse Q/K/V and gate/up into one weight each, prepare kernels, cache rotary tables.
+    def prepare(self, mode: str, ops: TorchLayerOps) -> None:
+        """Fuse Q/K/V and gate/up into one weight each and prepare norms for the layer ops.
 
         The modules keep their HF names and now hold views into the fused weights (state_dict
-        still works and no second copy is kept). int8 replaces the weights by their int8 round trip.
+        still works and no second copy is kept). int8/int4 replace the weights by their round trip.
         """
-        self.mode = mode
+        self.mode, self.ops = mode, ops
         self.act_dtype = torch.bfloat16 if mode in ("int8", "int4") else self.embed_tokens.weight.dtype
         linears = []
         for layer in self.layers:
@@ -184,11 +166,11 @@ class LlamaModel(nn.Module):
                 qkv_b = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
             gate_up_w = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
             entry = FastLayer(
-                ln1=None, ln2=None,
+                ln1=layer.input_layernorm.weight, ln2=layer.post_attention_layernorm.weight,
                 qkv=FastLinear(qkv_w, qkv_b, mode), o=FastLinear(attn.o_proj.weight, None, mode),
                 gate_up=FastLinear(gate_up_w, None, mode), down=FastLinear(mlp.down_proj.weight, None, mode))
             del qkv_w, gate_up_w
-            q, kv = attn.heads * attn.head_dim, attn.kv_heads * attn.head_dim
+            q, kv = attn.q_proj.weight.shape[0], attn.k_proj.weight.shape[0]
             w = entry.qkv.weight
             attn.q_proj.weight = nn.Parameter(w[:q], requires_grad=False)
             attn.k_proj.weight = nn.Parameter(w[q:q + kv], requires_grad=False)
@@ -210,121 +192,24 @@ class LlamaModel(nn.Module):
             self.lm_head.weight = nn.Parameter(self.head.weight, requires_grad=False)
         self.to(dtype=self.act_dtype)       # norms and embedding (the fused weights already are)
         for layer, entry in zip(self.layers, linears, strict=True):
-            entry.ln1, entry.ln2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
-            entry.ln1_pair, entry.ln2_pair = torch.cat([entry.ln1] * 2), torch.cat([entry.ln2] * 2)
-        self.final_norm = torch.cat([self.norm.weight] * 2)
+            entry.ln1 = ops.prepare_norm(layer.input_layernorm.weight)
+            entry.ln2 = ops.prepare_norm(layer.post_attention_layernorm.weight)
+        self.final_norm = ops.prepare_norm(self.norm.weight)
         self.fast = linears
-        # On CPU the small ops between the matmuls run as fused kernels when they build here
-        # (float32 and bfloat16 activations; float16 stays on the torch path).
-        self.fused = (self.inv_freq.device.type == "cpu" and self.act_dtype in (torch.float32, torch.bfloat16)
-                      and cpu_kernels.load().available)
-        self._cos = self._sin = None
-        self._grow_rotary(1024)
 
-    def _grow_rotary(self, needed: int) -> None:
-        """cos / signed-sin tables [positions, head_dim] in the activation dtype, grown by doubling."""
-        size = 1024
-        while size < needed:
-            size *= 2
-        positions = torch.arange(size, device=self.inv_freq.device)
-        cos, sin = self.rotary(positions, self.act_dtype)
-        half = sin.shape[1] // 2
-        # rotate_half(x) * sin == roll(x, half) * [-sin_first_half, sin_second_half]
-        self._cos, self._sin = cos, torch.cat((-sin[:, :half], sin[:, half:]), dim=1)
-
-    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache,
-                meta: AttentionMetadata, logits_rows: torch.Tensor, max_position: int | None = None
-                ) -> torch.Tensor:
-        """token_ids, positions: [T]; logits_rows: [N] rows whose next-token logits to return."""
-        if self.fast is None:
-            return self.reference_forward(token_ids, positions, cache, meta, logits_rows)
-        cfg = self.config
-        if max_position is None:
-            max_position = int(positions.max())
-        if max_position >= self._cos.shape[0]:
-            self._grow_rotary(max_position + 1)
-        tokens = token_ids.shape[0]
-        heads, kv_heads, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q_size, qk_heads = heads * d, heads + kv_heads
-        qk_size = qk_heads * d
-        inter, eps = cfg.intermediate_size, cfg.rms_norm_eps
-        scale = 1.0 / math.sqrt(d)
-        half = d // 2
+    def forward(self, token_ids: torch.Tensor, attention: AttentionBackend,
+                logits_rows: torch.Tensor | None) -> torch.Tensor:
+        """token_ids: [T] of the step attention.plan() was given; logits_rows: [N] rows whose
+        next-token logits to return (None: every row) -> float32 [N, vocab]."""
+        ops, layers = self.ops, self.fast
         x = F.embedding(token_ids, self.embed_tokens.weight)
-        if self.fused:
-            return self._forward_fused(x, positions, cache, meta, logits_rows)
-        cos = self._cos[positions].unsqueeze(1)
-        sin = self._sin[positions].unsqueeze(1)
-        for layer, entry in enumerate(self.fast):
-            h = rms_norm_fast(x, entry.ln1_pair, eps)
-            qkv = entry.qkv(h)
-            qk = qkv[:, :qk_size].view(tokens, qk_heads, d)
-            # roll by half a head == swap the two halves: flip of a [2, half] view, one kernel
-            swapped = qk.view(tokens, qk_heads, 2, half).flip(2).view(tokens, qk_heads, d)
-            qk = torch.addcmul(qk * cos, swapped, sin)
-            v = qkv[:, qk_size:].view(tokens, kv_heads, d)
-            out = paged_attention(layer, qk[:, :heads], qk[:, heads:], v, cache, meta, scale)
-            x += entry.o(out.reshape(tokens, q_size))       # x is this forward's own tensor
-            h = rms_norm_fast(x, entry.ln2_pair, eps)
-            gate_up = entry.gate_up(h)
-            act = F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:])
-            x += entry.down(act)
-        if logits_rows.shape[0] != tokens:
-            x = x[logits_rows]
-        x = rms_norm_fast(x, self.final_norm, eps)
-        return self.head(x).float()
-
-    def _forward_fused(self, x: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache,
-                       meta: AttentionMetadata, logits_rows: torch.Tensor) -> torch.Tensor:
-        """forward() with the CPU kernels of kernels/cpu/fused.cpp: per layer the four matmuls
-        and five fused ops (norm, rotary + KV write, attention, residual add + norm, SiLU * up),
-        where the torch path runs ~25 ops. Same arithmetic, rounded to the activation dtype once
-        per op instead of after every step (tests/test_cpu_kernels.py, test_cpu_fast_path.py)."""
-        ops = torch.ops.radixgate_cpu
-        cfg = self.config
-        tokens, eps = x.shape[0], cfg.rms_norm_eps
-        heads, kv_heads, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q_size, scale = heads * d, 1.0 / math.sqrt(d)
-        layers = self.fast
-        h = ops.rms_norm(x, layers[0].ln1, eps)
-        for layer, entry in enumerate(layers):
-            qkv = entry.qkv(h)          # [T, (H + 2 KV) d]: q and k rotated in place below
-            ops.rotary_store(qkv, positions, self._cos, self._sin, heads, kv_heads,
-                             cache.k_slots[layer], cache.v_slots[layer], meta.slots)
-            if cache.kmin is not None:
-                update_summaries(cache, layer, qkv[:, q_size:q_size + kv_heads * d].view(tokens, kv_heads, d), meta)
-            q = qkv[:, :q_size].view(tokens, heads, d)
-            out = attend(layer, q, cache, meta, scale, fused=True)
-            h = ops.add_rms_norm(x, entry.o(out.reshape(tokens, q_size)), entry.ln2, eps)
+        h = ops.rms_norm(x, layers[0].ln1)
+        for index, entry in enumerate(layers):
+            out = attention.forward(index, entry.qkv(h))       # rotary, KV write, attention
+            h = ops.add_rms_norm(x, entry.o(out), entry.ln2)
             down = entry.down(ops.silu_mul(entry.gate_up(h)))
-            next_norm = layers[layer + 1].ln1 if layer + 1 < len(layers) else self.norm.weight
-            h = ops.add_rms_norm(x, down, next_norm, eps)
-        if logits_rows.shape[0] != tokens:
+            next_norm = layers[index + 1].ln1 if index + 1 < len(layers) else self.final_norm
+            h = ops.add_rms_norm(x, down, next_norm)           # the last one is the final norm
+        if logits_rows is not None and logits_rows.shape[0] != h.shape[0]:
             h = h[logits_rows]
         return self.head(h).float()
-
-    def reference_forward(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache,
-                          meta: AttentionMetadata, logits_rows: torch.Tensor) -> torch.Tensor:
-        """The plain module-by-module forward (before prepare()): the readable reference."""
-        x = self.embed_tokens(token_ids)
-        cos, sin = self.rotary(positions, x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin, cache, meta)
-        x = self.norm(x[logits_rows])          # norm is per token: only the rows we need
-        head = self.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
-        return F.linear(x, head).float()
-
-
-@dataclass
-class FastLayer:
-    """One decoder layer's prepared weights: norms (plain for the fused CPU kernels, doubled for
-    rms_norm_fast), fused QKV, output, fused gate/up, down."""
-
-    ln1: torch.Tensor | None             # RMSNorm weights (fused kernels)
-    ln2: torch.Tensor | None
-    qkv: FastLinear
-    o: FastLinear
-    gate_up: FastLinear
-    down: FastLinear
-    ln1_pair: torch.Tensor | None = None  # cat([w, w]) for rms_norm_fast (torch path)
-    ln2_pair: torch.Tensor | None = None

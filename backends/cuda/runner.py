@@ -1,4 +1,11 @@
-"""TorchRunner: the Backend of backends/base.py on PyTorch (CPU now, CUDA later)."""
+"""TorchRunner: the Backend of backends/base.py on PyTorch, on a CUDA GPU or the CPU.
+
+Chosen once at start-up: the dtype, the attention backend (triton on CUDA, cpu_fused or torch on
+CPU) with its layer ops, the KV pool size, and on CUDA the decode graphs. A step syncs the
+device-resident page tables (appends only), runs the model (a graph replay for decode batches
+that fit a bucket, eagerly otherwise) and samples on the device; only the sampled ids (and
+logprobs where asked) come back to the host.
+"""
 from __future__ import annotations
 
 import logging
@@ -7,18 +14,22 @@ import os
 import numpy as np
 import torch
 
-from backends.base import BackendInfo, ForwardBatch, ForwardResult, RunnerSettings
-from backends.cuda.attention import PagedKVCache, build_metadata
+from backends.base import AttentionStats, BackendInfo, ForwardBatch, ForwardResult, RunnerSettings
+from backends.cuda.attention.base import AttentionShape, choose_attention, create_attention
+from backends.cuda.attention.sparse import check_sparse_settings, count_pages, page_counts
+from backends.cuda.graphs import DecodeGraphs
+from backends.cuda.kv_cache import PagedKVCache
+from backends.cuda.layer_ops import LAYER_OPS
+from backends.cuda.layout import build_layout
 from backends.cuda.linear import kernel_available
-from backends.cuda.loader import load_model
+from backends.cuda.loader import load_model, random_weights
 from backends.cuda.model import LlamaModel
-from backends.cuda.sparse_attention import check_sparse_settings
-from kernels.cpu import build as cpu_kernels
+from backends.cuda.page_tables import PageTableStore
+from backends.cuda.sampler import TorchSampler
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "int8": torch.bfloat16,      # int8 / int4: weight-only matmuls, bfloat16 activations and KV
           "int4": torch.bfloat16}
-MAX_SEQUENCES = 64          # the page pool never holds more than this many full contexts
 AUTO_CPU = "int4"           # what auto picks on CPU (when its kernel exists; else int8, else float32)
 QUANT_MIN_HIDDEN = 256      # quantised weights only from this hidden size up (below, overhead rules)
 log = logging.getLogger("radixgate.runner")
@@ -58,63 +69,94 @@ def default_threads() -> int:
     return os.cpu_count() or 1
 
 
+def _load(settings: RunnerSettings, device: torch.device):
+    # Convert tensor by tensor while loading: peak memory stays near one copy in the load dtype.
+    # int8 / int4 (and auto, which may pick them) quantise from the float32 weights.
+    load_dtype = (torch.float32 if settings.dtype in ("auto", "int8", "int4") and device.type == "cpu"
+                  else DTYPES.get(pick_dtype(settings.dtype, device), torch.float32))
+    if settings.source_kind == "random":            # made on the device: no host copy of 16 GB
+        return random_weights(settings.source_path, load_dtype, device)
+    return load_model(settings.source_kind, settings.source_path, load_dtype)
+
+
 class TorchRunner:
-    """Owns the model and its paged KV cache; runs one ForwardBatch at a time."""
+    """Owns the model, its paged KV cache and page tables; runs one ForwardBatch at a time."""
 
     def __init__(self, settings: RunnerSettings):
         self.settings = settings
-        self.device = torch.device(settings.device)
-        if self.device.type == "cpu":
+        self.device = device = torch.device(settings.device)
+        if device.type == "cpu":
             torch.set_num_threads(settings.threads or default_threads())
-        # Convert tensor by tensor while loading: peak memory stays near one copy in the load dtype.
-        # int8 / int4 (and auto, which may pick them) quantise from the float32 weights.
-        load_dtype = (torch.float32 if settings.dtype in ("auto", "int8", "int4") and self.device.type == "cpu"
-                      else DTYPES.get(pick_dtype(settings.dtype, self.device), torch.float32))
-        config, weights = load_model(settings.source_kind, settings.source_path, load_dtype)
+        config, weights = _load(settings, device)
         self.config = config
-        self.mode = pick_dtype(settings.dtype, self.device, config.hidden_size)
+        self.mode = pick_dtype(settings.dtype, device, config.hidden_size)
         self.dtype = DTYPES[self.mode]          # activations and KV cache
-        self.model = LlamaModel.from_weights(config, weights, self.device, self.dtype, self.mode)
+        attention_name = choose_attention(settings.attention, device)
+        if attention_name == "cpu_fused" and self.dtype == torch.float16:
+            attention_name = "torch"            # the C++ ops take float32 and bfloat16 activations
+        ops = LAYER_OPS[attention_name](config.rms_norm_eps)
+        self.model = LlamaModel.from_weights(config, weights, device, self.dtype, self.mode, ops)
         del weights
         check_sparse_settings(settings.sparse, settings.page_size, config.num_layers)
+        self.sparse = settings.sparse if settings.sparse.enabled else None
 
-        self.page_size = settings.page_size
+        self.page_size = page_size = settings.page_size
         self.context_length = settings.context_length or config.context_length
-        # Key summaries only when sparse decode will read them.
-        summary_tokens = settings.sparse.summary_tokens if settings.sparse.enabled else None
-        per_page = PagedKVCache.bytes_per_page(config.num_layers, self.page_size, config.num_kv_heads,
-                                               config.head_dim, self.dtype.itemsize, summary_tokens)
-        cap = -(-self.context_length // self.page_size) * MAX_SEQUENCES
-        self.num_pages = settings.num_pages or min(settings.kv_memory_bytes // per_page, cap)
-        if self.num_pages < 1:
-            raise ValueError(f"kv_memory_bytes {settings.kv_memory_bytes} holds no page "
-                             f"({per_page} bytes each)")
-        self.cache = PagedKVCache(config.num_layers, self.num_pages, self.page_size,
-                                  config.num_kv_heads, config.head_dim, self.dtype, self.device, summary_tokens)
-        if self.device.type == "cuda":
-            device_name = torch.cuda.get_device_name(self.device)
-        else:
-            device_name = f"cpu ({torch.get_num_threads()} threads)"
+        self.max_sequences = settings.max_sequences
+        self.num_pages = self._size_pool()
+        self.cache = PagedKVCache(config.num_layers, self.num_pages, page_size, config.num_kv_heads,
+                                  config.head_dim, self.dtype, device,
+                                  self.sparse.summary_tokens if self.sparse else None)
+        max_pages = -(-self.context_length // page_size)
+        self.tables = PageTableStore(self.max_sequences, max_pages, self.cache.scratch_page, device)
+        cos, sin = self.model.rotary_tables(max_pages * page_size)
+        self.shape = AttentionShape(config.num_heads, config.num_kv_heads, config.head_dim)
+        self.attention = create_attention(attention_name, self.cache, self.shape, cos, sin, self.sparse)
+        self.sampler = TorchSampler(config.vocab_size, device)
+        self.graphs = None
+        if device.type == "cuda" and settings.cuda_graphs and self.attention.graph_safe:
+            self.graphs = DecodeGraphs(self.model, self.attention, self.tables, page_size,
+                                       self.cache.scratch_page, self.max_sequences, device)
+        device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                       else f"cpu ({torch.get_num_threads()} threads)")
         self.info = BackendInfo(
-            model_name=settings.model_name, backend=self.device.type, device=device_name,
-            dtype=self.mode, num_pages=self.num_pages,
-            page_size=self.page_size, context_length=self.context_length,
+            model_name=settings.model_name, backend=device.type, device=device_name, dtype=self.mode,
+            num_pages=self.num_pages, page_size=page_size, context_length=self.context_length,
             vocab_size=config.vocab_size)
+        log.info("torch runner: dtype %s (config %s), attention %s, %s, %d KV pages = %d tokens, "
+                 "CUDA graphs %s", self.mode, settings.dtype, attention_name, device_name, self.num_pages,
+                 self.num_pages * page_size, "on" if self.graphs else "off")
 
-        log.info("torch runner: dtype %s (config %s; %s), %s", self.mode, settings.dtype,
-                 f"weight-only {self.mode} matmuls, bfloat16 activations and KV" if self.mode in ("int8", "int4")
-                 else f"{self.mode} weights, activations and KV", device_name)
-        if self.device.type == "cpu":
-            status = cpu_kernels.load()
-            log.info("fused CPU kernels: %s (%s)", "in use" if self.model.fused else "not in use", status.detail)
+    def _size_pool(self) -> int:
+        """Pages from config: a fixed count, or a share of the memory left after the weights (GPU:
+        device_memory_fraction of what is free now; the rest is for activations and graphs) or
+        kv_memory_bytes (CPU)."""
+        cfg, settings = self.config, self.settings
+        per_page = PagedKVCache.bytes_per_page(cfg.num_layers, self.page_size, cfg.num_kv_heads, cfg.head_dim,
+                                               self.dtype.itemsize,
+                                               self.sparse.summary_tokens if self.sparse else None)
+        if settings.num_pages:
+            return settings.num_pages
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free * settings.device_memory_fraction)
+        else:
+            budget = settings.kv_memory_bytes
+        pages = budget // per_page - 1               # one page is the graphs' scratch page
+        if pages < 1:
+            raise ValueError(f"KV memory {budget} bytes holds no page ({per_page} bytes each)")
+        return pages
 
     def _validate(self, batch: ForwardBatch) -> None:
-        slots = []
+        """Every chunk's page table, tokens and slots, checked on the host (a debug switch)."""
+        slots, seq_slots = [], set()
         for seq in batch.sequences:
             end = seq.end_position
             assert seq.token_ids, "a sequence chunk must carry at least one new token"
             assert seq.start_position >= 0
             assert end <= self.context_length, f"positions up to {end} exceed {self.context_length}"
+            assert seq.seq_slot not in seq_slots, f"two sequences share seq_slot {seq.seq_slot}"
+            seq_slots.add(seq.seq_slot)
             assert len(seq.page_table) >= -(-end // self.page_size), "page table too short"
             used = seq.page_table[:-(-end // self.page_size)]
             assert 0 <= min(used) and max(used) < self.num_pages, "page id out of range"
@@ -125,26 +167,33 @@ class TorchRunner:
             flat = np.concatenate(slots)
             assert len(np.unique(flat)) == len(flat), "two sequences write the same KV slot"
 
+    def _sparse_stats(self, batch: ForwardBatch) -> AttentionStats:
+        if self.sparse is None:
+            return AttentionStats()
+        budget, _, _ = page_counts(self.sparse, self.page_size)
+        read, skipped = count_pages([c.end_position for c in batch.sequences if len(c.token_ids) == 1],
+                                    self.page_size, budget)
+        per_step = self.config.num_kv_heads * (self.config.num_layers - self.sparse.dense_layers)
+        return AttentionStats(read * per_step, skipped * per_step)
+
+    @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> ForwardResult:
-        """Run every chunk's new tokens, write their K/V, return last-token logits where wanted."""
-        self._validate(batch)
-        rows, offset, token_ids, positions, chunks = [], 0, [], [], []
-        for seq in batch.sequences:
-            n = len(seq.token_ids)
-            token_ids.extend(seq.token_ids)
-            positions.extend(range(seq.start_position, seq.end_position))
-            chunks.append((seq.start_position, n, list(seq.page_table)))
-            offset += n
-            if seq.want_logits:
-                rows.append(offset - 1)
-        if not token_ids:
-            return ForwardResult(np.zeros((0, self.config.vocab_size), dtype=np.float32))
-        device = self.device
-        sparse = self.settings.sparse if self.settings.sparse.enabled else None
-        meta = build_metadata(chunks, self.page_size, device, sparse)
-        with torch.inference_mode():
-            logits = self.model(torch.tensor(token_ids, dtype=torch.long, device=device),
-                                torch.tensor(positions, dtype=torch.long, device=device),
-                                self.cache, meta, torch.tensor(rows, dtype=torch.long, device=device),
-                                max(seq.end_position for seq in batch.sequences) - 1)
-        return ForwardResult(logits.cpu().numpy(), meta.stats)
+        """Run every chunk's new tokens, write their K/V, sample where a chunk asks."""
+        chunks = batch.sequences
+        if self.settings.validate_batches:
+            self._validate(batch)
+        if not chunks:
+            return ForwardResult([])
+        self.tables.sync(chunks, self.page_size)
+        if self.settings.validate_batches:
+            self.tables.check(chunks, self.page_size)
+        if self.graphs is not None and self.graphs.can_run(chunks):
+            logits = self.graphs.run(chunks)
+        else:
+            layout = build_layout(chunks, self.tables, self.page_size, self.device)
+            self.attention.plan(layout)
+            logits = self.model(layout.token_ids, self.attention, layout.logits_rows)
+        specs = [c.sample for c in chunks if c.sample is not None]
+        tokens = self.sampler.sample(logits, specs) if specs else []
+        raw = logits.cpu().numpy() if batch.return_logits else None
+        return ForwardResult(tokens, self._sparse_stats(batch), raw)

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gateway.detokenizer import IncrementalDetokenizer
-from gateway.engine.sampling import Sampler, SamplingParams
+from backends.sampling_params import SamplingParams
 
 
 class RequestState(enum.Enum):
@@ -57,7 +57,9 @@ class Request:
     cancelled: bool = False
     finish_reason: str | None = None
     first_token_s: float | None = None
-    sampler: Sampler | None = None
+    seed: int = 0                    # the draws' seed (Scheduler.add resolves it)
+    seq_slot: int = -1               # row of the backend's page-table store while admitted
+    table_epoch: int = 0             # new whenever page_table is rewritten, not appended to
 
     @property
     def all_ids(self) -> list[int]:

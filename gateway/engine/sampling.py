@@ -1,102 +1,78 @@
-"""Next-token choice from one row of logits, in plain NumPy.
+"""Next-token choice from one row of logits, in plain NumPy: the reference sampler.
 
-Order per token: logit_bias is added, presence/frequency penalties are subtracted (both with
-OpenAI semantics), then logprobs are taken as log_softmax of these processed logits, i.e.
-*before* temperature and top-k/top-p/min-p filtering, so they describe the model's adjusted
-distribution and do not depend on how the token was drawn (a filtered-out token keeps a finite
-logprob). Then temperature, top_k, top_p, min_p, and a draw from the request's own Generator.
+The serving path samples on the backend's device (backends/cuda/sampler.py, batched torch); this
+module defines what it must produce, token for token, given the same logits and random number.
+
+Order per token: logit_bias is added, presence/frequency penalties are subtracted (OpenAI
+semantics: penalty = count*frequency + (count > 0)*presence, in float32), then logprobs are taken
+as log_softmax of these processed logits x, i.e. *before* temperature and filtering, so they
+describe the model's adjusted distribution and do not depend on how the token was drawn (a
+filtered-out token keeps a finite logprob). Greedy requests (temperature 0 or top_k 1) take the
+first argmax of x. Otherwise, with m = max(x) and T = float32(temperature):
+
+* top_k keeps every token with x >= the k-th largest value of x (ties with the k-th are kept);
+* z = (x - m) / T in float32 (IEEE subtraction and division: bit-identical on any device), and a
+  token's unnormalised probability is exp(z) in float64, so the best token has exactly 1.0;
+* top_p (on the tokens top_k kept) sorts them by x descending, finds the first position where the
+  float64 cumulative probability reaches top_p * total, and keeps every token with x >= the value
+  there (ties with the cut-off are kept);
+* min_p keeps tokens with z >= float32(log(min_p)), i.e. probability >= min_p * the best token's;
+* the draw: over the kept tokens in ascending token-id order, the first whose float64 cumulative
+  probability exceeds uniform * total (clamped to the last kept token).
+
+uniform comes from sampling_params.draw_uniform(seed, index): a counter-based hash of the request's
+seed and the token's index, not a stateful generator, so a seed gives the same tokens whether the
+draw happens here or on a device, cold, cached or batched. A row whose max is not finite (all -inf
+after logit_bias, or nan) falls back to argmax.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import secrets
 
 import numpy as np
 
-MAX_TOP_LOGPROBS = 20
+from backends.sampling_params import MAX_TOP_LOGPROBS, SampledToken, SamplingParams, draw_uniform
+
+__all__ = ["MAX_TOP_LOGPROBS", "SampledToken", "Sampler", "SamplingParams", "draw_uniform"]
+
+_TINY = np.finfo(np.float32).tiny    # temperatures below this would make (x - m) / T overflow to nan
 
 
-def _in(name: str, value, lo: float, hi: float, lo_open: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value > hi or value < lo or (lo_open and value == lo):
-        left = "(" if lo_open else "["
-        raise ValueError(f"{name} must be a number in {left}{lo}, {hi}], got {value!r}")
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 1.0      # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0                # 0 or -1 = off
-    min_p: float = 0.0
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[int, float] = field(default_factory=dict)
-    logprobs: bool = False
-    top_logprobs: int = 0         # 0..20, needs logprobs
-
-    def __post_init__(self):
-        _in("temperature", self.temperature, 0.0, 2.0)
-        _in("top_p", self.top_p, 0.0, 1.0, lo_open=True)
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
-            raise ValueError(f"top_k must be an integer >= -1 (0 or -1 = off), got {self.top_k!r}")
-        _in("min_p", self.min_p, 0.0, 1.0)
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
-            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
-        _in("presence_penalty", self.presence_penalty, -2.0, 2.0)
-        _in("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
-        if not isinstance(self.logit_bias, dict):
-            raise ValueError("logit_bias must be a dict of token id -> bias")
-        for tok, bias in self.logit_bias.items():
-            if not isinstance(tok, int) or isinstance(tok, bool) or tok < 0:
-                raise ValueError(f"logit_bias keys must be token ids (ints >= 0), got {tok!r}")
-            _in(f"logit_bias[{tok}]", bias, -100.0, 100.0)
-        if not isinstance(self.logprobs, bool):
-            raise ValueError(f"logprobs must be a bool, got {self.logprobs!r}")
-        top = self.top_logprobs
-        if not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= MAX_TOP_LOGPROBS:
-            raise ValueError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {top!r}")
-        if top and not self.logprobs:
-            raise ValueError("top_logprobs requires logprobs=True")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
-
-
-@dataclass(frozen=True)
-class SampledToken:
-    token_id: int
-    logprob: float | None                                   # None unless params.logprobs
-    top_logprobs: list[tuple[int, float]] = field(default_factory=list)   # best first
+def temperature32(temperature: float) -> np.float32:
+    """The float32 divisor a sampling temperature > 0 becomes (clamped to the smallest normal)."""
+    return max(np.float32(temperature), _TINY)
 
 
 class Sampler:
-    """Per-request sampling state: the random Generator and the penalty bookkeeping."""
+    """Per-request sampling state: the seed, the token counter and the penalty bookkeeping."""
 
     def __init__(self, params: SamplingParams, vocab_size: int):
         self.params = params
         self.vocab_size = vocab_size
-        self.rng = np.random.default_rng(params.seed)   # seed None -> fresh OS entropy
+        # seed None: one drawn from OS entropy now; the draws are still counter-based from it.
+        self.seed = params.seed if params.seed is not None else secrets.randbits(63)
+        self.num_generated = 0            # tokens sampled or observed so far: the next draw's index
         bad = [t for t in params.logit_bias if t >= vocab_size]
         if bad:
             raise ValueError(f"logit_bias token ids {bad[:5]} are outside the vocabulary (size {vocab_size})")
         self._bias_ids = np.fromiter(params.logit_bias.keys(), dtype=np.int64, count=len(params.logit_bias))
         self._bias = np.fromiter(params.logit_bias.values(), dtype=np.float32, count=len(params.logit_bias))
         self._penalize = bool(params.presence_penalty or params.frequency_penalty)
-        # penalty[t] = count[t]*frequency + (count[t] > 0)*presence, kept up to date per token.
+        self._frequency = np.float32(params.frequency_penalty)
+        self._presence = np.float32(params.presence_penalty)
+        # penalty[t] = count[t]*frequency + (count[t] > 0)*presence in float32, kept up to date per token.
         self._penalty = np.zeros(vocab_size, dtype=np.float32) if self._penalize else None
         self.counts: dict[int, int] = {}
 
     def observe(self, token_id: int) -> None:
-        """Count a generated token for the penalties. sample() already does this for its own
-        result: call it only for tokens that did not come from sample()."""
-        n = self.counts.get(token_id, 0)
-        self.counts[token_id] = n + 1
+        """Count a generated token for the penalties and the draw index. sample() already does this
+        for its own result: call it only for tokens that did not come from sample()."""
+        n = self.counts.get(token_id, 0) + 1
+        self.counts[token_id] = n
+        self.num_generated += 1
         if self._penalize:
-            p = self.params
-            self._penalty[token_id] += p.frequency_penalty + (p.presence_penalty if n == 0 else 0.0)
+            self._penalty[token_id] = np.float32(n) * self._frequency + self._presence
 
     def process(self, logits: np.ndarray) -> np.ndarray:
         """Logits after bias and penalties (a copy when anything changes them)."""
@@ -111,11 +87,19 @@ class Sampler:
                 logits -= self._penalty
         return logits
 
-    def sample(self, logits: np.ndarray) -> SampledToken:
-        """Choose the next token from one row of logits and count it."""
+    def sample(self, logits: np.ndarray, uniform: float | None = None) -> SampledToken:
+        """Choose the next token from one row of logits and count it.
+
+        uniform: the draw's random number in [0, 1); None: draw_uniform(self.seed, self.num_generated).
+        """
         p = self.params
         x = self.process(logits)
-        token = int(np.argmax(x)) if p.greedy else self._draw(x)
+        if p.greedy:
+            token = int(np.argmax(x))
+        else:
+            if uniform is None:
+                uniform = draw_uniform(self.seed, self.num_generated)
+            token = self._draw(x, uniform)
         logprob, top = None, []
         if p.logprobs:
             lse = _logsumexp(x)
@@ -126,28 +110,31 @@ class Sampler:
         self.observe(token)
         return SampledToken(token, logprob, top)
 
-    def _draw(self, x: np.ndarray) -> int:
+    def _draw(self, x: np.ndarray, uniform: float) -> int:
         p = self.params
         v = x.size
-        ids = None                               # None: positions are token ids
+        m = x.max()
+        if not math.isfinite(m):         # degenerate row (all -inf, +inf or nan): fall back to argmax
+            return int(np.argmax(x))
+        ids = None                       # None: positions are token ids
         if 0 < p.top_k < v:
-            ids = np.argpartition(x, v - p.top_k)[v - p.top_k:]    # O(V), no sort
+            kth = np.partition(x, v - p.top_k)[v - p.top_k]     # O(V), no sort
+            ids = np.flatnonzero(x >= kth)                     # ascending ids, ties with the k-th kept
             x = x[ids]
-        z = x / np.float32(p.temperature)
-        zmax = float(z.max())
-        if not math.isfinite(zmax):      # degenerate row (all -inf or nan): fall back to argmax
-            return int(ids[np.argmax(x)]) if ids is not None else int(np.argmax(x))
-        z -= zmax
-        probs = np.exp(z, out=z)         # unnormalised; the best token has exactly 1.0
-        keep = _nucleus(probs, p.top_p) if p.top_p < 1.0 else None
+        t = temperature32(p.temperature)
+        z = (x - m) / t                  # float32
+        keep = None
+        if p.top_p < 1.0:
+            keep = x >= _nucleus_cut(x, m, t, p.top_p)
         if p.min_p > 0.0:                # relative to the best token, so normalising is moot
-            floor = probs >= p.min_p
+            floor = z >= np.float32(math.log(p.min_p))
             keep = floor if keep is None else keep & floor
         if keep is not None:
             sel = np.flatnonzero(keep)
-            probs = probs[sel]
+            z = z[sel]
             ids = sel if ids is None else ids[sel]
-        i = _cum_index(probs, self.rng.random(), "right")
+        probs = np.exp(z.astype(np.float64))
+        i = _cum_index(probs, uniform, "right")
         return int(ids[i]) if ids is not None else i
 
 
@@ -155,8 +142,9 @@ _BLOCK = 512
 
 
 def _cum_index(vals: np.ndarray, frac: float, side: str) -> int:
-    """First index where cumsum(vals) passes frac * sum(vals), without a full cumsum (slow in
-    NumPy): cumulate block sums, then cumsum only the block that holds the target."""
+    """First index where cumsum(vals) passes frac * sum(vals) (float64), clamped to the last index,
+    without a full cumsum (slow in NumPy): cumulate block sums, then cumsum only the block that
+    holds the target."""
     n = vals.size
     if n <= 4 * _BLOCK:
         cdf = np.cumsum(vals, dtype=np.float64)
@@ -170,14 +158,14 @@ def _cum_index(vals: np.ndarray, frac: float, side: str) -> int:
     return int(starts[b]) + min(int(np.searchsorted(cdf, target, side)), cdf.size - 1)
 
 
-def _nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:
-    """Mask of the smallest highest-probability set holding top_p of the mass.
+def _nucleus_cut(x: np.ndarray, m: np.float32, t: np.float32, top_p: float) -> np.float32:
+    """The logit value at which the highest-probability tokens first hold top_p of the mass.
 
-    Sorts values only (SIMD sort, ~5x faster than argsort) and keeps everything at or above
-    the cut-off value, so tokens tied with the last one kept are kept too."""
-    desc = np.sort(probs)[::-1]
-    cut = _cum_index(desc, top_p, "left")
-    return probs >= desc[cut]
+    Sorts values only (SIMD sort, ~5x faster than argsort); the caller keeps everything at or
+    above it, so tokens tied with the last one kept are kept too."""
+    desc = np.sort(x)[::-1]
+    probs = np.exp(((desc - m) / t).astype(np.float64))
+    return desc[_cum_index(probs, top_p, "left")]
 
 
 def _logsumexp(x: np.ndarray) -> float:
@@ -188,7 +176,7 @@ def _logsumexp(x: np.ndarray) -> float:
 
 
 def _top_ids(x: np.ndarray, n: int) -> np.ndarray:
-    """The n largest entries, best first, without sorting the whole vocabulary."""
+    """The n largest entries, best first (ties: lower id first), without sorting the whole vocabulary."""
     n = min(n, x.size)
-    part = np.argpartition(x, x.size - n)[x.size - n:]
+    part = np.sort(np.argpartition(x, x.size - n)[x.size - n:])
     return part[np.argsort(-x[part], kind="stable")]

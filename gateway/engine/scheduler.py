@@ -7,16 +7,18 @@ decode token for every running request that has finished its prompt plus prefill
 """
 from __future__ import annotations
 
+import itertools
 import logging
+import secrets
 import time
 from collections import deque
 from dataclasses import dataclass
 
-from backends.base import Backend, ForwardBatch, SequenceChunk
+from backends.base import Backend, ForwardBatch, SampleSpec, SequenceChunk
+from backends.sampling_params import SampledToken, draw_uniform
 from gateway.engine.page_pool import PagePool
 from gateway.engine.radix_cache import RadixCache
 from gateway.engine.request import Request, RequestState, TokenEvent
-from gateway.engine.sampling import Sampler
 
 log = logging.getLogger("radixgate.scheduler")
 
@@ -50,10 +52,23 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.stats = SchedulerStats()
+        # A running request holds one row of the backend's page-table store (its seq slot); the
+        # epoch tells the backend when a table was rewritten rather than appended to.
+        assert max_running <= backend.max_sequences, (
+            f"max_running {max_running} exceeds the backend's {backend.max_sequences} sequence slots")
+        self.free_slots = list(range(max_running - 1, -1, -1))
+        self._epochs = itertools.count(1)
 
     # ---- requests in and out -------------------------------------------------------------
     def add(self, request: Request) -> None:
-        request.sampler = Sampler(request.params, self.backend.info.vocab_size)
+        """Queue a request. Its draws come from its seed (a fresh one when the client gave none);
+        choice i of an n>1 request mixes i in, so choices differ under one seed."""
+        bad = [t for t in request.params.logit_bias if t >= self.backend.info.vocab_size]
+        if bad:
+            raise ValueError(f"logit_bias token ids {bad[:5]} are outside the vocabulary "
+                             f"(size {self.backend.info.vocab_size})")
+        seed = request.params.seed if request.params.seed is not None else secrets.randbits(63)
+        request.seed = (seed + request.index * 0x9E3779B97F4A7C15) % (1 << 64)
         self.waiting.append(request)
 
     def cancel(self, request_id: str) -> None:
@@ -83,12 +98,12 @@ class Scheduler:
         self.stats.steps += 1
         self.stats.pages_read += result.attention.pages_read
         self.stats.pages_skipped += result.attention.pages_skipped
-        row = 0
+        sampled = iter(result.tokens)
         for request, chunk in scheduled:
             request.num_computed = chunk.end_position
-            if chunk.want_logits:
-                self._accept_token(request, result.logits[row])
-                row += 1
+            if chunk.sample is not None:
+                self._accept_token(request, next(sampled))
+        assert next(sampled, None) is None, "the backend returned more tokens than were asked for"
 
     def _drop_cancelled(self) -> None:
         for request in [r for r in self.waiting if r.cancelled]:
@@ -112,6 +127,8 @@ class Scheduler:
             self.cache.inc_lock_ref(match.last_node)
             request.lock_node = match.last_node
             request.page_table = list(match.pages)
+            request.table_epoch = next(self._epochs)
+            request.seq_slot = self.free_slots.pop()
             request.tree_pages = len(match.pages)
             request.num_computed = match.num_tokens
             if not request.admitted_once:
@@ -142,10 +159,16 @@ class Scheduler:
                 token_ids=request.token_slice(request.num_computed, request.num_computed + count),
                 start_position=request.num_computed,
                 # by reference: the backend reads it within this step, before anything changes it
-                page_table=request.page_table,
-                want_logits=request.num_computed + count == request.total_len)
+                page_table=request.page_table, seq_slot=request.seq_slot, table_epoch=request.table_epoch,
+                sample=self._sample_spec(request) if request.num_computed + count == request.total_len else None)
             scheduled.append((request, chunk))
         return [chunk for _, chunk in scheduled], scheduled
+
+    def _sample_spec(self, request: Request) -> SampleSpec:
+        params = request.params
+        penalized = params.presence_penalty or params.frequency_penalty
+        return SampleSpec(params, draw_uniform(request.seed, len(request.output_ids)),
+                          request.output_ids if penalized else ())
 
     def _ensure_pages(self, request: Request, num_tokens: int,
                       scheduled: list[tuple[Request, SequenceChunk]]) -> bool:
@@ -181,8 +204,7 @@ class Scheduler:
         log.info("preempted %s (%d tokens) to free KV pages", request.id, request.total_len)
 
     # ---- tokens and finishing ------------------------------------------------------------
-    def _accept_token(self, request: Request, logits) -> None:
-        sampled = request.sampler.sample(logits)
+    def _accept_token(self, request: Request, sampled: SampledToken) -> None:
         token = sampled.token_id
         request.output_ids.append(token)
         self.stats.generated_tokens += 1
@@ -216,7 +238,9 @@ class Scheduler:
         self.cache.inc_lock_ref(match.last_node)
         self.cache.dec_lock_ref(request.lock_node)
         request.lock_node = match.last_node
-        request.page_table[:full_pages] = match.pages
+        if request.page_table[:full_pages] != match.pages:    # the tree kept its own copy of a page
+            request.page_table[:full_pages] = match.pages
+            request.table_epoch = next(self._epochs)
         request.tree_pages = full_pages
 
     def _release(self, request: Request) -> None:
@@ -233,6 +257,8 @@ class Scheduler:
         request.lock_node = None
         request.page_table = []
         request.tree_pages = 0
+        self.free_slots.append(request.seq_slot)
+        request.seq_slot = -1
 
     def _finish(self, request: Request, reason: str, *, text: str = "", token_ids=None,
                 logprobs=None, error: str | None = None) -> None:

@@ -40,7 +40,7 @@ def num_sms(device: torch.device) -> int:
 
 def check_kv(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int]:
     """Validate dtypes/shapes shared by every kernel; returns (group, page_size)."""
-    assert q.dtype in (torch.float16, torch.bfloat16), "q must be fp16 or bf16"
+    assert q.dtype in (torch.float16, torch.bfloat16, torch.float32), "q must be fp16, bf16 or fp32"
     assert k_cache.dtype == v_cache.dtype == q.dtype, "q and the KV cache must share a dtype"
     assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, "cache: [pages, page_size, kv_heads, d]"
     _, page_size, kv_heads, head_dim = k_cache.shape
@@ -55,6 +55,8 @@ def check_kv(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> t
 def _mma(a, b, acc, UPCAST: tl.constexpr):
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    if a.dtype == tl.float32:  # float32 serving is the exact reference: no tf32 rounding
+        return tl.dot(a, b, acc, input_precision="ieee")
     return tl.dot(a, b, acc)
 
 

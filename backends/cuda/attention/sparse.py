@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from backends.base import SparseSettings
 
 if TYPE_CHECKING:
-    from backends.cuda.attention import AttentionMetadata, PagedKVCache
+    from backends.cuda.attention.torch_attention import AttentionMetadata
+    from backends.cuda.kv_cache import PagedKVCache
 
 PLAN_ATTRIBUTE = "_quest_plan"
 
@@ -115,8 +116,7 @@ def make_plan(meta: AttentionMetadata, page_size: int, kv_heads: int, summary_to
     pages_cpu = num_pages.cpu()
     sparse_cpu = is_sparse.cpu()
     n_sparse = int(sparse_cpu.sum())
-    read = int(pages_cpu[~sparse_cpu].sum()) + n_sparse * budget_pages
-    skipped = int((pages_cpu[sparse_cpu] - budget_pages).sum()) if n_sparse else 0
+    read, skipped = count_pages(lengths.tolist(), page_size, budget_pages)
 
     dense_pages = meta.decode_pages[dense_rows]
     dense_width = int(pages_cpu[~sparse_cpu].max()) if len(dense_rows) else 0
@@ -144,6 +144,17 @@ def make_plan(meta: AttentionMetadata, page_size: int, kv_heads: int, summary_to
         bias=bias.unsqueeze(1), unwritten=unwritten.view(len(sparse_rows), 1, 1, first.shape[1]), slot=slot,
         slot_head=slot * kv_heads + head,
         pages_read=read * kv_heads, pages_skipped=skipped * kv_heads)
+
+
+def count_pages(seq_lens: list[int], page_size: int, budget_pages: int) -> tuple[int, int]:
+    """(pages read, pages skipped) of one sparse layer and KV head for decode rows of these lengths:
+    a row past the budget reads budget_pages, one within it reads all of its pages."""
+    read = skipped = 0
+    for length in seq_lens:
+        pages = -(-length // page_size)
+        read += min(pages, budget_pages)
+        skipped += max(0, pages - budget_pages)
+    return read, skipped
 
 
 def head_page_logits(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, unwritten: torch.Tensor,
@@ -279,18 +290,17 @@ def get_plan(cache: PagedKVCache, meta: AttentionMetadata) -> QuestPlan:
 
 
 def sparse_decode_attention(q: torch.Tensor, cache: PagedKVCache, layer: int, meta: AttentionMetadata,
-                            scale: float, fused: bool = False) -> torch.Tensor:
+                            scale: float, dense_decode, fused: bool = False) -> torch.Tensor:
     """Decode attention of B single-token queries [B, H, d] for one sparse-eligible layer.
 
-    When every row is within the budget this layer is exactly the dense path, arithmetic included.
-    fused: attend with the CPU kernel (kernels/cpu/fused.cpp) over each head's chosen pages
-    instead of gathering them for SDPA; selection is the same."""
-    from backends.cuda.attention import decode_attention, fused_decode_attention  # it imports us
+    When every row is within the budget this layer is exactly dense_decode, arithmetic included.
+    fused: score and attend with the CPU kernels (kernels/cpu/fused.cpp) over each head's chosen
+    pages instead of gathering them for SDPA; selection is the same."""
     plan = get_plan(cache, meta)
     meta.stats.pages_read += plan.pages_read
     meta.stats.pages_skipped += plan.pages_skipped
     if plan.all_dense:
-        return (fused_decode_attention if fused else decode_attention)(q, cache, layer, meta, scale)
+        return dense_decode(q, cache, layer, meta, scale)
     k_layer, v_layer = cache.k[layer], cache.v[layer]
     sparse_out, _ = sparse_rows_attention(q[plan.sparse_rows], k_layer, v_layer, cache.kmin[layer],
                                           cache.kmax[layer], plan, scale, fused)

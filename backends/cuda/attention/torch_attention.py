@@ -1,9 +1,9 @@
-"""Attention over paged KV for the torch backend: write new K/V and key summaries, then attend.
+"""The plain attention backend: torch ops only, the reference the others are tested against.
 
 Layout and semantics are those of kernels/reference.py; this module only batches the work: the
-metadata (slots, touched pages, decode page tables) is built once per forward and reused by every
-layer. Prefill/extend chunks attend one sequence at a time; single-token decodes are batched.
-Key summaries exist only when sparse attention is on (PagedKVCache(summary_tokens=...)).
+metadata (slots, touched pages, decode page tables) is built once per step and reused by every
+layer. Prefill/extend chunks attend one sequence at a time (SDPA); single-token decodes are
+batched (a gather by flat slot, then one SDPA). Quest sparse decode: attention/sparse.py.
 """
 from __future__ import annotations
 
@@ -13,46 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from backends.base import AttentionStats, SparseSettings
-from backends.cuda.sparse_attention import sparse_decode_attention
-
-
-class PagedKVCache:
-    """Per-layer K/V pages [num_pages, page_size, kv_heads, head_dim], and with summary_tokens the
-    Quest key summaries kmin/kmax [num_layers, num_pages, page_size // summary_tokens, kv_heads,
-    head_dim] of kernels/reference.py (one min/max per block of summary_tokens slots).
-
-    summary_tokens=None (sparse attention off): kmin = kmax = None. Only sparse decode reads the
-    summaries, so a dense server neither stores nor writes them.
-    """
-
-    def __init__(self, num_layers: int, num_pages: int, page_size: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str, summary_tokens: int | None = None):
-        shape = (num_layers, num_pages, page_size, kv_heads, head_dim)
-        self.page_size, self.num_pages, self.summary_tokens = page_size, num_pages, summary_tokens
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        # Per layer, every slot as a row [pages * page_size, kv_heads, d]: views made once, since
-        # each decode step writes and gathers through them 4 times per layer.
-        self.k_slots = [layer.view(-1, kv_heads, head_dim) for layer in self.k]
-        self.v_slots = [layer.view(-1, kv_heads, head_dim) for layer in self.v]
-        self.kmin: torch.Tensor | None = None
-        self.kmax: torch.Tensor | None = None
-        if summary_tokens is not None:
-            assert summary_tokens >= 1 and page_size % summary_tokens == 0, \
-                f"summary_tokens {summary_tokens} must divide the page size {page_size}"
-            blocks = page_size // summary_tokens
-            # min/max of values stored in `dtype` are values of `dtype`: summaries lose nothing by it.
-            self.kmin = torch.zeros(num_layers, num_pages, blocks, kv_heads, head_dim, dtype=dtype,
-                                    device=device)
-            self.kmax = torch.zeros_like(self.kmin)
-
-    @staticmethod
-    def bytes_per_page(num_layers: int, page_size: int, kv_heads: int, head_dim: int,
-                       element_size: int, summary_tokens: int | None = None) -> int:
-        """K + V slots of one page over all layers, plus both summaries of each of its blocks when
-        summary_tokens is given (sparse attention on)."""
-        rows = 2 * page_size + (2 * (page_size // summary_tokens) if summary_tokens else 0)
-        return num_layers * kv_heads * head_dim * element_size * rows
+from backends.cuda.attention import sparse as quest
+from backends.cuda.attention.base import AttentionBackend
+from backends.cuda.kv_cache import PagedKVCache
+from backends.cuda.layout import StepLayout
 
 
 @dataclass
@@ -280,34 +244,51 @@ def _decode_slot_index(meta: AttentionMetadata, page_size: int) -> torch.Tensor:
     return slots[:, :length].reshape(-1)
 
 
-def fused_decode_attention(q: torch.Tensor, cache: PagedKVCache, layer: int, meta: AttentionMetadata,
-                           scale: float) -> torch.Tensor:
-    """decode_attention in one CPU kernel (kernels/cpu/fused.cpp): each query reads its keys
-    straight from its pages, no gather, no padding mask, float32 softmax; q may be a strided view
-    of the fused qkv rows."""
-    return torch.ops.radixgate_cpu.paged_decode_attention(
-        q, cache.k_slots[layer], cache.v_slots[layer], meta.decode_pages, meta.decode_lengths,
-        cache.page_size, scale)
+def rotate_qk(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor,
+              heads: int, kv_heads: int, head_dim: int) -> torch.Tensor:
+    """q and k heads of the fused qkv rows, rotated (rotate_half convention) -> [T, heads + kv_heads, d].
+
+    rotate_half(x) * sin == swap_halves(x) * sin_signed, and swapping the halves is a flip of a
+    [2, half] view: one kernel instead of roll's slice + cat.
+    """
+    tokens, qk_heads, half = qkv.shape[0], heads + kv_heads, head_dim // 2
+    qk = qkv[:, :qk_heads * head_dim].view(tokens, qk_heads, head_dim)
+    swapped = qk.view(tokens, qk_heads, 2, half).flip(2).view(tokens, qk_heads, head_dim)
+    return torch.addcmul(qk * cos[positions].unsqueeze(1), swapped, sin_signed[positions].unsqueeze(1))
 
 
-def paged_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    cache: PagedKVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """One layer: write k, v: [T, kv_heads, d], then attend q: [T, H, d] -> [T, H, d]."""
-    write_kv_and_summaries(cache, layer, k, v, meta)
-    return attend(layer, q, cache, meta, scale)
+class TorchAttention(AttentionBackend):
+    """Rotary, KV write, summaries and attention in plain torch ops (any device)."""
+
+    name = "torch"
+
+    def plan(self, layout: StepLayout) -> None:
+        super().plan(layout)
+        self.meta = build_metadata(layout.host_chunks, self.cache.page_size, layout.positions.device,
+                                   self.sparse)
+        self.meta.slots = layout.slots
+
+    def forward(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
+        heads, kv_heads, d = self.shape.heads, self.shape.kv_heads, self.shape.head_dim
+        tokens = qkv.shape[0]
+        qk = rotate_qk(qkv, self.layout.positions, self.cos, self.sin, heads, kv_heads, d)
+        v = qkv[:, (heads + kv_heads) * d:].view(tokens, kv_heads, d)
+        write_kv_and_summaries(self.cache, layer, qk[:, heads:], v, self.meta)
+        out = attend(layer, qk[:, :heads], self.cache, self.meta, self.shape.scale, self.sparse_layer(layer))
+        return out.reshape(tokens, heads * d)
 
 
 def attend(layer: int, q: torch.Tensor, cache: PagedKVCache, meta: AttentionMetadata, scale: float,
-           fused: bool = False) -> torch.Tensor:
+           sparse_layer: bool, dense_decode=None, fused_sparse: bool = False) -> torch.Tensor:
     """Attention of q: [T, H, d] over the cache, this batch's K/V already written -> [T, H, d].
 
-    fused: single-token rows use the CPU kernel (kernels/cpu/fused.cpp), dense and sparse layers
-    alike; prefill chunks always run SDPA.
+    dense_decode: the decode function (decode_attention here; the CPU kernel in cpu_fused.py);
+    prefill chunks always run SDPA.
     """
-    dense_decode = fused_decode_attention if fused else decode_attention
+    dense_decode = dense_decode or decode_attention
     if meta.decode_only:        # rows are exactly the decode rows, in order: no gather / scatter
-        if meta.sparse is not None and layer >= meta.sparse.dense_layers:
-            return sparse_decode_attention(q, cache, layer, meta, scale, fused)
+        if sparse_layer:
+            return quest.sparse_decode_attention(q, cache, layer, meta, scale, dense_decode, fused_sparse)
         return dense_decode(q, cache, layer, meta, scale)
     out = torch.empty_like(q)
     for seq in meta.prefill:
@@ -315,8 +296,9 @@ def attend(layer: int, q: torch.Tensor, cache: PagedKVCache, meta: AttentionMeta
         out[rows] = prefill_attention(q[rows], cache, layer, seq, scale)
     if meta.decode_rows.numel():
         q_decode = q[meta.decode_rows]
-        if meta.sparse is not None and layer >= meta.sparse.dense_layers:
-            out[meta.decode_rows] = sparse_decode_attention(q_decode, cache, layer, meta, scale, fused)
+        if sparse_layer:
+            out[meta.decode_rows] = quest.sparse_decode_attention(q_decode, cache, layer, meta, scale,
+                                                                  dense_decode, fused_sparse)
         else:
             out[meta.decode_rows] = dense_decode(q_decode, cache, layer, meta, scale)
     return out

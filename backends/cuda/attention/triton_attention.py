@@ -1,0 +1,56 @@
+"""The Triton attention backend (CUDA; on CPU only under TRITON_INTERPRET=1, as tests run it).
+
+Per layer: one kernel rotates q and k in place and writes k, v into their slots
+(kernels/triton/layer_ops.rotary_store); with sparse decode on, one kernel refreshes the key
+summaries of the touched pages; then the decode rows [0, num_decode) run split-K paged decode
+(dense, or Quest sparse past the dense layers) and the extend rows run the varlen extend kernel,
+both writing into one output. forward() never syncs with the host, so after one plan() over the
+static buffers of a batch-size bucket it is captured in a CUDA graph (backends/cuda/graphs.py).
+"""
+from __future__ import annotations
+
+import torch
+
+from backends.cuda.attention.base import AttentionBackend
+from backends.cuda.layout import StepLayout
+from kernels.triton import extend_attention, paged_decode, sparse_decode, update_page_summaries
+from kernels.triton.layer_ops import rotary_store
+
+
+class TritonAttention(AttentionBackend):
+    name = "triton"
+    graph_safe = True
+
+    def plan(self, layout: StepLayout) -> None:
+        super().plan(layout)
+        nd = layout.num_decode
+        self.decode_tables, self.decode_lens = layout.tables[:nd], layout.seq_lens[:nd]
+        self.extend_tables, self.extend_starts = layout.tables[nd:], layout.starts[nd:]
+        self.max_new = max(layout.max_new_tokens, 1)      # bounds the summary kernel's grid
+
+    def forward(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
+        heads, kv_heads, d = self.shape.heads, self.shape.kv_heads, self.shape.head_dim
+        layout, cache = self.layout, self.cache
+        tokens, q_size = qkv.shape[0], heads * d
+        k_cache, v_cache = cache.k[layer], cache.v[layer]
+        rotary_store(qkv, layout.positions, self.cos, self.sin, heads, kv_heads,
+                     cache.k_slots[layer], cache.v_slots[layer], layout.slots)
+        if cache.kmin is not None:
+            update_page_summaries(cache.kmin[layer], cache.kmax[layer], k_cache, layout.tables,
+                                  layout.starts, layout.seq_lens, self.max_new)
+        q = qkv[:, :q_size].view(tokens, heads, d)
+        out = torch.empty(tokens, heads, d, dtype=qkv.dtype, device=qkv.device)
+        nd = layout.num_decode
+        if nd:
+            if self.sparse_layer(layer):
+                s = self.sparse
+                sparse_decode(q[:nd], k_cache, v_cache, cache.kmin[layer], cache.kmax[layer], self.decode_tables,
+                              self.decode_lens, s.token_budget, s.sink_tokens, s.recent_tokens, self.shape.scale,
+                              out=out[:nd])
+            else:
+                paged_decode(q[:nd], k_cache, v_cache, self.decode_tables, self.decode_lens, self.shape.scale,
+                             out=out[:nd])
+        if nd < len(layout.host_chunks):
+            extend_attention(q[nd:], k_cache, v_cache, self.extend_tables, layout.extend_cu, self.extend_starts,
+                             self.shape.scale, max_new_tokens=layout.max_new_tokens, out=out[nd:])
+        return out.view(tokens, q_size)

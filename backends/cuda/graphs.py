@@ -1,0 +1,118 @@
+"""Decode steps captured in CUDA graphs, one per batch-size bucket, over static buffers.
+
+A decode step of a large model is hundreds of small launches; replaying a captured graph issues
+them in one call. Each bucket owns its inputs as two packed buffers (int64: token ids, positions,
+KV slots, page-table rows; int32: starts, lengths), so a step is two host->device copies and one
+replay. The page tables are gathered from the PageTableStore inside the graph. A batch is padded
+up to its bucket with rows that read and write only the KV cache's scratch page.
+Prefill and mixed steps, and batches above the largest bucket, run eagerly.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from backends.base import SequenceChunk
+from backends.cuda.attention.base import AttentionBackend
+from backends.cuda.layout import StepLayout
+from backends.cuda.page_tables import PageTableStore
+
+log = logging.getLogger("radixgate.graphs")
+
+
+def bucket_sizes(max_batch: int) -> list[int]:
+    """1, 2, 4, 8, then every 8 up to max_batch (padding wastes at most 7 rows past 8)."""
+    sizes = [b for b in (1, 2, 4) if b < max_batch] + list(range(8, max_batch + 8, 8))
+    return sorted({min(b, max_batch) for b in sizes})
+
+
+@dataclass
+class CapturedStep:
+    graph: torch.cuda.CUDAGraph
+    longs: torch.Tensor       # int64 [4, bs]: token ids, positions, slots, page-table rows
+    ints: torch.Tensor        # int32 [2, bs]: starts, seq_lens
+    logits: torch.Tensor      # float32 [bs, vocab], written by the graph
+    host_longs: torch.Tensor  # pinned staging buffers of the two copies (rewritten only after
+    host_ints: torch.Tensor   # the step's sampled tokens came back, so the copies are done)
+
+
+class DecodeGraphs:
+    def __init__(self, model, attention: AttentionBackend, store: PageTableStore, page_size: int,
+                 scratch_page: int, max_batch: int, device: torch.device):
+        assert attention.graph_safe, f"the {attention.name} attention backend cannot be captured"
+        self.model, self.attention, self.store = model, attention, store
+        self.page_size, self.device = page_size, device
+        self.scratch_slot = scratch_page * page_size
+        self.steps: dict[int, CapturedStep] = {}
+        self.sizes = bucket_sizes(max_batch)
+        pool = torch.cuda.graph_pool_handle()
+        began = time.monotonic()
+        for bs in reversed(self.sizes):           # largest first: the smaller ones reuse its pool
+            self.steps[bs] = self._capture(bs, pool)
+        log.info("CUDA graphs: %d decode buckets up to batch %d captured in %.1f s",
+                 len(self.sizes), max_batch, time.monotonic() - began)
+
+    def _capture(self, bs: int, pool) -> CapturedStep:
+        longs = torch.zeros(4, bs, dtype=torch.long, device=self.device)
+        ints = torch.zeros(2, bs, dtype=torch.int32, device=self.device)
+        longs[2] = self.scratch_slot
+        longs[3] = self.store.padding_row
+        ints[1] = 1
+        cu = torch.arange(bs + 1, dtype=torch.int32, device=self.device)
+        full_width = self.store.max_pages * self.page_size
+
+        def step() -> torch.Tensor:
+            layout = StepLayout(
+                num_tokens=bs, num_decode=bs, token_ids=longs[0], positions=longs[1], slots=longs[2],
+                tables=self.store.table.index_select(0, longs[3]), starts=ints[0], seq_lens=ints[1],
+                cu_seqlens=cu, extend_cu=cu[:1], logits_rows=None, host_chunks=[(0, 1, [])] * bs,
+                max_new_tokens=0, max_seq_len=full_width)
+            self.attention.plan(layout)
+            return self.model(layout.token_ids, self.attention, None)
+
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):           # warm-up (Triton compiles, cuBLAS picks) off the capture
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            logits = step()
+        return CapturedStep(graph, longs, ints, logits, torch.empty_like(longs, device="cpu").pin_memory(),
+                            torch.empty_like(ints, device="cpu").pin_memory())
+
+    def bucket(self, batch: int) -> int | None:
+        for size in self.sizes:
+            if size >= batch:
+                return size
+        return None
+
+    def can_run(self, chunks: list[SequenceChunk]) -> bool:
+        return (bool(chunks) and len(chunks) <= self.sizes[-1]
+                and all(len(c.token_ids) == 1 and c.sample is not None for c in chunks))
+
+    def run(self, chunks: list[SequenceChunk]) -> torch.Tensor:
+        """Replay the bucket's graph for these decode chunks -> logits float32 [len(chunks), vocab]."""
+        n = len(chunks)
+        step = self.steps[self.bucket(n)]
+        bs = step.longs.shape[1]
+        page_size = self.page_size
+        longs, ints = step.host_longs.numpy(), step.host_ints.numpy()
+        longs[:, n:] = ((0,), (0,), (self.scratch_slot,), (self.store.padding_row,))
+        ints[:, n:] = ((0,), (1,))
+        for i, chunk in enumerate(chunks):
+            position = chunk.start_position
+            longs[0, i] = chunk.token_ids[0]
+            longs[1, i] = position
+            longs[2, i] = chunk.page_table[position // page_size] * page_size + position % page_size
+            longs[3, i] = chunk.seq_slot
+            ints[0, i] = position
+            ints[1, i] = position + 1
+        step.longs.copy_(step.host_longs, non_blocking=True)
+        step.ints.copy_(step.host_ints, non_blocking=True)
+        step.graph.replay()
+        return step.logits[:n]

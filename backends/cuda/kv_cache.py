@@ -1,0 +1,46 @@
+"""The paged KV cache of the torch backend: K/V pages per layer, and Quest key summaries when sparse
+decode is on. Layout and semantics are those of kernels/reference.py."""
+from __future__ import annotations
+
+import torch
+
+
+class PagedKVCache:
+    """Per-layer K/V pages [num_pages + 1, page_size, kv_heads, head_dim], and with summary_tokens
+    the Quest key summaries kmin/kmax [num_layers, num_pages + 1, page_size // summary_tokens,
+    kv_heads, head_dim] of kernels/reference.py (one min/max per block of summary_tokens slots).
+
+    The last page (`scratch_page`) belongs to no sequence: the padding rows of a CUDA-graph batch
+    write their K/V there, so padding never touches a page the engine handed out.
+    summary_tokens=None (sparse attention off): kmin = kmax = None; a dense server neither stores
+    nor writes summaries.
+    """
+
+    def __init__(self, num_layers: int, num_pages: int, page_size: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str, summary_tokens: int | None = None):
+        shape = (num_layers, num_pages + 1, page_size, kv_heads, head_dim)
+        self.page_size, self.num_pages, self.summary_tokens = page_size, num_pages, summary_tokens
+        self.scratch_page = num_pages
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # Per layer, every slot as a row [pages * page_size, kv_heads, d]: views made once.
+        self.k_slots = [layer.view(-1, kv_heads, head_dim) for layer in self.k]
+        self.v_slots = [layer.view(-1, kv_heads, head_dim) for layer in self.v]
+        self.kmin: torch.Tensor | None = None
+        self.kmax: torch.Tensor | None = None
+        if summary_tokens is not None:
+            assert summary_tokens >= 1 and page_size % summary_tokens == 0, \
+                f"summary_tokens {summary_tokens} must divide the page size {page_size}"
+            blocks = page_size // summary_tokens
+            # min/max of values stored in `dtype` are values of `dtype`: summaries lose nothing by it.
+            self.kmin = torch.zeros(num_layers, num_pages + 1, blocks, kv_heads, head_dim, dtype=dtype,
+                                    device=device)
+            self.kmax = torch.zeros_like(self.kmin)
+
+    @staticmethod
+    def bytes_per_page(num_layers: int, page_size: int, kv_heads: int, head_dim: int,
+                       element_size: int, summary_tokens: int | None = None) -> int:
+        """K + V slots of one page over all layers, plus both summaries of each of its blocks when
+        summary_tokens is given (sparse attention on)."""
+        rows = 2 * page_size + (2 * (page_size // summary_tokens) if summary_tokens else 0)
+        return num_layers * kv_heads * head_dim * element_size * rows

@@ -1,0 +1,85 @@
+"""The small ops between a layer's matmuls (RMSNorm, residual add + RMSNorm, SiLU * up), one
+implementation per device family, chosen once at start-up with the attention backend's family.
+
+`torch`: plain ops (RMSNorm as one fused layer_norm over [x, -x], see rms_norm_fast), the
+reference; `cpu_fused`: the C++ ops of kernels/cpu/fused.cpp; `triton`: kernels/triton/layer_ops.py
+(one launch each: under CUDA graphs every launch costs microseconds).
+Each prepares its norm weights once (prepare_norm) into the form its rms_norm takes.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm_fast(x: torch.Tensor, doubled_weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as one fused LayerNorm over [x, -x]: that vector has mean 0 and variance mean(x^2).
+
+    Same result as RMSNorm (bit-identical on the default model's bf16 rows), but two kernels
+    (cat, layer_norm) instead of torch's eight small ops for rms_norm: 2x faster for one row and
+    3x for a 512-token prefill chunk on CPU. doubled_weight is cat([w, w]); returns a view.
+    """
+    hidden = x.shape[-1]
+    return F.layer_norm(torch.cat((x, -x), dim=-1), (2 * hidden,), doubled_weight, None, eps)[..., :hidden]
+
+
+class TorchLayerOps:
+    name = "torch"
+
+    def __init__(self, eps: float):
+        self.eps = eps
+
+    def prepare_norm(self, weight: torch.Tensor) -> torch.Tensor:
+        return torch.cat([weight, weight])
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return rms_norm_fast(x, weight, self.eps)
+
+    def add_rms_norm(self, x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x += delta (x is the forward's own residual stream), then RMSNorm of x."""
+        x += delta
+        return rms_norm_fast(x, weight, self.eps)
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        inter = gate_up.shape[-1] // 2
+        return F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:])
+
+
+class CpuFusedLayerOps(TorchLayerOps):
+    name = "cpu_fused"
+
+    def prepare_norm(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight
+
+    def rms_norm(self, x, weight):
+        return torch.ops.radixgate_cpu.rms_norm(x, weight, self.eps)
+
+    def add_rms_norm(self, x, delta, weight):
+        return torch.ops.radixgate_cpu.add_rms_norm(x, delta, weight, self.eps)
+
+    def silu_mul(self, gate_up):
+        return torch.ops.radixgate_cpu.silu_mul(gate_up)
+
+
+class TritonLayerOps(TorchLayerOps):
+    name = "triton"
+
+    def __init__(self, eps: float):
+        super().__init__(eps)
+        from kernels.triton import layer_ops
+        self.kernels = layer_ops
+
+    def prepare_norm(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight
+
+    def rms_norm(self, x, weight):
+        return self.kernels.rms_norm(x, weight, self.eps)
+
+    def add_rms_norm(self, x, delta, weight):
+        return self.kernels.add_rms_norm(x, delta, weight, self.eps)
+
+    def silu_mul(self, gate_up):
+        return self.kernels.silu_mul(gate_up)
+
+
+LAYER_OPS = {"torch": TorchLayerOps, "cpu_fused": CpuFusedLayerOps, "triton": TritonLayerOps}

@@ -1,0 +1,81 @@
+"""One step's token layout, built once per step and read by every layer's attention.
+
+Rows are in batch order. The engine puts decodes first, so the leading run of single-token
+sequences (`num_decode`) is the decode part, attended by the decode kernels as q[:num_decode];
+every later sequence is an extend (prefill chunk). Device tensors come from one packed upload per
+dtype; the page tables are gathered on the device from the PageTableStore, never sent whole.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from backends.base import SequenceChunk
+from backends.cuda.page_tables import PageTableStore
+
+
+@dataclass
+class StepLayout:
+    num_tokens: int
+    num_decode: int                 # leading single-token sequences: rows [0, num_decode)
+    token_ids: torch.Tensor         # long [T]
+    positions: torch.Tensor         # long [T]
+    slots: torch.Tensor             # long [T] flat KV slot (page * page_size + offset) of each new token
+    tables: torch.Tensor            # int32 [B, W] page tables (columns past a sequence's pages: junk)
+    starts: torch.Tensor            # int32 [B] tokens cached before this step
+    seq_lens: torch.Tensor          # int32 [B] tokens after this step
+    cu_seqlens: torch.Tensor        # int32 [B + 1] row offsets of each sequence's new tokens
+    extend_cu: torch.Tensor         # int32 [E + 1] row offsets of the extends, counted from num_decode
+    logits_rows: torch.Tensor       # long [N] rows whose next token is sampled
+    host_chunks: list[tuple[int, int, list[int]]]   # (start, new tokens, page table) per sequence
+    max_new_tokens: int             # longest extend chunk (0 when none)
+    max_seq_len: int
+
+    @property
+    def decode_only(self) -> bool:
+        return self.num_decode == len(self.host_chunks)
+
+
+def _upload(values: np.ndarray, device: torch.device) -> torch.Tensor:
+    tensor = torch.from_numpy(values)
+    if device.type == "cpu":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def build_layout(chunks: list[SequenceChunk], store: PageTableStore, page_size: int,
+                 device: torch.device) -> StepLayout:
+    """The layout of an eager step (prefill, mixed, or decode outside the graph buckets)."""
+    num_decode = 0
+    while num_decode < len(chunks) and len(chunks[num_decode].token_ids) == 1:
+        num_decode += 1
+    starts = [c.start_position for c in chunks]
+    lengths = [len(c.token_ids) for c in chunks]
+    ends = [s + n for s, n in zip(starts, lengths, strict=True)]
+    cu = np.zeros(len(chunks) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=cu[1:])
+    positions = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends, strict=True)])
+    slot_parts = []
+    for chunk, start, end in zip(chunks, starts, ends, strict=True):
+        pos = np.arange(start, end)
+        table = np.asarray(chunk.page_table[start // page_size:-(-end // page_size)], dtype=np.int64)
+        slot_parts.append(table[pos // page_size - start // page_size] * page_size + pos % page_size)
+    logits_rows = [int(cu[i + 1]) - 1 for i, c in enumerate(chunks) if c.sample is not None]
+    total = int(cu[-1])
+    token_ids = np.fromiter((t for c in chunks for t in c.token_ids), dtype=np.int64, count=total)
+    longs = _upload(np.concatenate([positions, np.concatenate(slot_parts), [c.seq_slot for c in chunks],
+                                    logits_rows, token_ids]).astype(np.int64), device)
+    extend_cu = cu[num_decode:] - num_decode
+    ints = _upload(np.concatenate([starts, ends, cu, extend_cu]).astype(np.int32), device)
+    batch = len(chunks)
+    seq_rows = longs[2 * total:2 * total + batch]
+    width = max(-(-e // page_size) for e in ends)
+    return StepLayout(
+        num_tokens=total, num_decode=num_decode, positions=longs[:total], slots=longs[total:2 * total],
+        tables=store.table[:, :width].index_select(0, seq_rows),
+        starts=ints[:batch], seq_lens=ints[batch:2 * batch], cu_seqlens=ints[2 * batch:3 * batch + 1],
+        extend_cu=ints[3 * batch + 1:], logits_rows=longs[2 * total + batch:-total], token_ids=longs[-total:],
+        host_chunks=[(s, n, c.page_table) for s, n, c in zip(starts, lengths, chunks, strict=True)],
+        max_new_tokens=max(lengths[num_decode:], default=0), max_seq_len=max(ends))
