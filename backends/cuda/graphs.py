@@ -17,7 +17,7 @@ import torch
 
 from backends.base import SequenceChunk
 from backends.cuda.attention.base import AttentionBackend
-from backends.cuda.layout import StepLayout
+from backends.cuda.layout import StepLayout, graph_batch
 from backends.cuda.page_tables import PageTableStore
 
 log = logging.getLogger("radixgate.graphs")
@@ -25,8 +25,7 @@ log = logging.getLogger("radixgate.graphs")
 
 def bucket_sizes(max_batch: int) -> list[int]:
     """1, 2, 4, 8, then every 8 up to max_batch (padding wastes at most 7 rows past 8)."""
-    sizes = [b for b in (1, 2, 4) if b < max_batch] + list(range(8, max_batch + 8, 8))
-    return sorted({min(b, max_batch) for b in sizes})
+    return sorted({graph_batch(b) for b in range(1, max_batch + 1)})
 
 
 @dataclass
@@ -99,7 +98,6 @@ class DecodeGraphs:
         """Replay the bucket's graph for these decode chunks -> logits float32 [len(chunks), vocab]."""
         n = len(chunks)
         step = self.steps[self.bucket(n)]
-        bs = step.longs.shape[1]
         page_size = self.page_size
         longs, ints = step.host_longs.numpy(), step.host_ints.numpy()
         longs[:, n:] = ((0,), (0,), (self.scratch_slot,), (self.store.padding_row,))

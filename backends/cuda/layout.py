@@ -23,7 +23,7 @@ class StepLayout:
     token_ids: torch.Tensor         # long [T]
     positions: torch.Tensor         # long [T]
     slots: torch.Tensor             # long [T] flat KV slot (page * page_size + offset) of each new token
-    tables: torch.Tensor            # int32 [B, W] page tables (columns past a sequence's pages: junk)
+    tables: torch.Tensor            # int32 [B, max_pages] page tables (past a sequence's pages: junk)
     starts: torch.Tensor            # int32 [B] tokens cached before this step
     seq_lens: torch.Tensor          # int32 [B] tokens after this step
     cu_seqlens: torch.Tensor        # int32 [B + 1] row offsets of each sequence's new tokens
@@ -36,6 +36,15 @@ class StepLayout:
     @property
     def decode_only(self) -> bool:
         return self.num_decode == len(self.host_chunks)
+
+
+def graph_batch(batch: int) -> int:
+    """The CUDA-graph bucket a decode batch is padded to: 1, 2, 4, then multiples of 8. Eager
+    steps plan their kernels for the same size, so a batch computes the same numbers with graphs
+    and without."""
+    if batch <= 4:
+        return 1 << (batch - 1).bit_length()
+    return -(-batch // 8) * 8
 
 
 def _upload(values: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -71,10 +80,9 @@ def build_layout(chunks: list[SequenceChunk], store: PageTableStore, page_size: 
     ints = _upload(np.concatenate([starts, ends, cu, extend_cu]).astype(np.int32), device)
     batch = len(chunks)
     seq_rows = longs[2 * total:2 * total + batch]
-    width = max(-(-e // page_size) for e in ends)
     return StepLayout(
         num_tokens=total, num_decode=num_decode, positions=longs[:total], slots=longs[total:2 * total],
-        tables=store.table[:, :width].index_select(0, seq_rows),
+        tables=store.table.index_select(0, seq_rows),   # full width, as in the graphs
         starts=ints[:batch], seq_lens=ints[batch:2 * batch], cu_seqlens=ints[2 * batch:3 * batch + 1],
         extend_cu=ints[3 * batch + 1:], logits_rows=longs[2 * total + batch:-total], token_ids=longs[-total:],
         host_chunks=[(s, n, c.page_table) for s, n, c in zip(starts, lengths, chunks, strict=True)],

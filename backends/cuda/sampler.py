@@ -95,7 +95,7 @@ class TorchSampler:
                                                                    device=self.device))
                 freq = self._tensor([[specs[i].params.frequency_penalty] for i in pen], torch.float32)
                 pres = self._tensor([[specs[i].params.presence_penalty] for i in pen], torch.float32)
-                penalty = counts * freq      # float32, as the reference
+                penalty = counts * freq + (counts > 0) * pres      # float32, as the reference
                 if len(pen) == len(specs):
                     x -= penalty
                 else:

@@ -12,8 +12,10 @@ from __future__ import annotations
 import torch
 
 from backends.cuda.attention.base import AttentionBackend
-from backends.cuda.layout import StepLayout
+from backends.cuda.layout import StepLayout, graph_batch
+from kernels.reference import sparse_page_counts
 from kernels.triton import extend_attention, paged_decode, sparse_decode, update_page_summaries
+from kernels.triton.decode import default_num_splits
 from kernels.triton.layer_ops import rotary_store
 
 
@@ -27,6 +29,15 @@ class TritonAttention(AttentionBackend):
         self.decode_tables, self.decode_lens = layout.tables[:nd], layout.seq_lens[:nd]
         self.extend_tables, self.extend_starts = layout.tables[nd:], layout.starts[nd:]
         self.max_new = max(layout.max_new_tokens, 1)      # bounds the summary kernel's grid
+        # Split-K splits planned for the graph bucket of the decode rows, so that a row's numbers
+        # are the same replayed in a graph or run eagerly (a split's range depends on it).
+        device, kv_heads, page_size = layout.tables.device, self.shape.kv_heads, self.cache.page_size
+        padded = graph_batch(nd) if nd else 1
+        self.dense_splits = default_num_splits(padded, kv_heads, layout.tables.shape[1] * page_size, device)
+        if self.sparse is not None:
+            budget, _, _ = sparse_page_counts(page_size, self.sparse.token_budget, self.sparse.sink_tokens,
+                                              self.sparse.recent_tokens)
+            self.sparse_splits = default_num_splits(padded, kv_heads, budget * page_size, device, min_blocks=2)
 
     def forward(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
         heads, kv_heads, d = self.shape.heads, self.shape.kv_heads, self.shape.head_dim
@@ -46,10 +57,10 @@ class TritonAttention(AttentionBackend):
                 s = self.sparse
                 sparse_decode(q[:nd], k_cache, v_cache, cache.kmin[layer], cache.kmax[layer], self.decode_tables,
                               self.decode_lens, s.token_budget, s.sink_tokens, s.recent_tokens, self.shape.scale,
-                              out=out[:nd])
+                              num_splits=self.sparse_splits, out=out[:nd])
             else:
                 paged_decode(q[:nd], k_cache, v_cache, self.decode_tables, self.decode_lens, self.shape.scale,
-                             out=out[:nd])
+                             num_splits=self.dense_splits, out=out[:nd])
         if nd < len(layout.host_chunks):
             extend_attention(q[nd:], k_cache, v_cache, self.extend_tables, layout.extend_cu, self.extend_starts,
                              self.shape.scale, max_new_tokens=layout.max_new_tokens, out=out[nd:])
