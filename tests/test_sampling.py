@@ -1,4 +1,5 @@
-"""The NumPy sampler: greedy, seeds, filters, penalties, logit_bias, logprobs, validation."""
+"""The NumPy reference sampler: greedy, seeds, filters, the canonical draw, penalties, logit_bias,
+logprobs, validation."""
 from __future__ import annotations
 
 import math
@@ -6,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from gateway.engine.sampling import Sampler, SamplingParams
+from gateway.engine.sampling import Sampler, SamplingParams, draw_uniform
 
 V = 49152
 
@@ -43,6 +44,50 @@ def test_same_seed_same_tokens(rows):
 def test_no_seed_varies(rows):
     flat = [np.zeros(V, np.float32)]
     assert run(SamplingParams(), flat, 20) != run(SamplingParams(), flat, 20)
+    a, b = Sampler(SamplingParams(), V), Sampler(SamplingParams(), V)
+    assert isinstance(a.seed, int) and a.seed != b.seed        # drawn once, from OS entropy
+
+
+def test_draws_are_counter_based(rows):
+    """Token i of a seeded request uses draw_uniform(seed, i): no hidden generator state."""
+    p = SamplingParams(temperature=1.0, top_k=50, seed=7)
+    seeded = run(p, rows, 16)
+    other = Sampler(SamplingParams(temperature=1.0, top_k=50, seed=123), V)
+    assert [other.sample(rows[i % len(rows)], draw_uniform(7, i)).token_id for i in range(16)] == seeded
+    s = Sampler(p, V)
+    s.observe(42)                           # an observed token takes index 0 ...
+    assert s.num_generated == 1
+    assert s.sample(rows[1]).token_id == seeded[1]             # ... so this draw uses index 1
+    assert s.num_generated == 2
+
+
+def test_draw_is_inverse_cdf_in_id_order():
+    logits = np.full(V, -np.inf, np.float32)
+    logits[[3, 9, 20]] = np.log([0.2, 0.5, 0.3])
+    s = Sampler(SamplingParams(temperature=1.0), V)
+    got = [s.sample(logits, u).token_id for u in (0.0, 0.1, 0.25, 0.6, 0.75, 0.99, 1.0 - 2.0 ** -53)]
+    assert got == [3, 3, 9, 9, 20, 20, 20]
+    k2 = Sampler(SamplingParams(temperature=1.0, top_k=2), V)          # keeps 9 and 20: 0.625, 0.375
+    assert [k2.sample(logits, u).token_id for u in (0.0, 0.6, 0.63, 0.99)] == [9, 9, 20, 20]
+
+
+def test_top_k_keeps_ties_with_the_kth():
+    logits = np.full(V, -30.0, np.float32)
+    logits[[5, 6, 7]] = 10.0
+    logits[8] = 9.0
+    assert set(run(SamplingParams(temperature=1.0, top_k=2, seed=1), [logits], 300)) == {5, 6, 7}
+
+
+def test_degenerate_row_falls_back_to_argmax():
+    dead = np.full(V, -np.inf, np.float32)
+    assert run(SamplingParams(temperature=1.0, top_p=0.5, min_p=0.1, top_k=4, seed=1), [dead], 3) == [0, 0, 0]
+    hot = dead.copy()
+    hot[77] = np.inf
+    assert run(SamplingParams(temperature=1.0, seed=1), [hot], 3) == [77, 77, 77]
+
+
+def test_tiny_temperature_is_argmax(rows):
+    assert run(SamplingParams(temperature=1e-45, seed=3), rows) == [int(np.argmax(r)) for r in rows]
 
 
 def test_top_k_one_is_greedy(rows):
@@ -79,6 +124,11 @@ def test_penalties_lower_repeated_tokens():
     for _ in range(3):
         rep.observe(0)                        # tokens not drawn by sample() count too
     assert rep.process(logits)[0] == pytest.approx(4.7) and rep.counts == {0: 3}
+    # float32 count*frequency + presence, exactly as a device computes it
+    both = Sampler(SamplingParams(temperature=0, frequency_penalty=0.1, presence_penalty=0.3), V)
+    for _ in range(3):
+        both.observe(2)
+    assert both.process(logits)[2] == logits[2] - (np.float32(3) * np.float32(0.1) + np.float32(0.3))
     assert rep.sample(logits).token_id == 1
 
 

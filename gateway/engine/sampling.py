@@ -122,7 +122,8 @@ class Sampler:
             ids = np.flatnonzero(x >= kth)                     # ascending ids, ties with the k-th kept
             x = x[ids]
         t = temperature32(p.temperature)
-        z = (x - m) / t                  # float32
+        with np.errstate(over="ignore"):
+            z = (x - m) / t              # float32; a tiny T sends all but the best to -inf
         keep = None
         if p.top_p < 1.0:
             keep = x >= _nucleus_cut(x, m, t, p.top_p)
@@ -164,7 +165,8 @@ def _nucleus_cut(x: np.ndarray, m: np.float32, t: np.float32, top_p: float) -> n
     Sorts values only (SIMD sort, ~5x faster than argsort); the caller keeps everything at or
     above it, so tokens tied with the last one kept are kept too."""
     desc = np.sort(x)[::-1]
-    probs = np.exp(((desc - m) / t).astype(np.float64))
+    with np.errstate(over="ignore"):
+        probs = np.exp(((desc - m) / t).astype(np.float64))
     return desc[_cum_index(probs, top_p, "left")]
 
 
