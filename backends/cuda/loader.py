@@ -7,6 +7,7 @@ norm.weight, lm_head.weight when untied), with Q/K rows in the HF rotate_half ro
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,6 +195,7 @@ def load_hf_folder(folder: str, dtype: torch.dtype = torch.float32
     return config, weights
 
 
+CPU_DRAW_PARAMS = 2_000_000_000
 # Named architectures for random-weight benchmarks (the device machine cannot download weights).
 ARCHITECTURES = {
     "llama-3-8b": ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
@@ -213,11 +215,13 @@ ARCHITECTURES = {
 
 def random_weights(name: str, dtype: torch.dtype, device: torch.device | str = "cpu", seed: int = 0
                    ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """A named architecture with random weights (std 0.02, norms 1), made on `device` directly."""
+    """A named architecture with random weights (std 0.02, norms 1). Up to CPU_DRAW_PARAMS they are
+    drawn on the CPU, so one seed gives the same weights on every device (tests compare a GPU run
+    with the CPU path); larger ones (benchmarks only) are drawn on the device, which takes seconds
+    where the CPU takes minutes."""
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown random architecture {name!r} (one of {sorted(ARCHITECTURES)})")
     cfg = ARCHITECTURES[name]
-    gen = torch.Generator(device=device).manual_seed(seed)
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     shapes = {"embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size)}
     for i in range(cfg.num_layers):
@@ -231,7 +235,10 @@ def random_weights(name: str, dtype: torch.dtype, device: torch.device | str = "
                    block + "mlp.down_proj.weight": (cfg.hidden_size, cfg.intermediate_size)}
     if not cfg.tie_word_embeddings:
         shapes["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
-    weights = {name: torch.randn(shape, generator=gen, device=device, dtype=dtype) * 0.02
+    on_cpu = sum(math.prod(shape) for shape in shapes.values()) <= CPU_DRAW_PARAMS
+    draw_device = "cpu" if on_cpu else device
+    gen = torch.Generator(device=draw_device).manual_seed(seed)
+    weights = {name: (torch.randn(shape, generator=gen, device=draw_device) * 0.02).to(device=device, dtype=dtype)
                for name, shape in shapes.items()}
     for i in range(cfg.num_layers):
         for norm in ("input_layernorm", "post_attention_layernorm"):

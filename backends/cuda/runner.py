@@ -74,7 +74,7 @@ def _load(settings: RunnerSettings, device: torch.device):
     # int8 / int4 (and auto, which may pick them) quantise from the float32 weights.
     load_dtype = (torch.float32 if settings.dtype in ("auto", "int8", "int4") and device.type == "cpu"
                   else DTYPES.get(pick_dtype(settings.dtype, device), torch.float32))
-    if settings.source_kind == "random":            # made on the device: no host copy of 16 GB
+    if settings.source_kind == "random":            # moved to the device tensor by tensor
         return random_weights(settings.source_path, load_dtype, device)
     return load_model(settings.source_kind, settings.source_path, load_dtype)
 

@@ -6,8 +6,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from gateway.detokenizer import IncrementalDetokenizer
 from backends.sampling_params import SamplingParams
+from gateway.detokenizer import IncrementalDetokenizer
 
 
 class RequestState(enum.Enum):
