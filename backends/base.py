@@ -13,6 +13,10 @@ import numpy as np
 
 from backends.sampling_params import SampledToken, SamplingParams
 
+# In a decode chunk: the token that the step before sampled for the same seq slot, whose id has not
+# come back to the host yet. The backend reads it where it left it, on the device (overlap).
+PENDING_TOKEN = -1
+
 
 @dataclass(frozen=True)
 class SampleSpec:
@@ -91,17 +95,28 @@ class BackendInfo:
     vocab_size: int
 
 
+class PendingForward(Protocol):
+    """A launched step; result() waits for it (the only host<-device sync of a step)."""
+
+    def result(self) -> ForwardResult: ...
+
+
 class Backend(Protocol):
     """A model runner that owns the KV pages and computes logits for a ForwardBatch."""
 
     page_size: int
     num_pages: int
     max_sequences: int            # seq slots: the most sequences one batch may hold
+    overlap: bool                 # launch() returns before the device is done: build the next step meanwhile
     info: BackendInfo
 
     def forward(self, batch: ForwardBatch) -> ForwardResult:
         """Run new tokens of each sequence, write their K/V (and page summaries) into the pages,
         and draw the next token of every sequence with a SampleSpec."""
+        ...
+
+    def launch(self, batch: ForwardBatch) -> PendingForward:
+        """forward(), queued: PENDING_TOKEN chunks read the draw the step before left on the device."""
         ...
 
 

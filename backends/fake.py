@@ -15,10 +15,12 @@ GPU would read stale pages). Sampling is TorchSampler on the CPU: the real sampl
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import numpy as np
 import torch
 
-from backends.base import AttentionStats, BackendInfo, ForwardBatch, ForwardResult, SequenceChunk
+from backends.base import PENDING_TOKEN, AttentionStats, BackendInfo, ForwardBatch, ForwardResult, SequenceChunk
 from backends.cuda.sampler import TorchSampler
 
 _P = 0x100000001B3                        # odd, so invertible mod 2**64
@@ -29,9 +31,13 @@ class FakeBackend:
     """Deterministic logits from the tokens in the KV pages; counters `steps` and `tokens_computed`."""
 
     def __init__(self, vocab_size: int = 64, page_size: int = 4, num_pages: int = 256,
-                 max_sequences: int = 16, context_length: int = 1024):
+                 max_sequences: int = 16, context_length: int = 1024, overlap: bool = False):
         self.page_size, self.num_pages, self.max_sequences = page_size, num_pages, max_sequences
         self.context_length, self.vocab_size = context_length, vocab_size
+        # overlap: the scheduler launches step N+1 before taking in step N's draws, as on a GPU;
+        # PENDING_TOKEN chunks then read the slot's last draw, kept here as the GPU keeps it
+        self.overlap = overlap
+        self.last_draw = [None] * max_sequences
         self.info = BackendInfo(model_name="fake", backend="fake", device="cpu", dtype="float32",
                                 num_pages=num_pages, page_size=page_size, context_length=context_length,
                                 vocab_size=vocab_size)
@@ -103,8 +109,13 @@ class FakeBackend:
         rng = np.random.default_rng(int(hashes[-1]))
         return (rng.standard_normal(self.vocab_size) * 2.0).astype(np.float32)
 
+    def launch(self, batch: ForwardBatch) -> Finished:
+        """forward(), run now; the result is handed over when asked (as the GPU's would be)."""
+        return Finished(self.forward(batch))
+
     def forward(self, batch: ForwardBatch) -> ForwardResult:
         """Validate, run every chunk (KV written), sample the chunks with a SampleSpec."""
+        batch = ForwardBatch([self._resolve(c) for c in batch.sequences], batch.return_logits)
         self._validate(batch)
         rows = [self._run(c) for c in batch.sequences]
         self.steps += 1
@@ -116,4 +127,26 @@ class FakeBackend:
                                  if batch.return_logits else None)
         logits = np.stack(picked)
         tokens = self.sampler.sample(torch.from_numpy(logits), specs)
+        sampled = [c for c in batch.sequences if c.sample is not None]
+        for chunk, token in zip(sampled, tokens, strict=True):
+            self.last_draw[chunk.seq_slot] = token.token_id
         return ForwardResult(tokens, AttentionStats(), logits if batch.return_logits else None)
+
+    def _resolve(self, c: SequenceChunk) -> SequenceChunk:
+        if c.token_ids != [PENDING_TOKEN]:
+            assert PENDING_TOKEN not in c.token_ids, "PENDING_TOKEN only as a decode chunk's one token"
+            return c
+        token = self.last_draw[c.seq_slot]
+        assert token is not None, f"slot {c.seq_slot} has no draw to read"
+        self.last_draw[c.seq_slot] = None
+        return replace(c, token_ids=[token])
+
+
+@dataclass
+class Finished:
+    """A step that already ran (backends/base.PendingForward)."""
+
+    value: ForwardResult
+
+    def result(self) -> ForwardResult:
+        return self.value

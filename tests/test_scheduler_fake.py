@@ -29,6 +29,18 @@ GREEDY = SamplingParams(temperature=0.0)
 _arrival = itertools.count()     # explicit arrival times: preemption order is deterministic
 
 
+OVERLAP = [False]      # set per test by the `overlap` fixture: every test runs both ways
+
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["sync", "overlap"])
+def overlap(request):
+    """Each test runs with a backend that finishes a step before returning (CPU) and with one that
+    overlaps (the scheduler builds step N+1 before taking in step N's draws, as on a GPU)."""
+    OVERLAP[0] = request.param
+    yield request.param
+    OVERLAP[0] = False
+
+
 class Tok:
     """Just enough tokenizer for IncrementalDetokenizer: id 7 decodes to "<7>"."""
 
@@ -63,7 +75,7 @@ class Run:
 
     def __init__(self, *, page_size=4, num_pages=512, max_running=8, chunk=64, context=512, radix=True):
         self.backend = RecordingFake(VOCAB, page_size, num_pages, max_sequences=max_running,
-                                     context_length=context)
+                                     context_length=context, overlap=OVERLAP[0])
         self.pool = PagePool(num_pages)
         self.cache = RadixCache(self.pool, page_size, enabled=radix)
         self.sched = Scheduler(self.backend, self.pool, self.cache, max_running=max_running,
@@ -81,7 +93,7 @@ class Run:
             request = by_slot.get(c.seq_slot)
             assert request is not None and request.state is RequestState.RUNNING, f"slot {c.seq_slot} not running"
             assert list(c.page_table) == request.page_table and c.table_epoch == request.table_epoch
-            assert c.start_position == request.num_computed
+            assert c.end_position == request.num_computed     # counted as computed once launched
         owned = [p for r in self.sched.running for p in r.page_table[r.tree_pages:]]
         assert len(set(owned)) == len(owned) and all(self.pool.is_allocated(p) for p in owned)
 
@@ -200,7 +212,7 @@ def test_fake_greedy_run_is_varied():
 
 # ---- chunked prefill and continuous batching -----------------------------------------------------
 
-def test_chunked_prefill_matches_one_chunk():
+def test_chunked_prefill_matches_one_chunk(overlap):
     prompt = tokens(4, 150)
     results = {}
     for budget in (16, 7, 4096):
@@ -208,7 +220,8 @@ def test_chunked_prefill_matches_one_chunk():
         request = run.add(run.request(prompt, max_new=12))
         run.run()
         first_step = run.events[id(request)][0][0]
-        assert first_step == -(-150 // budget)            # one chunk per step until the prompt is in
+        # one chunk per step until the prompt is in (overlap: its draw is taken in a step later)
+        assert first_step == -(-150 // budget) + overlap
         assert run.backend.tokens_computed == 150 + 11    # every prompt token once, then decodes
         results[budget] = run.result(request)
     assert results[16] == results[7] == results[4096]
@@ -433,7 +446,7 @@ def test_seq_slots_bounded_and_reused():
         assert run.result(request) == alone(request.prompt_ids, max_new=request.max_new_tokens)
 
 
-def test_table_rewrite_gets_a_new_epoch():
+def test_table_rewrite_gets_a_new_epoch(overlap):
     """Two equal prompts prefilled in one step: at their first token both put the prompt in the
     cache, and the second's prompt pages turn out to be duplicates of the first's, so its table
     is rewritten to the tree's pages. The fake keeps a mirror of every slot's table like the GPU
@@ -443,6 +456,8 @@ def test_table_rewrite_gets_a_new_epoch():
     a, b = run.request(prompt, max_new=10), run.request(prompt, max_new=10)
     run.add(a, b)
     run.step()                                    # admits and prefills both: nothing cached yet
+    if overlap:
+        run.step()                                # their first draws are taken in a step later
     (_, _, slot_a, epoch_a), (_, _, slot_b, epoch_b) = run.backend.batches[0]
     assert a.output_ids and b.output_ids and (slot_a, slot_b) == (a.seq_slot, b.seq_slot)
     assert b.page_table[:5] == a.page_table[:5]   # b now reads the tree's copy of the prompt
@@ -450,14 +465,16 @@ def test_table_rewrite_gets_a_new_epoch():
     # the tree's 5 prompt pages and one partial page each: b's 5 duplicate pages went back
     assert run.pool.num_free == run.pool.num_pages - 7
     run.step()
-    assert run.backend.batches[1][1][3] == b.table_epoch     # the fake was told, and re-read the table
+    # the fake was told, and re-read the table (overlap: the step launched before the rewrite
+    # still read the old, still valid pages)
+    assert run.backend.batches[1 + overlap][1][3] == b.table_epoch
     run.run()
     assert run.result(a) == run.result(b) == alone(prompt, max_new=10)
 
 
 # ---- the error path ----------------------------------------------------------------------------------
 
-def test_backend_error_fails_the_step_and_the_scheduler_keeps_serving():
+def test_backend_error_fails_the_step_and_the_scheduler_keeps_serving(overlap):
     run = Run(chunk=16)
     a = run.add(run.request(tokens(110, 12), max_new=20))
     for _ in range(3):
@@ -466,7 +483,8 @@ def test_backend_error_fails_the_step_and_the_scheduler_keeps_serving():
     run.step()
     assert run.result(a)[1] == "error" and run.result(bad)[1] == "error"
     assert "internal error" in run.last_event(bad).error
-    assert len(a.output_ids) == 3 and run.sched.stats.steps == 3
+    # overlap: step 3's draw for `a` comes back after the failure, and is dropped
+    assert len(a.output_ids) == 3 - overlap and run.sched.stats.steps == 3
     run.check_idle()
     after = run.add(run.request(a.prompt_ids, max_new=20))             # what a computed stays usable
     run.run()

@@ -34,15 +34,13 @@ class CapturedStep:
     longs: torch.Tensor       # int64 [4, bs]: token ids, positions, slots, page-table rows
     ints: torch.Tensor        # int32 [2, bs]: starts, seq_lens
     logits: torch.Tensor      # float32 [bs, vocab], written by the graph
-    host_longs: torch.Tensor  # pinned staging buffers of the two copies (rewritten only after
-    host_ints: torch.Tensor   # the step's sampled tokens came back, so the copies are done)
 
 
 class DecodeGraphs:
-    def __init__(self, model, attention: AttentionBackend, store: PageTableStore, page_size: int,
-                 scratch_page: int, max_batch: int, device: torch.device):
+    def __init__(self, model, attention: AttentionBackend, store: PageTableStore, next_tokens: torch.Tensor,
+                 page_size: int, scratch_page: int, max_batch: int, device: torch.device):
         assert attention.graph_safe, f"the {attention.name} attention backend cannot be captured"
-        self.model, self.attention, self.store = model, attention, store
+        self.model, self.attention, self.store, self.next_tokens = model, attention, store, next_tokens
         self.page_size, self.device = page_size, device
         self.scratch_slot = scratch_page * page_size
         self.steps: dict[int, CapturedStep] = {}
@@ -64,10 +62,12 @@ class DecodeGraphs:
         full_width = self.store.max_pages * self.page_size
 
         def step() -> torch.Tensor:
+            # a PENDING_TOKEN id is the slot's last draw, still on the device
+            ids = torch.where(longs[0] < 0, self.next_tokens.index_select(0, longs[3]), longs[0])
             layout = StepLayout(
-                num_tokens=bs, num_decode=bs, token_ids=longs[0], positions=longs[1], slots=longs[2],
+                num_tokens=bs, num_decode=bs, token_ids=ids, positions=longs[1], slots=longs[2],
                 tables=self.store.table.index_select(0, longs[3]), starts=ints[0], seq_lens=ints[1],
-                cu_seqlens=cu, extend_cu=cu[:1], logits_rows=None, host_chunks=[(0, 1, [])] * bs,
+                cu_seqlens=cu, extend_cu=cu[:1], logits_rows=None, sample_slots=longs[3], host_chunks=[(0, 1, [])] * bs,
                 max_new_tokens=0, max_seq_len=full_width)
             self.attention.plan(layout)
             return self.model(layout.token_ids, self.attention, None)
@@ -81,8 +81,7 @@ class DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
             logits = step()
-        return CapturedStep(graph, longs, ints, logits, torch.empty_like(longs, device="cpu").pin_memory(),
-                            torch.empty_like(ints, device="cpu").pin_memory())
+        return CapturedStep(graph, longs, ints, logits)
 
     def bucket(self, batch: int) -> int | None:
         for size in self.sizes:
@@ -94,12 +93,18 @@ class DecodeGraphs:
         return (bool(chunks) and len(chunks) <= self.sizes[-1]
                 and all(len(c.token_ids) == 1 and c.sample is not None for c in chunks))
 
-    def run(self, chunks: list[SequenceChunk]) -> torch.Tensor:
-        """Replay the bucket's graph for these decode chunks -> logits float32 [len(chunks), vocab]."""
+    def run(self, chunks: list[SequenceChunk], next_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replay the bucket's graph for these decode chunks -> (logits float32 [n, vocab], their
+        seq slots [n] on the device)."""
+        assert next_tokens is self.next_tokens
         n = len(chunks)
         step = self.steps[self.bucket(n)]
         page_size = self.page_size
-        longs, ints = step.host_longs.numpy(), step.host_ints.numpy()
+        # fresh pinned staging each step: with overlap the last step's copies may still be queued
+        # (the caching host allocator keeps a block until the copy that read it is done)
+        host_longs = torch.empty(step.longs.shape, dtype=torch.long, pin_memory=True)
+        host_ints = torch.empty(step.ints.shape, dtype=torch.int32, pin_memory=True)
+        longs, ints = host_longs.numpy(), host_ints.numpy()
         longs[:, n:] = ((0,), (0,), (self.scratch_slot,), (self.store.padding_row,))
         ints[:, n:] = ((0,), (1,))
         for i, chunk in enumerate(chunks):
@@ -110,7 +115,7 @@ class DecodeGraphs:
             longs[3, i] = chunk.seq_slot
             ints[0, i] = position
             ints[1, i] = position + 1
-        step.longs.copy_(step.host_longs, non_blocking=True)
-        step.ints.copy_(step.host_ints, non_blocking=True)
+        step.longs.copy_(host_longs, non_blocking=True)
+        step.ints.copy_(host_ints, non_blocking=True)
         step.graph.replay()
-        return step.logits[:n]
+        return step.logits[:n], step.longs[3, :n]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from backends.base import SequenceChunk
+from backends.base import PENDING_TOKEN, SequenceChunk
 from backends.cuda.page_tables import PageTableStore
 
 
@@ -29,6 +29,7 @@ class StepLayout:
     cu_seqlens: torch.Tensor        # int32 [B + 1] row offsets of each sequence's new tokens
     extend_cu: torch.Tensor         # int32 [E + 1] row offsets of the extends, counted from num_decode
     logits_rows: torch.Tensor       # long [N] rows whose next token is sampled
+    sample_slots: torch.Tensor      # long [N] the seq slots of those rows
     host_chunks: list[tuple[int, int, list[int]]]   # (start, new tokens, page table) per sequence
     max_new_tokens: int             # longest extend chunk (0 when none)
     max_seq_len: int
@@ -55,8 +56,9 @@ def _upload(values: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def build_layout(chunks: list[SequenceChunk], store: PageTableStore, page_size: int,
-                 device: torch.device) -> StepLayout:
-    """The layout of an eager step (prefill, mixed, or decode outside the graph buckets)."""
+                 device: torch.device, next_tokens: torch.Tensor) -> StepLayout:
+    """The layout of an eager step (prefill, mixed, or decode outside the graph buckets).
+    PENDING_TOKEN ids are read from next_tokens[seq_slot] on the device."""
     num_decode = 0
     while num_decode < len(chunks) and len(chunks[num_decode].token_ids) == 1:
         num_decode += 1
@@ -72,18 +74,27 @@ def build_layout(chunks: list[SequenceChunk], store: PageTableStore, page_size: 
         table = np.asarray(chunk.page_table[start // page_size:-(-end // page_size)], dtype=np.int64)
         slot_parts.append(table[pos // page_size - start // page_size] * page_size + pos % page_size)
     logits_rows = [int(cu[i + 1]) - 1 for i, c in enumerate(chunks) if c.sample is not None]
+    sample_slots = [c.seq_slot for c in chunks if c.sample is not None]
     total = int(cu[-1])
     token_ids = np.fromiter((t for c in chunks for t in c.token_ids), dtype=np.int64, count=total)
-    longs = _upload(np.concatenate([positions, np.concatenate(slot_parts), [c.seq_slot for c in chunks],
-                                    logits_rows, token_ids]).astype(np.int64), device)
+    seq_slots = [c.seq_slot for c in chunks]
+    longs = _upload(np.concatenate([positions, np.concatenate(slot_parts), seq_slots, logits_rows,
+                                    sample_slots, token_ids, np.repeat(seq_slots, lengths)]).astype(np.int64),
+                    device)
     extend_cu = cu[num_decode:] - num_decode
     ints = _upload(np.concatenate([starts, ends, cu, extend_cu]).astype(np.int32), device)
     batch = len(chunks)
     seq_rows = longs[2 * total:2 * total + batch]
+    n = len(logits_rows)
+    ids_at = 2 * total + batch + 2 * n
+    ids = longs[ids_at:ids_at + total]
+    if (token_ids == PENDING_TOKEN).any():
+        ids = torch.where(ids == PENDING_TOKEN, next_tokens.index_select(0, longs[ids_at + total:]), ids)
     return StepLayout(
         num_tokens=total, num_decode=num_decode, positions=longs[:total], slots=longs[total:2 * total],
         tables=store.table.index_select(0, seq_rows),   # full width, as in the graphs
         starts=ints[:batch], seq_lens=ints[batch:2 * batch], cu_seqlens=ints[2 * batch:3 * batch + 1],
-        extend_cu=ints[3 * batch + 1:], logits_rows=longs[2 * total + batch:-total], token_ids=longs[-total:],
+        extend_cu=ints[3 * batch + 1:], logits_rows=longs[2 * total + batch:2 * total + batch + n],
+        sample_slots=longs[2 * total + batch + n:ids_at], token_ids=ids,
         host_chunks=[(s, n, c.page_table) for s, n, c in zip(starts, lengths, chunks, strict=True)],
         max_new_tokens=max(lengths[num_decode:], default=0), max_seq_len=max(ends))

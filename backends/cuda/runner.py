@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from backends.base import AttentionStats, BackendInfo, ForwardBatch, ForwardResult, RunnerSettings
+from backends.base import PENDING_TOKEN, AttentionStats, BackendInfo, ForwardBatch, ForwardResult, RunnerSettings
 from backends.cuda.attention.base import AttentionShape, choose_attention, create_attention
 from backends.cuda.attention.sparse import check_sparse_settings, count_pages, page_counts
 from backends.cuda.graphs import DecodeGraphs
@@ -25,7 +26,7 @@ from backends.cuda.linear import kernel_available
 from backends.cuda.loader import load_model, random_weights
 from backends.cuda.model import LlamaModel
 from backends.cuda.page_tables import PageTableStore
-from backends.cuda.sampler import TorchSampler
+from backends.cuda.sampler import DrawnTokens, TorchSampler
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "int8": torch.bfloat16,      # int8 / int4: weight-only matmuls, bfloat16 activations and KV
@@ -113,9 +114,12 @@ class TorchRunner:
         self.shape = AttentionShape(config.num_heads, config.num_kv_heads, config.head_dim)
         self.attention = create_attention(attention_name, self.cache, self.shape, cos, sin, self.sparse)
         self.sampler = TorchSampler(config.vocab_size, device)
+        # each seq slot's last draw, read on the device by the next step's PENDING_TOKEN chunk
+        self.next_tokens = torch.zeros(self.max_sequences + 1, dtype=torch.long, device=device)
+        self.overlap = device.type == "cuda"      # the CPU runs a step to its end before returning
         self.graphs = None
         if device.type == "cuda" and settings.cuda_graphs and self.attention.graph_safe:
-            self.graphs = DecodeGraphs(self.model, self.attention, self.tables, page_size,
+            self.graphs = DecodeGraphs(self.model, self.attention, self.tables, self.next_tokens, page_size,
                                        self.cache.scratch_page, self.max_sequences, device)
         device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
                        else f"cpu ({torch.get_num_threads()} threads)")
@@ -160,7 +164,8 @@ class TorchRunner:
             assert len(seq.page_table) >= -(-end // self.page_size), "page table too short"
             used = seq.page_table[:-(-end // self.page_size)]
             assert 0 <= min(used) and max(used) < self.num_pages, "page id out of range"
-            assert 0 <= min(seq.token_ids) and max(seq.token_ids) < self.config.vocab_size
+            if seq.token_ids != [PENDING_TOKEN]:
+                assert 0 <= min(seq.token_ids) and max(seq.token_ids) < self.config.vocab_size, "token id"
             pages = np.asarray(used)[np.arange(seq.start_position, end) // self.page_size]
             slots.append(pages * self.page_size + np.arange(seq.start_position, end) % self.page_size)
         if len(batch.sequences) > 1:
@@ -176,24 +181,64 @@ class TorchRunner:
         per_step = self.config.num_kv_heads * (self.config.num_layers - self.sparse.dense_layers)
         return AttentionStats(read * per_step, skipped * per_step)
 
-    @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> ForwardResult:
         """Run every chunk's new tokens, write their K/V, sample where a chunk asks."""
+        return self.launch(batch).result()
+
+    @torch.inference_mode()
+    def launch(self, batch: ForwardBatch) -> StepResult:
+        """Queue the step on the device; only StepResult.result() waits for it. Its draws are left
+        in next_tokens[seq_slot], where a PENDING_TOKEN chunk of the next step reads them."""
         chunks = batch.sequences
         if self.settings.validate_batches:
             self._validate(batch)
         if not chunks:
-            return ForwardResult([])
+            return StepResult(None, None, AttentionStats(), None)
         self.tables.sync(chunks, self.page_size)
         if self.settings.validate_batches:
             self.tables.check(chunks, self.page_size)
         if self.graphs is not None and self.graphs.can_run(chunks):
-            logits = self.graphs.run(chunks)
+            logits, sample_slots = self.graphs.run(chunks, self.next_tokens)
         else:
-            layout = build_layout(chunks, self.tables, self.page_size, self.device)
+            layout = build_layout(chunks, self.tables, self.page_size, self.device, self.next_tokens)
             self.attention.plan(layout)
             logits = self.model(layout.token_ids, self.attention, layout.logits_rows)
+            sample_slots = layout.sample_slots
         specs = [c.sample for c in chunks if c.sample is not None]
-        tokens = self.sampler.sample(logits, specs) if specs else []
-        raw = logits.cpu().numpy() if batch.return_logits else None
-        return ForwardResult(tokens, self._sparse_stats(batch), raw)
+        drawn = None
+        if specs:
+            drawn = self.sampler.draw(logits, specs)
+            self.next_tokens.index_copy_(0, sample_slots, drawn.tokens)
+        return StepResult(drawn, _to_host(drawn.packed) if drawn else None, self._sparse_stats(batch),
+                          logits if batch.return_logits else None)
+
+
+def _to_host(values: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """An asynchronous copy to pinned host memory, and the event that marks it done."""
+    if values.device.type == "cpu":
+        return values, None
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    host.copy_(values, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
+@dataclass
+class StepResult:
+    """A launched step (backends/base.PendingForward)."""
+
+    drawn: DrawnTokens | None
+    host: tuple[torch.Tensor, torch.cuda.Event | None] | None
+    attention: AttentionStats
+    logits: torch.Tensor | None
+
+    def result(self) -> ForwardResult:
+        tokens = []
+        if self.drawn is not None:
+            values, event = self.host
+            if event is not None:
+                event.synchronize()
+            tokens = self.drawn.finish(values.tolist())
+        raw = self.logits.float().cpu().numpy() if self.logits is not None else None
+        return ForwardResult(tokens, self.attention, raw)

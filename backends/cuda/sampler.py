@@ -13,7 +13,8 @@ and their cumulative sums in float64, and the draw over kept tokens in ascending
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -171,13 +172,20 @@ class TorchSampler:
         """logits: float32 [B, vocab] on the device, row i for specs[i]. One host<-device transfer of the results."""
         if not specs:
             return []
+        drawn = self.draw(logits, specs)
+        return drawn.finish(drawn.packed.tolist())
+
+    def draw(self, logits: torch.Tensor, specs: list[SampleSpec]) -> DrawnTokens:
+        """sample() without the transfer: the drawn ids stay on the device (the next step may read
+        them there); DrawnTokens.finish turns the transferred `packed` values into SampledTokens."""
         self._check(logits, specs)
         if logits.dtype != torch.float32:
             logits = logits.float()
         params = [s.params for s in specs]
         plain = all(not p.logprobs and not p.logit_bias and not _penalized(p) for p in params)
         if plain and all(p.greedy for p in params):               # the common greedy step
-            return [SampledToken(t, None) for t in logits.argmax(dim=1).tolist()]
+            tokens = logits.argmax(dim=1)
+            return DrawnTokens(tokens, tokens, _plain_tokens)
 
         x = self._process(logits, specs)
         draw_rows = [i for i, p in enumerate(params) if not p.greedy]
@@ -192,25 +200,40 @@ class TorchSampler:
 
         lp_rows = [i for i, p in enumerate(params) if p.logprobs]
         if not lp_rows:
-            return [SampledToken(t, None) for t in tokens.tolist()]
+            return DrawnTokens(tokens, tokens, _plain_tokens)
 
         # logprobs: log_softmax of the processed logits, before temperature and filters
         lp = torch.log_softmax(self._rows(x, lp_rows), dim=1)
         lp_tok = self._rows(tokens.unsqueeze(1), lp_rows)
         parts = [tokens.double(), lp.gather(1, lp_tok).squeeze(1).double()]
-        n_top = max(params[i].top_logprobs for i in lp_rows)
+        n_top = min(max(params[i].top_logprobs for i in lp_rows), self.vocab_size)
         if n_top:
-            top_vals, top_ids = torch.topk(lp, min(n_top, self.vocab_size), dim=1)
+            top_vals, top_ids = torch.topk(lp, n_top, dim=1)
             parts += [top_ids.double().flatten(), top_vals.double().flatten()]
-        host = torch.cat(parts).tolist()                          # the one transfer
 
-        B, L = len(specs), len(lp_rows)
-        out = [SampledToken(int(t), None) for t in host[:B]]
-        n_top = min(n_top, self.vocab_size)
-        ids_at, vals_at = B + L, B + L + L * n_top
-        for j, i in enumerate(lp_rows):
-            k = min(params[i].top_logprobs, self.vocab_size)
-            row = j * n_top
-            top = [(int(host[ids_at + row + c]), host[vals_at + row + c]) for c in range(k)]
-            out[i] = SampledToken(out[i].token_id, host[B + j], top)
-        return out
+        def finish(host: list) -> list[SampledToken]:
+            B, L = len(specs), len(lp_rows)
+            out = [SampledToken(int(t), None) for t in host[:B]]
+            ids_at, vals_at = B + L, B + L + L * n_top
+            for j, i in enumerate(lp_rows):
+                k = min(params[i].top_logprobs, self.vocab_size)
+                row = j * n_top
+                top = [(int(host[ids_at + row + c]), host[vals_at + row + c]) for c in range(k)]
+                out[i] = SampledToken(out[i].token_id, host[B + j], top)
+            return out
+
+        return DrawnTokens(tokens, torch.cat(parts), finish)
+
+
+def _plain_tokens(host: list) -> list[SampledToken]:
+    return [SampledToken(int(t), None) for t in host]
+
+
+@dataclass
+class DrawnTokens:
+    """A step's draws on the device: `tokens` int64 [B]; `packed` what goes to the host (the
+    tokens, then logprobs where asked), which `finish` turns into SampledTokens."""
+
+    tokens: torch.Tensor
+    packed: torch.Tensor
+    finish: Callable[[list], list[SampledToken]]

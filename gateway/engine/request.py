@@ -51,7 +51,8 @@ class Request:
     page_table: list[int] = field(default_factory=list)
     tree_pages: int = 0              # leading pages of page_table owned by the radix cache (locked)
     lock_node: object | None = None  # the deepest radix node this request holds locked
-    num_computed: int = 0            # tokens whose KV is in the pages
+    num_computed: int = 0            # tokens whose KV is in the pages or being written by a launched step
+    pending: int = 0                 # tokens drawn by launched steps whose ids have not come back
     cached_tokens: int = 0           # prompt tokens served from the cache (first admission)
     admitted_once: bool = False
     cancelled: bool = False
@@ -84,5 +85,10 @@ class Request:
         return len(self.page_table) - self.tree_pages
 
     @property
-    def prefill_done(self) -> bool:
-        return self.num_computed >= len(self.prompt_ids)
+    def known_len(self) -> int:
+        """Tokens so far, including draws in flight."""
+        return len(self.prompt_ids) + len(self.output_ids) + self.pending
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.params.presence_penalty or self.params.frequency_penalty)

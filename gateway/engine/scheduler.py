@@ -14,7 +14,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from backends.base import Backend, ForwardBatch, SampleSpec, SequenceChunk
+from backends.base import PENDING_TOKEN, Backend, ForwardBatch, SampleSpec, SequenceChunk
 from backends.sampling_params import SampledToken, draw_uniform
 from gateway.engine.page_pool import PagePool
 from gateway.engine.radix_cache import RadixCache
@@ -58,6 +58,11 @@ class Scheduler:
             f"max_running {max_running} exceeds the backend's {backend.max_sequences} sequence slots")
         self.free_slots = list(range(max_running - 1, -1, -1))
         self._epochs = itertools.count(1)
+        # Overlap (backends that run asynchronously, e.g. on a GPU): step N+1 is built and launched
+        # before step N's tokens are taken in, so the host's work hides behind the device's. A decode
+        # whose last token is still in flight sends PENDING_TOKEN; the backend reads it on the device.
+        self.overlap = bool(getattr(backend, "overlap", False))
+        self.in_flight = None       # (pending result, scheduled) of the step launched last
 
     # ---- requests in and out -------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -78,32 +83,60 @@ class Scheduler:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.in_flight)
 
     # ---- one step ------------------------------------------------------------------------
     def step(self) -> None:
-        """Drop cancelled work, admit, run one forward pass, sample, finish what is done."""
+        """Drop cancelled work, admit, launch one forward pass; then take in the sampled tokens of
+        the step before (overlap) or of this one."""
         self._drop_cancelled()
         self._admit()
         chunks, scheduled = self._build_batch()
-        if not chunks:
-            return
+        launched = self._launch(chunks, scheduled) if chunks else None
+        if self.overlap:
+            previous, self.in_flight = self.in_flight, launched
+            if previous is not None:
+                self._complete(*previous)
+        elif launched is not None:
+            self._complete(*launched)
+
+    def _launch(self, chunks: list[SequenceChunk], scheduled: list[tuple[Request, SequenceChunk]]):
         try:
-            result = self.backend.forward(ForwardBatch(chunks))
+            return self.backend.launch(ForwardBatch(chunks)), scheduled
         except Exception as error:   # a backend bug must not take the server down with it
-            log.exception("forward failed; failing the %d requests of this step", len(scheduled))
-            for request, _ in scheduled:
-                self._finish(request, "error", error=f"internal error in the model runner: {error}")
+            self._fail_step(scheduled, error)
+            return None
+
+    def _complete(self, pending, scheduled: list[tuple[Request, SequenceChunk]]) -> None:
+        """Take in one launched step's sampled tokens. A request that finished (a stop token or
+        string, a cancel) after this step was launched discards its draw: one wasted row, never a
+        token too many. A request preempted meanwhile keeps it (the draw is valid output)."""
+        try:
+            result = pending.result()
+        except Exception as error:
+            self._fail_step(scheduled, error)
             return
         self.stats.steps += 1
         self.stats.pages_read += result.attention.pages_read
         self.stats.pages_skipped += result.attention.pages_skipped
         sampled = iter(result.tokens)
         for request, chunk in scheduled:
-            request.num_computed = chunk.end_position
-            if chunk.sample is not None:
-                self._accept_token(request, next(sampled))
+            if chunk.sample is None:
+                continue
+            token = next(sampled)
+            request.pending -= 1
+            if request.state is not RequestState.FINISHED:
+                self._accept_token(request, token)
         assert next(sampled, None) is None, "the backend returned more tokens than were asked for"
+
+    def _fail_step(self, scheduled: list[tuple[Request, SequenceChunk]], error: Exception) -> None:
+        log.error("forward failed; failing the %d requests of this step", len(scheduled), exc_info=error)
+        for request, chunk in scheduled:
+            # the chunk's KV was never (validly) written: do not cache it
+            request.num_computed = min(request.num_computed, chunk.start_position)
+            request.pending = 0
+            if request.state is not RequestState.FINISHED:
+                self._finish(request, "error", error=f"internal error in the model runner: {error}")
 
     def _drop_cancelled(self) -> None:
         for request in [r for r in self.waiting if r.cancelled]:
@@ -119,8 +152,10 @@ class Scheduler:
                 return
             sibling = request.wait_for
             if sibling is not None and sibling.state is not RequestState.FINISHED \
-                    and not sibling.prefill_done:
+                    and not sibling.output_ids:
                 continue   # an n>1 choice waits for its first sibling to cache the shared prompt
+            if request.pending:
+                continue   # preempted with a draw in flight: admitted once it is taken in
             self.waiting.remove(request)
             ids = request.all_ids
             match = self.cache.match_prefix(ids[:-1])   # at least one token left for logits
@@ -140,35 +175,53 @@ class Scheduler:
             self.running.append(request)
 
     def _build_batch(self) -> tuple[list[SequenceChunk], list[tuple[Request, SequenceChunk]]]:
-        """Decode tokens first (they keep streams flowing), then prefill chunks within the budget."""
+        """Decode tokens first (they keep streams flowing), then prefill chunks within the budget.
+
+        Tokens count as computed once launched (`num_computed`); draws in flight (`pending`) are
+        tokens whose ids the host does not know yet. A request whose draws in flight already reach
+        its max_new_tokens or the context length is not scheduled again.
+        """
         budget = self.prefill_chunk_tokens
-        order = sorted(self.running, key=lambda r: (r.total_len - r.num_computed > 1, r.arrival_s))
+        order = sorted(self.running, key=lambda r: (r.known_len - r.num_computed > 1, r.arrival_s))
         scheduled: list[tuple[Request, SequenceChunk]] = []
         for request in order:
             if request.state is not RequestState.RUNNING:
                 continue   # preempted earlier in this loop
-            remaining = request.total_len - request.num_computed
+            known = request.known_len
+            remaining = known - request.num_computed
+            if remaining <= 0 or (request.pending and (
+                    len(request.output_ids) + request.pending >= request.max_new_tokens
+                    or known >= self.context_length or request.penalized)):
+                continue      # (penalties count every earlier token: they wait for the draw)
             count = remaining if remaining == 1 else min(remaining, budget)
             if count <= 0:
-                continue
+                continue      # the prefill budget is spent
             if not self._ensure_pages(request, request.num_computed + count, scheduled):
                 continue
             if remaining > 1:
                 budget -= count
+            start = request.num_computed
+            if request.pending:    # the one unknown token is the last: its draw is in flight
+                assert count == 1 and start == request.total_len, (request.id, start, count)
+                token_ids = [PENDING_TOKEN]
+            else:
+                token_ids = request.token_slice(start, start + count)
+            samples = start + count == known
             chunk = SequenceChunk(
-                token_ids=request.token_slice(request.num_computed, request.num_computed + count),
-                start_position=request.num_computed,
+                token_ids=token_ids, start_position=start,
                 # by reference: the backend reads it within this step, before anything changes it
                 page_table=request.page_table, seq_slot=request.seq_slot, table_epoch=request.table_epoch,
-                sample=self._sample_spec(request) if request.num_computed + count == request.total_len else None)
+                sample=self._sample_spec(request) if samples else None)
+            request.num_computed = start + count
+            request.pending += samples
             scheduled.append((request, chunk))
         return [chunk for _, chunk in scheduled], scheduled
 
     def _sample_spec(self, request: Request) -> SampleSpec:
         params = request.params
-        penalized = params.presence_penalty or params.frequency_penalty
-        return SampleSpec(params, draw_uniform(request.seed, len(request.output_ids)),
-                          request.output_ids if penalized else ())
+        index = len(request.output_ids) + request.pending       # the draw's token index
+        uniform = 0.0 if params.greedy else draw_uniform(request.seed, index)
+        return SampleSpec(params, uniform, request.output_ids if request.penalized else ())
 
     def _ensure_pages(self, request: Request, num_tokens: int,
                       scheduled: list[tuple[Request, SequenceChunk]]) -> bool:
@@ -210,7 +263,8 @@ class Scheduler:
         self.stats.generated_tokens += 1
         if request.first_token_s is None:
             request.first_token_s = time.monotonic()
-            self._share_prompt(request)
+            if request.state is RequestState.RUNNING:    # (not when preempted meanwhile)
+                self._share_prompt(request)
         text = request.detokenizer.add_token(token)
         logprobs = [] if sampled.logprob is None else [(token, sampled.logprob, sampled.top_logprobs)]
         reason = None
@@ -248,7 +302,9 @@ class Scheduler:
         if request.lock_node is None:
             return
         if self.cache.enabled:
-            full_pages = min(request.num_computed // self.page_size, len(request.page_table))
+            # (launched tokens may include a draw in flight, not yet in all_ids)
+            computed = min(request.num_computed, request.total_len)
+            full_pages = min(computed // self.page_size, len(request.page_table))
             self.cache.insert(request.all_ids[:full_pages * self.page_size], request.page_table[:full_pages])
             self.pool.free(request.page_table[full_pages:])
         else:
@@ -263,8 +319,10 @@ class Scheduler:
     def _finish(self, request: Request, reason: str, *, text: str = "", token_ids=None,
                 logprobs=None, error: str | None = None) -> None:
         self._release(request)
-        if request in self.running:
+        if request.state is RequestState.RUNNING:
             self.running.remove(request)
+        elif request in self.waiting:      # e.g. preempted with a draw in flight that stopped it
+            self.waiting.remove(request)
         request.state = RequestState.FINISHED
         request.finish_reason = reason
         if reason == "cancelled":
