@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from backends.base import PENDING_TOKEN, AttentionStats, BackendInfo, ForwardBatch, ForwardResult, RunnerSettings
-from backends.cuda.attention.base import AttentionShape, choose_attention, create_attention
+from backends.cuda.attention.base import AttentionShape
+from backends.cuda.attention.factory import choose_attention, create_attention
 from backends.cuda.attention.sparse import check_sparse_settings, count_pages, page_counts
 from backends.cuda.graphs import DecodeGraphs
 from backends.cuda.kv_cache import PagedKVCache

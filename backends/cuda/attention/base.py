@@ -7,11 +7,10 @@ what plan kept, so a graph-safe backend (no host syncs in forward) can be captur
 after one plan over static buffers.
 
 Implementations: `torch` (plain ops: the reference), `cpu_fused` (kernels/cpu C++ ops), `triton`
-(kernels/triton, CUDA).
+(kernels/triton, CUDA); attention/factory.py chooses one at start-up.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -54,33 +53,3 @@ class AttentionBackend:
 
     def sparse_layer(self, layer: int) -> bool:
         return self.sparse is not None and layer >= self.sparse.dense_layers
-
-
-def choose_attention(name: str, device: torch.device) -> str:
-    """auto: triton on CUDA, cpu_fused on CPU when the C++ ops build here, else torch."""
-    if name != "auto":
-        if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError("attention backend triton needs a CUDA device (on CPU it runs only under "
-                             "TRITON_INTERPRET=1, as the tests run it)")
-        return name
-    if device.type == "cuda":
-        return "triton"
-    from kernels.cpu import build as cpu_kernels
-    return "cpu_fused" if cpu_kernels.load().available else "torch"
-
-
-def create_attention(name: str, cache: PagedKVCache, shape: AttentionShape, cos: torch.Tensor,
-                     sin_signed: torch.Tensor, sparse: SparseSettings | None) -> AttentionBackend:
-    if name == "torch":
-        from backends.cuda.attention.torch_attention import TorchAttention as cls
-    elif name == "cpu_fused":
-        from backends.cuda.attention.cpu_fused import CpuFusedAttention as cls
-        from kernels.cpu import build as cpu_kernels
-        status = cpu_kernels.load()
-        if not status.available:
-            raise ValueError(f"attention backend cpu_fused: the C++ ops are not available ({status.detail})")
-    elif name == "triton":
-        from backends.cuda.attention.triton_attention import TritonAttention as cls
-    else:
-        raise ValueError(f"unknown attention backend {name!r} (auto, torch, cpu_fused, triton)")
-    return cls(cache, shape, cos, sin_signed, sparse)
