@@ -49,7 +49,7 @@ class CpuFusedLayerOps(TorchLayerOps):
     name = "cpu_fused"
 
     def prepare_norm(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight
+        return weight.detach()      # a plain tensor: not registered again as a module parameter
 
     def rms_norm(self, x, weight):
         return torch.ops.radixgate_cpu.rms_norm(x, weight, self.eps)
@@ -70,7 +70,7 @@ class TritonLayerOps(TorchLayerOps):
         self.kernels = layer_ops
 
     def prepare_norm(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight
+        return weight.detach()
 
     def rms_norm(self, x, weight):
         return self.kernels.rms_norm(x, weight, self.eps)
