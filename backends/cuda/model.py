@@ -132,7 +132,7 @@ class LlamaModel(nn.Module):
             model = cls(config)
         model.load_state_dict(weights, strict=True, assign=True)
         model.inv_freq = rope_inv_freq(config).to(device)
-        model = model.to(device=device).eval()
+        model = model.to(device=device).eval().requires_grad_(False)
         if mode not in ("int8", "int4"):    # these quantise from the float32 weights as loaded
             model = model.to(dtype=dtype)
         model.prepare(mode, ops)
