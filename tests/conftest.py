@@ -1,9 +1,13 @@
-"""Shared fixtures: the embedded model served by a real uvicorn server on 127.0.0.1."""
+"""Shared fixtures: the embedded model served by a real uvicorn server on 127.0.0.1, and the
+Triton interpreter for one test at a time."""
 from __future__ import annotations
 
+import contextlib
+import importlib
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import httpx
@@ -84,3 +88,46 @@ def live_server():
     yield server
     assert server.engine.fatal_error is None, server.engine.fatal_error
     server.stop()
+
+
+# ---- the Triton interpreter, per test ------------------------------------------------------------
+
+# triton.jit decides between a compiled JITFunction and the interpreter's InterpretedFunction when
+# it decorates, i.e. when a module is imported; setting TRITON_INTERPRET at a test module's import
+# would put every kernel of the whole session in interpreter mode (wrong on a GPU machine). So the
+# modules holding jit functions are reloaded under the variable for one test, and again after it.
+# That includes triton's own jit library (tl.sum, tl.max, ... in triton.language.standard): an
+# interpreted kernel cannot call a compiled JITFunction ("Cannot call @triton.jit'd outside of the
+# scope of a kernel"); reloading the triton.language package rebinds tl.sum etc. to the new ones.
+# importlib.reload re-runs a module in its own dict: launchers imported elsewhere look their kernels
+# up in that dict and see the new ones; jit helpers imported across modules (extend's _mma from
+# decode) are refreshed by reloading the importers after what they import.
+TRITON_JIT_MODULES = ("triton.language.standard", "triton.language.random", "triton.language",
+                      "kernels.triton.decode", "kernels.triton.extend", "kernels.triton.summaries",
+                      "kernels.triton.sparse", "kernels.triton.layer_ops", "kernels.triton")
+
+
+def reload_triton_kernels() -> None:
+    for name in TRITON_JIT_MODULES:
+        importlib.reload(importlib.import_module(name))
+
+
+@contextlib.contextmanager
+def triton_interpreter_mode() -> Iterator[None]:
+    """TRITON_INTERPRET=1 and interpreted kernels inside; the environment and the kernels as they
+    were before (compiled jit functions, unless the variable was already set) after."""
+    pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("TRITON_INTERPRET", "1")
+            reload_triton_kernels()
+            yield
+    finally:
+        reload_triton_kernels()          # after the context restored (or removed) the variable
+
+
+@pytest.fixture
+def triton_interpreter():
+    """Run this test's Triton kernels under the CPU interpreter (kernel modules reloaded around it)."""
+    with triton_interpreter_mode():
+        yield

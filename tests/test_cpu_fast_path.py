@@ -19,8 +19,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from backends.base import ForwardBatch, RunnerSettings, SequenceChunk
+from backends.base import ForwardBatch, RunnerSettings, SampleSpec, SequenceChunk
 from backends.cuda.runner import TorchRunner
+from backends.sampling_params import SamplingParams
 from backends.source import resolve_source
 
 PAGE = 16
@@ -29,6 +30,20 @@ GREEDY_GAP = 0.5
 LOGIT_ATOL, LOGIT_MIN_COS = 2.0, 0.994
 BATCH_ATOL = 1.0
 THREADS = 1
+GREEDY = SampleSpec(SamplingParams(temperature=0), 0.5)
+_EPOCHS: dict[tuple[int, ...], int] = {}
+
+
+def chunk(token_ids: list[int], start: int, table: list[int], slot: int = 0) -> SequenceChunk:
+    """A chunk that samples after its last token; its table_epoch names its page table, so a slot
+    that changes tables gets a new epoch (a whole-row upload) and one that keeps it does not."""
+    epoch = _EPOCHS.setdefault(tuple(table), len(_EPOCHS) + 1)
+    return SequenceChunk(token_ids, start, table, seq_slot=slot, table_epoch=epoch, sample=GREEDY)
+
+
+def logits_of(r: TorchRunner, *chunks: SequenceChunk) -> np.ndarray:
+    """The float32 logits of every chunk's last token, in batch order."""
+    return r.forward(ForwardBatch(list(chunks), return_logits=True)).logits
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +63,7 @@ def prompt(source) -> list[int]:
 
 def runner(source, dtype: str) -> TorchRunner:
     return TorchRunner(RunnerSettings(source.kind, source.path, "smollm2", dtype=dtype, page_size=PAGE,
-                                      num_pages=64, threads=THREADS))
+                                      num_pages=64, threads=THREADS, validate_batches=True))
 
 
 @pytest.fixture(scope="module")
@@ -64,17 +79,17 @@ def default(source) -> TorchRunner:
 
 def forced_logits(r: TorchRunner, prompt: list[int], tokens: list[int], table: list[int]) -> np.ndarray:
     """Logits after the prompt and after each of `tokens` fed in turn: [len(tokens) + 1, vocab]."""
-    out = [r.forward(ForwardBatch([SequenceChunk(prompt, 0, table)])).logits[0]]
+    out = [logits_of(r, chunk(prompt, 0, table))[0]]
     for i, tok in enumerate(tokens):
-        out.append(r.forward(ForwardBatch([SequenceChunk([tok], len(prompt) + i, table)])).logits[0])
+        out.append(logits_of(r, chunk([tok], len(prompt) + i, table))[0])
     return np.stack(out)
 
 
 def greedy(r: TorchRunner, prompt: list[int], table: list[int], steps: int) -> list[int]:
-    logits = r.forward(ForwardBatch([SequenceChunk(prompt, 0, table)])).logits[0]
+    logits = logits_of(r, chunk(prompt, 0, table))[0]
     out = [int(logits.argmax())]
     for i in range(steps - 1):
-        logits = r.forward(ForwardBatch([SequenceChunk([out[-1]], len(prompt) + i, table)])).logits[0]
+        logits = logits_of(r, chunk([out[-1]], len(prompt) + i, table))[0]
         out.append(int(logits.argmax()))
     return out
 
@@ -116,29 +131,27 @@ def test_batched_decode_equals_single(default, prompt):
     tables = [list(range(10 * i, 10 * i + 10)) for i in range(4)]
     prompts = [prompt, prompt[:-3], prompt[5:], prompt[:20]]
     alone, batched = {}, {}
-    for i, (p, t) in enumerate(zip(prompts, tables, strict=True)):
-        first = int(default.forward(ForwardBatch([SequenceChunk(p, 0, t)])).logits[0].argmax())
+    for i, (p, t) in enumerate(zip(prompts, tables, strict=True)):      # stream i in seq slot i
+        first = int(logits_of(default, chunk(p, 0, t, i))[0].argmax())
         alone[i] = [first]
         for step in range(6):
-            logits = default.forward(ForwardBatch([SequenceChunk([alone[i][-1]], len(p) + step, t)]))
-            alone[i].append(int(logits.logits[0].argmax()))
+            logits = logits_of(default, chunk([alone[i][-1]], len(p) + step, t, i))
+            alone[i].append(int(logits[0].argmax()))
     single_logits = []
     for i, (p, t) in enumerate(zip(prompts, tables, strict=True)):      # the last step again, alone, for logits
-        single_logits.append(default.forward(ForwardBatch(
-            [SequenceChunk([alone[i][5]], len(p) + 5, t)])).logits[0])
+        single_logits.append(logits_of(default, chunk([alone[i][5]], len(p) + 5, t, i))[0])
     # Now the same streams decoded together (their K/V up to step 5 is already cached identically).
-    batch = [SequenceChunk([alone[i][5]], len(p) + 5, t) for i, (p, t) in enumerate(zip(prompts, tables, strict=True))]
-    got = default.forward(ForwardBatch(batch)).logits
+    batch = [chunk([alone[i][5]], len(p) + 5, t, i) for i, (p, t) in enumerate(zip(prompts, tables, strict=True))]
+    got = logits_of(default, *batch)
     for i in range(4):
         np.testing.assert_allclose(got[i], single_logits[i], atol=BATCH_ATOL)
         assert int(got[i].argmax()) == alone[i][6]
     # And a whole batched greedy run from fresh prefills gives the tokens of the solo runs.
     pos = {i: len(p) for i, p in enumerate(prompts)}
-    out = {i: [int(default.forward(ForwardBatch([SequenceChunk(p, 0, tables[i])])).logits[0].argmax())]
+    out = {i: [int(logits_of(default, chunk(p, 0, tables[i], i))[0].argmax())]
            for i, p in enumerate(prompts)}
     for step in range(6):
-        logits = default.forward(ForwardBatch(
-            [SequenceChunk([out[i][-1]], pos[i] + step, tables[i]) for i in range(4)])).logits
+        logits = logits_of(default, *[chunk([out[i][-1]], pos[i] + step, tables[i], i) for i in range(4)])
         for i in range(4):
             out[i].append(int(logits[i].argmax()))
     batched = out

@@ -14,14 +14,25 @@ import numpy as np
 import pytest
 import torch
 
-from backends.base import ForwardBatch, RunnerSettings, SequenceChunk
+from backends.base import ForwardBatch, RunnerSettings, SampleSpec, SequenceChunk
 from backends.cuda.loader import rope_settings
 from backends.cuda.runner import TorchRunner
+from backends.sampling_params import SamplingParams
 from backends.source import resolve_source
 
 PAGE_SIZE = 16
 GGUF_ATOL, GGUF_MIN_COS, TINY_ATOL = 1e-3, 0.99999, 1e-4
 THREADS = 1          # the 2-core CI box is shared by parallel jobs: one thread wastes no spinning
+GREEDY = SampleSpec(SamplingParams(temperature=0), 0.5)
+_EPOCHS: dict[tuple[int, ...], int] = {}
+
+
+def last_logits(runner: TorchRunner, tokens: list[int], start: int, table: list[int]) -> np.ndarray:
+    """One sequence (seq slot 0) runs `tokens` after `start` cached ones: its last token's logits.
+    The table_epoch names the page table, so a new table is uploaded whole."""
+    epoch = _EPOCHS.setdefault(tuple(table), len(_EPOCHS) + 1)
+    chunk = SequenceChunk(tokens, start, table, seq_slot=0, table_epoch=epoch, sample=GREEDY)
+    return runner.forward(ForwardBatch([chunk], return_logits=True)).logits[0]
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -58,7 +69,7 @@ def hf_smol(smol_path):
 @pytest.fixture(scope="module")
 def smol_runner(smol_path) -> TorchRunner:
     return TorchRunner(RunnerSettings("gguf", smol_path, "smollm2", dtype="float32",
-                                      page_size=PAGE_SIZE, num_pages=64, threads=THREADS))
+                                      page_size=PAGE_SIZE, num_pages=64, threads=THREADS, validate_batches=True))
 
 
 @pytest.fixture(scope="module")
@@ -89,13 +100,11 @@ def test_prefill_and_greedy_decode_match_hf(smol_runner, hf_smol, prompt):
             expected_logits.append(out.logits[0, -1].numpy())
 
     table = shuffled_table(smol_runner.num_pages, len(prompt) + steps, seed=1)
-    logits = smol_runner.forward(ForwardBatch([SequenceChunk(prompt, 0, table)])).logits
-    got_logits, got_tokens = [logits[0]], []
+    got_logits, got_tokens = [last_logits(smol_runner, prompt, 0, table)], []
     for step in range(steps):
         token = int(got_logits[-1].argmax())
         got_tokens.append(token)
-        chunk = SequenceChunk([token], len(prompt) + step, table)
-        got_logits.append(smol_runner.forward(ForwardBatch([chunk])).logits[0])
+        got_logits.append(last_logits(smol_runner, [token], len(prompt) + step, table))
 
     assert got_tokens == expected_tokens
     worst = max(float(np.abs(g - e).max()) for g, e in zip(got_logits, expected_logits, strict=True))
@@ -109,8 +118,7 @@ def test_chunked_prefill_matches_hf(smol_runner, hf_smol, prompt):
     table = shuffled_table(smol_runner.num_pages, len(prompt), seed=2)
     cuts = [0, 11, 29, len(prompt)]               # 11 and 29: chunk ends inside pages
     for start, end in itertools.pairwise(cuts):
-        chunk = SequenceChunk(prompt[start:end], start, table)
-        got = smol_runner.forward(ForwardBatch([chunk])).logits[0]
+        got = last_logits(smol_runner, prompt[start:end], start, table)
         assert np.abs(got - expected[end - 1]).max() < GGUF_ATOL
         assert cosine(got, expected[end - 1]) > GGUF_MIN_COS
 
@@ -153,9 +161,9 @@ def assert_runner_matches(runner: TorchRunner, model) -> None:
     with torch.inference_mode():
         expected = model(ids).logits[0].numpy()
     tokens, table = ids[0].tolist(), shuffled_table(runner.num_pages, 90, seed=3)
-    got = [runner.forward(ForwardBatch([SequenceChunk(tokens[:70], 0, table)])).logits[0]]
+    got = [last_logits(runner, tokens[:70], 0, table)]
     for pos in range(70, 90):
-        got.append(runner.forward(ForwardBatch([SequenceChunk([tokens[pos]], pos, table)])).logits[0])
+        got.append(last_logits(runner, [tokens[pos]], pos, table))
     assert np.abs(np.stack(got) - expected[69:]).max() < TINY_ATOL
 
 
@@ -164,7 +172,7 @@ def test_tiny_hf_folder_matches_transformers(kind, tmp_path):
     model = tiny_model(kind)
     model.save_pretrained(tmp_path, safe_serialization=True)
     runner = TorchRunner(RunnerSettings("hf", str(tmp_path), kind, page_size=PAGE_SIZE, num_pages=16,
-                                        threads=THREADS))
+                                        threads=THREADS, validate_batches=True))
     assert runner.config.attention_bias == (kind == "qwen2")
     assert runner.config.tie_word_embeddings == (kind == "qwen2")
     assert_runner_matches(runner, model)
@@ -222,7 +230,7 @@ def test_tiny_gguf_matches_transformers(kind, tmp_path):
     writer.close()
 
     runner = TorchRunner(RunnerSettings("gguf", str(path), kind, page_size=PAGE_SIZE, num_pages=16,
-                                        threads=THREADS))
+                                        threads=THREADS, validate_batches=True))
     assert runner.config.rope_freq_factors is not None or kind == "qwen2"
     assert_runner_matches(runner, model)
 

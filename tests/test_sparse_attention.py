@@ -14,14 +14,17 @@ import pytest
 import torch
 
 from backends.base import SparseSettings
-from backends.cuda import sparse_attention as sa
-from backends.cuda.attention import (
-    PagedKVCache,
+from backends.cuda.attention import sparse as sa
+from backends.cuda.attention.base import AttentionShape
+from backends.cuda.attention.cpu_fused import fused_decode_attention
+from backends.cuda.attention.torch_attention import (
+    TorchAttention,
+    attend,
     build_metadata,
     decode_attention,
-    paged_attention,
     write_kv_and_summaries,
 )
+from backends.cuda.kv_cache import PagedKVCache
 from gateway.config import ConfigError, parse_config
 from kernels import reference
 
@@ -39,8 +42,9 @@ def random_cache(lengths: list[int], page_size: int, kv_heads: int, head_dim: in
     cache.k.copy_(torch.randn(cache.k.shape, generator=gen))
     cache.v.copy_(torch.randn(cache.v.shape, generator=gen))
     # Give the keys some structure (a per-page offset) so that Quest bounds differ between pages.
-    cache.k += torch.randn(layers, num_pages, 1, kv_heads, head_dim, generator=gen).to(dtype) * 2
-    order = torch.randperm(num_pages - 1, generator=gen) + 1      # page 0 is the padding page
+    cache.k += torch.randn(layers, num_pages + 1, 1, kv_heads, head_dim, generator=gen).to(dtype) * 2
+    # page 0 is the padding page; the last (num_pages, the scratch page) belongs to no sequence
+    order = torch.randperm(num_pages - 1, generator=gen) + 1
     tables, at = [], 0
     for n in lengths:
         used = -(-n // page_size)
@@ -60,6 +64,12 @@ def random_cache(lengths: list[int], page_size: int, kv_heads: int, head_dim: in
 def decode_meta(lengths, tables, page_size, settings):
     return build_metadata([(n - 1, 1, t) for n, t in zip(lengths, tables, strict=True)], page_size,
                           "cpu", settings)
+
+
+def sparse_decode(q, cache, layer, meta, scale, fused=False):
+    """Quest decode with the dense decode of its backend: torch's, or the CPU kernel's when fused."""
+    dense = fused_decode_attention if fused else decode_attention
+    return sa.sparse_decode_attention(q, cache, layer, meta, scale, dense, fused)
 
 
 CASES = [
@@ -88,7 +98,7 @@ def test_matches_reference(page_size, group, kv_heads, budget, sink, recent, len
     q = torch.randn(len(lengths), kv_heads * group, head_dim, generator=torch.Generator().manual_seed(1))
     scale = reference.default_scale(head_dim)
     layer = 1
-    out = sa.sparse_decode_attention(q, cache, layer, meta, scale, fused)
+    out = sparse_decode(q, cache, layer, meta, scale, fused)
     budget_pages, _, _ = reference.sparse_page_counts(page_size, budget, sink, recent)
 
     plan = meta._quest_plan
@@ -182,27 +192,32 @@ def test_block_summaries_bound_tighter_than_one_per_page():
 def test_within_budget_is_exactly_dense():
     lengths, page_size = [10, 64, 33, 1], 16
     cache, tables = random_cache(lengths, page_size, 3, 32, seed=5)
-    assert cache.kmin.shape == (2, cache.num_pages, 4, 3, 32)
+    assert cache.kmin.shape == (2, cache.num_pages + 1, 4, 3, 32)         # + the scratch page
     settings = SparseSettings(True, 64, 1, 16, 16)
     q = torch.randn(len(lengths), 9, 32)
     dense = decode_attention(q, cache, 1, decode_meta(lengths, tables, page_size, None), 0.2)
     meta = decode_meta(lengths, tables, page_size, settings)
-    assert torch.equal(sa.sparse_decode_attention(q, cache, 1, meta, 0.2), dense)
+    assert torch.equal(sparse_decode(q, cache, 1, meta, 0.2), dense)
     assert meta.stats.pages_read == (1 + 4 + 3 + 1) * 3 and meta.stats.pages_skipped == 0
 
 
-def test_dense_layers_and_stats_through_paged_attention():
-    """Layers below dense_layers never count; each eligible layer adds the same plan counts."""
+def test_dense_layers_and_stats_through_the_write_and_attend_path():
+    """Layers below dense_layers never count (the torch backend's sparse_layer says which are
+    sparse); each eligible layer adds the same plan counts."""
     lengths, page_size, kv_heads, d = [100, 40], 16, 2, 32
     cache, tables = random_cache(lengths, page_size, kv_heads, d, seed=9, layers=3)
     settings = SparseSettings(True, 48, 1, 0, 16)           # 3 pages: 1 recent + 2 selected
+    backend = TorchAttention(cache, AttentionShape(kv_heads * 2, kv_heads, d), torch.empty(0), torch.empty(0),
+                             settings)
+    assert [backend.sparse_layer(layer) for layer in range(3)] == [False, True, True]
     meta = build_metadata([(n - 1, 1, t) for n, t in zip(lengths, tables, strict=True)], page_size,
                           "cpu", settings)
     k = torch.randn(2, kv_heads, d)
     v = torch.randn(2, kv_heads, d)
     for layer in range(3):
         q = torch.randn(2, kv_heads * 2, d)
-        out = paged_attention(layer, q, k, v, cache, meta, 0.2)
+        write_kv_and_summaries(cache, layer, k, v, meta)
+        out = attend(layer, q, cache, meta, 0.2, backend.sparse_layer(layer))
         if layer == 0:
             assert (meta.stats.pages_read, meta.stats.pages_skipped) == (0, 0)
         for row, (n, table) in enumerate(zip(lengths, tables, strict=True)):
@@ -225,7 +240,7 @@ def test_bfloat16_cache_close_to_reference():
     cache, tables = random_cache(lengths, page_size, 3, 64, seed=11, dtype=torch.bfloat16)
     settings = SparseSettings(True, 64, 0, 16, 16)
     q = torch.randn(3, 9, 64).to(torch.bfloat16)
-    out = sa.sparse_decode_attention(q, cache, 0, decode_meta(lengths, tables, page_size, settings), 0.125)
+    out = sparse_decode(q, cache, 0, decode_meta(lengths, tables, page_size, settings), 0.125)
     for row, (n, table) in enumerate(zip(lengths, tables, strict=True)):
         expected, _ = reference.sparse_paged_decode(q[row], cache.k[0], cache.v[0], cache.kmin[0],
                                                     cache.kmax[0], torch.tensor(table), n, 0.125, 64, 16, 16)
@@ -239,7 +254,7 @@ def test_reads_only_selected_pages():
     settings = SparseSettings(True, 64, 0, 16, 16)
     q = torch.randn(1, 4, 32)
     meta = decode_meta(lengths, tables, page_size, settings)
-    before = sa.sparse_decode_attention(q, cache, 0, meta, 0.2)
+    before = sparse_decode(q, cache, 0, meta, 0.2)
     plan = meta._quest_plan
     _, chosen = sa.sparse_rows_attention(q, cache.k[0], cache.v[0], cache.kmin[0], cache.kmax[0], plan, 0.2)
     table = torch.tensor(tables[0])
@@ -248,7 +263,7 @@ def test_reads_only_selected_pages():
         skipped[chosen[0, head]] = False
         cache.k[0][table[skipped], :, head] = float("nan")
         cache.v[0][table[skipped], :, head] = float("nan")
-    after = sa.sparse_decode_attention(q, cache, 0, decode_meta(lengths, tables, page_size, settings), 0.2)
+    after = sparse_decode(q, cache, 0, decode_meta(lengths, tables, page_size, settings), 0.2)
     assert torch.equal(before, after)
 
 
@@ -330,7 +345,7 @@ def test_no_summaries_when_sparse_is_off():
         assert torch.equal(cache.k[0].view(-1, 2, 4)[meta.slots], k)
     meta = build_metadata([(5, 1, [1])], 8, "cpu", SparseSettings(True, 16, 0, 0, 1, 4))
     with pytest.raises(AssertionError, match="needs key summaries"):
-        sa.sparse_decode_attention(torch.randn(1, 4, 4), cache, 0, meta, 0.5)
+        sparse_decode(torch.randn(1, 4, 4), cache, 0, meta, 0.5)
 
 
 # ---- settings ----------------------------------------------------------------------------------

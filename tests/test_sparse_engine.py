@@ -9,7 +9,7 @@
    tokens gives: no page carries a summary (or keys) of an earlier owner. The attention stats of
    every forward equal what the page counts say.
 2. The embedded model: greedy decoding at or below the budget is identical to dense (logits too);
-   above it pages are skipped as counted.
+   above it pages are skipped as counted. Sparse decode is a start-up setting: one runner each.
 3. A live server with sparse_attention enabled answers the openai SDK; /health and /metrics show
    the pages read and skipped, exactly as the token counts predict.
 """
@@ -26,14 +26,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backends.base import ForwardBatch, RunnerSettings, SequenceChunk, SparseSettings
+from backends.base import ForwardBatch, RunnerSettings, SampleSpec, SequenceChunk, SparseSettings
+from backends.cuda.attention.sparse import page_counts
 from backends.cuda.runner import TorchRunner
-from backends.cuda.sparse_attention import page_counts
+from backends.sampling_params import SamplingParams
 from backends.source import resolve_source
 from gateway.engine.page_pool import PagePool
 from gateway.engine.radix_cache import RadixCache
 from gateway.engine.request import Request
-from gateway.engine.sampling import SamplingParams
 from gateway.engine.scheduler import Scheduler
 from kernels import reference
 from tests.conftest import MODEL, model_config, start_server
@@ -42,6 +42,8 @@ PAGE = 4
 VOCAB = 96
 TINY_SPARSE = SparseSettings(enabled=True, token_budget=16, dense_layers=1, sink_tokens=4, recent_tokens=4,
                              summary_tokens=2)
+GREEDY = SampleSpec(SamplingParams(temperature=0), 0.5)
+EPOCHS = itertools.count(1)       # the oracle's table_epoch: a new one for every fresh prefill
 
 
 # ---- 1. property test on a tiny model --------------------------------------------------------
@@ -62,8 +64,15 @@ def tiny_folder(tmp_path_factory) -> str:
 def tiny_runners(tiny_folder):
     def make(sparse: SparseSettings) -> TorchRunner:
         return TorchRunner(RunnerSettings("hf", tiny_folder, "tiny", page_size=PAGE, num_pages=24, threads=1,
-                                          sparse=sparse))
+                                          sparse=sparse, validate_batches=True))
     return make(TINY_SPARSE), make(SparseSettings())
+
+
+def forget_slots(runner: TorchRunner) -> None:
+    """A new Scheduler numbers its table epochs from 1 again: make the runner's page-table store
+    (shared by the tests of this module) forget the rows an earlier scheduler left behind."""
+    for slot in range(runner.max_sequences):
+        runner.tables.forget(slot)
 
 
 class StubDetokenizer:
@@ -77,15 +86,28 @@ class StubDetokenizer:
 
 
 class CountingRunner:
-    """Checks each forward's attention stats against the page counts of its decode rows."""
+    """The runner as the scheduler's backend: checks each step's attention stats against the page
+    counts of its decode rows, and keeps whatever a step raised (a stats mismatch included: the
+    scheduler turns it into an error finish and carries on, so the tests assert `errors` is empty)."""
 
     def __init__(self, runner: TorchRunner):
         self.runner = runner
         self.page_size, self.num_pages, self.info = runner.page_size, runner.num_pages, runner.info
+        self.max_sequences, self.overlap = runner.max_sequences, runner.overlap
         self.skipped = 0
+        self.errors: list[BaseException] = []
+
+    def launch(self, batch: ForwardBatch) -> CountedStep:
+        try:
+            return CountedStep(self, batch, self.runner.launch(batch))
+        except BaseException as error:
+            self.errors.append(error)
+            raise
 
     def forward(self, batch: ForwardBatch):
-        result = self.runner.forward(batch)
+        return self.launch(batch).result()
+
+    def count(self, batch: ForwardBatch, result) -> None:
         sparse, kv_heads = self.runner.settings.sparse, self.runner.config.num_kv_heads
         budget, _, _ = page_counts(sparse, PAGE)
         layers = self.runner.config.num_layers - sparse.dense_layers
@@ -97,6 +119,21 @@ class CountingRunner:
                 skipped += max(0, pages - budget) * kv_heads * layers
         assert (result.attention.pages_read, result.attention.pages_skipped) == (read, skipped)
         self.skipped += skipped
+
+
+@dataclasses.dataclass
+class CountedStep:
+    counter: CountingRunner
+    batch: ForwardBatch
+    pending: object
+
+    def result(self):
+        try:
+            result = self.pending.result()
+            self.counter.count(self.batch, result)
+        except BaseException as error:
+            self.counter.errors.append(error)
+            raise
         return result
 
 
@@ -118,7 +155,7 @@ def check_pages(runner: TorchRunner, oracle: TorchRunner,
             assert torch.equal(cache.kmax[layer][used], kmax[used])
         # Layers up to dense_layers only see dense attention: a fresh prefill reproduces them.
         table = list(range(len(used)))
-        oracle.forward(ForwardBatch([SequenceChunk(tokens, 0, table, want_logits=False)]))
+        oracle.forward(ForwardBatch([SequenceChunk(tokens, 0, table, seq_slot=0, table_epoch=next(EPOCHS))]))
         for layer in range(TINY_SPARSE.dense_layers + 1):
             got = cache.k[layer][used].flatten(0, 1)[:n]
             want = oracle.cache.k[layer][:len(used)].flatten(0, 1)[:n]
@@ -152,6 +189,7 @@ def make_request(rid: str, prompt: list[int], max_new: int) -> Request:
 @given(specs=st.lists(request_spec, min_size=3, max_size=7))
 def test_summaries_exact_under_reuse_eviction_and_recycling(tiny_runners, specs):
     runner, oracle = tiny_runners
+    forget_slots(runner)
     counting = CountingRunner(runner)
     pool = PagePool(runner.num_pages)
     cache = RadixCache(pool, PAGE)
@@ -172,14 +210,15 @@ def test_summaries_exact_under_reuse_eviction_and_recycling(tiny_runners, specs)
             break
         scheduler.step()
         check_pages(runner, oracle, [(r.all_ids[:r.num_computed], r.page_table) for r in scheduler.running])
-    assert not scheduler.has_work
+    assert not scheduler.has_work and not counting.errors, counting.errors
     check_pages(runner, oracle, tree_sequences(cache))
 
 
 def test_property_run_covers_sparse_decode_and_recycling(tiny_runners):
     """A fixed run of the property test that must evict, preempt and decode sparsely."""
     runner, oracle = tiny_runners
-    assert runner.cache.kmin.shape == (3, runner.num_pages, PAGE // 2, 2, 8) and oracle.cache.kmin is None
+    assert runner.cache.kmin.shape == (3, runner.num_pages + 1, PAGE // 2, 2, 8) and oracle.cache.kmin is None
+    forget_slots(runner)
     counting = CountingRunner(runner)
     pool = PagePool(runner.num_pages)
     cache = RadixCache(pool, PAGE)
@@ -192,6 +231,7 @@ def test_property_run_covers_sparse_decode_and_recycling(tiny_runners):
         scheduler.step()
         check_pages(runner, oracle, [(r.all_ids[:r.num_computed], r.page_table) for r in scheduler.running])
     check_pages(runner, oracle, tree_sequences(cache))
+    assert not counting.errors, counting.errors
     assert counting.skipped > 0 and cache.evictions > 0 and scheduler.stats.preemptions > 0
     assert scheduler.stats.cached_prompt_tokens > 0
 
@@ -200,11 +240,17 @@ def test_property_run_covers_sparse_decode_and_recycling(tiny_runners):
 
 @pytest.fixture(scope="module")
 def smollm():
-    """Built with sparse attention on, so that its cache keeps summaries; greedy() then swaps the
-    settings between dense and sparse (the summaries are written either way)."""
+    """A runner per sparse setting (sparse decode is chosen at start-up; a sparse one keeps
+    summaries), made on first use, and the tokenizer."""
     source = resolve_source("packaged:smollm2-135m-instruct")
-    runner = TorchRunner(RunnerSettings(source.kind, source.path, MODEL, page_size=16, num_pages=64,
-                                        context_length=1024, threads=1, sparse=SparseSettings(True, 256)))
+    runners: dict[SparseSettings, TorchRunner] = {}
+
+    def runner(sparse: SparseSettings) -> TorchRunner:
+        if sparse not in runners:
+            runners[sparse] = TorchRunner(RunnerSettings(source.kind, source.path, MODEL, page_size=16,
+                                                         num_pages=64, context_length=1024, threads=1,
+                                                         sparse=sparse, validate_batches=True))
+        return runners[sparse]
     from gateway.templating import load_tokenizer
     return runner, load_tokenizer(source)
 
@@ -215,28 +261,35 @@ PASSAGE = ("The lighthouse keeper climbed the spiral stairs every evening at dus
            "pride in never letting the light fail, not even during the worst winter storms. ")
 
 
-def greedy(runner: TorchRunner, prompt: list[int], steps: int, sparse: SparseSettings):
-    runner.settings = dataclasses.replace(runner.settings, sparse=sparse)
+def greedy(runner: TorchRunner, prompt: list[int], steps: int):
     table = list(range(1, 1 + -(-(len(prompt) + steps) // runner.page_size)))
-    result = runner.forward(ForwardBatch([SequenceChunk(prompt, 0, table)]))
+    epoch = next(EPOCHS)
+
+    def step(token_ids: list[int], start: int):
+        chunk = SequenceChunk(token_ids, start, table, seq_slot=0, table_epoch=epoch, sample=GREEDY)
+        return runner.forward(ForwardBatch([chunk], return_logits=True))
+
+    result = step(prompt, 0)
     assert result.attention.pages_read == result.attention.pages_skipped == 0     # prefill is dense
-    logits, stats, tokens = [result.logits[0]], [], [int(result.logits[0].argmax())]
+    logits, stats, tokens = [result.logits[0]], [], [result.tokens[0].token_id]
     for i in range(steps - 1):
-        result = runner.forward(ForwardBatch([SequenceChunk([tokens[-1]], len(prompt) + i, table)]))
+        result = step([tokens[-1]], len(prompt) + i)
         logits.append(result.logits[0])
         stats.append((result.attention.pages_read, result.attention.pages_skipped))
-        tokens.append(int(result.logits[0].argmax()))
+        tokens.append(result.tokens[0].token_id)
+    assert tokens == [int(row.argmax()) for row in logits]                         # greedy
     return tokens, np.stack(logits), stats
 
 
 def test_real_model_greedy_identical_to_dense_within_budget(smollm):
-    runner, tokenizer = smollm
+    make, tokenizer = smollm
     prompt = tokenizer.encode(PASSAGE + "Where did the keeper record the weather?")
     steps = 12
     sparse = SparseSettings(True, 256, 2, 16, 32)
     assert len(prompt) + steps <= 256
-    dense_tokens, dense_logits, _ = greedy(runner, prompt, steps, SparseSettings())
-    tokens, logits, stats = greedy(runner, prompt, steps, sparse)
+    dense_tokens, dense_logits, _ = greedy(make(SparseSettings()), prompt, steps)
+    runner = make(sparse)
+    tokens, logits, stats = greedy(runner, prompt, steps)
     assert tokens == dense_tokens
     assert np.array_equal(logits, dense_logits)
     kv_heads, layers = runner.config.num_kv_heads, runner.config.num_layers - 2
@@ -245,11 +298,12 @@ def test_real_model_greedy_identical_to_dense_within_budget(smollm):
 
 
 def test_real_model_above_budget_skips_pages(smollm):
-    runner, tokenizer = smollm
+    make, tokenizer = smollm
     prompt = tokenizer.encode(PASSAGE * 2 + "Where did the keeper record the weather?")
     sparse = SparseSettings(True, 64, 2, 16, 16)                 # 4 pages: sink, recent, 2 chosen
-    tokens, logits, stats = greedy(runner, prompt, 8, sparse)
-    dense_tokens, dense_logits, _ = greedy(runner, prompt, 8, SparseSettings())
+    runner = make(sparse)
+    tokens, logits, stats = greedy(runner, prompt, 8)
+    dense_tokens, dense_logits, _ = greedy(make(SparseSettings()), prompt, 8)
     assert np.array_equal(logits[0], dense_logits[0])            # the first token comes from prefill
     kv_heads, layers = runner.config.num_kv_heads, runner.config.num_layers - 2
     for i, (read, skipped) in enumerate(stats):

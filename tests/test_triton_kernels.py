@@ -4,14 +4,12 @@ Fresh random inputs (torch.randn) at small shapes: ragged lengths, partial last 
 summary blocks, GQA 1/4/8, head_dim 64/128, page sizes 8..64, 1 to 16 summaries per page, sparse
 lengths below and above the budget. Unused pages, page table padding, unwritten slots and the
 summaries of unwritten blocks hold NaN, and outputs are NaN-filled before each launch, so a stray
-read or an unwritten output shows up as NaN.
+read or an unwritten output shows up as NaN. Every test runs under the interpreter through the
+triton_interpreter fixture (tests/conftest.py): the kernel modules are reloaded with
+TRITON_INTERPRET=1 for that test only, never for the whole session.
 """
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported, anywhere
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")
 
@@ -25,6 +23,8 @@ from kernels.triton import (  # noqa: E402
     update_page_summaries,
     write_kv_and_summaries,
 )
+
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 F16, BF16 = torch.float16, torch.bfloat16
 # ||out - ref|| / ||ref|| bounds (reference in fp32); docs/kernels.md lists what was measured.

@@ -194,7 +194,8 @@ class TorchRunner:
         if self.settings.validate_batches:
             self._validate(batch)
         if not chunks:
-            return StepResult(None, None, AttentionStats(), None)
+            empty = torch.zeros(0, self.config.vocab_size) if batch.return_logits else None
+            return StepResult(None, None, AttentionStats(), empty)
         self.tables.sync(chunks, self.page_size)
         if self.settings.validate_batches:
             self.tables.check(chunks, self.page_size)
