@@ -17,7 +17,7 @@ import torch
 
 from backends.base import SequenceChunk
 from backends.cuda.attention.base import AttentionBackend
-from backends.cuda.layout import StepLayout, graph_batch
+from backends.cuda.layout import StepLayout, graph_batch, table_width, table_widths
 from backends.cuda.page_tables import PageTableStore
 
 log = logging.getLogger("radixgate.graphs")
@@ -43,32 +43,34 @@ class DecodeGraphs:
         self.model, self.attention, self.store, self.next_tokens = model, attention, store, next_tokens
         self.page_size, self.device = page_size, device
         self.scratch_slot = scratch_page * page_size
-        self.steps: dict[int, CapturedStep] = {}
+        self.steps: dict[tuple[int, int], CapturedStep] = {}
         self.sizes = bucket_sizes(max_batch)
+        self.widths = table_widths(store.max_pages)
         pool = torch.cuda.graph_pool_handle()
         began = time.monotonic()
-        for bs in reversed(self.sizes):           # largest first: the smaller ones reuse its pool
-            self.steps[bs] = self._capture(bs, pool)
-        log.info("CUDA graphs: %d decode buckets up to batch %d captured in %.1f s",
-                 len(self.sizes), max_batch, time.monotonic() - began)
+        for width in reversed(self.widths):       # largest first: the smaller ones reuse its pool
+            for bs in reversed(self.sizes):
+                self.steps[bs, width] = self._capture(bs, width, pool)
+        log.info("CUDA graphs: %d decode batch sizes up to %d x %d page-table widths up to %d pages "
+                 "captured in %.1f s", len(self.sizes), max_batch, len(self.widths), store.max_pages,
+                 time.monotonic() - began)
 
-    def _capture(self, bs: int, pool) -> CapturedStep:
+    def _capture(self, bs: int, width: int, pool) -> CapturedStep:
         longs = torch.zeros(4, bs, dtype=torch.long, device=self.device)
         ints = torch.zeros(2, bs, dtype=torch.int32, device=self.device)
         longs[2] = self.scratch_slot
         longs[3] = self.store.padding_row
         ints[1] = 1
         cu = torch.arange(bs + 1, dtype=torch.int32, device=self.device)
-        full_width = self.store.max_pages * self.page_size
 
         def step() -> torch.Tensor:
             # a PENDING_TOKEN id is the slot's last draw, still on the device
             ids = torch.where(longs[0] < 0, self.next_tokens.index_select(0, longs[3]), longs[0])
             layout = StepLayout(
                 num_tokens=bs, num_decode=bs, token_ids=ids, positions=longs[1], slots=longs[2],
-                tables=self.store.table.index_select(0, longs[3]), starts=ints[0], seq_lens=ints[1],
+                tables=self.store.table[:, :width].index_select(0, longs[3]), starts=ints[0], seq_lens=ints[1],
                 cu_seqlens=cu, extend_cu=cu[:1], logits_rows=None, sample_slots=longs[3], host_chunks=[(0, 1, [])] * bs,
-                max_new_tokens=0, max_seq_len=full_width)
+                max_new_tokens=0, max_seq_len=width * self.page_size)
             self.attention.plan(layout)
             return self.model(layout.token_ids, self.attention, None)
 
@@ -98,7 +100,8 @@ class DecodeGraphs:
         seq slots [n] on the device)."""
         assert next_tokens is self.next_tokens
         n = len(chunks)
-        step = self.steps[self.bucket(n)]
+        pages = -(-max(c.start_position + 1 for c in chunks) // self.page_size)
+        step = self.steps[self.bucket(n), table_width(pages, self.store.max_pages)]
         page_size = self.page_size
         # fresh pinned staging each step: with overlap the last step's copies may still be queued
         # (the caching host allocator keeps a block until the copy that read it is done)

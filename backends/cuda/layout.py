@@ -23,7 +23,7 @@ class StepLayout:
     token_ids: torch.Tensor         # long [T]
     positions: torch.Tensor         # long [T]
     slots: torch.Tensor             # long [T] flat KV slot (page * page_size + offset) of each new token
-    tables: torch.Tensor            # int32 [B, max_pages] page tables (past a sequence's pages: junk)
+    tables: torch.Tensor            # int32 [B, table_width] page tables (past a sequence's pages: junk)
     starts: torch.Tensor            # int32 [B] tokens cached before this step
     seq_lens: torch.Tensor          # int32 [B] tokens after this step
     cu_seqlens: torch.Tensor        # int32 [B + 1] row offsets of each sequence's new tokens
@@ -46,6 +46,29 @@ def graph_batch(batch: int) -> int:
     if batch <= 4:
         return 1 << (batch - 1).bit_length()
     return -(-batch // 8) * 8
+
+
+SMALLEST_WIDTH_PAGES = 256
+
+
+def table_width(pages: int, max_pages: int) -> int:
+    """The page-table width a step runs at: the smallest of 256, 1024, 4096, ... pages (capped at
+    max_pages) that holds its longest sequence. Kernels whose work follows the width (split-K
+    splits, Quest scoring and selection) then do not pay for the model's whole context on short
+    sequences; graphs are captured per (bucket, width) and eager steps use the same widths."""
+    width = SMALLEST_WIDTH_PAGES
+    while width < pages and width < max_pages:
+        width *= 4
+    return min(width, max_pages)
+
+
+def table_widths(max_pages: int) -> list[int]:
+    """Every width table_width can return."""
+    widths, width = [], SMALLEST_WIDTH_PAGES
+    while width < max_pages:
+        widths.append(width)
+        width *= 4
+    return widths + [max_pages]
 
 
 def _upload(values: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -92,7 +115,7 @@ def build_layout(chunks: list[SequenceChunk], store: PageTableStore, page_size: 
         ids = torch.where(ids == PENDING_TOKEN, next_tokens.index_select(0, longs[ids_at + total:]), ids)
     return StepLayout(
         num_tokens=total, num_decode=num_decode, positions=longs[:total], slots=longs[total:2 * total],
-        tables=store.table.index_select(0, seq_rows),   # full width, as in the graphs
+        tables=store.table[:, :table_width(-(-max(ends) // page_size), store.max_pages)].index_select(0, seq_rows),
         starts=ints[:batch], seq_lens=ints[batch:2 * batch], cu_seqlens=ints[2 * batch:3 * batch + 1],
         extend_cu=ints[3 * batch + 1:], logits_rows=longs[2 * total + batch:2 * total + batch + n],
         sample_slots=longs[2 * total + batch + n:ids_at], token_ids=ids,
