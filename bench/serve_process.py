@@ -46,7 +46,8 @@ def radixgate_server(model: dict, timeout_s: float = 300):
         log = open(Path(folder) / "server.log", "w")
         process = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(config),
                                     "--log-level", "warning"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+                                   env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                       [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])})
         try:
             wait_until_ready(process, f"http://127.0.0.1:{port}/health", Path(folder) / "server.log", timeout_s)
             yield f"http://127.0.0.1:{port}/v1"
