@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 import socket
 import threading
 import time
@@ -76,8 +77,12 @@ def start_server(config_data: dict) -> LiveServer:
     raise RuntimeError("server did not start")
 
 
+# The HTTP tests' backend: cpu here and in CI; RADIXGATE_TEST_BACKEND=cuda runs the same tests on a GPU.
+TEST_BACKEND = os.environ.get("RADIXGATE_TEST_BACKEND", "cpu")
+
+
 def model_config(**overrides) -> dict:
-    cfg = {"name": MODEL, "backend": "cpu", "source": "packaged:smollm2-135m-instruct"}
+    cfg = {"name": MODEL, "backend": TEST_BACKEND, "source": "packaged:smollm2-135m-instruct"}
     cfg.update(overrides)
     return {"models": [cfg]}
 

@@ -17,13 +17,9 @@ from backends.base import SparseSettings
 from backends.cuda.attention import sparse as sa
 from backends.cuda.attention.base import AttentionShape
 from backends.cuda.attention.cpu_fused import fused_decode_attention
-from backends.cuda.attention.torch_attention import (
-    TorchAttention,
-    attend,
-    build_metadata,
-    decode_attention,
-    write_kv_and_summaries,
-)
+from backends.cuda.attention.summaries import write_kv_and_summaries
+from backends.cuda.attention.torch_attention import TorchAttention, attend, decode_attention
+from backends.cuda.attention.torch_metadata import build_metadata
 from backends.cuda.kv_cache import PagedKVCache
 from gateway.config import ConfigError, parse_config
 from kernels import reference

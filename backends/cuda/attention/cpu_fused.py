@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from backends.cuda.attention.torch_attention import (
-    AttentionMetadata,
-    TorchAttention,
-    attend,
-    update_summaries,
-)
+from backends.cuda.attention.summaries import update_summaries
+from backends.cuda.attention.torch_attention import TorchAttention, attend
+from backends.cuda.attention.torch_metadata import AttentionMetadata
 from backends.cuda.kv_cache import PagedKVCache
 
 

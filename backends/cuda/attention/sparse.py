@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from backends.base import SparseSettings
 
 if TYPE_CHECKING:
-    from backends.cuda.attention.torch_attention import AttentionMetadata
+    from backends.cuda.attention.torch_metadata import AttentionMetadata
     from backends.cuda.kv_cache import PagedKVCache
 
 PLAN_ATTRIBUTE = "_quest_plan"

@@ -1,194 +1,22 @@
 """The plain attention backend: torch ops only, the reference the others are tested against.
 
 Layout and semantics are those of kernels/reference.py; this module only batches the work: the
-metadata (slots, touched pages, decode page tables) is built once per step and reused by every
-layer. Prefill/extend chunks attend one sequence at a time (SDPA); single-token decodes are
-batched (a gather by flat slot, then one SDPA). Quest sparse decode: attention/sparse.py.
+metadata (attention/torch_metadata.py) is built once per step and reused by every layer.
+Prefill/extend chunks attend one sequence at a time (SDPA); single-token decodes are batched (a
+gather by flat slot, then one SDPA). Summaries: attention/summaries.py; Quest sparse decode:
+attention/sparse.py.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from backends.base import AttentionStats, SparseSettings
 from backends.cuda.attention import sparse as quest
 from backends.cuda.attention.base import AttentionBackend
+from backends.cuda.attention.summaries import write_kv_and_summaries
+from backends.cuda.attention.torch_metadata import AttentionMetadata, PrefillSeq, build_metadata
 from backends.cuda.kv_cache import PagedKVCache
 from backends.cuda.layout import StepLayout
-
-
-@dataclass
-class PrefillSeq:
-    """One sequence attending more than one new token (prefill or extend)."""
-
-    offset: int                 # first row of its tokens in the flattened batch
-    start: int                  # tokens already cached before this chunk
-    length: int                 # new tokens
-    page_table: torch.Tensor    # long, pages covering [0, start + length)
-
-
-@dataclass
-class AttentionMetadata:
-    """Everything the layers need about the batch layout, built once per forward."""
-
-    slots: torch.Tensor                  # [T] flat slot (page * page_size + offset) of each new token
-    slot_list: list[int]                 # the same on the host (summary indices derive from it)
-    summary_pages: torch.Tensor          # [S] pages touched by this batch
-    summary_filled: torch.Tensor         # [S] written slots of each touched page after the batch
-    prefill: list[PrefillSeq]
-    decode_rows: torch.Tensor            # [B] rows of single-token sequences in the flattened batch
-    decode_pages: torch.Tensor           # [B, P] their page tables, padded with page 0
-    decode_mask: torch.Tensor            # [B, 1, 1, P * page_size] True where the key is attended
-    decode_lengths: torch.Tensor         # [B] sequence length including the new token
-    sparse: SparseSettings | None = None
-    stats: AttentionStats = field(default_factory=AttentionStats)
-    # Fast-path extras (the fields above keep their meaning for sparse_attention.py):
-    decode_only: bool = False            # every chunk is one new token, each on a page of its own
-    decode_max_length: int = 0           # max(decode_lengths), known on the host
-    decode_slot_index: torch.Tensor | None = None   # flat key slots of the decodes, built lazily
-    summary_plan: SummaryPlan | None = None         # how this batch updates summaries, built lazily
-
-
-def build_metadata(chunks: list[tuple[int, int, list[int]]], page_size: int,
-                   device: torch.device | str, sparse: SparseSettings | None = None
-                   ) -> AttentionMetadata:
-    """chunks: (start_position, new_tokens, page_table) per sequence, in batch order."""
-    slots, pages, filled, prefill = [], [], [], []
-    decode_rows, decode_tables, decode_lengths = [], [], []
-    offset = 0
-    for start, length, table in chunks:
-        end = start + length
-        for pos in range(start, end):
-            slots.append(table[pos // page_size] * page_size + pos % page_size)
-        for logical in range(start // page_size, -(-end // page_size)):
-            pages.append(table[logical])
-            filled.append(min(page_size, end - logical * page_size))
-        used = table[:-(-end // page_size)]
-        if length == 1:
-            decode_rows.append(offset)
-            decode_tables.append(used)
-            decode_lengths.append(end)
-        else:
-            prefill.append(PrefillSeq(offset, start, length,
-                                      torch.tensor(used, dtype=torch.long, device=device)))
-        offset += length
-    width = max((len(t) for t in decode_tables), default=0)
-    padded = [t + [0] * (width - len(t)) for t in decode_tables]
-    lengths = torch.tensor(decode_lengths, dtype=torch.long)
-    mask = torch.arange(width * page_size).unsqueeze(0) < lengths.unsqueeze(1)
-
-    def as_long(values):
-        return torch.tensor(values, dtype=torch.long, device=device)
-
-    # All single-token chunks on distinct pages: summaries update in place (min/max with the new key).
-    decode_only = not prefill and len(set(pages)) == len(pages)
-    return AttentionMetadata(
-        slots=as_long(slots), slot_list=slots, summary_pages=as_long(pages),
-        summary_filled=as_long(filled), prefill=prefill, decode_rows=as_long(decode_rows),
-        decode_pages=torch.tensor(padded, dtype=torch.long, device=device).view(len(padded), width),
-        decode_mask=mask.view(len(padded), 1, 1, width * page_size).to(device),
-        decode_lengths=lengths.to(device), sparse=sparse, decode_only=decode_only,
-        decode_max_length=max(decode_lengths, default=0))
-
-
-@dataclass
-class SummaryPlan:
-    """How one forward updates the key summaries, the same for every layer (built once).
-
-    Decode-only batches fold each new key into its block's summary in place: `blocks` [T] are the
-    flat block rows (page * blocks_per_page + slot // summary_tokens, i.e. slot // summary_tokens),
-    `opens_block` [T, 1, 1] says the key is the block's first, and `opened_pages` lists the pages a
-    key opens at slot 0, whose blocks are all zeroed first (a recycled page keeps nothing of its
-    previous owner). Other batches recompute every block of every touched page from the cache:
-    `unwritten` [S, blocks, summary_tokens, 1, 1] marks slots at or past `summary_filled`, and
-    `empty` [S, blocks, 1, 1] blocks with no written slot (their summary is 0).
-    """
-
-    summary_tokens: int
-    blocks: torch.Tensor | None = None
-    opens_block: torch.Tensor | None = None
-    opened_pages: torch.Tensor | None = None
-    unwritten: torch.Tensor | None = None
-    empty: torch.Tensor | None = None
-
-
-def make_summary_plan(meta: AttentionMetadata, page_size: int, summary_tokens: int) -> SummaryPlan:
-    device = meta.slots.device
-    plan = SummaryPlan(summary_tokens)
-    if meta.decode_only:
-        slots = meta.slot_list
-        plan.blocks = torch.tensor([s // summary_tokens for s in slots], dtype=torch.long, device=device)
-        plan.opens_block = torch.tensor([s % summary_tokens == 0 for s in slots], dtype=torch.bool,
-                                        device=device).view(-1, 1, 1)
-        opened = [s // page_size for s in slots if s % page_size == 0]
-        if opened:                              # known on the host: no op at all on most steps
-            plan.opened_pages = torch.tensor(opened, dtype=torch.long, device=device)
-        return plan
-    blocks = page_size // summary_tokens
-    slot = torch.arange(page_size, device=device)
-    unwritten = slot.unsqueeze(0) >= meta.summary_filled.unsqueeze(1)                # [S, page]
-    plan.unwritten = unwritten.view(-1, blocks, summary_tokens, 1, 1)
-    plan.empty = plan.unwritten.all(dim=2)
-    return plan
-
-
-def write_kv_and_summaries(cache: PagedKVCache, layer: int, k: torch.Tensor, v: torch.Tensor,
-                           meta: AttentionMetadata) -> None:
-    """Store new k, v: [T, kv_heads, d] and, when the cache keeps summaries, bring every block
-    summary of every touched page to its exact value (reference.update_page_summaries).
-
-    A page is always written from slot 0 first, and its blocks are all rewritten then (zeros for
-    those not yet written), so no summary keeps values of an earlier owner of the page.
-    """
-    k_slots, v_slots = cache.k_slots[layer], cache.v_slots[layer]
-    k = k.to(k_slots.dtype)
-    k_slots.index_copy_(0, meta.slots, k)
-    v_slots.index_copy_(0, meta.slots, v.to(v_slots.dtype))
-    update_summaries(cache, layer, k, meta)
-
-
-def update_summaries(cache: PagedKVCache, layer: int, k: torch.Tensor, meta: AttentionMetadata) -> None:
-    """Bring the block summaries of every page this batch touched up to date, once its new keys
-    k: [T, kv_heads, d] (in the cache's dtype) are in the cache. Nothing when there are none."""
-    if cache.kmin is None:                  # sparse attention off: nobody reads summaries
-        return
-    plan = meta.summary_plan
-    if plan is None:
-        plan = meta.summary_plan = make_summary_plan(meta, cache.page_size, cache.summary_tokens)
-    assert plan.summary_tokens == cache.summary_tokens, "metadata was planned for another cache"
-    if meta.decode_only:
-        _fold_new_keys(cache.kmin[layer], cache.kmax[layer], k, plan)
-    else:
-        _recompute_touched_pages(cache, layer, meta, plan)
-
-
-def _fold_new_keys(kmin: torch.Tensor, kmax: torch.Tensor, k: torch.Tensor, plan: SummaryPlan) -> None:
-    """One new key per page (so per block): the block's summary over its written slots is the old
-    one (exact over the slots before the new key) folded with the key, or the key alone when it
-    opens the block. kmin, kmax: one layer's [pages, blocks, kv_heads, d]."""
-    if plan.opened_pages is not None:
-        kmin.index_fill_(0, plan.opened_pages, 0)
-        kmax.index_fill_(0, plan.opened_pages, 0)
-    flat_min, flat_max = kmin.view(-1, *kmin.shape[2:]), kmax.view(-1, *kmax.shape[2:])
-    rows, first = plan.blocks, plan.opens_block
-    flat_min.index_copy_(0, rows, torch.where(first, k, torch.minimum(flat_min.index_select(0, rows), k)))
-    flat_max.index_copy_(0, rows, torch.where(first, k, torch.maximum(flat_max.index_select(0, rows), k)))
-
-
-def _recompute_touched_pages(cache: PagedKVCache, layer: int, meta: AttentionMetadata,
-                             plan: SummaryPlan) -> None:
-    """Every block of every touched page from the keys in the cache: min/max over the written
-    slots [0, filled) of the page, 0 for a block with none."""
-    pages = meta.summary_pages
-    blocks = cache.kmin.shape[2]
-    keys = cache.k[layer][pages]                                                 # [S, page, kvh, d]
-    keys = keys.view(len(pages), blocks, cache.summary_tokens, *keys.shape[2:])  # [S, blocks, sub, kvh, d]
-    lo = keys.masked_fill(plan.unwritten, float("inf")).amin(dim=2).masked_fill(plan.empty, 0)
-    hi = keys.masked_fill(plan.unwritten, float("-inf")).amax(dim=2).masked_fill(plan.empty, 0)
-    cache.kmin[layer][pages] = lo
-    cache.kmax[layer][pages] = hi
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
