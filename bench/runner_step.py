@@ -35,12 +35,16 @@ def main() -> None:
     parser.add_argument("--batches", default="1,16,64")
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--blas", default="default", help="torch.backends.cuda.preferred_blas_library")
+    parser.add_argument("--graphs", default="1,0", help="with CUDA graphs (1), without (0)")
     args = parser.parse_args()
+    if args.blas != "default":
+        torch.backends.cuda.preferred_blas_library(args.blas)
     device = torch.device("cuda")
     bw = copy_bandwidth(device)
-    print(f"copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
+    print(f"copy bandwidth {bw / 1e9:.0f} GB/s, BLAS {torch.backends.cuda.preferred_blas_library()}", flush=True)
     rows = []
-    for graphs in (True, False):
+    for graphs in [flag == "1" for flag in args.graphs.split(",")]:
         runner = TorchRunner(RunnerSettings("random", args.model, args.model, dtype="bfloat16", device="cuda",
                                             cuda_graphs=graphs, num_pages=8192, max_sequences=64,
                                             context_length=4096))
