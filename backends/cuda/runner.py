@@ -89,11 +89,7 @@ class TorchRunner:
         self.device = device = torch.device(settings.device)
         if device.type == "cpu":
             torch.set_num_threads(settings.threads or default_threads())
-        else:
-            # cuBLASLt's kernels for the decode GEMMs beat cuBLAS's on an H200 (runner step alone,
-            # Llama-3-8B shapes, graphs: batch 1 4.94 -> 4.85 ms, batch 64 6.44 -> 6.10 ms;
-            # bench/runner_step.py --blas). The engine process is ours: a process-wide choice.
-            torch.backends.cuda.preferred_blas_library("cublaslt")
+
         config, weights = _load(settings, device)
         self.config = config
         self.mode = pick_dtype(settings.dtype, device, config.hidden_size)
