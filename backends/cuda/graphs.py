@@ -1,4 +1,4 @@
-"""Decode steps captured in CUDA graphs, one per batch-size bucket, over static buffers.
+"""Decode steps captured in CUDA graphs, one per (batch-size bucket, page-table width), over static buffers.
 
 A decode step of a large model is hundreds of small launches; replaying a captured graph issues
 them in one call. Each bucket owns its inputs as two packed buffers (int64: token ids, positions,
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 import torch
 
@@ -32,68 +31,100 @@ def bucket_sizes(max_batch: int) -> list[int]:
     return sorted({graph_batch(b) for b in range(1, max_batch + 1)})
 
 
-@dataclass
-class CapturedStep:
-    graph: torch.cuda.CUDAGraph
-    longs: torch.Tensor       # int64 [4, bs]: token ids, positions, slots, page-table rows
-    ints: torch.Tensor        # int32 [2, bs]: starts, seq_lens
-    logits: torch.Tensor      # float32 [bs, vocab], written by the graph
+class StaticDecodeStep:
+    """One (batch bucket, table width)'s decode step over static inputs: what a graph captures.
+
+    Inputs are two packed buffers (int64 [4, bs]: token ids, positions, KV slots, page-table rows;
+    int32 [2, bs]: starts, lengths), refilled by fill() each step. Rows past the batch are padding:
+    they read and write only the scratch page (through the store's padding row). forward() is
+    plain torch + Triton launches with no host sync, so it runs eagerly too (tests on the CPU)."""
+
+    def __init__(self, model, attention: AttentionBackend, store: PageTableStore, next_tokens: torch.Tensor,
+                 page_size: int, scratch_page: int, bs: int, width: int, device: torch.device):
+        self.model, self.attention, self.store, self.next_tokens = model, attention, store, next_tokens
+        self.page_size, self.bs, self.width = page_size, bs, width
+        self.scratch_slot = scratch_page * page_size
+        self.longs = torch.zeros(4, bs, dtype=torch.long, device=device)
+        self.ints = torch.zeros(2, bs, dtype=torch.int32, device=device)
+        self.cu = torch.arange(bs + 1, dtype=torch.int32, device=device)
+        self.logits: torch.Tensor | None = None
+
+    def forward(self) -> torch.Tensor:
+        """The step over the current inputs -> logits float32 [bs, vocab]."""
+        longs, ints, cu = self.longs, self.ints, self.cu
+        # a PENDING_TOKEN id is the slot's last draw, still on the device
+        ids = torch.where(longs[0] < 0, self.next_tokens.index_select(0, longs[3]), longs[0])
+        layout = StepLayout(
+            num_tokens=self.bs, num_decode=self.bs, token_ids=ids, positions=longs[1], slots=longs[2],
+            tables=self.store.table[:, :self.width].index_select(0, longs[3]), starts=ints[0],
+            seq_lens=ints[1], cu_seqlens=cu, extend_cu=cu[:1], logits_rows=None, sample_slots=longs[3],
+            host_chunks=[(0, 1, [])] * self.bs, max_new_tokens=0, max_seq_len=self.width * self.page_size)
+        self.attention.plan(layout)
+        return self.model(layout.token_ids, self.attention, None)
+
+    def fill(self, chunks: list[SequenceChunk]) -> None:
+        """Copy these decode chunks (at most bs) into the inputs, the rest as padding rows."""
+        n, page_size = len(chunks), self.page_size
+        assert 0 < n <= self.bs
+        pinned = self.longs.is_cuda
+        # fresh pinned staging each step: with overlap the last step's copies may still be queued
+        # (the caching host allocator keeps a block until the copy that read it is done)
+        host_longs = torch.empty(self.longs.shape, dtype=torch.long, pin_memory=pinned)
+        host_ints = torch.empty(self.ints.shape, dtype=torch.int32, pin_memory=pinned)
+        longs, ints = host_longs.numpy(), host_ints.numpy()
+        longs[:, n:] = ((0,), (0,), (self.scratch_slot,), (self.store.padding_row,))
+        ints[:, n:] = ((0,), (1,))
+        for i, chunk in enumerate(chunks):
+            position = chunk.start_position
+            longs[0, i] = chunk.token_ids[0]
+            longs[1, i] = position
+            longs[2, i] = chunk.page_table[position // page_size] * page_size + position % page_size
+            longs[3, i] = chunk.seq_slot
+            ints[0, i] = position
+            ints[1, i] = position + 1
+        self.longs.copy_(host_longs, non_blocking=pinned)
+        self.ints.copy_(host_ints, non_blocking=pinned)
 
 
 class DecodeGraphs:
+    """A CUDA graph of the StaticDecodeStep of every (batch bucket, table width)."""
+
     def __init__(self, model, attention: AttentionBackend, store: PageTableStore, next_tokens: torch.Tensor,
                  page_size: int, scratch_page: int, max_batch: int, device: torch.device):
         assert attention.graph_safe, f"the {attention.name} attention backend cannot be captured"
-        self.model, self.attention, self.store, self.next_tokens = model, attention, store, next_tokens
-        self.page_size, self.device = page_size, device
-        self.scratch_slot = scratch_page * page_size
-        self.steps: dict[tuple[int, int], CapturedStep] = {}
+        self.store, self.next_tokens, self.page_size, self.device = store, next_tokens, page_size, device
         self.sizes = bucket_sizes(max_batch)
         self.widths = table_widths(store.max_pages)
+        self.steps: dict[tuple[int, int], StaticDecodeStep] = {}
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         pool = torch.cuda.graph_pool_handle()
         began = time.monotonic()
         for width in reversed(self.widths):       # largest first: the smaller ones reuse its pool
             for bs in reversed(self.sizes):
-                self.steps[bs, width] = self._capture(bs, width, pool)
+                step = StaticDecodeStep(model, attention, store, next_tokens, page_size, scratch_page, bs,
+                                        width, device)
+                self.steps[bs, width], self.graphs[bs, width] = step, self._capture(step, pool)
         log.info("CUDA graphs: %d decode batch sizes up to %d x %d page-table widths up to %d pages "
                  "captured in %.1f s", len(self.sizes), max_batch, len(self.widths), store.max_pages,
                  time.monotonic() - began)
 
-    def _capture(self, bs: int, width: int, pool) -> CapturedStep:
-        longs = torch.zeros(4, bs, dtype=torch.long, device=self.device)
-        ints = torch.zeros(2, bs, dtype=torch.int32, device=self.device)
-        longs[2] = self.scratch_slot
-        longs[3] = self.store.padding_row
-        ints[1] = 1
-        cu = torch.arange(bs + 1, dtype=torch.int32, device=self.device)
-
-        def step() -> torch.Tensor:
-            # a PENDING_TOKEN id is the slot's last draw, still on the device
-            ids = torch.where(longs[0] < 0, self.next_tokens.index_select(0, longs[3]), longs[0])
-            layout = StepLayout(
-                num_tokens=bs, num_decode=bs, token_ids=ids, positions=longs[1], slots=longs[2],
-                tables=self.store.table[:, :width].index_select(0, longs[3]), starts=ints[0], seq_lens=ints[1],
-                cu_seqlens=cu, extend_cu=cu[:1], logits_rows=None, sample_slots=longs[3], host_chunks=[(0, 1, [])] * bs,
-                max_new_tokens=0, max_seq_len=width * self.page_size)
-            self.attention.plan(layout)
-            return self.model(layout.token_ids, self.attention, None)
-
+    def _capture(self, step: StaticDecodeStep, pool) -> torch.cuda.CUDAGraph:
         blas = torch.backends.cuda.preferred_blas_library()
-        if bs >= CUBLASLT_FROM_BATCH:      # the choice is baked into the captured kernels
+        if step.bs >= CUBLASLT_FROM_BATCH:      # the choice is baked into the captured kernels
             torch.backends.cuda.preferred_blas_library("cublaslt")
         try:
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):       # warm-up (Triton compiles, BLAS picks) off the capture
                 for _ in range(2):
-                    step()
+                    step.forward()
             torch.cuda.current_stream(self.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                logits = step()
+                step.logits = step.forward()
         finally:
             torch.backends.cuda.preferred_blas_library(blas)
-        return CapturedStep(graph, longs, ints, logits)
+        return graph
 
     def bucket(self, batch: int) -> int | None:
         for size in self.sizes:
@@ -106,29 +137,13 @@ class DecodeGraphs:
                 and all(len(c.token_ids) == 1 and c.sample is not None for c in chunks))
 
     def run(self, chunks: list[SequenceChunk], next_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Replay the bucket's graph for these decode chunks -> (logits float32 [n, vocab], their
-        seq slots [n] on the device)."""
+        """Replay the graph of these decode chunks' bucket and width -> (logits float32 [n, vocab],
+        their seq slots [n] on the device)."""
         assert next_tokens is self.next_tokens
         n = len(chunks)
         pages = -(-max(c.start_position + 1 for c in chunks) // self.page_size)
-        step = self.steps[self.bucket(n), table_width(pages, self.store.max_pages)]
-        page_size = self.page_size
-        # fresh pinned staging each step: with overlap the last step's copies may still be queued
-        # (the caching host allocator keeps a block until the copy that read it is done)
-        host_longs = torch.empty(step.longs.shape, dtype=torch.long, pin_memory=True)
-        host_ints = torch.empty(step.ints.shape, dtype=torch.int32, pin_memory=True)
-        longs, ints = host_longs.numpy(), host_ints.numpy()
-        longs[:, n:] = ((0,), (0,), (self.scratch_slot,), (self.store.padding_row,))
-        ints[:, n:] = ((0,), (1,))
-        for i, chunk in enumerate(chunks):
-            position = chunk.start_position
-            longs[0, i] = chunk.token_ids[0]
-            longs[1, i] = position
-            longs[2, i] = chunk.page_table[position // page_size] * page_size + position % page_size
-            longs[3, i] = chunk.seq_slot
-            ints[0, i] = position
-            ints[1, i] = position + 1
-        step.longs.copy_(host_longs, non_blocking=True)
-        step.ints.copy_(host_ints, non_blocking=True)
-        step.graph.replay()
+        key = self.bucket(n), table_width(pages, self.store.max_pages)
+        step = self.steps[key]
+        step.fill(chunks)
+        self.graphs[key].replay()
         return step.logits[:n], step.longs[3, :n]
