@@ -360,3 +360,41 @@ def test_empty_batch(folder):
     result = runner.forward(ForwardBatch([], return_logits=True))
     assert result.tokens == []
     assert result.logits.shape == (0, VOCAB)
+
+
+def test_overlapped_scheduler_gives_the_same_outputs():
+    """The real runner under the scheduler with overlap (decodes send PENDING_TOKEN, read on the
+    device from next_tokens) gives every request what the step-by-step schedule gives it."""
+    from gateway.detokenizer import IncrementalDetokenizer
+    from gateway.engine.page_pool import PagePool
+    from gateway.engine.radix_cache import RadixCache
+    from gateway.engine.request import Request
+    from gateway.engine.scheduler import Scheduler
+
+    class Tok:
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(f"<{i}>" for i in ids)
+
+    def serve(overlap: bool):
+        runner = TorchRunner(RunnerSettings("random", "tiny", "tiny", dtype="float32", attention="torch",
+                                            num_pages=200, max_sequences=4, validate_batches=True))
+        runner.overlap = overlap
+        pool = PagePool(runner.num_pages)
+        scheduler = Scheduler(runner, pool, RadixCache(pool, runner.page_size), max_running=4,
+                              prefill_chunk_tokens=64, context_length=4096)
+        assert scheduler.overlap is overlap
+        rng = np.random.default_rng(0)
+        requests = []
+        for i in range(6):
+            params = (SamplingParams(temperature=0) if i % 2 else
+                      SamplingParams(temperature=0.9, top_p=0.9, seed=i))
+            request = Request(f"r{i}", 0, rng.integers(0, 256, 20 + 17 * i).tolist(), params, 12,
+                              frozenset({5}), IncrementalDetokenizer(Tok(), ["<7>"]), lambda event: None)
+            scheduler.add(request)
+            requests.append(request)
+        while scheduler.has_work:
+            scheduler.step()
+            scheduler.check_accounting()
+        return [(r.output_ids, r.finish_reason) for r in requests]
+
+    assert serve(True) == serve(False)
