@@ -46,19 +46,19 @@ class StaticDecodeStep:
         self.scratch_slot = scratch_page * page_size
         self.longs = torch.zeros(4, bs, dtype=torch.long, device=device)
         self.ints = torch.zeros(2, bs, dtype=torch.int32, device=device)
-        self.cu = torch.arange(bs + 1, dtype=torch.int32, device=device)
+        self.no_extends = torch.zeros(1, dtype=torch.int32, device=device)   # extend_cu of no extend
         self.logits: torch.Tensor | None = None
 
     def forward(self) -> torch.Tensor:
         """The step over the current inputs -> logits float32 [bs, vocab]."""
-        longs, ints, cu = self.longs, self.ints, self.cu
+        longs, ints = self.longs, self.ints
         # a PENDING_TOKEN id is the slot's last draw, still on the device
         ids = torch.where(longs[0] < 0, self.next_tokens.index_select(0, longs[3]), longs[0])
         layout = StepLayout(
             num_tokens=self.bs, num_decode=self.bs, token_ids=ids, positions=longs[1], slots=longs[2],
             tables=self.store.table[:, :self.width].index_select(0, longs[3]), starts=ints[0],
-            seq_lens=ints[1], cu_seqlens=cu, extend_cu=cu[:1], logits_rows=None, sample_slots=longs[3],
-            host_chunks=[(0, 1, [])] * self.bs, max_new_tokens=0, max_seq_len=self.width * self.page_size)
+            seq_lens=ints[1], extend_cu=self.no_extends, logits_rows=None, sample_slots=longs[3],
+            host_chunks=[(0, 1, [])] * self.bs, max_new_tokens=0)
         self.attention.plan(layout)
         return self.model(layout.token_ids, self.attention, None)
 

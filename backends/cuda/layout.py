@@ -26,17 +26,11 @@ class StepLayout:
     tables: torch.Tensor            # int32 [B, table_width] page tables (past a sequence's pages: junk)
     starts: torch.Tensor            # int32 [B] tokens cached before this step
     seq_lens: torch.Tensor          # int32 [B] tokens after this step
-    cu_seqlens: torch.Tensor        # int32 [B + 1] row offsets of each sequence's new tokens
     extend_cu: torch.Tensor         # int32 [E + 1] row offsets of the extends, counted from num_decode
     logits_rows: torch.Tensor       # long [N] rows whose next token is sampled
     sample_slots: torch.Tensor      # long [N] the seq slots of those rows
     host_chunks: list[tuple[int, int, list[int]]]   # (start, new tokens, page table) per sequence
     max_new_tokens: int             # longest extend chunk (0 when none)
-    max_seq_len: int
-
-    @property
-    def decode_only(self) -> bool:
-        return self.num_decode == len(self.host_chunks)
 
 
 def graph_batch(batch: int) -> int:
@@ -105,19 +99,21 @@ def build_layout(chunks: list[SequenceChunk], store: PageTableStore, page_size: 
                                     sample_slots, token_ids, np.repeat(seq_slots, lengths)]).astype(np.int64),
                     device)
     extend_cu = cu[num_decode:] - num_decode
-    ints = _upload(np.concatenate([starts, ends, cu, extend_cu]).astype(np.int32), device)
+    ints = _upload(np.concatenate([starts, ends, extend_cu]).astype(np.int32), device)
     batch = len(chunks)
-    seq_rows = longs[2 * total:2 * total + batch]
-    n = len(logits_rows)
-    ids_at = 2 * total + batch + 2 * n
+    # the int64 pack: positions, slots [T] | seq slots [B] | logits rows, sample slots [N] | ids, their slots [T]
+    rows_at = 2 * total + batch
+    sampled = len(logits_rows)
+    ids_at = rows_at + 2 * sampled
+    seq_rows = longs[2 * total:rows_at]
     ids = longs[ids_at:ids_at + total]
     if (token_ids == PENDING_TOKEN).any():
         ids = torch.where(ids == PENDING_TOKEN, next_tokens.index_select(0, longs[ids_at + total:]), ids)
+    width = table_width(-(-max(ends) // page_size), store.max_pages)
     return StepLayout(
-        num_tokens=total, num_decode=num_decode, positions=longs[:total], slots=longs[total:2 * total],
-        tables=store.table[:, :table_width(-(-max(ends) // page_size), store.max_pages)].index_select(0, seq_rows),
-        starts=ints[:batch], seq_lens=ints[batch:2 * batch], cu_seqlens=ints[2 * batch:3 * batch + 1],
-        extend_cu=ints[3 * batch + 1:], logits_rows=longs[2 * total + batch:2 * total + batch + n],
-        sample_slots=longs[2 * total + batch + n:ids_at], token_ids=ids,
-        host_chunks=[(s, n, c.page_table) for s, n, c in zip(starts, lengths, chunks, strict=True)],
-        max_new_tokens=max(lengths[num_decode:], default=0), max_seq_len=max(ends))
+        num_tokens=total, num_decode=num_decode, token_ids=ids, positions=longs[:total],
+        slots=longs[total:2 * total], tables=store.table[:, :width].index_select(0, seq_rows),
+        starts=ints[:batch], seq_lens=ints[batch:2 * batch], extend_cu=ints[2 * batch:],
+        logits_rows=longs[rows_at:rows_at + sampled], sample_slots=longs[rows_at + sampled:ids_at],
+        host_chunks=[(start, count, c.page_table) for start, count, c in zip(starts, lengths, chunks, strict=True)],
+        max_new_tokens=max(lengths[num_decode:], default=0))
