@@ -52,6 +52,22 @@ class SchedulerConfig(Strict):
     max_waiting_requests: int = Field(256, ge=0, description="beyond it new requests get 429")
     prefill_chunk_tokens: int = Field(512, ge=16, description="prompt tokens per step (chunked prefill)")
     radix_cache: bool = Field(True, description="false turns prefix reuse off (for comparison)")
+    policy: Literal["fcfs", "fair"] = Field(
+        "fcfs", description="fcfs: arrival order; fair: short prompts are not queued behind long ones, "
+        "priority and cached prefixes order the queue within an age bound (gateway/engine/admission.py); "
+        "opt-in until it meets its bounds at full load (docs/benchmarks.md)")
+    long_prefill_tokens: int | None = Field(
+        None, ge=1, description="fair: a prompt with more uncached tokens left is long; long prompts take at "
+        "most this many tokens of a step that also prefills a short one; null: half of prefill_chunk_tokens")
+    max_wait_steps: int = Field(64, ge=0, description="fair: the age bound; a request queued this many steps "
+                                "goes ahead of every later arrival")
+
+    @model_validator(mode="after")
+    def _short_prompts_keep_a_share(self) -> SchedulerConfig:
+        if self.long_prefill_tokens is not None and self.long_prefill_tokens >= self.prefill_chunk_tokens:
+            raise ValueError(f"long_prefill_tokens {self.long_prefill_tokens} must be below prefill_chunk_tokens "
+                             f"{self.prefill_chunk_tokens} (short prompts get the rest of each step)")
+        return self
 
 
 class ModelConfig(Strict):

@@ -54,7 +54,7 @@ def submit(model: LocalModel, prompts: list[list[int]], body: SamplingFields, ma
                for prompt in prompts for i in range(body.n)]
     try:
         return model.engine.submit(choices, max_new_tokens=max_new_tokens, stop=body.stop_list(),
-                                   ignore_eos=body.ignore_eos)
+                                   ignore_eos=body.ignore_eos, priority=body.priority or 0)
     except QueueFull as error:
         raise APIError(429, f"The server is busy: {error}.", type="rate_limit_error",
                        code="rate_limit_exceeded", headers={"Retry-After": "1"}) from None

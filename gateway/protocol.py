@@ -65,6 +65,8 @@ class SamplingFields(_Lenient):
     logit_bias: dict[str, float] | None = None
     seed: int | None = None
     ignore_eos: bool = False
+    # extension (as vLLM's): lower is served first under scheduler.policy fair, within its age bound
+    priority: int | None = Field(None, ge=-(2**31), le=2**31 - 1)
 
     @field_validator("stop")
     @classmethod

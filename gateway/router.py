@@ -63,7 +63,8 @@ def load_local_model(cfg: ModelConfig, check_invariants: bool = False) -> LocalM
         settings=EngineSettings(
             max_running_requests=sched.max_running_requests, max_waiting_requests=sched.max_waiting_requests,
             prefill_chunk_tokens=sched.prefill_chunk_tokens, radix_cache=sched.radix_cache,
-            check_invariants=check_invariants),
+            policy=sched.policy, long_prefill_tokens=sched.long_prefill_tokens,
+            max_wait_steps=sched.max_wait_steps, check_invariants=check_invariants),
         log_level=logging.getLogger("radixgate").getEffectiveLevel()))
     engine.start()
     info = engine.info

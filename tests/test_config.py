@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import ConfigError, SparseAttentionConfig, load_config, parse_config
+from gateway.config import ConfigError, SchedulerConfig, SparseAttentionConfig, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -17,6 +17,7 @@ def test_repository_config_is_valid():
     assert config.models[0].name == "smollm2-135m-instruct"
     assert config.models[0].kv_cache.page_size == 16
     assert config.models[0].sparse_attention == SparseAttentionConfig()     # config.yaml shows the defaults
+    assert config.models[0].scheduler == SchedulerConfig()
 
 
 @pytest.mark.parametrize("data, key, words", [
@@ -35,6 +36,11 @@ def test_repository_config_is_valid():
     ({"models": [{"name": "m", "colour": "blue"}]}, "models.0.colour", "Extra inputs"),
     ({"models": [{"name": "a"}, {"name": "a"}]}, "(top level)", "unique"),
     ({"models": [{"name": "g", "backend": "litellm"}]}, "models.0", "litellm_params"),
+    ({"models": [{"name": "m", "scheduler": {"policy": "lpm"}}]}, "models.0.scheduler.policy", "fair"),
+    ({"models": [{"name": "m", "scheduler": {"prefill_chunk_tokens": 256, "long_prefill_tokens": 256}}]},
+     "models.0.scheduler", "long_prefill_tokens 256 must be below prefill_chunk_tokens 256"),
+    ({"models": [{"name": "m", "scheduler": {"max_wait_steps": -1}}]}, "models.0.scheduler.max_wait_steps",
+     "greater than or equal"),
 ])
 def test_bad_values_name_the_key(data, key, words):
     with pytest.raises(ConfigError) as raised:

@@ -59,6 +59,8 @@ def test_malformed_json_400(http):
     ({"logit_bias": {"99999999": 1}}, "logit_bias"),
     ({"stop": [""]}, "stop"),
     ({"model": ""}, "model"),
+    ({"priority": "urgent"}, "priority"),
+    ({"priority": 2**40}, "priority"),
 ])
 def test_invalid_fields_400(http, change, param):
     body = {**GOOD, **change}

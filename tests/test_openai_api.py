@@ -154,3 +154,16 @@ def test_cached_tokens_on_repeat(client, live_server):
     second = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=4)
     assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 16
     assert first.choices[0].message.content == second.choices[0].message.content
+
+
+def test_priority_extension(client, live_server):
+    """`priority` (lower first) is accepted on both endpoints; the default policy is fcfs."""
+    plain = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=8)
+    urgent = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=8,
+                                            extra_body={"priority": -10})
+    assert urgent.choices[0].message.content == plain.choices[0].message.content
+    text = client.completions.create(model=MODEL, prompt="Once upon", max_tokens=3, extra_body={"priority": 3})
+    assert text.usage.completion_tokens == 3
+    with pytest.raises(openai.BadRequestError, match="priority"):
+        client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=2, extra_body={"priority": "high"})
+    assert live_server.engine.call_sync("snapshot")["scheduler_policy"] == "fcfs"

@@ -19,6 +19,7 @@ from backends.base import ForwardBatch, SampleSpec, SequenceChunk
 from backends.fake import FakeBackend
 from backends.sampling_params import SamplingParams, draw_uniform
 from gateway.detokenizer import IncrementalDetokenizer
+from gateway.engine.admission import make_policy
 from gateway.engine.page_pool import PagePool
 from gateway.engine.radix_cache import RadixCache
 from gateway.engine.request import Request, RequestState, TokenEvent
@@ -73,13 +74,17 @@ def tokens(seed: int, n: int) -> list[int]:
 class Run:
     """A Scheduler over a RecordingFake, stepped by hand, every invariant checked after each step."""
 
-    def __init__(self, *, page_size=4, num_pages=512, max_running=8, chunk=64, context=512, radix=True):
+    def __init__(self, *, page_size=4, num_pages=512, max_running=8, chunk=64, context=512, radix=True,
+                 policy="fcfs", long_prefill_tokens=None, max_wait_steps=64):
         self.backend = RecordingFake(VOCAB, page_size, num_pages, max_sequences=max_running,
                                      context_length=context, overlap=OVERLAP[0])
         self.pool = PagePool(num_pages)
         self.cache = RadixCache(self.pool, page_size, enabled=radix)
         self.sched = Scheduler(self.backend, self.pool, self.cache, max_running=max_running,
-                               prefill_chunk_tokens=chunk, context_length=context)
+                               prefill_chunk_tokens=chunk, context_length=context,
+                               policy=make_policy(policy, self.cache, prefill_chunk_tokens=chunk,
+                                                  long_prefill_tokens=long_prefill_tokens,
+                                                  max_wait_steps=max_wait_steps))
         self.events: dict[int, list[tuple[int, TokenEvent]]] = {}
         self.slots_seen: set[int] = set()
         self.steps = 0
@@ -98,12 +103,12 @@ class Run:
         assert len(set(owned)) == len(owned) and all(self.pool.is_allocated(p) for p in owned)
 
     def request(self, prompt, *, max_new=8, params=GREEDY, stop_ids=(), stop=None, index=0, wait_for=None,
-                rid=None) -> Request:
+                rid=None, priority=0) -> Request:
         arrival = next(_arrival)
         request = Request(id=rid or f"r{arrival}", index=index, prompt_ids=list(prompt), params=params,
                           max_new_tokens=max_new, stop_token_ids=frozenset(stop_ids),
                           detokenizer=IncrementalDetokenizer(Tok(), stop), emit=None, wait_for=wait_for,
-                          arrival_s=float(arrival))
+                          arrival_s=float(arrival), priority=priority)
         log = self.events.setdefault(id(request), [])
         request.emit = lambda event: log.append((self.steps, event))
         return request

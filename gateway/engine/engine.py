@@ -147,11 +147,11 @@ class Engine:
                 raise EngineUnavailable(self.fatal_error or "the engine process is not running") from error
 
     def submit(self, choices: list[tuple[list[int], SamplingParams]], *, max_new_tokens: int,
-               stop: list[str], ignore_eos: bool = False) -> RequestHandle:
+               stop: list[str], ignore_eos: bool = False, priority: int = 0) -> RequestHandle:
         """Queue one request per (prompt ids, sampling params) choice; returns their event stream.
 
         Choices with the same prompt wait for the first of them to cache it, so n>1 computes the
-        prompt once.
+        prompt once. `priority`: lower is admitted first (within the fair policy's age bound).
         """
         if not self.alive:
             raise EngineUnavailable(self.fatal_error or "the engine process is not running")
@@ -167,7 +167,7 @@ class Engine:
             first_same = next((s.id for s in specs if s.prompt_ids == prompt_ids), None)
             specs.append(RequestSpec(id=handle.request_ids[index], index=index, prompt_ids=list(prompt_ids),
                                      params=params, max_new_tokens=max_new_tokens, stop=list(stop),
-                                     ignore_eos=ignore_eos, wait_for=first_same))
+                                     ignore_eos=ignore_eos, wait_for=first_same, priority=priority))
         with self._state_lock:
             for index, request_id in enumerate(handle.request_ids):
                 self._open[request_id] = (handle, index)

@@ -83,6 +83,27 @@ class RadixCache:
             node = child
         return MatchResult(pages, pos, node)
 
+    def cached_prefix_len(self, token_ids: list[int]) -> int:
+        """match_prefix(token_ids).num_tokens, read-only (no split, no access time): the scheduler
+        measures waiting requests with it, and a look must not reorder the LRU or the tree."""
+        if not self.enabled:
+            return 0
+        ps = self.page_size
+        tokens = tuple(token_ids[: len(token_ids) // ps * ps])
+        node, pos = self.root, 0
+        while pos < len(tokens):
+            child = node.children.get(tokens[pos:pos + ps])
+            if child is None:
+                break
+            key = child.key
+            if tokens[pos:pos + len(key)] != key:       # the match ends inside child: count its pages
+                end = ps
+                while end < len(key) and tokens[pos + end:pos + end + ps] == key[end:end + ps]:
+                    end += ps
+                return pos + end
+            node, pos = child, pos + len(key)
+        return pos
+
     def insert(self, token_ids: list[int], pages: list[int]) -> int:
         """Hand token_ids' full pages to the cache; returns how many leading tokens were cached.
 

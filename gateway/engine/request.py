@@ -45,6 +45,7 @@ class Request:
     emit: Callable[[TokenEvent], None]           # thread-safe hand-off to the HTTP side
     wait_for: Request | None = None              # an n>1 sibling whose prompt we share
     arrival_s: float = field(default_factory=time.monotonic)
+    priority: int = 0                            # lower first (the fair policy; fcfs ignores it)
 
     state: RequestState = RequestState.WAITING
     output_ids: list[int] = field(default_factory=list)
@@ -61,6 +62,9 @@ class Request:
     seed: int = 0                    # the draws' seed (Scheduler.add resolves it)
     seq_slot: int = -1               # row of the backend's page-table store while admitted
     table_epoch: int = 0             # new whenever page_table is rewritten, not appended to
+    arrival_step: int = 0            # the scheduler step it was queued in (requests age in steps)
+    cached_estimate: int = 0         # cached prefix tokens when last measured while waiting (fair)
+    measured_step: int = -1          # the step of that measurement; -1: never
 
     @property
     def all_ids(self) -> list[int]:

@@ -3,7 +3,8 @@
 Runs in the engine process (gateway/engine/worker.py) only; nothing here is shared with the HTTP
 side except through the requests' `emit` callbacks. Every step builds one ForwardBatch holding one
 decode token for every running request that has finished its prompt plus prefill chunks within
-`prefill_chunk_tokens`.
+`prefill_chunk_tokens`. Which waiting requests are admitted first, and how the prefill tokens of a
+step are shared, is the policy's (gateway/engine/admission.py); the mechanics are here.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 
 from backends.base import PENDING_TOKEN, Backend, ForwardBatch, SampleSpec, SequenceChunk
 from backends.sampling_params import SampledToken, draw_uniform
+from gateway.engine.admission import FcfsPolicy, Policy
 from gateway.engine.page_pool import PagePool
 from gateway.engine.radix_cache import RadixCache
 from gateway.engine.request import Request, RequestState, TokenEvent
@@ -41,7 +43,8 @@ class Scheduler:
     """Owns the waiting queue, the running batch, the page pool and the radix cache."""
 
     def __init__(self, backend: Backend, pool: PagePool, cache: RadixCache, *,
-                 max_running: int, prefill_chunk_tokens: int, context_length: int):
+                 max_running: int, prefill_chunk_tokens: int, context_length: int,
+                 policy: Policy | None = None):
         self.backend = backend
         self.pool = pool
         self.cache = cache
@@ -52,6 +55,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.stats = SchedulerStats()
+        self.policy = policy if policy is not None else FcfsPolicy()   # the engine passes the configured one
+        self.step_index = 0          # steps begun: requests age in steps (the fair policy's bound)
         # A running request holds one row of the backend's page-table store (its seq slot); the
         # epoch tells the backend when a table was rewritten rather than appended to.
         assert max_running <= backend.max_sequences, (
@@ -74,6 +79,7 @@ class Scheduler:
                              f"(size {self.backend.info.vocab_size})")
         seed = request.params.seed if request.params.seed is not None else secrets.randbits(63)
         request.seed = (seed + request.index * 0x9E3779B97F4A7C15) % (1 << 64)
+        request.arrival_step = self.step_index
         self.waiting.append(request)
 
     def cancel(self, request_id: str) -> None:
@@ -89,6 +95,7 @@ class Scheduler:
     def step(self) -> None:
         """Drop cancelled work, admit, launch one forward pass; then take in the sampled tokens of
         the step before (overlap) or of this one."""
+        self.step_index += 1
         self._drop_cancelled()
         self._admit()
         chunks, scheduled = self._build_batch()
@@ -146,8 +153,11 @@ class Scheduler:
             self._finish(request, "cancelled")
 
     def _admit(self) -> None:
-        """Move waiting requests into the running batch, each starting from its cached prefix."""
-        for request in list(self.waiting):
+        """Move waiting requests into the running batch, in the policy's order, each starting from
+        its cached prefix."""
+        if len(self.running) >= self.max_running or not self.waiting:
+            return
+        for request in self.policy.admission_order(self.waiting, self.running, self.step_index):
             if len(self.running) >= self.max_running:
                 return
             sibling = request.wait_for
@@ -181,10 +191,9 @@ class Scheduler:
         tokens whose ids the host does not know yet. A request whose draws in flight already reach
         its max_new_tokens or the context length is not scheduled again.
         """
-        budget = self.prefill_chunk_tokens
-        order = sorted(self.running, key=lambda r: (r.known_len - r.num_computed > 1, r.arrival_s))
+        budget = self.policy.step_budget(self.running, self.prefill_chunk_tokens, self.step_index)
         scheduled: list[tuple[Request, SequenceChunk]] = []
-        for request in order:
+        for request in budget.order:
             if request.state is not RequestState.RUNNING:
                 continue   # preempted earlier in this loop
             known = request.known_len
@@ -193,13 +202,13 @@ class Scheduler:
                     len(request.output_ids) + request.pending >= request.max_new_tokens
                     or known >= self.context_length or request.penalized)):
                 continue      # (penalties count every earlier token: they wait for the draw)
-            count = remaining if remaining == 1 else min(remaining, budget)
+            count = remaining if remaining == 1 else budget.grant(request, remaining)
             if count <= 0:
-                continue      # the prefill budget is spent
+                continue      # the prefill budget (or this request's share of it) is spent
             if not self._ensure_pages(request, request.num_computed + count, scheduled):
                 continue
             if remaining > 1:
-                budget -= count
+                budget.spend(request, count)
             start = request.num_computed
             if request.pending:    # the one unknown token is the last: its draw is in flight
                 assert count == 1 and start == request.total_len, (request.id, start, count)
@@ -361,6 +370,7 @@ class Scheduler:
         cache_stats["hit_rate"] = stats.cached_prompt_tokens / stats.prompt_tokens if stats.prompt_tokens else 0.0
         eligible = stats.pages_read + stats.pages_skipped
         return {
+            "scheduler_policy": self.policy.name,
             "running_requests": len(self.running), "waiting_requests": len(self.waiting),
             "kv_pages_total": self.pool.num_pages, "kv_pages_free": self.pool.num_free,
             "kv_pages_held_by_requests": self.held_pages(), "page_size": self.page_size,

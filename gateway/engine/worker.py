@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from backends.base import Backend
 from gateway.detokenizer import IncrementalDetokenizer
+from gateway.engine.admission import make_policy
 from gateway.engine.page_pool import PagePool
 from gateway.engine.radix_cache import RadixCache
 from gateway.engine.request import Request, TokenEvent
@@ -40,6 +41,9 @@ class EngineSettings:
     max_waiting_requests: int = 256
     prefill_chunk_tokens: int = 512
     radix_cache: bool = True
+    policy: str = "fcfs"                # admission and prefill sharing (gateway/engine/admission.py)
+    long_prefill_tokens: int | None = None      # fair: None is half of prefill_chunk_tokens
+    max_wait_steps: int = 64            # fair: the age bound
     check_invariants: bool = False      # walk the radix tree after every step (tests)
 
 
@@ -69,6 +73,7 @@ class RequestSpec:
     stop: list[str]
     ignore_eos: bool
     wait_for: str | None = None      # id of an earlier choice with the same prompt (n > 1)
+    priority: int = 0                # lower first (fair policy)
 
 
 def _idle(scheduler: Scheduler) -> bool:
@@ -100,9 +105,13 @@ class EngineLoop:
         self.context_length = min(backend.info.context_length, backend.num_pages * backend.page_size)
         pool = PagePool(backend.num_pages)
         cache = RadixCache(pool, backend.page_size, enabled=settings.radix_cache)
+        policy = make_policy(settings.policy, cache, prefill_chunk_tokens=settings.prefill_chunk_tokens,
+                             long_prefill_tokens=settings.long_prefill_tokens,
+                             max_wait_steps=settings.max_wait_steps)
         self.scheduler = Scheduler(
             backend, pool, cache, max_running=settings.max_running_requests,
-            prefill_chunk_tokens=settings.prefill_chunk_tokens, context_length=self.context_length)
+            prefill_chunk_tokens=settings.prefill_chunk_tokens, context_length=self.context_length,
+            policy=policy)
         self.outbox: list[tuple[str, TokenEvent]] = []
         self.adds_handled = 0
         self.fatal_error: str | None = None
@@ -120,7 +129,7 @@ class EngineLoop:
                 max_new_tokens=spec.max_new_tokens,
                 stop_token_ids=frozenset() if spec.ignore_eos else self.tokenizer.eos_token_ids,
                 detokenizer=IncrementalDetokenizer(self.tokenizer, spec.stop),
-                emit=self._emitter(spec.id), wait_for=by_id.get(spec.wait_for))
+                emit=self._emitter(spec.id), wait_for=by_id.get(spec.wait_for), priority=spec.priority)
             by_id[spec.id] = request
             self.scheduler.add(request)
         self.adds_handled += 1
