@@ -5,7 +5,7 @@ carries one shared system prompt (cached after the warm-up); in each client's se
 in eight is a long one, a unique document of ~T tokens to summarise, the rest are short questions.
 Short requests alternate between streamed and plain; long ones are streamed (their TTFT is the
 point). Every request asks for N tokens with ignore_eos, so both policies generate alike per
-request. Three servers, one after the other: the new default policy without the long documents
+request. Three servers, one after the other: the fair policy without the long documents
 (the baseline), then fcfs and fair with them. Prints one markdown table, with ratios.
 
 Waits: a streamed request's time to first token; a plain one's whole time (its first token is not
