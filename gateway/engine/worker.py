@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from backends.base import Backend
-from gateway.detokenizer import IncrementalDetokenizer
+from gateway.detokenizer import IncrementalDetokenizer, byte_level_table
 from gateway.engine.admission import make_policy
 from gateway.engine.page_pool import PagePool
 from gateway.engine.radix_cache import RadixCache
@@ -101,6 +101,7 @@ class EngineLoop:
     def __init__(self, backend, tokenizer, settings: EngineSettings, conn):
         self.conn = conn
         self.tokenizer = tokenizer
+        byte_level_table(tokenizer, True)     # built at start-up, not in the first request's TTFT
         self.settings = settings
         self.context_length = min(backend.info.context_length, backend.num_pages * backend.page_size)
         pool = PagePool(backend.num_pages)
