@@ -126,6 +126,9 @@ class SparseSettings:
 
     summary_tokens: tokens per key min/max summary; it divides the page size, so each page keeps
     page_size // summary_tokens summaries. Pages are still what is selected and read.
+    shortlist_factor: a sequence longer than shortlist_factor * budget pages is scored coarse to fine
+    (kernels/reference.py): one summary per page shortlists that many pages, and only those are
+    scored by their block summaries. 0: every page scored by its block summaries.
     """
 
     enabled: bool = False
@@ -134,6 +137,7 @@ class SparseSettings:
     sink_tokens: int = 16
     recent_tokens: int = 64
     summary_tokens: int = 4
+    shortlist_factor: int = 2
 
 
 @dataclass(frozen=True)

@@ -697,7 +697,7 @@ def clone_prompts(scheduler: Scheduler, runner: TorchRunner, prompt: list[int], 
             raise RuntimeError(f"KV pool too small for {count} copies of {len(match.pages)} pages")
         dst = torch.tensor(pages, device=device)
         cache = runner.cache
-        for tensor in (cache.k, cache.v, cache.kmin, cache.kmax):
+        for tensor in (cache.k, cache.v, cache.kmin, cache.kmax, cache.pmin, cache.pmax):
             if tensor is not None:
                 for layer in range(tensor.shape[0]):
                     tensor[layer].index_copy_(0, dst, tensor[layer].index_select(0, src))
@@ -722,7 +722,8 @@ def long_decode(ctx: Context, runner: TorchRunner, scheduler: Scheduler, prompts
 
 def sparse_kv_bytes(ctx: Context, runner: TorchRunner, context: int) -> float:
     """KV bytes one sequence's sparse decode step reads: dense layers in full, sparse layers their
-    budget of pages plus every page's key summaries."""
+    budget of pages plus the key summaries they score: every page's block summaries, or (coarse to
+    fine, past shortlist_factor x the budget) every page's page summary and the shortlist's blocks."""
     p, cfg = ctx.plan, runner.config
     s = p.sparse
     per_layer_token = 2 * cfg.num_kv_heads * cfg.head_dim * runner.dtype.itemsize
@@ -730,7 +731,11 @@ def sparse_kv_bytes(ctx: Context, runner: TorchRunner, context: int) -> float:
     budget_pages = s.token_budget // p.page_size
     if pages <= budget_pages:
         return cfg.num_layers * per_layer_token * context
-    summaries = pages * (p.page_size // s.summary_tokens) * per_layer_token      # kmin + kmax per block
+    shortlist = s.shortlist_factor * budget_pages
+    if 0 < shortlist < pages:                    # kmin + kmax per page, then per block of the shortlist
+        summaries = (pages + shortlist * (p.page_size // s.summary_tokens)) * per_layer_token
+    else:                                        # kmin + kmax per block
+        summaries = pages * (p.page_size // s.summary_tokens) * per_layer_token
     sparse_layer = budget_pages * p.page_size * per_layer_token + summaries
     return s.dense_layers * per_layer_token * context + (cfg.num_layers - s.dense_layers) * sparse_layer
 

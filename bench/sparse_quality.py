@@ -197,18 +197,20 @@ ENGINE_ROWS_ATTENTION = sa.sparse_rows_attention
 def configs(budgets: list[int], args) -> list[Config]:
     """dense, then each budget with the defaults, then each budget with every --sweep entry."""
     out = [Config("dense", SparseSettings())]
-    base = dict(rule="engine", sink=args.sink, recent=args.recent, dense=args.dense_layers)
+    base = dict(rule="engine", sink=args.sink, recent=args.recent, dense=args.dense_layers,
+                shortlist=args.shortlist_factor)
     for spec in [""] + list(args.sweep or []):
         opts = dict(base)
         for item in filter(None, spec.split(",")):
             key, _, value = item.partition("=")
             if key not in opts:
-                raise SystemExit(f"--sweep {spec!r}: unknown key {key!r} (rule, sink, recent, dense)")
+                raise SystemExit(f"--sweep {spec!r}: unknown key {key!r} (rule, sink, recent, dense, shortlist)")
             opts[key] = value if key == "rule" else int(value)
         if opts["rule"] != "engine":
             rule_attention(opts["rule"])            # fail early on a bad name
         for budget in budgets:
-            sparse = SparseSettings(True, budget, opts["dense"], opts["sink"], opts["recent"], args.summary_tokens)
+            sparse = SparseSettings(True, budget, opts["dense"], opts["sink"], opts["recent"], args.summary_tokens,
+                                    opts["shortlist"])
             out.append(Config(f"sparse {budget}" + (f" [{spec}]" if spec else ""), sparse, opts["rule"],
                               timed=not opts["rule"].startswith("sub")))
     return out
@@ -224,20 +226,22 @@ def forward(runner: TorchRunner, cfg: Config | SparseSettings, chunks: list[Sequ
 
 def runner_sparse(args) -> SparseSettings:
     """Settings that the runners are built with: sparse on, so that their caches keep summaries."""
-    return SparseSettings(True, max(args.budgets), args.dense_layers, args.sink, args.recent, args.summary_tokens)
+    return SparseSettings(True, max(args.budgets), args.dense_layers, args.sink, args.recent, args.summary_tokens,
+                          args.shortlist_factor)
 
 
 @contextlib.contextmanager
 def no_summaries(runner: TorchRunner, off: bool):
     """With off, the cache has no summaries for the duration: nothing writes them, as in a server
     with sparse attention off (the dense baseline of the timing)."""
-    saved = runner.cache.kmin, runner.cache.kmax
+    cache = runner.cache
+    saved = cache.kmin, cache.kmax, cache.pmin, cache.pmax
     if off:
-        runner.cache.kmin = runner.cache.kmax = None
+        cache.kmin = cache.kmax = cache.pmin = cache.pmax = None
     try:
         yield
     finally:
-        runner.cache.kmin, runner.cache.kmax = saved
+        cache.kmin, cache.kmax, cache.pmin, cache.pmax = saved
 
 
 def prefill(runner: TorchRunner, seqs: list[tuple[list[int], list[int]]], chunk: int) -> None:
@@ -424,6 +428,8 @@ def main() -> None:
     parser.add_argument("--recent", type=int, default=64)
     parser.add_argument("--dense-layers", type=int, default=2)
     parser.add_argument("--summary-tokens", type=int, default=4, help="tokens per key min/max summary")
+    parser.add_argument("--shortlist-factor", type=int, default=2,
+                        help="coarse to fine past this many times the budget (0: off); the engine's default")
     parser.add_argument("--texts", type=int, default=4)
     parser.add_argument("--context", type=int, default=7000, help="tokens per teacher-forced text")
     parser.add_argument("--positions", type=int, default=560, help="decoded positions per text")
@@ -439,7 +445,7 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[], choices=["quality", "passkey", "timing"])
     parser.add_argument("--sweep", nargs="*", default=[], metavar="SPEC",
                         help="extra configs at every budget, e.g. rule=lse-max,recent=64 (keys: rule, sink, "
-                             "recent, dense; rules: [subN-]sum|max|lse-max|softmax-sum)")
+                             "recent, dense, shortlist; rules: [subN-]sum|max|lse-max|softmax-sum)")
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run of every path")
     parser.add_argument("--out", default=None, help="also write the report to this file")
     args = parser.parse_args()
@@ -456,7 +462,7 @@ def main() -> None:
     say(f"command: python {' '.join(sys.argv)}")
     say(f"python {platform.python_version()}, torch {torch.__version__}, model {source.path.rsplit('/', 1)[-1]}, "
         f"float32, page {args.page_size}, sink {args.sink}, recent {args.recent}, dense_layers {args.dense_layers}, "
-        f"summary_tokens {args.summary_tokens}")
+        f"summary_tokens {args.summary_tokens}, shortlist_factor {args.shortlist_factor}")
     quality = keys = timing = None
     if not {"quality", "passkey"} <= set(args.skip):
         # One config's pages at a time (each hands its pages back before the next).

@@ -12,12 +12,19 @@ score ever reads it. Viewed as [num_pages * blocks, kv_heads, head_dim], these a
 one-per-page summaries of the same cache seen as pages of summary_tokens tokens.
 All arithmetic here is float32.
 
+Page summaries (the coarse level): pmin, pmax: [num_pages, kv_heads, head_dim], the element-wise
+min/max of the keys in the page's written slots (0 for a page with none).
+
 Sparse decode scores pages with quest_page_scores: each page's Quest bound per q head is the best
 bound of its written blocks; each head's bounds are normalised over the pages, then the max over
-the GQA group is taken. Selection stays per page. Token counts round to pages: budget_pages =
-budget_tokens // page_size (the budget includes the sink and recent pages), sink_pages =
-ceil(sink_tokens / page_size), recent_pages = ceil(recent_tokens / page_size) counted back from the
-last (possibly partial) page.
+the GQA group is taken. Selection stays per page. Coarse to fine (shortlist_pages > 0, and the
+sequence has more pages than that): the page summaries score every page first (one bound per page,
+1/blocks of the block summaries' bytes) and keep a shortlist of shortlist_pages pages per KV head
+(sink and recent pages always in it); only the shortlist is scored by its block summaries, each
+head normalised over the shortlist, and the budget is chosen from it.
+Token counts round to pages: budget_pages = budget_tokens // page_size (the budget includes the
+sink and recent pages), sink_pages = ceil(sink_tokens / page_size), recent_pages =
+ceil(recent_tokens / page_size) counted back from the last (possibly partial) page.
 """
 from __future__ import annotations
 
@@ -56,14 +63,20 @@ def summary_tokens(k_cache: torch.Tensor, kmin: torch.Tensor) -> int:
 
 
 def update_page_summaries(kmin: torch.Tensor, kmax: torch.Tensor, k_cache: torch.Tensor,
-                          page_table: torch.Tensor, start: int, end: int) -> None:
+                          page_table: torch.Tensor, start: int, end: int,
+                          pmin: torch.Tensor | None = None, pmax: torch.Tensor | None = None) -> None:
     """Recompute every block summary of every page touched by positions [start, end): min/max over
-    the block's written slots [0, end) of the page, 0 for a block with none."""
+    the block's written slots [0, end) of the page, 0 for a block with none; and the page summaries
+    pmin/pmax (min/max over all the page's written slots) when given."""
     page_size = k_cache.shape[1]
     sub = summary_tokens(k_cache, kmin)
     for logical in range(start // page_size, -(-end // page_size)):
         filled = min(page_size, end - logical * page_size)
         page = int(page_table[logical])
+        if pmin is not None:
+            keys = k_cache[page, :filled].float()
+            pmin[page] = keys.amin(dim=0).to(pmin.dtype)
+            pmax[page] = keys.amax(dim=0).to(pmax.dtype)
         for block in range(kmin.shape[1]):
             first, last = block * sub, min((block + 1) * sub, filled)
             if first < last:
@@ -136,6 +149,27 @@ def quest_page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
     return (logits - logits.logsumexp(dim=-1, keepdim=True)).amax(dim=1)
 
 
+def shortlist_page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, pmin: torch.Tensor,
+                          pmax: torch.Tensor, page_table: torch.Tensor, seq_len: int, page_size: int,
+                          shortlist_pages: int, sink_pages: int, recent_pages: int,
+                          scale: float | None = None) -> torch.Tensor:
+    """Coarse to fine page scores per KV head (the module says when): quest_page_scores of the page
+    summaries picks a shortlist (select_pages: sink + recent + best, shortlist_pages in all); the
+    shortlisted pages get quest_page_scores of their block summaries with each head's log-softmax
+    taken over the shortlist only; every other page scores -inf. q: [q_heads, d] -> [kv_heads, P].
+    """
+    scale = default_scale(q.shape[1]) if scale is None else scale
+    num_used = -(-seq_len // page_size)
+    coarse = quest_page_scores(q, pmin.unsqueeze(1), pmax.unsqueeze(1), page_table, seq_len, page_size, scale)
+    kept = select_pages(coarse, shortlist_pages, sink_pages, recent_pages)                  # [kvh, S]
+    listed = torch.zeros(coarse.shape, dtype=torch.bool).scatter_(1, kept, True)          # [kvh, P]
+    logits = quest_head_bounds(q, kmin, kmax, page_table, seq_len, page_size) * scale       # [kvh, g, P]
+    logits = logits.masked_fill(~listed.unsqueeze(1), float("-inf"))
+    scores = (logits - logits.logsumexp(dim=-1, keepdim=True)).amax(dim=1)
+    assert scores.shape[1] == num_used
+    return scores
+
+
 def sparse_page_counts(page_size: int, budget_tokens: int, sink_tokens: int,
                        recent_tokens: int) -> tuple[int, int, int]:
     """(budget_pages, sink_pages, recent_pages) from token counts, rounded as the module says."""
@@ -169,10 +203,12 @@ def select_pages(scores: torch.Tensor, budget_pages: int, sink_pages: int,
 def sparse_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         kmin: torch.Tensor, kmax: torch.Tensor, page_table: torch.Tensor,
                         seq_len: int, scale: float, budget_tokens: int, sink_tokens: int,
-                        recent_tokens: int) -> tuple[torch.Tensor, int]:
+                        recent_tokens: int, pmin: torch.Tensor | None = None, pmax: torch.Tensor | None = None,
+                        shortlist_factor: int = 0) -> tuple[torch.Tensor, int]:
     """Quest decode of one query q: [q_heads, d] over the first seq_len tokens (its own K/V written).
     Pages are scored by quest_page_scores at the attention's own scale; kmin, kmax: [num_pages,
-    blocks, kv_heads, d] as the module says.
+    blocks, kv_heads, d] as the module says. With shortlist_factor > 0 (and pmin, pmax) a sequence of
+    more than shortlist_factor * budget_pages pages is scored coarse to fine (shortlist_page_scores).
 
     Returns (out [q_heads, d] float32, pages read summed over KV heads).
     """
@@ -181,7 +217,12 @@ def sparse_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     group = q_heads // kv_heads
     budget_pages, sink_pages, recent_pages = sparse_page_counts(
         page_size, budget_tokens, sink_tokens, recent_tokens)
-    scores = quest_page_scores(q, kmin, kmax, page_table, seq_len, page_size, scale)
+    shortlist = shortlist_factor * budget_pages
+    if shortlist and -(-seq_len // page_size) > shortlist:
+        scores = shortlist_page_scores(q, kmin, kmax, pmin, pmax, page_table, seq_len, page_size, shortlist,
+                                       sink_pages, recent_pages, scale)
+    else:
+        scores = quest_page_scores(q, kmin, kmax, page_table, seq_len, page_size, scale)
     chosen = select_pages(scores, budget_pages, sink_pages, recent_pages)     # [kvh, k]
     out = torch.empty(q_heads, head_dim)
     for h in range(kv_heads):

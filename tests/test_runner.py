@@ -309,9 +309,10 @@ def test_info_and_pool_sizing(folder):
     assert info.num_pages == (1 << 20) // 2048 - 1 == runner.num_pages == runner.cache.num_pages
     assert runner.cache.k.shape[1] == runner.num_pages + 1 and runner.cache.scratch_page == runner.num_pages
     assert 2 * runner.cache.k.numel() * runner.cache.k.element_size() <= 1 << 20
-    # Sparse on: 2 summary blocks of 2 tokens per page, a min and a max row each: 2560 + 512 bytes
+    # Sparse on: 2 summary blocks of 2 tokens per page and the page's own summary, a min and a max
+    # row (256 bytes over the layers) each: 2048 + 6 * 256 bytes
     sparse = make_runner(folder, num_pages=None, kv_memory_bytes=1 << 20, sparse=SPARSE)
-    assert sparse.num_pages == (1 << 20) // 3072 - 1
+    assert sparse.num_pages == (1 << 20) // 3584 - 1
     assert (info.page_size, info.context_length, info.vocab_size) == (PAGE, 128, VOCAB)
     assert info.backend == "cpu" and info.dtype == "float32" and info.device == "cpu (1 threads)"
     one = make_runner(folder, num_pages=None, kv_memory_bytes=2 * 2048)

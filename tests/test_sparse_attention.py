@@ -49,7 +49,7 @@ def random_cache(lengths: list[int], page_size: int, kv_heads: int, head_dim: in
     for layer in range(layers):
         for table, n in zip(tables, lengths, strict=True):
             reference.update_page_summaries(cache.kmin[layer], cache.kmax[layer], cache.k[layer],
-                                            torch.tensor(table), 0, n)
+                                            torch.tensor(table), 0, n, cache.pmin[layer], cache.pmax[layer])
             last, filled = table[(n - 1) // page_size], n - (n - 1) // page_size * page_size
             written = -(-filled // summary_tokens)
             cache.kmin[layer, last, written:] = -GARBAGE
@@ -80,48 +80,59 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("shortlist", [0, 2])       # coarse to fine past 2x the budget (the default)
 @pytest.mark.parametrize("fused, head_dim", [(False, 32), (True, 32), (True, 64)])   # fused: CPU kernel
 @pytest.mark.parametrize("page_size, group, kv_heads, budget, sink, recent, lengths, summary_tokens", CASES)
 def test_matches_reference(page_size, group, kv_heads, budget, sink, recent, lengths, summary_tokens,
-                           fused, head_dim):
+                           fused, head_dim, shortlist):
     if fused:
         from kernels.cpu.build import load
         assert load().available, load().detail
     cache, tables = random_cache(lengths, page_size, kv_heads, head_dim, seed=page_size + group,
                                  summary_tokens=summary_tokens)
-    settings = SparseSettings(True, budget, 1, sink, recent, summary_tokens)
+    settings = SparseSettings(True, budget, 1, sink, recent, summary_tokens, shortlist)
     meta = decode_meta(lengths, tables, page_size, settings)
     q = torch.randn(len(lengths), kv_heads * group, head_dim, generator=torch.Generator().manual_seed(1))
     scale = reference.default_scale(head_dim)
     layer = 1
     out = sparse_decode(q, cache, layer, meta, scale, fused)
-    budget_pages, _, _ = reference.sparse_page_counts(page_size, budget, sink, recent)
+    budget_pages, sink_pages, recent_pages = reference.sparse_page_counts(page_size, budget, sink, recent)
 
     plan = meta._quest_plan
     _, chosen = sa.sparse_rows_attention(q[plan.sparse_rows], cache.k[layer], cache.v[layer],
-                                         cache.kmin[layer], cache.kmax[layer], plan, scale, fused)
+                                         cache.kmin[layer], cache.kmax[layer], plan, scale, fused,
+                                         cache.pmin[layer], cache.pmax[layer])
+    coarse_rows = 0
     chosen_by_row = dict(zip(plan.sparse_rows.tolist(), chosen, strict=True))
     read = skipped = 0
     for row, (n, table) in enumerate(zip(lengths, tables, strict=True)):
         table_t = torch.tensor(table)
         expected, pages_read = reference.sparse_paged_decode(
             q[row], cache.k[layer], cache.v[layer], cache.kmin[layer], cache.kmax[layer], table_t, n,
-            scale, budget, sink, recent)
+            scale, budget, sink, recent, cache.pmin[layer], cache.pmax[layer], shortlist)
         torch.testing.assert_close(out[row], expected, atol=1e-5, rtol=1e-5)
         num_pages = -(-n // page_size)
         read += pages_read
         skipped += max(0, num_pages - budget_pages) * kv_heads
         if num_pages > budget_pages:
-            scores = reference.quest_page_scores(q[row], cache.kmin[layer], cache.kmax[layer], table_t,
-                                                 n, page_size)
+            if shortlist and num_pages > shortlist * budget_pages:
+                coarse_rows += 1
+                scores = reference.shortlist_page_scores(
+                    q[row], cache.kmin[layer], cache.kmax[layer], cache.pmin[layer], cache.pmax[layer], table_t,
+                    n, page_size, shortlist * budget_pages, sink_pages, recent_pages)
+                scores = scores.masked_fill(scores == float("-inf"), 0.0)   # pages off the shortlist
+            else:
+                scores = reference.quest_page_scores(q[row], cache.kmin[layer], cache.kmax[layer], table_t,
+                                                     n, page_size)
             assert scores.abs().max() < GARBAGE / 100       # no unwritten block was scored
-            ref_pages = reference.select_pages(scores, *reference.sparse_page_counts(
-                page_size, budget, sink, recent))
-            assert torch.equal(chosen_by_row[row], ref_pages)
+            if not (shortlist and num_pages > shortlist * budget_pages):
+                ref_pages = reference.select_pages(scores, budget_pages, sink_pages, recent_pages)
+                assert torch.equal(chosen_by_row[row], ref_pages)
         else:
             assert row in plan.dense_rows.tolist()
     assert (meta.stats.pages_read, meta.stats.pages_skipped) == (read, skipped)
     assert skipped > 0 and len(plan.dense_rows) > 0
+    assert coarse_rows > 0 or not shortlist or max(lengths) <= 2 * budget_pages * page_size
 
 
 def test_quest_scores_equal_reference_bound():
@@ -252,7 +263,9 @@ def test_reads_only_selected_pages():
     meta = decode_meta(lengths, tables, page_size, settings)
     before = sparse_decode(q, cache, 0, meta, 0.2)
     plan = meta._quest_plan
-    _, chosen = sa.sparse_rows_attention(q, cache.k[0], cache.v[0], cache.kmin[0], cache.kmax[0], plan, 0.2)
+    assert plan.shortlist_pages == 8           # 10 pages, budget 4: the coarse stage runs
+    _, chosen = sa.sparse_rows_attention(q, cache.k[0], cache.v[0], cache.kmin[0], cache.kmax[0], plan, 0.2,
+                                         pmin_layer=cache.pmin[0], pmax_layer=cache.pmax[0])
     table = torch.tensor(tables[0])
     for head in range(2):
         skipped = torch.ones(len(table), dtype=torch.bool)
@@ -332,7 +345,7 @@ def test_no_summaries_when_sparse_is_off():
     cache = PagedKVCache(2, 6, 8, 2, 4, torch.float32, "cpu")
     assert cache.kmin is None and cache.kmax is None and cache.summary_tokens is None
     assert PagedKVCache.bytes_per_page(2, 8, 2, 4, 4) == 2 * 2 * 4 * 4 * (2 * 8)
-    assert PagedKVCache.bytes_per_page(2, 8, 2, 4, 4, summary_tokens=2) == 2 * 2 * 4 * 4 * (2 * 8 + 2 * 4)
+    assert PagedKVCache.bytes_per_page(2, 8, 2, 4, 4, summary_tokens=2) == 2 * 2 * 4 * 4 * (2 * 8 + 2 * 4 + 2)
     for chunks in ([(0, 5, [1]), (0, 1, [2])], [(5, 1, [1]), (1, 1, [2])]):     # mixed, then decode only
         meta = build_metadata(chunks, 8, "cpu")
         k, v = torch.randn(2, sum(n for _, n, _ in chunks), 2, 4)
@@ -419,4 +432,4 @@ def test_config_defaults_match_runner_defaults():
     """gateway/config.py and backends/base.py document the same defaults."""
     sparse = parse_config({}).models[0].sparse_attention
     assert SparseSettings(sparse.enabled, sparse.token_budget, sparse.dense_layers, sparse.sink_tokens,
-                          sparse.recent_tokens, sparse.summary_tokens) == SparseSettings()
+                          sparse.recent_tokens, sparse.summary_tokens, sparse.shortlist_factor) == SparseSettings()

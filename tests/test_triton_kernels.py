@@ -141,15 +141,18 @@ def test_write_kv_and_summaries(dtype, summary_dtype, page_size, summary_tokens)
     blocks = page_size // summary_tokens
     kmin = torch.randn(k.shape[0], blocks, KV_HEADS, head_dim, generator=gen).to(summary_dtype)
     kmax = torch.randn_like(kmin)
+    pmin = torch.randn(k.shape[0], KV_HEADS, head_dim, generator=gen).to(summary_dtype)   # page summaries
+    pmax = torch.randn_like(pmin)
     k_ref, v_ref, kmin_ref, kmax_ref = k.clone(), v.clone(), kmin.clone(), kmax.clone()
+    pmin_ref, pmax_ref = pmin.clone(), pmax.clone()
     cu = [0] + torch.tensor(new).cumsum(0).tolist()
     for i in range(len(new)):
         rows = slice(cu[i], cu[i + 1])
         ref.write_kv(k_ref, v_ref, table[i], starts[i], k_new[rows], v_new[rows])
         if new[i]:
-            ref.update_page_summaries(kmin_ref, kmax_ref, k_ref, table[i], starts[i], ends[i])
-    write_kv_and_summaries(k, v, kmin, kmax, table, i32(cu), i32(starts), k_new, v_new)
-    for got, want in ((k, k_ref), (v, v_ref), (kmin, kmin_ref), (kmax, kmax_ref)):
+            ref.update_page_summaries(kmin_ref, kmax_ref, k_ref, table[i], starts[i], ends[i], pmin_ref, pmax_ref)
+    write_kv_and_summaries(k, v, kmin, kmax, table, i32(cu), i32(starts), k_new, v_new, pmin=pmin, pmax=pmax)
+    for got, want in ((k, k_ref), (v, v_ref), (kmin, kmin_ref), (kmax, kmax_ref), (pmin, pmin_ref), (pmax, pmax_ref)):
         assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
     kmin2, kmax2 = torch.randn_like(kmin), torch.randn_like(kmax)  # summary-only refresh
     kmin2_ref, kmax2_ref = kmin2.clone(), kmax2.clone()
@@ -160,19 +163,24 @@ def test_write_kv_and_summaries(dtype, summary_dtype, page_size, summary_tokens)
     assert torch.equal(kmin2, kmin2_ref) and torch.equal(kmax2, kmax2_ref)
 
 
-def sparse_inputs(lens, page_size, group, head_dim, dtype, seed, summary_tokens=4):
+def sparse_inputs(lens, page_size, group, head_dim, dtype, seed, summary_tokens=4, pages=False):
     """make_paged, plus summaries: exact for written blocks, NaN everywhere else (spare pages and the
-    unwritten blocks of each last page), so that reading or selecting on them shows."""
+    unwritten blocks of each last page), so that reading or selecting on them shows; with pages,
+    the page summaries too (exact for the sequences' pages, NaN for spare pages)."""
     k, v, table, q_heads, gen = make_paged(lens, page_size, group, head_dim, dtype, seed, poison_v=False)
     blocks = page_size // summary_tokens
     kmin = torch.full((k.shape[0], blocks, KV_HEADS, head_dim), float("nan"))
     kmax = torch.full_like(kmin, float("nan"))
+    pmin = torch.full((k.shape[0], KV_HEADS, head_dim), float("nan"))
+    pmax = torch.full_like(pmin, float("nan"))
     for i, n in enumerate(lens):
-        ref.update_page_summaries(kmin, kmax, k, table[i], 0, n)
+        ref.update_page_summaries(kmin, kmax, k, table[i], 0, n, pmin, pmax)
         last = int(table[i, (n - 1) // page_size])
         first_unwritten = -(-(n - (n - 1) // page_size * page_size) // summary_tokens)
         kmin[last, first_unwritten:] = kmax[last, first_unwritten:] = float("nan")
     q = torch.randn(len(lens), q_heads, head_dim, generator=gen).to(dtype)
+    if pages:
+        return q, k, v, kmin.to(dtype), kmax.to(dtype), table, pmin.to(dtype), pmax.to(dtype)
     return q, k, v, kmin.to(dtype), kmax.to(dtype), table
 
 
@@ -200,25 +208,34 @@ SPARSE_CASES = [  # dtype, group, head_dim, page_size, budget/sink/recent tokens
 ]
 
 
+@pytest.mark.parametrize("shortlist", [0, 2])     # coarse to fine past 2x the budget
 @pytest.mark.parametrize("dtype,group,head_dim,page_size,budget,summary_tokens", SPARSE_CASES)
-def test_sparse_decode(dtype, group, head_dim, page_size, budget, summary_tokens):
+def test_sparse_decode(dtype, group, head_dim, page_size, budget, summary_tokens, shortlist):
     budget_tokens, sink, recent = budget
     budget_pages = budget_tokens // page_size
+    counts = ref.sparse_page_counts(page_size, budget_tokens, sink, recent)
     # above the budget (partial and full last pages), just above, exactly at and below it
     lens = [7 * budget_tokens // 2 + 5, budget_tokens + page_size + 1, budget_tokens,
             budget_tokens // 3, 3 * budget_tokens]
-    q, k, v, kmin, kmax, table = sparse_inputs(lens, page_size, group, head_dim, dtype, seed=50 + group,
-                                               summary_tokens=summary_tokens)
+    q, k, v, kmin, kmax, table, pmin, pmax = sparse_inputs(lens, page_size, group, head_dim, dtype,
+                                                           seed=50 + group, summary_tokens=summary_tokens,
+                                                           pages=True)
     out, chosen, vlens = sparse_decode(q, k, v, kmin, kmax, table, i32(lens), budget_tokens, sink,
-                                       recent, num_splits=3, block_n=16, return_selection=True)
+                                       recent, num_splits=3, block_n=16, return_selection=True,
+                                       pmin=pmin, pmax=pmax, shortlist_factor=shortlist)
     scale = ref.default_scale(head_dim)
+    coarse = 0
     for i, n in enumerate(lens):
         expected, pages_read = ref.sparse_paged_decode(q[i], k, v, kmin, kmax, table[i], n, scale,
-                                                       budget_tokens, sink, recent)
+                                                       budget_tokens, sink, recent, pmin, pmax, shortlist)
         used = min(-(-n // page_size), budget_pages)
-        assert torch.equal(chosen[i, :, :used], ref.select_pages(
-            ref.quest_page_scores(q[i], kmin, kmax, table[i], n, page_size),
-            *ref.sparse_page_counts(page_size, budget_tokens, sink, recent)))
+        if shortlist and -(-n // page_size) > shortlist * budget_pages:
+            coarse += 1
+            scores = ref.shortlist_page_scores(q[i], kmin, kmax, pmin, pmax, table[i], n, page_size,
+                                               shortlist * budget_pages, counts[1], counts[2])
+        else:
+            scores = ref.quest_page_scores(q[i], kmin, kmax, table[i], n, page_size)
+        assert torch.equal(chosen[i, :, :used], ref.select_pages(scores, *counts))
         assert used * KV_HEADS == pages_read
         assert rel_err(out[i], expected) < TOL[dtype]
     # a sequence within the budget reads its own page table: bitwise dense decode (same splits)
@@ -226,6 +243,7 @@ def test_sparse_decode(dtype, group, head_dim, page_size, budget, summary_tokens
     below = [i for i, n in enumerate(lens) if -(-n // page_size) <= budget_pages]
     assert below and torch.equal(out[below], dense[below])
     assert torch.equal(vlens[below], i32(lens)[below])
+    assert coarse == (2 if shortlist else 0)
 
 
 def test_sparse_decode_all_below_budget_is_dense():

@@ -8,11 +8,13 @@ import torch
 class PagedKVCache:
     """Per-layer K/V pages [num_pages + 1, page_size, kv_heads, head_dim], and with summary_tokens
     the Quest key summaries kmin/kmax [num_layers, num_pages + 1, page_size // summary_tokens,
-    kv_heads, head_dim] of kernels/reference.py (one min/max per block of summary_tokens slots).
+    kv_heads, head_dim] of kernels/reference.py (one min/max per block of summary_tokens slots), and
+    the page summaries pmin/pmax [num_layers, num_pages + 1, kv_heads, head_dim] (one min/max per
+    page: the coarse level that shortlists pages before their blocks are read).
 
     The last page (`scratch_page`) belongs to no sequence: the padding rows of a CUDA-graph batch
     write their K/V there, so padding never touches a page the engine handed out.
-    summary_tokens=None (sparse attention off): kmin = kmax = None; a dense server neither stores
+    summary_tokens=None (sparse attention off): kmin = kmax = pmin = pmax = None; a dense server neither stores
     nor writes summaries.
     """
 
@@ -28,6 +30,8 @@ class PagedKVCache:
         self.v_slots = [layer.view(-1, kv_heads, head_dim) for layer in self.v]
         self.kmin: torch.Tensor | None = None
         self.kmax: torch.Tensor | None = None
+        self.pmin: torch.Tensor | None = None
+        self.pmax: torch.Tensor | None = None
         if summary_tokens is not None:
             assert summary_tokens >= 1 and page_size % summary_tokens == 0, \
                 f"summary_tokens {summary_tokens} must divide the page size {page_size}"
@@ -36,11 +40,13 @@ class PagedKVCache:
             self.kmin = torch.zeros(num_layers, num_pages + 1, blocks, kv_heads, head_dim, dtype=dtype,
                                     device=device)
             self.kmax = torch.zeros_like(self.kmin)
+            self.pmin = torch.zeros(num_layers, num_pages + 1, kv_heads, head_dim, dtype=dtype, device=device)
+            self.pmax = torch.zeros_like(self.pmin)
 
     @staticmethod
     def bytes_per_page(num_layers: int, page_size: int, kv_heads: int, head_dim: int,
                        element_size: int, summary_tokens: int | None = None) -> int:
-        """K + V slots of one page over all layers, plus both summaries of each of its blocks when
-        summary_tokens is given (sparse attention on)."""
-        rows = 2 * page_size + (2 * (page_size // summary_tokens) if summary_tokens else 0)
+        """K + V slots of one page over all layers, plus both summaries of each of its blocks and of
+        the page when summary_tokens is given (sparse attention on)."""
+        rows = 2 * page_size + (2 * (page_size // summary_tokens) + 2 if summary_tokens else 0)
         return num_layers * kv_heads * head_dim * element_size * rows

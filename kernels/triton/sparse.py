@@ -100,18 +100,24 @@ def _quest_head_bounds_all_heads(Q, KMin, KMax, PT, SeqLens, Bounds, s_qb, s_qh,
 
 
 @triton.jit
-def _combine_heads(Bounds, SeqLens, Scores, s_bb, s_bh, s_sb, s_sh, max_pages, scale,
+def _combine_heads(Bounds, SeqLens, Scores, Listed, s_bb, s_bh, s_sb, s_sh, s_lb, s_lh, max_pages, scale,
                    budget_pages, sink_pages, recent_pages,
                    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
-                   PAGE_SIZE: tl.constexpr, FORCE: tl.constexpr):
+                   PAGE_SIZE: tl.constexpr, FORCE: tl.constexpr, LISTED: tl.constexpr):
     """One program per (sequence, KV head): log-softmax of each q head's bounds over the sequence's
-    pages (at the attention scale), max over the group; forced pages +inf, pages past the end -inf."""
+    pages (at the attention scale), max over the group; forced pages +inf, pages past the end -inf.
+    LISTED: entry i is logical page Listed[b, kvh, i] (a shortlist; -1 for padding), not page i."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     offs_g = tl.arange(0, BLOCK_G)
     offs_p = tl.arange(0, BLOCK_P)
     n_pages = tl.cdiv(tl.load(SeqLens + b), PAGE_SIZE)
-    valid = offs_p < n_pages
+    if LISTED:
+        logical = tl.load(Listed + b * s_lb + kvh * s_lh + offs_p, mask=offs_p < max_pages, other=-1)
+        valid = (logical >= 0) & (logical < n_pages)
+    else:
+        logical = offs_p
+        valid = offs_p < n_pages
     mask_g = offs_g < GROUP
     m2 = mask_g[:, None] & valid[None, :]
     bound = tl.load(Bounds + b * s_bb + (kvh * GROUP + offs_g[:, None]) * s_bh + offs_p[None, :], mask=m2,
@@ -121,7 +127,7 @@ def _combine_heads(Bounds, SeqLens, Scores, s_bb, s_bh, s_sb, s_sh, max_pages, s
     lse = top + tl.log(tl.sum(tl.exp(logits - top[:, None]), 1))
     score = tl.max(tl.where(m2, logits - lse[:, None], float("-inf")), 0)
     if FORCE:
-        forced = (offs_p < sink_pages) | (offs_p >= n_pages - recent_pages) | (n_pages <= budget_pages)
+        forced = (logical < sink_pages) | (logical >= n_pages - recent_pages) | (n_pages <= budget_pages)
         score = tl.where(forced, float("inf"), score)
     score = tl.where(valid, score, float("-inf"))
     tl.store(Scores + b * s_sb + kvh * s_sh + offs_p, score, mask=offs_p < max_pages)
@@ -153,7 +159,6 @@ def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_t
     assert q.stride(2) == 1 and kmin.stride(3) == 1 and kmax.stride(3) == 1 and page_tables.stride(1) == 1
     assert page_tables.dtype == seq_lens.dtype == torch.int32
     bounds = torch.empty(batch, q_heads, max_pages, device=q.device, dtype=torch.float32)
-    scores = torch.empty(batch, kv_heads, max_pages, device=q.device, dtype=torch.float32)
     group = q_heads // kv_heads
     if all_heads is None:
         all_heads = blocks == 1
@@ -177,22 +182,38 @@ def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_t
         _quest_head_bounds[(batch, kv_heads, triton.cdiv(max_pages, block_p))](
             *args, GROUP=group, HEAD_DIM=head_dim, BLOCK_P=block_p, PAGE_SIZE=page_size, BLOCKS=blocks,
             num_warps=num_warps or 4)
+    scale = default_scale(head_dim) if scale is None else scale
+    return combine_heads(bounds, seq_lens, page_size, kv_heads, force, scale)
+
+
+def combine_heads(bounds: torch.Tensor, seq_lens: torch.Tensor, page_size: int, kv_heads: int,
+                  force: tuple[int, int, int] | None, scale: float, listed: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """Per-q-head bounds [batch, q_heads, P] -> scores [batch, kv_heads, P] (see _combine_heads);
+    listed [batch, kv_heads, P] int32: the logical page of each entry (a shortlist, -1 padding)."""
+    batch, q_heads, max_pages = bounds.shape
+    group = q_heads // kv_heads
+    scores = torch.empty(batch, kv_heads, max_pages, device=bounds.device, dtype=torch.float32)
     budget, sink, recent = force if force is not None else (0, 0, 0)
     block_all = max(16, triton.next_power_of_2(max_pages))
+    lst = listed if listed is not None else scores
     _combine_heads[(batch, kv_heads)](
-        bounds, seq_lens, scores, bounds.stride(0), bounds.stride(1), scores.stride(0), scores.stride(1),
-        max_pages, default_scale(head_dim) if scale is None else scale, budget, sink, recent, GROUP=group,
+        bounds, seq_lens, scores, lst, bounds.stride(0), bounds.stride(1), scores.stride(0), scores.stride(1),
+        lst.stride(0), lst.stride(1), max_pages, scale, budget, sink, recent, GROUP=group,
         BLOCK_G=triton.next_power_of_2(group), BLOCK_P=block_all, PAGE_SIZE=page_size,
-        FORCE=force is not None, num_warps=4 if block_all * group <= 4096 else 8)
+        FORCE=force is not None, LISTED=listed is not None, num_warps=4 if block_all * group <= 4096 else 8)
     return scores
 
 
 @triton.jit
-def _select_pages(Scores, PT, SeqLens, Logical, Physical, VLens, s_sb, s_sh, s_pb, s_lb, s_lh,
-                  s_yb, s_yh, max_pages, budget_pages, k_sel,
-                  BLOCK_P: tl.constexpr, PAGE_SIZE: tl.constexpr, EARLY_EXIT: tl.constexpr):
+def _select_pages(Scores, PT, SeqLens, Logical, Physical, VLens, Listed, s_sb, s_sh, s_pb, s_ph, s_lb, s_lh,
+                  s_yb, s_yh, s_ib, s_ih, max_pages, budget_pages, k_sel,
+                  BLOCK_P: tl.constexpr, PAGE_SIZE: tl.constexpr, EARLY_EXIT: tl.constexpr,
+                  LISTED: tl.constexpr):
     """Exact top-k of one (sequence, KV head) row by a 32-step radix search for the k-th largest
-    score, then an ascending compaction of the kept pages (ties go to the lower page index)."""
+    score, then an ascending compaction of the kept pages (ties go to the lower page index).
+    LISTED: the row is a shortlist, entry i being logical page Listed[b, kvh, i] (ascending) with
+    its physical id at PT[b, kvh, i]; else entry i is page i of the sequence's table."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     offs = tl.arange(0, BLOCK_P)
@@ -220,8 +241,12 @@ def _select_pages(Scores, PT, SeqLens, Logical, Physical, VLens, s_sb, s_sh, s_p
     tie = key == thresh
     take = above | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= k - tl.sum(above.to(tl.int32), 0)))
     pos = tl.cumsum(take.to(tl.int32), 0) - 1
-    page = tl.load(PT + b.to(tl.int64) * s_pb + offs, mask=take, other=0)
-    tl.store(Logical + b * s_lb + kvh * s_lh + pos, offs, mask=take)
+    page = tl.load(PT + b.to(tl.int64) * s_pb + kvh * s_ph + offs, mask=take, other=0)
+    if LISTED:
+        logical = tl.load(Listed + b * s_ib + kvh * s_ih + offs, mask=take, other=0)
+    else:
+        logical = offs
+    tl.store(Logical + b * s_lb + kvh * s_lh + pos, logical, mask=take)
     tl.store(Physical + b * s_yb + kvh * s_yh + pos, page, mask=take)
     pad = (offs >= k) & (offs < k_sel)
     tl.store(Logical + b * s_lb + kvh * s_lh + offs, -1, mask=pad)
@@ -231,31 +256,92 @@ def _select_pages(Scores, PT, SeqLens, Logical, Physical, VLens, s_sb, s_sh, s_p
 
 
 def select_pages(scores: torch.Tensor, page_tables: torch.Tensor, seq_lens: torch.Tensor,
-                 page_size: int, budget_pages: int,
-                 early_exit: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 page_size: int, budget_pages: int, early_exit: bool = True,
+                 listed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stage B. Forced scores [batch, kv_heads, max_pages] -> (logical pages int32 [batch, kv_heads, k]
     ascending, their physical ids int32, virtual seq_lens int32 [batch]), k = min(budget, max_pages).
-    Entries past a sequence's min(n_pages, budget_pages) are padding (-1 / 0), never read."""
+    Entries past a sequence's min(n_pages, budget_pages) are padding (-1 / 0), never read.
+    listed (a shortlist's logical pages [batch, kv_heads, max_pages], ascending): entry i of a row
+    is that logical page, and page_tables [batch, kv_heads, max_pages] holds its physical id."""
     batch, kv_heads, max_pages = scores.shape
-    assert page_tables.stride(1) == 1 and scores.stride(2) == 1
+    assert page_tables.stride(-1) == 1 and scores.stride(2) == 1
+    per_head = page_tables.dim() == 3
+    assert per_head == (listed is not None), "a shortlist comes with its per-head physical pages"
     k_sel = min(budget_pages, max_pages)
     logical = torch.empty(batch, kv_heads, k_sel, device=scores.device, dtype=torch.int32)
     physical = torch.empty_like(logical)
     vlens = torch.empty(batch, device=scores.device, dtype=torch.int32)
     block_p = max(16, triton.next_power_of_2(max_pages))
+    lst = listed if listed is not None else logical
     _select_pages[(batch, kv_heads)](
-        scores, page_tables, seq_lens, logical, physical, vlens, scores.stride(0), scores.stride(1),
-        page_tables.stride(0), logical.stride(0), logical.stride(1), physical.stride(0), physical.stride(1),
+        scores, page_tables, seq_lens, logical, physical, vlens, lst, scores.stride(0), scores.stride(1),
+        page_tables.stride(0), page_tables.stride(1) if per_head else 0, logical.stride(0), logical.stride(1),
+        physical.stride(0), physical.stride(1), lst.stride(0), lst.stride(1),
         max_pages, budget_pages, k_sel, BLOCK_P=block_p, PAGE_SIZE=page_size, EARLY_EXIT=early_exit,
-        num_warps=4 if block_p <= 2048 else 8)
+        LISTED=listed is not None, num_warps=4 if block_p <= 2048 else 8)
     return logical, physical, vlens
+
+
+@triton.jit
+def _shortlist_bounds(Q, KMin, KMax, Listed, Phys, SeqLens, Bounds, s_qb, s_qh, s_mp, s_mb, s_mh,
+                      s_xp, s_xb, s_xh, s_lb, s_lh, s_yb, s_yh, s_bb, s_bh, width,
+                      GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr,
+                      PAGE_SIZE: tl.constexpr, BLOCKS: tl.constexpr):
+    """The fine stage's bounds: one program per (sequence, KV head, BLOCK_P shortlist entries); each
+    entry is a logical page (-1: padding) with its physical id; per q head of the group the best
+    Quest bound over the page's written summary blocks (-inf for padding)."""
+    SUB: tl.constexpr = PAGE_SIZE // BLOCKS
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    offs_p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_j = tl.arange(0, BLOCKS)
+    offs_d = tl.arange(0, HEAD_DIM)
+    seq_len = tl.load(SeqLens + b)
+    in_row = offs_p < width
+    logical = tl.load(Listed + b * s_lb + kvh * s_lh + offs_p, mask=in_row, other=-1)
+    page = tl.load(Phys + b * s_yb + kvh * s_yh + offs_p, mask=in_row, other=0).to(tl.int64)
+    written = (logical[:, None] >= 0) & ((logical[:, None] * PAGE_SIZE + offs_j[None, :] * SUB) < seq_len)
+    m3 = written[:, :, None]
+    lo = tl.load(KMin + page[:, None, None] * s_mp + offs_j[None, :, None] * s_mb + kvh * s_mh
+                 + offs_d[None, None, :], mask=m3, other=0.0).to(tl.float32)
+    hi = tl.load(KMax + page[:, None, None] * s_xp + offs_j[None, :, None] * s_xb + kvh * s_xh
+                 + offs_d[None, None, :], mask=m3, other=0.0).to(tl.float32)
+    for g in tl.static_range(GROUP):
+        qv = tl.load(Q + b * s_qb + (kvh * GROUP + g) * s_qh + offs_d).to(tl.float32)[None, None, :]
+        bound = tl.sum(hi * tl.maximum(qv, 0.0) + lo * tl.minimum(qv, 0.0), 2)        # [BLOCK_P, BLOCKS]
+        bound = tl.max(tl.where(written, bound, float("-inf")), 1)
+        tl.store(Bounds + b * s_bb + (kvh * GROUP + g) * s_bh + offs_p, bound, mask=in_row)
+
+
+def shortlist_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, listed: torch.Tensor,
+                     physical: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
+                     force: tuple[int, int, int], scale: float, block_p: int | None = None,
+                     num_warps: int | None = None) -> torch.Tensor:
+    """The fine stage's scores over a shortlist (listed logical pages and their physical ids, int32
+    [batch, kv_heads, S]): block bounds per q head, log-softmax over the shortlist, max over the
+    group, forced pages +inf -> [batch, kv_heads, S] (reference.shortlist_page_scores's values at
+    the listed pages)."""
+    batch, q_heads, head_dim = q.shape
+    blocks, kv_heads = kmin.shape[1:3]
+    width = listed.shape[2]
+    assert listed.shape == physical.shape == (batch, kv_heads, width)
+    assert listed.stride(2) == physical.stride(2) == 1 and kmin.stride(3) == kmax.stride(3) == 1
+    bounds = torch.empty(batch, q_heads, width, device=q.device, dtype=torch.float32)
+    block_p = block_p or max(1, 64 // blocks)
+    _shortlist_bounds[(batch, kv_heads, triton.cdiv(width, block_p))](
+        q, kmin, kmax, listed, physical, seq_lens, bounds, q.stride(0), q.stride(1), *kmin.stride()[:3],
+        *kmax.stride()[:3], listed.stride(0), listed.stride(1), physical.stride(0), physical.stride(1),
+        bounds.stride(0), bounds.stride(1), width, GROUP=q_heads // kv_heads, HEAD_DIM=head_dim,
+        BLOCK_P=block_p, PAGE_SIZE=page_size, BLOCKS=blocks, num_warps=num_warps or 4)
+    return combine_heads(bounds, seq_lens, page_size, kv_heads, force, scale, listed)
 
 
 def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kmin: torch.Tensor,
                   kmax: torch.Tensor, page_tables: torch.Tensor, seq_lens: torch.Tensor,
                   budget_tokens: int, sink_tokens: int, recent_tokens: int, scale: float | None = None,
                   return_selection: bool = False, score_tuning: dict | None = None,
-                  select_tuning: dict | None = None, **tuning):
+                  select_tuning: dict | None = None, pmin: torch.Tensor | None = None,
+                  pmax: torch.Tensor | None = None, shortlist_factor: int = 0, **tuning):
     """Batched reference.sparse_paged_decode.
 
     q: [batch, q_heads, d]; caches [num_pages, page_size, kv_heads, d]; kmin, kmax [num_pages,
@@ -263,6 +349,9 @@ def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     max_pages]; seq_lens int32 [batch] (>= 1). Token counts round to pages as
     reference.sparse_page_counts says. Returns out [batch, q_heads, d] (q's dtype),
     or (out, logical pages [batch, kv_heads, k], virtual seq_lens) with return_selection.
+    shortlist_factor > 0 with the page summaries pmin, pmax [num_pages, kv_heads, d]: coarse to fine
+    (reference.sparse_paged_decode) whenever the page tables are wider than the shortlist (a static
+    choice: rows shorter than the shortlist keep all their pages in it).
     tuning (num_splits, block_n, num_warps, num_stages, ...) goes to the split-K decode kernel;
     score_tuning to quest_scores (block_p, num_warps, all_heads), select_tuning to select_pages.
     """
@@ -272,10 +361,22 @@ def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     max_pages = page_tables.shape[1]
     if max_pages <= budget and not return_selection:
         return paged_decode(q, k_cache, v_cache, page_tables, seq_lens, scale, **tuning)
-    scores = quest_scores(q, kmin, kmax, page_tables, seq_lens, page_size, (budget, sink, recent),
-                          scale=scale, **(score_tuning or {}))
-    logical, physical, vlens = select_pages(scores, page_tables, seq_lens, page_size, budget,
-                                            **(select_tuning or {}))
+    shortlist = shortlist_factor * budget
+    if 0 < shortlist < max_pages:
+        assert pmin is not None and pmax is not None, "the coarse stage needs the page summaries"
+        coarse = quest_scores(q, pmin.unsqueeze(1), pmax.unsqueeze(1), page_tables, seq_lens, page_size,
+                              (budget, sink, recent), scale=scale)
+        listed, listed_physical, _ = select_pages(coarse, page_tables, seq_lens, page_size, shortlist,
+                                                  **(select_tuning or {}))
+        scores = shortlist_scores(q, kmin, kmax, listed, listed_physical, seq_lens, page_size,
+                                  (budget, sink, recent), default_scale(q.shape[2]) if scale is None else scale)
+        logical, physical, vlens = select_pages(scores, listed_physical, seq_lens, page_size, budget,
+                                                listed=listed, **(select_tuning or {}))
+    else:
+        scores = quest_scores(q, kmin, kmax, page_tables, seq_lens, page_size, (budget, sink, recent),
+                              scale=scale, **(score_tuning or {}))
+        logical, physical, vlens = select_pages(scores, page_tables, seq_lens, page_size, budget,
+                                                **(select_tuning or {}))
     if tuning.get("num_splits") is None:  # short page lists: splits of 2 key blocks (H100 b1: 14.7 vs 17.3 us)
         tuning["num_splits"] = default_num_splits(q.shape[0], k_cache.shape[2], physical.shape[2] * page_size,
                                                   q.device, tuning.get("block_n", 64), min_blocks=2)

@@ -13,6 +13,12 @@ remaining pages fill `budget_pages`, per KV head and per sequence; attention the
 pages, straight from the paged cache (indexed by page id and KV head; the sequence is never copied
 into a contiguous buffer).
 
+Coarse to fine (kernels/reference.py): when a row has more than shortlist_factor * budget_pages
+pages, the page summaries (one min/max per page) score every page first and keep that many per KV
+head (forced pages included); only the shortlist is scored by its block summaries, each head's
+log-softmax taken over the shortlist, and the budget is chosen from it. That reads 1/blocks of
+the block summaries for the whole sequence plus the shortlist's blocks, instead of every block.
+
 Token counts round to pages as kernels/reference.py says: budget_pages = token_budget // page_size
 (it includes the sink and recent pages), sink_pages = ceil(sink_tokens / page_size), recent_pages =
 max(1, ceil(recent_tokens / page_size)). A row of at most budget_pages pages attends densely.
@@ -90,6 +96,7 @@ class QuestPlan:
     """Per-forward layout of the decode rows, shared by every sparse layer."""
 
     budget_pages: int
+    shortlist_pages: int            # 0: every page scored by its blocks (no row is that long)
     all_dense: bool                 # no row exceeds the budget: plain dense decode
     dense_rows: torch.Tensor        # [Bd] decode rows within the budget
     sparse_rows: torch.Tensor       # [Bs] decode rows past it
@@ -99,6 +106,7 @@ class QuestPlan:
     sparse_lengths: torch.Tensor    # [Bs, 1, 1] tokens, including the new one
     bias: torch.Tensor              # [Bs, 1, P] +inf forced (sink, recent), -inf padding, else 0
     unwritten: torch.Tensor         # [Bs, 1, 1, P * blocks] True for summary blocks past the sequence
+    page_unwritten: torch.Tensor    # [Bs, 1, 1, P] True for padding pages (past the sequence)
     slot: torch.Tensor              # [page_size] 0..page_size-1
     slot_head: torch.Tensor         # [1, kv_heads, 1, page_size] slot * kv_heads + head
     pages_read: int
@@ -137,11 +145,14 @@ def make_plan(meta: AttentionMetadata, page_size: int, kv_heads: int, summary_to
     unwritten = first >= lengths[sparse_rows].unsqueeze(1)
     slot = torch.arange(page_size, device=device)
     head = torch.arange(kv_heads, device=device).view(1, kv_heads, 1, 1)
+    shortlist = meta.sparse.shortlist_factor * budget_pages
     return QuestPlan(
-        budget_pages=budget_pages, all_dense=n_sparse == 0, dense_rows=dense_rows,
+        budget_pages=budget_pages, shortlist_pages=shortlist if 0 < shortlist < width else 0,
+        all_dense=n_sparse == 0, dense_rows=dense_rows,
         sparse_rows=sparse_rows, dense_pages=dense_pages, dense_mask=dense_mask,
         sparse_pages=sparse_pages, sparse_lengths=lengths[sparse_rows].view(-1, 1, 1),
-        bias=bias.unsqueeze(1), unwritten=unwritten.view(len(sparse_rows), 1, 1, first.shape[1]), slot=slot,
+        bias=bias.unsqueeze(1), unwritten=unwritten.view(len(sparse_rows), 1, 1, first.shape[1]),
+        page_unwritten=(logical >= used).view(len(sparse_rows), 1, 1, width), slot=slot,
         slot_head=slot * kv_heads + head,
         pages_read=read * kv_heads, pages_skipped=skipped * kv_heads)
 
@@ -213,11 +224,19 @@ def _dense(q: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor, pages:
 
 def sparse_rows_attention(q: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor,
                           kmin_layer: torch.Tensor, kmax_layer: torch.Tensor, plan: QuestPlan,
-                          scale: float, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                          scale: float, fused: bool = False, pmin_layer: torch.Tensor | None = None,
+                          pmax_layer: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Quest decode of the plan's sparse rows, q: [Bs, H, d] -> (out [Bs, H, d], logical pages
-    chosen [Bs, kv_heads, budget_pages]). kmin_layer, kmax_layer: [pages, blocks, kv_heads, d].
+    chosen [Bs, kv_heads, budget_pages]). kmin_layer, kmax_layer: [pages, blocks, kv_heads, d];
+    pmin_layer, pmax_layer: [pages, kv_heads, d] (the page summaries, for the coarse stage).
     fused: score the pages and attend the chosen ones with the CPU kernels (kernels/cpu/fused.cpp)
     instead of gathering summaries and keys for torch ops; the same scores and selection."""
+    attend = attend_pages_fused if fused else attend_pages
+    if plan.shortlist_pages:
+        assert pmin_layer is not None and pmax_layer is not None, "the coarse stage needs the page summaries"
+        shortlist = _shortlist(q, pmin_layer, pmax_layer, plan, scale, fused)       # [Bs, kvh, S]
+        chosen = _select_from_shortlist(q, kmin_layer, kmax_layer, shortlist, plan, scale)
+        return attend(q, k_layer, v_layer, chosen, plan, scale), chosen
     if fused:
         scores = torch.ops.radixgate_cpu.quest_page_scores(
             q, kmin_layer, kmax_layer, plan.sparse_pages.contiguous(),
@@ -226,8 +245,48 @@ def sparse_rows_attention(q: torch.Tensor, k_layer: torch.Tensor, v_layer: torch
         kmin, kmax = gather_summaries(kmin_layer, kmax_layer, plan.sparse_pages)
         scores = quest_scores(q, kmin, kmax, plan.unwritten, scale)              # [Bs, kvh, P]
     chosen = select_pages(scores, plan.bias, plan.budget_pages)                  # [Bs, kvh, k]
-    attend = attend_pages_fused if fused else attend_pages
     return attend(q, k_layer, v_layer, chosen, plan, scale), chosen
+
+
+def _shortlist(q: torch.Tensor, pmin_layer: torch.Tensor, pmax_layer: torch.Tensor, plan: QuestPlan,
+               scale: float, fused: bool) -> torch.Tensor:
+    """The coarse stage: every page scored by its page summary, the best plan.shortlist_pages kept
+    per row and KV head (forced pages first), ascending -> logical pages [Bs, kv_heads, S]."""
+    pmin, pmax = pmin_layer.unsqueeze(1), pmax_layer.unsqueeze(1)                # one block per page
+    if fused:
+        scores = torch.ops.radixgate_cpu.quest_page_scores(
+            q, pmin, pmax, plan.sparse_pages.contiguous(), plan.sparse_lengths.reshape(-1).contiguous(),
+            plan.slot.shape[0], scale)
+    else:
+        lo, hi = gather_summaries(pmin, pmax, plan.sparse_pages)
+        scores = quest_scores(q, lo, hi, plan.page_unwritten, scale)
+    return select_pages(scores, plan.bias, plan.shortlist_pages)
+
+
+def _select_from_shortlist(q: torch.Tensor, kmin_layer: torch.Tensor, kmax_layer: torch.Tensor,
+                           shortlist: torch.Tensor, plan: QuestPlan, scale: float) -> torch.Tensor:
+    """The fine stage: the shortlisted pages [Bs, kv_heads, S] scored by their block summaries
+    (each KV head reads its own pages' rows), log-softmax per q head over the shortlist, max over
+    the group; the budget's best (forced first) -> logical pages [Bs, kv_heads, budget], ascending."""
+    batch, heads, head_dim = q.shape
+    _, blocks, kv_heads, _ = kmin_layer.shape
+    width = shortlist.shape[-1]
+    page_size = plan.slot.shape[0]
+    physical = plan.sparse_pages.gather(1, shortlist.flatten(1)).view_as(shortlist)   # [Bs, kvh, S]
+    head = torch.arange(kv_heads, device=q.device).view(1, kv_heads, 1, 1)
+    block = torch.arange(blocks, device=q.device)
+    rows = ((physical.unsqueeze(-1) * blocks + block) * kv_heads + head).flatten()   # flat [pages*blocks*kvh] rows
+    lo = kmin_layer.reshape(-1, head_dim).index_select(0, rows).view(batch, kv_heads, width * blocks, head_dim)
+    hi = kmax_layer.reshape(-1, head_dim).index_select(0, rows).view(batch, kv_heads, width * blocks, head_dim)
+    qg = (q.float() * scale).view(batch, kv_heads, heads // kv_heads, head_dim)
+    logits = qg.clamp(min=0) @ hi.float().transpose(-1, -2) + qg.clamp(max=0) @ lo.float().transpose(-1, -2)
+    first = (shortlist.unsqueeze(-1) * page_size + block * (page_size // blocks)).view(batch, kv_heads, 1, -1)
+    logits = logits.masked_fill(first >= plan.sparse_lengths.unsqueeze(-1), float("-inf"))
+    logits = logits.view(batch, kv_heads, -1, width, blocks).amax(dim=-1)         # [Bs, kvh, g, S]
+    scores = (logits - logits.logsumexp(dim=-1, keepdim=True)).amax(dim=2)       # [Bs, kvh, S]
+    bias = plan.bias.expand(batch, kv_heads, -1).gather(2, shortlist)
+    picked = (scores + bias).topk(plan.budget_pages, dim=-1, sorted=False).indices
+    return shortlist.gather(2, picked).sort(dim=-1).values
 
 
 def gather_summaries(kmin_layer: torch.Tensor, kmax_layer: torch.Tensor, pages: torch.Tensor
@@ -303,7 +362,8 @@ def sparse_decode_attention(q: torch.Tensor, cache: PagedKVCache, layer: int, me
         return dense_decode(q, cache, layer, meta, scale)
     k_layer, v_layer = cache.k[layer], cache.v[layer]
     sparse_out, _ = sparse_rows_attention(q[plan.sparse_rows], k_layer, v_layer, cache.kmin[layer],
-                                          cache.kmax[layer], plan, scale, fused)
+                                          cache.kmax[layer], plan, scale, fused, cache.pmin[layer],
+                                          cache.pmax[layer])
     if not len(plan.dense_rows):
         return sparse_out
     out = torch.empty_like(q)

@@ -1,5 +1,6 @@
 """Quest key summaries kept up to date in torch ops (torch and cpu_fused backends): each page's
-per-block key min/max after this step's keys are written (kernels/reference.update_page_summaries)."""
+per-block key min/max, and its page summary (min/max over the whole page), after this step's keys
+are written (kernels/reference.update_page_summaries)."""
 from __future__ import annotations
 
 import torch
@@ -16,6 +17,9 @@ def make_summary_plan(meta: AttentionMetadata, page_size: int, summary_tokens: i
         plan.blocks = torch.tensor([s // summary_tokens for s in slots], dtype=torch.long, device=device)
         plan.opens_block = torch.tensor([s % summary_tokens == 0 for s in slots], dtype=torch.bool,
                                         device=device).view(-1, 1, 1)
+        plan.page_rows = torch.tensor([s // page_size for s in slots], dtype=torch.long, device=device)
+        plan.opens_page = torch.tensor([s % page_size == 0 for s in slots], dtype=torch.bool,
+                                       device=device).view(-1, 1, 1)
         opened = [s // page_size for s in slots if s % page_size == 0]
         if opened:                              # known on the host: no op at all on most steps
             plan.opened_pages = torch.tensor(opened, dtype=torch.long, device=device)
@@ -54,6 +58,7 @@ def update_summaries(cache: PagedKVCache, layer: int, k: torch.Tensor, meta: Att
     assert plan.summary_tokens == cache.summary_tokens, "metadata was planned for another cache"
     if meta.decode_only:
         _fold_new_keys(cache.kmin[layer], cache.kmax[layer], k, plan)
+        _fold(cache.pmin[layer], cache.pmax[layer], k, plan.page_rows, plan.opens_page)
     else:
         _recompute_touched_pages(cache, layer, meta, plan)
 
@@ -65,10 +70,14 @@ def _fold_new_keys(kmin: torch.Tensor, kmax: torch.Tensor, k: torch.Tensor, plan
     if plan.opened_pages is not None:
         kmin.index_fill_(0, plan.opened_pages, 0)
         kmax.index_fill_(0, plan.opened_pages, 0)
-    flat_min, flat_max = kmin.view(-1, *kmin.shape[2:]), kmax.view(-1, *kmax.shape[2:])
-    rows, first = plan.blocks, plan.opens_block
-    flat_min.index_copy_(0, rows, torch.where(first, k, torch.minimum(flat_min.index_select(0, rows), k)))
-    flat_max.index_copy_(0, rows, torch.where(first, k, torch.maximum(flat_max.index_select(0, rows), k)))
+    _fold(kmin.view(-1, *kmin.shape[2:]), kmax.view(-1, *kmax.shape[2:]), k, plan.blocks, plan.opens_block)
+
+
+def _fold(lo: torch.Tensor, hi: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, first: torch.Tensor) -> None:
+    """Summary rows lo/hi [rows, kv_heads, d] folded with one new key each: the key alone where it
+    is the first of its block or page (`first`), else the element-wise min/max with it."""
+    lo.index_copy_(0, rows, torch.where(first, k, torch.minimum(lo.index_select(0, rows), k)))
+    hi.index_copy_(0, rows, torch.where(first, k, torch.maximum(hi.index_select(0, rows), k)))
 
 
 def _recompute_touched_pages(cache: PagedKVCache, layer: int, meta: AttentionMetadata,
@@ -83,3 +92,6 @@ def _recompute_touched_pages(cache: PagedKVCache, layer: int, meta: AttentionMet
     hi = keys.masked_fill(plan.unwritten, float("-inf")).amax(dim=2).masked_fill(plan.empty, 0)
     cache.kmin[layer][pages] = lo
     cache.kmax[layer][pages] = hi
+    # The page summary over its written blocks (a touched page has at least one).
+    cache.pmin[layer][pages] = lo.masked_fill(plan.empty, float("inf")).amin(dim=1)
+    cache.pmax[layer][pages] = hi.masked_fill(plan.empty, float("-inf")).amax(dim=1)

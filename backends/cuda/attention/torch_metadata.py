@@ -91,7 +91,9 @@ class SummaryPlan:
     flat block rows (page * blocks_per_page + slot // summary_tokens, i.e. slot // summary_tokens),
     `opens_block` [T, 1, 1] says the key is the block's first, and `opened_pages` lists the pages a
     key opens at slot 0, whose blocks are all zeroed first (a recycled page keeps nothing of its
-    previous owner). Other batches recompute every block of every touched page from the cache:
+    previous owner); `page_rows` [T] and `opens_page` [T, 1, 1] do the same for the page summaries
+    (slot // page_size; the key is the page's first). Other batches recompute every block of every
+    touched page from the cache:
     `unwritten` [S, blocks, summary_tokens, 1, 1] marks slots at or past `summary_filled`, and
     `empty` [S, blocks, 1, 1] blocks with no written slot (their summary is 0).
     """
@@ -100,5 +102,7 @@ class SummaryPlan:
     blocks: torch.Tensor | None = None
     opens_block: torch.Tensor | None = None
     opened_pages: torch.Tensor | None = None
+    page_rows: torch.Tensor | None = None
+    opens_page: torch.Tensor | None = None
     unwritten: torch.Tensor | None = None
     empty: torch.Tensor | None = None

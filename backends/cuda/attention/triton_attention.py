@@ -2,7 +2,7 @@
 
 Per layer: one kernel rotates q and k in place and writes k, v into their slots
 (kernels/triton/layer_ops.rotary_store); with sparse decode on, one kernel refreshes the key
-summaries of the touched pages; then the decode rows [0, num_decode) run split-K paged decode
+summaries (blocks and whole pages) of the touched pages; then the decode rows [0, num_decode) run split-K paged decode
 (dense, or Quest sparse past the dense layers) and the extend rows run the varlen extend kernel,
 both writing into one output. forward() never syncs with the host, so after one plan() over the
 static buffers of a batch-size bucket it is captured in a CUDA graph (backends/cuda/graphs.py).
@@ -48,7 +48,7 @@ class TritonAttention(AttentionBackend):
                      cache.k_slots[layer], cache.v_slots[layer], layout.slots)
         if cache.kmin is not None:
             update_page_summaries(cache.kmin[layer], cache.kmax[layer], k_cache, layout.tables,
-                                  layout.starts, layout.seq_lens, self.max_new)
+                                  layout.starts, layout.seq_lens, self.max_new, cache.pmin[layer], cache.pmax[layer])
         q = qkv[:, :q_size].view(tokens, heads, d)
         out = torch.empty(tokens, heads, d, dtype=qkv.dtype, device=qkv.device)
         nd = layout.num_decode
@@ -57,7 +57,8 @@ class TritonAttention(AttentionBackend):
                 s = self.sparse
                 sparse_decode(q[:nd], k_cache, v_cache, cache.kmin[layer], cache.kmax[layer], self.decode_tables,
                               self.decode_lens, s.token_budget, s.sink_tokens, s.recent_tokens, self.shape.scale,
-                              num_splits=self.sparse_splits, out=out[:nd])
+                              num_splits=self.sparse_splits, out=out[:nd], pmin=cache.pmin[layer],
+                              pmax=cache.pmax[layer], shortlist_factor=s.shortlist_factor)
             else:
                 paged_decode(q[:nd], k_cache, v_cache, self.decode_tables, self.decode_lens, self.shape.scale,
                              num_splits=self.dense_splits, out=out[:nd])

@@ -1,0 +1,82 @@
+"""Where a decode step's time goes on a GPU: the runner's graph-captured step at one batch size,
+profiled kernel by kernel (torch.profiler over several replays), next to the step's wall time.
+
+    python3 -m bench.profile_step --batch 1 --context 512
+
+Prints per kernel name: launches per step, mean us per launch, us per step, share of the step; then
+the sum of kernel time against the step's wall time (the rest is launch gaps and idle time).
+"""
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from backends.base import ForwardBatch, RunnerSettings, SequenceChunk
+from backends.cuda.runner import TorchRunner
+from bench.runner_step import GREEDY, copy_bandwidth
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="llama-3-8b")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--top", type=int, default=25)
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    bw = copy_bandwidth(device)
+    runner = TorchRunner(RunnerSettings("random", args.model, args.model, dtype="bfloat16", device="cuda",
+                                        cuda_graphs=True, num_pages=8192, max_sequences=max(64, args.batch),
+                                        context_length=4096))
+    ps = runner.page_size
+    pages = -(-(args.context + 4 * args.steps + 64) // ps)
+    tables = [list(range(i * pages, (i + 1) * pages)) for i in range(args.batch)]
+    rng = np.random.default_rng(0)
+    for i in range(args.batch):
+        ids = rng.integers(0, runner.config.vocab_size, args.context).tolist()
+        runner.forward(ForwardBatch([SequenceChunk(ids, 0, tables[i], i, i + 1, None)]))
+    position = args.context
+
+    def step() -> None:
+        nonlocal position
+        runner.forward(ForwardBatch([SequenceChunk([5], position, tables[i], i, i + 1, GREEDY)
+                                     for i in range(args.batch)]))
+        position += 1
+
+    for _ in range(8):
+        step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(args.steps):
+        start, end = torch.cuda.Event(True), torch.cuda.Event(True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    wall_us = float(np.median(times))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            step()
+        torch.cuda.synchronize()
+    per_name: dict[str, list[float]] = defaultdict(list)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            per_name[event.name].append(event.device_time)
+    total = sum(sum(v) for v in per_name.values()) / args.steps
+    print(f"batch {args.batch}, context {args.context}: step {wall_us:.0f} us (median of {args.steps}), "
+          f"kernels {total:.0f} us per step, gaps {wall_us - total:.0f} us; copy bandwidth {bw / 1e9:.0f} GB/s")
+    print("| kernel | per step | us each | us per step | share |\n| --- | --- | --- | --- | --- |")
+    rows = sorted(per_name.items(), key=lambda kv: -sum(kv[1]))
+    for name, durations in rows[:args.top]:
+        per_step = sum(durations) / args.steps
+        print(f"| {name[:90]} | {len(durations) / args.steps:.0f} | {np.mean(durations):.1f} | "
+              f"{per_step:.0f} | {100 * per_step / wall_us:.1f}% |")
+
+
+if __name__ == "__main__":
+    main()
