@@ -2,6 +2,7 @@
 profiled kernel by kernel (torch.profiler over several replays), next to the step's wall time.
 
     python3 -m bench.profile_step --batch 1 --context 512
+    python3 -m bench.profile_step --batch 16 --context 32768 --sparse     # Quest decode, engine defaults
 
 Prints per kernel name: launches per step, mean us per launch, us per step, share of the step; then
 the sum of kernel time against the step's wall time (the rest is launch gaps and idle time).
@@ -14,7 +15,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from backends.base import ForwardBatch, RunnerSettings, SequenceChunk
+from backends.base import ForwardBatch, RunnerSettings, SequenceChunk, SparseSettings
 from backends.cuda.runner import TorchRunner
 from bench.runner_step import GREEDY, copy_bandwidth
 
@@ -26,19 +27,24 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--sparse", action="store_true", help="Quest sparse decode with the engine's defaults "
+                        "(budget 2048, 2 dense layers, sink 16, recent 64, 4-token summaries)")
     args = parser.parse_args()
     device = torch.device("cuda")
     bw = copy_bandwidth(device)
+    page_size = 16
+    pages = -(-(args.context + 4 * args.steps + 64) // page_size)
+    sparse = SparseSettings(enabled=True) if args.sparse else SparseSettings()
     runner = TorchRunner(RunnerSettings("random", args.model, args.model, dtype="bfloat16", device="cuda",
-                                        cuda_graphs=True, num_pages=8192, max_sequences=max(64, args.batch),
-                                        context_length=4096))
-    ps = runner.page_size
-    pages = -(-(args.context + 4 * args.steps + 64) // ps)
+                                        cuda_graphs=True, num_pages=args.batch * pages + 64,
+                                        max_sequences=max(64, args.batch), context_length=args.context + 1024,
+                                        sparse=sparse))
     tables = [list(range(i * pages, (i + 1) * pages)) for i in range(args.batch)]
     rng = np.random.default_rng(0)
-    for i in range(args.batch):
+    for i in range(args.batch):       # each sequence its own pages (no shared prefix)
         ids = rng.integers(0, runner.config.vocab_size, args.context).tolist()
-        runner.forward(ForwardBatch([SequenceChunk(ids, 0, tables[i], i, i + 1, None)]))
+        for start in range(0, args.context, 8192):
+            runner.forward(ForwardBatch([SequenceChunk(ids[start:start + 8192], start, tables[i], i, i + 1, None)]))
     position = args.context
 
     def step() -> None:
@@ -68,8 +74,9 @@ def main() -> None:
         if event.device_type == torch.autograd.DeviceType.CUDA:
             per_name[event.name].append(event.device_time)
     total = sum(sum(v) for v in per_name.values()) / args.steps
-    print(f"batch {args.batch}, context {args.context}: step {wall_us:.0f} us (median of {args.steps}), "
-          f"kernels {total:.0f} us per step, gaps {wall_us - total:.0f} us; copy bandwidth {bw / 1e9:.0f} GB/s")
+    print(f"batch {args.batch}, context {args.context}, sparse {args.sparse}: step {wall_us:.0f} us "
+          f"(median of {args.steps}), kernels {total:.0f} us per step, gaps {wall_us - total:.0f} us; "
+          f"copy bandwidth {bw / 1e9:.0f} GB/s")
     print("| kernel | per step | us each | us per step | share |\n| --- | --- | --- | --- | --- |")
     rows = sorted(per_name.items(), key=lambda kv: -sum(kv[1]))
     for name, durations in rows[:args.top]:

@@ -18,7 +18,7 @@
    --timing-threads thread counts (median of --timing-steps steps after 2 warm-ups, the configs
    interleaved step by step so that drift in the machine's speed hits them alike).
 
-Every config runs through TorchRunner.forward (swapping runner.settings.sparse between forwards),
+Every config runs through TorchRunner.forward (swapping the runner's sparse settings between forwards),
 so the numbers are those of the serving code path. The runners are built with sparse attention on,
 so their caches keep key summaries (written in every config); the timed dense steps run without
 them, as a server with sparse attention off does. Settings: page 16, sink 16, recent 64,
@@ -33,6 +33,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import itertools
 import math
 import platform
 import re
@@ -46,9 +47,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from backends.base import ForwardBatch, RunnerSettings, SequenceChunk, SparseSettings  # noqa: E402
-from backends.cuda import sparse_attention as sa  # noqa: E402
+from backends.base import ForwardBatch, RunnerSettings, SampleSpec, SequenceChunk, SparseSettings  # noqa: E402
+from backends.cuda.attention import sparse as sa  # noqa: E402
 from backends.cuda.runner import TorchRunner  # noqa: E402
+from backends.sampling_params import SamplingParams  # noqa: E402
 from backends.source import resolve_source  # noqa: E402
 
 LINES: list[str] = []
@@ -216,12 +218,23 @@ def configs(budgets: list[int], args) -> list[Config]:
     return out
 
 
-def forward(runner: TorchRunner, cfg: Config | SparseSettings, chunks: list[SequenceChunk]):
+EPOCHS = itertools.count(1)
+GREEDY = SampleSpec(SamplingParams(temperature=0), 0.5)
+
+
+def forward(runner: TorchRunner, cfg: Config | SparseSettings, chunks: list[SequenceChunk], logits: bool = True):
+    """One forward of these chunks: each sequence in the seq slot of its batch row, its page table
+    sent whole (a new epoch: the tables here are rebuilt between configs), and its logits returned
+    (a greedy draw on every chunk) unless logits is False (prefill)."""
     if isinstance(cfg, SparseSettings):
         cfg = Config("", cfg)
     sa.sparse_rows_attention = ENGINE_ROWS_ATTENTION if cfg.rule == "engine" else rule_attention(cfg.rule)
-    runner.settings = dataclasses.replace(runner.settings, sparse=cfg.sparse)
-    return runner.forward(ForwardBatch(chunks))
+    # The runner and its attention backend keep the sparse settings they were built with; a config
+    # swaps them in for this forward (None: dense), as a server built with them would run.
+    runner.sparse = runner.attention.sparse = cfg.sparse if cfg.sparse.enabled else None
+    chunks = [dataclasses.replace(c, seq_slot=i, table_epoch=next(EPOCHS), sample=GREEDY if logits else None)
+              for i, c in enumerate(chunks)]
+    return runner.forward(ForwardBatch(chunks, return_logits=logits))
 
 
 def runner_sparse(args) -> SparseSettings:
@@ -248,9 +261,8 @@ def prefill(runner: TorchRunner, seqs: list[tuple[list[int], list[int]]], chunk:
     """Dense prefill of every (tokens, pages), `chunk` tokens per sequence per forward."""
     longest = max(len(t) for t, _ in seqs)
     for start in range(0, longest, chunk):
-        batch = [SequenceChunk(t[start:start + chunk], start, p, want_logits=False)
-                 for t, p in seqs if start < len(t)]
-        forward(runner, SparseSettings(), batch)
+        batch = [SequenceChunk(t[start:start + chunk], start, p) for t, p in seqs if start < len(t)]
+        forward(runner, SparseSettings(), batch, logits=False)
 
 
 def fork(prefix_pages: list[int], prefix_len: int, total: int, pages: Pages) -> list[int]:

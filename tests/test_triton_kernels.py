@@ -23,6 +23,7 @@ from kernels.triton import (  # noqa: E402
     update_page_summaries,
     write_kv_and_summaries,
 )
+from kernels.triton.sparse import combine_heads, combine_select, quest_bounds  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
@@ -278,3 +279,25 @@ def test_select_pages_exact_top_k_with_ties(early_exit):
             assert torch.equal(physical[i, h, :used], table[i, expected.long()])
             assert (logical[i, h, used:] == -1).all()
         assert vlens[i] == n - max(0, -(-n // page_size) - budget) * page_size
+
+
+@pytest.mark.parametrize("listed", [False, True])
+def test_combine_select_equals_combine_then_select(listed):
+    """The fused kernel keeps the same pages as combine_heads + select_pages, for a sequence's own
+    pages and for a shortlist (its physical pages per KV head); forced, padding and partial rows."""
+    lens, page_size, group = [300, 40, 129], 16, 4
+    q, _, _, kmin, kmax, table = sparse_inputs(lens, page_size, group, 64, BF16, seed=91)
+    force, scale, keep = (6, 1, 2), 0.125, 6
+    bounds = quest_bounds(q, kmin, kmax, table, i32(lens), page_size)
+    tables, lst = table, None
+    if listed:      # a shortlist of 12 entries per head: every third page, -1 past each sequence
+        entries = torch.arange(0, 36, 3, dtype=torch.int32)
+        lst = torch.stack([torch.where(entries < -(-n // page_size), entries, -1) for n in lens])
+        lst = lst[:, None, :].expand(len(lens), KV_HEADS, 12).contiguous()
+        tables = torch.stack([table[i][lst[i].clamp(min=0).long()] for i in range(len(lens))]).contiguous()
+        bounds = bounds.gather(2, lst.clamp(min=0).long().repeat_interleave(group, 1))
+    fused = combine_select(bounds, tables, i32(lens), page_size, KV_HEADS, force, scale, keep, listed=lst)
+    scores = combine_heads(bounds, i32(lens), page_size, KV_HEADS, force, scale, lst)
+    plain = select_pages(scores, tables, i32(lens), page_size, keep, listed=lst)
+    for a, b in zip(fused, plain, strict=True):
+        assert torch.equal(a, b)

@@ -11,6 +11,9 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")
 
+import torch.nn.functional as F  # noqa: E402
+
+from kernels.triton.gemv import GemvConfig, default_config, gemv, skinny_gemm  # noqa: E402
 from kernels.triton.layer_ops import add_rms_norm, rms_norm, rotary_store, silu_mul  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("triton_interpreter")
@@ -150,3 +153,45 @@ def test_rotary_store_skips_out_of_range_slots():
     assert torch.equal(k_slots[2], other_k[2]) and torch.equal(v_slots[2], other_v[2])
     assert k_slots[torch.arange(num_slots) != 2].isnan().all()
     assert v_slots[torch.arange(num_slots) != 2].isnan().all()
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("n, k, config", [(40, 96, GemvConfig(8, 32, 1, 1)), (33, 200, GemvConfig(4, 64, 2, 2)),
+                                          (6, 1000, default_config(6, 1000, False))])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemv_matches_linear(dtype, n, k, config, bias):
+    """One row times a weight (ragged N and K against the blocks): F.linear's product, rounded once."""
+    gen = torch.Generator().manual_seed(n + k)
+    w, x = randn(n, k, dtype=dtype, gen=gen, scale=0.1), randn(1, k, dtype=dtype, gen=gen)
+    b = randn(n, dtype=dtype, gen=gen) if bias else None
+    out = torch.full((1, n), float("nan"), dtype=dtype)
+    gemv(x, w, b, config=config, out=out)
+    expected = F.linear(x.float(), w.float(), None if b is None else b.float()).to(dtype)
+    assert_near(out, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("config", [GemvConfig(4, 64, 2, 2), default_config(16, 160, True)])
+def test_gemv_fuses_silu_mul(dtype, config):
+    """silu=True reads [gate | up] and equals silu_mul (its rounding included) followed by the GEMV."""
+    gen = torch.Generator().manual_seed(5)
+    n, k = 16, 160
+    w, gate_up = randn(n, k, dtype=dtype, gen=gen, scale=0.1), randn(1, 2 * k, dtype=dtype, gen=gen)
+    got = gemv(gate_up, w, silu=True, config=config)
+    expected = F.linear(silu_mul(gate_up).float(), w.float()).to(dtype)
+    assert_near(got, expected, dtype)
+    with pytest.raises(AssertionError, match="features"):
+        gemv(gate_up[:, :k], w, silu=True)
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16])
+@pytest.mark.parametrize("m, n, k, config", [(16, 40, 96, GemvConfig(16, 32, 4, 2)), (3, 33, 200, None),
+                                             (1, 64, 64, GemvConfig(32, 64, 4, 1))])
+def test_skinny_gemm_matches_linear(dtype, m, n, k, config):
+    """A few rows times a weight through tensor-core dots (ragged N and K, rows below 16 masked)."""
+    gen = torch.Generator().manual_seed(m + n)
+    w, x = randn(n, k, dtype=dtype, gen=gen, scale=0.1), randn(m, k, dtype=dtype, gen=gen)
+    b = randn(n, dtype=dtype, gen=gen)
+    out = torch.full((m, n), float("nan"), dtype=dtype)
+    skinny_gemm(x, w, b, config=config, out=out)
+    assert_near(out, F.linear(x.float(), w.float(), b.float()).to(dtype), dtype)

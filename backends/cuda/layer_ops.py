@@ -44,6 +44,13 @@ class TorchLayerOps:
         inter = gate_up.shape[-1] // 2
         return F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:])
 
+    def prepare_linears(self, qkv, o, gate_up, down) -> None:
+        """Per-layer linear kernels chosen once at start-up (nothing to choose here)."""
+
+    def mlp_down(self, gate_up: torch.Tensor, down) -> torch.Tensor:
+        """down(silu(gate) * up) of the gate_up projection's output."""
+        return down(self.silu_mul(gate_up))
+
 
 class CpuFusedLayerOps(TorchLayerOps):
     name = "cpu_fused"
@@ -80,6 +87,23 @@ class TritonLayerOps(TorchLayerOps):
 
     def silu_mul(self, gate_up):
         return self.kernels.silu_mul(gate_up)
+
+    def prepare_linears(self, qkv, o, gate_up, down) -> None:
+        """One-row inputs (batch-1 decode) go through kernels/triton/gemv.py on CUDA, SiLU * up fused
+        into the down projection, and 2..16 rows through its skinny_gemm; bf16/fp16 weights only
+        (the CPU-side int modes never run here)."""
+        if qkv.weight.device.type != "cuda" or qkv.weight.dtype == torch.float32:
+            return
+        for linear in (qkv, o, gate_up):
+            linear.use_gemv()
+        down.use_gemv(silu_input=True)
+        for linear in (qkv, o, gate_up, down):     # 2..16 rows: 1.05-1.18x cuBLAS at 16 (docs/cuda.md)
+            linear.use_skinny()
+
+    def mlp_down(self, gate_up, down):
+        if down.gemv_silu is not None and gate_up.shape[0] == 1:
+            return down.silu_down(gate_up)
+        return down(self.kernels.silu_mul(gate_up))
 
 
 LAYER_OPS = {"torch": TorchLayerOps, "cpu_fused": CpuFusedLayerOps, "triton": TritonLayerOps}

@@ -103,10 +103,39 @@ class FastLinear:
             if bias is not None:
                 self.bias = bias.to(torch.bfloat16)
         self.weight = weight.contiguous()
+        self.gemv = self.gemv_silu = None   # one-row Triton kernel configs (use_gemv), else None
+        self.skinny = None                  # a few-row Triton kernel's config (use_skinny), else None
         if mode in ("bfloat16", "int8", "int4") and _mkldnn_ok() and self.weight.device.type == "cpu":
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, None)
 
+    def use_gemv(self, silu_input: bool = False) -> None:
+        """Serve one-row inputs with kernels/triton/gemv.py (CUDA, chosen once at start-up by the
+        Triton layer ops): faster than cuBLAS at batch 1 on the attention projections (docs/cuda.md).
+        silu_input: also prepare silu_down, which takes the gate_up row and applies SiLU * up itself."""
+        from kernels.triton.gemv import default_config, gemv
+        assert self.weight.device.type == "cuda" and self.q is None and self.q4 is None
+        self._gemv = gemv
+        self.gemv = default_config(*self.weight.shape, False)
+        self.gemv_silu = default_config(*self.weight.shape, True) if silu_input else None
+
+    def use_skinny(self) -> None:
+        """Serve 2..16 rows (small decode batches) with kernels/triton/gemv.skinny_gemm (CUDA, chosen
+        once at start-up): cuBLAS reads the weights at 79-90% of the copy rate there, the skinny
+        kernel at 83-97% (docs/cuda.md)."""
+        from kernels.triton.gemv import SKINNY_MAX_ROWS, skinny_config, skinny_gemm
+        assert self.weight.device.type == "cuda" and self.q is None and self.q4 is None
+        self._skinny, self.skinny_rows = skinny_gemm, SKINNY_MAX_ROWS
+        self.skinny = skinny_config(*self.weight.shape)
+
+    def silu_down(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """self(silu(gate) * up) for one gate_up row [1, 2K], in one kernel (use_gemv(silu_input=True))."""
+        return self._gemv(gate_up, self.weight, self.bias, silu=True, config=self.gemv_silu)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gemv is not None and x.shape[0] == 1:
+            return self._gemv(x, self.weight, self.bias, config=self.gemv)
+        if self.skinny is not None and x.shape[0] <= self.skinny_rows:
+            return self._skinny(x, self.weight, self.bias, config=self.skinny)
         if self.q4 is not None and x.shape[0] <= INT4_MAX_ROWS:
             # the kernel refuses strided rows (e.g. a slice of model.rms_norm_fast's output)
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.q4, INT4_GROUP, self.scale_zero)

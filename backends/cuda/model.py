@@ -194,6 +194,7 @@ class LlamaModel(nn.Module):
         for layer, entry in zip(self.layers, linears, strict=True):
             entry.ln1 = ops.prepare_norm(layer.input_layernorm.weight)
             entry.ln2 = ops.prepare_norm(layer.post_attention_layernorm.weight)
+            ops.prepare_linears(entry.qkv, entry.o, entry.gate_up, entry.down)
         self.final_norm = ops.prepare_norm(self.norm.weight)
         self.fast = linears
 
@@ -207,7 +208,7 @@ class LlamaModel(nn.Module):
         for index, entry in enumerate(layers):
             out = attention.forward(index, entry.qkv(h))       # rotary, KV write, attention
             h = ops.add_rms_norm(x, entry.o(out), entry.ln2)
-            down = entry.down(ops.silu_mul(entry.gate_up(h)))
+            down = ops.mlp_down(entry.gate_up(h), entry.down)
             next_norm = layers[index + 1].ln1 if index + 1 < len(layers) else self.final_norm
             h = ops.add_rms_norm(x, down, next_norm)           # the last one is the final norm
         if logits_rows is not None and logits_rows.shape[0] != h.shape[0]:

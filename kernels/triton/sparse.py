@@ -100,24 +100,13 @@ def _quest_head_bounds_all_heads(Q, KMin, KMax, PT, SeqLens, Bounds, s_qb, s_qh,
 
 
 @triton.jit
-def _combine_heads(Bounds, SeqLens, Scores, Listed, s_bb, s_bh, s_sb, s_sh, s_lb, s_lh, max_pages, scale,
-                   budget_pages, sink_pages, recent_pages,
-                   GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
-                   PAGE_SIZE: tl.constexpr, FORCE: tl.constexpr, LISTED: tl.constexpr):
-    """One program per (sequence, KV head): log-softmax of each q head's bounds over the sequence's
-    pages (at the attention scale), max over the group; forced pages +inf, pages past the end -inf.
-    LISTED: entry i is logical page Listed[b, kvh, i] (a shortlist; -1 for padding), not page i."""
-    b = tl.program_id(0)
-    kvh = tl.program_id(1)
+def _group_scores(Bounds, b, kvh, logical, valid, n_pages, s_bb, s_bh, scale, budget_pages, sink_pages,
+                  recent_pages, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
+                  FORCE: tl.constexpr):
+    """Scores of one (sequence, KV head) row of entries: log-softmax of each q head's bounds over the
+    valid entries (at the attention scale), max over the group; forced pages +inf, invalid -inf."""
     offs_g = tl.arange(0, BLOCK_G)
     offs_p = tl.arange(0, BLOCK_P)
-    n_pages = tl.cdiv(tl.load(SeqLens + b), PAGE_SIZE)
-    if LISTED:
-        logical = tl.load(Listed + b * s_lb + kvh * s_lh + offs_p, mask=offs_p < max_pages, other=-1)
-        valid = (logical >= 0) & (logical < n_pages)
-    else:
-        logical = offs_p
-        valid = offs_p < n_pages
     mask_g = offs_g < GROUP
     m2 = mask_g[:, None] & valid[None, :]
     bound = tl.load(Bounds + b * s_bb + (kvh * GROUP + offs_g[:, None]) * s_bh + offs_p[None, :], mask=m2,
@@ -129,28 +118,64 @@ def _combine_heads(Bounds, SeqLens, Scores, Listed, s_bb, s_bh, s_sb, s_sh, s_lb
     if FORCE:
         forced = (logical < sink_pages) | (logical >= n_pages - recent_pages) | (n_pages <= budget_pages)
         score = tl.where(forced, float("inf"), score)
-    score = tl.where(valid, score, float("-inf"))
+    return tl.where(valid, score, float("-inf"))
+
+
+@triton.jit
+def _row_entries(Listed, b, kvh, s_lb, s_lh, n_pages, max_pages, BLOCK_P: tl.constexpr, LISTED: tl.constexpr):
+    """(logical page, valid) of each entry of a row: entry i is page i of the sequence, or with
+    LISTED the logical page Listed[b, kvh, i] of a shortlist (-1 for padding)."""
+    offs_p = tl.arange(0, BLOCK_P)
+    if LISTED:
+        logical = tl.load(Listed + b * s_lb + kvh * s_lh + offs_p, mask=offs_p < max_pages, other=-1)
+        valid = (logical >= 0) & (logical < n_pages)
+    else:
+        logical = offs_p
+        valid = offs_p < n_pages
+    return logical, valid
+
+
+@triton.jit
+def _combine_heads(Bounds, SeqLens, Scores, Listed, s_bb, s_bh, s_sb, s_sh, s_lb, s_lh, max_pages, scale,
+                   budget_pages, sink_pages, recent_pages,
+                   GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
+                   PAGE_SIZE: tl.constexpr, FORCE: tl.constexpr, LISTED: tl.constexpr):
+    """One program per (sequence, KV head): _group_scores of its row, stored."""
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    offs_p = tl.arange(0, BLOCK_P)
+    n_pages = tl.cdiv(tl.load(SeqLens + b), PAGE_SIZE)
+    logical, valid = _row_entries(Listed, b, kvh, s_lb, s_lh, n_pages, max_pages, BLOCK_P, LISTED)
+    score = _group_scores(Bounds, b, kvh, logical, valid, n_pages, s_bb, s_bh, scale, budget_pages, sink_pages,
+                          recent_pages, GROUP, BLOCK_G, BLOCK_P, FORCE)
     tl.store(Scores + b * s_sb + kvh * s_sh + offs_p, score, mask=offs_p < max_pages)
 
 
 def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_tables: torch.Tensor,
                  seq_lens: torch.Tensor, page_size: int, force: tuple[int, int, int] | None = None,
-                 block_p: int | None = None, num_warps: int | None = None, pages_per_prog: int | None = None,
-                 all_heads: bool | None = None, scale: float | None = None) -> torch.Tensor:
-    """Stage A. q: [batch, q_heads, d], kmin/kmax [num_pages, blocks, kv_heads, d] (reference.py's
-    summaries) -> fp32 scores [batch, kv_heads, max_pages] (-inf past each
-    sequence): reference.quest_page_scores, batched (summed in another order: equal to rounding), at
-    the attention scale `scale` (default 1/sqrt(d)). force=(budget_pages, sink_pages, recent_pages)
-    sets forced pages to +inf.
-    Two launches: the Quest bound of every q head into a [batch, q_heads, max_pages] buffer, then
-    one program per (sequence, KV head) normalises each head over the sequence's pages and takes the
-    max over the group. all_heads: the bounds kernel runs one program per (sequence,
-    pages_per_prog pages), block_p pages per step, every KV head at once (needs kmin <= kmax, true
-    of written blocks); pages_per_prog defaults to about 8 programs per SM. Else one program per
+                 scale: float | None = None, **tuning) -> torch.Tensor:
+    """Stage A: quest_bounds, then combine_heads -> fp32 scores [batch, kv_heads, max_pages] (-inf
+    past each sequence): reference.quest_page_scores, batched (summed in another order: equal to
+    rounding), at the attention scale `scale` (default 1/sqrt(d)). force=(budget_pages, sink_pages,
+    recent_pages) sets forced pages to +inf. tuning: quest_bounds's."""
+    bounds = quest_bounds(q, kmin, kmax, page_tables, seq_lens, page_size, **tuning)
+    scale = default_scale(q.shape[2]) if scale is None else scale
+    return combine_heads(bounds, seq_lens, page_size, kmin.shape[2], force, scale)
+
+
+def quest_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_tables: torch.Tensor,
+                 seq_lens: torch.Tensor, page_size: int, block_p: int | None = None, num_warps: int | None = None,
+                 pages_per_prog: int | None = None, all_heads: bool | None = None) -> torch.Tensor:
+    """The Quest bound of every q head for every page: q [batch, q_heads, d], kmin/kmax [num_pages,
+    blocks, kv_heads, d] (reference.py's summaries) -> fp32 [batch, q_heads, max_pages] (entries
+    past a sequence are garbage: combine_heads and combine_select never read them).
+    all_heads: the bounds kernel runs one program per (sequence, pages_per_prog pages), block_p
+    pages per step, every KV head at once (needs kmin <= kmax, true of written blocks);
+    pages_per_prog defaults to about 8 programs per SM. Else one program per
     (sequence, KV head, block_p pages) summing max(q*lo, q*hi) directly (the original kernel).
-    Default (None): all_heads with one summary per page, per head with several (H100, 4-token
-    summaries at page 64, budget 2048: 31 vs 101 us at b1 x 32k, 223 vs 1062 us at b16 x 32k,
-    docs/kernels.md)."""
+    Default (None): per head. all_heads won with one summary per 64-token page on an H100
+    (docs/kernels.md); with the 16-token pages the engine scores coarse to fine, per head with 32
+    pages per program is faster on an H200 (bench/sparse_stages.py)."""
     batch, q_heads, head_dim = q.shape
     blocks, kv_heads = kmin.shape[1:3]
     max_pages = page_tables.shape[1]
@@ -161,7 +186,7 @@ def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_t
     bounds = torch.empty(batch, q_heads, max_pages, device=q.device, dtype=torch.float32)
     group = q_heads // kv_heads
     if all_heads is None:
-        all_heads = blocks == 1
+        all_heads = False
     args = (q, kmin, kmax, page_tables, seq_lens, bounds, q.stride(0), q.stride(1), *kmin.stride()[:3],
             *kmax.stride()[:3], page_tables.stride(0), bounds.stride(0), bounds.stride(1), max_pages)
     if all_heads:
@@ -178,12 +203,13 @@ def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_t
             BLOCK_G=triton.next_power_of_2(group), HEAD_DIM=head_dim, BLOCK_P=block_p, PAGE_SIZE=page_size,
             BLOCKS=blocks, num_warps=num_warps or 4)
     else:
-        block_p = block_p or max(1, 64 // blocks)          # a [block_p, blocks, d] tile per load
+        # a [block_p, blocks, d] tile per load: 64 summary rows, or 32 pages of one summary (the
+        # coarse stage: H200, b16 x 32k at page 16, 93 us vs 116 us all-heads, bench/sparse_stages.py)
+        block_p = block_p or (32 if blocks == 1 else max(1, 64 // blocks))
         _quest_head_bounds[(batch, kv_heads, triton.cdiv(max_pages, block_p))](
             *args, GROUP=group, HEAD_DIM=head_dim, BLOCK_P=block_p, PAGE_SIZE=page_size, BLOCKS=blocks,
             num_warps=num_warps or 4)
-    scale = default_scale(head_dim) if scale is None else scale
-    return combine_heads(bounds, seq_lens, page_size, kv_heads, force, scale)
+    return bounds
 
 
 def combine_heads(bounds: torch.Tensor, seq_lens: torch.Tensor, page_size: int, kv_heads: int,
@@ -206,21 +232,9 @@ def combine_heads(bounds: torch.Tensor, seq_lens: torch.Tensor, page_size: int, 
 
 
 @triton.jit
-def _select_pages(Scores, PT, SeqLens, Logical, Physical, VLens, Listed, s_sb, s_sh, s_pb, s_ph, s_lb, s_lh,
-                  s_yb, s_yh, s_ib, s_ih, max_pages, budget_pages, k_sel,
-                  BLOCK_P: tl.constexpr, PAGE_SIZE: tl.constexpr, EARLY_EXIT: tl.constexpr,
-                  LISTED: tl.constexpr):
-    """Exact top-k of one (sequence, KV head) row by a 32-step radix search for the k-th largest
-    score, then an ascending compaction of the kept pages (ties go to the lower page index).
-    LISTED: the row is a shortlist, entry i being logical page Listed[b, kvh, i] (ascending) with
-    its physical id at PT[b, kvh, i]; else entry i is page i of the sequence's table."""
-    b = tl.program_id(0)
-    kvh = tl.program_id(1)
-    offs = tl.arange(0, BLOCK_P)
-    score = tl.load(Scores + b * s_sb + kvh * s_sh + offs, mask=offs < max_pages, other=float("-inf"))
-    seq_len = tl.load(SeqLens + b)
-    n_pages = tl.cdiv(seq_len, PAGE_SIZE)
-    k = tl.minimum(n_pages, budget_pages)
+def _keep_top_k(score, k, EARLY_EXIT: tl.constexpr):
+    """Exact top-k of a row by a 32-step radix search for the k-th largest score -> the kept mask
+    (ties go to the lower index)."""
     bits = tl.where(score == 0.0, 0.0, score).to(tl.int32, bitcast=True)  # -0.0 ties with +0.0
     key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648  # float order, in [0, 2^32)
     thresh = tl.zeros([], tl.int64)
@@ -239,13 +253,18 @@ def _select_pages(Scores, PT, SeqLens, Logical, Physical, VLens, Listed, s_sb, s
             thresh = tl.where(tl.sum((key >= cand).to(tl.int32), 0) >= k, cand, thresh)
     above = key > thresh
     tie = key == thresh
-    take = above | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= k - tl.sum(above.to(tl.int32), 0)))
+    return above | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= k - tl.sum(above.to(tl.int32), 0)))
+
+
+@triton.jit
+def _store_selection(take, logical, b, kvh, seq_len, n_pages, k, PT, Logical, Physical, VLens,
+                     s_pb, s_ph, s_lb, s_lh, s_yb, s_yh, budget_pages, k_sel,
+                     BLOCK_P: tl.constexpr, PAGE_SIZE: tl.constexpr):
+    """The kept entries, compacted in row order (ascending pages), as logical and physical pages;
+    padding past k; the virtual length of a sequence that keeps budget_pages of its pages."""
+    offs = tl.arange(0, BLOCK_P)
     pos = tl.cumsum(take.to(tl.int32), 0) - 1
     page = tl.load(PT + b.to(tl.int64) * s_pb + kvh * s_ph + offs, mask=take, other=0)
-    if LISTED:
-        logical = tl.load(Listed + b * s_ib + kvh * s_ih + offs, mask=take, other=0)
-    else:
-        logical = offs
     tl.store(Logical + b * s_lb + kvh * s_lh + pos, logical, mask=take)
     tl.store(Physical + b * s_yb + kvh * s_yh + pos, page, mask=take)
     pad = (offs >= k) & (offs < k_sel)
@@ -253,6 +272,51 @@ def _select_pages(Scores, PT, SeqLens, Logical, Physical, VLens, Listed, s_sb, s
     tl.store(Physical + b * s_yb + kvh * s_yh + offs, 0, mask=pad)
     if kvh == 0:
         tl.store(VLens + b, seq_len - tl.maximum(n_pages - budget_pages, 0) * PAGE_SIZE)
+
+
+@triton.jit
+def _select_pages(Scores, PT, SeqLens, Logical, Physical, VLens, Listed, s_sb, s_sh, s_pb, s_ph, s_lb, s_lh,
+                  s_yb, s_yh, s_ib, s_ih, max_pages, budget_pages, k_sel,
+                  BLOCK_P: tl.constexpr, PAGE_SIZE: tl.constexpr, EARLY_EXIT: tl.constexpr,
+                  LISTED: tl.constexpr):
+    """One program per (sequence, KV head): the best budget_pages entries of its score row
+    (_keep_top_k), stored by _store_selection. LISTED: the row is a shortlist, entry i being
+    logical page Listed[b, kvh, i] (ascending) with its physical id at PT[b, kvh, i]; else entry i
+    is page i of the sequence's table."""
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    offs = tl.arange(0, BLOCK_P)
+    score = tl.load(Scores + b * s_sb + kvh * s_sh + offs, mask=offs < max_pages, other=float("-inf"))
+    seq_len = tl.load(SeqLens + b)
+    n_pages = tl.cdiv(seq_len, PAGE_SIZE)
+    k = tl.minimum(n_pages, budget_pages)
+    take = _keep_top_k(score, k, EARLY_EXIT)
+    if LISTED:
+        logical = tl.load(Listed + b * s_ib + kvh * s_ih + offs, mask=take, other=0)
+    else:
+        logical = offs
+    _store_selection(take, logical, b, kvh, seq_len, n_pages, k, PT, Logical, Physical, VLens,
+                     s_pb, s_ph, s_lb, s_lh, s_yb, s_yh, budget_pages, k_sel, BLOCK_P, PAGE_SIZE)
+
+
+@triton.jit
+def _combine_select(Bounds, PT, SeqLens, Logical, Physical, VLens, Listed, s_bb, s_bh, s_pb, s_ph, s_lb, s_lh,
+                    s_yb, s_yh, s_ib, s_ih, max_pages, scale, force_budget, sink_pages, recent_pages,
+                    budget_pages, k_sel, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
+                    PAGE_SIZE: tl.constexpr, EARLY_EXIT: tl.constexpr, LISTED: tl.constexpr):
+    """_combine_heads and _select_pages in one program per (sequence, KV head): the scores never
+    leave registers (two launches and a scores round trip fewer per sparse layer)."""
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    seq_len = tl.load(SeqLens + b)
+    n_pages = tl.cdiv(seq_len, PAGE_SIZE)
+    logical, valid = _row_entries(Listed, b, kvh, s_ib, s_ih, n_pages, max_pages, BLOCK_P, LISTED)
+    score = _group_scores(Bounds, b, kvh, logical, valid, n_pages, s_bb, s_bh, scale, force_budget, sink_pages,
+                          recent_pages, GROUP, BLOCK_G, BLOCK_P, True)
+    k = tl.minimum(n_pages, budget_pages)
+    take = _keep_top_k(score, k, EARLY_EXIT)
+    _store_selection(take, logical, b, kvh, seq_len, n_pages, k, PT, Logical, Physical, VLens,
+                     s_pb, s_ph, s_lb, s_lh, s_yb, s_yh, budget_pages, k_sel, BLOCK_P, PAGE_SIZE)
 
 
 def select_pages(scores: torch.Tensor, page_tables: torch.Tensor, seq_lens: torch.Tensor,
@@ -279,6 +343,40 @@ def select_pages(scores: torch.Tensor, page_tables: torch.Tensor, seq_lens: torc
         physical.stride(0), physical.stride(1), lst.stride(0), lst.stride(1),
         max_pages, budget_pages, k_sel, BLOCK_P=block_p, PAGE_SIZE=page_size, EARLY_EXIT=early_exit,
         LISTED=listed is not None, num_warps=4 if block_p <= 2048 else 8)
+    return logical, physical, vlens
+
+
+FUSED_MAX_PAGES = 4096      # widest row whose scores stay in one program's registers (combine_select)
+
+
+def combine_select(bounds: torch.Tensor, page_tables: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
+                   kv_heads: int, force: tuple[int, int, int], scale: float, budget_pages: int,
+                   listed: torch.Tensor | None = None, early_exit: bool = True
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """select_pages(combine_heads(bounds, ...), ...) with the scores kept in registers: one launch
+    instead of two for rows of at most FUSED_MAX_PAGES entries (the two-kernel path above it).
+    force: the forced-page rule's (budget, sink, recent) pages; budget_pages: how many to keep."""
+    batch, q_heads, max_pages = bounds.shape
+    if max_pages > FUSED_MAX_PAGES:
+        scores = combine_heads(bounds, seq_lens, page_size, kv_heads, force, scale, listed)
+        return select_pages(scores, page_tables, seq_lens, page_size, budget_pages, early_exit, listed)
+    assert page_tables.stride(-1) == 1 and bounds.stride(2) == 1
+    per_head = page_tables.dim() == 3
+    assert per_head == (listed is not None), "a shortlist comes with its per-head physical pages"
+    group = q_heads // kv_heads
+    k_sel = min(budget_pages, max_pages)
+    logical = torch.empty(batch, kv_heads, k_sel, device=bounds.device, dtype=torch.int32)
+    physical = torch.empty_like(logical)
+    vlens = torch.empty(batch, device=bounds.device, dtype=torch.int32)
+    block_p = max(16, triton.next_power_of_2(max_pages))
+    lst = listed if listed is not None else logical
+    _combine_select[(batch, kv_heads)](
+        bounds, page_tables, seq_lens, logical, physical, vlens, lst, bounds.stride(0), bounds.stride(1),
+        page_tables.stride(0), page_tables.stride(1) if per_head else 0, logical.stride(0), logical.stride(1),
+        physical.stride(0), physical.stride(1), lst.stride(0), lst.stride(1), max_pages, scale, *force,
+        budget_pages, k_sel, GROUP=group, BLOCK_G=triton.next_power_of_2(group), BLOCK_P=block_p,
+        PAGE_SIZE=page_size, EARLY_EXIT=early_exit, LISTED=listed is not None,
+        num_warps=4 if block_p * group <= 4096 else 8)
     return logical, physical, vlens
 
 
@@ -313,27 +411,36 @@ def _shortlist_bounds(Q, KMin, KMax, Listed, Phys, SeqLens, Bounds, s_qb, s_qh, 
         tl.store(Bounds + b * s_bb + (kvh * GROUP + g) * s_bh + offs_p, bound, mask=in_row)
 
 
-def shortlist_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, listed: torch.Tensor,
-                     physical: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
-                     force: tuple[int, int, int], scale: float, block_p: int | None = None,
+def shortlist_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, listed: torch.Tensor,
+                     physical: torch.Tensor, seq_lens: torch.Tensor, page_size: int, block_p: int | None = None,
                      num_warps: int | None = None) -> torch.Tensor:
-    """The fine stage's scores over a shortlist (listed logical pages and their physical ids, int32
-    [batch, kv_heads, S]): block bounds per q head, log-softmax over the shortlist, max over the
-    group, forced pages +inf -> [batch, kv_heads, S] (reference.shortlist_page_scores's values at
-    the listed pages)."""
+    """The fine stage's bounds over a shortlist (listed logical pages and their physical ids, int32
+    [batch, kv_heads, S]): per q head, each listed page's best block bound -> [batch, q_heads, S]
+    (-inf for padding entries)."""
     batch, q_heads, head_dim = q.shape
     blocks, kv_heads = kmin.shape[1:3]
     width = listed.shape[2]
     assert listed.shape == physical.shape == (batch, kv_heads, width)
     assert listed.stride(2) == physical.stride(2) == 1 and kmin.stride(3) == kmax.stride(3) == 1
     bounds = torch.empty(batch, q_heads, width, device=q.device, dtype=torch.float32)
-    block_p = block_p or max(1, 64 // blocks)
+    # 4 pages and 2 warps per program (H200, b16 x 32k, shortlist 256: 29.6 vs 31.5 us for 16 and 4)
+    block_p = block_p or max(1, 16 // blocks)
     _shortlist_bounds[(batch, kv_heads, triton.cdiv(width, block_p))](
         q, kmin, kmax, listed, physical, seq_lens, bounds, q.stride(0), q.stride(1), *kmin.stride()[:3],
         *kmax.stride()[:3], listed.stride(0), listed.stride(1), physical.stride(0), physical.stride(1),
         bounds.stride(0), bounds.stride(1), width, GROUP=q_heads // kv_heads, HEAD_DIM=head_dim,
-        BLOCK_P=block_p, PAGE_SIZE=page_size, BLOCKS=blocks, num_warps=num_warps or 4)
-    return combine_heads(bounds, seq_lens, page_size, kv_heads, force, scale, listed)
+        BLOCK_P=block_p, PAGE_SIZE=page_size, BLOCKS=blocks, num_warps=num_warps or 2)
+    return bounds
+
+
+def shortlist_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, listed: torch.Tensor,
+                     physical: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
+                     force: tuple[int, int, int], scale: float, **tuning) -> torch.Tensor:
+    """The fine stage's scores over a shortlist: shortlist_bounds, log-softmax over the shortlist,
+    max over the group, forced pages +inf -> [batch, kv_heads, S] (reference.shortlist_page_scores's
+    values at the listed pages)."""
+    bounds = shortlist_bounds(q, kmin, kmax, listed, physical, seq_lens, page_size, **tuning)
+    return combine_heads(bounds, seq_lens, page_size, kmin.shape[2], force, scale, listed)
 
 
 def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kmin: torch.Tensor,
@@ -362,21 +469,20 @@ def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     if max_pages <= budget and not return_selection:
         return paged_decode(q, k_cache, v_cache, page_tables, seq_lens, scale, **tuning)
     shortlist = shortlist_factor * budget
+    scale = default_scale(q.shape[2]) if scale is None else scale
+    force, kv_heads, select = (budget, sink, recent), k_cache.shape[2], dict(select_tuning or {})
     if 0 < shortlist < max_pages:
         assert pmin is not None and pmax is not None, "the coarse stage needs the page summaries"
-        coarse = quest_scores(q, pmin.unsqueeze(1), pmax.unsqueeze(1), page_tables, seq_lens, page_size,
-                              (budget, sink, recent), scale=scale)
-        listed, listed_physical, _ = select_pages(coarse, page_tables, seq_lens, page_size, shortlist,
-                                                  **(select_tuning or {}))
-        scores = shortlist_scores(q, kmin, kmax, listed, listed_physical, seq_lens, page_size,
-                                  (budget, sink, recent), default_scale(q.shape[2]) if scale is None else scale)
-        logical, physical, vlens = select_pages(scores, listed_physical, seq_lens, page_size, budget,
-                                                listed=listed, **(select_tuning or {}))
+        coarse = quest_bounds(q, pmin.unsqueeze(1), pmax.unsqueeze(1), page_tables, seq_lens, page_size)
+        listed, listed_physical, _ = combine_select(coarse, page_tables, seq_lens, page_size, kv_heads, force,
+                                                    scale, shortlist, **select)
+        fine = shortlist_bounds(q, kmin, kmax, listed, listed_physical, seq_lens, page_size)
+        logical, physical, vlens = combine_select(fine, listed_physical, seq_lens, page_size, kv_heads, force,
+                                                  scale, budget, listed=listed, **select)
     else:
-        scores = quest_scores(q, kmin, kmax, page_tables, seq_lens, page_size, (budget, sink, recent),
-                              scale=scale, **(score_tuning or {}))
-        logical, physical, vlens = select_pages(scores, page_tables, seq_lens, page_size, budget,
-                                                **(select_tuning or {}))
+        bounds = quest_bounds(q, kmin, kmax, page_tables, seq_lens, page_size, **(score_tuning or {}))
+        logical, physical, vlens = combine_select(bounds, page_tables, seq_lens, page_size, kv_heads, force,
+                                                  scale, budget, **select)
     if tuning.get("num_splits") is None:  # short page lists: splits of 2 key blocks (H100 b1: 14.7 vs 17.3 us)
         tuning["num_splits"] = default_num_splits(q.shape[0], k_cache.shape[2], physical.shape[2] * page_size,
                                                   q.device, tuning.get("block_n", 64), min_blocks=2)

@@ -1,0 +1,118 @@
+"""The stages of coarse-to-fine Quest decode on a GPU, one by one, with candidate tunings.
+
+    python3 -m bench.sparse_stages                 # batch 16 x 32k, page 16, 4-token summaries
+
+Llama-3-8B attention shapes (32 q heads, 8 KV heads, d 128, bf16), each sequence on its own
+shuffled pages, page tables at the engine's width class (4096 pages for 32k). Each stage is timed
+in a CUDA graph (bench/gemv.graph_us) and checked against the default tuning's output first:
+coarse scores (page summaries), the shortlist selection, the fine scores of the shortlist, the
+budget selection, attention over the chosen pages; then the whole sparse_decode against dense
+paged_decode over the same pages. The best tunings are what kernels/triton/sparse.py should default to.
+"""
+from __future__ import annotations
+
+import argparse
+from functools import partial
+
+import torch
+
+from bench.gemv import graph_us
+from kernels import reference as ref
+from kernels.triton.decode import paged_decode, split_k_decode
+from kernels.triton.sparse import quest_scores, select_pages, shortlist_scores, sparse_decode
+from kernels.triton.summaries import update_page_summaries
+
+HQ, HKV, D = 32, 8, 128
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--context", type=int, default=32768)
+    parser.add_argument("--width", type=int, default=4096, help="page-table width (the engine's class)")
+    parser.add_argument("--budget", type=int, default=2048)
+    parser.add_argument("--shortlist-factor", type=int, default=2)
+    parser.add_argument("--layout", default="shuffled", choices=["shuffled", "contiguous"],
+                        help="pages of a sequence scattered over the pool (a long-running server) or in order")
+    parser.add_argument("--skip-tuning", action="store_true", help="only the whole sparse_decode vs dense")
+    args = parser.parse_args()
+    dev, dt, ps, st = torch.device("cuda"), torch.bfloat16, 16, 4
+    b, ctx = args.batch, args.context
+    pages = -(-ctx // ps)
+    total = b * pages + 1
+    gen = torch.Generator(device=dev).manual_seed(0)
+    k = torch.randn(total, ps, HKV, D, device=dev, dtype=dt, generator=gen)
+    v = torch.randn(total, ps, HKV, D, device=dev, dtype=dt, generator=gen)
+    perm = (torch.randperm(total - 1, device=dev, generator=gen) if args.layout == "shuffled"
+            else torch.arange(total - 1, device=dev)).int()
+    table = torch.zeros(b, args.width, dtype=torch.int32, device=dev)
+    table[:, :pages] = perm[:b * pages].view(b, pages)
+    lens = torch.full((b,), ctx, dtype=torch.int32, device=dev)
+    kmin = torch.zeros(total, ps // st, HKV, D, device=dev, dtype=dt)
+    kmax, pmin, pmax = torch.zeros_like(kmin), torch.zeros(total, HKV, D, device=dev, dtype=dt), None
+    pmax = torch.zeros_like(pmin)
+    update_page_summaries(kmin, kmax, k, table, torch.zeros_like(lens), lens, ctx, pmin, pmax)
+    q = torch.randn(b, HQ, D, device=dev, dtype=dt, generator=gen)
+    counts = ref.sparse_page_counts(ps, args.budget, 16, 64)
+    budget = counts[0]
+    shortlist = args.shortlist_factor * budget
+    scale = D ** -0.5
+    rows = []
+
+    def best_of(label, fn, configs, check=None):
+        base = fn()
+        timings = []
+        for cfg in configs:
+            got = fn(**cfg)
+            if check is not None:
+                check(base, got, cfg)
+            timings.append((graph_us(partial(fn, **cfg)), cfg))
+        timings.sort(key=lambda t: t[0])
+        default = next(t for t in timings if not t[1])
+        rows.append((label, default[0], timings[0][0], timings[0][1]))
+        print(f"{label}: default {default[0]:.1f} us; " + ", ".join(f"{cfg or 'default'} {us:.1f}"
+                                                                    for us, cfg in timings), flush=True)
+        return base, timings[0][1]
+
+    def same_scores(a, b, cfg):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-3, equal_nan=True), f"scores differ with {cfg}"
+
+    force = counts
+    print(f"batch {b}, context {ctx}, width {args.width} pages, {args.layout} pages, budget {args.budget}, "
+          f"shortlist {shortlist} pages", flush=True)
+    coarse_fn = partial(quest_scores, q, pmin.unsqueeze(1), pmax.unsqueeze(1), table, lens, ps, force)
+    coarse_cfgs = [{}] + [dict(all_heads=True, block_p=bp, pages_per_prog=pp, num_warps=w)
+                          for bp, pp, w in ((2, 8, 4), (4, 8, 4), (4, 16, 4), (4, 32, 4), (8, 16, 4), (8, 32, 8),
+                                            (2, 4, 2), (16, 16, 8), (8, 64, 8))] + [
+        dict(all_heads=False, block_p=bp, num_warps=w) for bp, w in ((16, 4), (32, 4), (64, 4), (64, 8))]
+    if args.skip_tuning:
+        coarse_cfgs = [{}]
+    coarse, _ = best_of("coarse scores (page summaries)", coarse_fn, coarse_cfgs, same_scores)
+    sel1_fn = partial(select_pages, coarse, table, lens, ps, shortlist)
+    listed, listed_phys, _ = sel1_fn()
+    best_of("shortlist selection", sel1_fn, [{}, dict(early_exit=False)])
+    fine_fn = partial(shortlist_scores, q, kmin, kmax, listed, listed_phys, lens, ps, force, scale)
+    fine, _ = best_of("fine scores (shortlist blocks)", fine_fn,
+                      [{}] + [dict(block_p=bp, num_warps=w) for bp, w in ((4, 2), (8, 2), (8, 4), (16, 2),
+                                                                         (32, 4), (32, 8), (64, 8))], same_scores)
+    sel2_fn = partial(select_pages, fine, listed_phys, lens, ps, budget, listed=listed)
+    logical, physical, vlens = sel2_fn()
+    best_of("budget selection", sel2_fn, [{}, dict(early_exit=False)])
+    best_of("attend chosen pages", partial(split_k_decode, q, k, v, physical, vlens, scale),
+            [{}] + [dict(num_splits=s) for s in (2, 4, 6, 8)])
+    whole = graph_us(partial(sparse_decode, q, k, v, kmin, kmax, table, lens, args.budget, 16, 64, scale,
+                             pmin=pmin, pmax=pmax, shortlist_factor=args.shortlist_factor))
+    one_level = graph_us(partial(sparse_decode, q, k, v, kmin, kmax, table, lens, args.budget, 16, 64, scale))
+    dense = graph_us(partial(paged_decode, q, k, v, table, lens, scale))
+    kv_bytes = b * ctx * HKV * D * 2 * 2
+    summ = b * pages * HKV * D * 2 * 2
+    roof = (b * budget * ps * HKV * D * 4 + summ + b * shortlist * (ps // st) * HKV * D * 4) / kv_bytes
+    print("| stage | default us | best us | best tuning |\n| --- | --- | --- | --- |")
+    for label, default, best, cfg in rows:
+        print(f"| {label} | {default:.1f} | {best:.1f} | {cfg or 'default'} |")
+    print(f"whole sparse_decode (coarse to fine, defaults) {whole:.1f} us; one level {one_level:.1f} us; "
+          f"dense {dense:.1f} us: {dense / whole:.2f}x dense (bytes bound {1 / roof:.1f}x)")
+
+
+if __name__ == "__main__":
+    main()
