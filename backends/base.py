@@ -126,9 +126,9 @@ class SparseSettings:
 
     summary_tokens: tokens per key min/max summary; it divides the page size, so each page keeps
     page_size // summary_tokens summaries. Pages are still what is selected and read.
-    shortlist_factor: a sequence longer than shortlist_factor * budget pages is scored coarse to fine
-    (kernels/reference.py): one summary per page shortlists that many pages, and only those are
-    scored by their block summaries. 0: every page scored by its block summaries.
+    shortlist_tokens: a sequence longer than this many tokens (and than twice the budget) is scored
+    coarse to fine (kernels/reference.py): one summary per page shortlists that many tokens' worth of
+    pages, and only those are scored by their block summaries. 0: every page by its block summaries.
     """
 
     enabled: bool = False
@@ -137,7 +137,7 @@ class SparseSettings:
     sink_tokens: int = 16
     recent_tokens: int = 64
     summary_tokens: int = 4
-    shortlist_factor: int = 2
+    shortlist_tokens: int = 4096
 
 
 @dataclass(frozen=True)

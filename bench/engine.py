@@ -70,6 +70,7 @@ from gateway.engine.page_pool import PagePool  # noqa: E402
 from gateway.engine.radix_cache import RadixCache  # noqa: E402
 from gateway.engine.request import Request, RequestState, TokenEvent  # noqa: E402
 from gateway.engine.scheduler import Scheduler  # noqa: E402
+from kernels.reference import shortlist_pages  # noqa: E402
 
 SECTIONS = ("bandwidth", "decode", "hf", "ttft", "prefill", "long", "http")
 DEFAULT_SECTIONS = SECTIONS[:-1]
@@ -723,7 +724,7 @@ def long_decode(ctx: Context, runner: TorchRunner, scheduler: Scheduler, prompts
 def sparse_kv_bytes(ctx: Context, runner: TorchRunner, context: int) -> float:
     """KV bytes one sequence's sparse decode step reads: dense layers in full, sparse layers their
     budget of pages plus the key summaries they score: every page's block summaries, or (coarse to
-    fine, past shortlist_factor x the budget) every page's page summary and the shortlist's blocks."""
+    fine, past the shortlist) every page's page summary and the shortlist's blocks."""
     p, cfg = ctx.plan, runner.config
     s = p.sparse
     per_layer_token = 2 * cfg.num_kv_heads * cfg.head_dim * runner.dtype.itemsize
@@ -731,7 +732,7 @@ def sparse_kv_bytes(ctx: Context, runner: TorchRunner, context: int) -> float:
     budget_pages = s.token_budget // p.page_size
     if pages <= budget_pages:
         return cfg.num_layers * per_layer_token * context
-    shortlist = s.shortlist_factor * budget_pages
+    shortlist = shortlist_pages(p.page_size, budget_pages, s.shortlist_tokens)
     if 0 < shortlist < pages:                    # kmin + kmax per page, then per block of the shortlist
         summaries = (pages + shortlist * (p.page_size // s.summary_tokens)) * per_layer_token
     else:                                        # kmin + kmax per block

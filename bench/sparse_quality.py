@@ -200,7 +200,7 @@ def configs(budgets: list[int], args) -> list[Config]:
     """dense, then each budget with the defaults, then each budget with every --sweep entry."""
     out = [Config("dense", SparseSettings())]
     base = dict(rule="engine", sink=args.sink, recent=args.recent, dense=args.dense_layers,
-                shortlist=args.shortlist_factor)
+                shortlist=args.shortlist_tokens)
     for spec in [""] + list(args.sweep or []):
         opts = dict(base)
         for item in filter(None, spec.split(",")):
@@ -240,7 +240,7 @@ def forward(runner: TorchRunner, cfg: Config | SparseSettings, chunks: list[Sequ
 def runner_sparse(args) -> SparseSettings:
     """Settings that the runners are built with: sparse on, so that their caches keep summaries."""
     return SparseSettings(True, max(args.budgets), args.dense_layers, args.sink, args.recent, args.summary_tokens,
-                          args.shortlist_factor)
+                          args.shortlist_tokens)
 
 
 @contextlib.contextmanager
@@ -440,8 +440,8 @@ def main() -> None:
     parser.add_argument("--recent", type=int, default=64)
     parser.add_argument("--dense-layers", type=int, default=2)
     parser.add_argument("--summary-tokens", type=int, default=4, help="tokens per key min/max summary")
-    parser.add_argument("--shortlist-factor", type=int, default=2,
-                        help="coarse to fine past this many times the budget (0: off); the engine's default")
+    parser.add_argument("--shortlist-tokens", type=int, default=4096,
+                        help="coarse to fine past this many tokens (0: off); the engine's default")
     parser.add_argument("--texts", type=int, default=4)
     parser.add_argument("--context", type=int, default=7000, help="tokens per teacher-forced text")
     parser.add_argument("--positions", type=int, default=560, help="decoded positions per text")
@@ -474,7 +474,7 @@ def main() -> None:
     say(f"command: python {' '.join(sys.argv)}")
     say(f"python {platform.python_version()}, torch {torch.__version__}, model {source.path.rsplit('/', 1)[-1]}, "
         f"float32, page {args.page_size}, sink {args.sink}, recent {args.recent}, dense_layers {args.dense_layers}, "
-        f"summary_tokens {args.summary_tokens}, shortlist_factor {args.shortlist_factor}")
+        f"summary_tokens {args.summary_tokens}, shortlist_tokens {args.shortlist_tokens}")
     quality = keys = timing = None
     if not {"quality", "passkey"} <= set(args.skip):
         # One config's pages at a time (each hands its pages back before the next).

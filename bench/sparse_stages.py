@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=32768)
     parser.add_argument("--width", type=int, default=4096, help="page-table width (the engine's class)")
     parser.add_argument("--budget", type=int, default=2048)
-    parser.add_argument("--shortlist-factor", type=int, default=2)
+    parser.add_argument("--shortlist-tokens", type=int, default=4096, help="the engine's default")
     parser.add_argument("--layout", default="shuffled", choices=["shuffled", "contiguous"],
                         help="pages of a sequence scattered over the pool (a long-running server) or in order")
     parser.add_argument("--skip-tuning", action="store_true", help="only the whole sparse_decode vs dense")
@@ -55,7 +55,7 @@ def main() -> None:
     q = torch.randn(b, HQ, D, device=dev, dtype=dt, generator=gen)
     counts = ref.sparse_page_counts(ps, args.budget, 16, 64)
     budget = counts[0]
-    shortlist = args.shortlist_factor * budget
+    shortlist = ref.shortlist_pages(ps, budget, args.shortlist_tokens)
     scale = D ** -0.5
     rows = []
 
@@ -101,7 +101,7 @@ def main() -> None:
     best_of("attend chosen pages", partial(split_k_decode, q, k, v, physical, vlens, scale),
             [{}] + [dict(num_splits=s) for s in (2, 4, 6, 8)])
     whole = graph_us(partial(sparse_decode, q, k, v, kmin, kmax, table, lens, args.budget, 16, 64, scale,
-                             pmin=pmin, pmax=pmax, shortlist_factor=args.shortlist_factor))
+                             pmin=pmin, pmax=pmax, shortlist_tokens=args.shortlist_tokens))
     one_level = graph_us(partial(sparse_decode, q, k, v, kmin, kmax, table, lens, args.budget, 16, 64, scale))
     dense = graph_us(partial(paged_decode, q, k, v, table, lens, scale))
     kv_bytes = b * ctx * HKV * D * 2 * 2

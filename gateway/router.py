@@ -46,7 +46,7 @@ def runner_settings(cfg: ModelConfig, backend: str, validate_batches: bool = Fal
         threads=cfg.threads, sparse=SparseSettings(
             enabled=sparse.enabled, token_budget=sparse.token_budget, dense_layers=sparse.dense_layers,
             sink_tokens=sparse.sink_tokens, recent_tokens=sparse.recent_tokens,
-            summary_tokens=sparse.summary_tokens, shortlist_factor=sparse.shortlist_factor))
+            summary_tokens=sparse.summary_tokens, shortlist_tokens=sparse.shortlist_tokens))
 
 
 def load_local_model(cfg: ModelConfig, check_invariants: bool = False) -> LocalModel:

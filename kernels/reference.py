@@ -17,11 +17,11 @@ min/max of the keys in the page's written slots (0 for a page with none).
 
 Sparse decode scores pages with quest_page_scores: each page's Quest bound per q head is the best
 bound of its written blocks; each head's bounds are normalised over the pages, then the max over
-the GQA group is taken. Selection stays per page. Coarse to fine (shortlist_pages > 0, and the
-sequence has more pages than that): the page summaries score every page first (one bound per page,
-1/blocks of the block summaries' bytes) and keep a shortlist of shortlist_pages pages per KV head
-(sink and recent pages always in it); only the shortlist is scored by its block summaries, each
-head normalised over the shortlist, and the budget is chosen from it.
+the GQA group is taken. Selection stays per page. Coarse to fine (shortlist_tokens > 0, and the
+sequence has more pages than the shortlist: shortlist_pages says how many): the page summaries
+score every page first (one bound per page, 1/blocks of the block summaries' bytes) and keep that
+many pages per KV head (sink and recent pages always in them); only the shortlist is scored by its
+block summaries, each head normalised over the shortlist, and the budget is chosen from it.
 Token counts round to pages: budget_pages = budget_tokens // page_size (the budget includes the
 sink and recent pages), sink_pages = ceil(sink_tokens / page_size), recent_pages =
 ceil(recent_tokens / page_size) counted back from the last (possibly partial) page.
@@ -149,6 +149,15 @@ def quest_page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
     return (logits - logits.logsumexp(dim=-1, keepdim=True)).amax(dim=1)
 
 
+def shortlist_pages(page_size: int, budget_pages: int, shortlist_tokens: int) -> int:
+    """Pages the coarse stage keeps per KV head (0: one stage): shortlist_tokens worth of pages, and
+    at least twice the budget. A fixed floor, not a multiple of the budget: at budget 1024 a
+    shortlist of twice the budget (128 pages) lost the passkey where 256 pages keep it (docs/sparse.md)."""
+    if shortlist_tokens <= 0:
+        return 0
+    return max(-(-shortlist_tokens // page_size), 2 * budget_pages)
+
+
 def shortlist_page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, pmin: torch.Tensor,
                           pmax: torch.Tensor, page_table: torch.Tensor, seq_len: int, page_size: int,
                           shortlist_pages: int, sink_pages: int, recent_pages: int,
@@ -204,11 +213,11 @@ def sparse_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                         kmin: torch.Tensor, kmax: torch.Tensor, page_table: torch.Tensor,
                         seq_len: int, scale: float, budget_tokens: int, sink_tokens: int,
                         recent_tokens: int, pmin: torch.Tensor | None = None, pmax: torch.Tensor | None = None,
-                        shortlist_factor: int = 0) -> tuple[torch.Tensor, int]:
+                        shortlist_tokens: int = 0) -> tuple[torch.Tensor, int]:
     """Quest decode of one query q: [q_heads, d] over the first seq_len tokens (its own K/V written).
     Pages are scored by quest_page_scores at the attention's own scale; kmin, kmax: [num_pages,
-    blocks, kv_heads, d] as the module says. With shortlist_factor > 0 (and pmin, pmax) a sequence of
-    more than shortlist_factor * budget_pages pages is scored coarse to fine (shortlist_page_scores).
+    blocks, kv_heads, d] as the module says. With shortlist_tokens > 0 (and pmin, pmax) a sequence of
+    more than shortlist_pages(...) pages is scored coarse to fine (shortlist_page_scores).
 
     Returns (out [q_heads, d] float32, pages read summed over KV heads).
     """
@@ -217,7 +226,7 @@ def sparse_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     group = q_heads // kv_heads
     budget_pages, sink_pages, recent_pages = sparse_page_counts(
         page_size, budget_tokens, sink_tokens, recent_tokens)
-    shortlist = shortlist_factor * budget_pages
+    shortlist = shortlist_pages(page_size, budget_pages, shortlist_tokens)
     if shortlist and -(-seq_len // page_size) > shortlist:
         scores = shortlist_page_scores(q, kmin, kmax, pmin, pmax, page_table, seq_len, page_size, shortlist,
                                        sink_pages, recent_pages, scale)

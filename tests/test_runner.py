@@ -18,7 +18,8 @@ from tests.conftest import TRITON_JIT_MODULES, triton_interpreter_mode
 PAGE = 4
 VOCAB = 128
 # Sparse decode on (so the cache keeps key summaries), two 2-token summary blocks per page.
-SPARSE = SparseSettings(True, token_budget=16, dense_layers=1, sink_tokens=4, recent_tokens=4, summary_tokens=2)
+SPARSE = SparseSettings(True, token_budget=16, dense_layers=1, sink_tokens=4, recent_tokens=4, summary_tokens=2,
+                        shortlist_tokens=32)      # past 8 pages: coarse to fine
 GREEDY = SampleSpec(SamplingParams(temperature=0), 0.5)
 
 

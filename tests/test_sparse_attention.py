@@ -80,7 +80,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("shortlist", [0, 2])       # coarse to fine past 2x the budget (the default)
+@pytest.mark.parametrize("shortlist", [0, 2])       # coarse to fine past (a shortlist of) 2x the budget
 @pytest.mark.parametrize("fused, head_dim", [(False, 32), (True, 32), (True, 64)])   # fused: CPU kernel
 @pytest.mark.parametrize("page_size, group, kv_heads, budget, sink, recent, lengths, summary_tokens", CASES)
 def test_matches_reference(page_size, group, kv_heads, budget, sink, recent, lengths, summary_tokens,
@@ -90,7 +90,9 @@ def test_matches_reference(page_size, group, kv_heads, budget, sink, recent, len
         assert load().available, load().detail
     cache, tables = random_cache(lengths, page_size, kv_heads, head_dim, seed=page_size + group,
                                  summary_tokens=summary_tokens)
-    settings = SparseSettings(True, budget, 1, sink, recent, summary_tokens, shortlist)
+    budget_pages = budget // page_size
+    tokens = shortlist * budget_pages * page_size     # a shortlist of shortlist * budget_pages pages
+    settings = SparseSettings(True, budget, 1, sink, recent, summary_tokens, tokens)
     meta = decode_meta(lengths, tables, page_size, settings)
     q = torch.randn(len(lengths), kv_heads * group, head_dim, generator=torch.Generator().manual_seed(1))
     scale = reference.default_scale(head_dim)
@@ -109,7 +111,7 @@ def test_matches_reference(page_size, group, kv_heads, budget, sink, recent, len
         table_t = torch.tensor(table)
         expected, pages_read = reference.sparse_paged_decode(
             q[row], cache.k[layer], cache.v[layer], cache.kmin[layer], cache.kmax[layer], table_t, n,
-            scale, budget, sink, recent, cache.pmin[layer], cache.pmax[layer], shortlist)
+            scale, budget, sink, recent, cache.pmin[layer], cache.pmax[layer], tokens)
         torch.testing.assert_close(out[row], expected, atol=1e-5, rtol=1e-5)
         num_pages = -(-n // page_size)
         read += pages_read
@@ -258,7 +260,7 @@ def test_reads_only_selected_pages():
     """Poison every page the selection leaves out: the output must not change."""
     lengths, page_size = [160], 16
     cache, tables = random_cache(lengths, page_size, 2, 32, seed=13)
-    settings = SparseSettings(True, 64, 0, 16, 16)
+    settings = SparseSettings(True, 64, 0, 16, 16, shortlist_tokens=128)
     q = torch.randn(1, 4, 32)
     meta = decode_meta(lengths, tables, page_size, settings)
     before = sparse_decode(q, cache, 0, meta, 0.2)
@@ -432,4 +434,4 @@ def test_config_defaults_match_runner_defaults():
     """gateway/config.py and backends/base.py document the same defaults."""
     sparse = parse_config({}).models[0].sparse_attention
     assert SparseSettings(sparse.enabled, sparse.token_budget, sparse.dense_layers, sparse.sink_tokens,
-                          sparse.recent_tokens, sparse.summary_tokens, sparse.shortlist_factor) == SparseSettings()
+                          sparse.recent_tokens, sparse.summary_tokens, sparse.shortlist_tokens) == SparseSettings()

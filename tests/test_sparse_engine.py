@@ -40,8 +40,10 @@ from tests.conftest import MODEL, model_config, start_server
 
 PAGE = 4
 VOCAB = 96
+# A shortlist of 8 pages: sequences past 32 tokens are scored coarse to fine (the default's two stages
+# at tiny sizes; shorter ones past the budget in one stage).
 TINY_SPARSE = SparseSettings(enabled=True, token_budget=16, dense_layers=1, sink_tokens=4, recent_tokens=4,
-                             summary_tokens=2)
+                             summary_tokens=2, shortlist_tokens=32)
 GREEDY = SampleSpec(SamplingParams(temperature=0), 0.5)
 EPOCHS = itertools.count(1)       # the oracle's table_epoch: a new one for every fresh prefill
 

@@ -209,7 +209,7 @@ SPARSE_CASES = [  # dtype, group, head_dim, page_size, budget/sink/recent tokens
 ]
 
 
-@pytest.mark.parametrize("shortlist", [0, 2])     # coarse to fine past 2x the budget
+@pytest.mark.parametrize("shortlist", [0, 2])     # coarse to fine past a shortlist of 2x the budget
 @pytest.mark.parametrize("dtype,group,head_dim,page_size,budget,summary_tokens", SPARSE_CASES)
 def test_sparse_decode(dtype, group, head_dim, page_size, budget, summary_tokens, shortlist):
     budget_tokens, sink, recent = budget
@@ -223,12 +223,13 @@ def test_sparse_decode(dtype, group, head_dim, page_size, budget, summary_tokens
                                                            pages=True)
     out, chosen, vlens = sparse_decode(q, k, v, kmin, kmax, table, i32(lens), budget_tokens, sink,
                                        recent, num_splits=3, block_n=16, return_selection=True,
-                                       pmin=pmin, pmax=pmax, shortlist_factor=shortlist)
+                                       pmin=pmin, pmax=pmax, shortlist_tokens=shortlist * budget_pages * page_size)
     scale = ref.default_scale(head_dim)
     coarse = 0
     for i, n in enumerate(lens):
         expected, pages_read = ref.sparse_paged_decode(q[i], k, v, kmin, kmax, table[i], n, scale,
-                                                       budget_tokens, sink, recent, pmin, pmax, shortlist)
+                                                       budget_tokens, sink, recent, pmin, pmax,
+                                                       shortlist * budget_pages * page_size)
         used = min(-(-n // page_size), budget_pages)
         if shortlist and -(-n // page_size) > shortlist * budget_pages:
             coarse += 1

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.reference import default_scale, sparse_page_counts
+from kernels.reference import default_scale, shortlist_pages, sparse_page_counts
 from kernels.triton.decode import check_kv, default_num_splits, num_sms, paged_decode, split_k_decode
 
 
@@ -448,7 +448,7 @@ def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   budget_tokens: int, sink_tokens: int, recent_tokens: int, scale: float | None = None,
                   return_selection: bool = False, score_tuning: dict | None = None,
                   select_tuning: dict | None = None, pmin: torch.Tensor | None = None,
-                  pmax: torch.Tensor | None = None, shortlist_factor: int = 0, **tuning):
+                  pmax: torch.Tensor | None = None, shortlist_tokens: int = 0, **tuning):
     """Batched reference.sparse_paged_decode.
 
     q: [batch, q_heads, d]; caches [num_pages, page_size, kv_heads, d]; kmin, kmax [num_pages,
@@ -456,7 +456,7 @@ def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     max_pages]; seq_lens int32 [batch] (>= 1). Token counts round to pages as
     reference.sparse_page_counts says. Returns out [batch, q_heads, d] (q's dtype),
     or (out, logical pages [batch, kv_heads, k], virtual seq_lens) with return_selection.
-    shortlist_factor > 0 with the page summaries pmin, pmax [num_pages, kv_heads, d]: coarse to fine
+    shortlist_tokens > 0 with the page summaries pmin, pmax [num_pages, kv_heads, d]: coarse to fine
     (reference.sparse_paged_decode) whenever the page tables are wider than the shortlist (a static
     choice: rows shorter than the shortlist keep all their pages in it).
     tuning (num_splits, block_n, num_warps, num_stages, ...) goes to the split-K decode kernel;
@@ -468,7 +468,7 @@ def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     max_pages = page_tables.shape[1]
     if max_pages <= budget and not return_selection:
         return paged_decode(q, k_cache, v_cache, page_tables, seq_lens, scale, **tuning)
-    shortlist = shortlist_factor * budget
+    shortlist = shortlist_pages(page_size, budget, shortlist_tokens)
     scale = default_scale(q.shape[2]) if scale is None else scale
     force, kv_heads, select = (budget, sink, recent), k_cache.shape[2], dict(select_tuning or {})
     if 0 < shortlist < max_pages:

@@ -13,7 +13,7 @@ remaining pages fill `budget_pages`, per KV head and per sequence; attention the
 pages, straight from the paged cache (indexed by page id and KV head; the sequence is never copied
 into a contiguous buffer).
 
-Coarse to fine (kernels/reference.py): when a row has more than shortlist_factor * budget_pages
+Coarse to fine (kernels/reference.py): when a row has more than reference.shortlist_pages(...)
 pages, the page summaries (one min/max per page) score every page first and keep that many per KV
 head (forced pages included); only the shortlist is scored by its block summaries, each head's
 log-softmax taken over the shortlist, and the budget is chosen from it. That reads 1/blocks of
@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from backends.base import SparseSettings
+from kernels.reference import shortlist_pages
 
 if TYPE_CHECKING:
     from backends.cuda.attention.torch_metadata import AttentionMetadata
@@ -145,7 +146,7 @@ def make_plan(meta: AttentionMetadata, page_size: int, kv_heads: int, summary_to
     unwritten = first >= lengths[sparse_rows].unsqueeze(1)
     slot = torch.arange(page_size, device=device)
     head = torch.arange(kv_heads, device=device).view(1, kv_heads, 1, 1)
-    shortlist = meta.sparse.shortlist_factor * budget_pages
+    shortlist = shortlist_pages(page_size, budget_pages, meta.sparse.shortlist_tokens)
     return QuestPlan(
         budget_pages=budget_pages, shortlist_pages=shortlist if 0 < shortlist < width else 0,
         all_dense=n_sparse == 0, dense_rows=dense_rows,
