@@ -137,7 +137,7 @@ class SparseSettings:
     sink_tokens: int = 16
     recent_tokens: int = 64
     summary_tokens: int = 4
-    shortlist_tokens: int = 4096
+    shortlist_tokens: int = 8192
 
 
 @dataclass(frozen=True)

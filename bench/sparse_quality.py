@@ -440,7 +440,7 @@ def main() -> None:
     parser.add_argument("--recent", type=int, default=64)
     parser.add_argument("--dense-layers", type=int, default=2)
     parser.add_argument("--summary-tokens", type=int, default=4, help="tokens per key min/max summary")
-    parser.add_argument("--shortlist-tokens", type=int, default=4096,
+    parser.add_argument("--shortlist-tokens", type=int, default=8192,
                         help="coarse to fine past this many tokens (0: off); the engine's default")
     parser.add_argument("--texts", type=int, default=4)
     parser.add_argument("--context", type=int, default=7000, help="tokens per teacher-forced text")

@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=32768)
     parser.add_argument("--width", type=int, default=4096, help="page-table width (the engine's class)")
     parser.add_argument("--budget", type=int, default=2048)
-    parser.add_argument("--shortlist-tokens", type=int, default=4096, help="the engine's default")
+    parser.add_argument("--shortlist-tokens", type=int, default=8192, help="the engine's default")
     parser.add_argument("--layout", default="shuffled", choices=["shuffled", "contiguous"],
                         help="pages of a sequence scattered over the pool (a long-running server) or in order")
     parser.add_argument("--skip-tuning", action="store_true", help="only the whole sparse_decode vs dense")

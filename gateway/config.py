@@ -45,7 +45,7 @@ class SparseAttentionConfig(Strict):
     recent_tokens: int = Field(64, ge=1, description="always kept from the end of the sequence")
     summary_tokens: int = Field(4, ge=1, description="tokens per key min/max summary (several per page: "
                                 "tighter page scores); must divide kv_cache.page_size")
-    shortlist_tokens: int = Field(4096, ge=0, description="past this many tokens (and twice the budget), pages are "
+    shortlist_tokens: int = Field(8192, ge=0, description="past this many tokens (and twice the budget), pages are "
                                   "scored coarse to fine: one summary per page shortlists that many tokens' worth of "
                                   "pages, only those are scored by their block summaries (less to read per step); "
                                   "0: every page by its blocks")
