@@ -25,11 +25,14 @@ class SampleSpec:
     uniform is the draw's random number in [0, 1), made by the engine from the request's seed and
     the token's index (sampling_params.draw_uniform), so a seed gives the same text cold, cached
     or batched. generated holds the output ids so far; it is read only when penalties are on.
+    allowed: a grammar's bitmask of the tokens allowed next (int32 words, token t = bit t % 32 of
+    word t // 32), built on the host; the backend sets every other token's logit to -inf.
     """
 
     params: SamplingParams
     uniform: float
     generated: Sequence[int] = ()
+    allowed: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

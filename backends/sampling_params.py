@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
+
 MAX_TOP_LOGPROBS = 20
 
 
@@ -78,3 +80,11 @@ def draw_uniform(seed: int, index: int) -> float:
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
     x ^= x >> 31
     return (x >> 11) / float(1 << 53)
+
+
+def unpack_bitmask(bitmask: np.ndarray, vocab_size: int) -> np.ndarray:
+    """bool [vocab_size] from a grammar's int32 bitmask: token t is allowed when bit t % 32 of
+    word t // 32 is set (the layout xgrammar and llguidance both fill)."""
+    bits = np.unpackbits(np.ascontiguousarray(bitmask, dtype="<i4").view(np.uint8), bitorder="little")
+    assert bits.size >= vocab_size, f"a bitmask of {bits.size} bits for a vocabulary of {vocab_size}"
+    return bits[:vocab_size].astype(bool)

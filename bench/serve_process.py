@@ -37,24 +37,31 @@ def wait_until_ready(process: subprocess.Popen, url: str, log_path: Path, timeou
 
 
 @contextlib.contextmanager
-def radixgate_server(model: dict, timeout_s: float = 300):
-    """Yield the base URL (…/v1) of a server running one model config (a dict of models[0])."""
-    port = free_port()
-    with tempfile.TemporaryDirectory() as folder:
-        config = Path(folder) / "config.yaml"
-        config.write_text(yaml.safe_dump({"server": {"host": "127.0.0.1", "port": port}, "models": [model]}))
-        log = open(Path(folder) / "server.log", "w")
-        process = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(config),
-                                    "--log-level", "warning"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                                       [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])})
+def server_process(argv: list[str], health_url: str, log_path: Path, timeout_s: float = 300,
+                   env: dict | None = None):
+    """Run a server command (from the repository root, its output into log_path), wait until
+    health_url answers 200, and stop the process afterwards (terminate, then kill)."""
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
-            wait_until_ready(process, f"http://127.0.0.1:{port}/health", Path(folder) / "server.log", timeout_s)
-            yield f"http://127.0.0.1:{port}/v1"
+            wait_until_ready(process, health_url, log_path, timeout_s)
+            yield process
         finally:
             process.terminate()
             try:
                 process.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 process.kill()
-            log.close()
+
+
+@contextlib.contextmanager
+def radixgate_server(model: dict, timeout_s: float = 300):
+    """Yield the base URL (…/v1) of a server running one model config (a dict of models[0])."""
+    port = free_port()
+    with tempfile.TemporaryDirectory() as folder:
+        config = Path(folder) / "config.yaml"
+        config.write_text(yaml.safe_dump({"server": {"host": "127.0.0.1", "port": port}, "models": [model]}))
+        argv = [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--log-level", "warning"]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+        with server_process(argv, f"http://127.0.0.1:{port}/health", Path(folder) / "server.log", timeout_s, env):
+            yield f"http://127.0.0.1:{port}/v1"

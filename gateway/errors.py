@@ -43,25 +43,42 @@ def _validation_message(error: RequestValidationError) -> tuple[str, str | None]
     return message, param
 
 
+# Anthropic's error types by status (https://docs.anthropic.com/en/api/errors)
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                    500: "api_error", 501: "api_error", 503: "overloaded_error"}
+ANTHROPIC_PATHS = ("/v1/messages",)
+
+
+def _respond(request: Request, status: int, message: str, type: str, param: str | None = None,
+             code: str | None = None, headers: dict | None = None) -> JSONResponse:
+    """The error object of the API the request was sent to: Anthropic's for /v1/messages, else OpenAI's."""
+    if request.url.path in ANTHROPIC_PATHS:
+        kind = _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+        body = {"type": "error", "error": {"type": kind, "message": message}}
+    else:
+        body = error_body(message, type, param, code)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, error: APIError) -> JSONResponse:
-        return JSONResponse(error_body(error.message, error.type, error.param, error.code),
-                            status_code=error.status, headers=error.headers)
+    async def _api_error(request: Request, error: APIError) -> JSONResponse:
+        return _respond(request, error.status, error.message, error.type, error.param, error.code, error.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, error: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(error)
-        return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
+        return _respond(request, 400, message, "invalid_request_error", param)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, error: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, error: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
-        return JSONResponse(error_body(str(error.detail), kind), status_code=error.status_code)
+        return _respond(request, error.status_code, str(error.detail), kind)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, error: Exception) -> JSONResponse:
-        return JSONResponse(error_body(f"internal server error: {error}", "server_error"), status_code=500)
+    async def _unexpected(request: Request, error: Exception) -> JSONResponse:
+        return _respond(request, 500, f"internal server error: {error}", "server_error")
 
 
 def engine_unavailable(what: str, error: Exception) -> APIError:

@@ -11,6 +11,7 @@ from gateway.engine.engine import EngineUnavailable, QueueFull, RequestHandle
 from gateway.engine.request import TokenEvent
 from gateway.engine.sampling import SamplingParams
 from gateway.errors import APIError, engine_unavailable
+from gateway.grammar import GrammarSpec
 from gateway.protocol import SamplingFields
 from gateway.router import LocalModel
 
@@ -47,14 +48,14 @@ def sampling_params(body: SamplingFields, index: int, logprobs: bool, top_logpro
 
 
 def submit(model: LocalModel, prompts: list[list[int]], body: SamplingFields, max_new_tokens: int,
-           logprobs: bool, top_logprobs: int) -> RequestHandle:
-    """n choices for each prompt; choice index = prompt index * n + i."""
+           logprobs: bool, top_logprobs: int, grammar: GrammarSpec | None = None) -> RequestHandle:
+    """n choices for each prompt; choice index = prompt index * n + i. `grammar`: constrained decoding."""
     vocab = model.info.vocab_size
     choices = [(prompt, sampling_params(body, i, logprobs, top_logprobs, vocab))
                for prompt in prompts for i in range(body.n)]
     try:
         return model.engine.submit(choices, max_new_tokens=max_new_tokens, stop=body.stop_list(),
-                                   ignore_eos=body.ignore_eos, priority=body.priority or 0)
+                                   ignore_eos=body.ignore_eos, priority=body.priority or 0, grammar=grammar)
     except QueueFull as error:
         raise APIError(429, f"The server is busy: {error}.", type="rate_limit_error",
                        code="rate_limit_exceeded", headers={"Retry-After": "1"}) from None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from gateway.generation import ChoiceResult
+from gateway.tools import ToolCallStream, new_call_id, parse_tool_calls
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
@@ -86,3 +87,41 @@ def text_completion(response_id: str, created: int, model: str, results: list[Ch
                         "logprobs": text_logprobs(tokenizer, r.logprobs, len(prefix)) if want_logprobs else None})
     return {"id": response_id, "object": "text_completion", "created": created, "model": model,
             "system_fingerprint": None, "choices": choices, "usage": usage_of(results, num_prompts, n)}
+
+
+def attach_tool_calls(choice: dict, names: set[str]) -> None:
+    """Move tool calls found in a chat choice's text into message.tool_calls (finish "tool_calls")."""
+    message = choice["message"]
+    content, calls = parse_tool_calls(message["content"], names)
+    if not calls:
+        return
+    message["content"] = content or None
+    message["tool_calls"] = [{"id": new_call_id(), "type": "function", "function": call} for call in calls]
+    if choice["finish_reason"] == "stop":
+        choice["finish_reason"] = "tool_calls"
+
+
+class ToolCallDeltas:
+    """One streamed chat choice's text -> deltas: content as it is safe, each call as two
+    tool_calls deltas (id, type and name, then the arguments) that the openai SDK joins."""
+
+    def __init__(self, names: set[str]):
+        self.stream = ToolCallStream(names)
+
+    def delta(self, text: str, finish_reason: str | None) -> tuple[dict, str | None]:
+        content, calls = self.stream.feed(text)
+        if finish_reason is not None:
+            rest, more = self.stream.finish()
+            content, calls = content + rest, calls + more
+        delta: dict = {"content": content} if content else {}
+        if calls:
+            start = len(self.stream.calls) - len(calls)
+            delta["tool_calls"] = []
+            for k, call in enumerate(calls):
+                delta["tool_calls"] += [
+                    {"index": start + k, "id": new_call_id(), "type": "function",
+                     "function": {"name": call["name"], "arguments": ""}},
+                    {"index": start + k, "function": {"arguments": call["arguments"]}}]
+        if finish_reason == "stop" and self.stream.calls:
+            finish_reason = "tool_calls"
+        return delta, finish_reason

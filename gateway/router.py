@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 
 from backends.base import BackendInfo, RunnerSettings, SparseSettings
-from backends.factory import create_backend
+from backends.factory import choose_device, create_backend
 from backends.source import resolve_source
 from gateway.config import Config, ModelConfig
 from gateway.engine.engine import Engine, EngineSettings, EngineSpec
@@ -26,11 +26,8 @@ class LocalModel:
 
 
 def choose_backend(requested: str) -> str:
-    """auto → cuda when a CUDA device is present, else cpu (mlx arrives with its own issue)."""
-    if requested != "auto":
-        return requested
-    import torch
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """auto → mlx on Apple silicon with mlx installed, cuda when torch sees a GPU, else cpu."""
+    return choose_device(requested)
 
 
 def runner_settings(cfg: ModelConfig, backend: str, validate_batches: bool = False) -> RunnerSettings:
@@ -51,8 +48,6 @@ def runner_settings(cfg: ModelConfig, backend: str, validate_batches: bool = Fal
 
 def load_local_model(cfg: ModelConfig, check_invariants: bool = False) -> LocalModel:
     backend = choose_backend(cfg.backend)
-    if backend == "mlx":
-        raise APIError(501, "the MLX backend is not available in this version")
     source = resolve_source(cfg.source)
     tokenizer = load_tokenizer(source)
     sched = cfg.scheduler

@@ -11,13 +11,15 @@ from fastapi.responses import JSONResponse, Response
 from sse_starlette.sse import EventSourceResponse
 
 from gateway import generation, responses
+from gateway.api import anthropic_messages, openai_responses
+from gateway.chat import output_grammar, plan_chat
 from gateway.config import Config
 from gateway.engine.engine import EngineUnavailable
 from gateway.errors import APIError, engine_unavailable, install_error_handlers
 from gateway.metrics import Metrics
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, new_id, now_s
 from gateway.router import Router
-from gateway.templating import ChatTemplateError
+from gateway.tools import parse_tools
 
 
 class RequestCounter:
@@ -59,33 +61,38 @@ def create_app(config: Config, router: Router) -> FastAPI:
         if not keys:
             return
         header = request.headers.get("authorization", "")
-        if not header.startswith("Bearer ") or header[7:] not in keys:
-            raise APIError(401, "Incorrect or missing API key. Send 'Authorization: Bearer <key>'.",
-                           code="invalid_api_key")
+        if header.startswith("Bearer ") and header[7:] in keys:
+            return
+        if request.headers.get("x-api-key") in keys:      # Anthropic clients send the key this way
+            return
+        raise APIError(401, "Incorrect or missing API key. Send 'Authorization: Bearer <key>'.",
+                       code="invalid_api_key")
 
     app.add_middleware(RequestCounter, metrics=metrics)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         model = router.get(body.model)
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        try:
-            prompt = model.tokenizer.apply_chat_template(messages)
-        except ChatTemplateError as error:
-            raise APIError(400, f"The messages cannot be rendered by this model's chat template: {error}",
-                           param="messages") from None
-        max_new = generation.resolve_max_tokens(body.max_completion_tokens or body.max_tokens, len(prompt),
+        tools = parse_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
+        plan = await plan_chat(model, [m.template_message() for m in body.messages], tools,
+                               output_grammar(body.response_format))
+        max_new = generation.resolve_max_tokens(body.max_completion_tokens or body.max_tokens, len(plan.prompt),
                                                 model.engine.context_length)
-        handle = generation.submit(model, [prompt], body, max_new, body.logprobs, body.top_logprobs or 0)
+        handle = generation.submit(model, [plan.prompt], body, max_new, body.logprobs, body.top_logprobs or 0,
+                                   plan.grammar)
         rid, created, started = new_id("chatcmpl"), now_s(), time.monotonic()
         if body.stream:
-            return EventSourceResponse(_chat_stream(handle, body, model, rid, created, started),
+            return EventSourceResponse(_chat_stream(handle, body, model, rid, created, started, tools),
                                        ping=15)
         results = await generation.collect(handle, body.n, request)
         metrics.latency.labels(body.model).observe(time.monotonic() - started)
-        return responses.chat_completion(rid, created, body.model, results, model.tokenizer, body.logprobs)
+        reply = responses.chat_completion(rid, created, body.model, results, model.tokenizer, body.logprobs)
+        if tools is not None:
+            for choice in reply["choices"]:
+                responses.attach_tool_calls(choice, tools.names)
+        return reply
 
-    async def _chat_stream(handle, body, model, rid, created, started):
+    async def _chat_stream(handle, body, model, rid, created, started, tools):
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         def chunk(choices, usage_block=None):
@@ -96,25 +103,33 @@ def create_app(config: Config, router: Router) -> FastAPI:
             yield {"data": chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
                                    "logprobs": None, "finish_reason": None}])}
         totals = [generation.ChoiceResult() for _ in range(body.n)]
+        calls = [responses.ToolCallDeltas(tools.names) if tools else None for _ in range(body.n)]
         first = True
         async for event in generation.stream_events(handle):
             if event.error:
                 yield {"data": json.dumps(responses.stream_error(event.error))}
                 return
             generation.merge(totals[event.index], event)
-            if not event.text and event.finish_reason is None and not (body.logprobs and event.logprobs):
+            delta = {"content": event.text} if event.text else {}
+            finish = event.finish_reason
+            if calls[event.index] is not None:    # text that forms a tool call leaves as tool_calls deltas
+                delta, finish = calls[event.index].delta(event.text, finish)
+            if not delta and finish is None and not (body.logprobs and event.logprobs):
                 continue
             if first:
                 metrics.ttft.labels(body.model).observe(time.monotonic() - started)
                 first = False
             yield {"data": chunk([{
-                "index": event.index, "delta": {"content": event.text} if event.text else {},
+                "index": event.index, "delta": delta,
                 "logprobs": responses.chat_logprobs(model.tokenizer, event.logprobs) if body.logprobs else None,
-                "finish_reason": event.finish_reason}])}
+                "finish_reason": finish}])}
         metrics.latency.labels(body.model).observe(time.monotonic() - started)
         if include_usage:
             yield {"data": chunk([], responses.usage_of(totals, 1, body.n))}
         yield {"data": "[DONE]"}
+
+    openai_responses.register(app, router, [Depends(authorize)])
+    anthropic_messages.register(app, router, [Depends(authorize)])
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(body: CompletionRequest, request: Request):

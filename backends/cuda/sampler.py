@@ -44,6 +44,7 @@ class TorchSampler:
     def __init__(self, vocab_size: int, device: torch.device):
         self.vocab_size = vocab_size
         self.device = torch.device(device)
+        self._bit = torch.arange(32, dtype=torch.int32, device=self.device)   # bit positions in a mask word
 
     # -- host-built parameter tensors -------------------------------------------------------
 
@@ -68,7 +69,7 @@ class TorchSampler:
     # -- processing: logit_bias, penalties -------------------------------------------------
 
     def _process(self, logits: torch.Tensor, specs: Sequence[SampleSpec]) -> torch.Tensor:
-        """Logits after bias and penalties: a copy when anything changes them."""
+        """Logits after bias, penalties and grammar bitmasks: a copy when anything changes them."""
         V = self.vocab_size
         bias_flat: list[int] = []
         bias_vals: list[float] = []
@@ -77,7 +78,8 @@ class TorchSampler:
                 bias_flat.append(i * V + t)
                 bias_vals.append(b)
         pen = [i for i, s in enumerate(specs) if _penalized(s.params)]
-        if not bias_flat and not pen:
+        masked = [i for i, s in enumerate(specs) if s.allowed is not None]
+        if not bias_flat and not pen and not masked:
             return logits
         x = logits.clone(memory_format=torch.contiguous_format)   # the caller's logits stay untouched
         if bias_flat:                               # one add per (row, id): keys are unique per row
@@ -102,7 +104,21 @@ class TorchSampler:
                 else:
                     rows = self._tensor(pen, torch.int64)
                     x.index_copy_(0, rows, x.index_select(0, rows) - penalty)
+        if masked:
+            self._apply_bitmasks(x, masked, [specs[i].allowed for i in masked])
         return x
+
+    def _apply_bitmasks(self, x: torch.Tensor, rows: list[int], bitmasks: list[np.ndarray]) -> None:
+        """Set the logits of tokens a row's grammar does not allow to -inf, in place. The bitmasks
+        (a few KB per row) cross to the device once; the bits are unpacked there."""
+        words = self._tensor(np.stack(bitmasks), torch.int32)                   # [M, ceil(V / 32)]
+        bits = (words.unsqueeze(-1) >> self._bit) & 1                        # [M, W, 32]
+        allowed = bits.reshape(len(rows), -1)[:, :self.vocab_size].bool()
+        if len(rows) == x.shape[0]:
+            x.masked_fill_(~allowed, -math.inf)
+        else:
+            index = self._tensor(rows, torch.int64)
+            x.index_copy_(0, index, x.index_select(0, index).masked_fill_(~allowed, -math.inf))
 
     # -- the draw ----------------------------------------------------------------------------
 
@@ -182,7 +198,8 @@ class TorchSampler:
         if logits.dtype != torch.float32:
             logits = logits.float()
         params = [s.params for s in specs]
-        plain = all(not p.logprobs and not p.logit_bias and not _penalized(p) for p in params)
+        plain = all(not p.logprobs and not p.logit_bias and not _penalized(p) for p in params) \
+            and all(s.allowed is None for s in specs)
         if plain and all(p.greedy for p in params):               # the common greedy step
             tokens = logits.argmax(dim=1)
             return DrawnTokens(tokens, tokens, _plain_tokens)

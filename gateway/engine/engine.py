@@ -20,6 +20,7 @@ from gateway.engine import worker
 from gateway.engine.request import TokenEvent
 from gateway.engine.sampling import SamplingParams
 from gateway.engine.worker import EngineSettings, EngineSpec, RequestSpec
+from gateway.grammar import GrammarSpec
 
 log = logging.getLogger("radixgate.engine")
 
@@ -147,11 +148,13 @@ class Engine:
                 raise EngineUnavailable(self.fatal_error or "the engine process is not running") from error
 
     def submit(self, choices: list[tuple[list[int], SamplingParams]], *, max_new_tokens: int,
-               stop: list[str], ignore_eos: bool = False, priority: int = 0) -> RequestHandle:
+               stop: list[str], ignore_eos: bool = False, priority: int = 0,
+               grammar: GrammarSpec | None = None) -> RequestHandle:
         """Queue one request per (prompt ids, sampling params) choice; returns their event stream.
 
         Choices with the same prompt wait for the first of them to cache it, so n>1 computes the
         prompt once. `priority`: lower is admitted first (within the fair policy's age bound).
+        `grammar`: every choice's output must match it (constrained decoding).
         """
         if not self.alive:
             raise EngineUnavailable(self.fatal_error or "the engine process is not running")
@@ -167,7 +170,8 @@ class Engine:
             first_same = next((s.id for s in specs if s.prompt_ids == prompt_ids), None)
             specs.append(RequestSpec(id=handle.request_ids[index], index=index, prompt_ids=list(prompt_ids),
                                      params=params, max_new_tokens=max_new_tokens, stop=list(stop),
-                                     ignore_eos=ignore_eos, wait_for=first_same, priority=priority))
+                                     ignore_eos=ignore_eos, wait_for=first_same, priority=priority,
+                                     grammar=grammar))
         with self._state_lock:
             for index, request_id in enumerate(handle.request_ids):
                 self._open[request_id] = (handle, index)

@@ -65,6 +65,7 @@ class Request:
     arrival_step: int = 0            # the scheduler step it was queued in (requests age in steps)
     cached_estimate: int = 0         # cached prefix tokens when last measured while waiting (fair)
     measured_step: int = -1          # the step of that measurement; -1: never
+    constraint: object | None = None  # a grammar's matcher (gateway/grammar.Constraint): masks each draw
 
     @property
     def all_ids(self) -> list[int]:
@@ -96,3 +97,9 @@ class Request:
     @property
     def penalized(self) -> bool:
         return bool(self.params.presence_penalty or self.params.frequency_penalty)
+
+    @property
+    def needs_last_token(self) -> bool:
+        """Its next draw depends on every earlier token on the host (penalties count them, a
+        grammar's mask follows them), so under overlap it waits for its draw in flight."""
+        return self.penalized or self.constraint is not None

@@ -4,7 +4,8 @@ The serving path samples on the backend's device (backends/cuda/sampler.py, batc
 module defines what it must produce, token for token, given the same logits and random number.
 
 Order per token: logit_bias is added, presence/frequency penalties are subtracted (OpenAI
-semantics: penalty = count*frequency + (count > 0)*presence, in float32), then logprobs are taken
+semantics: penalty = count*frequency + (count > 0)*presence, in float32), a grammar's bitmask sets
+every token it does not allow to -inf (constrained decoding), then logprobs are taken
 as log_softmax of these processed logits x, i.e. *before* temperature and filtering, so they
 describe the model's adjusted distribution and do not depend on how the token was drawn (a
 filtered-out token keeps a finite logprob). Greedy requests (temperature 0 or top_k 1) take the
@@ -32,7 +33,7 @@ import secrets
 
 import numpy as np
 
-from backends.sampling_params import MAX_TOP_LOGPROBS, SampledToken, SamplingParams, draw_uniform
+from backends.sampling_params import MAX_TOP_LOGPROBS, SampledToken, SamplingParams, draw_uniform, unpack_bitmask
 
 __all__ = ["MAX_TOP_LOGPROBS", "SampledToken", "Sampler", "SamplingParams", "draw_uniform"]
 
@@ -74,26 +75,30 @@ class Sampler:
         if self._penalize:
             self._penalty[token_id] = np.float32(n) * self._frequency + self._presence
 
-    def process(self, logits: np.ndarray) -> np.ndarray:
-        """Logits after bias and penalties (a copy when anything changes them)."""
+    def process(self, logits: np.ndarray, allowed: np.ndarray | None = None) -> np.ndarray:
+        """Logits after bias, penalties and the grammar's bitmask (a copy when anything changes them)."""
         logits = np.asarray(logits, dtype=np.float32)
         if logits.shape != (self.vocab_size,):
             raise ValueError(f"expected logits of shape ({self.vocab_size},), got {logits.shape}")
-        if self._bias_ids.size or self._penalize:
+        if self._bias_ids.size or self._penalize or allowed is not None:
             logits = logits.copy()                     # the caller's buffer stays untouched
             if self._bias_ids.size:
                 logits[self._bias_ids] += self._bias
             if self._penalize:
                 logits -= self._penalty
+            if allowed is not None:
+                logits[~unpack_bitmask(allowed, self.vocab_size)] = -np.inf
         return logits
 
-    def sample(self, logits: np.ndarray, uniform: float | None = None) -> SampledToken:
+    def sample(self, logits: np.ndarray, uniform: float | None = None,
+               allowed: np.ndarray | None = None) -> SampledToken:
         """Choose the next token from one row of logits and count it.
 
         uniform: the draw's random number in [0, 1); None: draw_uniform(self.seed, self.num_generated).
+        allowed: a grammar's int32 bitmask of the tokens allowed next (None: every token).
         """
         p = self.params
-        x = self.process(logits)
+        x = self.process(logits, allowed)
         if p.greedy:
             token = int(np.argmax(x))
         else:

@@ -200,8 +200,8 @@ class Scheduler:
             remaining = known - request.num_computed
             if remaining <= 0 or (request.pending and (
                     len(request.output_ids) + request.pending >= request.max_new_tokens
-                    or known >= self.context_length or request.penalized)):
-                continue      # (penalties count every earlier token: they wait for the draw)
+                    or known >= self.context_length or request.needs_last_token)):
+                continue      # (penalties and grammars follow every earlier token: they wait for the draw)
             count = remaining if remaining == 1 else budget.grant(request, remaining)
             if count <= 0:
                 continue      # the prefill budget (or this request's share of it) is spent
@@ -230,7 +230,13 @@ class Scheduler:
         params = request.params
         index = len(request.output_ids) + request.pending       # the draw's token index
         uniform = 0.0 if params.greedy else draw_uniform(request.seed, index)
-        return SampleSpec(params, uniform, request.output_ids if request.penalized else ())
+        allowed = None
+        if request.constraint is not None:
+            # the matcher has taken in exactly the kept tokens (never a draw in flight)
+            assert request.pending == 0 and request.constraint.num_accepted == len(request.output_ids), (
+                request.id, request.pending, request.constraint.num_accepted, len(request.output_ids))
+            allowed = request.constraint.next_mask()
+        return SampleSpec(params, uniform, request.output_ids if request.penalized else (), allowed)
 
     def _ensure_pages(self, request: Request, num_tokens: int,
                       scheduled: list[tuple[Request, SequenceChunk]]) -> bool:
@@ -277,7 +283,14 @@ class Scheduler:
         text = request.detokenizer.add_token(token)
         logprobs = [] if sampled.logprob is None else [(token, sampled.logprob, sampled.top_logprobs)]
         reason = None
-        if token in request.stop_token_ids or request.detokenizer.stopped:
+        if request.constraint is not None and not request.constraint.accept(token):
+            # the mask allowed only what the grammar accepts: a rejected token is a sampler bug
+            text += request.detokenizer.finish()
+            self._finish(request, "error", text=text, token_ids=[token], logprobs=logprobs,
+                         error=f"internal error: token {token} broke the request's grammar")
+            return
+        if token in request.stop_token_ids or request.detokenizer.stopped or (
+                request.constraint is not None and request.constraint.finished):
             reason = "stop"
         elif len(request.output_ids) >= request.max_new_tokens or request.total_len >= self.context_length:
             reason = "length"

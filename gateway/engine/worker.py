@@ -29,6 +29,7 @@ from gateway.engine.radix_cache import RadixCache
 from gateway.engine.request import Request, TokenEvent
 from gateway.engine.sampling import SamplingParams
 from gateway.engine.scheduler import Scheduler
+from gateway.grammar import GrammarError, GrammarSpec, compiler_for
 
 log = logging.getLogger("radixgate.engine")
 
@@ -74,6 +75,7 @@ class RequestSpec:
     ignore_eos: bool
     wait_for: str | None = None      # id of an earlier choice with the same prompt (n > 1)
     priority: int = 0                # lower first (fair policy)
+    grammar: GrammarSpec | None = None   # constrained decoding: the output must match it
 
 
 def _idle(scheduler: Scheduler) -> bool:
@@ -122,15 +124,30 @@ class EngineLoop:
             self.outbox.append((request_id, event))
         return emit
 
+    def _constraint(self, spec: RequestSpec):
+        """A fresh matcher for the spec's grammar; the compiled grammar is cached per schema, so
+        only a schema's first request pays the compile (milliseconds, between two steps)."""
+        if spec.grammar is None:
+            return None
+        compiler = compiler_for(self.tokenizer, self.scheduler.backend.info.vocab_size)
+        return compiler.constraint(spec.grammar)
+
     def add(self, specs: list[RequestSpec]) -> None:
         by_id: dict[str, Request] = {}
         for spec in specs:
+            try:
+                constraint = self._constraint(spec)
+            except GrammarError as error:     # the gateway validated it; still never crash a step
+                self.outbox.append((spec.id, TokenEvent(spec.index, "", [], [], finish_reason="error",
+                                                        error=f"invalid grammar: {error}")))
+                continue
             request = Request(
                 id=spec.id, index=spec.index, prompt_ids=list(spec.prompt_ids), params=spec.params,
                 max_new_tokens=spec.max_new_tokens,
                 stop_token_ids=frozenset() if spec.ignore_eos else self.tokenizer.eos_token_ids,
                 detokenizer=IncrementalDetokenizer(self.tokenizer, spec.stop),
-                emit=self._emitter(spec.id), wait_for=by_id.get(spec.wait_for), priority=spec.priority)
+                emit=self._emitter(spec.id), wait_for=by_id.get(spec.wait_for), priority=spec.priority,
+                constraint=constraint)
             by_id[spec.id] = request
             self.scheduler.add(request)
         self.adds_handled += 1

@@ -1,0 +1,198 @@
+"""POST /v1/messages: Anthropic's Messages API on the same engine (system, content blocks, tools with
+tool_use / tool_result blocks, streaming events). Errors leave in Anthropic's shape (gateway/errors.py).
+"""
+from __future__ import annotations
+
+import json
+
+from fastapi import FastAPI, Request
+from pydantic import Field, field_validator
+from sse_starlette.sse import EventSourceResponse
+
+from gateway import generation
+from gateway.chat import plan_chat
+from gateway.errors import APIError
+from gateway.protocol import SamplingFields, _Lenient, new_id
+from gateway.router import Router
+from gateway.tools import ToolCallStream, parse_tool_calls, parse_tools
+
+ANTHROPIC_PATH = "/v1/messages"
+
+
+class MessagesRequest(_Lenient):
+    model: str = Field(min_length=1)
+    max_tokens: int = Field(ge=1)
+    messages: list[dict] = Field(min_length=1)
+    system: str | list[dict] | None = None
+    stop_sequences: list[str] | None = Field(None, max_length=16)
+    temperature: float | None = Field(None, ge=0, le=1)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    stream: bool = False
+    tools: list[dict] | None = None
+    tool_choice: dict | None = None
+    metadata: dict | None = None
+
+    @field_validator("stop_sequences")
+    @classmethod
+    def _non_empty(cls, value):
+        if value and any(not s for s in value):
+            raise ValueError("stop sequences must be non-empty strings")
+        return value
+
+
+def _blocks(content, where: str) -> list[dict]:
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if not isinstance(content, list):
+        raise APIError(400, f"{where}.content must be a string or a list of content blocks", param=where)
+    return content
+
+
+def _text(blocks, where: str) -> str:
+    texts = []
+    for block in _blocks(blocks, where):
+        if not isinstance(block, dict) or block.get("type") != "text" or not isinstance(block.get("text"), str):
+            raise APIError(400, f"{where}: only text blocks are supported here", param=where)
+        texts.append(block["text"])
+    return "\n".join(texts)
+
+
+def to_messages(body: MessagesRequest) -> list[dict]:
+    """Anthropic system + messages -> chat messages: tool_use blocks become an assistant's tool_calls,
+    tool_result blocks become tool messages."""
+    messages = [{"role": "system", "content": _text(body.system, "system")}] if body.system else []
+    for i, message in enumerate(body.messages):
+        where, role = f"messages.{i}", message.get("role")
+        if role not in ("user", "assistant"):
+            raise APIError(400, f"{where}.role must be 'user' or 'assistant'", param=where)
+        texts, calls = [], []
+        for block in _blocks(message.get("content"), where):
+            kind = block.get("type") if isinstance(block, dict) else None
+            if kind == "text":
+                texts.append(block.get("text", ""))
+            elif kind == "tool_use" and role == "assistant":
+                calls.append({"id": block.get("id"), "type": "function",
+                              "function": {"name": block.get("name"), "arguments": json.dumps(block.get("input", {}))}})
+            elif kind == "tool_result" and role == "user":
+                content = block.get("content", "")
+                messages.append({"role": "tool", "tool_call_id": block.get("tool_use_id"),
+                                 "content": content if isinstance(content, str) else _text(content, where)})
+            else:
+                raise APIError(400, f"content block type {kind!r} is not supported in a {role} message",
+                               param=where)
+        if texts or calls or not message.get("content"):
+            out = {"role": role, "content": "\n".join(texts)}
+            if calls:
+                out["tool_calls"] = calls
+            messages.append(out)
+    return messages
+
+
+def _tools(body: MessagesRequest):
+    tools = [{"type": "function", "function": {"name": t.get("name"), "description": t.get("description"),
+                                               "parameters": t.get("input_schema")}} for t in body.tools or []]
+    choice = body.tool_choice or {"type": "auto"}
+    kind = choice.get("type")
+    chat_choice = {"auto": "auto", "any": "required", "none": "none"}.get(kind)
+    if kind == "tool":
+        chat_choice = {"type": "function", "function": {"name": choice.get("name")}}
+    if chat_choice is None:
+        raise APIError(400, "tool_choice.type must be auto, any, tool or none", param="tool_choice")
+    return parse_tools(tools, chat_choice if tools else None, not choice.get("disable_parallel_tool_use"))
+
+
+def _usage(result: generation.ChoiceResult, prompt_tokens: int) -> dict:
+    # Anthropic counts cached input apart: input_tokens are the ones computed for this request
+    cached = result.cached_tokens
+    return {"input_tokens": prompt_tokens - cached, "output_tokens": result.completion_tokens,
+            "cache_read_input_tokens": cached, "cache_creation_input_tokens": 0}
+
+
+def _tool_use(call: dict) -> dict:
+    return {"type": "tool_use", "id": new_id("toolu"), "name": call["name"], "input": json.loads(call["arguments"])}
+
+
+class MessagesService:
+    def __init__(self, router: Router):
+        self.router = router
+
+    def stop_of(self, model, result: generation.ChoiceResult, stops: list[str], has_calls: bool):
+        """(stop_reason, stop_sequence) in Anthropic's terms."""
+        if result.finish_reason == "length":
+            return "max_tokens", None
+        if has_calls:
+            return "tool_use", None
+        if stops and result.token_ids and result.token_ids[-1] not in model.tokenizer.eos_token_ids:
+            tail = model.tokenizer.decode(result.token_ids)[len(result.text):]   # where the stop string began
+            hit = next((s for s in stops if tail.startswith(s)), None)
+            if hit is not None:
+                return "stop_sequence", hit
+        return "end_turn", None
+
+    async def create(self, body: MessagesRequest, request: Request):
+        model = self.router.get(body.model)
+        tools = _tools(body)
+        plan = await plan_chat(model, to_messages(body), tools)
+        max_new = generation.resolve_max_tokens(body.max_tokens, len(plan.prompt), model.engine.context_length)
+        sampling = SamplingFields(model=body.model, temperature=body.temperature, top_p=body.top_p,
+                                  top_k=body.top_k, stop=body.stop_sequences)
+        handle = generation.submit(model, [plan.prompt], sampling, max_new, False, 0, plan.grammar)
+        mid = new_id("msg")
+        names = tools.names if tools else set()
+        if body.stream:
+            return EventSourceResponse(self.stream(handle, body, model, mid, len(plan.prompt), names), ping=15)
+        [result] = await generation.collect(handle, 1, request)
+        text, calls = parse_tool_calls(result.text, names) if names else (result.text, [])
+        content = ([{"type": "text", "text": text}] if text or not calls else []) + [_tool_use(c) for c in calls]
+        reason, sequence = self.stop_of(model, result, body.stop_sequences or [], bool(calls))
+        return {"id": mid, "type": "message", "role": "assistant", "model": body.model, "content": content,
+                "stop_reason": reason, "stop_sequence": sequence, "usage": _usage(result, len(plan.prompt))}
+
+    async def stream(self, handle, body: MessagesRequest, model, mid: str, prompt_tokens: int, names: set[str]):
+        def event(kind: str, **fields) -> dict:
+            return {"event": kind, "data": json.dumps({"type": kind, **fields})}
+
+        yield event("message_start", message={
+            "id": mid, "type": "message", "role": "assistant", "model": body.model, "content": [],
+            "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": prompt_tokens, "output_tokens": 0, "cache_read_input_tokens": 0,
+                      "cache_creation_input_tokens": 0}})
+        index, text_open, any_call = -1, False, False
+        calls_stream = ToolCallStream(names) if names else None
+        result = generation.ChoiceResult()
+        async for ev in generation.stream_events(handle):
+            if ev.error:
+                yield event("error", error={"type": "api_error", "message": ev.error})
+                return
+            generation.merge(result, ev)
+            text, calls = calls_stream.feed(ev.text) if calls_stream else (ev.text, [])
+            if ev.finish_reason is not None and calls_stream:
+                rest, more = calls_stream.finish()
+                text, calls = text + rest, calls + more
+            if text:
+                if not text_open:
+                    index, text_open = index + 1, True
+                    yield event("content_block_start", index=index, content_block={"type": "text", "text": ""})
+                yield event("content_block_delta", index=index, delta={"type": "text_delta", "text": text})
+            for call in calls:
+                if text_open:
+                    yield event("content_block_stop", index=index)
+                    text_open = False
+                index, any_call = index + 1, True
+                block = {**_tool_use(call), "input": {}}
+                yield event("content_block_start", index=index, content_block=block)
+                yield event("content_block_delta", index=index,
+                            delta={"type": "input_json_delta", "partial_json": call["arguments"]})
+                yield event("content_block_stop", index=index)
+        if text_open:
+            yield event("content_block_stop", index=index)
+        reason, sequence = self.stop_of(model, result, body.stop_sequences or [], any_call)
+        yield event("message_delta", delta={"stop_reason": reason, "stop_sequence": sequence},
+                    usage=_usage(result, prompt_tokens))
+        yield event("message_stop")
+
+
+def register(app: FastAPI, router: Router, dependencies: list) -> None:
+    service = MessagesService(router)
+    app.post(ANTHROPIC_PATH, dependencies=dependencies)(service.create)
