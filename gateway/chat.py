@@ -13,7 +13,7 @@ from gateway.errors import APIError
 from gateway.grammar import GrammarError, GrammarSpec, compiler_for, json_schema_spec
 from gateway.router import LocalModel
 from gateway.templating import ChatTemplateError
-from gateway.tools import ToolSet, call_grammar, prepare_messages
+from gateway.tools import ToolSet, call_grammar, prepare_messages, tool_format
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,10 @@ def output_grammar(response_format: dict | None, param: str = "response_format")
 
 def _plan(model: LocalModel, messages: list[dict], tools: ToolSet | None, grammar: GrammarSpec | None,
           param: str) -> ChatPlan:
+    if tools is not None:
+        # the model's call format, chosen once per chat template; set on the request's ToolSet so
+        # the parsers given `tools.names` afterwards read the format this model writes
+        tools.format = tool_format(model.tokenizer.chat_template)
     if tools is not None and tools.mode != "auto":
         grammar = call_grammar(tools)       # a forced call overrides any output format
         param = "tools"

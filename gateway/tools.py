@@ -1,44 +1,140 @@
 """Tool calling: the tools a request offers, how they reach the prompt, the grammar that forces a
-call, and the parser that finds calls in the output (whole, or as it streams).
+call, and the parsers that find calls in the output (whole, or as it streams).
 
-The output format is the one ChatML models are trained on (Hermes, Qwen 2.5):
-    <tool_call>
-    {"name": "get_weather", "arguments": {"city": "Paris"}}
-    </tool_call>
-one block per call, several for parallel calls. A template that renders `tools` itself is given
-them; one that does not (SmolLM2's, the ChatML fallback) gets them described in the system message,
-and earlier calls and results written into the history as text, in this same format.
+Models are trained on different call formats. Each model's is chosen once, from its chat template
+(`tool_format`, cached per template text), and the same choice drives the parser, the forced-call
+grammar and how earlier calls and results are rendered in follow-ups:
+
+- hermes (Qwen 2 / 2.5, Hermes, and every template that does not render tools itself):
+      <tool_call>
+      {"name": "get_weather", "arguments": {"city": "Paris"}}
+      </tool_call>
+  one block per call, several for parallel calls, text allowed around them.
+- llama3 (Llama 3.1 / 3.2 / 3.3): the call is the whole reply, a bare JSON object
+      {"name": "get_weather", "parameters": {"city": "Paris"}}
+  optionally after <|python_tag|>; several separated by ";" where the template allows it.
+- mistral (templates that write [TOOL_CALLS]):
+      [TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}}, ...]
+  or, in the newer templates that write [ARGS], [TOOL_CALLS]get_weather[ARGS]{"city": "Paris"} per call.
+
+A template that renders `tools` itself is given them, and earlier calls and results as messages
+(adjusted to what it requires); one that does not (SmolLM2's, the ChatML fallback) gets them
+described in the system message and earlier calls and results written into the turns' text, in the
+hermes format, which is also what it is asked to answer in.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import re
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from gateway.errors import APIError
 from gateway.grammar import GrammarSpec
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
-_CALL = re.compile(re.escape(OPEN) + r"\s*(.*?)\s*(?:" + re.escape(CLOSE) + r"|$)", re.DOTALL)
+PYTHON_TAG = "<|python_tag|>"
+TOOL_CALLS, ARGS = "[TOOL_CALLS]", "[ARGS]"
 
+
+# ---- the model's call format -------------------------------------------------------------------
 
 @dataclass(frozen=True)
+class CallFormat:
+    """How one model writes calls, read from its chat template."""
+
+    name: str                       # "hermes", "llama3" or "mistral"
+    template_tools: bool = False    # the template renders `tools`, calls and results itself
+    parallel: bool = True           # the template lets one reply hold several calls
+    opener: str = ""                # mistral: what its template writes before the calls
+    result_role: str = "tool"       # the role the template renders tool results under
+
+
+HERMES = CallFormat("hermes")       # and the system-prompt fallback for templates without tools
+
+# Llama 3.1-3.3 templates ask for `{"name": function name, "parameters": dictionary of ...}` (the
+# quotes may be escaped inside a Jinja string); 3.2 does not always write <|python_tag|>.
+_LLAMA3_ASK = re.compile(r'\\?"name\\?"\s*:.{0,80}?\\?"parameters\\?"', re.DOTALL)
+# A template that allows several calls in one reply says how they are separated ("... separated by ;").
+_SEMICOLON_SEPARATED = re.compile(r"separat\w*.{0,40}?;", re.DOTALL)
+_TOOL_ROLE = re.compile(r"""==\s*["']tool["']""")
+
+
+def template_renders_tools(chat_template: str) -> bool:
+    return "tools" in chat_template
+
+
+@functools.lru_cache(maxsize=64)
+def tool_format(chat_template: str) -> CallFormat:
+    """The call format a chat template's model is trained on (cached: chosen once per template).
+
+    The rules, in order, from what each family's template writes:
+    - no `tools` in the template: it cannot show tools, so they go into the system prompt in the
+      hermes format (today's ChatML fallback, SmolLM2);
+    - `[TOOL_CALLS]`: a Mistral control token that only Mistral templates write. The opener is
+      copied from the template ("[TOOL_CALLS] [" in v3, "[TOOL_CALLS][" in Nemo / Small) so a forced
+      call is tokenised as the model saw it; `[ARGS]` marks the per-call name[ARGS]{...} form;
+    - `<tool_call>`: the template writes hermes blocks itself (Qwen 2 / 2.5, Hermes 2 Pro / 3,
+      including the Llama-based Hermes, hence checked before the Llama markers);
+    - `<|python_tag|>` or a request for {"name": ..., "parameters": ...}: Llama 3.1-3.3. Their
+      templates allow one call per reply (3.1 raises "only supports single tool-calls") unless the
+      template says calls are separated by ";". Results keep role "tool" when the template handles
+      it (3.1 renders "tool" and "ipython" alike, as ipython), else go under "ipython";
+    - anything else that renders tools: hermes, the most common convention (today's behaviour).
+    """
+    t = chat_template
+    if not template_renders_tools(t):
+        return HERMES
+    if TOOL_CALLS in t:
+        if ARGS in t:
+            opener = TOOL_CALLS
+        else:
+            opener = TOOL_CALLS + " [" if TOOL_CALLS + " [" in t else TOOL_CALLS + "["
+        return CallFormat("mistral", template_tools=True, opener=opener)
+    if OPEN in t:
+        return CallFormat("hermes", template_tools=True)
+    if PYTHON_TAG in t or _LLAMA3_ASK.search(t):
+        parallel = "single tool-call" not in t and bool(_SEMICOLON_SEPARATED.search(t))
+        role = "ipython" if "ipython" in t and not _TOOL_ROLE.search(t) else "tool"
+        return CallFormat("llama3", template_tools=True, parallel=parallel, result_role=role)
+    return CallFormat("hermes", template_tools=True)
+
+
+# ---- the request's tools -----------------------------------------------------------------------
+
+class ToolNames(frozenset):
+    """The offered function names, carrying the call format of the model they were offered to, so
+    code that hands `tools.names` to the parsers reads the model's own format."""
+
+    format: CallFormat
+
+    def __new__(cls, names=(), fmt: CallFormat = HERMES):
+        self = super().__new__(cls, names)
+        self.format = fmt
+        return self
+
+
+@dataclass
 class ToolSet:
     """The functions a request offers and how the model may use them.
 
     mode: "auto" (the model decides), "required" (at least one call), or "function" (exactly
-    `forced`); tool_choice "none" means no ToolSet at all.
+    `forced`); tool_choice "none" means no ToolSet at all. `format` is the model's call format:
+    the request's tools are parsed before the model is known, so chat planning (gateway/chat.py)
+    sets it once it is.
     """
 
     functions: tuple[dict, ...]        # {"name", "description", "parameters"} per function
     mode: str = "auto"
     forced: str | None = None
     parallel: bool = True
+    format: CallFormat = HERMES
 
     @property
-    def names(self) -> set[str]:
-        return {f["name"] for f in self.functions}
+    def names(self) -> ToolNames:
+        return ToolNames((f["name"] for f in self.functions), self.format)
 
 
 def parse_tools(tools: list[dict] | None, tool_choice, parallel: bool | None = True,
@@ -82,10 +178,6 @@ def parse_tools(tools: list[dict] | None, tool_choice, parallel: bool | None = T
 
 # ---- the prompt --------------------------------------------------------------------------------
 
-def template_renders_tools(chat_template: str) -> bool:
-    return "tools" in chat_template
-
-
 def _call_text(name: str, arguments) -> str:
     if isinstance(arguments, str):
         try:
@@ -104,12 +196,14 @@ def _system_text(tools: ToolSet) -> str:
 
 
 def prepare_messages(messages: list[dict], tools: ToolSet | None, chat_template: str) -> tuple[list[dict], list | None]:
-    """Messages (and the `tools` argument) for the template. Templates that render tools get them
-    as they are; for others the tools go into the system message and tool calls and results into
-    the text of the turns, so the model sees them in the format it is asked to answer in."""
-    if template_renders_tools(chat_template):
+    """Messages (and the `tools` argument) for the template. Templates that render tools get them,
+    and the messages as they are, save for what the template requires (`_for_template`); for
+    others the tools go into the system message and tool calls and results into the text of the
+    turns, so the model sees them in the format it is asked to answer in."""
+    fmt = tool_format(chat_template)
+    if fmt.template_tools:
         specs = [{"type": "function", "function": f} for f in tools.functions] if tools else None
-        return messages, specs
+        return _for_template(messages, fmt), specs
     out = []
     for message in messages:
         message = dict(message)
@@ -133,21 +227,92 @@ def prepare_messages(messages: list[dict], tools: ToolSet | None, chat_template:
     return out, None
 
 
+def _for_template(messages: list[dict], fmt: CallFormat) -> list[dict]:
+    """Follow-up messages for a template that renders calls and results itself. Arguments become
+    objects in gateway/templating.py (templates `tojson` them); here only what a family's template
+    checks: Mistral's raise unless call ids are 9 alphanumerics, Llama's take one call per
+    assistant turn and (some) results only under role "ipython"."""
+    if fmt.name == "mistral":
+        return [_mistral_ids(m) for m in messages]
+    if fmt.name == "llama3":
+        out = messages if fmt.parallel else _one_call_per_turn(messages)
+        if fmt.result_role != "tool":
+            out = [{**m, "role": fmt.result_role} if m.get("role") == "tool" else m for m in out]
+        return out
+    return messages
+
+
+def _mistral_id(call_id) -> str:
+    # Mistral's tokenizer writes 9-character alphanumeric ids and its templates insist on them; ours
+    # are "call_" + 24 hex. A digest of the id keeps a call and its result paired across turns.
+    if isinstance(call_id, str) and re.fullmatch(r"[A-Za-z0-9]{9}", call_id):
+        return call_id
+    return hashlib.sha256(str(call_id).encode()).hexdigest()[:9]
+
+
+def _mistral_ids(message: dict) -> dict:
+    if message.get("role") == "assistant" and message.get("tool_calls"):
+        calls = [{**c, "id": _mistral_id(c.get("id"))} if isinstance(c, dict) else c for c in message["tool_calls"]]
+        return {**message, "tool_calls": calls}
+    if message.get("role") == "tool" and message.get("tool_call_id") is not None:
+        return {**message, "tool_call_id": _mistral_id(message["tool_call_id"])}
+    return message
+
+
+def _one_call_per_turn(messages: list[dict]) -> list[dict]:
+    """An assistant turn with several calls, followed by their results, as one turn per call each
+    followed by its own result (matched by tool_call_id): what a single-call template can render."""
+    out, i = [], 0
+    while i < len(messages):
+        message = messages[i]
+        calls = message.get("tool_calls") or [] if message.get("role") == "assistant" else []
+        if len(calls) <= 1:
+            out.append(message)
+            i += 1
+            continue
+        j = i + 1
+        while j < len(messages) and messages[j].get("role") == "tool":
+            j += 1
+        results = messages[i + 1:j]
+        ids = [c.get("id") if isinstance(c, dict) else None for c in calls]
+        for k, (call, call_id) in enumerate(zip(calls, ids, strict=True)):
+            out.append({**message, "content": message.get("content") if k == 0 else "", "tool_calls": [call]})
+            out += [r for r in results if r.get("tool_call_id") == call_id]
+        out += [r for r in results if r.get("tool_call_id") not in ids]
+        i = j
+    return out
+
+
 # ---- the grammar -------------------------------------------------------------------------------
 
-def call_grammar(tools: ToolSet) -> GrammarSpec | None:
-    """For required / a named function: the output is one or more (one if not parallel) call blocks,
-    nothing else, each call's arguments valid for that function's parameters schema."""
+def call_grammar(tools: ToolSet, fmt: CallFormat | None = None) -> GrammarSpec | None:
+    """For required / a named function: the output is one or more (one if not parallel) calls in
+    the model's format (`fmt`, else `tools.format`), exactly as its parser reads them and nothing
+    else, each call's arguments valid for that function's parameters schema."""
     if tools.mode == "auto":
         return None
+    fmt = fmt or tools.format
     chosen = [f for f in tools.functions if tools.mode == "required" or f["name"] == tools.forced]
-    tags = [{"type": "tag", "begin": f'{OPEN}\n{{"name": {json.dumps(f["name"])}, "arguments": ',
-             "content": {"type": "json_schema", "json_schema": f["parameters"]},
-             "end": f"}}\n{CLOSE}"} for f in chosen]
-    single = tools.mode == "function" or not tools.parallel
-    tag = {"type": "structural_tag", "format": {"type": "tags_with_separator", "tags": tags, "separator": "\n",
-                                                "at_least_one": True, "stop_after_first": single}}
-    return GrammarSpec("structural_tag", json.dumps(tag))
+    single = tools.mode == "function" or not tools.parallel or not fmt.parallel
+
+    def tags(begin, end: str, separator: str) -> dict:
+        return {"type": "tags_with_separator", "separator": separator, "at_least_one": True,
+                "stop_after_first": single,
+                "tags": [{"type": "tag", "begin": begin(f), "end": end,
+                          "content": {"type": "json_schema", "json_schema": f["parameters"]}} for f in chosen]}
+
+    if fmt.name == "llama3":
+        body = tags(lambda f: f'{{"name": {json.dumps(f["name"])}, "parameters": ', "}", "; ")
+    elif fmt.name == "mistral" and fmt.opener == TOOL_CALLS:
+        body = tags(lambda f: f"{TOOL_CALLS}{f['name']}{ARGS}", "", "")
+    elif fmt.name == "mistral":
+        body = {"type": "sequence", "elements": [
+            {"type": "const_string", "value": fmt.opener},
+            tags(lambda f: f'{{"name": {json.dumps(f["name"])}, "arguments": ', "}", ", "),
+            {"type": "const_string", "value": "]"}]}
+    else:
+        body = tags(lambda f: f'{OPEN}\n{{"name": {json.dumps(f["name"])}, "arguments": ', f"}}\n{CLOSE}", "\n")
+    return GrammarSpec("structural_tag", json.dumps({"type": "structural_tag", "format": body}))
 
 
 # ---- parsing the output ------------------------------------------------------------------------
@@ -156,13 +321,10 @@ def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
-def _call_of(body: str, names: set[str]) -> dict | None:
-    """{"name", "arguments" (a JSON string)} from one block's JSON, or None if it is not a call."""
-    try:
-        value = json.loads(body)
-    except ValueError:
-        return None
-    if not isinstance(value, dict) or value.get("name") not in names:
+def _call_of(value, names) -> dict | None:
+    """{"name", "arguments" (a JSON string)} from a decoded call object, or None if it is not a
+    call of an offered function."""
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str) or value["name"] not in names:
         return None
     arguments = value.get("arguments", value.get("parameters", {}))
     if isinstance(arguments, str):
@@ -170,65 +332,206 @@ def _call_of(body: str, names: set[str]) -> dict | None:
     return {"name": value["name"], "arguments": json.dumps(arguments)}
 
 
-def parse_tool_calls(text: str, names: set[str]) -> tuple[str, list[dict]]:
-    """(the text outside call blocks, the calls) from a whole output; a block that does not parse
-    as a call of an offered function stays in the text."""
-    content, calls, last = [], [], 0
-    for match in _CALL.finditer(text):
-        call = _call_of(match.group(1), names)
-        if call is None:
-            continue
-        content.append(text[last:match.start()])
-        calls.append(call)
-        last = match.end()
-    content.append(text[last:])
-    return "".join(content).strip() if calls else text, calls
+def _loads(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
 
 
-@dataclass
+_DECODER = json.JSONDecoder()
+
+# What each format's parser answers about the text at a place where a call may begin (`block`):
+#   None              the text so far may still become a call: hold it back (never when final);
+#   (n, [calls...])   the first n characters are these calls;
+#   (n, [])           the first n characters (n > 0) are not a call: they are content.
+# `locate(buffer, at_start)` is where in the buffer a call may begin (len(buffer): nowhere); a
+# partial marker at the end counts, so it is held back rather than sent as content. Deciding only
+# from the text so far makes the streamed result equal the whole one, which is parsed the same way.
+
+
+class _Hermes:
+    @staticmethod
+    def locate(buffer: str, at_start: bool) -> int:
+        return _marker_at(buffer, OPEN)
+
+    @staticmethod
+    def block(text: str, names, final: bool):
+        if not text.startswith(OPEN):                   # a partial marker at the end
+            return (len(text), []) if final else None
+        end = text.find(CLOSE, len(OPEN))
+        if end < 0:                                     # an unclosed block that parses at the end is a call
+            if not final:
+                return None
+            call = _call_of(_loads(text[len(OPEN):].strip()), names)
+            return len(text), [call] if call else []
+        call = _call_of(_loads(text[len(OPEN):end].strip()), names)
+        return end + len(CLOSE), [call] if call else []
+
+
+class _Llama3:
+    """The reply is the call: a JSON object (or several, separated by ";") from its first
+    character, or after <|python_tag|>. <|python_tag|> is a special token, so it is usually gone
+    from the decoded text; text before it, if it is there, is content."""
+
+    @staticmethod
+    def locate(buffer: str, at_start: bool) -> int:
+        if at_start:
+            head = buffer.lstrip()
+            if not head or head[0] == "{" or PYTHON_TAG.startswith(head[:len(PYTHON_TAG)]):
+                return 0
+        return _marker_at(buffer, PYTHON_TAG)
+
+    @staticmethod
+    def block(text: str, names, final: bool):
+        body = text.lstrip()
+        if body.startswith(PYTHON_TAG):
+            body = body[len(PYTHON_TAG):]
+        elif PYTHON_TAG.startswith(body):               # nothing yet, or a partial tag
+            return (len(text), []) if final else None
+        skip = len(text) - len(body)                    # what precedes the JSON
+        calls, pos, want_object = [], 0, True
+        while True:
+            rest = body[pos:].lstrip()
+            pos = len(body) - len(rest)
+            if not rest:
+                return (len(text), calls) if final else None
+            if want_object:
+                if rest[0] != "{":
+                    return skip + pos or len(text), []
+                try:
+                    value, end = _DECODER.raw_decode(rest)
+                except ValueError:                      # unfinished (or broken) JSON
+                    return (len(text), []) if final else None
+                call = _call_of(value, names)
+                if call is None:
+                    return skip + pos + end, []
+                calls.append(call)
+                pos, want_object = pos + end, False
+            elif rest[0] == ";":
+                pos, want_object = pos + 1, True
+            elif rest[0] == "{":                        # one object per line, without ";"
+                want_object = True
+            else:                                       # text after the calls: the reply was not a call
+                return skip + pos, []
+
+
+_MISTRAL_NAME = re.compile(r"([A-Za-z_][\w.-]*)" + re.escape(ARGS))
+_MISTRAL_NAME_SO_FAR = re.compile(r"[A-Za-z_][\w.-]*(\[(A(R(G(S)?)?)?)?)?")
+
+
+class _Mistral:
+    """[TOOL_CALLS] then a JSON list of calls (or one object), or name[ARGS]{arguments}. The
+    marker is a control token, dropped from text decoded without special tokens, so a reply that
+    starts with a JSON list of calls is read as calls too."""
+
+    @staticmethod
+    def locate(buffer: str, at_start: bool) -> int:
+        if at_start:
+            head = buffer.lstrip()
+            if not head or head[0] == "[":
+                return 0
+        return _marker_at(buffer, TOOL_CALLS)
+
+    @staticmethod
+    def block(text: str, names, final: bool):
+        body = text.lstrip()
+        if body.startswith(TOOL_CALLS):
+            payload, marked = body[len(TOOL_CALLS):], True
+        elif TOOL_CALLS.startswith(body):               # nothing yet, or a partial marker
+            return (len(text), []) if final else None
+        elif re.match(r"\[\s*(\{|$)", body):            # a bare list at the start of the reply
+            payload, marked = body, False
+        else:                                           # "[" that begins neither: content
+            return len(text) - len(body) + 1, []
+        p = payload.lstrip()
+        skip = len(text) - len(p)
+        if not p:
+            return (len(text), []) if final else None
+        if p[0] in "[{":
+            try:
+                value, end = _DECODER.raw_decode(p)
+            except ValueError:
+                return (len(text), []) if final else None
+            items = value if isinstance(value, list) else [value]
+            calls = [_call_of(item, names) for item in items]
+            return skip + end, calls if items and all(calls) else []
+        if marked:
+            named = _MISTRAL_NAME.match(p)
+            if named:
+                try:
+                    value, end = _DECODER.raw_decode(p[named.end():])
+                except ValueError:
+                    return (len(text), []) if final else None
+                call = _call_of({"name": named.group(1), "arguments": value}, names)
+                return skip + named.end() + end, [call] if call else []
+            if not final and _MISTRAL_NAME_SO_FAR.fullmatch(p):
+                return None
+        return len(text) - len(payload), []             # the marker alone is content
+
+
+_PARSERS = {"hermes": _Hermes, "llama3": _Llama3, "mistral": _Mistral}
+
+
+def _marker_at(buffer: str, marker: str) -> int:
+    start = buffer.find(marker)
+    return start if start >= 0 else len(buffer) - _partial_suffix(buffer, marker)
+
+
 class ToolCallStream:
-    """Splits streamed text into content and whole calls: text that may begin a call block is held
-    back until it does or cannot; a block is emitted once it closes (or the output ends)."""
+    """Splits streamed text into content and whole calls, in the model's call format (`fmt`, else
+    the one `names` carries, else hermes): text that may begin a call is held back until it does
+    or cannot; a call is emitted once it is complete (or the output ends)."""
 
-    names: set[str]
-    buffer: str = ""
-    calls: list[dict] = field(default_factory=list)
+    def __init__(self, names, fmt: CallFormat | None = None):
+        self.names = names
+        self.format = fmt or getattr(names, "format", HERMES)
+        self._parser = _PARSERS[self.format.name]
+        self.buffer = ""
+        self.calls: list[dict] = []
+        self._begun = False           # something left already: no longer at the start of the reply
 
     def feed(self, text: str) -> tuple[str, list[dict]]:
         """(content safe to send now, calls completed by this text)."""
         self.buffer += text
-        content, done = "", []
-        while True:
-            start = self.buffer.find(OPEN)
-            if start < 0:
-                keep = _partial_suffix(self.buffer, OPEN)
-                content += self.buffer[:len(self.buffer) - keep]
-                self.buffer = self.buffer[len(self.buffer) - keep:]
-                return content, done
-            end = self.buffer.find(CLOSE, start)
-            if end < 0:
-                content += self.buffer[:start]
-                self.buffer = self.buffer[start:]
-                return content, done
-            call = _call_of(self.buffer[start + len(OPEN):end].strip(), self.names)
-            block_end = end + len(CLOSE)
-            if call is None:
-                content += self.buffer[:block_end]
-            else:
-                content += self.buffer[:start]
-                done.append(call)
-                self.calls.append(call)
-            self.buffer = self.buffer[block_end:].lstrip("\n") if call else self.buffer[block_end:]
+        return self._drain(final=False)
 
     def finish(self) -> tuple[str, list[dict]]:
-        """What is left when the output ends: an unclosed block that parses is a call."""
+        """What is left when the output ends: an unfinished call that parses is a call."""
+        content, calls = self._drain(final=True)
         rest, self.buffer = self.buffer, ""
-        if rest.startswith(OPEN):
-            call = _call_of(rest[len(OPEN):].strip(), self.names)
-            if call is not None:
-                self.calls.append(call)
-                return "", [call]
-        return rest, []
+        return content + rest, calls
+
+    def _drain(self, final: bool) -> tuple[str, list[dict]]:
+        content, done = "", []
+        while self.buffer:
+            start = self._parser.locate(self.buffer, not self._begun)
+            if start:
+                content, self.buffer, self._begun = content + self.buffer[:start], self.buffer[start:], True
+            if not self.buffer:
+                break
+            got = self._parser.block(self.buffer, self.names, final)
+            if got is None:
+                break
+            n, calls = got
+            if calls:
+                done += calls
+                self.calls += calls
+                self.buffer = self.buffer[n:].lstrip()
+            else:
+                content, self.buffer = content + self.buffer[:n], self.buffer[n:]
+            self._begun = True
+        return content, done
+
+
+def parse_tool_calls(text: str, names, fmt: CallFormat | None = None) -> tuple[str, list[dict]]:
+    """(the text outside calls, the calls) from a whole output, in the model's format (as for
+    ToolCallStream); text that does not parse as calls of offered functions stays text."""
+    stream = ToolCallStream(names, fmt)
+    content, calls = stream.feed(text)
+    rest, more = stream.finish()
+    calls += more
+    return ((content + rest).strip() if calls else text), calls
 
 
 def _partial_suffix(text: str, marker: str) -> int:
