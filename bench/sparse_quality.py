@@ -126,9 +126,12 @@ class Config:
 
 
 # ---- RULES: candidate page-scoring rules (--sweep rule=...) --------------------------------------
-# The engine's rule is "engine" (the same as "lse-max"). The candidates below replace its page
-# scores through the same selection and attention code (sa.select_pages, sa.attend_pages), so that
-# a sweep compares rules on equal terms. Each head's page bound comes from the cache's summaries
+# The engine's rule is "engine" (the same as "lse-max", coarse to fine past the shortlist). The
+# candidates below are page selectors (the attention backend's `page_selector` interface,
+# attention/sparse.choose_pages's signature): they replace the page scores through the same
+# selection (sa.select_pages) and the engine's own attention over the chosen pages, so that a sweep
+# compares rules on equal terms. They run on the torch attention backends (the runners are built
+# with `attention: torch` when a sweep names a rule). Each head's page bound comes from the cache's summaries
 # (the best of the page's written blocks of --summary-tokens tokens); then "sum" (raw bounds summed
 # over the GQA group, the engine's earlier rule), "max" (raw bounds, max over the group), "lse-max"
 # (log-softmax over the pages per head, max over the group) or "softmax-sum" (softmax per head,
@@ -176,24 +179,34 @@ def combine(bound: torch.Tensor, valid: torch.Tensor, how: str, scale: float) ->
     raise ValueError(f"unknown combination {how!r}")
 
 
-def rule_attention(rule: str):
-    """An sa.sparse_rows_attention that scores pages by `rule` ("[subN-]sum|max|lse-max|softmax-sum")."""
+def rule_selector(rule: str, k_cache_of):
+    """A page selector that scores pages by `rule` ("[subN-]sum|max|lse-max|softmax-sum");
+    k_cache_of(kmin_layer) gives the layer's keys for the subN rules."""
     sub, _, how = rule.partition("-") if rule.startswith("sub") else ("", "", rule)
+    if how not in ("sum", "max", "lse-max", "softmax-sum") or (sub and not sub[3:].isdigit()):
+        raise SystemExit(f"unknown rule {rule!r}: [subN-]sum|max|lse-max|softmax-sum")
 
-    def rows_attention(q, k_layer, v_layer, kmin_layer, kmax_layer, plan, scale):
+    def select(q, kmin_layer, kmax_layer, pmin_layer, pmax_layer, plan, scale, fused):
         if sub:
-            bound = sub_block_bounds(q, k_layer, plan, int(sub[3:]))
+            bound = sub_block_bounds(q, k_cache_of(kmin_layer), plan, int(sub[3:]))
         else:
             kmin, kmax = sa.gather_summaries(kmin_layer, kmax_layer, plan.sparse_pages)
             bound = sa.head_page_logits(q, kmin, kmax, plan.unwritten, 1.0)      # raw bounds
         scores = combine(bound, (plan.bias > float("-inf")).unsqueeze(1), how, scale)
-        chosen = sa.select_pages(scores, plan.bias, plan.budget_pages)
-        return sa.attend_pages(q, k_layer, v_layer, chosen, plan, scale), chosen
+        return sa.select_pages(scores, plan.bias, plan.budget_pages)
 
-    return rows_attention
+    return select
 
 
-ENGINE_ROWS_ATTENTION = sa.sparse_rows_attention
+def layer_keys(runner: TorchRunner):
+    """kmin_layer -> that layer's K pages (the subN rules compute their own block bounds)."""
+    cache = runner.cache
+
+    def keys(kmin_layer):
+        layer = next(i for i in range(cache.kmin.shape[0]) if cache.kmin[i].data_ptr() == kmin_layer.data_ptr())
+        return cache.k[layer]
+
+    return keys
 
 
 def configs(budgets: list[int], args) -> list[Config]:
@@ -209,7 +222,7 @@ def configs(budgets: list[int], args) -> list[Config]:
                 raise SystemExit(f"--sweep {spec!r}: unknown key {key!r} (rule, sink, recent, dense, shortlist)")
             opts[key] = value if key == "rule" else int(value)
         if opts["rule"] != "engine":
-            rule_attention(opts["rule"])            # fail early on a bad name
+            rule_selector(opts["rule"], None)       # fail early on a bad name
         for budget in budgets:
             sparse = SparseSettings(True, budget, opts["dense"], opts["sink"], opts["recent"], args.summary_tokens,
                                     opts["shortlist"])
@@ -228,7 +241,11 @@ def forward(runner: TorchRunner, cfg: Config | SparseSettings, chunks: list[Sequ
     (a greedy draw on every chunk) unless logits is False (prefill)."""
     if isinstance(cfg, SparseSettings):
         cfg = Config("", cfg)
-    sa.sparse_rows_attention = ENGINE_ROWS_ATTENTION if cfg.rule == "engine" else rule_attention(cfg.rule)
+    if cfg.rule == "engine":
+        runner.attention.__dict__.pop("page_selector", None)        # the class's: the engine's rule
+    else:
+        assert hasattr(runner.attention, "page_selector"), "rule sweeps run on the torch attention backends"
+        runner.attention.page_selector = rule_selector(cfg.rule, layer_keys(runner))
     # The runner and its attention backend keep the sparse settings they were built with; a config
     # swaps them in for this forward (None: dense), as a server built with them would run.
     runner.sparse = runner.attention.sparse = cfg.sparse if cfg.sparse.enabled else None
@@ -484,7 +501,9 @@ def main() -> None:
         runner = TorchRunner(RunnerSettings(
             source.kind, source.path, "bench", dtype="float32", device=args.device, page_size=args.page_size,
             num_pages=needed // args.page_size + 16, context_length=8192, threads=args.threads,
-            sparse=runner_sparse(args)))
+            sparse=runner_sparse(args),
+            # rule sweeps swap the page selector of the torch backends (the Triton kernels have one rule)
+            attention="torch" if any(cfg.rule != "engine" for cfg in cfgs) else "auto"))
         say(f"quality runs on {runner.info.device}")
         if "passkey" not in args.skip:
             keys, rows = passkey(runner, tok, cfgs, args)

@@ -37,5 +37,5 @@ class CpuFusedAttention(TorchAttention):
                              self.meta)
         q = qkv[:, :q_size].view(tokens, heads, d)
         out = attend(layer, q, self.cache, self.meta, self.shape.scale, self.sparse_layer(layer),
-                     dense_decode=fused_decode_attention, fused_sparse=True)
+                     dense_decode=fused_decode_attention, fused_sparse=True, page_selector=self.page_selector)
         return out.reshape(tokens, q_size)

@@ -223,29 +223,39 @@ def _dense(q: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor, pages:
     return out.squeeze(2)
 
 
-def sparse_rows_attention(q: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor,
-                          kmin_layer: torch.Tensor, kmax_layer: torch.Tensor, plan: QuestPlan,
-                          scale: float, fused: bool = False, pmin_layer: torch.Tensor | None = None,
-                          pmax_layer: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quest decode of the plan's sparse rows, q: [Bs, H, d] -> (out [Bs, H, d], logical pages
-    chosen [Bs, kv_heads, budget_pages]). kmin_layer, kmax_layer: [pages, blocks, kv_heads, d];
-    pmin_layer, pmax_layer: [pages, kv_heads, d] (the page summaries, for the coarse stage).
-    fused: score the pages and attend the chosen ones with the CPU kernels (kernels/cpu/fused.cpp)
-    instead of gathering summaries and keys for torch ops; the same scores and selection."""
-    attend = attend_pages_fused if fused else attend_pages
+def choose_pages(q: torch.Tensor, kmin_layer: torch.Tensor, kmax_layer: torch.Tensor,
+                 pmin_layer: torch.Tensor | None, pmax_layer: torch.Tensor | None, plan: QuestPlan,
+                 scale: float, fused: bool) -> torch.Tensor:
+    """The engine's page selection (kernels/reference.py's rule) for the plan's sparse rows q [Bs,
+    H, d] -> logical pages [Bs, kv_heads, budget_pages], ascending. A page selector is any function
+    of this signature (the attention backend's `page_selector`; bench/sparse_quality.py swaps in
+    candidate rules that way). kmin_layer, kmax_layer: [pages, blocks, kv_heads, d]; pmin_layer,
+    pmax_layer: [pages, kv_heads, d] (the coarse stage's page summaries). fused: score with the CPU
+    kernel (kernels/cpu/fused.cpp) instead of gathering summaries for torch ops: the same scores."""
     if plan.shortlist_pages:
         assert pmin_layer is not None and pmax_layer is not None, "the coarse stage needs the page summaries"
         shortlist = _shortlist(q, pmin_layer, pmax_layer, plan, scale, fused)       # [Bs, kvh, S]
-        chosen = _select_from_shortlist(q, kmin_layer, kmax_layer, shortlist, plan, scale)
-        return attend(q, k_layer, v_layer, chosen, plan, scale), chosen
+        return _select_from_shortlist(q, kmin_layer, kmax_layer, shortlist, plan, scale)
     if fused:
         scores = torch.ops.radixgate_cpu.quest_page_scores(
             q, kmin_layer, kmax_layer, plan.sparse_pages.contiguous(),
-            plan.sparse_lengths.reshape(-1).contiguous(), k_layer.shape[1], scale)
+            plan.sparse_lengths.reshape(-1).contiguous(), plan.slot.shape[0], scale)
     else:
         kmin, kmax = gather_summaries(kmin_layer, kmax_layer, plan.sparse_pages)
         scores = quest_scores(q, kmin, kmax, plan.unwritten, scale)              # [Bs, kvh, P]
-    chosen = select_pages(scores, plan.bias, plan.budget_pages)                  # [Bs, kvh, k]
+    return select_pages(scores, plan.bias, plan.budget_pages)                    # [Bs, kvh, k]
+
+
+def sparse_rows_attention(q: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor,
+                          kmin_layer: torch.Tensor, kmax_layer: torch.Tensor, plan: QuestPlan,
+                          scale: float, fused: bool = False, pmin_layer: torch.Tensor | None = None,
+                          pmax_layer: torch.Tensor | None = None,
+                          page_selector=choose_pages) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quest decode of the plan's sparse rows, q: [Bs, H, d] -> (out [Bs, H, d], logical pages
+    chosen [Bs, kv_heads, budget_pages]): page_selector's pages (choose_pages), attended straight
+    from the cache (fused: with the CPU kernel over each head's pages)."""
+    chosen = page_selector(q, kmin_layer, kmax_layer, pmin_layer, pmax_layer, plan, scale, fused)
+    attend = attend_pages_fused if fused else attend_pages
     return attend(q, k_layer, v_layer, chosen, plan, scale), chosen
 
 
@@ -350,7 +360,8 @@ def get_plan(cache: PagedKVCache, meta: AttentionMetadata) -> QuestPlan:
 
 
 def sparse_decode_attention(q: torch.Tensor, cache: PagedKVCache, layer: int, meta: AttentionMetadata,
-                            scale: float, dense_decode, fused: bool = False) -> torch.Tensor:
+                            scale: float, dense_decode, fused: bool = False,
+                            page_selector=choose_pages) -> torch.Tensor:
     """Decode attention of B single-token queries [B, H, d] for one sparse-eligible layer.
 
     When every row is within the budget this layer is exactly dense_decode, arithmetic included.
@@ -364,7 +375,7 @@ def sparse_decode_attention(q: torch.Tensor, cache: PagedKVCache, layer: int, me
     k_layer, v_layer = cache.k[layer], cache.v[layer]
     sparse_out, _ = sparse_rows_attention(q[plan.sparse_rows], k_layer, v_layer, cache.kmin[layer],
                                           cache.kmax[layer], plan, scale, fused, cache.pmin[layer],
-                                          cache.pmax[layer])
+                                          cache.pmax[layer], page_selector)
     if not len(plan.dense_rows):
         return sparse_out
     out = torch.empty_like(q)

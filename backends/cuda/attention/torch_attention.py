@@ -89,6 +89,9 @@ class TorchAttention(AttentionBackend):
     """Rotary, KV write, summaries and attention in plain torch ops (any device)."""
 
     name = "torch"
+    # Quest page selection (attention/sparse.py's interface): the engine's rule; benches may set
+    # another on an instance to compare rules through the same decode path.
+    page_selector = staticmethod(quest.choose_pages)
 
     def plan(self, layout: StepLayout) -> None:
         super().plan(layout)
@@ -102,12 +105,14 @@ class TorchAttention(AttentionBackend):
         qk = rotate_qk(qkv, self.layout.positions, self.cos, self.sin, heads, kv_heads, d)
         v = qkv[:, (heads + kv_heads) * d:].view(tokens, kv_heads, d)
         write_kv_and_summaries(self.cache, layer, qk[:, heads:], v, self.meta)
-        out = attend(layer, qk[:, :heads], self.cache, self.meta, self.shape.scale, self.sparse_layer(layer))
+        out = attend(layer, qk[:, :heads], self.cache, self.meta, self.shape.scale, self.sparse_layer(layer),
+                     page_selector=self.page_selector)
         return out.reshape(tokens, heads * d)
 
 
 def attend(layer: int, q: torch.Tensor, cache: PagedKVCache, meta: AttentionMetadata, scale: float,
-           sparse_layer: bool, dense_decode=None, fused_sparse: bool = False) -> torch.Tensor:
+           sparse_layer: bool, dense_decode=None, fused_sparse: bool = False,
+           page_selector=quest.choose_pages) -> torch.Tensor:
     """Attention of q: [T, H, d] over the cache, this batch's K/V already written -> [T, H, d].
 
     dense_decode: the decode function (decode_attention here; the CPU kernel in cpu_fused.py);
@@ -116,7 +121,8 @@ def attend(layer: int, q: torch.Tensor, cache: PagedKVCache, meta: AttentionMeta
     dense_decode = dense_decode or decode_attention
     if meta.decode_only:        # rows are exactly the decode rows, in order: no gather / scatter
         if sparse_layer:
-            return quest.sparse_decode_attention(q, cache, layer, meta, scale, dense_decode, fused_sparse)
+            return quest.sparse_decode_attention(q, cache, layer, meta, scale, dense_decode, fused_sparse,
+                                                 page_selector)
         return dense_decode(q, cache, layer, meta, scale)
     out = torch.empty_like(q)
     for seq in meta.prefill:
@@ -126,7 +132,7 @@ def attend(layer: int, q: torch.Tensor, cache: PagedKVCache, meta: AttentionMeta
         q_decode = q[meta.decode_rows]
         if sparse_layer:
             out[meta.decode_rows] = quest.sparse_decode_attention(q_decode, cache, layer, meta, scale,
-                                                                  dense_decode, fused_sparse)
+                                                                  dense_decode, fused_sparse, page_selector)
         else:
             out[meta.decode_rows] = dense_decode(q_decode, cache, layer, meta, scale)
     return out
