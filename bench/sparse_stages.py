@@ -19,7 +19,8 @@ import torch
 from bench.gemv import graph_us
 from kernels import reference as ref
 from kernels.triton.decode import paged_decode, split_k_decode
-from kernels.triton.sparse import quest_scores, select_pages, shortlist_scores, sparse_decode
+from kernels.triton.selection import select_pages
+from kernels.triton.sparse import quest_scores, shortlist_scores, sparse_decode
 from kernels.triton.summaries import update_page_summaries
 
 HQ, HKV, D = 32, 8, 128

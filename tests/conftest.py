@@ -109,8 +109,8 @@ def live_server():
 # decode) are refreshed by reloading the importers after what they import.
 TRITON_JIT_MODULES = ("triton.language.standard", "triton.language.random", "triton.language",
                       "kernels.triton.decode", "kernels.triton.extend", "kernels.triton.summaries",
-                      "kernels.triton.sparse", "kernels.triton.layer_ops", "kernels.triton.gemv",
-                      "kernels.triton")
+                      "kernels.triton.selection", "kernels.triton.sparse", "kernels.triton.layer_ops",
+                      "kernels.triton.gemv", "kernels.triton")
 
 
 def reload_triton_kernels() -> None:

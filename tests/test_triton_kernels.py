@@ -23,7 +23,8 @@ from kernels.triton import (  # noqa: E402
     update_page_summaries,
     write_kv_and_summaries,
 )
-from kernels.triton.sparse import combine_heads, combine_select, quest_bounds  # noqa: E402
+from kernels.triton.selection import combine_heads, combine_select  # noqa: E402
+from kernels.triton.sparse import quest_bounds  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("triton_interpreter")
 

@@ -6,7 +6,8 @@ TRITON_INTERPRET=1 (how CI tests them). See docs/kernels.md.
 from kernels.triton.decode import paged_decode, split_k_decode
 from kernels.triton.extend import extend_attention
 from kernels.triton.layer_ops import add_rms_norm, rms_norm, rotary_store, silu_mul
-from kernels.triton.sparse import quest_scores, select_pages, sparse_decode
+from kernels.triton.selection import select_pages
+from kernels.triton.sparse import quest_scores, sparse_decode
 from kernels.triton.summaries import update_page_summaries, write_kv_and_summaries
 
 __all__ = [

@@ -1,0 +1,235 @@
+"""Page selection for Quest sparse decode: per (sequence, KV head) row, the per-q-head bounds become
+page scores (a log-softmax over the row's pages at the attention scale, max over the GQA group;
+forced sink and recent pages +inf, padding -inf), and the best `budget` pages are kept by an exact
+top-k (a radix search on the float bits; ties to the lower index), compacted in ascending page
+order with their physical ids: kernels/reference.py's select_pages, batched.
+
+combine_heads (scores) and select_pages (selection) are the two steps; combine_select does both in
+one program with the scores in registers (one launch per stage of sparse.py's sparse_decode). A
+row is either a sequence's own pages or a shortlist (`listed`: the logical page of each entry, with
+per-head physical ids). Everything is static-shaped and sync-free (CUDA-graph safe).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _group_scores(Bounds, b, kvh, logical, valid, n_pages, s_bb, s_bh, scale, budget_pages, sink_pages,
+                  recent_pages, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
+                  FORCE: tl.constexpr):
+    """Scores of one (sequence, KV head) row of entries: log-softmax of each q head's bounds over the
+    valid entries (at the attention scale), max over the group; forced pages +inf, invalid -inf."""
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_p = tl.arange(0, BLOCK_P)
+    mask_g = offs_g < GROUP
+    m2 = mask_g[:, None] & valid[None, :]
+    bound = tl.load(Bounds + b * s_bb + (kvh * GROUP + offs_g[:, None]) * s_bh + offs_p[None, :], mask=m2,
+                    other=0.0)
+    logits = tl.where(m2, bound * scale, float("-inf"))
+    top = tl.where(mask_g, tl.max(logits, 1), 0.0)          # every sequence has a page: finite
+    lse = top + tl.log(tl.sum(tl.exp(logits - top[:, None]), 1))
+    score = tl.max(tl.where(m2, logits - lse[:, None], float("-inf")), 0)
+    if FORCE:
+        forced = (logical < sink_pages) | (logical >= n_pages - recent_pages) | (n_pages <= budget_pages)
+        score = tl.where(forced, float("inf"), score)
+    return tl.where(valid, score, float("-inf"))
+
+
+@triton.jit
+def _row_entries(Listed, b, kvh, s_lb, s_lh, n_pages, max_pages, BLOCK_P: tl.constexpr, LISTED: tl.constexpr):
+    """(logical page, valid) of each entry of a row: entry i is page i of the sequence, or with
+    LISTED the logical page Listed[b, kvh, i] of a shortlist (-1 for padding)."""
+    offs_p = tl.arange(0, BLOCK_P)
+    if LISTED:
+        logical = tl.load(Listed + b * s_lb + kvh * s_lh + offs_p, mask=offs_p < max_pages, other=-1)
+        valid = (logical >= 0) & (logical < n_pages)
+    else:
+        logical = offs_p
+        valid = offs_p < n_pages
+    return logical, valid
+
+
+@triton.jit
+def _combine_heads(Bounds, SeqLens, Scores, Listed, s_bb, s_bh, s_sb, s_sh, s_lb, s_lh, max_pages, scale,
+                   budget_pages, sink_pages, recent_pages,
+                   GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
+                   PAGE_SIZE: tl.constexpr, FORCE: tl.constexpr, LISTED: tl.constexpr):
+    """One program per (sequence, KV head): _group_scores of its row, stored."""
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    offs_p = tl.arange(0, BLOCK_P)
+    n_pages = tl.cdiv(tl.load(SeqLens + b), PAGE_SIZE)
+    logical, valid = _row_entries(Listed, b, kvh, s_lb, s_lh, n_pages, max_pages, BLOCK_P, LISTED)
+    score = _group_scores(Bounds, b, kvh, logical, valid, n_pages, s_bb, s_bh, scale, budget_pages, sink_pages,
+                          recent_pages, GROUP, BLOCK_G, BLOCK_P, FORCE)
+    tl.store(Scores + b * s_sb + kvh * s_sh + offs_p, score, mask=offs_p < max_pages)
+
+
+def combine_heads(bounds: torch.Tensor, seq_lens: torch.Tensor, page_size: int, kv_heads: int,
+                  force: tuple[int, int, int] | None, scale: float, listed: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """Per-q-head bounds [batch, q_heads, P] -> scores [batch, kv_heads, P] (see _combine_heads);
+    listed [batch, kv_heads, P] int32: the logical page of each entry (a shortlist, -1 padding)."""
+    batch, q_heads, max_pages = bounds.shape
+    group = q_heads // kv_heads
+    scores = torch.empty(batch, kv_heads, max_pages, device=bounds.device, dtype=torch.float32)
+    budget, sink, recent = force if force is not None else (0, 0, 0)
+    block_all = max(16, triton.next_power_of_2(max_pages))
+    lst = listed if listed is not None else scores
+    _combine_heads[(batch, kv_heads)](
+        bounds, seq_lens, scores, lst, bounds.stride(0), bounds.stride(1), scores.stride(0), scores.stride(1),
+        lst.stride(0), lst.stride(1), max_pages, scale, budget, sink, recent, GROUP=group,
+        BLOCK_G=triton.next_power_of_2(group), BLOCK_P=block_all, PAGE_SIZE=page_size,
+        FORCE=force is not None, LISTED=listed is not None, num_warps=4 if block_all * group <= 4096 else 8)
+    return scores
+
+
+@triton.jit
+def _keep_top_k(score, k, EARLY_EXIT: tl.constexpr):
+    """Exact top-k of a row by a 32-step radix search for the k-th largest score -> the kept mask
+    (ties go to the lower index)."""
+    bits = tl.where(score == 0.0, 0.0, score).to(tl.int32, bitcast=True)  # -0.0 ties with +0.0
+    key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648  # float order, in [0, 2^32)
+    thresh = tl.zeros([], tl.int64)
+    if EARLY_EXIT:
+        # Stop as soon as some candidate has exactly k keys >= it: those are the top k (no ties to
+        # split), and the take/tie logic below keeps exactly them. Else the full 32 steps.
+        bit = tl.full([], 31, tl.int64)
+        while bit >= 0:
+            cand = thresh + (tl.full([], 1, tl.int64) << bit)
+            c = tl.sum((key >= cand).to(tl.int32), 0)
+            thresh = tl.where(c >= k, cand, thresh)
+            bit = tl.where(c == k, -1, bit - 1)
+    else:
+        for bit in tl.static_range(31, -1, -1):
+            cand = thresh + (1 << bit)
+            thresh = tl.where(tl.sum((key >= cand).to(tl.int32), 0) >= k, cand, thresh)
+    above = key > thresh
+    tie = key == thresh
+    return above | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= k - tl.sum(above.to(tl.int32), 0)))
+
+
+@triton.jit
+def _store_selection(take, logical, b, kvh, seq_len, n_pages, k, PT, Logical, Physical, VLens,
+                     s_pb, s_ph, s_lb, s_lh, s_yb, s_yh, budget_pages, k_sel,
+                     BLOCK_P: tl.constexpr, PAGE_SIZE: tl.constexpr):
+    """The kept entries, compacted in row order (ascending pages), as logical and physical pages;
+    padding past k; the virtual length of a sequence that keeps budget_pages of its pages."""
+    offs = tl.arange(0, BLOCK_P)
+    pos = tl.cumsum(take.to(tl.int32), 0) - 1
+    page = tl.load(PT + b.to(tl.int64) * s_pb + kvh * s_ph + offs, mask=take, other=0)
+    tl.store(Logical + b * s_lb + kvh * s_lh + pos, logical, mask=take)
+    tl.store(Physical + b * s_yb + kvh * s_yh + pos, page, mask=take)
+    pad = (offs >= k) & (offs < k_sel)
+    tl.store(Logical + b * s_lb + kvh * s_lh + offs, -1, mask=pad)
+    tl.store(Physical + b * s_yb + kvh * s_yh + offs, 0, mask=pad)
+    if kvh == 0:
+        tl.store(VLens + b, seq_len - tl.maximum(n_pages - budget_pages, 0) * PAGE_SIZE)
+
+
+@triton.jit
+def _select_pages(Scores, PT, SeqLens, Logical, Physical, VLens, Listed, s_sb, s_sh, s_pb, s_ph, s_lb, s_lh,
+                  s_yb, s_yh, s_ib, s_ih, max_pages, budget_pages, k_sel,
+                  BLOCK_P: tl.constexpr, PAGE_SIZE: tl.constexpr, EARLY_EXIT: tl.constexpr,
+                  LISTED: tl.constexpr):
+    """One program per (sequence, KV head): the best budget_pages entries of its score row
+    (_keep_top_k), stored by _store_selection. LISTED: the row is a shortlist, entry i being
+    logical page Listed[b, kvh, i] (ascending) with its physical id at PT[b, kvh, i]; else entry i
+    is page i of the sequence's table."""
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    offs = tl.arange(0, BLOCK_P)
+    score = tl.load(Scores + b * s_sb + kvh * s_sh + offs, mask=offs < max_pages, other=float("-inf"))
+    seq_len = tl.load(SeqLens + b)
+    n_pages = tl.cdiv(seq_len, PAGE_SIZE)
+    k = tl.minimum(n_pages, budget_pages)
+    take = _keep_top_k(score, k, EARLY_EXIT)
+    if LISTED:
+        logical = tl.load(Listed + b * s_ib + kvh * s_ih + offs, mask=take, other=0)
+    else:
+        logical = offs
+    _store_selection(take, logical, b, kvh, seq_len, n_pages, k, PT, Logical, Physical, VLens,
+                     s_pb, s_ph, s_lb, s_lh, s_yb, s_yh, budget_pages, k_sel, BLOCK_P, PAGE_SIZE)
+
+
+@triton.jit
+def _combine_select(Bounds, PT, SeqLens, Logical, Physical, VLens, Listed, s_bb, s_bh, s_pb, s_ph, s_lb, s_lh,
+                    s_yb, s_yh, s_ib, s_ih, max_pages, scale, force_budget, sink_pages, recent_pages,
+                    budget_pages, k_sel, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
+                    PAGE_SIZE: tl.constexpr, EARLY_EXIT: tl.constexpr, LISTED: tl.constexpr):
+    """_combine_heads and _select_pages in one program per (sequence, KV head): the scores never
+    leave registers (two launches and a scores round trip fewer per sparse layer)."""
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    seq_len = tl.load(SeqLens + b)
+    n_pages = tl.cdiv(seq_len, PAGE_SIZE)
+    logical, valid = _row_entries(Listed, b, kvh, s_ib, s_ih, n_pages, max_pages, BLOCK_P, LISTED)
+    score = _group_scores(Bounds, b, kvh, logical, valid, n_pages, s_bb, s_bh, scale, force_budget, sink_pages,
+                          recent_pages, GROUP, BLOCK_G, BLOCK_P, True)
+    k = tl.minimum(n_pages, budget_pages)
+    take = _keep_top_k(score, k, EARLY_EXIT)
+    _store_selection(take, logical, b, kvh, seq_len, n_pages, k, PT, Logical, Physical, VLens,
+                     s_pb, s_ph, s_lb, s_lh, s_yb, s_yh, budget_pages, k_sel, BLOCK_P, PAGE_SIZE)
+
+
+def select_pages(scores: torch.Tensor, page_tables: torch.Tensor, seq_lens: torch.Tensor,
+                 page_size: int, budget_pages: int, early_exit: bool = True,
+                 listed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stage B. Forced scores [batch, kv_heads, max_pages] -> (logical pages int32 [batch, kv_heads, k]
+    ascending, their physical ids int32, virtual seq_lens int32 [batch]), k = min(budget, max_pages).
+    Entries past a sequence's min(n_pages, budget_pages) are padding (-1 / 0), never read.
+    listed (a shortlist's logical pages [batch, kv_heads, max_pages], ascending): entry i of a row
+    is that logical page, and page_tables [batch, kv_heads, max_pages] holds its physical id."""
+    batch, kv_heads, max_pages = scores.shape
+    assert scores.stride(2) == 1
+    out, tables, block_p, k_sel = _selection_outputs(batch, kv_heads, max_pages, budget_pages, page_tables, listed)
+    _select_pages[(batch, kv_heads)](
+        scores, page_tables, seq_lens, *out, scores.stride(0), scores.stride(1), *tables,
+        max_pages, budget_pages, k_sel, BLOCK_P=block_p, PAGE_SIZE=page_size, EARLY_EXIT=early_exit,
+        LISTED=listed is not None, num_warps=4 if block_p <= 2048 else 8)
+    return out[:3]
+
+
+def _selection_outputs(batch: int, kv_heads: int, max_pages: int, budget_pages: int, page_tables: torch.Tensor,
+                       listed: torch.Tensor | None) -> tuple[tuple, tuple, int, int]:
+    """What both selection launchers pass: the outputs (logical, physical, vlens, and the listed
+    map or a stand-in), the table/output strides after the row strides, BLOCK_P and k_sel."""
+    assert page_tables.stride(-1) == 1
+    per_head = page_tables.dim() == 3
+    assert per_head == (listed is not None), "a shortlist comes with its per-head physical pages"
+    k_sel = min(budget_pages, max_pages)
+    logical = torch.empty(batch, kv_heads, k_sel, device=page_tables.device, dtype=torch.int32)
+    physical = torch.empty_like(logical)
+    vlens = torch.empty(batch, device=page_tables.device, dtype=torch.int32)
+    lst = listed if listed is not None else logical
+    strides = (page_tables.stride(0), page_tables.stride(1) if per_head else 0, logical.stride(0),
+               logical.stride(1), physical.stride(0), physical.stride(1), lst.stride(0), lst.stride(1))
+    return (logical, physical, vlens, lst), strides, max(16, triton.next_power_of_2(max_pages)), k_sel
+
+
+FUSED_MAX_PAGES = 4096      # widest row whose scores stay in one program's registers (combine_select)
+
+
+def combine_select(bounds: torch.Tensor, page_tables: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
+                   kv_heads: int, force: tuple[int, int, int], scale: float, budget_pages: int,
+                   listed: torch.Tensor | None = None, early_exit: bool = True
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """select_pages(combine_heads(bounds, ...), ...) with the scores kept in registers: one launch
+    instead of two for rows of at most FUSED_MAX_PAGES entries (the two-kernel path above it).
+    force: the forced-page rule's (budget, sink, recent) pages; budget_pages: how many to keep."""
+    batch, q_heads, max_pages = bounds.shape
+    if max_pages > FUSED_MAX_PAGES:
+        scores = combine_heads(bounds, seq_lens, page_size, kv_heads, force, scale, listed)
+        return select_pages(scores, page_tables, seq_lens, page_size, budget_pages, early_exit, listed)
+    assert bounds.stride(2) == 1
+    group = q_heads // kv_heads
+    out, tables, block_p, k_sel = _selection_outputs(batch, kv_heads, max_pages, budget_pages, page_tables, listed)
+    _combine_select[(batch, kv_heads)](
+        bounds, page_tables, seq_lens, *out, bounds.stride(0), bounds.stride(1), *tables, max_pages, scale,
+        *force, budget_pages, k_sel, GROUP=group, BLOCK_G=triton.next_power_of_2(group), BLOCK_P=block_p,
+        PAGE_SIZE=page_size, EARLY_EXIT=early_exit, LISTED=listed is not None,
+        num_warps=4 if block_p * group <= 4096 else 8)
+    return out[:3]
