@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from gateway.generation import ChoiceResult
-from gateway.tools import ToolCallStream, new_call_id, parse_tool_calls
+from gateway.tool_calls import ToolCallStream, new_call_id, parse_tool_calls
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:

@@ -7,15 +7,8 @@ import json
 import pytest
 
 from gateway.errors import APIError
-from gateway.tools import (
-    CallFormat,
-    ToolCallStream,
-    call_grammar,
-    parse_tool_calls,
-    parse_tools,
-    prepare_messages,
-    tool_format,
-)
+from gateway.tool_calls import ToolCallStream, parse_tool_calls
+from gateway.tools import CallFormat, call_grammar, parse_tools, prepare_messages, tool_format
 
 NAMES = {"get_weather", "get_time"}
 TWO_CALLS = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'

@@ -14,7 +14,8 @@ from gateway.chat import plan_chat
 from gateway.errors import APIError
 from gateway.protocol import SamplingFields, _Lenient, new_id
 from gateway.router import Router
-from gateway.tools import ToolCallStream, parse_tool_calls, parse_tools
+from gateway.tool_calls import ToolCallStream, parse_tool_calls
+from gateway.tools import parse_tools
 
 ANTHROPIC_PATH = "/v1/messages"
 

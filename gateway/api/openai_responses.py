@@ -18,7 +18,8 @@ from gateway.errors import APIError
 from gateway.protocol import SamplingFields, _Lenient, new_id
 from gateway.responses import stream_error
 from gateway.router import Router
-from gateway.tools import ToolCallStream, new_call_id, parse_tool_calls, parse_tools
+from gateway.tool_calls import ToolCallStream, new_call_id, parse_tool_calls
+from gateway.tools import parse_tools
 
 _TEXT_PARTS = ("input_text", "output_text", "text")
 
