@@ -25,6 +25,9 @@ def main() -> None:
     parser.add_argument("--model", default="llama-3-8b")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--context-length", type=int, default=None,
+                        help="the runner's context length, which sets the page-table width class "
+                        "(default: context + 1024; the engine uses the model's, e.g. 131072)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--sparse", action="store_true", help="Quest sparse decode with the engine's defaults "
@@ -37,7 +40,8 @@ def main() -> None:
     sparse = SparseSettings(enabled=True) if args.sparse else SparseSettings()
     runner = TorchRunner(RunnerSettings("random", args.model, args.model, dtype="bfloat16", device="cuda",
                                         cuda_graphs=True, num_pages=args.batch * pages + 64,
-                                        max_sequences=max(64, args.batch), context_length=args.context + 1024,
+                                        max_sequences=max(64, args.batch),
+                                        context_length=args.context_length or args.context + 1024,
                                         sparse=sparse))
     tables = [list(range(i * pages, (i + 1) * pages)) for i in range(args.batch)]
     rng = np.random.default_rng(0)

@@ -85,7 +85,9 @@ def main() -> None:
     coarse_cfgs = [{}] + [dict(all_heads=True, block_p=bp, pages_per_prog=pp, num_warps=w)
                           for bp, pp, w in ((2, 8, 4), (4, 8, 4), (4, 16, 4), (4, 32, 4), (8, 16, 4), (8, 32, 8),
                                             (2, 4, 2), (16, 16, 8), (8, 64, 8))] + [
-        dict(all_heads=False, block_p=bp, num_warps=w) for bp, w in ((16, 4), (32, 4), (64, 4), (64, 8))]
+        dict(all_heads=False, block_p=bp, num_warps=w, dot=dot) for bp, w in ((16, 4), (32, 4), (64, 4), (64, 8))
+        for dot in (False, True)] + [dict(all_heads=False, block_p=bp, num_warps=w) for bp, w in ((16, 2), (32, 2),
+                                                                                               (128, 8))]
     if args.skip_tuning:
         coarse_cfgs = [{}]
     coarse, _ = best_of("coarse scores (page summaries)", coarse_fn, coarse_cfgs, same_scores)
@@ -94,8 +96,10 @@ def main() -> None:
     best_of("shortlist selection", sel1_fn, [{}, dict(early_exit=False)])
     fine_fn = partial(shortlist_scores, q, kmin, kmax, listed, listed_phys, lens, ps, force, scale)
     fine, _ = best_of("fine scores (shortlist blocks)", fine_fn,
-                      [{}] + [dict(block_p=bp, num_warps=w) for bp, w in ((4, 2), (8, 2), (8, 4), (16, 2),
-                                                                         (32, 4), (32, 8), (64, 8))], same_scores)
+                      [{}] + [dict(block_p=bp, num_warps=w, dot=False) for bp, w in ((2, 1), (4, 2), (8, 2))]
+                      + [dict(block_p=bp, num_warps=w, dot=True) for bp, w in ((4, 1), (4, 2), (4, 4), (8, 1),
+                                                                             (8, 2), (8, 4), (16, 4), (16, 8))],
+                      same_scores)
     sel2_fn = partial(select_pages, fine, listed_phys, lens, ps, budget, listed=listed)
     logical, physical, vlens = sel2_fn()
     best_of("budget selection", sel2_fn, [{}, dict(early_exit=False)])

@@ -188,7 +188,8 @@ def sparse_inputs(lens, page_size, group, head_dim, dtype, seed, summary_tokens=
 
 @pytest.mark.parametrize("group,tuning,summary_tokens", [
     (1, {}, 4), (4, {}, 4), (8, {}, 2), (4, {}, 16), (4, dict(all_heads=False), 4), (2, dict(all_heads=False), 1),
-    (8, dict(block_p=4, pages_per_prog=6), 4), (4, dict(block_p=2), 8)])
+    (8, dict(block_p=4, pages_per_prog=6), 4), (4, dict(block_p=2), 8), (4, dict(dot=False), 4),
+    (2, dict(dot=False, block_p=4), 1)])
 def test_quest_scores(group, tuning, summary_tokens):
     lens = [200, 17, 96, 35]            # last pages: 8, 1, 16 and 3 of 16 slots written
     q, _, _, kmin, kmax, table = sparse_inputs(lens, 16, group, 64, BF16, seed=30 + group,

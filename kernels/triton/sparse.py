@@ -20,6 +20,8 @@ decode; when no sequence can exceed the budget the launcher calls dense decode d
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -30,32 +32,73 @@ from kernels.triton.selection import combine_heads, combine_select
 
 
 @triton.jit
+def _group_bounds(Q, b, kvh, s_qb, s_qh, lo, hi, written, GROUP: tl.constexpr, GROUP_P: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr, BLOCKS: tl.constexpr, DOT: tl.constexpr,
+                  DOT_F32: tl.constexpr):
+    """The Quest bound of each q head of a KV head's group over tiles lo, hi [BLOCK_P, BLOCKS, d]
+    of summary rows (zero where unwritten): the best over each page's written blocks ->
+    [BLOCK_P, GROUP_P] fp32 (columns past GROUP: garbage). DOT: since kmin <= kmax element-wise,
+    max(q*lo, q*hi) = relu(q)*hi + min(q, 0)*lo, so the bounds of the whole group are two small
+    matmuls on the tensor cores (products of the summaries' dtype, exact, summed in fp32); else
+    the same sums on the CUDA cores, one q head at a time. DOT_F32: the matmuls in fp32 (the same
+    exact products; Triton's interpreter gets 16-bit float dots wrong)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_g = tl.arange(0, GROUP_P)
+    if DOT:
+        q = tl.load(Q + b * s_qb + (kvh * GROUP + offs_g[None, :]) * s_qh + offs_d[:, None],
+                    mask=(offs_g < GROUP)[None, :], other=0.0).to(tl.float32)             # [d, GROUP_P]
+        rows_hi = tl.reshape(hi, [BLOCK_P * BLOCKS, HEAD_DIM])
+        rows_lo = tl.reshape(lo, [BLOCK_P * BLOCKS, HEAD_DIM])
+        if DOT_F32:
+            rows_hi, rows_lo = rows_hi.to(tl.float32), rows_lo.to(tl.float32)
+        q_pos = tl.maximum(q, 0.0).to(rows_hi.dtype)
+        q_neg = tl.minimum(q, 0.0).to(rows_hi.dtype)
+        acc = tl.dot(rows_hi, q_pos, input_precision="ieee")
+        acc = tl.dot(rows_lo, q_neg, acc, input_precision="ieee")
+        bound = tl.reshape(acc, [BLOCK_P, BLOCKS, GROUP_P])
+        best = tl.max(tl.where(written[:, :, None], bound, float("-inf")), 1)
+    else:
+        lo32, hi32 = lo.to(tl.float32), hi.to(tl.float32)
+        best = tl.full([BLOCK_P, GROUP_P], float("-inf"), tl.float32)
+        for g in tl.static_range(GROUP):
+            qv = tl.load(Q + b * s_qb + (kvh * GROUP + g) * s_qh + offs_d).to(tl.float32)[None, None, :]
+            bound = tl.sum(hi32 * tl.maximum(qv, 0.0) + lo32 * tl.minimum(qv, 0.0), 2)   # [BLOCK_P, BLOCKS]
+            bound = tl.max(tl.where(written, bound, float("-inf")), 1)
+            best = tl.where(offs_g[None, :] == g, bound[:, None], best)
+    return best
+
+
+@triton.jit
 def _quest_head_bounds(Q, KMin, KMax, PT, SeqLens, Bounds, s_qb, s_qh, s_mp, s_mb, s_mh, s_xp, s_xb, s_xh,
                        s_pb, s_bb, s_bh, max_pages,
-                       GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr,
-                       PAGE_SIZE: tl.constexpr, BLOCKS: tl.constexpr):
+                       GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr,
+                       PAGE_SIZE: tl.constexpr, BLOCKS: tl.constexpr, DOT: tl.constexpr,
+                       DOT_F32: tl.constexpr):
     """One program per (sequence, KV head, block of pages): the Quest bound of each q head of the
-    group, the best over each page's written summary blocks."""
+    group, the best over each page's written summary blocks (_group_bounds)."""
     SUB: tl.constexpr = PAGE_SIZE // BLOCKS
     b = tl.program_id(0)
     kvh = tl.program_id(1)
+    seq_len = tl.load(SeqLens + b)
+    n_pages = tl.cdiv(seq_len, PAGE_SIZE)
+    if tl.program_id(2) * BLOCK_P >= n_pages:
+        return      # past the sequence: the table is wider than it (its entries are never read)
     offs_p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_j = tl.arange(0, BLOCKS)
     offs_d = tl.arange(0, HEAD_DIM)
-    seq_len = tl.load(SeqLens + b)
-    valid = offs_p < tl.cdiv(seq_len, PAGE_SIZE)
+    offs_g = tl.arange(0, GROUP_P)
+    valid = offs_p < n_pages
     written = (offs_p[:, None] * PAGE_SIZE + offs_j[None, :] * SUB) < seq_len       # [BLOCK_P, BLOCKS]
     page = tl.load(PT + b.to(tl.int64) * s_pb + offs_p, mask=valid, other=0).to(tl.int64)
     m3 = written[:, :, None]
     lo = tl.load(KMin + page[:, None, None] * s_mp + offs_j[None, :, None] * s_mb + kvh * s_mh
-                 + offs_d[None, None, :], mask=m3, other=0.0).to(tl.float32)
+                 + offs_d[None, None, :], mask=m3, other=0.0)
     hi = tl.load(KMax + page[:, None, None] * s_xp + offs_j[None, :, None] * s_xb + kvh * s_xh
-                 + offs_d[None, None, :], mask=m3, other=0.0).to(tl.float32)
-    for g in tl.static_range(GROUP):
-        qv = tl.load(Q + b * s_qb + (kvh * GROUP + g) * s_qh + offs_d).to(tl.float32)[None, None, :]
-        bound = tl.sum(tl.maximum(qv * lo, qv * hi), 2)                               # [BLOCK_P, BLOCKS]
-        bound = tl.max(tl.where(written, bound, float("-inf")), 1)
-        tl.store(Bounds + b * s_bb + (kvh * GROUP + g) * s_bh + offs_p, bound, mask=offs_p < max_pages)
+                 + offs_d[None, None, :], mask=m3, other=0.0)
+    best = _group_bounds(Q, b, kvh, s_qb, s_qh, lo, hi, written, GROUP, GROUP_P, HEAD_DIM, BLOCK_P, BLOCKS, DOT,
+                         DOT_F32)
+    tl.store(Bounds + b * s_bb + (kvh * GROUP + offs_g[None, :]) * s_bh + offs_p[:, None], best,
+             mask=(offs_p < max_pages)[:, None] & (offs_g < GROUP)[None, :])
 
 
 @triton.jit
@@ -81,7 +124,7 @@ def _quest_head_bounds_all_heads(Q, KMin, KMax, PT, SeqLens, Bounds, s_qb, s_qh,
     out_heads = (offs_h[None, :, None] * GROUP + offs_g[None, None, :]) * s_bh     # [1, KVH, G]
     mask_hg = mask_h[None, :, None] & (offs_g < GROUP)[None, None, :]
     p_start = tl.program_id(1) * pages_per_prog
-    for p0 in range(p_start, tl.minimum(p_start + pages_per_prog, max_pages), BLOCK_P):
+    for p0 in range(p_start, tl.minimum(p_start + pages_per_prog, tl.minimum(n_pages, max_pages)), BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         valid = offs_p < n_pages
         page = tl.load(PT + b.to(tl.int64) * s_pb + offs_p, mask=valid, other=0).to(tl.int64)
@@ -101,6 +144,23 @@ def _quest_head_bounds_all_heads(Q, KMin, KMax, PT, SeqLens, Bounds, s_qb, s_qh,
                  mask=(offs_p < max_pages)[:, None, None] & mask_hg)
 
 
+# The per-head bounds kernels' group sums as tensor-core matmuls (_group_bounds); a tl.dot needs
+# at least 16 rows, columns and reduction elements, so smaller tiles keep the CUDA-core sums.
+DOT_BOUNDS = True
+DOT_MIN = 16
+# read when this module is (re)loaded, which is also when triton.jit picks compiled or interpreted
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _dot_fits(dot: bool, block_p: int, blocks: int, head_dim: int) -> bool:
+    return dot and block_p * blocks >= DOT_MIN and head_dim >= DOT_MIN
+
+
+def _group_width(group: int, dot: bool) -> int:
+    """Columns of a group's bounds tile: the group padded to a power of two (and to DOT_MIN for a dot)."""
+    return max(DOT_MIN if dot else 1, triton.next_power_of_2(group))
+
+
 def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_tables: torch.Tensor,
                  seq_lens: torch.Tensor, page_size: int, force: tuple[int, int, int] | None = None,
                  scale: float | None = None, **tuning) -> torch.Tensor:
@@ -115,7 +175,8 @@ def quest_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_t
 
 def quest_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_tables: torch.Tensor,
                  seq_lens: torch.Tensor, page_size: int, block_p: int | None = None, num_warps: int | None = None,
-                 pages_per_prog: int | None = None, all_heads: bool | None = None) -> torch.Tensor:
+                 pages_per_prog: int | None = None, all_heads: bool | None = None,
+                 dot: bool | None = None) -> torch.Tensor:
     """The Quest bound of every q head for every page: q [batch, q_heads, d], kmin/kmax [num_pages,
     blocks, kv_heads, d] (reference.py's summaries) -> fp32 [batch, q_heads, max_pages] (entries
     past a sequence are garbage: combine_heads and combine_select never read them).
@@ -125,7 +186,8 @@ def quest_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_t
     (sequence, KV head, block_p pages) summing max(q*lo, q*hi) directly (the original kernel).
     Default (None): per head. all_heads won with one summary per 64-token page on an H100
     (docs/kernels.md); with the 16-token pages the engine scores coarse to fine, per head with 32
-    pages per program is faster on an H200 (bench/sparse_stages.py)."""
+    pages per program is faster on an H200 (bench/sparse_stages.py). dot (per head): the group's
+    bounds as two matmuls on the tensor cores (_group_bounds); default DOT_BOUNDS."""
     batch, q_heads, head_dim = q.shape
     blocks, kv_heads = kmin.shape[1:3]
     max_pages = page_tables.shape[1]
@@ -153,29 +215,35 @@ def quest_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_t
             BLOCK_G=triton.next_power_of_2(group), HEAD_DIM=head_dim, BLOCK_P=block_p, PAGE_SIZE=page_size,
             BLOCKS=blocks, num_warps=num_warps or 4)
     else:
-        # a [block_p, blocks, d] tile per load: 64 summary rows, or 32 pages of one summary (the
-        # coarse stage: H200, b16 x 32k at page 16, 93 us vs 116 us all-heads, bench/sparse_stages.py)
-        block_p = block_p or (32 if blocks == 1 else max(1, 64 // blocks))
+        # a [block_p, blocks, d] tile of 64 summary rows per program (the coarse stage: H200, b16 x
+        # 32k at page 16 in a 4096-page table, bench/sparse_stages.py: 47 us with the dot, 59 us for
+        # 32 pages without, 68 us for 32 with; all-heads 68-98 us). Programs past a sequence return
+        # at once (93 us when they ran their masked loads); looping over several blocks per program
+        # instead was slower (61-68 us).
+        block_p = block_p or max(1, 64 // blocks)
+        dot = _dot_fits(DOT_BOUNDS if dot is None else dot, block_p, blocks, head_dim)
         _quest_head_bounds[(batch, kv_heads, triton.cdiv(max_pages, block_p))](
-            *args, GROUP=group, HEAD_DIM=head_dim, BLOCK_P=block_p, PAGE_SIZE=page_size, BLOCKS=blocks,
-            num_warps=num_warps or 4)
+            *args, GROUP=group, GROUP_P=_group_width(group, dot), HEAD_DIM=head_dim, BLOCK_P=block_p,
+            PAGE_SIZE=page_size, BLOCKS=blocks, DOT=dot, DOT_F32=INTERPRETED, num_warps=num_warps or 4)
     return bounds
 
 
 @triton.jit
 def _shortlist_bounds(Q, KMin, KMax, Listed, Phys, SeqLens, Bounds, s_qb, s_qh, s_mp, s_mb, s_mh,
                       s_xp, s_xb, s_xh, s_lb, s_lh, s_yb, s_yh, s_bb, s_bh, width,
-                      GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr,
-                      PAGE_SIZE: tl.constexpr, BLOCKS: tl.constexpr):
+                      GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr,
+                      PAGE_SIZE: tl.constexpr, BLOCKS: tl.constexpr, DOT: tl.constexpr,
+                       DOT_F32: tl.constexpr):
     """The fine stage's bounds: one program per (sequence, KV head, BLOCK_P shortlist entries); each
     entry is a logical page (-1: padding) with its physical id; per q head of the group the best
-    Quest bound over the page's written summary blocks (-inf for padding)."""
+    Quest bound over the page's written summary blocks (-inf for padding; _group_bounds)."""
     SUB: tl.constexpr = PAGE_SIZE // BLOCKS
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     offs_p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_j = tl.arange(0, BLOCKS)
     offs_d = tl.arange(0, HEAD_DIM)
+    offs_g = tl.arange(0, GROUP_P)
     seq_len = tl.load(SeqLens + b)
     in_row = offs_p < width
     logical = tl.load(Listed + b * s_lb + kvh * s_lh + offs_p, mask=in_row, other=-1)
@@ -183,35 +251,38 @@ def _shortlist_bounds(Q, KMin, KMax, Listed, Phys, SeqLens, Bounds, s_qb, s_qh, 
     written = (logical[:, None] >= 0) & ((logical[:, None] * PAGE_SIZE + offs_j[None, :] * SUB) < seq_len)
     m3 = written[:, :, None]
     lo = tl.load(KMin + page[:, None, None] * s_mp + offs_j[None, :, None] * s_mb + kvh * s_mh
-                 + offs_d[None, None, :], mask=m3, other=0.0).to(tl.float32)
+                 + offs_d[None, None, :], mask=m3, other=0.0)
     hi = tl.load(KMax + page[:, None, None] * s_xp + offs_j[None, :, None] * s_xb + kvh * s_xh
-                 + offs_d[None, None, :], mask=m3, other=0.0).to(tl.float32)
-    for g in tl.static_range(GROUP):
-        qv = tl.load(Q + b * s_qb + (kvh * GROUP + g) * s_qh + offs_d).to(tl.float32)[None, None, :]
-        bound = tl.sum(hi * tl.maximum(qv, 0.0) + lo * tl.minimum(qv, 0.0), 2)        # [BLOCK_P, BLOCKS]
-        bound = tl.max(tl.where(written, bound, float("-inf")), 1)
-        tl.store(Bounds + b * s_bb + (kvh * GROUP + g) * s_bh + offs_p, bound, mask=in_row)
+                 + offs_d[None, None, :], mask=m3, other=0.0)
+    best = _group_bounds(Q, b, kvh, s_qb, s_qh, lo, hi, written, GROUP, GROUP_P, HEAD_DIM, BLOCK_P, BLOCKS, DOT,
+                         DOT_F32)
+    tl.store(Bounds + b * s_bb + (kvh * GROUP + offs_g[None, :]) * s_bh + offs_p[:, None], best,
+             mask=in_row[:, None] & (offs_g < GROUP)[None, :])
 
 
 def shortlist_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, listed: torch.Tensor,
                      physical: torch.Tensor, seq_lens: torch.Tensor, page_size: int, block_p: int | None = None,
-                     num_warps: int | None = None) -> torch.Tensor:
+                     num_warps: int | None = None, dot: bool | None = None) -> torch.Tensor:
     """The fine stage's bounds over a shortlist (listed logical pages and their physical ids, int32
     [batch, kv_heads, S]): per q head, each listed page's best block bound -> [batch, q_heads, S]
-    (-inf for padding entries)."""
+    (-inf for padding entries). dot: as quest_bounds's."""
     batch, q_heads, head_dim = q.shape
     blocks, kv_heads = kmin.shape[1:3]
     width = listed.shape[2]
     assert listed.shape == physical.shape == (batch, kv_heads, width)
     assert listed.stride(2) == physical.stride(2) == 1 and kmin.stride(3) == kmax.stride(3) == 1
     bounds = torch.empty(batch, q_heads, width, device=q.device, dtype=torch.float32)
-    # 4 pages and 2 warps per program (H200, b16 x 32k, shortlist 256: 29.6 vs 31.5 us for 16 and 4)
-    block_p = block_p or max(1, 16 // blocks)
+    # 64 summary rows and 4 warps per program with the dot (H200, b16 x 32k, shortlist 512: 43.4 us,
+    # 16 rows and 1 warp 44.8); without it 8 rows and 1 warp (49.5 us; 16 and 2 warps 51.0)
+    dot = DOT_BOUNDS if dot is None else dot
+    block_p = block_p or max(1, (64 if dot else 8) // blocks)
+    dot = _dot_fits(dot, block_p, blocks, head_dim)
     _shortlist_bounds[(batch, kv_heads, triton.cdiv(width, block_p))](
         q, kmin, kmax, listed, physical, seq_lens, bounds, q.stride(0), q.stride(1), *kmin.stride()[:3],
         *kmax.stride()[:3], listed.stride(0), listed.stride(1), physical.stride(0), physical.stride(1),
-        bounds.stride(0), bounds.stride(1), width, GROUP=q_heads // kv_heads, HEAD_DIM=head_dim,
-        BLOCK_P=block_p, PAGE_SIZE=page_size, BLOCKS=blocks, num_warps=num_warps or 2)
+        bounds.stride(0), bounds.stride(1), width, GROUP=q_heads // kv_heads,
+        GROUP_P=_group_width(q_heads // kv_heads, dot), HEAD_DIM=head_dim, BLOCK_P=block_p, PAGE_SIZE=page_size,
+        BLOCKS=blocks, DOT=dot, DOT_F32=INTERPRETED, num_warps=num_warps or (4 if dot else 1))
     return bounds
 
 
