@@ -22,6 +22,7 @@ import torch
 
 from backends.base import PENDING_TOKEN, AttentionStats, BackendInfo, ForwardBatch, ForwardResult, SequenceChunk
 from backends.cuda.sampler import TorchSampler
+from backends.kv_store import COPY_DONE, KVLayout, PageCopy, Tier
 
 _P = 0x100000001B3                        # odd, so invertible mod 2**64
 _P_INV = pow(_P, -1, 1 << 64)
@@ -31,7 +32,8 @@ class FakeBackend:
     """Deterministic logits from the tokens in the KV pages; counters `steps` and `tokens_computed`."""
 
     def __init__(self, vocab_size: int = 64, page_size: int = 4, num_pages: int = 256,
-                 max_sequences: int = 16, context_length: int = 1024, overlap: bool = False):
+                 max_sequences: int = 16, context_length: int = 1024, overlap: bool = False,
+                 host_pages: int = 0):
         self.page_size, self.num_pages, self.max_sequences = page_size, num_pages, max_sequences
         self.context_length, self.vocab_size = context_length, vocab_size
         # overlap: the scheduler launches step N+1 before taking in step N's draws, as on a GPU;
@@ -50,6 +52,7 @@ class FakeBackend:
         self._pow = np.cumprod(np.full(context_length, _P, dtype=np.uint64))       # wraps mod 2**64
         self._inv = np.cumprod(np.full(context_length, _P_INV, dtype=np.uint64))
         self.sampler = TorchSampler(vocab_size, torch.device("cpu"))
+        self.kv_store = FakeKVStore(self, host_pages) if host_pages else None   # the host tier (L2)
         self.steps = 0               # forward calls that ran
         self.tokens_computed = 0     # new tokens whose KV was computed (prefill and decode)
 
@@ -150,3 +153,42 @@ class Finished:
 
     def result(self) -> ForwardResult:
         return self.value
+
+
+class FakeKVStore:
+    """The host tier of a FakeBackend: each host page holds a page's tokens and prefix hashes, so a
+    page that comes back from L2 or L3 wrong fails the fake's prefix check when it is read."""
+
+    def __init__(self, backend: FakeBackend, num_host_pages: int):
+        self.backend, self.num_host_pages = backend, num_host_pages
+        ps = backend.page_size
+        self.layout = KVLayout(model="fake", weights="fake", kv_dtype="int64", device="cpu", attention="fake",
+                               page_size=ps, num_layers=1, kv_heads=1, head_dim=1, summary_tokens=None,
+                               page_bytes=16 * ps)
+        self.host = np.zeros((num_host_pages, 16 * ps), dtype=np.uint8)
+        self.copies = 0              # copy_pages calls (tests count moves)
+
+    def _device_page(self, page: int) -> np.ndarray:
+        ps, b = self.backend.page_size, self.backend
+        return np.concatenate([b.kv_tokens[page * ps:(page + 1) * ps].view(np.uint8),
+                               b.kv_hashes[page * ps:(page + 1) * ps].view(np.uint8)])
+
+    def copy_pages(self, src: Tier, dst: Tier, src_pages, dst_pages) -> PageCopy:
+        assert len(src_pages) == len(dst_pages) and src is not dst
+        ps, b = self.backend.page_size, self.backend
+        self.copies += 1
+        for s, d in zip(src_pages, dst_pages, strict=True):
+            if src is Tier.DEVICE:
+                assert 0 <= s < b.num_pages and 0 <= d < self.num_host_pages, (s, d)
+                self.host[d] = self._device_page(s)
+            else:
+                assert 0 <= s < self.num_host_pages and 0 <= d < b.num_pages, (s, d)
+                b.kv_tokens[d * ps:(d + 1) * ps] = self.host[s, :8 * ps].view(np.int64)
+                b.kv_hashes[d * ps:(d + 1) * ps] = self.host[s, 8 * ps:].view(np.uint64)
+        return COPY_DONE
+
+    def read_host_page(self, page: int) -> memoryview:
+        return memoryview(self.host[page])
+
+    def write_host_page(self, page: int, data: bytes) -> None:
+        self.host[page] = np.frombuffer(data, dtype=np.uint8)

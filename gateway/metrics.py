@@ -20,7 +20,10 @@ ENGINE_SERIES = {
     "attention_sparsity_ratio": ("radixgate_attention_sparsity_ratio", "pages skipped / pages dense would read"),
 }
 RADIX_SERIES = ("total_nodes", "cached_tokens", "shared_prefix_count", "avg_sharing_depth", "hit_rate",
-                "evictions", "evictable_pages", "protected_pages")
+                "evictions", "evictable_pages", "protected_pages",
+                # per tier (gateway/engine/tiers.py): L1 device, L2 host, L3 disk
+                "l1_pages", "l1_tokens", "l2_pages", "l2_tokens", "l3_pages", "l3_tokens",
+                "l1_hit_rate", "l2_hit_rate", "l3_hit_rate")
 
 
 class EngineCollector:

@@ -21,6 +21,7 @@ from backends.cuda.attention.sparse import check_sparse_settings
 from backends.cuda.page_tables import PageTableStore
 from backends.mlx.attention import PagedAttention, plan_step
 from backends.mlx.kv_cache import PagedKVCache
+from backends.mlx.kv_store import create_kv_store
 from backends.mlx.loader import load_model
 from backends.mlx.model import LlamaModel
 from backends.mlx.sampler import DrawnTokens, MlxSampler
@@ -100,6 +101,7 @@ class MlxRunner:
         kernel, decode = choose_paged_decode(config.head_dim)
         self.attention = PagedAttention(self.cache, config.num_heads, config.head_dim, decode, self.sparse)
         self.sampler = MlxSampler(config.vocab_size)
+        self.kv_store = create_kv_store(settings, self.cache, served, kernel)   # L2 host tier, or None
         # each seq slot's last draw, read by the next step's PENDING_TOKEN chunk without a sync
         self.next_tokens = mx.zeros(self.max_sequences + 1, dtype=mx.int32)
         self.overlap = True

@@ -21,7 +21,12 @@ _node_ids = itertools.count()
 
 
 class TreeNode:
-    __slots__ = ("id", "children", "parent", "key", "pages", "lock_ref", "last_access_time")
+    """A run of whole pages. `pages` are its L1 (device) page ids; with tiers (gateway/engine/tiers.py)
+    also `host_pages` (L2 slots), `on_disk` (L3 files named by `hashes`), and `pages` is empty while
+    the node is not on L1."""
+
+    __slots__ = ("id", "children", "parent", "key", "pages", "lock_ref", "last_access_time",
+                 "host_pages", "on_disk", "hashes")
 
     def __init__(self, key: tuple[int, ...] = (), pages: list[int] | None = None,
                  parent: TreeNode | None = None, lock_ref: int = 0, last_access_time: int = 0):
@@ -32,6 +37,9 @@ class TreeNode:
         self.pages: list[int] = pages if pages is not None else []
         self.lock_ref = lock_ref
         self.last_access_time = last_access_time
+        self.host_pages: list[int] = []
+        self.on_disk = False
+        self.hashes: list[bytes] | None = None   # per page: the hash chained over its prefix (L3 names)
 
     def __repr__(self) -> str:
         return f"TreeNode(id={self.id}, tokens={len(self.key)}, pages={self.pages}, lock_ref={self.lock_ref})"
@@ -42,6 +50,9 @@ class MatchResult:
     pages: list[int] = field(default_factory=list)
     num_tokens: int = 0
     last_node: TreeNode | None = None
+    host_tokens: int = 0          # of num_tokens, loaded back from L2 (tiers) for this match
+    disk_tokens: int = 0          # of num_tokens, loaded back from L3
+    load: Any = None              # a PageCopy to wait for before the pages are read (None: none)
 
 
 class RadixCache:
@@ -208,6 +219,9 @@ class RadixCache:
         self.evictions += freed
         return freed
 
+    def flush_writes(self) -> None:
+        """Deferred copies to lower tiers (gateway/engine/tiers.py); none here."""
+
     def reset(self) -> int:
         """Drop every node no request holds; returns pages freed."""
         freed = 0
@@ -279,4 +293,11 @@ class RadixCache:
             "evictions": self.evictions,
             "evictable_pages": self.evictable_size,
             "protected_pages": self.protected_size,
+            **self.tier_stats(),
         }
+
+    def tier_stats(self) -> dict[str, int]:
+        """Pages and tokens cached per tier (here L1 only; gateway/engine/tiers.py adds L2 and L3)."""
+        l1 = self.evictable_size + self.protected_size
+        return {"l1_pages": l1, "l1_tokens": l1 * self.page_size, "l2_pages": 0, "l2_tokens": 0,
+                "l3_pages": 0, "l3_tokens": 0}

@@ -37,6 +37,8 @@ class SchedulerStats:
     cancelled: int = 0
     pages_read: int = 0
     pages_skipped: int = 0
+    l2_hit_tokens: int = 0       # of cached_prompt_tokens, loaded back from the host tier
+    l3_hit_tokens: int = 0       # of cached_prompt_tokens, loaded back from disk
 
 
 class Scheduler:
@@ -68,6 +70,8 @@ class Scheduler:
         # whose last token is still in flight sends PENDING_TOKEN; the backend reads it on the device.
         self.overlap = bool(getattr(backend, "overlap", False))
         self.in_flight = None       # (pending result, scheduled) of the step launched last
+        # requests whose cached prefix is still being copied up from a lower tier (gateway/engine/tiers.py)
+        self.loading: dict[Request, object] = {}
 
     # ---- requests in and out -------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -176,11 +180,15 @@ class Scheduler:
             request.seq_slot = self.free_slots.pop()
             request.tree_pages = len(match.pages)
             request.num_computed = match.num_tokens
+            if match.load is not None and not match.load.done():
+                self.loading[request] = match.load    # its first chunk waits for its own pages only
             if not request.admitted_once:
                 request.admitted_once = True
                 request.cached_tokens = match.num_tokens
                 self.stats.prompt_tokens += len(request.prompt_ids)
                 self.stats.cached_prompt_tokens += match.num_tokens
+                self.stats.l2_hit_tokens += match.host_tokens
+                self.stats.l3_hit_tokens += match.disk_tokens
             request.state = RequestState.RUNNING
             self.running.append(request)
 
@@ -196,6 +204,10 @@ class Scheduler:
         for request in budget.order:
             if request.state is not RequestState.RUNNING:
                 continue   # preempted earlier in this loop
+            if self.loading and request in self.loading:
+                if not self.loading[request].done():
+                    continue   # its cached prefix is still on its way up to the device
+                del self.loading[request]
             known = request.known_len
             remaining = known - request.num_computed
             if remaining <= 0 or (request.pending and (
@@ -323,6 +335,7 @@ class Scheduler:
         """Hand the request's pages back: full computed pages to the cache, the rest to the pool."""
         if request.lock_node is None:
             return
+        self.loading.pop(request, None)
         if self.cache.enabled:
             # (launched tokens may include a draw in flight, not yet in all_ids)
             computed = min(request.num_computed, request.total_len)
@@ -380,7 +393,11 @@ class Scheduler:
         """Counters and cache statistics for /health and /metrics (engine process only)."""
         stats = self.stats
         cache_stats = dict(self.cache.stats())
-        cache_stats["hit_rate"] = stats.cached_prompt_tokens / stats.prompt_tokens if stats.prompt_tokens else 0.0
+        prompt = stats.prompt_tokens or 1
+        cache_stats["hit_rate"] = stats.cached_prompt_tokens / prompt
+        cache_stats["l1_hit_rate"] = (stats.cached_prompt_tokens - stats.l2_hit_tokens - stats.l3_hit_tokens) / prompt
+        cache_stats["l2_hit_rate"] = stats.l2_hit_tokens / prompt
+        cache_stats["l3_hit_rate"] = stats.l3_hit_tokens / prompt
         eligible = stats.pages_read + stats.pages_skipped
         return {
             "scheduler_policy": self.policy.name,

@@ -25,10 +25,10 @@ from backends.base import Backend
 from gateway.detokenizer import IncrementalDetokenizer, byte_level_table
 from gateway.engine.admission import make_policy
 from gateway.engine.page_pool import PagePool
-from gateway.engine.radix_cache import RadixCache
 from gateway.engine.request import Request, TokenEvent
 from gateway.engine.sampling import SamplingParams
 from gateway.engine.scheduler import Scheduler
+from gateway.engine.tiers import create_cache
 from gateway.grammar import GrammarError, GrammarSpec, compiler_for
 
 log = logging.getLogger("radixgate.engine")
@@ -46,6 +46,9 @@ class EngineSettings:
     long_prefill_tokens: int | None = None      # fair: None is half of prefill_chunk_tokens
     max_wait_steps: int = 64            # fair: the age bound
     check_invariants: bool = False      # walk the radix tree after every step (tests)
+    write_policy: str = "write_through"    # KV tiers (gateway/engine/tiers.py), when the backend has L2
+    disk_cache_dir: str | None = None      # L3 files; None: no L3
+    disk_cache_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,8 @@ class EngineLoop:
         self.settings = settings
         self.context_length = min(backend.info.context_length, backend.num_pages * backend.page_size)
         pool = PagePool(backend.num_pages)
-        cache = RadixCache(pool, backend.page_size, enabled=settings.radix_cache)
+        cache = create_cache(pool, backend, enabled=settings.radix_cache, write_policy=settings.write_policy,
+                             disk_cache_dir=settings.disk_cache_dir, disk_cache_bytes=settings.disk_cache_bytes)
         policy = make_policy(settings.policy, cache, prefill_chunk_tokens=settings.prefill_chunk_tokens,
                              long_prefill_tokens=settings.long_prefill_tokens,
                              max_wait_steps=settings.max_wait_steps)
@@ -204,6 +208,7 @@ class EngineLoop:
             if self.outbox or state != reported:
                 self.flush()
                 reported = state
+            self.scheduler.cache.flush_writes()     # copies to lower KV tiers, after the tokens went out
 
 
 def main(conn, spec: EngineSpec) -> None:

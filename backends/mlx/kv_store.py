@@ -1,0 +1,83 @@
+"""MlxKVStore: the MLX backend's host tier (L2) and its page copies (backends/kv_store.py).
+
+Host pages are page-major bytes [host_pages, page_bytes] in NumPy, laid out as the torch store's
+(every layer's K, V and summaries of a page together). MLX arrays are values: a load writes new
+arrays into the cache's lists and evaluates them at once, so the next step reads the loaded pages.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from backends.base import RunnerSettings
+from backends.kv_store import COPY_DONE, KVLayout, PageCopy, Tier, model_fingerprint
+from backends.mlx.kv_cache import PagedKVCache
+
+_UINT = {1: mx.uint8, 2: mx.uint16, 4: mx.uint32}
+_PARTS = ("k", "v", "kmin", "kmax", "pmin", "pmax")
+
+
+class MlxKVStore:
+    """num_host_pages pages of host memory for `cache`'s pages, and copies between the two."""
+
+    def __init__(self, cache: PagedKVCache, num_host_pages: int, layout: KVLayout):
+        self.cache, self.num_host_pages, self.layout = cache, num_host_pages, layout
+        self.pages = cache.num_pages + 1
+        # (part name, layer, bytes of one page of it), in the order they lie in a host page
+        self.slices = [(name, layer, arrays[layer].size // self.pages * arrays[layer].dtype.size)
+                       for name in _PARTS if (arrays := getattr(cache, name)) is not None
+                       for layer in range(len(arrays))]
+        self.page_bytes = sum(size for *_, size in self.slices)
+        assert layout.page_bytes == self.page_bytes, (layout.page_bytes, self.page_bytes)
+        self.host = np.zeros((num_host_pages, self.page_bytes), dtype=np.uint8)
+
+    @staticmethod
+    def bytes_per_page(cache: PagedKVCache) -> int:
+        return sum(a.size // (cache.num_pages + 1) * a.dtype.size
+                   for name in _PARTS if (arrays := getattr(cache, name)) is not None for a in arrays)
+
+    def copy_pages(self, src: Tier, dst: Tier, src_pages: Sequence[int], dst_pages: Sequence[int]) -> PageCopy:
+        assert len(src_pages) == len(dst_pages) and src is not dst
+        if not src_pages:
+            return COPY_DONE
+        offset = 0
+        for name, layer, size in self.slices:
+            arrays = getattr(self.cache, name)
+            paged = arrays[layer].reshape(self.pages, -1)
+            raw = _UINT[paged.dtype.size]
+            if src is Tier.DEVICE:
+                picked = paged[mx.array(list(src_pages))].view(raw)
+                self.host[list(dst_pages), offset:offset + size] = np.array(picked).view(np.uint8)
+            else:
+                values = mx.array(np.ascontiguousarray(self.host[list(src_pages), offset:offset + size])
+                                  .view(np.dtype(f"u{paged.dtype.size}"))).view(paged.dtype)
+                paged[mx.array(list(dst_pages))] = values
+                arrays[layer] = paged.reshape(arrays[layer].shape)
+            offset += size
+        if src is Tier.HOST:
+            mx.eval(self.cache.arrays())
+        return COPY_DONE
+
+    def read_host_page(self, page: int) -> memoryview:
+        return memoryview(self.host[page])
+
+    def write_host_page(self, page: int, data: bytes) -> None:
+        self.host[page] = np.frombuffer(data, dtype=np.uint8)
+
+
+def create_kv_store(settings: RunnerSettings, cache: PagedKVCache, weights: str, attention: str) -> MlxKVStore | None:
+    """The host tier settings ask for (host_cache_bytes), or None when it is off."""
+    if settings.host_cache_bytes <= 0:
+        return None
+    page_bytes = MlxKVStore.bytes_per_page(cache)
+    num_host_pages = settings.host_cache_bytes // page_bytes
+    if num_host_pages < 1:
+        raise ValueError(f"host cache of {settings.host_cache_bytes} bytes holds no KV page ({page_bytes} bytes each)")
+    layout = KVLayout(
+        model=model_fingerprint(settings.source_kind, settings.source_path), weights=weights,
+        kv_dtype=str(cache.k[0].dtype).removeprefix("mlx.core."), device=f"mlx-{mx.default_device().type.name}",
+        attention=attention, page_size=cache.page_size, num_layers=len(cache.k), kv_heads=cache.kv_heads,
+        head_dim=cache.head_dim, summary_tokens=cache.summary_tokens, page_bytes=page_bytes)
+    return MlxKVStore(cache, num_host_pages, layout)
