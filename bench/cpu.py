@@ -72,8 +72,9 @@ def pct(values: list[float], q: float) -> float:
 
 
 def ours_in_process(args, tokenizer, dtype: str) -> dict:
-    from backends.base import ForwardBatch, RunnerSettings, SequenceChunk
+    from backends.base import ForwardBatch, RunnerSettings, SampleSpec, SequenceChunk
     from backends.cuda.runner import TorchRunner
+    from backends.sampling_params import SamplingParams
     from backends.source import resolve_source
 
     src = resolve_source(SOURCE)
@@ -85,23 +86,28 @@ def ours_in_process(args, tokenizer, dtype: str) -> dict:
     def table(n):
         return [next(pages) for _ in range(-(-n // 16))]
 
+    greedy = SampleSpec(SamplingParams(temperature=0), 0.0)
+    epochs = iter(range(1, 1 << 30))
+
     def generate(prompt_ids, n, streams=1):
-        tables = [table(len(prompt_ids) + n) for _ in range(streams)]
+        # stream i in seq slot i; new pages each call, so a new table epoch for every slot
+        tables = [(table(len(prompt_ids) + n), next(epochs)) for _ in range(streams)]
         toks = []
-        for t in tables:
-            toks.append(int(runner.forward(ForwardBatch([SequenceChunk(prompt_ids, 0, t)])).logits[0].argmax()))
+        for i, (t, epoch) in enumerate(tables):
+            first = runner.forward(ForwardBatch([SequenceChunk(prompt_ids, 0, t, i, epoch, greedy)]))
+            toks.append(first.tokens[0].token_id)
         started = time.perf_counter()
         for step in range(n - 1):
-            logits = runner.forward(ForwardBatch([SequenceChunk([toks[i]], len(prompt_ids) + step, t)
-                                                  for i, t in enumerate(tables)])).logits
-            toks = [int(row.argmax()) for row in logits]
+            result = runner.forward(ForwardBatch([SequenceChunk([toks[i]], len(prompt_ids) + step, t, i, epoch, greedy)
+                                                  for i, (t, epoch) in enumerate(tables)]))
+            toks = [token.token_id for token in result.tokens]
         return streams * (n - 1) / (time.perf_counter() - started)
 
     generate(prompt, 8)                                           # warm-up
     decodes = [generate(prompt, args.tokens) for _ in range(args.repeat)]
     long_ids = tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": long_message(tokenizer)}]))
     started = time.perf_counter()
-    runner.forward(ForwardBatch([SequenceChunk(long_ids, 0, table(len(long_ids) + 1))]))
+    runner.forward(ForwardBatch([SequenceChunk(long_ids, 0, table(len(long_ids) + 1), 0, next(epochs), greedy)]))
     ttft = time.perf_counter() - started
     pages = iter(range(runner.num_pages))
     batched = [generate(prompt, args.tokens, streams=args.streams) for _ in range(args.repeat)]

@@ -47,6 +47,9 @@ class TorchLayerOps:
     def prepare_linears(self, qkv, o, gate_up, down) -> None:
         """Per-layer linear kernels chosen once at start-up (nothing to choose here)."""
 
+    def prepare_head(self, head) -> None:
+        """The lm head's kernel, chosen once at start-up (nothing to choose here)."""
+
     def mlp_down(self, gate_up: torch.Tensor, down) -> torch.Tensor:
         """down(silu(gate) * up) of the gate_up projection's output."""
         return down(self.silu_mul(gate_up))
@@ -106,4 +109,20 @@ class TritonLayerOps(TorchLayerOps):
         return down(self.kernels.silu_mul(gate_up))
 
 
-LAYER_OPS = {"torch": TorchLayerOps, "cpu_fused": CpuFusedLayerOps, "triton": TritonLayerOps}
+class InvariantTritonLayerOps(TritonLayerOps):
+    """`deterministic: true` on CUDA: the Triton small ops (one program per row: already
+    batch-invariant) and every linear, head included, through kernels/triton/invariant_matmul.py
+    (one configuration per weight shape, whatever the rows); SiLU * up stays its own kernel."""
+
+    name = "triton_invariant"
+
+    def prepare_linears(self, qkv, o, gate_up, down) -> None:
+        for linear in (qkv, o, gate_up, down):
+            linear.use_invariant()
+
+    def prepare_head(self, head) -> None:
+        head.use_invariant()
+
+
+LAYER_OPS = {"torch": TorchLayerOps, "cpu_fused": CpuFusedLayerOps, "triton": TritonLayerOps,
+             "triton_invariant": InvariantTritonLayerOps}

@@ -9,6 +9,10 @@ logits and uniforms. The steps that decide a token are computed the same way in 
 penalties in float32, top_k and top_p as thresholds on the processed logits x, z = (x - max) / T in
 float32 (IEEE, bit-identical everywhere), min_p as z >= float32(log(min_p)), probabilities exp(z)
 and their cumulative sums in float64, and the draw over kept tokens in ascending token-id order.
+
+Every operation works along a row, so a row's draw depends only on its logits, its parameters and
+its uniform (drawn from the request's seed and the token's index): not on the rows beside it, which
+is what lets a seed repeat alone or batched (tests/test_determinism.py).
 """
 from __future__ import annotations
 

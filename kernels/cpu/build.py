@@ -1,4 +1,5 @@
-"""Build (once per machine) and load the fused CPU kernels of fused.cpp as torch.ops.radixgate_cpu.
+"""Build (once per machine) and load the fused CPU kernels (fused.cpp: the small ops and attention;
+quant_linear.cpp: the batch-invariant int4/int8 matmul) as torch.ops.radixgate_cpu.
 
     python -m kernels.cpu.build        # build now (make serve / make test do this), print the verdict
 
@@ -19,9 +20,12 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("fused.cpp")
-FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp-simd", "-fno-math-errno"]
-OPS = ("rms_norm", "add_rms_norm", "rotary_store", "paged_decode_attention", "silu_mul", "quest_page_scores")
+SOURCES = [Path(__file__).with_name("fused.cpp"), Path(__file__).with_name("quant_linear.cpp")]
+# -fopenmp: at::parallel_for runs its tasks on torch's OpenMP threads only when the caller is built
+# with OpenMP (ATen/ParallelOpenMP.h is guarded by _OPENMP); without it every op ran on one thread.
+FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fno-math-errno"]
+OPS = ("rms_norm", "add_rms_norm", "rotary_store", "paged_decode_attention", "paged_prefill_attention", "silu_mul",
+       "quest_page_scores", "quant_linear", "quant_linear_available")
 log = logging.getLogger("radixgate.kernels.cpu")
 
 
@@ -66,8 +70,8 @@ def load() -> KernelStatus:
     try:
         from torch.utils import cpp_extension
 
-        cpp_extension.load(name=f"radixgate_cpu_{_cpu_key()}", sources=[str(SOURCE)], extra_cflags=FLAGS,
-                           is_python_module=False, verbose=False)
+        cpp_extension.load(name=f"radixgate_cpu_{_cpu_key()}", sources=[str(source) for source in SOURCES],
+                           extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
         missing = [op for op in OPS if not hasattr(torch.ops.radixgate_cpu, op)]
         if missing:
             raise RuntimeError(f"library loaded without ops {missing}")

@@ -10,6 +10,7 @@
 //   add_rms_norm        x += d; y = w * norm(x)                   (residual add fused with the next norm)
 //   rotary_store        rotate q and k of a fused qkv row in place, write k and v into their KV slots
 //   paged_decode_attention  one query per sequence over its pages, read straight from the cache
+//   paged_prefill_attention the tokens of prefill chunks, each row exactly as a decode computes it
 //   silu_mul            y = silu(gate) * up                        (SwiGLU's activation)
 //   quest_page_scores   sparse decode: each page's Quest bound per KV head (kernels/reference.py)
 //
@@ -378,6 +379,27 @@ AttendFn<T> pick_attend(int64_t d, int64_t group) {
   return picked ? picked : attend_generic<T>;
 }
 
+// One query head's output from its splits' (max, sum, unnormalised output): rescaled to the common
+// max and summed in split order; empty splits (l = 0) add nothing. Split s's values sit at m[s *
+// stride], l[s * stride], acc[s * stride * d]. Both attention ops call this one function, so a row
+// gets the same bits from paged_decode_attention and paged_prefill_attention (docs/cpu.md).
+template <typename T>
+__attribute__((noinline)) void merge_splits(const float* m, const float* l, const float* acc, int64_t splits,
+                                            int64_t stride, int64_t d, float* o, T* dst) {
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t s = 0; s < splits; ++s) mx = std::max(mx, m[s * stride]);
+  std::fill(o, o + d, 0.0f);
+  float total = 0.0f;
+  for (int64_t s = 0; s < splits; ++s) {
+    if (l[s * stride] == 0.0f) continue;
+    const float w = std::exp(m[s * stride] - mx);
+    total += l[s * stride] * w;
+    const float* a = acc + s * stride * d;
+    for (int64_t i = 0; i < d; ++i) o[i] += a[i] * w;
+  }
+  for (int64_t i = 0; i < d; ++i) dst[i] = from_f<T>(o[i] / total);
+}
+
 // q: [B, H, d] (any row stride, contiguous heads); caches: [slots, KV, d].
 // page_tables: [B, W] int64 page ids shared by the kv heads, or [B, KV, W] one table per kv head
 // (sparse decode: each head's chosen pages); padding past a length is never read.
@@ -455,22 +477,91 @@ Tensor paged_decode_attention(const Tensor& q, const Tensor& k_cache, const Tens
     for (int64_t bh = 0; bh < batch * kv_heads; ++bh) {
       const int64_t b = bh / kv_heads, h = bh % kv_heads;
       for (int64_t g = 0; g < group; ++g) {
-        float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t s = 0; s < splits; ++s) mx = std::max(mx, m[(bh * splits + s) * group + g]);
-        std::fill(o.begin(), o.end(), 0.0f);
-        float total = 0.0f;
-        for (int64_t s = 0; s < splits; ++s) {
-          const int64_t idx = (bh * splits + s) * group + g;
-          if (l[idx] == 0.0f) continue;
-          const float w = std::exp(m[idx] - mx);
-          total += l[idx] * w;
-          const float* a = acc.data() + idx * d;
-          for (int64_t i = 0; i < d; ++i) o[i] += a[i] * w;
-        }
-        scalar_t* dst = op + (b * heads + h * group + g) * d;
-        for (int64_t i = 0; i < d; ++i) dst[i] = from_f<scalar_t>(o[i] / total);
+        const int64_t first = bh * splits * group + g;
+        merge_splits(m.data() + first, l.data() + first, acc.data() + first * d, splits, group, d, o.data(),
+                     op + (b * heads + h * group + g) * d);
       }
     }
+  });
+  return out;
+}
+
+// Causal attention of the new tokens of prefill chunks (and decodes) over the cache, their own
+// K/V already written: row t is query q[t] over the first key_counts[t] keys of the page table
+// page_tables[token_seq[t]]. Every row is computed exactly as paged_decode_attention computes a
+// decode of the same length (same 256-key splits, same kernels, same merge), so a token's output,
+// and the K/V that later layers write from it, do not depend on how its prompt was chunked or
+// whether it ran as a decode. q: [T, H, d] (any row stride, contiguous heads); page_tables: int64
+// [B, W]; token_seq, key_counts: int64 [T]. Returns [T, H, d] in q's dtype.
+Tensor paged_prefill_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                               const Tensor& page_tables, const Tensor& token_seq, const Tensor& key_counts,
+                               int64_t page_size, double scale) {
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2), "q must be [T, H, d] with contiguous heads");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 3 &&
+                  v_cache.sizes() == k_cache.sizes() && k_cache.size(2) == q.size(2),
+              "caches must be contiguous [slots, kv_heads, head_dim] matching q");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && v_cache.scalar_type() == k_cache.scalar_type(),
+              "q and caches must share a dtype");
+  const int64_t tokens = q.size(0), heads = q.size(1), d = q.size(2), kv_heads = k_cache.size(1);
+  TORCH_CHECK(heads % kv_heads == 0, "query heads must be a multiple of kv heads");
+  TORCH_CHECK(page_tables.scalar_type() == at::kLong && page_tables.is_contiguous() && page_tables.dim() == 2,
+              "page_tables must be contiguous int64 [B, pages]");
+  TORCH_CHECK(token_seq.scalar_type() == at::kLong && token_seq.is_contiguous() && token_seq.numel() == tokens &&
+                  key_counts.scalar_type() == at::kLong && key_counts.is_contiguous() && key_counts.numel() == tokens,
+              "token_seq and key_counts must be contiguous int64 [T]");
+  TORCH_CHECK(page_size > 0 && k_cache.size(0) % page_size == 0, "cache slots must be whole pages");
+  const int64_t group = heads / kv_heads, width = page_tables.size(1), seqs = page_tables.size(0);
+  const int64_t num_pages = k_cache.size(0) / page_size;
+  const int64_t* seq_of = token_seq.const_data_ptr<int64_t>();
+  const int64_t* count = key_counts.const_data_ptr<int64_t>();
+  const int64_t* tables = page_tables.const_data_ptr<int64_t>();
+  std::vector<int64_t> longest(seqs, 0);
+  for (int64_t t = 0; t < tokens; ++t) {      // validated before any read
+    TORCH_CHECK(seq_of[t] >= 0 && seq_of[t] < seqs, "token ", t, " names sequence ", seq_of[t], " of ", seqs);
+    TORCH_CHECK(count[t] >= 1 && count[t] <= width * page_size, "key count ", count[t], " does not fit its page table");
+    longest[seq_of[t]] = std::max(longest[seq_of[t]], count[t]);
+  }
+  for (int64_t b = 0; b < seqs; ++b)
+    for (int64_t p = 0; p < (longest[b] + page_size - 1) / page_size; ++p) {
+      const int64_t page = tables[b * width + p];
+      TORCH_CHECK(page >= 0 && page < num_pages, "page ", page, " outside the cache");
+    }
+  Tensor out = at::empty({tokens, heads, d}, q.options());
+  const int64_t tasks = tokens * kv_heads;
+  // Causal rows grow in cost with their position: each thread takes every threads-th task, not a
+  // contiguous range (which would give the last thread the longest rows).
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks));
+  dispatch(q.scalar_type(), "paged_prefill_attention", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* qp = ptr<scalar_t>(q);
+    const scalar_t* kc = ptr<scalar_t>(k_cache);
+    const scalar_t* vc = ptr<scalar_t>(v_cache);
+    scalar_t* op = ptr<scalar_t>(out);
+    const AttendFn<scalar_t> attend = pick_attend<scalar_t>(d, group);
+    at::parallel_for(0, threads, 1, [&](int64_t first_thread, int64_t last_thread) {
+      std::vector<float> qf(group * d), scores(group * kKeysPerSplit), o(d), m, l, acc;
+      std::vector<int64_t> offset(kKeysPerSplit);
+      for (int64_t lane = first_thread; lane < last_thread; ++lane) {
+        for (int64_t task = lane; task < tasks; task += threads) {
+          const int64_t t = task / kv_heads, h = task % kv_heads, keys = count[t];
+          const int64_t splits = (keys + kKeysPerSplit - 1) / kKeysPerSplit;
+          m.resize(splits * group);
+          l.resize(splits * group);
+          acc.resize(splits * group * d);
+          const scalar_t* qh = qp + t * q.stride(0) + h * group * d;
+          for (int64_t i = 0; i < group * d; ++i) qf[i] = to_f(qh[i]) * float(scale);
+          for (int64_t s = 0; s < splits; ++s) {
+            const int64_t begin = s * kKeysPerSplit, end = std::min(keys, begin + kKeysPerSplit);
+            key_offsets(tables + seq_of[t] * width, page_size, kv_heads, d, h, begin, end, offset.data());
+            attend(qf.data(), kc, vc, offset.data(), end - begin, d, group, scores.data(), m.data() + s * group,
+                   l.data() + s * group, acc.data() + s * group * d);
+          }
+          for (int64_t g = 0; g < group; ++g)
+            merge_splits(m.data() + g, l.data() + g, acc.data() + g * d, splits, group, d, o.data(),
+                         op + (t * heads + h * group + g) * d);
+        }
+      }
+    });
   });
   return out;
 }
@@ -622,6 +713,8 @@ TORCH_LIBRARY(radixgate_cpu, m) {
         "int kv_heads, Tensor(b!) k_cache, Tensor(c!) v_cache, Tensor slots) -> ()", &rotary_store);
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor page_tables, "
         "Tensor lengths, int page_size, float scale) -> Tensor", &paged_decode_attention);
+  m.def("paged_prefill_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor page_tables, "
+        "Tensor token_seq, Tensor key_counts, int page_size, float scale) -> Tensor", &paged_prefill_attention);
   m.def("silu_mul(Tensor gate_up) -> Tensor", &silu_mul);
   m.def("quest_page_scores(Tensor q, Tensor kmin, Tensor kmax, Tensor page_tables, Tensor lengths, "
         "int page_size, float scale) -> Tensor", &quest_page_scores);

@@ -6,6 +6,13 @@ each K/V row is read from memory once per group. Stage 2 merges the splits by th
 
 The page table may carry a KV-head dimension ([batch, kv_heads, pages]); sparse decode uses that to
 give every KV head its own list of selected pages and reuses stage 1 unchanged.
+
+Batch-invariant mode (split_tokens > 0, the engine's `deterministic: true`): every split covers a
+fixed split_tokens keys from position 0, whatever the batch, the table width or the number of
+splits launched, and stage 2 merges a row's non-empty splits one after the other in split order
+(_decode_stage2_ordered). A row's output then depends only on its query, its keys and its length:
+the same alone or batched, in a CUDA graph or eagerly, and as a decode or as a prefill row (the
+deterministic attention backend runs prefill rows through this kernel too).
 """
 from __future__ import annotations
 
@@ -68,13 +75,13 @@ def _load_kv(ptr, mask, EVICT: tl.constexpr):
 
 
 @triton.jit
-def _decode_stage1(Q, K, V, PT, SeqLens, MidO, MidL, qk_scale, num_splits,
+def _decode_stage1(Q, K, V, PT, SeqLens, MidO, MidL, qk_scale, num_splits, split_tokens,
                    s_qb, s_qh, s_kp, s_ks, s_kh, s_vp, s_vs, s_vh, s_pb, s_ph, s_pp,
                    s_ob, s_oh, s_os, s_lb, s_lh,
                    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, UPCAST: tl.constexpr,
                    EVICT: tl.constexpr, DIRECT: tl.constexpr, PER_PAGE: tl.constexpr,
-                   HEADS_INNER: tl.constexpr):
+                   HEADS_INNER: tl.constexpr, ORDERED: tl.constexpr):
     if HEADS_INNER:  # grid (kv_heads, batch, splits): the KV heads of one token row run side by side
         kvh = tl.program_id(0)
         b = tl.program_id(1)
@@ -88,7 +95,10 @@ def _decode_stage1(Q, K, V, PT, SeqLens, MidO, MidL, qk_scale, num_splits,
     heads = kvh * GROUP + offs_h
 
     seq_len = tl.load(SeqLens + b)
-    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    if ORDERED:  # fixed-size splits from key 0: a row's splits do not depend on the launch
+        split_len = split_tokens
+    else:
+        split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
@@ -121,13 +131,17 @@ def _decode_stage1(Q, K, V, PT, SeqLens, MidO, MidL, qk_scale, num_splits,
 
     # An empty split (short sequence) stores lse = -inf and a zero partial, so stage 2 weighs it 0.
     # DIRECT (a single split): MidO is the output itself and stage 2 is skipped.
+    # ORDERED: empty splits store nothing (stage 2 reads only a row's own splits).
     nonempty = l_i > 0
     out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+    keep = mask_h
+    if ORDERED:
+        keep = mask_h & (offs_h * 0 + start < seq_len)
     tl.store(MidO + b * s_ob + heads[:, None] * s_oh + split * s_os + offs_d[None, :],
-             out.to(MidO.dtype.element_ty), mask=mask_h[:, None])
+             out.to(MidO.dtype.element_ty), mask=keep[:, None])
     if not DIRECT:
         lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
-        tl.store(MidL + b * s_lb + heads * s_lh + split, lse, mask=mask_h)
+        tl.store(MidL + b * s_lb + heads * s_lh + split, lse, mask=keep)
 
 
 @triton.jit
@@ -146,6 +160,30 @@ def _decode_stage2(MidO, MidL, Out, num_splits, s_ob, s_oh, s_os, s_lb, s_lh, s_
     tl.store(Out + b * s_b + h * s_h + offs_d, out.to(Out.dtype.element_ty))
 
 
+@triton.jit
+def _decode_stage2_ordered(MidO, MidL, SeqLens, Out, split_tokens, s_ob, s_oh, s_os, s_lb, s_lh, s_b, s_h,
+                           HEAD_DIM: tl.constexpr):
+    """The batch-invariant merge: a row's ceil(seq_len / split_tokens) splits, one after the other
+    in split order (no reduction tree whose shape follows the number of splits launched)."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_d = tl.arange(0, HEAD_DIM)
+    splits = tl.cdiv(tl.load(SeqLens + b), split_tokens)
+    lse_row = MidL + b * s_lb + h * s_lh
+    part_row = MidO + b * s_ob + h * s_oh + offs_d
+    m = tl.load(lse_row)
+    for s in range(1, splits):
+        m = tl.maximum(m, tl.load(lse_row + s))
+    w = tl.exp2(tl.load(lse_row) - m)
+    num = w * tl.load(part_row)
+    den = w
+    for s in range(1, splits):
+        w = tl.exp2(tl.load(lse_row + s) - m)
+        num += w * tl.load(part_row + s * s_os)
+        den += w
+    tl.store(Out + b * s_b + h * s_h + offs_d, (num / den).to(Out.dtype.element_ty))
+
+
 def default_num_splits(batch: int, kv_heads: int, max_tokens: int, device: torch.device,
                        block_n: int = 64, min_blocks: int = 4) -> int:
     """Enough splits that batch * kv_heads * splits fills the GPU ~2 programs per SM, each split
@@ -159,8 +197,13 @@ def split_k_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
                    page_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float | None = None,
                    num_splits: int | None = None, block_n: int = 64, num_warps: int = 4,
                    num_stages: int = 2, evict_first: bool = True, per_page: bool = False,
-                   heads_inner: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
+                   heads_inner: bool = True, out: torch.Tensor | None = None,
+                   split_tokens: int = 0) -> torch.Tensor:
     """Split-K decode where page_tables is [batch, pages] or per KV head [batch, kv_heads, pages].
+
+    split_tokens > 0 (a multiple of block_n): the batch-invariant mode of the module docstring;
+    num_splits then only bounds the grid (default: the table's capacity in splits; a caller that
+    knows the longest row may pass ceil(longest / split_tokens)).
 
     per_page (needs block_n <= page_size): one page-id load per key block instead of one per key
     row (measured slower at batch 64 on the H100 with block_n 64, so off by default).
@@ -176,11 +219,15 @@ def split_k_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     assert seq_lens.shape == (batch,) and seq_lens.dtype == torch.int32
     assert q.stride(2) == 1
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    if num_splits is None:
+    ordered = split_tokens > 0
+    if ordered:
+        assert split_tokens % block_n == 0, "split_tokens must be a multiple of block_n"
+        num_splits = num_splits or -(-page_tables.shape[2] * page_size // split_tokens)
+    elif num_splits is None:
         num_splits = default_num_splits(batch, kv_heads, page_tables.shape[2] * page_size, q.device, block_n)
     if out is None:
         out = torch.empty_like(q)
-    direct = num_splits == 1
+    direct = num_splits == 1 and not ordered
     assert not per_page or block_n <= page_size, "per_page needs block_n <= page_size"
     if direct:
         mid_o, mid_l, mid_strides = out, out, (out.stride(0), out.stride(1), 0, 0, 0)
@@ -190,12 +237,17 @@ def split_k_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         mid_strides = (*mid_o.stride()[:3], *mid_l.stride()[:2])
     grid = (kv_heads, batch, num_splits) if heads_inner else (batch, kv_heads, num_splits)
     _decode_stage1[grid](
-        q, k_cache, v_cache, page_tables, seq_lens, mid_o, mid_l, scale * LOG2E, num_splits,
+        q, k_cache, v_cache, page_tables, seq_lens, mid_o, mid_l, scale * LOG2E, num_splits, split_tokens,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], *page_tables.stride(),
         *mid_strides, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_N=block_n, PAGE_SIZE=page_size, UPCAST=dot_upcast(q.dtype), EVICT=evict_first, DIRECT=direct,
-        PER_PAGE=per_page, HEADS_INNER=heads_inner, num_warps=num_warps, num_stages=num_stages)
+        PER_PAGE=per_page, HEADS_INNER=heads_inner, ORDERED=ordered, num_warps=num_warps, num_stages=num_stages)
     if direct:
+        return out
+    if ordered:
+        _decode_stage2_ordered[(batch, q_heads)](
+            mid_o, mid_l, seq_lens, out, split_tokens, *mid_o.stride()[:3], *mid_l.stride()[:2],
+            out.stride(0), out.stride(1), HEAD_DIM=head_dim, num_warps=4)
         return out
     _decode_stage2[(batch, q_heads)](
         mid_o, mid_l, out, num_splits, *mid_o.stride()[:3], *mid_l.stride()[:2],
@@ -212,7 +264,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     q: [batch, q_heads, d] (its own K/V already written); k_cache, v_cache: [num_pages, page_size,
     kv_heads, d]; page_tables: int32 [batch, max_pages] (padding never read); seq_lens: int32 [batch],
     each >= 1, including the current token. Returns [batch, q_heads, d] in q's dtype.
-    tuning: num_splits, block_n, num_warps, num_stages, evict_first, out.
+    tuning: num_splits, block_n, num_warps, num_stages, evict_first, out, split_tokens.
     """
     assert page_tables.dim() == 2, "dense decode takes page_tables [batch, max_pages]"
     return split_k_decode(q, k_cache, v_cache, page_tables, seq_lens, scale, **tuning)
