@@ -14,6 +14,8 @@ def create_backend(settings: RunnerSettings) -> Backend:
         return TorchRunner(settings)
     # -- MLX backend (backends/mlx) --
     if settings.device == "mlx":
+        if settings.tensor_parallel_size != 1:
+            raise ValueError("tensor_parallel_size > 1 needs backend cuda (or cpu); mlx runs on one device")
         from backends.mlx.runner import MlxRunner
         return MlxRunner(settings)
     raise ValueError(f"no runner for device {settings.device!r}")

@@ -3,6 +3,9 @@
 Both loaders return the same thing: a ModelConfig and a dict of tensors named as in Hugging Face
 checkpoints without the "model." prefix (embed_tokens.weight, layers.0.self_attn.q_proj.weight, ...,
 norm.weight, lm_head.weight when untied), with Q/K rows in the HF rotate_half rotary layout.
+With world > 1 the tensors are rank `rank`'s shards (backends/cuda/shard.py) and the config is
+still the whole model's: HF checkpoints read only the shard from the file, GGUF files and random
+weights make each whole tensor on the CPU (or, random, on the device) one at a time and keep the shard.
 """
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm import tqdm
+
+from backends.cuda.shard import ShardPlan
 
 GGUF_ARCHS = ("llama", "qwen2")      # llama also covers Mistral and SmolLM (llama.cpp converts them so)
 HF_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -48,16 +53,20 @@ class ModelConfig:
     rope_freq_factors: tuple[float, ...] | None = None           # GGUF rope_freqs: divides inv_freq
 
 
-def load_model(kind: str, path: str, dtype: torch.dtype = torch.float32
+def load_model(kind: str, path: str, dtype: torch.dtype = torch.float32, rank: int = 0, world: int = 1
                ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Load from a ModelSource's kind ("gguf" | "hf" | "random") and path (for random: an
-    ARCHITECTURES name); tensors are converted one by one."""
+    ARCHITECTURES name); tensors are converted one by one. world > 1: rank's shards only."""
     if kind == "random":
-        return random_weights(path, dtype)
+        return random_weights(path, dtype, rank=rank, world=world)
     if kind == "gguf":
-        return load_gguf(path, dtype)
+        config, weights = load_gguf(path, dtype)
+        if world > 1:
+            plan = ShardPlan(config, rank, world)
+            weights = {name: plan.apply(name, weights.pop(name)) for name in list(weights)}
+        return config, weights
     if kind == "hf":
-        return load_hf_folder(path, dtype)
+        return load_hf_folder(path, dtype, rank, world)
     raise ValueError(f"unknown model source kind {kind!r}")
 
 
@@ -152,9 +161,10 @@ def rope_settings(cfg: dict) -> tuple[float, tuple[tuple[str, float], ...]]:
                                                      if isinstance(v, (int, float))))
 
 
-def load_hf_folder(folder: str, dtype: torch.dtype = torch.float32
+def load_hf_folder(folder: str, dtype: torch.dtype = torch.float32, rank: int = 0, world: int = 1
                    ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Load config.json + *.safetensors of a Llama/Mistral/Qwen2 Hugging Face checkpoint."""
+    """Load config.json + *.safetensors of a Llama/Mistral/Qwen2 Hugging Face checkpoint
+    (world > 1: only rank's shard of each tensor is read from the file)."""
     from safetensors import safe_open
 
     root = Path(folder)
@@ -164,21 +174,18 @@ def load_hf_folder(folder: str, dtype: torch.dtype = torch.float32
                          f"(only {HF_MODEL_TYPES})")
     files = sorted(root.glob("*.safetensors"))
     handles = [safe_open(str(f), framework="pt") for f in files]
-    keys = [(h, k) for h in handles for k in h.keys()]
-    weights: dict[str, torch.Tensor] = {}
-    for handle, key in tqdm(keys, desc=f"loading {root.name}", unit="tensor"):
-        if key.endswith("rotary_emb.inv_freq"):       # stale buffer in old checkpoints; we recompute it
-            continue
-        name = key.removeprefix("model.")
-        weights[name] = handle.get_tensor(key).to(dtype)
+    keys = [(h, k) for h in handles for k in h.keys()
+            if not k.endswith("rotary_emb.inv_freq")]     # stale buffer in old checkpoints; recomputed
+    names = {k.removeprefix("model."): h for h, k in keys}
+    embed_handle, embed_key = next((h, k) for h, k in keys if k.removeprefix("model.") == "embed_tokens.weight")
 
     heads = cfg["num_attention_heads"]
     theta, scaling = rope_settings(cfg)
-    tied = "lm_head.weight" not in weights
+    tied = "lm_head.weight" not in names
     if tied and not cfg.get("tie_word_embeddings", True):
         raise ValueError(f"{folder}: lm_head.weight is missing but tie_word_embeddings is false")
     config = ModelConfig(
-        vocab_size=weights["embed_tokens.weight"].shape[0],
+        vocab_size=embed_handle.get_slice(embed_key).get_shape()[0],
         hidden_size=cfg["hidden_size"],
         intermediate_size=cfg["intermediate_size"],
         num_layers=cfg["num_hidden_layers"],
@@ -189,9 +196,21 @@ def load_hf_folder(folder: str, dtype: torch.dtype = torch.float32
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         context_length=int(cfg.get("max_position_embeddings", 2048)),
         tie_word_embeddings=tied,
-        attention_bias="layers.0.self_attn.q_proj.bias" in weights,
+        attention_bias="layers.0.self_attn.q_proj.bias" in names,
         rope_scaling=scaling,
     )
+    plan = ShardPlan(config, rank, world) if world > 1 else None
+    weights: dict[str, torch.Tensor] = {}
+    for handle, key in tqdm(keys, desc=f"loading {root.name}", unit="tensor"):
+        name = key.removeprefix("model.")
+        part = plan.part(name) if plan else None
+        if part is None:
+            tensor = handle.get_tensor(key)
+        else:                   # read only the shard's rows or columns
+            dim, start, stop = part
+            piece = handle.get_slice(key)
+            tensor = plan.pad(name, piece[start:stop] if dim == 0 else piece[:, start:stop])
+        weights[name] = tensor.to(dtype)
     return config, weights
 
 
@@ -202,6 +221,10 @@ ARCHITECTURES = {
                               num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=500000.0,
                               rms_norm_eps=1e-5, context_length=131072, tie_word_embeddings=False,
                               attention_bias=False),
+    "llama-3-70b": ModelConfig(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80,
+                               num_heads=64, num_kv_heads=8, head_dim=128, rope_theta=500000.0,
+                               rms_norm_eps=1e-5, context_length=131072, tie_word_embeddings=False,
+                               attention_bias=False),
     "llama-3.2-1b": ModelConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16,
                                 num_heads=32, num_kv_heads=8, head_dim=64, rope_theta=500000.0,
                                 rms_norm_eps=1e-5, context_length=131072, tie_word_embeddings=True,
@@ -213,15 +236,17 @@ ARCHITECTURES = {
 }
 
 
-def random_weights(name: str, dtype: torch.dtype, device: torch.device | str = "cpu", seed: int = 0
-                   ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def random_weights(name: str, dtype: torch.dtype, device: torch.device | str = "cpu", seed: int = 0,
+                   rank: int = 0, world: int = 1) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """A named architecture with random weights (std 0.02, norms 1). Up to CPU_DRAW_PARAMS they are
     drawn on the CPU, so one seed gives the same weights on every device (tests compare a GPU run
     with the CPU path); larger ones (benchmarks only) are drawn on the device, which takes seconds
-    where the CPU takes minutes."""
+    where the CPU takes minutes. world > 1: every rank draws each whole tensor in the same order
+    (the same weights as world 1) and keeps its shard; one whole tensor exists at a time."""
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown random architecture {name!r} (one of {sorted(ARCHITECTURES)})")
     cfg = ARCHITECTURES[name]
+    plan = ShardPlan(cfg, rank, world) if world > 1 else None
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     shapes = {"embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size)}
     for i in range(cfg.num_layers):
@@ -238,8 +263,11 @@ def random_weights(name: str, dtype: torch.dtype, device: torch.device | str = "
     on_cpu = sum(math.prod(shape) for shape in shapes.values()) <= CPU_DRAW_PARAMS
     draw_device = "cpu" if on_cpu else device
     gen = torch.Generator(device=draw_device).manual_seed(seed)
-    weights = {name: (torch.randn(shape, generator=gen, device=draw_device) * 0.02).to(device=device, dtype=dtype)
-               for name, shape in shapes.items()}
+    weights = {}
+    for key, shape in shapes.items():
+        whole = torch.randn(shape, generator=gen, device=draw_device).mul_(0.02)
+        weights[key] = (plan.apply(key, whole) if plan else whole).to(device=device, dtype=dtype)
+        del whole
     for i in range(cfg.num_layers):
         for norm in ("input_layernorm", "post_attention_layernorm"):
             weights[f"layers.{i}.{norm}.weight"] = torch.ones(cfg.hidden_size, device=device, dtype=dtype)

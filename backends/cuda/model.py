@@ -2,6 +2,11 @@
 
 embed -> [RMSNorm -> attention (rotary, GQA, paged) -> residual -> RMSNorm -> SwiGLU -> residual]
 x layers -> RMSNorm -> lm head (the rows whose next token is sampled only).
+Under tensor parallelism the module holds one rank's shard (backends/cuda/shard.py: a model of
+fewer heads, MLP columns and vocabulary rows) and its collectives (backends/cuda/collectives.py)
+sum the float32 partial outputs after attention and after the MLP (with the residual add and the
+next RMSNorm: comm.add_rms_norm), and gather the vocabulary's logits; on one device add_rms_norm
+is the layer op itself and the rest are no-ops.
 The modules only hold weights under Hugging Face names, so the loader's tensors load with
 load_state_dict; prepare() fuses them for serving, and forward() is the one serving path: the
 small ops go through the layer ops and attention through the attention backend, both chosen once
@@ -13,10 +18,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from backends.cuda.attention.base import AttentionBackend
+from backends.cuda.collectives import SingleRank
 from backends.cuda.layer_ops import TorchLayerOps
 from backends.cuda.linear import FastLinear
 from backends.cuda.loader import ModelConfig
@@ -119,14 +124,16 @@ class LlamaModel(nn.Module):
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.inv_freq = rope_inv_freq(config)      # plain attribute: stays float32 under .to(dtype)
         self.fast: list[FastLayer] = []            # set by prepare()
+        self.comm = None                           # the split points' collectives (from_weights)
 
     @classmethod
     def from_weights(cls, config: ModelConfig, weights: dict[str, torch.Tensor],
-                     device: torch.device | str, dtype: torch.dtype, mode: str, ops: TorchLayerOps
-                     ) -> LlamaModel:
+                     device: torch.device | str, dtype: torch.dtype, mode: str, ops: TorchLayerOps,
+                     comm=None) -> LlamaModel:
         """Build without allocating random weights, adopt the loaded tensors, prepare for serving.
 
         mode: float32 | bfloat16 | float16 | int8 | int4 (weight-only, bfloat16 activations).
+        config and weights: one rank's shard under tensor parallelism, with that rank's comm.
         """
         with torch.device("meta"):
             model = cls(config)
@@ -136,6 +143,11 @@ class LlamaModel(nn.Module):
         if mode not in ("int8", "int4"):    # these quantise from the float32 weights as loaded
             model = model.to(dtype=dtype)
         model.prepare(mode, ops)
+        model.comm = comm or SingleRank(ops)
+        if model.comm.world > 1:    # row-parallel partial sums stay float32 until the ranks add them
+            for entry in model.fast:
+                entry.o.use_float32_output()
+                entry.down.use_float32_output()
         return model
 
     def rotary_tables(self, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,21 +208,22 @@ class LlamaModel(nn.Module):
             entry.ln2 = ops.prepare_norm(layer.post_attention_layernorm.weight)
             ops.prepare_linears(entry.qkv, entry.o, entry.gate_up, entry.down)
         self.final_norm = ops.prepare_norm(self.norm.weight)
+        ops.prepare_head(self.head)
         self.fast = linears
 
     def forward(self, token_ids: torch.Tensor, attention: AttentionBackend,
                 logits_rows: torch.Tensor | None) -> torch.Tensor:
         """token_ids: [T] of the step attention.plan() was given; logits_rows: [N] rows whose
         next-token logits to return (None: every row) -> float32 [N, vocab]."""
-        ops, layers = self.ops, self.fast
-        x = F.embedding(token_ids, self.embed_tokens.weight)
+        ops, layers, comm = self.ops, self.fast, self.comm
+        x = comm.embed(token_ids, self.embed_tokens.weight)
         h = ops.rms_norm(x, layers[0].ln1)
         for index, entry in enumerate(layers):
             out = attention.forward(index, entry.qkv(h))       # rotary, KV write, attention
-            h = ops.add_rms_norm(x, entry.o(out), entry.ln2)
+            h = comm.add_rms_norm(x, entry.o(out), entry.ln2)   # x += the ranks' sum; RMSNorm
             down = ops.mlp_down(entry.gate_up(h), entry.down)
             next_norm = layers[index + 1].ln1 if index + 1 < len(layers) else self.final_norm
-            h = ops.add_rms_norm(x, down, next_norm)           # the last one is the final norm
+            h = comm.add_rms_norm(x, down, next_norm)           # the last one is the final norm
         if logits_rows is not None and logits_rows.shape[0] != h.shape[0]:
             h = h[logits_rows]
-        return self.head(h).float()
+        return comm.gather_vocab(self.head(h)).float()

@@ -26,7 +26,7 @@ from kernels.triton.layer_ops import _rne, _round
 @triton.jit
 def _gemv(X, W, B, Y, N, K, s_wn,
           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SILU: tl.constexpr, HAS_BIAS: tl.constexpr,
-          RNE: tl.constexpr, EVICT: tl.constexpr):
+          RNE_X: tl.constexpr, RNE_Y: tl.constexpr, EVICT: tl.constexpr):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     rows = W + offs_n.to(tl.int64)[:, None] * s_wn
@@ -38,7 +38,7 @@ def _gemv(X, W, B, Y, N, K, s_wn,
             # layer_ops.silu_mul rounds it, so the product is the unfused one's
             g = tl.load(X + offs_k, mask=mask_k, other=0.0).to(tl.float32)
             u = tl.load(X + K + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-            x = _round(g / (1.0 + tl.exp(-g)) * u, X.dtype.element_ty, RNE).to(tl.float32)
+            x = _round(g / (1.0 + tl.exp(-g)) * u, X.dtype.element_ty, RNE_X).to(tl.float32)
         else:
             x = tl.load(X + offs_k, mask=mask_k, other=0.0).to(tl.float32)
         if EVICT:  # weights are streamed once per step: keep them from displacing reusable lines
@@ -50,7 +50,7 @@ def _gemv(X, W, B, Y, N, K, s_wn,
     y = tl.sum(acc, 1)
     if HAS_BIAS:
         y += tl.load(B + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    tl.store(Y + offs_n, _round(y, Y.dtype.element_ty, RNE), mask=mask_n)
+    tl.store(Y + offs_n, _round(y, Y.dtype.element_ty, RNE_Y), mask=mask_n)
 
 
 @dataclass(frozen=True)
@@ -73,21 +73,24 @@ def default_config(n: int, k: int, silu: bool) -> GemvConfig:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, silu: bool = False,
-         config: GemvConfig = GemvConfig(), out: torch.Tensor | None = None) -> torch.Tensor:
+         config: GemvConfig = GemvConfig(), out: torch.Tensor | None = None,
+         out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """x [1, K] (silu: [1, 2K] = [gate | up]) -> [1, N] = x' @ weight.T (+ bias), weight [N, K] with
-    contiguous rows; x' = silu(gate) * up rounded to x's dtype when silu, else x."""
+    contiguous rows; x' = silu(gate) * up rounded to x's dtype when silu, else x.
+    out_dtype: the product's dtype, x's when None; float32 keeps the float32 accumulation unrounded
+    (the row-parallel layers under tensor parallelism, whose partial sums are added before rounding)."""
     n, k = weight.shape
     assert x.dim() == 2 and x.shape[0] == 1 and x.stride(-1) == 1, "gemv takes one contiguous row"
     assert x.shape[1] == (2 * k if silu else k), f"x has {x.shape[1]} features for a weight of K = {k}"
     assert weight.stride(1) == 1 and x.dtype == weight.dtype
     assert bias is None or (bias.shape == (n,) and bias.stride(0) == 1)
     if out is None:
-        out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+        out = torch.empty(1, n, dtype=out_dtype or x.dtype, device=x.device)
     c = config
     _gemv[(triton.cdiv(n, c.block_n),)](
         x, weight, bias if bias is not None else weight, out, n, k, weight.stride(0),
-        BLOCK_N=c.block_n, BLOCK_K=c.block_k, SILU=silu, HAS_BIAS=bias is not None, RNE=_rne(x.dtype),
-        EVICT=c.evict_first, num_warps=c.num_warps, num_stages=c.num_stages)
+        BLOCK_N=c.block_n, BLOCK_K=c.block_k, SILU=silu, HAS_BIAS=bias is not None, RNE_X=_rne(x.dtype),
+        RNE_Y=_rne(out.dtype), EVICT=c.evict_first, num_warps=c.num_warps, num_stages=c.num_stages)
     return out
 
 
@@ -132,16 +135,17 @@ def skinny_config(n: int, k: int) -> GemvConfig:
 
 
 def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                config: GemvConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                config: GemvConfig | None = None, out: torch.Tensor | None = None,
+                out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """x [M, K] (M <= SKINNY_MAX_ROWS, bf16/fp16) -> [M, N] = x @ weight.T (+ bias): every weight
-    block is read once for all rows, K walked whole (no split, no reduce kernel)."""
+    block is read once for all rows, K walked whole (no split, no reduce kernel). out_dtype: as gemv's."""
     m, k = x.shape
     n = weight.shape[0]
     assert 1 <= m <= SKINNY_MAX_ROWS and weight.shape[1] == k and x.stride(1) == 1 and weight.stride(1) == 1
     assert x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16)
     c = config or skinny_config(n, k)
     if out is None:
-        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+        out = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
     _skinny_gemm[(triton.cdiv(n, c.block_n),)](
         x, weight, bias if bias is not None else weight, out, m, n, k, x.stride(0), weight.stride(0),
         out.stride(0), BLOCK_M=16, BLOCK_N=c.block_n, BLOCK_K=c.block_k, HAS_BIAS=bias is not None,
