@@ -5,14 +5,16 @@ import argparse
 import logging
 import sys
 
-from gateway.config import ConfigError, load_config
+from gateway.config import ConfigError
+from gateway.litellm_config import load_any_config
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="radixgate", description="OpenAI-compatible LLM gateway")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="serve the models of a config file")
-    serve.add_argument("--config", default=None, help="config.yaml (default: ./config.yaml if present)")
+    serve.add_argument("--config", default=None, help="config.yaml, or LiteLLM's proxy config (model_list ...); "
+                       "default: ./config.yaml if present")
     serve.add_argument("--host", default=None, help="overrides server.host")
     serve.add_argument("--port", type=int, default=None, help="overrides server.port")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -24,7 +26,7 @@ def serve(args: argparse.Namespace) -> int:
 
     path = args.config or ("config.yaml" if Path("config.yaml").is_file() else None)
     try:
-        config = load_config(path)
+        config, notes = load_any_config(path)
     except ConfigError as error:
         print(f"radixgate: {error}", file=sys.stderr)
         return 2
@@ -33,6 +35,8 @@ def serve(args: argparse.Namespace) -> int:
     if args.port is not None:
         config.server.port = args.port
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for note in notes:                    # LiteLLM config keys we do not act on, named once
+        logging.getLogger("radixgate.config").warning("%s: %s", path, note)
 
     import uvicorn
 
@@ -43,7 +47,7 @@ def serve(args: argparse.Namespace) -> int:
 
     try:
         router = Router.from_config(config)
-    except (SourceError, EngineStartError) as error:
+    except (SourceError, EngineStartError, ConfigError) as error:
         print(f"radixgate: {error}", file=sys.stderr)
         return 2
     app = create_app(config, router)

@@ -2,18 +2,17 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from fastapi import Request as HTTPRequest
 
 from gateway.engine.engine import EngineUnavailable, QueueFull, RequestHandle
-from gateway.engine.request import TokenEvent
 from gateway.engine.sampling import SamplingParams
 from gateway.errors import APIError, engine_unavailable
 from gateway.grammar import GrammarSpec
 from gateway.protocol import SamplingFields
 from gateway.router import LocalModel
+from gateway.services.base import Delta, DeltaStream
 
 
 def resolve_max_tokens(requested: int | None, prompt_tokens: int, context_length: int) -> int:
@@ -65,13 +64,14 @@ def submit(model: LocalModel, prompts: list[list[int]], body: SamplingFields, ma
 
 @dataclass
 class ChoiceResult:
+    """One choice's whole output, gathered from its deltas."""
+
     text: str = ""
-    token_ids: list[int] = field(default_factory=list)
+    tool_calls: list[dict] = field(default_factory=list)
     logprobs: list = field(default_factory=list)
     finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
+    stop_sequence: str | None = None
+    error: str | None = None
 
 
 async def _wait_disconnect(http_request: HTTPRequest) -> None:
@@ -81,13 +81,13 @@ async def _wait_disconnect(http_request: HTTPRequest) -> None:
             return
 
 
-async def collect(handle: RequestHandle, num_choices: int, http_request: HTTPRequest) -> list[ChoiceResult]:
+async def collect(stream: DeltaStream, num_choices: int, http_request: HTTPRequest) -> list[ChoiceResult]:
     """Gather every choice's whole output; a client that goes away cancels the work."""
     results = [ChoiceResult() for _ in range(num_choices)]
 
     async def gather() -> None:
-        async for event in handle:
-            merge(results[event.index], event)
+        async for delta in stream:
+            merge(results[delta.index], delta)
 
     work = asyncio.ensure_future(gather())
     gone = asyncio.ensure_future(_wait_disconnect(http_request))
@@ -97,33 +97,22 @@ async def collect(handle: RequestHandle, num_choices: int, http_request: HTTPReq
         gone.cancel()
         if not work.done():
             work.cancel()
-            handle.cancel()
+            stream.cancel()
     if not work.done() or work.cancelled():
         raise asyncio.CancelledError("client disconnected")
     work.result()
-    errors = [r for r in results if r.finish_reason == "error"]
+    errors = [r for r in results if r.error]
     if errors:
-        raise APIError(500, errors[0].text or "internal error in the engine", type="server_error")
+        raise APIError(500, errors[0].error or "internal error in the engine", type="server_error")
     return results
 
 
-def merge(result: ChoiceResult, event: TokenEvent) -> None:
-    result.text += event.text if event.error is None else ""
-    result.token_ids += event.token_ids
-    result.logprobs += event.logprobs
-    if event.finish_reason is not None:
-        result.finish_reason = event.finish_reason
-        result.prompt_tokens = event.prompt_tokens
-        result.completion_tokens = event.completion_tokens
-        result.cached_tokens = event.cached_tokens
-        if event.error:
-            result.text = event.error
-
-
-async def stream_events(handle: RequestHandle) -> AsyncIterator[TokenEvent]:
-    """The handle's events; if the consumer stops early (client gone), the work is cancelled."""
-    try:
-        async for event in handle:
-            yield event
-    finally:
-        handle.cancel()
+def merge(result: ChoiceResult, delta: Delta) -> None:
+    result.text += delta.text
+    result.tool_calls += delta.tool_calls
+    result.logprobs += delta.logprobs
+    if delta.finish_reason is not None:
+        result.finish_reason = delta.finish_reason
+        result.stop_sequence = delta.stop_sequence
+    if delta.error:
+        result.error = delta.error

@@ -12,13 +12,13 @@ from sse_starlette.sse import EventSourceResponse
 
 from gateway import generation, responses
 from gateway.api import anthropic_messages, openai_responses
-from gateway.chat import output_grammar, plan_chat
 from gateway.config import Config
 from gateway.engine.engine import EngineUnavailable
 from gateway.errors import APIError, engine_unavailable, install_error_handlers
 from gateway.metrics import Metrics
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, new_id, now_s
 from gateway.router import Router
+from gateway.services.base import ChatCall, TextCall
 from gateway.tools import parse_tools
 
 
@@ -41,6 +41,23 @@ class RequestCounter:
                 self.metrics.requests.labels(scope["path"], str(message["status"])).inc()
             await send(message)
         await self.app(scope, receive, watch)
+
+
+class DeltaEventResponse(EventSourceResponse):
+    """SSE of a model's delta stream that cancels the stream however the response ends: finished,
+    failed, or the client gone before the first event was produced (then the event generator never
+    runs, so its own cleanup cannot be relied on). Cancelling releases a pool replica's in-flight
+    count and stops the engine or upstream generating for no one; after a finished stream it is a no-op."""
+
+    def __init__(self, events, stream):
+        super().__init__(events, ping=15)
+        self.delta_stream = stream
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.delta_stream.cancel()
 
 
 def create_app(config: Config, router: Router) -> FastAPI:
@@ -72,27 +89,20 @@ def create_app(config: Config, router: Router) -> FastAPI:
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        model = router.get(body.model)
+        service = router.service(body.model)
         tools = parse_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
-        plan = await plan_chat(model, [m.template_message() for m in body.messages], tools,
-                               output_grammar(body.response_format))
-        max_new = generation.resolve_max_tokens(body.max_completion_tokens or body.max_tokens, len(plan.prompt),
-                                                model.engine.context_length)
-        handle = generation.submit(model, [plan.prompt], body, max_new, body.logprobs, body.top_logprobs or 0,
-                                   plan.grammar)
+        call = ChatCall([m.template_message() for m in body.messages], body,
+                        body.max_completion_tokens or body.max_tokens, tools, body.response_format,
+                        logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0, stream=body.stream)
         rid, created, started = new_id("chatcmpl"), now_s(), time.monotonic()
+        stream = await service.chat(call)
         if body.stream:
-            return EventSourceResponse(_chat_stream(handle, body, model, rid, created, started, tools),
-                                       ping=15)
-        results = await generation.collect(handle, body.n, request)
+            return DeltaEventResponse(_chat_stream(stream, body, rid, created, started), stream)
+        results = await generation.collect(stream, body.n, request)
         metrics.latency.labels(body.model).observe(time.monotonic() - started)
-        reply = responses.chat_completion(rid, created, body.model, results, model.tokenizer, body.logprobs)
-        if tools is not None:
-            for choice in reply["choices"]:
-                responses.attach_tool_calls(choice, tools.names)
-        return reply
+        return responses.chat_completion(rid, created, body.model, results, stream.usage, body.logprobs)
 
-    async def _chat_stream(handle, body, model, rid, created, started, tools):
+    async def _chat_stream(stream, body, rid, created, started):
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         def chunk(choices, usage_block=None):
@@ -102,30 +112,28 @@ def create_app(config: Config, router: Router) -> FastAPI:
         for index in range(body.n):
             yield {"data": chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
                                    "logprobs": None, "finish_reason": None}])}
-        totals = [generation.ChoiceResult() for _ in range(body.n)]
-        calls = [responses.ToolCallDeltas(tools.names) if tools else None for _ in range(body.n)]
+        calls_sent = [0] * body.n
         first = True
-        async for event in generation.stream_events(handle):
-            if event.error:
-                yield {"data": json.dumps(responses.stream_error(event.error))}
+        async for delta in stream:
+            if delta.error:
+                yield {"data": json.dumps(responses.stream_error(delta.error))}
                 return
-            generation.merge(totals[event.index], event)
-            delta = {"content": event.text} if event.text else {}
-            finish = event.finish_reason
-            if calls[event.index] is not None:    # text that forms a tool call leaves as tool_calls deltas
-                delta, finish = calls[event.index].delta(event.text, finish)
-            if not delta and finish is None and not (body.logprobs and event.logprobs):
+            out = {"content": delta.text} if delta.text else {}
+            if delta.tool_calls:
+                out["tool_calls"] = responses.tool_call_deltas(delta.tool_calls, calls_sent[delta.index])
+                calls_sent[delta.index] += len(delta.tool_calls)
+            if not out and delta.finish_reason is None and not (body.logprobs and delta.logprobs):
                 continue
             if first:
                 metrics.ttft.labels(body.model).observe(time.monotonic() - started)
                 first = False
             yield {"data": chunk([{
-                "index": event.index, "delta": delta,
-                "logprobs": responses.chat_logprobs(model.tokenizer, event.logprobs) if body.logprobs else None,
-                "finish_reason": finish}])}
+                "index": delta.index, "delta": out,
+                "logprobs": responses.chat_logprobs(delta.logprobs) if body.logprobs else None,
+                "finish_reason": delta.finish_reason}])}
         metrics.latency.labels(body.model).observe(time.monotonic() - started)
         if include_usage:
-            yield {"data": chunk([], responses.usage_of(totals, 1, body.n))}
+            yield {"data": chunk([], responses.usage_of(stream.usage))}
         yield {"data": "[DONE]"}
 
     openai_responses.register(app, router, [Depends(authorize)])
@@ -133,78 +141,52 @@ def create_app(config: Config, router: Router) -> FastAPI:
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(body: CompletionRequest, request: Request):
-        model = router.get(body.model)
-        prompts = _prompt_ids(body.prompt, model)
-        if body.echo and body.logprobs is not None:
-            raise APIError(400, "echo together with logprobs is not supported", param="echo")
-        longest = max(len(p) for p in prompts)
-        max_new = generation.resolve_max_tokens(body.max_tokens, longest, model.engine.context_length)
-        want_logprobs = body.logprobs is not None
-        handle = generation.submit(model, prompts, body, max_new, want_logprobs, body.logprobs or 0)
-        prefixes = [model.tokenizer.decode(p) if body.echo else "" for p in prompts]
+        service = router.service(body.model)
+        call = TextCall(body.prompt, body, body.max_tokens, body.logprobs, body.echo, body.stream)
         rid, created, started = new_id("cmpl"), now_s(), time.monotonic()
+        stream = await service.complete(call)
+        num_choices = (len(body.prompt) if _many_prompts(body.prompt) else 1) * body.n
         if body.stream:
-            return EventSourceResponse(_text_stream(handle, body, model, rid, created, prefixes, len(prompts)),
-                                       ping=15)
-        results = await generation.collect(handle, len(prompts) * body.n, request)
+            return DeltaEventResponse(_text_stream(stream, body, rid, created), stream)
+        results = await generation.collect(stream, num_choices, request)
         metrics.latency.labels(body.model).observe(time.monotonic() - started)
-        return responses.text_completion(rid, created, body.model, results, model.tokenizer, want_logprobs,
-                                         prefixes, len(prompts), body.n)
+        return responses.text_completion(rid, created, body.model, results, stream.usage, body.logprobs is not None)
 
-    async def _text_stream(handle, body, model, rid, created, prefixes, num_prompts):
+    async def _text_stream(stream, body, rid, created):
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        totals = [generation.ChoiceResult() for _ in range(num_prompts * body.n)]
-        sent_prefix = set()
-        async for event in generation.stream_events(handle):
-            if event.error:
-                yield {"data": json.dumps(responses.stream_error(event.error))}
+        async for delta in stream:
+            if delta.error:
+                yield {"data": json.dumps(responses.stream_error(delta.error))}
                 return
-            generation.merge(totals[event.index], event)
-            text = event.text
-            if event.index not in sent_prefix:
-                sent_prefix.add(event.index)
-                text = prefixes[event.index // body.n] + text
-            if not text and event.finish_reason is None:
+            if not delta.text and delta.finish_reason is None:
                 continue
-            logprobs = (responses.text_logprobs(model.tokenizer, event.logprobs, 0)
-                        if body.logprobs is not None else None)
+            logprobs = responses.text_logprobs(delta.logprobs, 0) if body.logprobs is not None else None
             yield {"data": json.dumps(responses.stream_chunk("text_completion", rid, created, body.model, [{
-                "index": event.index, "text": text, "logprobs": logprobs,
-                "finish_reason": event.finish_reason}], None, include_usage))}
+                "index": delta.index, "text": delta.text, "logprobs": logprobs,
+                "finish_reason": delta.finish_reason}], None, include_usage))}
         if include_usage:
             yield {"data": json.dumps(responses.stream_chunk(
-                "text_completion", rid, created, body.model, [], responses.usage_of(totals, num_prompts, body.n),
-                True))}
+                "text_completion", rid, created, body.model, [], responses.usage_of(stream.usage), True))}
         yield {"data": "[DONE]"}
 
-    def _prompt_ids(prompt, model) -> list[list[int]]:
-        if isinstance(prompt, str):
-            return [model.tokenizer.encode(prompt)]
-        if all(isinstance(p, int) for p in prompt):
-            prompts = [list(prompt)]
-        elif all(isinstance(p, str) for p in prompt):
-            prompts = [model.tokenizer.encode(p) for p in prompt]
-        else:
-            prompts = [list(p) for p in prompt]
-        vocab = model.info.vocab_size
-        for ids in prompts:
-            if not ids:
-                raise APIError(400, "prompt must not be empty", param="prompt")
-            if any(not 0 <= t < vocab for t in ids):
-                raise APIError(400, f"prompt token ids must be within 0..{vocab - 1}", param="prompt")
-        return prompts
+    def _many_prompts(prompt) -> bool:
+        """A list of texts or of token-id lists is several prompts; one text or one id list is one."""
+        return isinstance(prompt, list) and not all(isinstance(p, int) for p in prompt)
 
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def list_models():
-        return {"object": "list", "data": [_model_card(name) for name in router.models]}
+        return {"object": "list", "data": [_model_card(name) for name in router.services]}
 
     @app.get("/v1/models/{name:path}", dependencies=[Depends(authorize)])
     async def get_model(name: str):
-        router.get(name)
+        router.service(name)
         return _model_card(name)
 
     def _model_card(name: str) -> dict:
-        return {"id": name, "object": "model", "created": 0, "owned_by": "radixgate"}
+        card = {"id": name, "object": "model", "created": 0, "owned_by": "radixgate"}
+        if router.model_info.get(name):
+            card["model_info"] = router.model_info[name]
+        return card
 
     async def _snapshots() -> dict[str, dict]:
         names = list(router.models)
@@ -229,7 +211,9 @@ def create_app(config: Config, router: Router) -> FastAPI:
         healthy = all("error" not in snap for snap in snaps.values())
         body = {"status": "ok" if healthy else "unavailable", "models": models,
                 "radix_cache_stats": first.get("radix_cache_stats", {}),
-                "attention_sparsity_ratio": first.get("attention_sparsity_ratio", 0.0)}
+                "attention_sparsity_ratio": first.get("attention_sparsity_ratio", 0.0),
+                "remote_models": {name: service.describe() for name, service in router.services.items()
+                                  if name not in router.models}}
         return JSONResponse(body, status_code=200 if healthy else 503)
 
     @app.get("/metrics")

@@ -10,11 +10,10 @@ from pydantic import Field, field_validator
 from sse_starlette.sse import EventSourceResponse
 
 from gateway import generation
-from gateway.chat import plan_chat
 from gateway.errors import APIError
 from gateway.protocol import SamplingFields, _Lenient, new_id
 from gateway.router import Router
-from gateway.tool_calls import ToolCallStream, parse_tool_calls
+from gateway.services.base import ChatCall, Usage
 from gateway.tools import parse_tools
 
 ANTHROPIC_PATH = "/v1/messages"
@@ -103,10 +102,10 @@ def _tools(body: MessagesRequest):
     return parse_tools(tools, chat_choice if tools else None, not choice.get("disable_parallel_tool_use"))
 
 
-def _usage(result: generation.ChoiceResult, prompt_tokens: int) -> dict:
+def _usage(counts: Usage) -> dict:
     # Anthropic counts cached input apart: input_tokens are the ones computed for this request
-    cached = result.cached_tokens
-    return {"input_tokens": prompt_tokens - cached, "output_tokens": result.completion_tokens,
+    cached = counts.cached_tokens
+    return {"input_tokens": counts.prompt_tokens - cached, "output_tokens": counts.completion_tokens,
             "cache_read_input_tokens": cached, "cache_creation_input_tokens": 0}
 
 
@@ -118,59 +117,51 @@ class MessagesService:
     def __init__(self, router: Router):
         self.router = router
 
-    def stop_of(self, model, result: generation.ChoiceResult, stops: list[str], has_calls: bool):
+    @staticmethod
+    def stop_of(result: generation.ChoiceResult, has_calls: bool):
         """(stop_reason, stop_sequence) in Anthropic's terms."""
         if result.finish_reason == "length":
             return "max_tokens", None
         if has_calls:
             return "tool_use", None
-        if stops and result.token_ids and result.token_ids[-1] not in model.tokenizer.eos_token_ids:
-            tail = model.tokenizer.decode(result.token_ids)[len(result.text):]   # where the stop string began
-            hit = next((s for s in stops if tail.startswith(s)), None)
-            if hit is not None:
-                return "stop_sequence", hit
+        if result.stop_sequence is not None:
+            return "stop_sequence", result.stop_sequence
         return "end_turn", None
 
     async def create(self, body: MessagesRequest, request: Request):
-        model = self.router.get(body.model)
+        service = self.router.service(body.model)
         tools = _tools(body)
-        plan = await plan_chat(model, to_messages(body), tools)
-        max_new = generation.resolve_max_tokens(body.max_tokens, len(plan.prompt), model.engine.context_length)
         sampling = SamplingFields(model=body.model, temperature=body.temperature, top_p=body.top_p,
                                   top_k=body.top_k, stop=body.stop_sequences)
-        handle = generation.submit(model, [plan.prompt], sampling, max_new, False, 0, plan.grammar)
+        stream = await service.chat(ChatCall(to_messages(body), sampling, body.max_tokens, tools, stream=body.stream))
         mid = new_id("msg")
-        names = tools.names if tools else set()
         if body.stream:
-            return EventSourceResponse(self.stream(handle, body, model, mid, len(plan.prompt), names), ping=15)
-        [result] = await generation.collect(handle, 1, request)
-        text, calls = parse_tool_calls(result.text, names) if names else (result.text, [])
+            return EventSourceResponse(self.stream(stream, body, mid), ping=15)
+        [result] = await generation.collect(stream, 1, request)
+        calls = result.tool_calls
+        text = result.text.strip() if calls else result.text
         content = ([{"type": "text", "text": text}] if text or not calls else []) + [_tool_use(c) for c in calls]
-        reason, sequence = self.stop_of(model, result, body.stop_sequences or [], bool(calls))
+        reason, sequence = self.stop_of(result, bool(calls))
         return {"id": mid, "type": "message", "role": "assistant", "model": body.model, "content": content,
-                "stop_reason": reason, "stop_sequence": sequence, "usage": _usage(result, len(plan.prompt))}
+                "stop_reason": reason, "stop_sequence": sequence, "usage": _usage(stream.usage)}
 
-    async def stream(self, handle, body: MessagesRequest, model, mid: str, prompt_tokens: int, names: set[str]):
+    async def stream(self, deltas, body: MessagesRequest, mid: str):
         def event(kind: str, **fields) -> dict:
             return {"event": kind, "data": json.dumps({"type": kind, **fields})}
 
         yield event("message_start", message={
             "id": mid, "type": "message", "role": "assistant", "model": body.model, "content": [],
             "stop_reason": None, "stop_sequence": None,
-            "usage": {"input_tokens": prompt_tokens, "output_tokens": 0, "cache_read_input_tokens": 0,
+            "usage": {"input_tokens": deltas.prompt_tokens or 0, "output_tokens": 0, "cache_read_input_tokens": 0,
                       "cache_creation_input_tokens": 0}})
         index, text_open, any_call = -1, False, False
-        calls_stream = ToolCallStream(names) if names else None
         result = generation.ChoiceResult()
-        async for ev in generation.stream_events(handle):
-            if ev.error:
-                yield event("error", error={"type": "api_error", "message": ev.error})
+        async for delta in deltas:
+            if delta.error:
+                yield event("error", error={"type": "api_error", "message": delta.error})
                 return
-            generation.merge(result, ev)
-            text, calls = calls_stream.feed(ev.text) if calls_stream else (ev.text, [])
-            if ev.finish_reason is not None and calls_stream:
-                rest, more = calls_stream.finish()
-                text, calls = text + rest, calls + more
+            generation.merge(result, delta)
+            text, calls = delta.text, delta.tool_calls
             if text:
                 if not text_open:
                     index, text_open = index + 1, True
@@ -188,9 +179,9 @@ class MessagesService:
                 yield event("content_block_stop", index=index)
         if text_open:
             yield event("content_block_stop", index=index)
-        reason, sequence = self.stop_of(model, result, body.stop_sequences or [], any_call)
+        reason, sequence = self.stop_of(result, any_call)
         yield event("message_delta", delta={"stop_reason": reason, "stop_sequence": sequence},
-                    usage=_usage(result, prompt_tokens))
+                    usage=_usage(deltas.usage))
         yield event("message_stop")
 
 

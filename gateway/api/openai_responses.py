@@ -13,12 +13,12 @@ from pydantic import Field
 from sse_starlette.sse import EventSourceResponse
 
 from gateway import generation
-from gateway.chat import output_grammar, plan_chat
 from gateway.errors import APIError
 from gateway.protocol import SamplingFields, _Lenient, new_id
 from gateway.responses import stream_error
 from gateway.router import Router
-from gateway.tool_calls import ToolCallStream, new_call_id, parse_tool_calls
+from gateway.services.base import ChatCall, Usage
+from gateway.tool_calls import new_call_id
 from gateway.tools import parse_tools
 
 _TEXT_PARTS = ("input_text", "output_text", "text")
@@ -100,10 +100,10 @@ def _chat_tools(body: ResponsesRequest):
     return parse_tools(tools, choice, body.parallel_tool_calls)
 
 
-def _usage(result: generation.ChoiceResult) -> dict:
-    return {"input_tokens": result.prompt_tokens, "input_tokens_details": {"cached_tokens": result.cached_tokens},
-            "output_tokens": result.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": result.prompt_tokens + result.completion_tokens}
+def _usage(counts: Usage) -> dict:
+    return {"input_tokens": counts.prompt_tokens, "input_tokens_details": {"cached_tokens": counts.cached_tokens},
+            "output_tokens": counts.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": counts.prompt_tokens + counts.completion_tokens}
 
 
 def _message_item(text: str, status: str = "completed") -> dict:
@@ -123,7 +123,7 @@ class ResponsesService:
         self.router = router
 
     def envelope(self, body: ResponsesRequest, rid: str, created: int, status: str, output: list,
-                 result: generation.ChoiceResult | None) -> dict:
+                 counts: Usage | None) -> dict:
         incomplete = status == "incomplete"
         return {"id": rid, "object": "response", "created_at": created, "status": status, "model": body.model,
                 "output": output, "error": None,
@@ -132,31 +132,30 @@ class ResponsesService:
                 "temperature": body.temperature, "top_p": body.top_p, "tools": body.tools or [],
                 "tool_choice": body.tool_choice or "auto", "parallel_tool_calls": body.parallel_tool_calls is not False,
                 "text": body.text or {"format": {"type": "text"}}, "store": False, "metadata": body.metadata or {},
-                "previous_response_id": None, "usage": _usage(result) if result else None}
+                "previous_response_id": None, "usage": _usage(counts) if counts else None}
 
     async def create(self, body: ResponsesRequest, request: Request):
         if body.previous_response_id:
             raise APIError(400, "previous_response_id needs stored responses, which this server does not keep "
                                 "(it is stateless): send the whole conversation in `input`",
                            param="previous_response_id")
-        model = self.router.get(body.model)
+        service = self.router.service(body.model)
         tools = _chat_tools(body)
         fmt = (body.text or {}).get("format")
-        plan = await plan_chat(model, to_messages(body), tools, output_grammar(fmt, "text.format"), "text.format")
-        max_new = generation.resolve_max_tokens(body.max_output_tokens, len(plan.prompt), model.engine.context_length)
         sampling = SamplingFields(model=body.model, temperature=body.temperature, top_p=body.top_p)
-        handle = generation.submit(model, [plan.prompt], sampling, max_new, False, 0, plan.grammar)
+        stream = await service.chat(ChatCall(to_messages(body), sampling, body.max_output_tokens, tools, fmt,
+                                             "text.format", stream=body.stream))
         rid, created = new_id("resp"), int(time.time())
-        names = tools.names if tools else set()
         if body.stream:
-            return EventSourceResponse(self.stream(handle, body, rid, created, names), ping=15)
-        [result] = await generation.collect(handle, 1, request)
-        content, calls = parse_tool_calls(result.text, names) if names else (result.text, [])
+            return EventSourceResponse(self.stream(stream, body, rid, created), ping=15)
+        [result] = await generation.collect(stream, 1, request)
+        calls = result.tool_calls
+        content = result.text.strip() if calls else result.text
         output = ([_message_item(content)] if content or not calls else []) + [_call_item(c) for c in calls]
         status = "incomplete" if result.finish_reason == "length" else "completed"
-        return self.envelope(body, rid, created, status, output, result)
+        return self.envelope(body, rid, created, status, output, stream.usage)
 
-    async def stream(self, handle, body: ResponsesRequest, rid: str, created: int, names: set[str]):
+    async def stream(self, deltas, body: ResponsesRequest, rid: str, created: int):
         seq = iter(range(1 << 62))
         output: list[dict] = []
         text_item: dict | None = None        # the message item being streamed, if one is open
@@ -211,29 +210,24 @@ class ResponsesService:
 
         yield event("response.created", response=self.envelope(body, rid, created, "in_progress", [], None))
         yield event("response.in_progress", response=self.envelope(body, rid, created, "in_progress", [], None))
-        calls_stream = ToolCallStream(names) if names else None
         result = generation.ChoiceResult()
-        async for ev in generation.stream_events(handle):
-            if ev.error:
+        async for delta in deltas:
+            if delta.error:
                 yield {"event": "error", "data": json.dumps({"type": "error", "sequence_number": next(seq),
-                                                             **stream_error(ev.error)["error"]})}
+                                                             **stream_error(delta.error)["error"]})}
                 return
-            generation.merge(result, ev)
-            content, calls = (calls_stream.feed(ev.text) if calls_stream else (ev.text, []))
-            if ev.finish_reason is not None and calls_stream:
-                rest, more = calls_stream.finish()
-                content, calls = content + rest, calls + more
-            if content:
-                for item in text_delta(content):
+            generation.merge(result, delta)
+            if delta.text:
+                for item in text_delta(delta.text):
                     yield item
-            for call in calls:
+            for call in delta.tool_calls:
                 for item in call_events(call):
                     yield item
         if text_item is not None:
             for item in close_text():
                 yield item
         status = "incomplete" if result.finish_reason == "length" else "completed"
-        yield event(f"response.{status}", response=self.envelope(body, rid, created, status, output, result))
+        yield event(f"response.{status}", response=self.envelope(body, rid, created, status, output, deltas.usage))
 
 
 def register(app: FastAPI, router: Router, dependencies: list) -> None:
