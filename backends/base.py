@@ -11,6 +11,7 @@ from typing import Protocol
 
 import numpy as np
 
+from backends.kv_store import KVStore
 from backends.sampling_params import SampledToken, SamplingParams
 
 # In a decode chunk: the token that the step before sampled for the same seq slot, whose id has not
@@ -112,6 +113,7 @@ class Backend(Protocol):
     max_sequences: int            # seq slots: the most sequences one batch may hold
     overlap: bool                 # launch() returns before the device is done: build the next step meanwhile
     info: BackendInfo
+    kv_store: KVStore | None      # page copies to and from the host tier (L2); None: no host tier
 
     def forward(self, batch: ForwardBatch) -> ForwardResult:
         """Run new tokens of each sequence, write their K/V (and page summaries) into the pages,
@@ -163,3 +165,6 @@ class RunnerSettings:
     context_length: int | None = None
     threads: int | None = None
     sparse: SparseSettings = SparseSettings()
+    tensor_parallel_size: int = 1    # ranks (one process and device each) that split one model (cuda/parallel.py)
+    host_cache_bytes: int = 0        # the host KV tier (L2, backends/kv_store.py); 0: none
+    deterministic: bool = False      # batch-invariant kernels (CUDA: triton_invariant; CPU: already so)

@@ -25,13 +25,24 @@ class KVCacheConfig(Strict):
     num_pages: int | None = Field(None, ge=4, description="fixed page count; null: sized from memory")
     device_memory_fraction: float = Field(0.85, gt=0, le=1, description="GPU: share of free memory for KV")
     cpu_cache_gb: float = Field(1.0, gt=0, description="CPU backend: memory for KV pages")
-    host_cache_gb: float = Field(2.0, ge=0, description="L2 tier (later)")
-    disk_cache_dir: str | None = None
+    host_cache_gb: float = Field(2.0, ge=0, description="L2: host memory (pinned on CUDA) that evicted KV pages "
+                                 "move to instead of being dropped; 0: no tiers (docs/cache.md)")
+    disk_cache_dir: str | None = Field(None, description="L3: KV page files here, kept across restarts (keyed by "
+                                       "model and layout); needs host_cache_gb > 0; null: off")
+    disk_cache_gb: float = Field(10.0, gt=0, description="L3: bound on the files' size (least recently used go)")
+    write_policy: Literal["write_through", "write_back"] = Field(
+        "write_through", description="write_through: pages copy to L2 (and L3) as they enter the cache, so "
+        "eviction only frees and the cache survives a restart; write_back: pages copy down only when evicted")
+    prefetch_policy: Literal["wait_complete"] = Field(
+        "wait_complete", description="a prompt whose cached prefix lies on L2/L3 loads it into L1 at admission "
+        "and runs once its own pages have landed (others keep running meanwhile)")
 
     @model_validator(mode="after")
     def _page_size_power_of_two(self) -> KVCacheConfig:
         if self.page_size & (self.page_size - 1):
             raise ValueError(f"page_size must be a power of two, got {self.page_size}")
+        if self.disk_cache_dir is not None and self.host_cache_gb == 0:
+            raise ValueError("disk_cache_dir needs host_cache_gb > 0 (pages reach disk through host memory)")
         return self
 
 
@@ -74,6 +85,25 @@ class SchedulerConfig(Strict):
         return self
 
 
+class RoutingConfig(Strict):
+    """How a replicated model (workers, or litellm deployments sharing a name) picks a replica."""
+
+    policy: Literal["cache_aware", "round_robin", "random", "least_loaded"] = Field(
+        "cache_aware", description="cache_aware: the replica whose approximate prefix tree matches the request "
+        "longest, unless the load is imbalanced (SGLang's router policy, docs/routing.md); random is LiteLLM's "
+        "default simple-shuffle")
+    cache_threshold: float = Field(0.5, ge=0, le=1, description="a match below this share of the prompt counts as "
+                                   "none: the least-loaded replica takes the request")
+    balance_abs_threshold: int = Field(32, ge=0, description="imbalanced when the busiest replica has this many more "
+                                       "requests in flight than the idlest ...")
+    balance_rel_threshold: float = Field(1.5, ge=1, description="... and more than this multiple of its load")
+    max_tree_chars: int = Field(1 << 22, ge=1024, description="per replica: characters of prefixes remembered (LRU)")
+    health_interval_s: float = Field(2.0, gt=0, description="workers: GET …/v1/models this often")
+    health_timeout_s: float = Field(1.0, gt=0)
+    allowed_fails: int = Field(3, ge=0, description="failures within a minute before a replica cools down")
+    cooldown_time_s: float = Field(5.0, ge=0, description="how long a failing replica is left out")
+
+
 class ModelConfig(Strict):
     name: str = Field(min_length=1)
     backend: Literal["auto", "cuda", "mlx", "cpu", "litellm"] = "auto"
@@ -84,15 +114,42 @@ class ModelConfig(Strict):
     attention_backend: Literal["auto", "torch", "cpu_fused", "triton"] = Field(
         "auto", description="auto: triton on CUDA, the fused C++ ops on CPU; torch: the plain reference")
     cuda_graphs: bool = Field(True, description="capture decode steps in CUDA graphs (CUDA only)")
+    deterministic: bool = Field(
+        False, description="batch-invariant kernels: a request's output does not depend on its batch, "
+        "its prefill chunks or the radix cache (CUDA: slower, docs/cuda.md; CPU: the default already)")
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="split the model over this many GPUs of the host (one process each, NCCL); "
+        "the heads, KV heads, MLP columns and vocabulary divide by it (docs/cuda.md)")
     kv_cache: KVCacheConfig = Field(default_factory=KVCacheConfig)
     sparse_attention: SparseAttentionConfig = Field(default_factory=SparseAttentionConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
-    litellm_params: dict | None = None
+    litellm_params: dict | list[dict] | None = Field(None, description="backend litellm: LiteLLM's litellm_params "
+                                                    "as its proxy config writes them; a list: replicas of one model")
+    workers: list[str] = Field(default_factory=list, description="OpenAI-compatible base URLs (…/v1) that serve "
+                               "this model (radixgate, vLLM, SGLang, llama.cpp): one model, routed cache-aware")
+    upstream_model: str | None = Field(None, description="workers: the model name the workers serve; null: name")
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    fallbacks: list[str] = Field(default_factory=list, description="models tried in order when this one answers "
+                                 "429 or 5xx or cannot be reached (while streaming: only before the first token)")
+    num_retries: int = Field(2, ge=0, description="remote models: retries (with backoff) of a request that failed "
+                             "before producing anything")
+    timeout_s: float = Field(600.0, gt=0, description="remote models: per request, unless litellm_params.timeout")
+    model_info: dict = Field(default_factory=dict, description="free-form metadata shown in /v1/models")
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
         if self.backend == "litellm" and not self.litellm_params:
             raise ValueError("backend litellm needs litellm_params (e.g. {model: openai/gpt-4o-mini})")
+        if self.litellm_params and self.backend != "litellm":
+            raise ValueError("litellm_params needs backend: litellm")
+        if self.workers and self.backend != "auto":
+            raise ValueError(f"workers serve the model: backend {self.backend!r} does not apply (leave it out)")
+        for params in self.litellm_params if isinstance(self.litellm_params, list) else [self.litellm_params or {}]:
+            if self.litellm_params is not None and not isinstance(params.get("model"), str):
+                raise ValueError("litellm_params needs model (e.g. openai/gpt-4o-mini)")
+        for url in self.workers:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"workers: {url!r} is not an http(s) URL")
         sparse, page = self.sparse_attention, self.kv_cache.page_size
         if sparse.enabled:
             if page % sparse.summary_tokens:
@@ -118,6 +175,10 @@ class Config(Strict):
             raise ValueError(f"model names must be unique, got {names}")
         if not self.models:
             raise ValueError("models must list at least one model")
+        for model in self.models:
+            unknown = [name for name in model.fallbacks if name not in names or name == model.name]
+            if unknown:
+                raise ValueError(f"model {model.name}: fallbacks {unknown} are not other models of this config")
         return self
 
 

@@ -1,4 +1,4 @@
-"""Model name → what serves it. Local models run in an Engine; remote ones (litellm) come later."""
+"""Model name → the service that serves it; local models are loaded here and run in an Engine."""
 from __future__ import annotations
 
 import functools
@@ -11,7 +11,7 @@ from backends.factory import choose_device, create_backend
 from backends.source import resolve_source
 from gateway.config import Config, ModelConfig
 from gateway.engine.engine import Engine, EngineSettings, EngineSpec
-from gateway.errors import APIError, model_not_found
+from gateway.errors import model_not_found
 from gateway.templating import ChatTokenizer, load_tokenizer
 
 log = logging.getLogger("radixgate.router")
@@ -37,10 +37,12 @@ def runner_settings(cfg: ModelConfig, backend: str, validate_batches: bool = Fal
         source_kind=source.kind, source_path=source.path, model_name=cfg.name, dtype=cfg.dtype,
         device=backend, page_size=cfg.kv_cache.page_size, num_pages=cfg.kv_cache.num_pages,
         kv_memory_bytes=int(cfg.kv_cache.cpu_cache_gb * (1 << 30)),
+        host_cache_bytes=int(cfg.kv_cache.host_cache_gb * (1 << 30)) if cfg.scheduler.radix_cache else 0,
         device_memory_fraction=cfg.kv_cache.device_memory_fraction,
         max_sequences=cfg.scheduler.max_running_requests, attention=cfg.attention_backend,
         cuda_graphs=cfg.cuda_graphs, validate_batches=validate_batches, context_length=cfg.context_length,
-        threads=cfg.threads, sparse=SparseSettings(
+        deterministic=cfg.deterministic,
+        threads=cfg.threads, tensor_parallel_size=cfg.tensor_parallel_size, sparse=SparseSettings(
             enabled=sparse.enabled, token_budget=sparse.token_budget, dense_layers=sparse.dense_layers,
             sink_tokens=sparse.sink_tokens, recent_tokens=sparse.recent_tokens,
             summary_tokens=sparse.summary_tokens, shortlist_tokens=sparse.shortlist_tokens))
@@ -59,7 +61,9 @@ def load_local_model(cfg: ModelConfig, check_invariants: bool = False) -> LocalM
             max_running_requests=sched.max_running_requests, max_waiting_requests=sched.max_waiting_requests,
             prefill_chunk_tokens=sched.prefill_chunk_tokens, radix_cache=sched.radix_cache,
             policy=sched.policy, long_prefill_tokens=sched.long_prefill_tokens,
-            max_wait_steps=sched.max_wait_steps, check_invariants=check_invariants),
+            max_wait_steps=sched.max_wait_steps, check_invariants=check_invariants,
+            write_policy=cfg.kv_cache.write_policy, disk_cache_dir=cfg.kv_cache.disk_cache_dir,
+            disk_cache_bytes=int(cfg.kv_cache.disk_cache_gb * (1 << 30))),
         log_level=logging.getLogger("radixgate").getEffectiveLevel()))
     engine.start()
     info = engine.info
@@ -70,38 +74,39 @@ def load_local_model(cfg: ModelConfig, check_invariants: bool = False) -> LocalM
 
 
 class Router:
-    """Finds the model a request names; unknown names are a 404, never a silent default."""
+    """Model name -> the service that answers for it; unknown names are a 404, never a silent default.
 
-    def __init__(self, models: dict[str, LocalModel], remote: dict[str, ModelConfig]):
+    `models` holds the local engines (health, metrics and cache endpoints read them); `services` every
+    model, local or not, behind the model seam (gateway/services/base.py).
+    """
+
+    def __init__(self, models: dict[str, LocalModel], services: dict, own: dict | None = None,
+                 model_info: dict[str, dict] | None = None):
         self.models = models
-        self.remote = remote
+        self.services = services
+        self.own = own if own is not None else services       # each model's service once (start, stop)
+        self.model_info = model_info or {}                     # LiteLLM's model_info, shown in /v1/models
 
     @classmethod
     def from_config(cls, config: Config, check_invariants: bool = False) -> Router:
         """Load every local model of the config; check_invariants walks the radix tree each step."""
-        check = check_invariants or os.environ.get("RADIXGATE_CHECK_INVARIANTS") == "1"
-        local, remote = {}, {}
-        for cfg in config.models:
-            if cfg.backend == "litellm":
-                log.warning("model %s: remote (litellm) models are not served by this version", cfg.name)
-                remote[cfg.name] = cfg
-            else:
-                local[cfg.name] = load_local_model(cfg, check_invariants=check)
-        return cls(local, remote)
+        from gateway.services.build import build_services, is_local  # services import this module
 
-    def get(self, name: str) -> LocalModel:
-        if name in self.models:
-            return self.models[name]
-        if name in self.remote:
-            raise APIError(501, f"The model `{name}` is a remote (litellm) model, which this version of "
-                                "radixgate does not serve yet.", type="server_error", param="model")
+        check = check_invariants or os.environ.get("RADIXGATE_CHECK_INVARIANTS") == "1"
+        local = {cfg.name: load_local_model(cfg, check_invariants=check) for cfg in config.models if is_local(cfg)}
+        services, own = build_services(config, local)
+        return cls(local, services, own, {cfg.name: cfg.model_info for cfg in config.models})
+
+    def service(self, name: str):
+        if name in self.services:
+            return self.services[name]
         raise model_not_found(name)
 
     def attach(self, loop) -> None:
-        """Read every engine's messages on the server's event loop."""
-        for model in self.models.values():
-            model.engine.attach(loop)
+        """Read every engine's messages on the server's event loop; start the pools' health checks."""
+        for service in self.own.values():
+            service.attach(loop)
 
     def stop(self) -> None:
-        for model in self.models.values():
-            model.engine.stop()
+        for service in self.own.values():
+            service.stop()

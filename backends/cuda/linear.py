@@ -19,11 +19,23 @@ Measured on a 2-core Zen 4 (AVX-512 BF16/VNNI), torch 2.13 CPU, SmolLM2-135M sha
     16 streams 186 vs 217; so int4pack up to 8 rows. int4pack is also bitwise row-invariant (a
     row's result does not depend on the others), so up to 8 concurrent decodes a stream gets
     exactly what it gets alone.
+  * Where the CPU kernels build with AVX-512 BF16, int4 and int8 (the default dtype and its head)
+    run kernels/cpu/quant_linear.cpp instead, for every row count: bf16 dot products of x with the
+    integer weights in a fixed order, scales and zeros applied per group, so a row's result is the
+    same alone, batched or in any prefill chunk (the same request gives the same answer,
+    docs/cpu.md). In the model (1 thread, decode steps interleaved with the kernels above): 1
+    stream 1.07x, 8 streams 1.15x, 16 streams 0.98x, a 645-token prefill 0.99x; the int8 head
+    alone at 1 row 2.4 vs 3.8 ms (int8pack).
 """
 from __future__ import annotations
 
+import sys
+from functools import partial
+
 import torch
 import torch.nn.functional as F
+
+from kernels.cpu import quant_linear
 
 INT8_MAX_ROWS = 2          # int8pack_mm for up to this many rows, oneDNN bf16 above
 INT4_MAX_ROWS = 8          # int4pack_mm for up to this many rows, oneDNN bf16 above (see below)
@@ -33,6 +45,12 @@ INT4_GROUP = 32            # GGUF's Q4_0 / Q4_1 block size
 def _mkldnn_ok() -> bool:
     return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+def _quant_kernel(shape: torch.Size) -> bool:
+    """Whether a CPU int4 / int8 weight of this [N, K] runs kernels/cpu/quant_linear.cpp: when the
+    CPU kernels build here with AVX-512 BF16 (RADIXGATE_CPU_KERNELS=0 keeps the torch kernels)."""
+    return quant_linear.supported(*shape) and quant_linear.available()
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,13 +102,17 @@ class FastLinear:
         self.packed = None
         self.q = self.scale = None
         self.q4 = self.scale_zero = None
+        self.quant = None                   # kernels/cpu/quant_linear.py's packed weight, else None
         if mode == "int4" and not int4_supported(weight.shape[1]):
             mode = self.mode = "int8"       # a K that is not a multiple of the group size
         if mode == "int4":
             q, scale, zero = quantize_int4(weight)
             # [K/G, N, 2] in the activation dtype: what the int4pack kernel reads.
             self.scale_zero = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
-            self.q4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+            if _quant_kernel(weight.shape):
+                self.quant = quant_linear.pack_int4(q, self.scale_zero)
+            else:
+                self.q4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
             sz = self.scale_zero.float().transpose(0, 1)           # [N, K/G, 2]
             groups = (q.view(q.shape[0], -1, INT4_GROUP).float() - 8) * sz[..., :1] + sz[..., 1:]
             weight = groups.view_as(q).to(torch.bfloat16)
@@ -100,12 +122,16 @@ class FastLinear:
             self.q, scale = quantize_int8(weight)
             self.scale = scale.to(torch.bfloat16)
             weight = (self.q.float() * self.scale.float()[:, None]).to(torch.bfloat16)
+            if _quant_kernel(weight.shape):
+                self.quant, self.q = quant_linear.pack_int8(self.q, self.scale), None
             if bias is not None:
                 self.bias = bias.to(torch.bfloat16)
         self.weight = weight.contiguous()
         self.gemv = self.gemv_silu = None   # one-row Triton kernel configs (use_gemv), else None
+        self._dense = F.linear              # every other row count (use_float32_output: float32 products)
         self.skinny = None                  # a few-row Triton kernel's config (use_skinny), else None
-        if mode in ("bfloat16", "int8", "int4") and _mkldnn_ok() and self.weight.device.type == "cpu":
+        if (mode in ("bfloat16", "int8", "int4") and self.quant is None and _mkldnn_ok()
+                and self.weight.device.type == "cpu"):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, None)
 
     def use_gemv(self, silu_input: bool = False) -> None:
@@ -127,11 +153,40 @@ class FastLinear:
         self._skinny, self.skinny_rows = skinny_gemm, SKINNY_MAX_ROWS
         self.skinny = skinny_config(*self.weight.shape)
 
+    def use_invariant(self) -> None:
+        """Serve every row count with kernels/triton/invariant_matmul.py, one configuration from the
+        weight's shape (CUDA, `deterministic: true`): a row's result does not depend on the batch
+        or the prefill chunk it is in. Rides the skinny slot with no row limit, so the call path is
+        the same; no one-row gemv (its arithmetic differs)."""
+        from kernels.triton.invariant_matmul import invariant_config, invariant_matmul
+        assert self.q is None and self.q4 is None and self.quant is None   # (CPU only under TRITON_INTERPRET)
+        self.gemv = self.gemv_silu = None
+        self._skinny, self.skinny_rows = invariant_matmul, sys.maxsize
+        self.skinny = invariant_config(*self.weight.shape)
+
+    def use_float32_output(self) -> None:
+        """Return float32 products (CUDA bf16 / fp16 weights, chosen once at start-up after the
+        kernels): the row-parallel layers (o, down) under tensor parallelism, whose partial sums the
+        ranks add before the one rounding (backends/cuda/collectives.py). Every CUDA kernel here
+        accumulates in float32 already; only the store changes. The CPU kernels keep their output
+        (the collectives widen it) and float32 weights give float32 anyway."""
+        if self.weight.device.type != "cuda" or self.weight.dtype == torch.float32:
+            return
+        from kernels.triton.gemv import gemv, skinny_gemm
+        if self.gemv is not None:               # (gemv_silu comes with it)
+            self._gemv = partial(gemv, out_dtype=torch.float32)
+        if self.skinny is not None and self._skinny is skinny_gemm:     # (the invariant kernel rounds)
+            self._skinny = partial(skinny_gemm, out_dtype=torch.float32)
+        self._dense = _linear_float32
+
     def silu_down(self, gate_up: torch.Tensor) -> torch.Tensor:
         """self(silu(gate) * up) for one gate_up row [1, 2K], in one kernel (use_gemv(silu_input=True))."""
         return self._gemv(gate_up, self.weight, self.bias, silu=True, config=self.gemv_silu)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant is not None:          # CPU int4 / int8: one kernel for every row count
+            y = quant_linear.quant_linear(x, self.quant)
+            return y if self.bias is None else y + self.bias
         if self.gemv is not None and x.shape[0] == 1:
             return self._gemv(x, self.weight, self.bias, config=self.gemv)
         if self.skinny is not None and x.shape[0] <= self.skinny_rows:
@@ -145,4 +200,10 @@ class FastLinear:
             return y if self.bias is None else y + self.bias
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+        return self._dense(x, self.weight, self.bias)
+
+
+def _linear_float32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T (+ bias) stored in float32 from bf16 / fp16 operands (cuBLAS, CUDA only)."""
+    y = torch.mm(x, weight.t(), out_dtype=torch.float32)
+    return y if bias is None else y + bias

@@ -15,18 +15,28 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from backends.base import PENDING_TOKEN, AttentionStats, BackendInfo, ForwardBatch, ForwardResult, RunnerSettings
+from backends.base import (
+    PENDING_TOKEN,
+    AttentionStats,
+    BackendInfo,
+    ForwardBatch,
+    ForwardResult,
+    RunnerSettings,
+    SequenceChunk,
+)
 from backends.cuda.attention.base import AttentionShape
-from backends.cuda.attention.factory import choose_attention, create_attention
+from backends.cuda.attention.factory import choose_attention, create_attention, deterministic_attention
 from backends.cuda.attention.sparse import check_sparse_settings, count_pages, page_counts
 from backends.cuda.graphs import DecodeGraphs
 from backends.cuda.kv_cache import PagedKVCache
+from backends.cuda.kv_store import create_kv_store
 from backends.cuda.layer_ops import LAYER_OPS
 from backends.cuda.layout import build_layout
 from backends.cuda.linear import kernel_available
 from backends.cuda.loader import load_model, random_weights
 from backends.cuda.model import LlamaModel
 from backends.cuda.page_tables import PageTableStore
+from backends.cuda.parallel import TensorParallel
 from backends.cuda.sampler import DrawnTokens, TorchSampler
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -43,10 +53,10 @@ def pick_dtype(name: str, device: torch.device, hidden_size: int | None = None) 
     auto: GPUs want bf16. On CPU auto is int4 (AUTO_CPU): weight-only int4 in groups of 32, which
     holds a GGUF Q4_0/Q4_1 file's weights on their own grid, decodes about 2.5x faster than
     float32 (a sixth of the bytes; docs/cpu.md) and meets the logit tolerance of
-    tests/test_cpu_fast_path.py; the head stays int8. Its kernel depends on the number of rows
-    (int4pack up to 8, oneDNN bf16 above), so a greedy stream may break a near tie differently
-    when batched with more than 8 (as on vLLM or SGLang without their deterministic modes); dtype: float32 is
-    batch-invariant to far below any logit gap, and tests/test_scheduler.py checks both.
+    tests/test_cpu_fast_path.py; the head stays int8. With the fused CPU kernels both run
+    kernels/cpu/quant_linear.cpp, whose rows do not depend on the batch or the prefill chunk, so a
+    request gives the same answer alone, batched, cached or preempted (tests/test_determinism.py);
+    the torch fallback switches kernels by row count (docs/cpu.md, "Batch invariance").
     """
     if name == "auto":
         if device.type == "cuda":
@@ -71,34 +81,42 @@ def default_threads() -> int:
     return os.cpu_count() or 1
 
 
-def _load(settings: RunnerSettings, device: torch.device):
+def _load(settings: RunnerSettings, device: torch.device, tp: TensorParallel):
     # Convert tensor by tensor while loading: peak memory stays near one copy in the load dtype.
     # int8 / int4 (and auto, which may pick them) quantise from the float32 weights.
     load_dtype = (torch.float32 if settings.dtype in ("auto", "int8", "int4") and device.type == "cpu"
                   else DTYPES.get(pick_dtype(settings.dtype, device), torch.float32))
     if settings.source_kind == "random":            # moved to the device tensor by tensor
-        return random_weights(settings.source_path, load_dtype, device)
-    return load_model(settings.source_kind, settings.source_path, load_dtype)
+        return random_weights(settings.source_path, load_dtype, device, rank=tp.rank, world=tp.world)
+    return load_model(settings.source_kind, settings.source_path, load_dtype, tp.rank, tp.world)
 
 
 class TorchRunner:
     """Owns the model, its paged KV cache and page tables; runs one ForwardBatch at a time."""
 
-    def __init__(self, settings: RunnerSettings):
+    def __init__(self, settings: RunnerSettings, tp: TensorParallel | None = None):
+        """tp: a follower rank's group (backends/cuda/parallel.py); None: rank 0, which starts the
+        followers when settings.tensor_parallel_size > 1."""
         self.settings = settings
-        self.device = device = torch.device(settings.device)
+        self.tp = tp = tp or TensorParallel.start(settings)
+        self.device = device = tp.device
         if device.type == "cpu":
-            torch.set_num_threads(settings.threads or default_threads())
+            torch.set_num_threads(settings.threads or max(1, default_threads() // tp.world))
 
-        config, weights = _load(settings, device)
-        self.config = config
+        config, weights = _load(settings, device, tp)
+        self.config = config                    # the whole model's; shard: this rank's part of it
+        plan = tp.shard_plan(config)
+        self.shard = shard = plan.local_config if plan else config
         self.mode = pick_dtype(settings.dtype, device, config.hidden_size)
         self.dtype = DTYPES[self.mode]          # activations and KV cache
         attention_name = choose_attention(settings.attention, device)
         if attention_name == "cpu_fused" and self.dtype == torch.float16:
             attention_name = "torch"            # the C++ ops take float32 and bfloat16 activations
+        if settings.deterministic:              # batch-invariant kernels (docs/cuda.md, "Determinism")
+            attention_name = deterministic_attention(attention_name, self.mode)
         ops = LAYER_OPS[attention_name](config.rms_norm_eps)
-        self.model = LlamaModel.from_weights(config, weights, device, self.dtype, self.mode, ops)
+        self.model = LlamaModel.from_weights(shard, weights, device, self.dtype, self.mode, ops,
+                                             tp.collectives(config, ops))
         del weights
         check_sparse_settings(settings.sparse, settings.page_size, config.num_layers)
         self.sparse = settings.sparse if settings.sparse.enabled else None
@@ -106,16 +124,20 @@ class TorchRunner:
         self.page_size = page_size = settings.page_size
         self.context_length = settings.context_length or config.context_length
         self.max_sequences = settings.max_sequences
-        self.num_pages = self._size_pool()
-        self.cache = PagedKVCache(config.num_layers, self.num_pages, page_size, config.num_kv_heads,
+        self.num_pages = tp.agree_min(self._size_pool())     # every rank holds the same pages
+        self.cache = PagedKVCache(config.num_layers, self.num_pages, page_size, shard.num_kv_heads,
                                   config.head_dim, self.dtype, device,
                                   self.sparse.summary_tokens if self.sparse else None)
         max_pages = -(-self.context_length // page_size)
         self.tables = PageTableStore(self.max_sequences, max_pages, self.cache.scratch_page, device)
         cos, sin = self.model.rotary_tables(max_pages * page_size)
-        self.shape = AttentionShape(config.num_heads, config.num_kv_heads, config.head_dim)
+        self.shape = AttentionShape(shard.num_heads, shard.num_kv_heads, config.head_dim)
         self.attention = create_attention(attention_name, self.cache, self.shape, cos, sin, self.sparse)
         self.sampler = TorchSampler(config.vocab_size, device)
+        self.kv_store = create_kv_store(settings, self.cache, self.mode, attention_name)   # L2, or None
+        if tp.world > 1 and self.kv_store is not None:
+            log.warning("the host KV tier is off under tensor parallelism (page copies are per rank)")
+            self.kv_store = None
         # each seq slot's last draw, read on the device by the next step's PENDING_TOKEN chunk
         self.next_tokens = torch.zeros(self.max_sequences + 1, dtype=torch.long, device=device)
         self.overlap = device.type == "cuda"      # the CPU runs a step to its end before returning
@@ -132,12 +154,15 @@ class TorchRunner:
         log.info("torch runner: dtype %s (config %s), attention %s, %s, %d KV pages = %d tokens, "
                  "CUDA graphs %s", self.mode, settings.dtype, attention_name, device_name, self.num_pages,
                  self.num_pages * page_size, "on" if self.graphs else "off")
+        if tp.world > 1:
+            log.info("%s", tp.describe(config))
+        tp.start_sending(self.max_sequences, page_size)
 
     def _size_pool(self) -> int:
         """Pages from config: a fixed count, or a share of the memory left after the weights (GPU:
         device_memory_fraction of what is free now; the rest is for activations and graphs) or
         kv_memory_bytes (CPU)."""
-        cfg, settings = self.config, self.settings
+        cfg, settings = self.shard, self.settings
         per_page = PagedKVCache.bytes_per_page(cfg.num_layers, self.page_size, cfg.num_kv_heads, cfg.head_dim,
                                                self.dtype.itemsize,
                                                self.sparse.summary_tokens if self.sparse else None)
@@ -197,23 +222,33 @@ class TorchRunner:
         if not chunks:
             empty = torch.zeros(0, self.config.vocab_size) if batch.return_logits else None
             return StepResult(None, None, AttentionStats(), empty)
-        self.tables.sync(chunks, self.page_size)
-        if self.settings.validate_batches:
-            self.tables.check(chunks, self.page_size)
-        if self.graphs is not None and self.graphs.can_run(chunks):
-            logits, sample_slots = self.graphs.run(chunks, self.next_tokens)
-        else:
-            layout = build_layout(chunks, self.tables, self.page_size, self.device, self.next_tokens)
-            self.attention.plan(layout)
-            logits = self.model(layout.token_ids, self.attention, layout.logits_rows)
-            sample_slots = layout.sample_slots
+        self.tp.publish(chunks)                 # the follower ranks run the same step
+        logits, sample_slots = self.run_model(chunks)
         specs = [c.sample for c in chunks if c.sample is not None]
         drawn = None
         if specs:
             drawn = self.sampler.draw(logits, specs)
             self.next_tokens.index_copy_(0, sample_slots, drawn.tokens)
+            self.tp.share_draws(self.next_tokens)
         return StepResult(drawn, _to_host(drawn.packed) if drawn else None, self._sparse_stats(batch),
                           logits if batch.return_logits else None)
+
+
+    def run_model(self, chunks: list[SequenceChunk]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sync the page tables and run the model (a graph replay or eagerly) -> (logits float32
+        [sampled rows, vocab], their seq slots); every rank runs this for every step."""
+        self.tables.sync(chunks, self.page_size)
+        if self.settings.validate_batches:
+            self.tables.check(chunks, self.page_size)
+        if self.graphs is not None and self.graphs.can_run(chunks):
+            return self.graphs.run(chunks, self.next_tokens)
+        layout = build_layout(chunks, self.tables, self.page_size, self.device, self.next_tokens)
+        self.attention.plan(layout)
+        return self.model(layout.token_ids, self.attention, layout.logits_rows), layout.sample_slots
+
+    def close(self) -> None:
+        """Stop the follower ranks (nothing to do on one device)."""
+        self.tp.close()
 
 
 def _to_host(values: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
