@@ -21,6 +21,11 @@ class Tier(enum.Enum):
     HOST = "host"         # L2: the store's host pages (pinned on CUDA)
 
 
+# The revision of the arithmetic that produces K/V (matmul kernels, prefill attention): bumped by
+# any change that alters K/V bits for the same weights, so L3 files of older kernels are foreign.
+KV_ARITHMETIC = 2
+
+
 @dataclass(frozen=True)
 class KVLayout:
     """What a page's bytes mean. L3 files carry it and are loaded only under an equal layout: the
@@ -37,6 +42,7 @@ class KVLayout:
     head_dim: int
     summary_tokens: int | None  # None: no key summaries stored
     page_bytes: int
+    arithmetic: int = KV_ARITHMETIC
 
     def key(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
