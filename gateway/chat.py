@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from gateway.errors import APIError
 from gateway.grammar import GrammarError, GrammarSpec, compiler_for, json_schema_spec
-from gateway.router import LocalModel
+from gateway.local_model import LocalModel
 from gateway.templating import ChatTemplateError
 from gateway.tools import ToolSet, call_grammar, prepare_messages, tool_format
 

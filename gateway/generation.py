@@ -10,8 +10,8 @@ from gateway.engine.engine import EngineUnavailable, QueueFull, RequestHandle
 from gateway.engine.sampling import SamplingParams
 from gateway.errors import APIError, engine_unavailable
 from gateway.grammar import GrammarSpec
+from gateway.local_model import LocalModel
 from gateway.protocol import SamplingFields
-from gateway.router import LocalModel
 from gateway.services.base import Delta, DeltaStream
 
 

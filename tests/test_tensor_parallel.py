@@ -25,7 +25,7 @@ from backends.cuda.shard import ShardPlan
 from backends.cuda.step_channel import MESSAGE_WORDS
 from backends.sampling_params import SamplingParams
 from gateway.config import ModelConfig
-from gateway.router import runner_settings
+from gateway.local_model import runner_settings
 
 PAGE = 16
 VOCAB = 129            # odd: the last rank's vocabulary shard is padded

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from backends.cuda.model_config import ModelConfig
 from backends.cuda.shard import ShardPlan
 
 GGUF_ARCHS = ("llama", "qwen2")      # llama also covers Mistral and SmolLM (llama.cpp converts them so)
@@ -31,26 +31,6 @@ _GGUF_BLOCK = {
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
 _GGUF_TOP = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head"}
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Hyper-parameters of a Llama-family decoder."""
-
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rope_theta: float
-    rms_norm_eps: float
-    context_length: int
-    tie_word_embeddings: bool
-    attention_bias: bool
-    rope_scaling: tuple[tuple[str, float], ...] = ()           # e.g. (("rope_type", "llama3"), ...)
-    rope_freq_factors: tuple[float, ...] | None = None           # GGUF rope_freqs: divides inv_freq
 
 
 def load_model(kind: str, path: str, dtype: torch.dtype = torch.float32, rank: int = 0, world: int = 1

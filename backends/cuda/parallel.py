@@ -2,7 +2,7 @@
 their loop.
 
 Rank 0 is the runner the engine talks to. At its construction it starts one follower process per
-further rank (`python -m backends.cuda.parallel`, its settings pickled on stdin), and every rank
+further rank (`python -m backends.cuda.follower`, its settings pickled on stdin), and every rank
 joins one torch.distributed group (NCCL on CUDA, gloo on CPU) for the model's collectives plus a
 gloo group for the step messages (backends/cuda/step_channel.py). Each rank loads only its shard
 (backends/cuda/shard.py) and owns its KV heads of every page, so the page tables, the radix cache
@@ -25,7 +25,6 @@ import pickle
 import socket
 import subprocess
 import sys
-import threading
 from datetime import timedelta
 from pathlib import Path
 
@@ -35,7 +34,7 @@ import torch.distributed as dist
 from backends.base import RunnerSettings
 from backends.cuda.collectives import SingleRank, TorchCollectives
 from backends.cuda.shard import ShardPlan
-from backends.cuda.step_channel import StepReceiver, StepSender
+from backends.cuda.step_channel import StepSender
 
 log = logging.getLogger("radixgate.parallel")
 ROOT = Path(__file__).resolve().parents[2]          # the directory that holds backends/
@@ -185,46 +184,9 @@ def _spawn_follower(settings: RunnerSettings, rank: int, port: int) -> subproces
     env = dict(os.environ)
     env.setdefault("NCCL_NVLS_ENABLE", "0")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    process = subprocess.Popen([sys.executable, "-m", "backends.cuda.parallel"], stdin=subprocess.PIPE,
+    process = subprocess.Popen([sys.executable, "-m", "backends.cuda.follower"], stdin=subprocess.PIPE,
                                env=env, cwd=str(ROOT))
     level = logging.getLogger("radixgate").getEffectiveLevel()
     process.stdin.write(pickle.dumps((settings, rank, port, level)))
     process.stdin.flush()         # stdin stays open: its end tells the follower that rank 0 is gone
     return process
-
-
-def follow(runner) -> None:
-    """A follower's loop: run every step rank 0 sends until it stops the group."""
-    tp = runner.tp
-    receiver = StepReceiver(tp.channel, runner.max_sequences)
-    with torch.inference_mode():
-        while (chunks := receiver.receive()) is not None:
-            runner.run_model(chunks)
-            if any(chunk.sample is not None for chunk in chunks):
-                tp.share_draws(runner.next_tokens)
-        if runner.device.type == "cuda":
-            torch.cuda.synchronize(runner.device)
-
-
-def _exit_when_orphaned() -> None:
-    sys.stdin.buffer.read()           # returns at EOF: rank 0's process has ended
-    os._exit(0)
-
-
-def follower_main() -> None:
-    settings, rank, port, level = pickle.load(sys.stdin.buffer)
-    logging.basicConfig(level=level, format=f"%(asctime)s rank {rank} %(name)s %(levelname)s %(message)s")
-    threading.Thread(target=_exit_when_orphaned, daemon=True).start()
-    from backends.cuda.runner import TorchRunner  # the runner imports this module
-    try:
-        runner = TorchRunner(settings, TensorParallel.join(settings, rank, port))
-        follow(runner)
-    except BaseException:
-        log.exception("tensor-parallel rank %d failed", rank)
-        sys.stderr.flush()
-        os._exit(1)
-    os._exit(0)     # skips the process group's teardown, which can hang once rank 0 is gone
-
-
-if __name__ == "__main__":
-    follower_main()

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:       # the loader imports this module
-    from backends.cuda.loader import ModelConfig
+    from backends.cuda.model_config import ModelConfig
 
 ROW_SPLIT = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")      # output features split
 COLUMN_SPLIT = ("o_proj", "down_proj")                                   # input features split

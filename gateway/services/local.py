@@ -15,7 +15,7 @@ from gateway.tool_calls import ToolCallStream
 from gateway.tools import ToolSet
 
 if TYPE_CHECKING:
-    from gateway.router import LocalModel
+    from gateway.local_model import LocalModel
 
 
 def token_text(tokenizer, token_id: int) -> str:
