@@ -65,6 +65,35 @@ def _field(reader, key: str, default=None):
     return field.parts[field.data[0]].tolist()[0]      # gguf < 0.11: scalar fields only needed here
 
 
+def gguf_dims(path: str, meta) -> dict:
+    """The attention shape and rope scaling of a GGUF file's metadata (meta(key, default) reads
+    "<arch>.<key>"), as ModelConfig fields; shared by every backend's GGUF loader."""
+    hidden, heads = int(meta("embedding_length")), int(meta("attention.head_count"))
+    head_dim = int(meta("attention.key_length", hidden // heads))
+    rope_dim = int(meta("rope.dimension_count", head_dim))
+    assert rope_dim == head_dim, f"partial rotary ({rope_dim} of {head_dim}) is not supported"
+    scaling = ()
+    scaling_type = meta("rope.scaling.type")
+    if scaling_type not in (None, "none"):
+        if scaling_type != "linear":
+            raise ValueError(f"{path}: GGUF rope scaling {scaling_type!r} is not supported")
+        scaling = (("rope_type", "linear"), ("factor", float(meta("rope.scaling.factor"))))
+    return dict(hidden_size=hidden, num_heads=heads, num_kv_heads=int(meta("attention.head_count_kv", heads)),
+                head_dim=head_dim, rope_scaling=scaling)
+
+
+def gguf_model_config(meta, dims: dict, vocab_size: int, names, freq_factors) -> ModelConfig:
+    """The ModelConfig of a GGUF file: its metadata, gguf_dims() and the loaded tensor names."""
+    return ModelConfig(
+        vocab_size=vocab_size, intermediate_size=int(meta("feed_forward_length")),
+        num_layers=int(meta("block_count")), rope_theta=float(meta("rope.freq_base", 10000.0)),
+        rms_norm_eps=float(meta("attention.layer_norm_rms_epsilon", 1e-5)),
+        context_length=int(meta("context_length", 2048)),
+        tie_word_embeddings="lm_head.weight" not in names,
+        attention_bias="layers.0.self_attn.q_proj.bias" in names,
+        rope_freq_factors=freq_factors, **dims)
+
+
 def load_gguf(path: str, dtype: torch.dtype = torch.float32
               ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Dequantise every tensor of a llama/qwen2 .gguf file at load."""
@@ -78,17 +107,8 @@ def load_gguf(path: str, dtype: torch.dtype = torch.float32
     def meta(name, default=None):
         return _field(reader, f"{arch}.{name}", default)
 
-    hidden, heads = int(meta("embedding_length")), int(meta("attention.head_count"))
-    kv_heads = int(meta("attention.head_count_kv", heads))
-    head_dim = int(meta("attention.key_length", hidden // heads))
-    rope_dim = int(meta("rope.dimension_count", head_dim))
-    assert rope_dim == head_dim, f"partial rotary ({rope_dim} of {head_dim}) is not supported"
-    scaling = ()
-    scaling_type = meta("rope.scaling.type")
-    if scaling_type not in (None, "none"):
-        if scaling_type != "linear":
-            raise ValueError(f"{path}: GGUF rope scaling {scaling_type!r} is not supported")
-        scaling = (("rope_type", "linear"), ("factor", float(meta("rope.scaling.factor"))))
+    dims = gguf_dims(path, meta)
+    heads, kv_heads = dims["num_heads"], dims["num_kv_heads"]
 
     weights: dict[str, torch.Tensor] = {}
     freq_factors = None
@@ -108,22 +128,7 @@ def load_gguf(path: str, dtype: torch.dtype = torch.float32
             tensor = unpermute_rows(tensor, heads if parts[2] == "attn_q" else kv_heads)
         weights[name] = tensor.to(dtype)
 
-    config = ModelConfig(
-        vocab_size=weights["embed_tokens.weight"].shape[0],
-        hidden_size=hidden,
-        intermediate_size=int(meta("feed_forward_length")),
-        num_layers=int(meta("block_count")),
-        num_heads=heads,
-        num_kv_heads=kv_heads,
-        head_dim=head_dim,
-        rope_theta=float(meta("rope.freq_base", 10000.0)),
-        rms_norm_eps=float(meta("attention.layer_norm_rms_epsilon", 1e-5)),
-        context_length=int(meta("context_length", 2048)),
-        tie_word_embeddings="lm_head.weight" not in weights,
-        attention_bias="layers.0.self_attn.q_proj.bias" in weights,
-        rope_scaling=scaling,
-        rope_freq_factors=freq_factors,
-    )
+    config = gguf_model_config(meta, dims, weights["embed_tokens.weight"].shape[0], weights, freq_factors)
     return config, weights
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from backends.cuda.loader import GGUF_ARCHS, HF_MODEL_TYPES, ModelConfig, rope_settings
+from backends.cuda.loader import GGUF_ARCHS, HF_MODEL_TYPES, ModelConfig, gguf_dims, gguf_model_config, rope_settings
 
 Quantization = dict[str, tuple[int, int]]          # module path -> (group_size, bits)
 GGUF_GROUP_SIZE = 32                               # every GGUF block format mx.load reads packs 32 weights
@@ -71,16 +71,8 @@ def load_gguf(path: str) -> tuple[ModelConfig, dict[str, mx.array], Quantization
     def meta(name, default=None):
         return _meta(metadata, f"{arch}.{name}", default)
 
-    hidden, heads = int(meta("embedding_length")), int(meta("attention.head_count"))
-    kv_heads = int(meta("attention.head_count_kv", heads))
-    head_dim = int(meta("attention.key_length", hidden // heads))
-    assert int(meta("rope.dimension_count", head_dim)) == head_dim, "partial rotary is not supported"
-    scaling = ()
-    scaling_type = meta("rope.scaling.type")
-    if scaling_type not in (None, "none"):
-        if scaling_type != "linear":
-            raise ValueError(f"{path}: GGUF rope scaling {scaling_type!r} is not supported")
-        scaling = (("rope_type", "linear"), ("factor", float(meta("rope.scaling.factor"))))
+    dims = gguf_dims(path, meta)
+    heads, kv_heads = dims["num_heads"], dims["num_kv_heads"]
 
     weights: dict[str, mx.array] = {}
     freq_factors = None
@@ -97,15 +89,7 @@ def load_gguf(path: str) -> tuple[ModelConfig, dict[str, mx.array], Quantization
                    and n.rsplit(".", 1)[0] not in quant]
     assert not unsupported, f"{path}: packed tensors without scales: {unsupported[:3]}"
     vocab = weights["embed_tokens.weight"].shape[0]
-    config = ModelConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=int(meta("feed_forward_length")),
-        num_layers=int(meta("block_count")), num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
-        rope_theta=float(meta("rope.freq_base", 10000.0)),
-        rms_norm_eps=float(meta("attention.layer_norm_rms_epsilon", 1e-5)),
-        context_length=int(meta("context_length", 2048)),
-        tie_word_embeddings="lm_head.weight" not in weights,
-        attention_bias="layers.0.self_attn.q_proj.bias" in weights,
-        rope_scaling=scaling, rope_freq_factors=freq_factors)
+    config = gguf_model_config(meta, dims, vocab, weights, freq_factors)
     return config, weights, quant
 
 
