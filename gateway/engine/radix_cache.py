@@ -77,10 +77,17 @@ class RadixCache:
         """Longest cached page-aligned prefix of token_ids, its pages, and the node it ends in."""
         if not self.enabled:
             return MatchResult([], 0, self.root)
+        path = self._walk(token_ids)
+        pages = [page for node in path for page in node.pages]
+        return MatchResult(pages, sum(len(node.key) for node in path), path[-1] if path else self.root)
+
+    def _walk(self, token_ids: list[int]) -> list[TreeNode]:
+        """The nodes of the longest cached page-aligned prefix of token_ids, top down, each marked
+        accessed now; a node matched in part is split so the path ends exactly where the match does."""
         ps = self.page_size
         tokens = tuple(token_ids[: len(token_ids) // ps * ps])
         now = next(self._clock)
-        node, pos, pages = self.root, 0, []
+        node, pos, path = self.root, 0, []
         while pos < len(tokens):
             child = node.children.get(tokens[pos:pos + ps])
             if child is None:
@@ -88,11 +95,11 @@ class RadixCache:
             child.last_access_time = now
             m = self._match_len(child.key, tokens[pos:])
             if m < len(child.key):
-                child = self._split_node(child, m)  # so last_node ends exactly where the match does
-            pages += child.pages
+                child = self._split_node(child, m)
+            path.append(child)
             pos += m
             node = child
-        return MatchResult(pages, pos, node)
+        return path
 
     def cached_prefix_len(self, token_ids: list[int]) -> int:
         """match_prefix(token_ids).num_tokens, read-only (no split, no access time): the scheduler

@@ -81,20 +81,7 @@ class TieredRadixCache(RadixCache):
         has room) and the result covers what is on L1 now. result.load: wait before reading."""
         self._write_pending()
         ps = self.page_size
-        tokens = tuple(token_ids[: len(token_ids) // ps * ps])
-        now = next(self._clock)
-        node, pos, path = self.root, 0, []
-        while pos < len(tokens):
-            child = node.children.get(tokens[pos:pos + ps])
-            if child is None:
-                break
-            child.last_access_time = now
-            m = self._match_len(child.key, tokens[pos:])
-            if m < len(child.key):
-                child = self._split_node(child, m)
-            path.append(child)
-            pos += m
-            node = child
+        path = self._walk(token_ids)
         on_l1 = next((i for i, n in enumerate(path) if not n.pages), len(path))
         result = MatchResult([], 0, self.root)
         usable = on_l1 + self._load(path[on_l1:], result)
