@@ -1,4 +1,5 @@
-"""TieredRadixCache: the radix cache over three tiers: L1 device pages, L2 host pages, L3 files.
+"""TieredRadixCache: the radix cache over three tiers: L1 device pages, L2 host pages, L3 files
+(the L3 side: gateway/engine/disk_tier.py).
 
 Policies (config kv_cache.write_policy, kv_cache.prefetch_policy):
   write_through  pages are copied to L2 as they enter the tree, and from there to L3 (when on) as
@@ -26,12 +27,12 @@ from __future__ import annotations
 
 import heapq
 import logging
-from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
 from backends.kv_store import COPY_DONE, KVStore, PageCopy, Tier
-from gateway.engine.disk_store import ROOT_HASH, DiskStore, PageFile, page_hash
+from gateway.engine.disk_store import DiskStore
+from gateway.engine.disk_tier import DiskTier, has_copy
 from gateway.engine.page_pool import PagePool
 from gateway.engine.radix_cache import MatchResult, RadixCache, TreeNode
 
@@ -41,11 +42,7 @@ WRITE_POLICIES = ("write_through", "write_back")
 PREFETCH_POLICIES = ("wait_complete",)
 
 
-def has_copy(node: TreeNode) -> bool:
-    return bool(node.pages or node.host_pages or node.on_disk)
-
-
-class TieredRadixCache(RadixCache):
+class TieredRadixCache(DiskTier, RadixCache):
     """A RadixCache whose evictions move pages down to L2 (the backend's KVStore) and L3 (a
     DiskStore) and whose matches bring them back."""
 
@@ -123,21 +120,6 @@ class TieredRadixCache(RadixCache):
         if bad is not None and bad.parent is not None:
             self._remove_subtree(bad)        # its file failed its checks: recompute from here
         return loaded
-
-    def _disk_to_host(self, node: TreeNode) -> str:
-        """Read node's L3 files into fresh L2 pages: ok | full (no L2 room) | bad (a file failed)."""
-        slots = self._take_host(len(node.key) // self.page_size)
-        if slots is None:
-            return "full"
-        for slot, name in zip(slots, self._hashes(node), strict=True):
-            data = self.disk.read(name)
-            if data is None:
-                self.host_pool.free(slots)
-                return "bad"
-            self.kv_store.write_host_page(slot, data)
-        node.host_pages = slots
-        self.host_size += len(slots)
-        return "ok"
 
     # ---- insert ----------------------------------------------------------------------------
     def insert(self, token_ids: list[int], pages: list[int]) -> int:
@@ -225,10 +207,6 @@ class TieredRadixCache(RadixCache):
         return bool(node.host_pages) and not (node.lock_ref and not node.pages) and (
             bool(node.pages) or node.on_disk or self.l3_on or not node.children)
 
-    def _l3_evictable(self, node: TreeNode) -> bool:
-        return node.on_disk and not (node.lock_ref and not node.pages) and (
-            bool(node.pages or node.host_pages) or not node.children)
-
     def _evict_tier(self, num_pages: int, evictable: Callable[[TreeNode], bool],
                     move_down: Callable[[TreeNode], None]) -> int:
         """LRU over the nodes `evictable` admits; a node larger than what is still wanted is split
@@ -284,14 +262,6 @@ class TieredRadixCache(RadixCache):
         if not has_copy(node):
             self._remove_subtree(node)
 
-    def _evict_disk(self, num_pages: int) -> int:
-        return self._evict_tier(num_pages, self._l3_evictable, self._l3_down)
-
-    def _l3_down(self, node: TreeNode) -> None:
-        self._drop_disk_copy(node)
-        if not has_copy(node):
-            self._remove_subtree(node)
-
     # ---- moving pages ---------------------------------------------------------------------
     def _allocate_l1(self, n: int) -> list[int] | None:
         if n > self.pool.num_free + self.evictable_size:
@@ -306,47 +276,6 @@ class TieredRadixCache(RadixCache):
         if self.host_pool.num_free < n:
             self._evict_host(n - self.host_pool.num_free)
         return self.host_pool.allocate(n)
-
-    def _host_to_disk(self, node: TreeNode) -> bool:
-        """Write node's L2 pages to L3 files (evicting L3 LRU for room); False when it could not."""
-        count = len(node.host_pages)
-        if count > self.disk.capacity_pages:
-            return False
-        if len(self.disk.pages) + count > self.disk.capacity_pages:
-            self._evict_disk(len(self.disk.pages) + count - self.disk.capacity_pages)
-        if not self.l3_on or len(self.disk.pages) + count > self.disk.capacity_pages or node.parent is None:
-            return False
-        names = self._hashes(node)
-        parent = ROOT_HASH if node.parent is self.root else node.parent.hashes[-1]
-        ps = self.page_size
-        for i, (slot, name) in enumerate(zip(node.host_pages, names, strict=True)):
-            page = PageFile(name, parent, node.key[i * ps:(i + 1) * ps])
-            if not self.disk.write(page, self.kv_store.read_host_page(slot)):
-                for written in names[:i]:
-                    self.disk.delete(written)
-                self._disable_disk()
-                return False
-            parent = name
-        node.on_disk = True
-        self.disk_size += count
-        self.moved["l2_to_l3"] += count
-        return True
-
-    def _hashes(self, node: TreeNode) -> list[bytes]:
-        """node's page names (hashes chained from the root), computed once per node and kept."""
-        chain, n = [], node
-        while n is not self.root and n.hashes is None:
-            chain.append(n)
-            n = n.parent
-        previous = ROOT_HASH if n is self.root else n.hashes[-1]
-        ps = self.page_size
-        for n in reversed(chain):
-            names = []
-            for i in range(0, len(n.key), ps):
-                previous = page_hash(previous, n.key[i:i + ps])
-                names.append(previous)
-            n.hashes = names
-        return node.hashes
 
     def _split_node(self, child: TreeNode, split_len: int) -> TreeNode:
         upper = super()._split_node(child, split_len)
@@ -369,12 +298,6 @@ class TieredRadixCache(RadixCache):
         self.evictable_size -= len(node.pages)
         node.pages = []
 
-    def _drop_disk_copy(self, node: TreeNode) -> None:
-        for name in node.hashes:
-            self.disk.delete(name)
-        self.disk_size -= len(node.hashes)
-        node.on_disk = False
-
     def _remove_subtree(self, node: TreeNode) -> None:
         """Detach node and everything below it, freeing their copies on every tier."""
         del node.parent.children[node.key[:self.page_size]]
@@ -389,62 +312,7 @@ class TieredRadixCache(RadixCache):
                 self._drop_disk_copy(n)
             n.parent = None
 
-    def _disable_disk(self) -> None:
-        """L3 turned itself off (a write failed): forget every disk copy; nodes left without a
-        copy go at the next sweep."""
-        for node in self._all_nodes():
-            if node.on_disk:
-                node.on_disk = False
-                self.disk_size -= len(node.hashes)
-        assert self.disk_size == 0, self.disk_size
-        self.pending_writes.clear()
-        self._sweep_needed = True
-
-    def _sweep(self) -> None:
-        """After L3 turned off: remove the nodes it left without a copy (at the end of each call
-        from outside, when no eviction loop holds nodes)."""
-        if not self._sweep_needed:
-            return
-        self._sweep_needed = False
-        for node in self._all_nodes():
-            if node.parent is not None and not has_copy(node) and node.lock_ref == 0:
-                self._remove_subtree(node)
-
-    # ---- start-up and reset -----------------------------------------------------------------
-    def _rebuild_from_disk(self) -> None:
-        """The tree of every valid page file, at start-up: disk-only nodes, least recent of all.
-        Single-child chains of files become one node; files whose parent is missing are deleted."""
-        files = [f for f in self.disk.scan() if len(f.tokens) == self.page_size]
-        children: dict[bytes, list[PageFile]] = defaultdict(list)
-        for f in files:
-            children[f.parent_hash].append(f)
-        stack = [(self.root, ROOT_HASH)]
-        while stack:
-            parent, name = stack.pop()
-            for f in children.get(name, []):
-                key, names = list(f.tokens), [f.page_hash]
-                while len(children.get(names[-1], [])) == 1:
-                    nxt = children[names[-1]][0]
-                    key += nxt.tokens
-                    names.append(nxt.page_hash)
-                node = TreeNode(tuple(key), [], parent, 0, 0)
-                node.on_disk, node.hashes = True, names
-                if node.key[:self.page_size] in parent.children:
-                    continue                 # (two files claim one place: both headers cannot be right)
-                parent.children[node.key[:self.page_size]] = node
-                for n in names:
-                    self.disk.adopt(n)
-                self.disk_size += len(names)
-                stack.append((node, names[-1]))
-        orphans = [f.page_hash for f in files if f.page_hash not in self.disk.pages]
-        for name in orphans:
-            self.disk.pages.add(name)
-            self.disk.delete(name)
-        if self.disk_size > self.disk.capacity_pages:
-            self._evict_disk(self.disk_size - self.disk.capacity_pages)
-        log.info("KV disk tier: %d pages (%d tokens) found in %s%s", self.disk_size, self.disk_size * self.page_size,
-                 self.disk.dir, f"; {len(orphans)} orphan files deleted" if orphans else "")
-
+    # ---- reset -------------------------------------------------------------------------------
     def reset(self) -> int:
         """Empty every tier of what no request holds (a held node keeps only its L1 pages);
         returns the L1 pages freed."""
