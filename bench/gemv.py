@@ -1,6 +1,7 @@
 """Batch-1 GEMV on a GPU: kernels/triton/gemv.py against cuBLAS (F.linear), Llama-3-8B's shapes.
 
     python3 -m bench.gemv
+    python3 -m bench.gemv --tp 2 --skinny-rows 0     # one rank's shard under tensor parallelism
 
 Per shape: correctness against F.linear (and silu_mul + F.linear for the fused down projection)
 first, then each candidate config timed with CUDA graphs of 20 back-to-back calls (launch gaps as in
@@ -17,11 +18,18 @@ import torch
 import torch.nn.functional as F
 
 from bench.runner_step import copy_bandwidth
-from kernels.triton.gemv import GemvConfig, gemv, skinny_gemm
+from kernels.triton.gemv import GemvConfig, default_config, gemv, skinny_gemm
 from kernels.triton.layer_ops import silu_mul
 
 SHAPES = {"qkv": (6144, 4096, False), "o": (4096, 4096, False), "gate_up": (28672, 4096, False),
           "down (silu)": (4096, 14336, True)}
+ROW_PARALLEL = ("o", "down (silu)")     # under tensor parallelism: K split, float32 partial outputs
+
+
+def rank_shapes(tp: int) -> dict:
+    """One rank's shard of SHAPES at tensor_parallel_size tp (backends/cuda/shard.py's split)."""
+    return {name: ((n, k // tp, silu) if name in ROW_PARALLEL else (n // tp, k, silu))
+            for name, (n, k, silu) in SHAPES.items()}
 
 
 def graph_us(fn, calls: int = 20, reps: int = 10) -> float:
@@ -58,6 +66,7 @@ def main() -> None:
     parser.add_argument("--warps", default="4,8")
     parser.add_argument("--stages", default="2,4")
     parser.add_argument("--skinny-rows", type=int, default=16, help="rows of the skinny_gemm table (0: skip)")
+    parser.add_argument("--tp", type=int, default=1, help="one rank's shapes at this tensor_parallel_size")
     args = parser.parse_args()
     ints = [[int(v) for v in s.split(",")] for s in (args.block_n, args.block_k, args.warps, args.stages)]
     dev = torch.device("cuda")
@@ -65,12 +74,13 @@ def main() -> None:
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
     gen = torch.Generator(device=dev).manual_seed(0)
     rows = []
-    for name, (n, k, silu) in SHAPES.items():
+    for name, (n, k, silu) in rank_shapes(args.tp).items():
         w = (torch.randn(n, k, device=dev, generator=gen) * 0.02).to(torch.bfloat16)
         x = torch.randn(1, 2 * k if silu else k, device=dev, generator=gen).to(torch.bfloat16)
         xin = silu_mul(x) if silu else x
         want = F.linear(xin, w)
-        out = torch.empty_like(want)
+        partial_sums = args.tp > 1 and name in ROW_PARALLEL
+        out = torch.empty_like(want, dtype=torch.float32 if partial_sums else want.dtype)
         cublas = graph_us(partial(cublas_call, x, w, silu))
         best = None
         for bn, bk, warps, stages in itertools.product(*ints):
@@ -82,8 +92,11 @@ def main() -> None:
             if best is None or us < best[0]:
                 best = (us, cfg)
         read = w.numel() * 2
+        chosen = default_config(n, k, silu)
+        chosen_us = graph_us(partial(gemv, x, w, silu=silu, config=chosen, out=out))
         rows.append((name, n, k, cublas, best[0], best[1], read))
-        print(f"{name}: cuBLAS {cublas:.1f} us, best triton {best[0]:.1f} us {best[1]}", flush=True)
+        print(f"{name} {n} x {k}: cuBLAS {cublas:.1f} us, best triton {best[0]:.1f} us {best[1]}; "
+              f"default_config {chosen_us:.1f} us {chosen}", flush=True)
     print("| shape | N x K | cuBLAS us (% copy rate) | triton us (% copy rate) | speed-up | config |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name, n, k, cub, tri, cfg, read in rows:

@@ -3,6 +3,7 @@ profiled kernel by kernel (torch.profiler over several replays), next to the ste
 
     python3 -m bench.profile_step --batch 1 --context 512
     python3 -m bench.profile_step --batch 16 --context 32768 --sparse     # Quest decode, engine defaults
+    python3 -m bench.profile_step --batch 1 --tp 2                        # rank 0 of tensor parallel
 
 Prints per kernel name: launches per step, mean us per launch, us per step, share of the step; then
 the sum of kernel time against the step's wall time (the rest is launch gaps and idle time).
@@ -10,6 +11,8 @@ the sum of kernel time against the step's wall time (the rest is launch gaps and
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from collections import defaultdict
 
 import numpy as np
@@ -30,6 +33,7 @@ def main() -> None:
                         "(default: context + 1024; the engine uses the model's, e.g. 131072)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--tp", type=int, default=1, help="tensor_parallel_size (rank 0's kernels are profiled)")
     parser.add_argument("--sparse", action="store_true", help="Quest sparse decode with the engine's defaults "
                         "(budget 2048, 2 dense layers, sink 16, recent 64, 4-token summaries)")
     args = parser.parse_args()
@@ -42,7 +46,7 @@ def main() -> None:
                                         cuda_graphs=True, num_pages=args.batch * pages + 64,
                                         max_sequences=max(64, args.batch),
                                         context_length=args.context_length or args.context + 1024,
-                                        sparse=sparse))
+                                        sparse=sparse, tensor_parallel_size=args.tp))
     tables = [list(range(i * pages, (i + 1) * pages)) for i in range(args.batch)]
     rng = np.random.default_rng(0)
     for i in range(args.batch):       # each sequence its own pages (no shared prefix)
@@ -78,7 +82,8 @@ def main() -> None:
         if event.device_type == torch.autograd.DeviceType.CUDA:
             per_name[event.name].append(event.device_time)
     total = sum(sum(v) for v in per_name.values()) / args.steps
-    print(f"batch {args.batch}, context {args.context}, sparse {args.sparse}: step {wall_us:.0f} us "
+    print(f"TP={args.tp} (rank 0), batch {args.batch}, context {args.context}, sparse {args.sparse}: "
+          f"step {wall_us:.0f} us "
           f"(median of {args.steps}), kernels {total:.0f} us per step, gaps {wall_us - total:.0f} us; "
           f"copy bandwidth {bw / 1e9:.0f} GB/s")
     print("| kernel | per step | us each | us per step | share |\n| --- | --- | --- | --- | --- |")
@@ -87,6 +92,9 @@ def main() -> None:
         per_step = sum(durations) / args.steps
         print(f"| {name[:90]} | {len(durations) / args.steps:.0f} | {np.mean(durations):.1f} | "
               f"{per_step:.0f} | {100 * per_step / wall_us:.1f}% |")
+    runner.close()
+    sys.stdout.flush()
+    os._exit(0)     # an NCCL group's teardown at exit can hang; the followers are stopped
 
 
 if __name__ == "__main__":

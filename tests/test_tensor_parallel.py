@@ -205,41 +205,48 @@ def test_split_point_over_two_gloo_ranks(tmp_path):
 
 
 def test_fused_split_point_one_rank_at_a_time():
-    """kernels/triton/fused_all_reduce.py under the Triton interpreter, this rank's side of three
-    calls with the peer's rows and flag put in place beforehand: the residual and the norm equal
+    """kernels/triton/fused_all_reduce.py under the Triton interpreter, this rank's side of four
+    calls with the peer's rows put in this rank's slot beforehand: the residual and the norm equal
     one GPU's composition (the float32 sum rounded once, then Triton's add_rms_norm) bit for bit,
-    and the plain torch layer ops' within a bf16 step; this rank's rows in its buffer half, the
-    flags raised in the peer's memory, the call counts; then a wait that times out."""
+    and the plain torch layer ops' within a bf16 step; this rank's rows sent into the peer's slot
+    (-0.0 as +0.0), the slot read the call before emptied, the call counts; then a wait that times out."""
     from tests.conftest import triton_interpreter_mode
     with triton_interpreter_mode():
         fused = importlib.reload(importlib.import_module("kernels.triton.fused_all_reduce"))
         from kernels.triton import layer_ops  # reloaded for the interpreter
-        rows, hidden, half = 3, 96, 512       # 96: not a power of two, so the row's block is masked
-        mine, peer = torch.zeros(2 * half), torch.zeros(2 * half)
-        my_flags, peer_flags, counts = (torch.zeros(8, dtype=torch.int64) for _ in range(3))
+        rows, hidden, slot = 3, 96, 512       # 96: not a power of two, so the row's block is masked
+        mine = fused.empty_slots(torch.zeros(fused.SLOTS * slot))
+        peer = fused.empty_slots(torch.zeros(fused.SLOTS * slot))
+        counts = torch.zeros(8, dtype=torch.int64)
         error = torch.zeros(1, dtype=torch.int32)
         x, weight, _ = _split_point_inputs(rows, hidden)
         plain = TorchLayerOps(EPS)
         gen = torch.Generator().manual_seed(1)
-        for call in (1, 2, 3):
+
+        def is_empty(t: torch.Tensor) -> bool:
+            return bool((t.view(torch.int32) == fused.EMPTY_BITS).all())
+
+        for call in (1, 2, 3, 4):
             partial, peer_partial = torch.randn(2, rows, hidden, generator=gen)
-            at = (call % 2) * half
-            peer[at:at + rows * hidden] = peer_partial.flatten()          # the peer's side of this call
-            my_flags[:rows] = call
+            partial[0, 5] = -0.0
+            at = (call % 3) * slot
+            mine[at:at + rows * hidden] = peer_partial.flatten()          # the peer's side of this call
             delta = (partial + peer_partial).bfloat16()
             want_x, plain_x = x.clone(), x.clone()
             want = layer_ops.add_rms_norm(want_x, delta, weight, EPS)
             plain_h = plain.add_rms_norm(plain_x, delta, plain.prepare_norm(weight))
-            got = fused.all_reduce_add_rms_norm(partial, x, weight, EPS, mine, peer, my_flags, peer_flags,
-                                                counts, error, 100)
+            got = fused.all_reduce_add_rms_norm(partial, x, weight, EPS, mine, peer, counts, error, 100)
             assert torch.equal(x, want_x) and torch.equal(got, want)
             assert torch.equal(x, plain_x)
             torch.testing.assert_close(got.float(), plain_h.float(), rtol=2 ** -7, atol=2 ** -7)
-            assert torch.equal(mine[at:at + rows * hidden], partial.flatten())
-            assert peer_flags[:rows].tolist() == counts[:rows].tolist() == [call] * rows
-            assert error.item() == 0 and not peer_flags[rows:].any()
-        fused.all_reduce_add_rms_norm(partial, x.clone(), weight, EPS, mine, peer, my_flags, peer_flags, counts,
-                                      error, 100)          # no peer this time
+            sent = peer[at:at + rows * hidden]
+            assert torch.equal(sent, partial.flatten()) and sent[5].item() == 0.0 and not sent[5].signbit()
+            stale = ((call + 2) % 3) * slot
+            assert is_empty(mine[stale:stale + rows * hidden])
+            assert counts[:rows].tolist() == [call] * rows and not counts[rows:].any()
+            assert error.item() == 0
+            peer[at:at + rows * hidden] = fused.empty_slots(torch.zeros(rows * hidden))   # the peer read it
+        fused.all_reduce_add_rms_norm(partial, x.clone(), weight, EPS, mine, peer, counts, error, 100)   # no peer
         assert error.item() == 1
     importlib.reload(fused)         # compiled again for any later CUDA test
 

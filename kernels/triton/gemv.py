@@ -62,10 +62,24 @@ class GemvConfig:
     evict_first: bool = True
 
 
+# Shapes measured on an H200 whose best tuning differs from the rule below (python3 -m bench.gemv
+# --tp 2 --skinny-rows 0, docs/benchmarks.md): one rank's shard of Llama-3-8B at tensor_parallel_size 2.
+# Its qkv wants what the whole model's qkv has (2 rows per program: twice the programs in flight),
+# which also keeps its arithmetic TP=1's. Faster tunings measured for the row-parallel o (6.4 -> 4.3 us)
+# and down (18.3 -> 17.6 us) are left out: they reorder the partial sums' float32 additions, and on the
+# bench's random model that flipped an exact top-2 tie of TP=1's logits (greedy tokens 32 -> 4 equal).
+MEASURED_CONFIGS = {
+    (3072, 4096, False): GemvConfig(2, 1024, 4, 2),     # qkv: 9.7 -> 5.2 us
+}
+
+
 def default_config(n: int, k: int, silu: bool) -> GemvConfig:
-    """The tuning for an N x K weight, from bench/gemv.py on an H200 (Llama-3-8B shapes, docs/cuda.md):
-    the fused down projection (long K) wants 16 rows and 8 warps per program; the others 2-4 rows
-    (wide N: 2, so that a program's rows stay in flight) with 4 warps; 1024-wide K blocks throughout."""
+    """The tuning for an N x K weight, from bench/gemv.py on an H200: MEASURED_CONFIGS where the
+    shape is there, else the rule measured on Llama-3-8B's shapes (docs/cuda.md): the fused down
+    projection (long K) wants 16 rows and 8 warps per program; the others 2-4 rows (wide N: 2, so
+    that a program's rows stay in flight) with 4 warps; 1024-wide K blocks throughout."""
+    if (n, k, silu) in MEASURED_CONFIGS:
+        return MEASURED_CONFIGS[(n, k, silu)]
     block_k = min(1024, triton.next_power_of_2(k))
     if silu:
         return GemvConfig(16, block_k, 8, 2)
