@@ -11,7 +11,10 @@ already in Hugging Face names and rotary layout) are written as an MLX quantised
 (config.json + model.safetensors + the tokenizer with our chat template), float arrays cast to the
 activation dtype our runner picks (float32 on the CPU, the GGUF's float16 on a GPU). mlx-lm's
 stream_generate loads that folder in this process and `mlx_lm server` serves it: every side runs
-the same quantized matmuls on the same numbers. The earlier in-process side (the engine's
+the same numbers. Ours runs them as its start-up choice for the device (--dtype, default auto): on
+a Metal GPU the same quantized matmuls as mlx-lm; on the CPU float32 linears of the dequantised
+groups split over CPU streams (backends/mlx/cpu_linear.py), where `--dtype int4` runs the
+quantized matmuls instead. The earlier in-process side (the engine's
 Scheduler over MlxRunner, driven without the server) is dropped: the server runs that same
 Scheduler over the same MlxRunner, and the issue's targets are about the server.
 
@@ -239,7 +242,7 @@ async def server_suite(url: str, model: str, args, tokenizer, bias: dict[str, in
 
 
 def ours(args, tokenizer, bias: dict[str, int]) -> dict:
-    with radixgate_server({"name": OURS, "source": SOURCE, "backend": "mlx"}) as url:
+    with radixgate_server({"name": OURS, "source": SOURCE, "backend": "mlx", "dtype": args.dtype}) as url:
         info = httpx.get(url.removesuffix("/v1") + "/health", timeout=30).json()["models"][OURS]
         say(f"ours: radixgate backend {info['backend']}, device {info['device']}, weights {info['dtype']}")
         return asyncio.run(server_suite(url, OURS, args, tokenizer, bias, "ours"))
@@ -272,6 +275,8 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=4, help="user turns per conversation (default 4)")
     parser.add_argument("--turn-new", type=int, default=16, help="new tokens per turn (default 16)")
     parser.add_argument("--conversations", type=int, default=2, help="conversations per server (default 2)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "int4"], help="our server's models[].dtype: "
+                        "auto (the device's choice: float32 linears on the CPU) or int4 (quantized matmuls)")
     args = parser.parse_args()
     started = datetime.datetime.now(datetime.timezone.utc)
 
@@ -325,7 +330,7 @@ def main() -> None:
     say(f"{started:%Y-%m-%d %H:%M} UTC, {platform.node()}, {platform.system()} {platform.machine()}; "
         f"notes of {args.prompt} tokens ({len(prompts[1])}-token prompts) + {args.new} new, {args.repeats} "
         f"single-stream requests, {args.streams} streams, {args.conversations} conversations x {args.turns} "
-        f"turns of {args.turn_new} new; greedy")
+        f"turns of {args.turn_new} new; greedy; ours with dtype {args.dtype}")
     say()
     say("| measure | ours (radixgate `backend: mlx`, HTTP) | mlx-lm | ours faster by | target | met |")
     say("| --- | --- | --- | --- | --- | --- |")

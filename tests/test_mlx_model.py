@@ -2,9 +2,9 @@
 Q4_1 blocks served as MLX 4-bit weights, against torch's float32 on the dequantised weights) and
 a tiny random model from an HF folder and from an MLX quantised folder.
 
-Tolerances: on the GGUF both sides compute with the same numbers (MLX's quantized matmul
-dequantises the same Q4_1/Q8_0 groups to float32), so logits agree to float32 rounding, well
-inside LOGIT_ATOL (max abs; SmolLM2's logits span about +-30). Greedy: 32 tokens equal the torch
+Tolerances: on the GGUF both sides compute with the same numbers (MLX's quantized matmul, or the
+CPU's float32 linears, dequantise the same Q4_1/Q8_0 groups to float32), so logits agree to
+float32 rounding, well inside LOGIT_ATOL (max abs; SmolLM2's logits span about +-30). Greedy: 32 tokens equal the torch
 float32 run's; where they may differ, the first differing step must be a near tie of the torch
 run (as tests/test_cpu_fast_path.py phrases it): our pick within GREEDY_GAP of its maximum.
 """
@@ -20,14 +20,15 @@ import mlx.core as mx  # noqa: E402
 
 from backends.base import ForwardBatch, RunnerSettings, SampleSpec, SequenceChunk  # noqa: E402
 from backends.cuda.runner import TorchRunner  # noqa: E402
-from backends.mlx.runner import MlxRunner  # noqa: E402
+from backends.mlx.cpu_linear import ColumnSplitLinear  # noqa: E402
+from backends.mlx.runner import MlxRunner, cpu_float_linears  # noqa: E402
 from backends.sampling_params import SamplingParams  # noqa: E402
 from backends.source import resolve_source  # noqa: E402
 
 PAGE = 16
 STEPS = 32
 GREEDY_GAP = 0.5
-LOGIT_ATOL = 0.01        # measured 2026-11-30 on mlx 0.32.4 / mlx-cpu: max 1.3e-4 over 32 steps, greedy identical
+LOGIT_ATOL = 0.01        # measured on mlx 0.32.4 / mlx-cpu: max 1.3e-4 over 32 steps (auto and int4), greedy identical
 GREEDY = SampleSpec(SamplingParams(temperature=0), 0.5)
 
 
@@ -69,13 +70,22 @@ def prompt(source) -> list[int]:
     return tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": "Name three primary colours."}]))
 
 
-def test_gguf_greedy_and_logits_match_torch(source, prompt):
+@pytest.mark.parametrize("dtype", ["auto", "int4"])
+def test_gguf_greedy_and_logits_match_torch(source, prompt, dtype):
+    """auto: on the CPU the float32 column-split linears (cpu_linear.py), on a GPU the packed
+    weights; int4: the packed weights and MLX's quantized matmuls everywhere."""
     settings = dict(source_kind=source.kind, source_path=source.path, model_name="smollm2", page_size=PAGE,
                     num_pages=16, validate_batches=True)
-    mlx_runner = MlxRunner(RunnerSettings(**settings, device="mlx"))
-    assert mlx_runner.info.backend == "mlx" and mlx_runner.info.dtype == "int4/int8/float32"
+    mlx_runner = MlxRunner(RunnerSettings(**settings, device="mlx", dtype=dtype))
     layer = mlx_runner.model.layers[0].mlp.gate_proj
-    assert layer.weight.dtype == mx.uint32 and (layer.group_size, layer.bits) == (32, 4)   # packed, not dequantised
+    if cpu_float_linears(dtype):
+        assert mlx_runner.info.dtype == "float32 (dequantised int4/int8)"
+        assert isinstance(layer, ColumnSplitLinear) and layer.blocks[0].dtype == mx.float32
+        assert isinstance(mlx_runner.model.lm_head, ColumnSplitLinear)     # the tied head's own copy
+    else:
+        assert mlx_runner.info.dtype == "int4/int8/float32"
+        assert layer.weight.dtype == mx.uint32 and (layer.group_size, layer.bits) == (32, 4)   # packed
+    assert mlx_runner.info.backend == "mlx"
     table = list(range(6))
     got, got_logits = greedy_run(mlx_runner, prompt, table, STEPS)
     del mlx_runner
@@ -124,16 +134,20 @@ def tiny_folder(path, quantized: bool):
     return torch_folder
 
 
-@pytest.mark.parametrize("quantized", [False, True], ids=["hf-folder", "mlx-4bit-folder"])
-def test_tiny_random_model_matches_torch(tmp_path, quantized):
+@pytest.mark.parametrize(("quantized", "dtype"), [(False, "auto"), (True, "auto"), (True, "int4")],
+                         ids=["hf-folder", "mlx-4bit-folder", "mlx-4bit-folder-int4"])
+def test_tiny_random_model_matches_torch(tmp_path, quantized, dtype):
     folder = tmp_path / "tiny"
     folder.mkdir()
     torch_folder = tiny_folder(folder, quantized)
     common = dict(page_size=4, num_pages=32, validate_batches=True)
-    mlx_runner = MlxRunner(RunnerSettings("hf", str(folder), "tiny", device="mlx", **common))
+    mlx_runner = MlxRunner(RunnerSettings("hf", str(folder), "tiny", device="mlx", dtype=dtype, **common))
     torch_runner = TorchRunner(RunnerSettings("hf", str(torch_folder), "tiny", dtype="float32", threads=1, **common))
-    if quantized:
-        assert mlx_runner.model.layers[0].self_attn.q_proj.bits == 4
+    q_proj = mlx_runner.model.layers[0].self_attn.q_proj
+    if cpu_float_linears(dtype):
+        assert isinstance(q_proj, ColumnSplitLinear)
+    elif quantized:
+        assert q_proj.bits == 4
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, 256, n).tolist() for n in (13, 6)]
     tables = [list(range(0, 8)), list(range(8, 16))]

@@ -5,7 +5,8 @@ x layers -> RMSNorm -> lm head (the rows whose next token is sampled only).
 The shape of mlx-lm's models/llama.py, with its MLP and rotary modules reused; attention is ours
 because mlx-lm's cache is one contiguous buffer per sequence and ours is pages shared through the
 radix cache (backends/mlx/attention.py). Quantised linears are nn.QuantizedLinear: MLX's
-quantized matmul reads the packed weights, nothing is dequantised in memory.
+quantized matmul reads the packed weights, nothing is dequantised in memory. On the CPU the runner
+swaps every linear for backends/mlx/cpu_linear.py's float32 ColumnSplitLinear after loading.
 """
 from __future__ import annotations
 
@@ -107,5 +108,6 @@ class LlamaModel(nn.Module):
         if logits_rows is not None and logits_rows.shape[0] != tokens:
             x = x[logits_rows]
         h = self.norm(x)
-        head = self.embed_tokens.as_linear(h) if cfg.tie_word_embeddings else self.lm_head(h)
+        # a tied head reads the embedding, unless the CPU linears gave it its own copy (cpu_linear.py)
+        head = self.lm_head(h) if "lm_head" in self else self.embed_tokens.as_linear(h)
         return head.astype(mx.float32)

@@ -1,14 +1,16 @@
 """MlxRunner: the Backend of backends/base.py on MLX (a Metal GPU on Apple silicon, else the CPU).
 
-Chosen once at start-up: the activation dtype, the weights (quantised sources stay packed), the
-paged decode (the Metal kernel or its MLX-ops mirror) and the KV pool size. A step syncs the page
-tables (appends only, host side: MLX shares memory with the GPU on Apple silicon), builds the
-step's plan, runs the model lazily, samples, and hands the whole step to MLX with async_eval:
-launch() returns at once, and the engine builds the next step while this one runs (overlap).
+Chosen once at start-up: the activation dtype, the weights (quantised sources stay packed on a GPU;
+the CPU serves float32 linears, backends/mlx/cpu_linear.py), the paged decode (the Metal kernel or
+its MLX-ops mirror) and the KV pool size. A step syncs the page tables (appends only, host side: MLX
+shares memory with the GPU on Apple silicon), builds the step's plan, runs the model lazily,
+samples, and hands the whole step to MLX with async_eval: launch() returns at once, and the engine
+builds the next step while this one runs (overlap).
 """
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -20,6 +22,7 @@ from backends.base import PENDING_TOKEN, AttentionStats, BackendInfo, ForwardBat
 from backends.cuda.attention.sparse import check_sparse_settings
 from backends.cuda.page_tables import PageTableStore
 from backends.mlx.attention import PagedAttention, plan_step
+from backends.mlx.cpu_linear import cpu_streams, use_cpu_linears
 from backends.mlx.kv_cache import PagedKVCache
 from backends.mlx.kv_store import create_kv_store
 from backends.mlx.loader import load_model
@@ -70,7 +73,16 @@ def build_model(settings: RunnerSettings) -> tuple[LlamaModel, str]:
     mx.eval(model.parameters())
     widths = sorted({bits for _, bits in quant.values()})
     served = "/".join([*(f"int{b}" for b in widths), str(act).removeprefix("mlx.core.")])
+    if cpu_float_linears(settings.dtype):
+        use_cpu_linears(model, cpu_streams(settings.threads or os.cpu_count() or 1))
+        served = "float32" + (f" (dequantised {'/'.join(f'int{b}' for b in widths)})" if widths else "")
     return model, served
+
+
+def cpu_float_linears(dtype: str) -> bool:
+    """On the CPU, auto and float32 serve float32 linears split over CPU streams (cpu_linear.py:
+    2-4x the quantized matmuls there); int4 / int8 keep the quantized matmuls, as a Metal GPU does."""
+    return not on_gpu() and dtype in ("auto", "float32")
 
 
 class MlxRunner:
