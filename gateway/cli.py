@@ -44,6 +44,7 @@ def serve(args: argparse.Namespace) -> int:
     from gateway.engine.engine import EngineStartError
     from gateway.router import Router
     from gateway.server import create_app
+    from gateway.shutdown import GracefulServer
 
     try:
         router = Router.from_config(config)
@@ -52,9 +53,15 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     app = create_app(config, router)
     logging.getLogger("radixgate").info("serving on http://%s:%d/v1", config.server.host, config.server.port)
-    uvicorn.run(app, host=config.server.host, port=config.server.port, log_level=args.log_level,
-                timeout_graceful_shutdown=5)
-    return 0
+    # SIGTERM drains first (gateway/shutdown.py); uvicorn's own timeout only bounds closing what is left.
+    server = GracefulServer(uvicorn.Config(app, host=config.server.host, port=config.server.port,
+                                           log_level=args.log_level, timeout_graceful_shutdown=5), app.state.drain)
+    try:
+        server.run()             # the app's lifespan stops the engines after serving
+    except BaseException:
+        router.stop()            # serving failed (e.g. the port is taken): the engines stop here
+        raise
+    return app.state.drain.exit_code
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,23 +1,120 @@
 """config.yaml as validated data: the one place where defaults live and are documented."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_MODEL_SOURCE = "packaged:smollm2-135m-instruct"
+ENV_PREFIX = "os.environ/"
+MiB = 1 << 20
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def resolve_secret(value: str) -> str:
+    """A secret as config files write it: the value, or os.environ/NAME read from the environment now.
+    An unset or empty variable is an error: a missing key must not leave a server open."""
+    if not value.startswith(ENV_PREFIX):
+        if not value:
+            raise ValueError("a key must not be empty")
+        return value
+    name = value[len(ENV_PREFIX):]
+    if not os.environ.get(name):
+        raise ValueError(f"names the environment variable {name}, which is not set")
+    return os.environ[name]
+
+
+class KeyLimits(Strict):
+    """Per API key, in this process; over a limit a request gets 429 with Retry-After (gateway/rate_limits.py)."""
+
+    requests_per_minute: int | None = Field(None, ge=1, description="generation requests; null: no limit")
+    tokens_per_minute: int | None = Field(None, ge=1, description="prompt + completion tokens, charged from usage "
+                                          "as each request ends; a key may start requests while it has tokens left")
+    concurrent_streams: int | None = Field(None, ge=1, description="generation requests in flight at once, streamed "
+                                           "or not; null: no limit")
+
+
+class APIKeyConfig(KeyLimits):
+    """An API key with a name (for messages and logs, which never show the key) and its own limits."""
+
+    key: str = Field(min_length=1, repr=False, description="the key, or os.environ/NAME")
+    name: str | None = Field(None, min_length=1, description="null: key-N, N its position in api_keys")
+
+    @field_validator("key", mode="before")
+    @classmethod
+    def _read_key(cls, value):
+        return resolve_secret(value) if isinstance(value, str) else value
+
+
+class RequestLimits(Strict):
+    """What one request may ask for; each limit is checked before the body is parsed or anything is
+    tokenised, and answered with a 4xx naming it (docs/security.md says why each default is what it is)."""
+
+    max_body_bytes: int = Field(16 * MiB, ge=1024, description="request body; 413 beyond it")
+    max_json_depth: int = Field(64, ge=4, description="nesting of arrays and objects in the body")
+    max_json_values: int = Field(65_536, ge=1024, description="array elements and object members in the body, "
+                                 "counted before it is parsed: parsing and validating this many costs the event loop "
+                                 "~20-50 ms (a token-id prompt has one per token)")
+    max_messages: int = Field(2048, ge=1, description="chat or Anthropic messages, Responses input items, "
+                              "completions prompts")
+    max_prompt_chars: int = Field(4 * MiB, ge=1, description="characters of every string in what the model would "
+                                  "read (messages with their roles and tool calls, system, instructions, prompt, "
+                                  "tools), counted before tokenising")
+    max_tokens: int = Field(1 * MiB, ge=1, description="max_tokens, max_completion_tokens, max_output_tokens")
+    max_n: int = Field(16, ge=1, description="choices per prompt (n)")
+    max_stop_sequences: int = Field(16, ge=1, description="stop / stop_sequences entries")
+    max_stop_chars: int = Field(256, ge=1, description="characters of one stop sequence")
+    max_logit_bias_entries: int = Field(1024, ge=1, description="logit_bias entries")
+    stream_idle_timeout_s: float = Field(600.0, gt=0, description="a request whose model produces nothing for this "
+                                         "long (waiting in the queue included) ends with an error event")
+
+
 class ServerConfig(Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    api_keys: list[str] = Field(default_factory=list, description="empty: no auth")
+    shutdown_grace_s: float = Field(20.0, ge=0, description="on SIGTERM: how long running requests may take to "
+                                    "finish (new ones get 503) before they end with an error; below a service "
+                                    "manager's kill timeout (Kubernetes: 30 s)")
+    api_keys: list[str | APIKeyConfig] = Field(
+        default_factory=list, description="keys for the API routes, each a value or os.environ/NAME, plain or with "
+        "its own limits; empty (and no admin_keys): no auth (docs/security.md)")
+    admin_keys: list[str] = Field(default_factory=list, description="operators' keys: every route, no per-key "
+                                  "limits, and the only keys that may clear the radix cache; empty: any API key may")
+    key_limits: KeyLimits = Field(default_factory=KeyLimits, description="per-key limits of every API key that "
+                                  "does not set its own")
+    limits: RequestLimits = Field(default_factory=RequestLimits)
+
+    @field_validator("api_keys", "admin_keys", mode="before")
+    @classmethod
+    def _read_keys(cls, value):
+        keys = []
+        for i, key in enumerate(value if isinstance(value, list) else []):
+            try:
+                keys.append(resolve_secret(key) if isinstance(key, str) else key)
+            except ValueError as error:
+                raise ValueError(f"entry {i}: {error}") from None
+        return keys if isinstance(value, list) else value
+
+    @model_validator(mode="after")
+    def _keys_distinct(self) -> ServerConfig:
+        # the message names positions only: a key's value never reaches a log
+        seen: dict[str, str] = {}
+        api = [(f"api_keys.{i}", k if isinstance(k, str) else k.key) for i, k in enumerate(self.api_keys)]
+        admin = [(f"admin_keys.{i}", k) for i, k in enumerate(self.admin_keys)]
+        for where, key in api + admin:
+            if key in seen:
+                raise ValueError(f"{where} repeats the key of {seen[key]} (each key is one caller)")
+            seen[key] = where
+        names = [k.name for k in self.api_keys if not isinstance(k, str) and k.name]
+        if len(set(names)) != len(names):
+            raise ValueError(f"api_keys: names must be unique, got {names}")
+        return self
 
 
 class KVCacheConfig(Strict):

@@ -61,6 +61,9 @@ def _respond(request: Request, status: int, message: str, type: str, param: str 
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+error_response = _respond        # for ASGI middleware outside the handlers (gateway/shutdown.py)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, error: APIError) -> JSONResponse:

@@ -72,6 +72,7 @@ class ChoiceResult:
     finish_reason: str | None = None
     stop_sequence: str | None = None
     error: str | None = None
+    error_status: int = 500
 
 
 async def _wait_disconnect(http_request: HTTPRequest) -> None:
@@ -103,7 +104,9 @@ async def collect(stream: DeltaStream, num_choices: int, http_request: HTTPReque
     work.result()
     errors = [r for r in results if r.error]
     if errors:
-        raise APIError(500, errors[0].error or "internal error in the engine", type="server_error")
+        first = errors[0]
+        raise APIError(first.error_status, first.error or "internal error in the engine", type="server_error",
+                       code="timeout" if first.error_status == 504 else None)
     return results
 
 
@@ -115,4 +118,4 @@ def merge(result: ChoiceResult, delta: Delta) -> None:
         result.finish_reason = delta.finish_reason
         result.stop_sequence = delta.stop_sequence
     if delta.error:
-        result.error = delta.error
+        result.error, result.error_status = delta.error, delta.error_status

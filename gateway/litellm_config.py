@@ -2,18 +2,17 @@
 mapped onto our Config. A key we do not act on is named once at start-up, never dropped silently.
 
 Entries sharing a model_name are one replicated model (routed cache-aware unless routing_strategy
-says otherwise); `os.environ/NAME` values inside litellm_params are read when the model starts.
+says otherwise); `os.environ/NAME` values inside litellm_params are read when the model starts, the
+master key's as our own server.api_keys are (gateway/config.py resolve_secret).
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import yaml
 
 from gateway.config import Config, ConfigError, load_config, parse_config
 
-ENV_PREFIX = "os.environ/"
 # LiteLLM routing_strategy -> ours; absent means cache_aware (LiteLLM's own default is simple-shuffle)
 STRATEGIES = {"simple-shuffle": "random", "least-busy": "least_loaded"}
 ROUTER_KEYS = {"routing_strategy", "num_retries", "timeout", "fallbacks", "allowed_fails", "cooldown_time"}
@@ -30,17 +29,6 @@ def _fallbacks(value, where: str, notes: list[str]) -> dict[str, list[str]]:
         for name, chain in item.items():
             out[name] = [chain] if isinstance(chain, str) else list(chain)
     return out
-
-
-def _master_key(value: str, where: str) -> str:
-    if isinstance(value, str) and value.startswith(ENV_PREFIX):
-        name = value[len(ENV_PREFIX):]
-        if not os.environ.get(name):
-            # no key would leave the server open: refuse to start instead
-            raise ConfigError(f"{where}: general_settings.master_key names the environment variable {name}, "
-                              "which is not set")
-        return os.environ[name]
-    return str(value)
 
 
 def from_litellm(data: dict, origin: str = "config") -> tuple[Config, list[str]]:
@@ -94,7 +82,7 @@ def from_litellm(data: dict, origin: str = "config") -> tuple[Config, list[str]]
         models.append(model)
     ours: dict = {"models": models}
     if "master_key" in general:
-        ours["server"] = {"api_keys": [_master_key(general["master_key"], origin)]}
+        ours["server"] = {"api_keys": [str(general["master_key"])]}      # an unset os.environ/NAME stops start-up
     return parse_config(ours, origin), notes
 
 

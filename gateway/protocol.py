@@ -30,6 +30,10 @@ class ToolCall(_Lenient):
 
 
 class ChatMessage(_Lenient):
+    # /openapi.json says what _content_needed checks: only an assistant message may omit its content
+    model_config = ConfigDict(extra="ignore", json_schema_extra={
+        "if": {"properties": {"role": {"not": {"const": "assistant"}}}},
+        "then": {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}}})
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -73,7 +77,7 @@ class SamplingFields(_Lenient):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0, le=1)
-    n: int = Field(1, ge=1, le=16)
+    n: int = Field(1, ge=1)                  # the cap is server.limits.max_n (gateway/input_limits.py)
 
     @field_validator("n", "presence_penalty", "frequency_penalty", "temperature", "top_p", mode="before")
     @classmethod
@@ -95,11 +99,9 @@ class SamplingFields(_Lenient):
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, value: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(value, list):
-            if len(value) > 16:
-                raise ValueError("at most 16 stop sequences")
-            if any(not item for item in value):
-                raise ValueError("stop sequences must be non-empty strings")
+        # how many and how long: server.limits (gateway/input_limits.py)
+        if isinstance(value, list) and any(not item for item in value):
+            raise ValueError("stop sequences must be non-empty strings")
         return value
 
     @field_validator("logit_bias")

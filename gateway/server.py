@@ -6,19 +6,22 @@ import json
 import time
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from sse_starlette.sse import EventSourceResponse
 
-from gateway import generation, responses
+from gateway import generation, openapi, responses
 from gateway.api import anthropic_messages, openai_responses
+from gateway.auth import KeyRing
 from gateway.config import Config
 from gateway.engine.engine import EngineUnavailable
-from gateway.errors import APIError, engine_unavailable, install_error_handlers
+from gateway.errors import engine_unavailable, install_error_handlers
+from gateway.gate import Gate, ParsedBodyRoute, track
 from gateway.metrics import Metrics
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, new_id, now_s
 from gateway.router import Router
 from gateway.services.base import ChatCall, TextCall
+from gateway.shutdown import Drain, DrainMiddleware
+from gateway.sse import DeltaEventResponse
 from gateway.tools import parse_tools
 
 
@@ -43,51 +46,30 @@ class RequestCounter:
         await self.app(scope, receive, watch)
 
 
-class DeltaEventResponse(EventSourceResponse):
-    """SSE of a model's delta stream that cancels the stream however the response ends: finished,
-    failed, or the client gone before the first event was produced (then the event generator never
-    runs, so its own cleanup cannot be relied on). Cancelling releases a pool replica's in-flight
-    count and stops the engine or upstream generating for no one; after a finished stream it is a no-op."""
-
-    def __init__(self, events, stream):
-        super().__init__(events, ping=15)
-        self.delta_stream = stream
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.delta_stream.cancel()
-
-
 def create_app(config: Config, router: Router) -> FastAPI:
     """The app serving `router`'s models; engines start and stop with the app."""
     metrics = Metrics()
-    keys = set(config.server.api_keys)
+    drain = Drain(config.server.shutdown_grace_s, router)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         router.attach(asyncio.get_running_loop())
+        drain.attach(asyncio.get_running_loop())
         yield
         router.stop()
 
     app = FastAPI(title="radixgate", lifespan=lifespan)
+    app.router.route_class = ParsedBodyRoute         # routes read the JSON the gate parsed
+    app.state.drain = drain          # `radixgate serve` drains on SIGTERM (gateway/shutdown.py)
     install_error_handlers(app)
+    openapi.install(app)             # /openapi.json lists every status each route answers
 
-    def authorize(request: Request) -> None:
-        if not keys:
-            return
-        header = request.headers.get("authorization", "")
-        if header.startswith("Bearer ") and header[7:] in keys:
-            return
-        if request.headers.get("x-api-key") in keys:      # Anthropic clients send the key this way
-            return
-        raise APIError(401, "Incorrect or missing API key. Send 'Authorization: Bearer <key>'.",
-                       code="invalid_api_key")
-
+    # keys, per-key limits and input limits, before a body is parsed (gateway/gate.py); innermost
+    app.add_middleware(Gate, keys=KeyRing(config.server), limits=config.server.limits)
+    app.add_middleware(DrainMiddleware, drain=drain)
     app.add_middleware(RequestCounter, metrics=metrics)
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         service = router.service(body.model)
         tools = parse_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
@@ -95,7 +77,7 @@ def create_app(config: Config, router: Router) -> FastAPI:
                         body.max_completion_tokens or body.max_tokens, tools, body.response_format,
                         logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0, stream=body.stream)
         rid, created, started = new_id("chatcmpl"), now_s(), time.monotonic()
-        stream = await service.chat(call)
+        stream = track(request, await service.chat(call))
         if body.stream:
             return DeltaEventResponse(_chat_stream(stream, body, rid, created, started), stream)
         results = await generation.collect(stream, body.n, request)
@@ -136,15 +118,15 @@ def create_app(config: Config, router: Router) -> FastAPI:
             yield {"data": chunk([], responses.usage_of(stream.usage))}
         yield {"data": "[DONE]"}
 
-    openai_responses.register(app, router, [Depends(authorize)])
-    anthropic_messages.register(app, router, [Depends(authorize)])
+    openai_responses.register(app, router)
+    anthropic_messages.register(app, router)
 
-    @app.post("/v1/completions", dependencies=[Depends(authorize)])
+    @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         service = router.service(body.model)
         call = TextCall(body.prompt, body, body.max_tokens, body.logprobs, body.echo, body.stream)
         rid, created, started = new_id("cmpl"), now_s(), time.monotonic()
-        stream = await service.complete(call)
+        stream = track(request, await service.complete(call))
         num_choices = (len(body.prompt) if _many_prompts(body.prompt) else 1) * body.n
         if body.stream:
             return DeltaEventResponse(_text_stream(stream, body, rid, created), stream)
@@ -173,11 +155,11 @@ def create_app(config: Config, router: Router) -> FastAPI:
         """A list of texts or of token-id lists is several prompts; one text or one id list is one."""
         return isinstance(prompt, list) and not all(isinstance(p, int) for p in prompt)
 
-    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    @app.get("/v1/models")
     async def list_models():
         return {"object": "list", "data": [_model_card(name) for name in router.services]}
 
-    @app.get("/v1/models/{name:path}", dependencies=[Depends(authorize)])
+    @app.get("/v1/models/{name:path}")
     async def get_model(name: str):
         router.service(name)
         return _model_card(name)
@@ -208,8 +190,9 @@ def create_app(config: Config, router: Router) -> FastAPI:
             models[name] = {"backend": info.backend, "device": info.device, "dtype": info.dtype,
                             "context_length": router.models[name].engine.context_length, **snap}
         first = next(iter(models.values()), {})
-        healthy = all("error" not in snap for snap in snaps.values())
-        body = {"status": "ok" if healthy else "unavailable", "models": models,
+        healthy = all("error" not in snap for snap in snaps.values()) and not drain.draining
+        status = "draining" if drain.draining else "ok" if healthy else "unavailable"
+        body = {"status": status, "models": models,
                 "radix_cache_stats": first.get("radix_cache_stats", {}),
                 "attention_sparsity_ratio": first.get("attention_sparsity_ratio", 0.0),
                 "remote_models": {name: service.describe() for name, service in router.services.items()
@@ -226,7 +209,7 @@ def create_app(config: Config, router: Router) -> FastAPI:
         snaps = await _snapshots()
         return {name: snap.get("radix_cache_stats", snap) for name, snap in snaps.items()}
 
-    @app.post("/clear_radix_cache", dependencies=[Depends(authorize)])
+    @app.post("/clear_radix_cache")
     async def clear_radix_cache():
         try:
             freed = {name: await m.engine.call("reset_cache") for name, m in router.models.items()}

@@ -7,13 +7,14 @@ import json
 
 from fastapi import FastAPI, Request
 from pydantic import Field, field_validator
-from sse_starlette.sse import EventSourceResponse
 
 from gateway import generation
 from gateway.errors import APIError
+from gateway.gate import track
 from gateway.protocol import SamplingFields, _Lenient, new_id
 from gateway.router import Router
 from gateway.services.base import ChatCall, Usage
+from gateway.sse import DeltaEventResponse
 from gateway.tools import parse_tools
 
 ANTHROPIC_PATH = "/v1/messages"
@@ -24,7 +25,7 @@ class MessagesRequest(_Lenient):
     max_tokens: int = Field(ge=1)
     messages: list[dict] = Field(min_length=1)
     system: str | list[dict] | None = None
-    stop_sequences: list[str] | None = Field(None, max_length=16)
+    stop_sequences: list[str] | None = None          # how many, how long: server.limits
     temperature: float | None = Field(None, ge=0, le=1)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)
@@ -133,10 +134,11 @@ class MessagesService:
         tools = _tools(body)
         sampling = SamplingFields(model=body.model, temperature=body.temperature, top_p=body.top_p,
                                   top_k=body.top_k, stop=body.stop_sequences)
-        stream = await service.chat(ChatCall(to_messages(body), sampling, body.max_tokens, tools, stream=body.stream))
+        call = ChatCall(to_messages(body), sampling, body.max_tokens, tools, stream=body.stream)
+        stream = track(request, await service.chat(call))
         mid = new_id("msg")
         if body.stream:
-            return EventSourceResponse(self.stream(stream, body, mid), ping=15)
+            return DeltaEventResponse(self.stream(stream, body, mid), stream)
         [result] = await generation.collect(stream, 1, request)
         calls = result.tool_calls
         text = result.text.strip() if calls else result.text
@@ -185,6 +187,6 @@ class MessagesService:
         yield event("message_stop")
 
 
-def register(app: FastAPI, router: Router, dependencies: list) -> None:
+def register(app: FastAPI, router: Router) -> None:
     service = MessagesService(router)
-    app.post(ANTHROPIC_PATH, dependencies=dependencies)(service.create)
+    app.post(ANTHROPIC_PATH)(service.create)

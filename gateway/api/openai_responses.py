@@ -10,14 +10,15 @@ import time
 
 from fastapi import FastAPI, Request
 from pydantic import Field
-from sse_starlette.sse import EventSourceResponse
 
 from gateway import generation
 from gateway.errors import APIError
+from gateway.gate import track
 from gateway.protocol import SamplingFields, _Lenient, new_id
 from gateway.responses import stream_error
 from gateway.router import Router
 from gateway.services.base import ChatCall, Usage
+from gateway.sse import DeltaEventResponse
 from gateway.tool_calls import new_call_id
 from gateway.tools import parse_tools
 
@@ -143,11 +144,11 @@ class ResponsesService:
         tools = _chat_tools(body)
         fmt = (body.text or {}).get("format")
         sampling = SamplingFields(model=body.model, temperature=body.temperature, top_p=body.top_p)
-        stream = await service.chat(ChatCall(to_messages(body), sampling, body.max_output_tokens, tools, fmt,
-                                             "text.format", stream=body.stream))
+        stream = track(request, await service.chat(ChatCall(to_messages(body), sampling, body.max_output_tokens,
+                                                            tools, fmt, "text.format", stream=body.stream)))
         rid, created = new_id("resp"), int(time.time())
         if body.stream:
-            return EventSourceResponse(self.stream(stream, body, rid, created), ping=15)
+            return DeltaEventResponse(self.stream(stream, body, rid, created), stream)
         [result] = await generation.collect(stream, 1, request)
         calls = result.tool_calls
         content = result.text.strip() if calls else result.text
@@ -230,6 +231,6 @@ class ResponsesService:
         yield event(f"response.{status}", response=self.envelope(body, rid, created, status, output, deltas.usage))
 
 
-def register(app: FastAPI, router: Router, dependencies: list) -> None:
+def register(app: FastAPI, router: Router) -> None:
     service = ResponsesService(router)
-    app.post("/v1/responses", dependencies=dependencies)(service.create)
+    app.post("/v1/responses")(service.create)

@@ -12,6 +12,7 @@ import concurrent.futures
 import itertools
 import logging
 import multiprocessing
+import os
 import threading
 from collections.abc import AsyncIterator
 
@@ -76,11 +77,10 @@ class Engine:
         self.info: BackendInfo | None = None
         self.context_length = 0
         self.fatal_error: str | None = None
-        context = multiprocessing.get_context("spawn")      # fork would copy threads and locks
-        self._conn, child_conn = context.Pipe()
-        self._process = context.Process(target=worker.main, args=(child_conn, spec),
-                                        name="radixgate-engine", daemon=True)
-        self._child_conn = child_conn
+        self._spec = spec
+        self._context = multiprocessing.get_context("spawn")      # fork would copy threads and locks
+        self._conn, self._child_conn = self._context.Pipe()
+        self._process: multiprocessing.process.BaseProcess | None = None
         self._send_lock = threading.Lock()
         self._state_lock = threading.Lock()
         self._open: dict[str, tuple[RequestHandle, int]] = {}     # request id -> (handle, choice index)
@@ -95,6 +95,12 @@ class Engine:
     # ---- life cycle ----------------------------------------------------------------------
     def start(self) -> None:
         """Start the engine process and wait until its model is loaded (raises EngineStartError)."""
+        # The child dies with this process (gateway/engine/parent_watch.py); the kernel's death
+        # signal follows the forking thread, so say whether that thread lives as long as we do.
+        on_main_thread = threading.current_thread() is threading.main_thread()
+        self._process = self._context.Process(
+            target=worker.main, args=(self._child_conn, self._spec, os.getpid(), on_main_thread),
+            name="radixgate-engine", daemon=True)
         self._process.start()
         self._child_conn.close()      # the child holds its end: EOF here means it is gone
         try:
@@ -124,20 +130,20 @@ class Engine:
                 self._loop.remove_reader(self._conn.fileno())
             except (OSError, ValueError, RuntimeError):
                 pass
-        if self._process.is_alive():
+        if self._process is not None and self._process.is_alive():
             try:
                 self._send(("stop",))
             except (OSError, EngineUnavailable):
                 pass
             self._process.join(timeout=10)
             if self._process.is_alive():
-                self._process.terminate()
+                self._process.kill()            # it ignores SIGTERM (worker.main)
                 self._process.join(timeout=5)
         self._conn.close()
 
     @property
     def alive(self) -> bool:
-        return self._process.is_alive() and not self._stopping
+        return self._process is not None and self._process.is_alive() and not self._stopping
 
     # ---- HTTP side -----------------------------------------------------------------------
     def _send(self, message: tuple) -> None:
@@ -271,10 +277,26 @@ class Engine:
                 f"the engine process exited unexpectedly (exit code {self._process.exitcode})")
             log.error("%s", self.fatal_error)
         message = self.fatal_error or "the engine was stopped"
+        self._end_open_requests(message)
         with self._state_lock:
-            open_requests, self._open = self._open, {}
             calls, self._calls = self._calls, {}
-        for handle, index in open_requests.values():
-            self._deliver(handle, [TokenEvent(index, "", [], [], finish_reason="error", error=message)])
         for future in calls.values():
             future.set_exception(EngineUnavailable(message))
+
+    def fail_open_requests(self, message: str) -> int:
+        """End every open request now with an error event and cancel it in the engine (a shutdown
+        past its grace period); the engine frees their pages at its next step. Returns how many."""
+        ended = self._end_open_requests(message)
+        for request_id in ended:
+            try:
+                self._send(("cancel", request_id))
+            except EngineUnavailable:
+                break
+        return len(ended)
+
+    def _end_open_requests(self, message: str) -> list[str]:
+        with self._state_lock:
+            open_requests, self._open = self._open, {}
+        for handle, index in open_requests.values():
+            self._deliver(handle, [TokenEvent(index, "", [], [], finish_reason="error", error=message)])
+        return list(open_requests)

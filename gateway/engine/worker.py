@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ from backends.base import Backend
 from gateway.detokenizer import IncrementalDetokenizer, byte_level_table
 from gateway.engine.admission import make_policy
 from gateway.engine.page_pool import PagePool
+from gateway.engine.parent_watch import exit_with_parent
 from gateway.engine.request import Request, TokenEvent
 from gateway.engine.sampling import SamplingParams
 from gateway.engine.scheduler import Scheduler
@@ -140,10 +142,12 @@ class EngineLoop:
         by_id: dict[str, Request] = {}
         for spec in specs:
             try:
+                if not spec.prompt_ids:       # nothing to compute logits from: it would wait forever
+                    raise ValueError("the prompt has no tokens")
                 constraint = self._constraint(spec)
-            except GrammarError as error:     # the gateway validated it; still never crash a step
+            except (GrammarError, ValueError) as error:   # the gateway validated it; still never crash a step
                 self.outbox.append((spec.id, TokenEvent(spec.index, "", [], [], finish_reason="error",
-                                                        error=f"invalid grammar: {error}")))
+                                                        error=f"invalid request: {error}")))
                 continue
             request = Request(
                 id=spec.id, index=spec.index, prompt_ids=list(spec.prompt_ids), params=spec.params,
@@ -211,8 +215,13 @@ class EngineLoop:
             self.scheduler.cache.flush_writes()     # copies to lower KV tiers, after the tokens went out
 
 
-def main(conn, spec: EngineSpec) -> None:
+def main(conn, spec: EngineSpec, parent_pid: int, parent_is_main_thread: bool) -> None:
     """Entry point of the engine process (multiprocessing spawn target)."""
+    exit_with_parent(parent_pid, parent_is_main_thread)
+    # The gateway decides when the engine stops (after its shutdown grace): a terminal's Ctrl-C or a
+    # service manager's SIGTERM to the whole process group must not cut the running requests.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=spec.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         backend = spec.make_backend()

@@ -53,6 +53,7 @@ class Delta:
     finish_reason: str | None = None
     stop_sequence: str | None = None           # the stop string that ended the choice, when known
     error: str | None = None
+    error_status: int = 500                    # a non-streamed answer ending in `error` gets this status
 
 
 @dataclass

@@ -123,8 +123,8 @@ class LocalService:
     def _prompt_ids(self, prompt) -> list[list[int]]:
         tokenizer = self.model.tokenizer
         if isinstance(prompt, str):
-            return [tokenizer.encode(prompt)]
-        if all(isinstance(p, int) for p in prompt):
+            prompts = [tokenizer.encode(prompt)]
+        elif all(isinstance(p, int) for p in prompt):
             prompts = [list(prompt)]
         elif all(isinstance(p, str) for p in prompt):
             prompts = [tokenizer.encode(p) for p in prompt]
