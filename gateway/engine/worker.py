@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import gc
 import logging
+import multiprocessing.util
+import os
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -240,3 +242,14 @@ def main(conn, spec: EngineSpec, parent_pid: int, parent_is_main_thread: bool) -
         loop.run()
     except (EOFError, BrokenPipeError, ConnectionResetError):
         pass      # the gateway went away: nothing left to serve
+    # Served and stopped: stop the backend's own processes (tensor-parallel followers), then leave
+    # without the interpreter's finalisation, where Triton's bindings print a page of "nanobind:
+    # leaked ..." at every shutdown (nothing of ours needs it: KV page files are written
+    # synchronously, the pipe is done).
+    try:
+        getattr(backend, "close", lambda: None)()
+    except Exception:
+        log.exception("closing the backend")
+    multiprocessing.util._exit_function()     # what atexit would run: release multiprocessing's semaphores
+    logging.shutdown()
+    os._exit(0)
