@@ -5,27 +5,17 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from gateway.services.base import Delta, DeltaStream, Usage
+from gateway.services.base import Delta, DeltaStream, WrappedStream
 
 
-class IdleTimeoutStream:
+class IdleTimeoutStream(WrappedStream):
     """`inner`'s deltas; after `timeout_s` without one (the wait for the first included) the inner
     stream is cancelled and one error delta ends this one. Time the consumer spends between deltas
     (a slow client) does not count: only the wait for the next delta is timed."""
 
     def __init__(self, inner: DeltaStream, timeout_s: float):
-        self.inner, self.timeout_s = inner, timeout_s
-
-    @property
-    def usage(self) -> Usage:
-        return self.inner.usage
-
-    @property
-    def prompt_tokens(self) -> int | None:
-        return self.inner.prompt_tokens
-
-    def cancel(self) -> None:
-        self.inner.cancel()
+        super().__init__(inner)
+        self.timeout_s = timeout_s
 
     async def __aiter__(self) -> AsyncIterator[Delta]:
         deltas = self.inner.__aiter__()

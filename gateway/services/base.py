@@ -117,12 +117,32 @@ class ListStream:
         pass
 
 
-class PeekedStream:
+class WrappedStream:
+    """A DeltaStream over `inner`: usage, prompt_tokens and cancel are the inner stream's; a
+    subclass changes how the deltas flow (__aiter__) and what else cancel does."""
+
+    def __init__(self, inner: DeltaStream):
+        self.inner = inner
+
+    @property
+    def usage(self) -> Usage:
+        return self.inner.usage
+
+    @property
+    def prompt_tokens(self) -> int | None:
+        return self.inner.prompt_tokens
+
+    def cancel(self) -> None:
+        self.inner.cancel()
+
+
+class PeekedStream(WrappedStream):
     """A stream whose first delta has already arrived: errors before the first token surface from
     `open` (as an UpstreamError the caller can retry or fall back on), not mid-response."""
 
     def __init__(self, inner: DeltaStream, first: Delta | None):
-        self.inner, self.first = inner, first
+        super().__init__(inner)
+        self.first = first
 
     @classmethod
     async def open(cls, inner: DeltaStream) -> PeekedStream:
@@ -141,19 +161,8 @@ class PeekedStream:
         stream._iterator = iterator
         return stream
 
-    @property
-    def usage(self) -> Usage:
-        return self.inner.usage
-
-    @property
-    def prompt_tokens(self) -> int | None:
-        return self.inner.prompt_tokens
-
     async def __aiter__(self) -> AsyncIterator[Delta]:
         if self.first is not None:
             yield self.first
         async for delta in self._iterator:
             yield delta
-
-    def cancel(self) -> None:
-        self.inner.cancel()

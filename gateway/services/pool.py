@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from gateway.config import RoutingConfig
-from gateway.services.base import ChatCall, Delta, PeekedStream, TextCall, UpstreamError
+from gateway.services.base import ChatCall, Delta, PeekedStream, TextCall, UpstreamError, WrappedStream
 from gateway.services.prefix_router import POLICIES, PrefixTree, Replica, chat_key, text_key
 
 log = logging.getLogger("radixgate.pool")
@@ -23,19 +23,12 @@ BACKOFF_S = 0.05                # the first wait before retrying on the same rep
 FAIL_WINDOW_S = 60.0
 
 
-class PooledStream:
+class PooledStream(WrappedStream):
     """A replica's stream; the replica's in-flight count drops once it ends or is cancelled."""
 
     def __init__(self, inner: PeekedStream, release: Callable[[], None]):
-        self.inner, self._release = inner, release
-
-    @property
-    def usage(self):
-        return self.inner.usage
-
-    @property
-    def prompt_tokens(self):
-        return self.inner.prompt_tokens
+        super().__init__(inner)
+        self._release = release
 
     async def __aiter__(self) -> AsyncIterator[Delta]:
         try:
@@ -50,7 +43,7 @@ class PooledStream:
             self._release = None
 
     def cancel(self) -> None:
-        self.inner.cancel()
+        super().cancel()
         self.release()
 
 
