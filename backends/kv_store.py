@@ -119,3 +119,16 @@ def model_fingerprint(kind: str, path: str) -> str:
                 handle.seek(size - (1 << 20))
                 digest.update(handle.read(1 << 20))
     return digest.hexdigest()
+
+
+def host_tier_layout(settings, page_bytes: int, weights: str, attention: str, **cache_shape) -> tuple[int, KVLayout]:
+    """What every backend's create_kv_store computes the same way: how many pages of page_bytes the
+    host tier holds (settings.host_cache_bytes, which must hold one at least) and the layout key of
+    the backend's pages (cache_shape: kv_dtype, device, page_size, num_layers, kv_heads, head_dim,
+    summary_tokens)."""
+    num_host_pages = settings.host_cache_bytes // page_bytes
+    if num_host_pages < 1:
+        raise ValueError(f"host cache of {settings.host_cache_bytes} bytes holds no KV page ({page_bytes} bytes each)")
+    layout = KVLayout(model=model_fingerprint(settings.source_kind, settings.source_path), weights=weights,
+                      attention=attention, page_bytes=page_bytes, **cache_shape)
+    return num_host_pages, layout

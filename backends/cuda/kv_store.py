@@ -20,7 +20,7 @@ import torch
 
 from backends.base import RunnerSettings
 from backends.cuda.kv_cache import PagedKVCache
-from backends.kv_store import COPY_DONE, KVLayout, PageCopy, Tier, model_fingerprint, runs
+from backends.kv_store import COPY_DONE, KVLayout, PageCopy, Tier, host_tier_layout, runs
 
 
 class CudaCopy:
@@ -140,13 +140,9 @@ def create_kv_store(settings: RunnerSettings, cache: PagedKVCache, weights: str,
         # each rank holds a shard of every page: tiers would need every rank to copy its shard
         logging.getLogger("radixgate.runner").warning("KV tiers are off under tensor parallelism (not built yet)")
         return None
-    page_bytes = TorchKVStore.bytes_per_page(cache)
-    num_host_pages = settings.host_cache_bytes // page_bytes
-    if num_host_pages < 1:
-        raise ValueError(f"host cache of {settings.host_cache_bytes} bytes holds no KV page ({page_bytes} bytes each)")
-    layout = KVLayout(
-        model=model_fingerprint(settings.source_kind, settings.source_path), weights=weights,
-        kv_dtype=str(cache.k.dtype).removeprefix("torch."), device=cache.k.device.type, attention=attention,
-        page_size=cache.page_size, num_layers=cache.k.shape[0], kv_heads=cache.k.shape[3],
-        head_dim=cache.k.shape[4], summary_tokens=cache.summary_tokens, page_bytes=page_bytes)
+    num_host_pages, layout = host_tier_layout(
+        settings, TorchKVStore.bytes_per_page(cache), weights, attention,
+        kv_dtype=str(cache.k.dtype).removeprefix("torch."), device=cache.k.device.type, page_size=cache.page_size,
+        num_layers=cache.k.shape[0], kv_heads=cache.k.shape[3], head_dim=cache.k.shape[4],
+        summary_tokens=cache.summary_tokens)
     return TorchKVStore(cache, num_host_pages, layout)

@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 
 from backends.base import RunnerSettings
-from backends.kv_store import COPY_DONE, KVLayout, PageCopy, Tier, model_fingerprint
+from backends.kv_store import COPY_DONE, KVLayout, PageCopy, Tier, host_tier_layout
 from backends.mlx.kv_cache import PagedKVCache
 
 _UINT = {1: mx.uint8, 2: mx.uint16, 4: mx.uint32}
@@ -71,13 +71,9 @@ def create_kv_store(settings: RunnerSettings, cache: PagedKVCache, weights: str,
     """The host tier settings ask for (host_cache_bytes), or None when it is off."""
     if settings.host_cache_bytes <= 0:
         return None
-    page_bytes = MlxKVStore.bytes_per_page(cache)
-    num_host_pages = settings.host_cache_bytes // page_bytes
-    if num_host_pages < 1:
-        raise ValueError(f"host cache of {settings.host_cache_bytes} bytes holds no KV page ({page_bytes} bytes each)")
-    layout = KVLayout(
-        model=model_fingerprint(settings.source_kind, settings.source_path), weights=weights,
+    num_host_pages, layout = host_tier_layout(
+        settings, MlxKVStore.bytes_per_page(cache), weights, attention,
         kv_dtype=str(cache.k[0].dtype).removeprefix("mlx.core."), device=f"mlx-{mx.default_device().type.name}",
-        attention=attention, page_size=cache.page_size, num_layers=len(cache.k), kv_heads=cache.kv_heads,
-        head_dim=cache.head_dim, summary_tokens=cache.summary_tokens, page_bytes=page_bytes)
+        page_size=cache.page_size, num_layers=len(cache.k), kv_heads=cache.kv_heads, head_dim=cache.head_dim,
+        summary_tokens=cache.summary_tokens)
     return MlxKVStore(cache, num_host_pages, layout)
