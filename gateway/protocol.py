@@ -79,9 +79,14 @@ class SamplingFields(_Lenient):
     min_p: float | None = Field(None, ge=0, le=1)
     n: int = Field(1, ge=1)                  # the cap is server.limits.max_n (gateway/input_limits.py)
 
-    @field_validator("n", "presence_penalty", "frequency_penalty", "temperature", "top_p", mode="before")
+    @field_validator("n", "presence_penalty", "frequency_penalty", "temperature", "top_p", "top_k", "min_p",
+                     "max_tokens", "seed", "priority", mode="before")
     @classmethod
     def _null_is_default(cls, value, info):
+        # a number means a JSON number, as the schema says and OpenAI checks: pydantic's lax mode
+        # would read false as 0 and "1" as 1
+        if isinstance(value, (bool, str)):
+            raise ValueError(f"expected a number, got {type(value).__name__} {value!r}")
         # clients send explicit nulls for "use the default"; n's default is 1
         return 1 if value is None and info.field_name == "n" else value
     stream: bool = False
