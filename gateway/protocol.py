@@ -9,8 +9,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 
 class _Lenient(BaseModel):
-    # Clients send fields we do not use (user, metadata, store, ...): accept and ignore them.
-    model_config = ConfigDict(extra="ignore")
+    # Clients send fields we do not use (user, metadata, store, ...): accept and ignore them. Strict:
+    # a field's JSON type is the one the schema says (OpenAI checks it too); pydantic's lax mode would
+    # read 0.0 as false, "1" as 1 and true as 1.
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class TextPart(_Lenient):
@@ -31,7 +33,7 @@ class ToolCall(_Lenient):
 
 class ChatMessage(_Lenient):
     # /openapi.json says what _content_needed checks: only an assistant message may omit its content
-    model_config = ConfigDict(extra="ignore", json_schema_extra={
+    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra={
         "if": {"properties": {"role": {"not": {"const": "assistant"}}}},
         "then": {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}}})
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
@@ -79,16 +81,11 @@ class SamplingFields(_Lenient):
     min_p: float | None = Field(None, ge=0, le=1)
     n: int = Field(1, ge=1)                  # the cap is server.limits.max_n (gateway/input_limits.py)
 
-    @field_validator("n", "presence_penalty", "frequency_penalty", "temperature", "top_p", "top_k", "min_p",
-                     "max_tokens", "seed", "priority", mode="before")
+    @field_validator("n", mode="before")
     @classmethod
-    def _null_is_default(cls, value, info):
-        # a number means a JSON number, as the schema says and OpenAI checks: pydantic's lax mode
-        # would read false as 0 and "1" as 1
-        if isinstance(value, (bool, str)):
-            raise ValueError(f"expected a number, got {type(value).__name__} {value!r}")
+    def _null_is_default(cls, value):
         # clients send explicit nulls for "use the default"; n's default is 1
-        return 1 if value is None and info.field_name == "n" else value
+        return 1 if value is None else value
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
