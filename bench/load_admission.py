@@ -18,7 +18,7 @@ The default run is the issue's mix scaled down to fit ~8 minutes on 2 cores: 16 
 of 32, ~1,500-token documents instead of 4.4k, 16 new tokens, 120 s of issuing per server. The
 issue's own sizes: `--clients 32 --doc-tokens 4400 --duration 300` (~20 minutes).
 
-    python bench/load.py
+    python bench/load.py admission
 """
 from __future__ import annotations
 
