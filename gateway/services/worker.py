@@ -1,29 +1,27 @@
 """One worker: any OpenAI-compatible server (another radixgate, vLLM, SGLang, llama.cpp) reached
-over HTTP with a kept-alive connection pool.
-
-The client is aiohttp's: on a CPU-bound host the hop through the gateway is mostly the gateway's
-own Python per request, and aiohttp's C parser spends 1.1 ms of CPU on a 1-token streamed answer
-where httpx spent 2.8 ms (measured side by side against a local worker, docs/routing.md)."""
+over HTTP with kept-alive connections (gateway/services/http1.py: on a CPU-bound host the hop through
+the gateway is mostly the gateway's own Python per request, and a relay needs less of it than a
+general client spends)."""
 from __future__ import annotations
 
 import asyncio
 import json
 from collections.abc import AsyncIterator
-
-import aiohttp
+from urllib.parse import urlsplit
 
 from gateway.services.base import ChatCall, Delta, ListStream, TextCall, UpstreamError, Usage
+from gateway.services.http1 import HTTPClient, Response, Timeout, TransportError
 from gateway.services.openai_wire import ChunkReader, chat_body, error_of, response_deltas, text_body
 
 # What a request that never got an answer raised: a timeout (504) or anything else of the transport (502).
-TIMEOUTS = (asyncio.TimeoutError, aiohttp.ServerTimeoutError)
-TRANSPORT_ERRORS = (aiohttp.ClientError, *TIMEOUTS, OSError)
+TIMEOUTS = (Timeout, asyncio.TimeoutError)
+TRANSPORT_ERRORS = (TransportError, asyncio.TimeoutError, OSError)
 
 
 def transport_error(url: str, error: BaseException) -> UpstreamError:
     """A request that never got an answer: 504 when it timed out, else 502 (refused, reset, DNS)."""
     if isinstance(error, TIMEOUTS):
-        return UpstreamError(504, f"The upstream {url} did not answer in time ({type(error).__name__}).",
+        return UpstreamError(504, f"The upstream {url} did not answer in time ({error or type(error).__name__}).",
                              code="upstream_timeout")
     return UpstreamError(502, f"The upstream {url} cannot be reached: {error or type(error).__name__}.",
                          code="upstream_unreachable")
@@ -35,7 +33,7 @@ class WorkerStream:
 
     prompt_tokens = None
 
-    def __init__(self, url: str, response: aiohttp.ClientResponse, chat: bool):
+    def __init__(self, url: str, response: Response, chat: bool):
         self.url, self.response = url, response
         self.reader = ChunkReader(chat)
         self.usage = Usage()
@@ -63,10 +61,10 @@ class WorkerStream:
             self.usage = self.reader.usage or self.usage
 
     async def _lines(self) -> AsyncIterator[bytes]:
-        """The body's lines as they arrive, of any length (aiohttp's own line reader stops at 64 KB,
-        less than one chunk with many logprobs)."""
+        """The body's lines as they arrive, of any length (line readers with a cap, as aiohttp's at
+        64 KB, stop short of one chunk with many logprobs)."""
         rest = b""
-        async for piece in self.response.content.iter_any():
+        async for piece in self.response.pieces():
             *lines, rest = (rest + piece).split(b"\n")
             for line in lines:
                 yield line
@@ -84,24 +82,20 @@ class WorkerClient:
 
     def __init__(self, base_url: str, model: str, timeout_s: float, health_timeout_s: float):
         self.url = base_url.rstrip("/")
+        self.path = urlsplit(self.url).path
         self.model = model
-        # timeout_s bounds each wait for the upstream (connecting, then every read), not the whole
-        # answer: a long stream that keeps sending is never cut
-        self.timeout = aiohttp.ClientTimeout(total=None, connect=min(timeout_s, 5.0), sock_read=timeout_s)
-        self.health_timeout = aiohttp.ClientTimeout(total=health_timeout_s)
-        self.session: aiohttp.ClientSession | None = None
+        self.timeout_s, self.health_timeout_s = timeout_s, health_timeout_s
+        self.client: HTTPClient | None = None
 
     def attach(self, loop) -> None:
-        # keep-alive connections: the hop costs a request on an open socket, not a TCP handshake
-        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256), timeout=self.timeout)
+        # timeout_s bounds each wait for the upstream (connecting, then every read), not the whole
+        # answer: a long stream that keeps sending is never cut
+        self.client = HTTPClient(self.url, connect_timeout_s=min(self.timeout_s, 5.0), read_timeout_s=self.timeout_s)
 
     def stop(self) -> None:
-        session, self.session = self.session, None
-        if session is not None and not session.closed:
-            try:
-                asyncio.get_running_loop().create_task(session.close())
-            except RuntimeError:        # no loop running any more: its sockets close with the process
-                pass
+        client, self.client = self.client, None
+        if client is not None:
+            client.close()
 
     async def chat(self, call: ChatCall):
         return await self._send("/chat/completions", chat_body(call, self.model), call.stream, True)
@@ -110,26 +104,26 @@ class WorkerClient:
         return await self._send("/completions", text_body(call, self.model), call.stream, False)
 
     async def _send(self, path: str, body: dict, stream: bool, chat: bool):
-        assert self.session is not None, "attach() first"
+        assert self.client is not None, "attach() first"
         try:
-            response = await self.session.post(self.url + path, json=body)
+            response = await self.client.request("POST", self.path + path, json.dumps(body).encode())
             if response.status != 200:
-                content = await response.read()
-                response.release()
-                raise error_of(response.status, content)
+                raise error_of(response.status, await response.read())
             if stream:
                 return WorkerStream(self.url, response, chat)
-            data = await response.json(content_type=None)
-            response.release()
-            deltas, usage = response_deltas(data, chat)
+            deltas, usage = response_deltas(json.loads(await response.read()), chat)
             return ListStream(deltas, usage)
         except TRANSPORT_ERRORS as error:
             raise transport_error(self.url, error) from None
+        except ValueError as error:                     # a 200 whose body is not JSON
+            raise UpstreamError(502, f"The upstream {self.url} answered with a body that is not JSON: {error}",
+                                code="upstream_bad_answer") from None
 
     async def probe(self) -> bool:
         """Whether the worker answers GET …/v1/models (every OpenAI-compatible server has it)."""
         try:
-            async with self.session.get(self.url + "/models", timeout=self.health_timeout) as response:
+            async with asyncio.timeout(self.health_timeout_s):
+                response = await self.client.request("GET", self.path + "/models", timeout_s=self.health_timeout_s)
                 await response.read()
                 return response.status == 200
         except TRANSPORT_ERRORS:
