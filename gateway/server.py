@@ -21,7 +21,7 @@ from gateway.protocol import ChatCompletionRequest, CompletionRequest, new_id, n
 from gateway.router import Router
 from gateway.services.base import ChatCall, TextCall
 from gateway.shutdown import Drain, DrainMiddleware
-from gateway.sse import DeltaEventResponse
+from gateway.sse import Batch, DeltaEventResponse
 from gateway.tools import parse_tools
 
 
@@ -91,14 +91,13 @@ def create_app(config: Config, router: Router) -> FastAPI:
             return json.dumps(responses.stream_chunk("chat.completion.chunk", rid, created, body.model, choices,
                                                      usage_block, include_usage))
 
-        for index in range(body.n):
-            yield {"data": chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
-                                   "logprobs": None, "finish_reason": None}])}
+        # the role chunks go out with the first content (one write, not two), the tail in one more
+        opening = [{"data": chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
+                                    "logprobs": None, "finish_reason": None}])} for index in range(body.n)]
         calls_sent = [0] * body.n
-        first = True
         async for delta in stream:
             if delta.error:
-                yield {"data": json.dumps(responses.stream_error(delta.error))}
+                yield Batch([*opening, {"data": json.dumps(responses.stream_error(delta.error))}], final=True)
                 return
             out = {"content": delta.text} if delta.text else {}
             if delta.tool_calls:
@@ -106,17 +105,19 @@ def create_app(config: Config, router: Router) -> FastAPI:
                 calls_sent[delta.index] += len(delta.tool_calls)
             if not out and delta.finish_reason is None and not (body.logprobs and delta.logprobs):
                 continue
-            if first:
-                metrics.ttft.labels(body.model).observe(time.monotonic() - started)
-                first = False
-            yield {"data": chunk([{
+            event = {"data": chunk([{
                 "index": delta.index, "delta": out,
                 "logprobs": responses.chat_logprobs(delta.logprobs) if body.logprobs else None,
                 "finish_reason": delta.finish_reason}])}
+            if opening:
+                metrics.ttft.labels(body.model).observe(time.monotonic() - started)
+                yield Batch([*opening, event])
+                opening = []
+            else:
+                yield event
         metrics.latency.labels(body.model).observe(time.monotonic() - started)
-        if include_usage:
-            yield {"data": chunk([], responses.usage_of(stream.usage))}
-        yield {"data": "[DONE]"}
+        tail = [{"data": chunk([], responses.usage_of(stream.usage))}] if include_usage else []
+        yield Batch([*opening, *tail, {"data": "[DONE]"}], final=True)
 
     openai_responses.register(app, router)
     anthropic_messages.register(app, router)
@@ -146,10 +147,10 @@ def create_app(config: Config, router: Router) -> FastAPI:
             yield {"data": json.dumps(responses.stream_chunk("text_completion", rid, created, body.model, [{
                 "index": delta.index, "text": delta.text, "logprobs": logprobs,
                 "finish_reason": delta.finish_reason}], None, include_usage))}
-        if include_usage:
-            yield {"data": json.dumps(responses.stream_chunk(
-                "text_completion", rid, created, body.model, [], responses.usage_of(stream.usage), True))}
-        yield {"data": "[DONE]"}
+        tail = [{"data": json.dumps(responses.stream_chunk(
+            "text_completion", rid, created, body.model, [], responses.usage_of(stream.usage), True))}] \
+            if include_usage else []
+        yield Batch([*tail, {"data": "[DONE]"}], final=True)
 
     def _many_prompts(prompt) -> bool:
         """A list of texts or of token-id lists is several prompts; one text or one id list is one."""
