@@ -12,7 +12,8 @@ import importlib
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# the repository root in place of bench/, whose mlx.py would shadow the mlx package for mlx-lm
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 MODES = {"soak": "bench.load_soak", "admission": "bench.load_admission"}
 
