@@ -77,6 +77,17 @@ def start_server(config_data: dict) -> LiveServer:
     raise RuntimeError("server did not start")
 
 
+def tiny_llama_folder(path, **sizes) -> str:
+    """A Llama checkpoint with random weights (seed 0) of these LlamaConfig sizes, as an HF folder of
+    safetensors in `path`: the runner tests' model, small enough for the CPU and the Triton interpreter."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**sizes)).save_pretrained(path, safe_serialization=True)
+    return str(path)
+
+
 # The HTTP tests' backend: cpu here and in CI; RADIXGATE_TEST_BACKEND=cuda runs the same tests on a GPU.
 TEST_BACKEND = os.environ.get("RADIXGATE_TEST_BACKEND", "cpu")
 

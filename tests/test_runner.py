@@ -13,7 +13,7 @@ from backends.base import ForwardBatch, RunnerSettings, SampleSpec, SequenceChun
 from backends.cuda.runner import TorchRunner
 from backends.sampling_params import SamplingParams
 from kernels import reference
-from tests.conftest import TRITON_JIT_MODULES, triton_interpreter_mode
+from tests.conftest import TRITON_JIT_MODULES, tiny_llama_folder, triton_interpreter_mode
 
 PAGE = 4
 VOCAB = 128
@@ -25,15 +25,9 @@ GREEDY = SampleSpec(SamplingParams(temperature=0), 0.5)
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> str:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
-                         max_position_embeddings=128)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
-    return str(path)
+    return tiny_llama_folder(tmp_path_factory.mktemp("tiny-llama"), hidden_size=64, intermediate_size=128,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                             max_position_embeddings=128)
 
 
 def make_runner(folder: str, **overrides) -> TorchRunner:

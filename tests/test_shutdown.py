@@ -2,79 +2,41 @@
 KV page is free at exit, and the engine process never outlives the gateway, SIGKILL included."""
 from __future__ import annotations
 
-import os
 import re
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import anthropic
-import httpx
 import openai
 import pytest
 
-from tests.conftest import MODEL, free_port
+from tests.conftest import MODEL
+from tests.served import Served
 
-ROOT = Path(__file__).resolve().parent.parent
 NUM_PAGES = 256
 PROMPT = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}]
 # One line per model at exit (gateway/shutdown.py): pages held by requests or locked, of the total.
 PAGES_LINE = re.compile(rf"shutdown: model {MODEL}: (\d+) of (\d+) KV pages in use \((\d+) free, (\d+) cached\)")
 
 
-class Served:
-    """`radixgate serve` in its own process, as an operator starts it."""
+def start_served(tmp_path: Path, grace_s: float) -> Served:
+    script = Path(sys.executable).with_name("radixgate")          # the console script, as installed
+    return Served(tmp_path, f"server: {{shutdown_grace_s: {grace_s}}}\nmodels:\n  - name: {MODEL}\n"
+                  f"    backend: cpu\n    kv_cache: {{num_pages: {NUM_PAGES}}}\n",
+                  [str(script)] if script.exists() else None)
 
-    def __init__(self, tmp_path: Path, grace_s: float):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = tmp_path / "config.yaml"
-        config.write_text(f"server: {{shutdown_grace_s: {grace_s}}}\nmodels:\n  - name: {MODEL}\n    backend: cpu\n"
-                          f"    kv_cache: {{num_pages: {NUM_PAGES}}}\n")
-        script = Path(sys.executable).with_name("radixgate")
-        command = [str(script)] if script.exists() else [sys.executable, "-m", "gateway"]
-        self.log_path = tmp_path / "serve.log"
-        with open(self.log_path, "w") as log:
-            self.process = subprocess.Popen(command + ["serve", "--config", str(config), "--port", str(self.port)],
-                                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                            env={**os.environ, "PYTHONPATH": str(ROOT)})
-        deadline = time.monotonic() + 180
-        while True:
-            assert self.process.poll() is None, self.log()
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.2)
-        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=120)
 
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def health(self) -> httpx.Response:
-        return httpx.get(f"{self.url}/health", timeout=10)
-
-    def wait_draining(self) -> dict:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            response = self.health()
-            if response.json()["status"] == "draining":
-                assert response.status_code == 503
-                return response.json()
-            time.sleep(0.05)
-        raise AssertionError("the server never reported draining")
-
-    def exit_code(self) -> int:
-        return self.process.wait(timeout=120)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=30)
+def wait_draining(served: Served) -> dict:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        response = served.health()
+        if response.json()["status"] == "draining":
+            assert response.status_code == 503
+            return response.json()
+        time.sleep(0.05)
+    raise AssertionError("the server never reported draining")
 
 
 @pytest.fixture
@@ -82,11 +44,11 @@ def serve(tmp_path):
     started: list[Served] = []
 
     def start(grace_s: float) -> Served:
-        started.append(Served(tmp_path, grace_s))
+        started.append(start_served(tmp_path, grace_s))
         return started[-1]
     yield start
     for served in started:
-        served.stop()
+        served.stop(graceful=False)
 
 
 def long_stream(served: Served, max_tokens: int):
@@ -111,7 +73,7 @@ def test_sigterm_lets_the_running_stream_finish_and_refuses_new_requests(serve):
     chunks = long_stream(served, max_tokens=400)
     served.process.send_signal(signal.SIGTERM)
 
-    health = served.wait_draining()
+    health = wait_draining(served)
     snap = health["models"][MODEL]
     cache = snap["radix_cache_stats"]
     assert snap["kv_pages_free"] + cache["evictable_pages"] + cache["protected_pages"] \

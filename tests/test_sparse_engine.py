@@ -36,7 +36,7 @@ from gateway.engine.radix_cache import RadixCache
 from gateway.engine.request import Request
 from gateway.engine.scheduler import Scheduler
 from kernels import reference
-from tests.conftest import MODEL, model_config, start_server
+from tests.conftest import MODEL, model_config, start_server, tiny_llama_folder
 
 PAGE = 4
 VOCAB = 96
@@ -52,14 +52,9 @@ EPOCHS = itertools.count(1)       # the oracle's table_epoch: a new one for ever
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory) -> str:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=6,
-                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256)
-    path = tmp_path_factory.mktemp("tiny-llama-sparse")
-    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
-    return str(path)
+    return tiny_llama_folder(tmp_path_factory.mktemp("tiny-llama-sparse"), hidden_size=48, intermediate_size=96,
+                             num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2, vocab_size=VOCAB,
+                             max_position_embeddings=256)
 
 
 @pytest.fixture(scope="module")

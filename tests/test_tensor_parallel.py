@@ -26,6 +26,7 @@ from backends.cuda.step_channel import MESSAGE_WORDS
 from backends.sampling_params import SamplingParams
 from gateway.config import ModelConfig
 from gateway.local_model import runner_settings
+from tests.conftest import tiny_llama_folder
 
 PAGE = 16
 VOCAB = 129            # odd: the last rank's vocabulary shard is padded
@@ -36,14 +37,9 @@ SPARSE = SparseSettings(True, token_budget=64, dense_layers=1, sink_tokens=16, r
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> str:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=2048)
-    path = tmp_path_factory.mktemp("tiny-llama-tp")
-    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
-    return str(path)
+    return tiny_llama_folder(tmp_path_factory.mktemp("tiny-llama-tp"), hidden_size=64, intermediate_size=128,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                             max_position_embeddings=2048)
 
 
 def steps(runner: TorchRunner) -> tuple[list[np.ndarray], list[list[int]]]:
