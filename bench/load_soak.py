@@ -29,6 +29,7 @@ peer that is not installed is named and skipped. (They have no API keys: the wro
 
     python bench/load.py soak                                                 # 10 min, then the peers
     python bench/load.py soak --duration 60 --clients 16 --peer-duration 30   # a quick look
+    python bench/load.py soak --sides "mlx-lm server"                         # one side only
 """
 from __future__ import annotations
 
@@ -483,11 +484,11 @@ def mib(n: int) -> str:
     return f"{n / 2**20:.0f}"
 
 
-def report(ours: dict, peers: dict[str, dict | str], args) -> str:
-    lines = []
-    sides = {"radixgate": ours, **{k: v for k, v in peers.items() if isinstance(v, dict)}}
+def report(results: dict[str, dict | str]) -> str:
+    """The side-by-side table of every side that ran, then radixgate's own books when it ran."""
+    sides = {k: v for k, v in results.items() if isinstance(v, dict)}
     head = " | ".join(f"{k} ({v['wall_s']:.0f} s)" for k, v in sides.items())
-    lines += [f"| measure | {head} |", "|---" * (len(sides) + 1) + "|"]
+    lines = [f"| measure | {head} |", "|---" * (len(sides) + 1) + "|"]
 
     def row(label, fn):
         lines.append(f"| {label} | " + " | ".join(fn(v) for v in sides.values()) + " |")
@@ -504,59 +505,66 @@ def report(ours: dict, peers: dict[str, dict | str], args) -> str:
     row("RSS MiB server + children: start / 1 min / end",
         lambda v: " / ".join(mib(r[1] + r[2]) for r in (v["rss_start"], v["rss_1min"], v["rss_end"])))
     out = ["\n".join(lines), ""]
-    for name, v in peers.items():
-        if isinstance(v, str):
-            out.append(f"{name}: {v}")
-    out.append("\nradixgate by kind: " + json.dumps(ours["by_kind"]))
+    out += [f"{name}: {v}" for name, v in results.items() if isinstance(v, str)]
     for name, v in sides.items():
+        out.append(f"{name} by kind: " + json.dumps(v["by_kind"]))
         if v["examples"]:
             out.append(f"{name}, failures and unexpected statuses (up to 12 kinds):\n  " + "\n  ".join(v["examples"]))
+    if "radixgate" in sides:
+        out.append(books(sides["radixgate"]))
+    return "\n".join(out)
+
+
+def books(ours: dict) -> str:
+    """radixgate's engine, memory and page books, the SIGTERM exit, and the verdict."""
     pages = ours["pages"]
     g0, g1, g2 = ours["rss_start"], ours["rss_1min"], ours["rss_end"]
-    out.append(f"\nradixgate engine: {ours['steps_per_s']:.1f} steps/s, {ours['cancelled']} requests cancelled "
-               f"(the dropped streams); RSS gateway {mib(g0[1])} / {mib(g1[1])} / {mib(g2[1])} MiB, engine "
-               f"{mib(g0[2])} / {mib(g1[2])} / {mib(g2[2])} MiB, of which the host KV tier's pages in use "
-               f"{mib(g0[3])} / {mib(g1[3])} / {mib(g2[3])} MiB (start / 1 min / end; the tier's bound "
-               f"{HOST_CACHE_GB:g} GiB)")
-    out.append(f"pages once idle: {pages['total']} total = {pages['free']} free + {pages['cached']} cached; "
-               f"held by requests {pages['held']}, locked {pages['locked']}, leaked {pages['leaked']}")
-    out.append(f"SIGTERM: exit code {ours['exit_code']}; {' / '.join(ours['shutdown_log']) or 'no books logged'}; "
-               f"{ours['tracebacks']} tracebacks in the server log")
     growth = (g2[1] + g2[2] - g2[3]) / (g1[1] + g1[2] - g1[3]) - 1
     verdict = {"5xx = 0": ours["5xx"] == 0, "no good request failed": ours["good_failed"] == 0,
                "every bad request got its 4xx": ours["bad_unexpected"] == 0,
                "0 pages leaked, held or locked": pages["leaked"] == pages["held"] == pages["locked"] == 0,
                "RSS without the host KV tier flat after the first minute (< 5%)": growth < 0.05,
                "SIGTERM exit 0": ours["exit_code"] == 0}
-    out.append(f"RSS growth from 1 min to the end, the host KV tier's pages left out: {growth:+.1%} "
-               f"(with them: {(g2[1] + g2[2]) / (g1[1] + g1[2]) - 1:+.1%})")
-    out.append("verdict: " + ", ".join(f"{k}: {'yes' if ok else 'NO'}" for k, ok in verdict.items()))
-    return "\n".join(out)
+    return "\n".join([
+        f"\nradixgate engine: {ours['steps_per_s']:.1f} steps/s, {ours['cancelled']} requests cancelled "
+        f"(the dropped streams); RSS gateway {mib(g0[1])} / {mib(g1[1])} / {mib(g2[1])} MiB, engine "
+        f"{mib(g0[2])} / {mib(g1[2])} / {mib(g2[2])} MiB, of which the host KV tier's pages in use "
+        f"{mib(g0[3])} / {mib(g1[3])} / {mib(g2[3])} MiB (start / 1 min / end; the tier's bound "
+        f"{HOST_CACHE_GB:g} GiB)",
+        f"pages once idle: {pages['total']} total = {pages['free']} free + {pages['cached']} cached; "
+        f"held by requests {pages['held']}, locked {pages['locked']}, leaked {pages['leaked']}",
+        f"SIGTERM: exit code {ours['exit_code']}; {' / '.join(ours['shutdown_log']) or 'no books logged'}; "
+        f"{ours['tracebacks']} tracebacks in the server log",
+        f"RSS growth from 1 min to the end, the host KV tier's pages left out: {growth:+.1%} "
+        f"(with them: {(g2[1] + g2[2]) / (g1[1] + g1[2]) - 1:+.1%})",
+        "verdict: " + ", ".join(f"{k}: {'yes' if ok else 'NO'}" for k, ok in verdict.items())])
+
+
+SIDES = {"radixgate": soak_ours, "llama.cpp server": soak_llama, "mlx-lm server": soak_mlx_lm}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--duration", type=float, default=600, help="seconds of load on radixgate")
-    parser.add_argument("--peer-duration", type=float, default=120, help="seconds of load on each peer (0: none)")
+    parser.add_argument("--peer-duration", type=float, default=120, help="seconds of load on each peer")
+    parser.add_argument("--sides", default="radixgate,llama.cpp server,mlx-lm server",
+                        help="which servers, comma-separated, of: " + ", ".join(SIDES))
     parser.add_argument("--llama-server", help="llama.cpp's llama-server binary (default: the one on PATH)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the raw figures here")
     args = parser.parse_args()
     started = datetime.datetime.now(datetime.timezone.utc)
-    ours = soak_ours(args)
-    print("radixgate:", json.dumps({k: v for k, v in ours.items() if k != "by_kind"}), flush=True)
-    peers: dict[str, dict | str] = {}
-    if args.peer_duration > 0:
-        for name, run in (("llama.cpp server", soak_llama), ("mlx-lm server", soak_mlx_lm)):
-            peers[name] = run(args)
-            print(f"{name}:", json.dumps(peers[name]) if isinstance(peers[name], str)
-                  else json.dumps({k: v for k, v in peers[name].items() if k != "by_kind"}), flush=True)
+    results: dict[str, dict | str] = {}
+    for name in args.sides.split(","):
+        results[name] = SIDES[name](args)
+        print(f"{name}:", results[name] if isinstance(results[name], str)
+              else json.dumps({k: v for k, v in results[name].items() if k != "by_kind"}), flush=True)
     print(f"\n{started:%Y-%m-%d %H:%M} UTC, {platform.node()}, {os.cpu_count()} CPUs, {args.clients} clients, "
           f"radixgate {args.duration:.0f} s, peers {args.peer_duration:.0f} s each, seed {args.seed}\n")
-    print(report(ours, peers, args))
+    print(report(results))
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "radixgate": ours, **peers}, indent=1, default=str))
+        Path(args.json).write_text(json.dumps({"args": vars(args), **results}, indent=1, default=str))
 
 
 if __name__ == "__main__":
