@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from gateway.services import http1
+from tests.conftest import free_port
 
 
 class ScriptedServer:
@@ -173,7 +174,8 @@ def test_refused_garbage_and_a_reset_mid_body_are_transport_errors():
         return "close"
 
     async def main():
-        refused = http1.HTTPClient("http://127.0.0.1:9/v1", connect_timeout_s=2.0, read_timeout_s=2.0)
+        refused = http1.HTTPClient(f"http://127.0.0.1:{free_port()}/v1", connect_timeout_s=2.0,
+                                   read_timeout_s=2.0)             # a port nobody listens on
         with pytest.raises(http1.TransportError) as error:
             await refused.request("GET", "/v1/models")
         assert not isinstance(error.value, http1.Timeout) and "cannot connect" in str(error.value)
