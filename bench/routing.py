@@ -9,8 +9,11 @@ offset and thinks a random time between rounds (one seeded schedule, the same fo
 arrivals interleave differently from round to round as real clients' do. The workers' caches are
 cleared before each policy.
 
-The gateway hop is measured in its own phase, workers idle: sequential 1-token streamed requests on
-kept-alive connections, alternating straight to a worker and through the gateway.
+Each worker's KV pool (--num-pages, default 720 pages of 16 tokens) holds its half of the
+conversations under cache-aware routing, not all of them: a fleet exists because one worker's cache
+cannot hold the whole working set. The gateway hop is measured in its own phase, workers idle:
+sequential 1-token streamed requests on kept-alive connections, alternating straight to a worker and
+through the gateway.
 
     python bench/routing.py --conversations 16 --rounds 5
     python bench/routing.py --hop-only --hop-samples 300
@@ -306,7 +309,11 @@ def main() -> None:
     parser.add_argument("--think-s", type=float, default=20.0,
                         help="mean think time between rounds (uniform in 0.5x-1.5x)")
     parser.add_argument("--start-window-s", type=float, default=64.0, help="conversations start uniformly within it")
-    parser.add_argument("--num-pages", type=int, default=1024, help="each worker's KV pages of 16 tokens")
+    # The default pool holds one worker's share of the conversations under cache-aware routing (8 of
+    # <= 1,384 tokens: 11,072 of 11,520) but not all 16: the regime a fleet is for (no single pool holds
+    # the working set). With pools that hold everything, round-robin hits too once both workers hold a
+    # conversation (docs/routing.md).
+    parser.add_argument("--num-pages", type=int, default=720, help="each worker's KV pages of 16 tokens")
     parser.add_argument("--hop-samples", type=int, default=150)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--policies", default=",".join(POLICIES))
