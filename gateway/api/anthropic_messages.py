@@ -14,7 +14,7 @@ from gateway.gate import track
 from gateway.protocol import SamplingFields, _Lenient, new_id
 from gateway.router import Router
 from gateway.services.base import ChatCall, Usage
-from gateway.sse import DeltaEventResponse
+from gateway.sse import Batch, DeltaEventResponse
 from gateway.tools import parse_tools
 
 ANTHROPIC_PATH = "/v1/messages"
@@ -148,43 +148,49 @@ class MessagesService:
                 "stop_reason": reason, "stop_sequence": sequence, "usage": _usage(stream.usage)}
 
     async def stream(self, deltas, body: MessagesRequest, mid: str):
+        """The Messages events, one write per delta (gateway/sse.py Batch): message_start goes out with
+        the first content, and the closing events end the body in the last write."""
         def event(kind: str, **fields) -> dict:
             return {"event": kind, "data": json.dumps({"type": kind, **fields})}
 
-        yield event("message_start", message={
+        out = [event("message_start", message={
             "id": mid, "type": "message", "role": "assistant", "model": body.model, "content": [],
             "stop_reason": None, "stop_sequence": None,
             "usage": {"input_tokens": deltas.prompt_tokens or 0, "output_tokens": 0, "cache_read_input_tokens": 0,
-                      "cache_creation_input_tokens": 0}})
+                      "cache_creation_input_tokens": 0}})]
         index, text_open, any_call = -1, False, False
         result = generation.ChoiceResult()
         async for delta in deltas:
             if delta.error:
-                yield event("error", error={"type": "api_error", "message": delta.error})
+                yield Batch([*out, event("error", error={"type": "api_error", "message": delta.error})], final=True)
                 return
             generation.merge(result, delta)
             text, calls = delta.text, delta.tool_calls
             if text:
                 if not text_open:
                     index, text_open = index + 1, True
-                    yield event("content_block_start", index=index, content_block={"type": "text", "text": ""})
-                yield event("content_block_delta", index=index, delta={"type": "text_delta", "text": text})
+                    out.append(event("content_block_start", index=index, content_block={"type": "text", "text": ""}))
+                out.append(event("content_block_delta", index=index, delta={"type": "text_delta", "text": text}))
             for call in calls:
                 if text_open:
-                    yield event("content_block_stop", index=index)
+                    out.append(event("content_block_stop", index=index))
                     text_open = False
                 index, any_call = index + 1, True
                 block = {**_tool_use(call), "input": {}}
-                yield event("content_block_start", index=index, content_block=block)
-                yield event("content_block_delta", index=index,
-                            delta={"type": "input_json_delta", "partial_json": call["arguments"]})
-                yield event("content_block_stop", index=index)
+                out += [event("content_block_start", index=index, content_block=block),
+                        event("content_block_delta", index=index,
+                              delta={"type": "input_json_delta", "partial_json": call["arguments"]}),
+                        event("content_block_stop", index=index)]
+            if out:
+                yield Batch(out)
+                out = []
         if text_open:
-            yield event("content_block_stop", index=index)
+            out.append(event("content_block_stop", index=index))
         reason, sequence = self.stop_of(result, any_call)
-        yield event("message_delta", delta={"stop_reason": reason, "stop_sequence": sequence},
-                    usage=_usage(deltas.usage))
-        yield event("message_stop")
+        out += [event("message_delta", delta={"stop_reason": reason, "stop_sequence": sequence},
+                      usage=_usage(deltas.usage)),
+                event("message_stop")]
+        yield Batch(out, final=True)
 
 
 def register(app: FastAPI, router: Router) -> None:

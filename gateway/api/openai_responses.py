@@ -18,7 +18,7 @@ from gateway.protocol import SamplingFields, _Lenient, new_id
 from gateway.responses import stream_error
 from gateway.router import Router
 from gateway.services.base import ChatCall, Usage
-from gateway.sse import DeltaEventResponse
+from gateway.sse import Batch, DeltaEventResponse
 from gateway.tool_calls import new_call_id
 from gateway.tools import parse_tools
 
@@ -209,26 +209,31 @@ class ResponsesService:
             item["status"] = "completed"
             yield event("response.output_item.done", output_index=index, item=item)
 
-        yield event("response.created", response=self.envelope(body, rid, created, "in_progress", [], None))
-        yield event("response.in_progress", response=self.envelope(body, rid, created, "in_progress", [], None))
+        # one write per delta (gateway/sse.py Batch): the opening events go out with the first content,
+        # the closing ones end the body in the last write
+        out = [event("response.created", response=self.envelope(body, rid, created, "in_progress", [], None)),
+               event("response.in_progress", response=self.envelope(body, rid, created, "in_progress", [], None))]
         result = generation.ChoiceResult()
         async for delta in deltas:
             if delta.error:
-                yield {"event": "error", "data": json.dumps({"type": "error", "sequence_number": next(seq),
-                                                             **stream_error(delta.error)["error"]})}
+                yield Batch([*out, {"event": "error", "data": json.dumps({
+                    "type": "error", "sequence_number": next(seq), **stream_error(delta.error)["error"]})}],
+                    final=True)
                 return
             generation.merge(result, delta)
             if delta.text:
-                for item in text_delta(delta.text):
-                    yield item
+                out += text_delta(delta.text)
             for call in delta.tool_calls:
-                for item in call_events(call):
-                    yield item
+                out += call_events(call)
+            if out:
+                yield Batch(out)
+                out = []
         if text_item is not None:
-            for item in close_text():
-                yield item
+            out += close_text()
         status = "incomplete" if result.finish_reason == "length" else "completed"
-        yield event(f"response.{status}", response=self.envelope(body, rid, created, status, output, deltas.usage))
+        out.append(event(f"response.{status}", response=self.envelope(body, rid, created, status, output,
+                                                                     deltas.usage)))
+        yield Batch(out, final=True)
 
 
 def register(app: FastAPI, router: Router) -> None:
