@@ -192,7 +192,10 @@ def _direct_call(endpoint):
     request whose parsed body is in the scope; None for any other shape."""
     if not inspect.iscoroutinefunction(endpoint):
         return None
-    hints = typing.get_type_hints(endpoint)
+    try:
+        hints = typing.get_type_hints(endpoint)
+    except (NameError, TypeError):          # annotations it cannot resolve: FastAPI's handler copes
+        return None
     names = list(inspect.signature(endpoint).parameters)
     models = [n for n in names if isinstance(hints.get(n), type) and issubclass(hints[n], BaseModel)]
     requests = [n for n in names if hints.get(n) is Request]
