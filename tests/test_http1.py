@@ -225,3 +225,22 @@ def test_a_large_body_goes_out_whole_and_a_slow_reader_is_paused_not_flooded():
             assert server.requests[0][1] == upload
             client.close()
     run(main())
+
+
+def test_at_most_max_open_responses_and_a_wait_past_the_connect_timeout_is_a_timeout():
+    async def script(n, head, reader, writer):
+        writer.write(ok(b"done %d" % n))
+
+    async def main():
+        async with ScriptedServer(script) as server:
+            client = http1.HTTPClient(server.url, connect_timeout_s=0.3, read_timeout_s=5.0, max_open=1)
+            first = await client.request("GET", "/v1/models")           # open until read or closed
+            with pytest.raises(http1.Timeout, match="busy"):
+                await client.request("GET", "/v1/models")
+            waiting = asyncio.ensure_future(client.request("GET", "/v1/models"))
+            await asyncio.sleep(0.05)
+            assert not waiting.done()                                  # waits for the open one
+            assert await first.read() == b"done 1"
+            assert await (await waiting).read() == b"done 2"
+            client.close()
+    run(main())

@@ -191,6 +191,7 @@ class Response:
         if self._done:
             return
         self._done = True
+        self._client._open.release()
         connection = self._connection
         if connection.complete and connection.keep_alive and connection.error is None:
             self._client._put_back(connection)
@@ -201,6 +202,7 @@ class Response:
         """Stop reading now: the connection closes (the upstream sees the client gone)."""
         if not self._done:
             self._done = True
+            self._client._open.release()
             self._connection.close()
             self._connection._wake()
 
@@ -208,7 +210,8 @@ class Response:
 class HTTPClient:
     """Requests to one origin (scheme://host:port), over a pool of kept-alive connections."""
 
-    def __init__(self, base_url: str, connect_timeout_s: float, read_timeout_s: float | None):
+    def __init__(self, base_url: str, connect_timeout_s: float, read_timeout_s: float | None,
+                 max_open: int = 256):
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {base_url!r}")
@@ -219,6 +222,10 @@ class HTTPClient:
         self.host_header = (parts.hostname if default_port else f"{parts.hostname}:{parts.port}").encode()
         self.connect_timeout_s, self.read_timeout_s = connect_timeout_s, read_timeout_s
         self._idle: list[_Connection] = []
+        # at most max_open responses open at once (more wait for one to end), so a burst of clients
+        # cannot open more sockets to one worker than either side has file descriptors for
+        self.max_open = max_open
+        self._open = asyncio.Semaphore(max_open)
 
     async def request(self, method: str, path: str, body: bytes = b"", content_type: bytes = b"application/json",
                       timeout_s: float | None = None) -> Response:
@@ -227,6 +234,19 @@ class HTTPClient:
         head = b"".join([method.encode(), b" ", path.encode(), b" HTTP/1.1\r\nHost: ", self.host_header,
                          b"\r\nContent-Type: ", content_type, b"\r\nContent-Length: ", str(len(body)).encode(),
                          b"\r\nAccept: */*\r\n\r\n"])
+        try:                                           # waiting for a slot counts as connecting (as aiohttp's pool)
+            async with asyncio.timeout(self.connect_timeout_s):
+                await self._open.acquire()             # the Response gives it back when it ends
+        except TimeoutError:
+            raise Timeout(f"every connection to {self.host}:{self.port} is busy (at most "
+                          f"{self.max_open}) and none freed within {self.connect_timeout_s} s") from None
+        try:
+            return await self._send(head, body, read_timeout)
+        except BaseException:
+            self._open.release()
+            raise
+
+    async def _send(self, head: bytes, body: bytes, read_timeout: float | None) -> Response:
         for attempt in range(2):
             connection, reused = await self._connection()
             connection.transport.writelines([head, body])
