@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import httpx  # noqa: E402
 import yaml  # noqa: E402
 
-from bench.load_admission import PARAGRAPHS, QUESTIONS, SYSTEM  # noqa: E402
+from bench.load_admission import PARAGRAPHS, QUESTIONS, SYSTEM, pct  # noqa: E402
 from bench.serve_process import ROOT, free_port, server_process  # noqa: E402
 
 NAME = "soak-model"
@@ -375,11 +375,6 @@ async def run_load(target: Target, clients: int, duration: float, seed: int) -> 
         summary["steps_per_s"] = (pages["steps_total"] - before["steps_total"]) / (ended - started)
         summary["cancelled"] = pages["cancelled_total"] - before["cancelled_total"]
     return summary
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] if ordered else float("nan")
 
 
 def summarise(books: Books, wall: float) -> dict:
