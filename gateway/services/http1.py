@@ -235,12 +235,15 @@ class HTTPClient:
                          b"\r\nContent-Type: ", content_type, b"\r\nContent-Length: ", str(len(body)).encode(),
                          b"\r\nAccept: */*\r\n\r\n"])
         try:                                           # waiting for a slot counts as connecting (as aiohttp's pool)
-            async with asyncio.timeout(self.connect_timeout_s):
-                await self._open.acquire()             # the Response gives it back when it ends
+            if self._open.locked():                    # a timer only when there is a wait
+                async with asyncio.timeout(self.connect_timeout_s):
+                    await self._open.acquire()
+            else:
+                await self._open.acquire()             # free: returns at once
         except TimeoutError:
             raise Timeout(f"every connection to {self.host}:{self.port} is busy (at most "
                           f"{self.max_open}) and none freed within {self.connect_timeout_s} s") from None
-        try:
+        try:                                           # the Response gives the slot back when it ends
             return await self._send(head, body, read_timeout)
         except BaseException:
             self._open.release()
