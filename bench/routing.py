@@ -9,13 +9,16 @@ offset and thinks a random time between rounds (one seeded schedule, the same fo
 arrivals interleave differently from round to round as real clients' do. The workers' caches are
 cleared before each policy.
 
-Each worker's KV pool (--num-pages, default 720 pages of 16 tokens) holds its half of the
-conversations under cache-aware routing, not all of them: a fleet exists because one worker's cache
-cannot hold the whole working set. The gateway hop is measured in its own phase, workers idle:
-sequential 1-token streamed requests on kept-alive connections, alternating straight to a worker and
-through the gateway.
+Each worker's KV pool (--num-pages, default 700 pages of 16 tokens) holds its half of the
+conversations under cache-aware routing (8 conversations of at most 87 pages at their last round:
+696 pages), not all of them: a fleet exists because one worker's cache cannot hold the whole working
+set. One schedule is one sample of arrivals, and round-robin's share moves with it by several points
+(how often a conversation's next turn lands where an earlier one is still cached): --seeds runs
+several whole workloads in one run and reports each and their pooled figures. The gateway hop is
+measured in its own phase, workers idle: sequential 1-token streamed requests on kept-alive
+connections, alternating straight to a worker and through the gateway.
 
-    python bench/routing.py --conversations 16 --rounds 5
+    python bench/routing.py --conversations 16 --rounds 5 --seeds 0,1,2
     python bench/routing.py --hop-only --hop-samples 300
 """
 from __future__ import annotations
@@ -240,24 +243,36 @@ def litellm_proxy_status() -> str:
     return "imports, but this program does not drive it yet"
 
 
-def summarise(rows: list, workers_before: list[dict], workers_after: list[dict], wall_s: float) -> dict:
+def evictions_between(workers_before: list[dict], workers_after: list[dict]) -> int:
+    return sum(a["radix_cache_stats"].get("evictions", 0) - b["radix_cache_stats"].get("evictions", 0)
+               for a, b in zip(workers_after, workers_before, strict=True))
+
+
+@dataclass
+class PolicyRun:
+    rows: list[Turn]
+    evictions: int
+    wall_s: float
+
+
+def summarise(runs: list[PolicyRun]) -> dict:
+    """One policy's figures over one or more whole workloads (their turns pooled)."""
+    rows = [row for run in runs for row in run.rows]
     prompt, cached = sum(r.prompt_tokens for r in rows), sum(r.cached_tokens for r in rows)
     later = [r.ttft_s for r in rows if r.round_index > 0]             # rounds that can hit a cache
     every = [r.ttft_s for r in rows]
     # sent while none of this benchmark's requests was open: no queue, the prefill of what is not cached
     alone = [r.ttft_s for r in rows if r.round_index > 0 and r.in_flight_at_start == 0]
-    evictions = sum(a["radix_cache_stats"].get("evictions", 0) - b["radix_cache_stats"].get("evictions", 0)
-                    for a, b in zip(workers_after, workers_before, strict=True))
     return {"requests": len(rows), "prompt": prompt, "cached": cached, "share": cached / max(prompt, 1),
             "ttft_p50": _p(every, 0.5), "ttft_p95": _p(every, 0.95), "later_p50": _p(later, 0.5),
             "later_p95": _p(later, 0.95), "alone_p50": _p(alone, 0.5) if alone else float("nan"),
             "alone": len(alone),
             "in_flight": statistics.mean(r.in_flight_at_start for r in rows),
-            "evictions": evictions, "wall": wall_s,
+            "evictions": sum(run.evictions for run in runs), "wall": sum(run.wall_s for run in runs),
             "footprint": max(r.prompt_tokens + r.completion_tokens for r in rows)}
 
 
-def print_report(args, results: dict, hop: dict, kv_pages: int, schedule: Schedule) -> None:
+def print_report(args, results: dict, kv_pages: int, schedule: Schedule | None, title: str) -> None:
     rr = results["round_robin"]
     footprint = max(r["footprint"] for r in results.values())
     capacity, half = kv_pages * 16, args.conversations // 2
@@ -265,9 +280,10 @@ def print_report(args, results: dict, hop: dict, kv_pages: int, schedule: Schedu
     def fits(tokens: int) -> str:
         return f"{tokens} tokens: {'fits' if tokens <= capacity else 'does not fit'}"
 
-    print(f"\n{args.conversations} conversations x {args.rounds} rounds, 2 workers (1 CPU thread each), "
+    print(f"\n{title}: {args.conversations} conversations x {args.rounds} rounds, 2 workers (1 CPU thread each), "
           f"max_tokens {args.max_tokens}, greedy, streamed")
-    print(f"arrivals: {schedule.describe()}")
+    if schedule is not None:
+        print(f"arrivals: {schedule.describe()}")
     print(f"KV pool per worker: {kv_pages} pages of 16 = {capacity} tokens (host tier off); a conversation holds "
           f"<= {footprint} tokens at its last round; {half} conversations (one worker's share when each stays "
           f"on one) {fits(footprint * half)}; all {args.conversations} {fits(footprint * args.conversations)}")
@@ -281,12 +297,6 @@ def print_report(args, results: dict, hop: dict, kv_pages: int, schedule: Schedu
               f"{r['later_p50'] * 1000:>11.0f}ms {r['later_p95'] * 1000:>5.0f}ms "
               f"{r['alone_p50'] * 1000:>7.0f}ms ({r['alone']:>2}) {r['in_flight']:>9.1f} "
               f"{r['evictions']:>8} {r['wall']:>6.1f}")
-    print(f"LiteLLM proxy: {litellm_proxy_status()}")
-    hop_ms = print_hop(args, hop)
-    if "cache_aware" in results:
-        ca = results["cache_aware"]
-        print(f"targets: cached share >= 2x round-robin: {ca['share'] / max(rr['share'], 1e-9):.2f}x; "
-              f"TTFT p50 >= 1.5x better: {rr['ttft_p50'] / ca['ttft_p50']:.2f}x; hop <= 2 ms p50: {hop_ms:+.2f} ms")
 
 
 def print_hop(args, hop: dict) -> float:
@@ -307,22 +317,19 @@ def main() -> None:
                         help="sentences of each conversation's document (~28 tokens each)")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--think-s", type=float, default=20.0,
-                        help="mean think time between rounds (uniform in 0.5x-1.5x)")
+                        help="mean pause between a conversation's answer and its next question")
     parser.add_argument("--start-window-s", type=float, default=64.0, help="conversations start uniformly within it")
-    # The default pool holds one worker's share of the conversations under cache-aware routing (8 of
-    # <= 1,384 tokens: 11,072 of 11,520) but not all 16: the regime a fleet is for (no single pool holds
-    # the working set). With pools that hold everything, round-robin hits too once both workers hold a
-    # conversation (docs/routing.md).
-    parser.add_argument("--num-pages", type=int, default=720, help="each worker's KV pages of 16 tokens")
+    parser.add_argument("--num-pages", type=int, default=700, help="each worker's KV pages of 16 tokens")
     parser.add_argument("--hop-samples", type=int, default=150)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0", help="comma-separated schedule seeds; each is a whole workload "
+                        "run under every policy, and the report adds their sums (one run, more traffic)")
     parser.add_argument("--policies", default=",".join(POLICIES))
     parser.add_argument("--hop-only", action="store_true", help="measure the gateway hop and stop")
     args = parser.parse_args()
     policies = args.policies.split(",")
     assert "round_robin" in policies, "ratios are against round_robin"
-    schedule = Schedule.make(args.conversations, args.rounds, args.doc_sentences, args.think_s,
-                             args.start_window_s, args.seed)
+    assert args.hop_samples >= 1, "the hop phase needs at least one pair"
+    seeds = [int(s) for s in args.seeds.split(",")]
 
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         folder = Path(tmp)
@@ -334,21 +341,42 @@ def main() -> None:
         direct = {"name": "direct-0", "workers": [f"{workers[0]}/v1"], "upstream_model": MODEL}
         gateway, gateway_pid = _serve(stack, folder, "gateway", {"models": [*pools, direct]})
         kv_pages = worker_stats(workers[0])["kv_pages_total"]
-        hop = hop_cost(workers[0], gateway, gateway_pid, args.hop_samples, args.seed)
+        hop = hop_cost(workers[0], gateway, gateway_pid, args.hop_samples, seeds[0])
         print("hop phase: done", flush=True)
         if args.hop_only:
             print_hop(args, hop)
             return
-        results = {}
-        for policy in policies:
-            clear_caches(workers)
-            before = [worker_stats(w) for w in workers]
-            started = time.perf_counter()
-            rows = asyncio.run(run_conversations(f"{gateway}/v1", f"fleet-{policy}", schedule, args.max_tokens))
-            wall = time.perf_counter() - started
-            results[policy] = summarise(rows, before, [worker_stats(w) for w in workers], wall)
-            print(f"{policy}: done in {wall:.1f} s", flush=True)
-    print_report(args, results, hop, kv_pages, schedule)
+        runs = []                  # (seed, schedule, {policy: (rows, evictions, wall)})
+        for seed in seeds:
+            schedule = Schedule.make(args.conversations, args.rounds, args.doc_sentences, args.think_s,
+                                     args.start_window_s, seed)
+            by_policy = {}
+            for policy in policies:
+                clear_caches(workers)
+                before = [worker_stats(w) for w in workers]
+                started = time.perf_counter()
+                rows = asyncio.run(run_conversations(f"{gateway}/v1", f"fleet-{policy}", schedule, args.max_tokens))
+                wall = time.perf_counter() - started
+                by_policy[policy] = PolicyRun(rows, evictions_between(before, [worker_stats(w) for w in workers]),
+                                              wall)
+                print(f"seed {seed} {policy}: done in {wall:.1f} s, cached share "
+                      f"{summarise([by_policy[policy]])['share']:.1%}", flush=True)
+            runs.append((seed, schedule, by_policy))
+    per_seed = [{p: summarise([run]) for p, run in by_policy.items()} for _, _, by_policy in runs]
+    for (seed, schedule, _), results in zip(runs, per_seed, strict=True):
+        print_report(args, results, kv_pages, schedule, f"seed {seed}")
+    final = per_seed[0]
+    if len(runs) > 1:
+        final = {p: summarise([by_policy[p] for _, _, by_policy in runs]) for p in policies}
+        print_report(args, final, kv_pages, None, f"seeds {args.seeds}, every turn pooled")
+    print(f"LiteLLM proxy: {litellm_proxy_status()}")
+    hop_ms = print_hop(args, hop)
+    if "cache_aware" in policies:
+        ca, rr = final["cache_aware"], final["round_robin"]
+        ratios = ", ".join(f"{r['cache_aware']['share'] / max(r['round_robin']['share'], 1e-9):.2f}x" for r in per_seed)
+        print(f"targets ({'summed over seeds ' + args.seeds if len(runs) > 1 else 'seed ' + args.seeds}): "
+              f"cached share >= 2x round-robin: {ca['share'] / max(rr['share'], 1e-9):.2f}x (per seed: {ratios}); "
+              f"TTFT p50 >= 1.5x better: {rr['ttft_p50'] / ca['ttft_p50']:.2f}x; hop <= 2 ms p50: {hop_ms:+.2f} ms")
 
 
 if __name__ == "__main__":
