@@ -18,7 +18,7 @@ several whole workloads in one run and reports each and their pooled figures. Th
 measured in its own phase, workers idle: sequential 1-token streamed requests on kept-alive
 connections, alternating straight to a worker and through the gateway.
 
-    python bench/routing.py --conversations 16 --rounds 5 --seeds 0,1,2
+    python bench/routing.py --conversations 16 --rounds 5 --seeds 0,1,2,3
     python bench/routing.py --hop-only --hop-samples 300
 """
 from __future__ import annotations
