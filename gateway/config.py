@@ -190,7 +190,7 @@ class RoutingConfig(Strict):
         "longest, unless the load is imbalanced (SGLang's router policy, docs/routing.md); random is LiteLLM's "
         "default simple-shuffle")
     cache_threshold: float = Field(0.5, ge=0, le=1, description="a match below this share of the prompt counts as "
-                                   "none: the least-loaded replica takes the request")
+                                   "none: the replica with the smallest prefix tree takes the request")
     balance_abs_threshold: int = Field(32, ge=0, description="imbalanced when the busiest replica has this many more "
                                        "requests in flight than the idlest ...")
     balance_rel_threshold: float = Field(1.5, ge=1, description="... and more than this multiple of its load")

@@ -61,6 +61,19 @@ def test_cache_aware_follows_the_conversation_unless_overloaded():
     assert policy.choose(key, replicas) is other
 
 
+def test_cache_aware_places_a_new_conversation_by_tree_size_unless_overloaded():
+    """No useful match: the replica holding the least (SGLang's rule), even when it is the busier one
+    within the thresholds; past them, the least loaded."""
+    cfg = RoutingConfig(balance_abs_threshold=4, balance_rel_threshold=1.5)
+    policy, (full, empty) = CacheAware(cfg), _replicas(2)
+    full.tree.insert(chat_key([{"role": "user", "content": "an earlier conversation " * 10}], []))
+    fresh = chat_key([{"role": "user", "content": "a new conversation about something else"}], [])
+    empty.in_flight = 3                                     # busier, within 4 of the other
+    assert policy.choose(fresh, [full, empty]) is empty
+    empty.in_flight = 6                                     # 6 - 0 > 4 and 6 > 1.5 * 0: overloaded
+    assert policy.choose(fresh, [full, empty]) is full
+
+
 def test_keys():
     assert text_key([1, 2, 3]) == "\x01\x02\x03" and text_key(["ab", "cd"]) == "ab"
     a = chat_key([{"role": "user", "content": "hi"}], [])

@@ -133,8 +133,10 @@ class CacheAware:
     """The replica holding the longest prefix, unless its load exceeds the least-loaded one's by the
     thresholds (then the least loaded). A prefix counts when a whole earlier prompt leads this one
     (the conversation goes on: however long the last answer, its history is there) or when it
-    covers more than cache_threshold of the prompt (SGLang's rule); else the least loaded replica,
-    then the one that has been sent the least."""
+    covers more than cache_threshold of the prompt (SGLang's rule). Without one, SGLang's choice
+    for a new prefix: the replica whose tree is smallest (the most cache to spare, so new
+    conversations spread by what the replicas hold, not by who happens to be idle this instant),
+    under the same overload rule."""
 
     def __init__(self, cfg: RoutingConfig):
         self.cfg = cfg
@@ -148,11 +150,14 @@ class CacheAware:
             scored.append((matched if whole or matched > floor else 0, replica))
         matched, best = max(scored, key=lambda pair: pair[0])
         if not matched:
-            return idlest
-        lo, hi = idlest.in_flight, best.in_flight
-        if hi - lo > self.cfg.balance_abs_threshold and hi > self.cfg.balance_rel_threshold * lo:
+            best = min(candidates, key=lambda r: (r.tree.chars, r.in_flight))
+        if self._overloaded(best, idlest):
             return idlest
         return best
+
+    def _overloaded(self, replica: Replica, idlest: Replica) -> bool:
+        lo, hi = idlest.in_flight, replica.in_flight
+        return hi - lo > self.cfg.balance_abs_threshold and hi > self.cfg.balance_rel_threshold * lo
 
 
 class RoundRobin:
