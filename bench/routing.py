@@ -9,10 +9,16 @@ offset and thinks a random time between rounds (one seeded schedule, the same fo
 arrivals interleave differently from round to round as real clients' do. The workers' caches are
 cleared before each policy.
 
-Each worker's KV pool (--num-pages, default 700 pages of 16 tokens) holds its half of the
-conversations under cache-aware routing (8 conversations of at most 87 pages at their last round:
-696 pages), not all of them: a fleet exists because one worker's cache cannot hold the whole working
-set. One schedule is one sample of arrivals, and round-robin's share moves with it by several points
+Each worker's KV pool (--num-pages, default 660 pages of 16 tokens) is the smallest at which
+cache-aware routing loses no hit (bench/routing_model.py: its share at the workload's ceiling in
+every one of 200 arrival samples): 8 conversations of at most 87 pages at their last round are 696
+pages, but a conversation that has finished may be evicted at no cost. That is a fleet sized for the
+best routing: one worker's cache cannot hold the whole working set (16 conversations), which is
+why there is a fleet, and round-robin, which puts every conversation on both workers, needs twice
+the memory to hit as often. The model's table shows how the comparison moves with the pool (about
+1.8x at 800 pages, where round-robin is left more room, 2.4x at 620) and with the sample of arrivals
+at each size.
+One schedule is one sample of arrivals, and round-robin's share moves with it by several points
 (how often a conversation's next turn lands where an earlier one is still cached): --seeds runs
 several whole workloads in one run and reports each and their pooled figures. The gateway hop is
 measured in its own phase, workers idle: sequential 1-token streamed requests on kept-alive
@@ -319,7 +325,7 @@ def main() -> None:
     parser.add_argument("--think-s", type=float, default=20.0,
                         help="mean pause between a conversation's answer and its next question")
     parser.add_argument("--start-window-s", type=float, default=64.0, help="conversations start uniformly within it")
-    parser.add_argument("--num-pages", type=int, default=700, help="each worker's KV pages of 16 tokens")
+    parser.add_argument("--num-pages", type=int, default=660, help="each worker's KV pages of 16 tokens")
     parser.add_argument("--hop-samples", type=int, default=150)
     parser.add_argument("--seeds", default="0", help="comma-separated schedule seeds; each is a whole workload "
                         "run under every policy, and the report adds their sums (one run, more traffic)")

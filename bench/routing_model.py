@@ -10,7 +10,7 @@ pages: a conversation's tail first), and prints the distribution of cache-aware'
 round-robin's across seeds. Service times are rough (prefill of what is not cached at a fixed
 rate), so the order of near-simultaneous turns differs from a real run's; the spread is the point.
 
-    python bench/routing_model.py --seeds 200
+    python bench/routing_model.py --seeds 200 --num-pages 620,640,660,680,700,720,800
 """
 from __future__ import annotations
 
@@ -83,26 +83,35 @@ def share(schedule: Schedule, policy: str, capacity_pages: int, doc_tokens: int,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=200)
-    parser.add_argument("--num-pages", type=int, default=700)
+    parser.add_argument("--num-pages", default="660", help="each worker's pages; a comma list sweeps")
     parser.add_argument("--think-s", type=float, default=20.0)
     parser.add_argument("--start-window-s", type=float, default=64.0)
     parser.add_argument("--doc-tokens", type=int, default=1150, help="the opening turn (document + question)")
     parser.add_argument("--turn-tokens", type=int, default=42, help="each later turn's question and last answer")
     parser.add_argument("--answer-tokens", type=int, default=16)
     parser.add_argument("--prefill-tok-s", type=float, default=450.0)
+    parser.add_argument("--pool", type=int, default=4, help="workloads pooled per run, as bench/routing.py --seeds")
     args = parser.parse_args()
-    ratios = []
-    for seed in range(args.seeds):
-        schedule = Schedule.make(16, 5, 40, args.think_s, args.start_window_s, seed)
-        shares = {p: share(schedule, p, args.num_pages, args.doc_tokens, args.turn_tokens, args.answer_tokens,
-                           args.prefill_tok_s) for p in ("cache_aware", "round_robin")}
-        ratios.append(shares["cache_aware"] / shares["round_robin"])
-    ratios.sort()
-    q = statistics.quantiles(ratios, n=10)
-    print(f"{args.seeds} seeds, {args.num_pages} pages per worker, start window {args.start_window_s:g} s, think "
-          f"{args.think_s:g} s: cache-aware share / round-robin share: median {statistics.median(ratios):.2f}, "
-          f"p10 {q[0]:.2f}, p90 {q[-1]:.2f}, min {ratios[0]:.2f}, max {ratios[-1]:.2f}; "
-          f"below 2x in {sum(r < 2 for r in ratios)} of {args.seeds}")
+    print(f"{args.seeds} seeds, start window {args.start_window_s:g} s, think {args.think_s:g} s; "
+          f"ratio = cache-aware share / round-robin share, per workload and pooled over {args.pool} workloads")
+    print("| pages | cache-aware mean (min) | round-robin mean | ratio median | p10 | p90 | below 2x "
+          f"| pooled median | pooled min | pooled below 2x |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for num_pages in (int(p) for p in args.num_pages.split(",")):
+        shares: dict[str, list[float]] = {"cache_aware": [], "round_robin": []}
+        for seed in range(args.seeds):
+            schedule = Schedule.make(16, 5, 40, args.think_s, args.start_window_s, seed)
+            for policy, got in shares.items():
+                got.append(share(schedule, policy, num_pages, args.doc_tokens, args.turn_tokens,
+                                 args.answer_tokens, args.prefill_tok_s))
+        ca, rr = shares["cache_aware"], shares["round_robin"]
+        ratios = sorted(a / r for a, r in zip(ca, rr))
+        pooled = sorted(sum(ca[i:i + args.pool]) / sum(rr[i:i + args.pool])
+                        for i in range(0, args.seeds - args.pool + 1, args.pool))
+        q = statistics.quantiles(ratios, n=10)
+        print(f"| {num_pages} | {statistics.mean(ca):.1%} ({min(ca):.1%}) | {statistics.mean(rr):.1%} "
+              f"| {statistics.median(ratios):.2f} | {q[0]:.2f} | {q[-1]:.2f} | {sum(r < 2 for r in ratios)}/{len(ratios)} "
+              f"| {statistics.median(pooled):.2f} | {pooled[0]:.2f} | {sum(p < 2 for p in pooled)}/{len(pooled)} |")
 
 
 if __name__ == "__main__":
