@@ -95,7 +95,7 @@ def main() -> None:
     print(f"{args.seeds} seeds, start window {args.start_window_s:g} s, think {args.think_s:g} s; "
           f"ratio = cache-aware share / round-robin share, per workload and pooled over {args.pool} workloads")
     print("| pages | cache-aware mean (min) | round-robin mean | ratio median | p10 | p90 | below 2x "
-          f"| pooled median | pooled min | pooled below 2x |")
+          "| pooled median | pooled min | pooled below 2x |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for num_pages in (int(p) for p in args.num_pages.split(",")):
         shares: dict[str, list[float]] = {"cache_aware": [], "round_robin": []}
@@ -105,12 +105,13 @@ def main() -> None:
                 got.append(share(schedule, policy, num_pages, args.doc_tokens, args.turn_tokens,
                                  args.answer_tokens, args.prefill_tok_s))
         ca, rr = shares["cache_aware"], shares["round_robin"]
-        ratios = sorted(a / r for a, r in zip(ca, rr))
+        ratios = sorted(a / r for a, r in zip(ca, rr, strict=True))
         pooled = sorted(sum(ca[i:i + args.pool]) / sum(rr[i:i + args.pool])
                         for i in range(0, args.seeds - args.pool + 1, args.pool))
         q = statistics.quantiles(ratios, n=10)
         print(f"| {num_pages} | {statistics.mean(ca):.1%} ({min(ca):.1%}) | {statistics.mean(rr):.1%} "
-              f"| {statistics.median(ratios):.2f} | {q[0]:.2f} | {q[-1]:.2f} | {sum(r < 2 for r in ratios)}/{len(ratios)} "
+              f"| {statistics.median(ratios):.2f} | {q[0]:.2f} | {q[-1]:.2f} "
+              f"| {sum(r < 2 for r in ratios)}/{len(ratios)} "
               f"| {statistics.median(pooled):.2f} | {pooled[0]:.2f} | {sum(p < 2 for p in pooled)}/{len(pooled)} |")
 
 

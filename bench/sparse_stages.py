@@ -19,8 +19,8 @@ import torch
 from bench.gemv import graph_us
 from kernels import reference as ref
 from kernels.triton.decode import paged_decode, split_k_decode
-from kernels.triton.selection import select_pages
-from kernels.triton.sparse import quest_scores, shortlist_scores, sparse_decode
+from kernels.triton.selection import combine_select, select_pages
+from kernels.triton.sparse import quest_bounds, quest_scores, shortlist_bounds, shortlist_scores, sparse_decode
 from kernels.triton.summaries import update_page_summaries
 
 HQ, HKV, D = 32, 8, 128
@@ -75,6 +75,33 @@ def main() -> None:
                                                                     for us, cfg in timings), flush=True)
         return base, timings[0][1]
 
+    def same_selection(a, b, cfg):
+        for x, y in zip(a, b, strict=True):
+            assert torch.equal(x, y), f"selection differs with {cfg}"
+
+    def exact_selection(bounds, keep, listed=None):
+        """A check against float64: the selection each kernel should make from these bounds (pages
+        whose float64 scores sit within 1e-5 of the k-th are near-ties either may keep)."""
+        lst = (torch.arange(bounds.shape[2], device=dev).expand(b, HKV, -1) if listed is None else listed.long())
+        logits = bounds.double().view(b, HKV, HQ // HKV, -1) * scale
+        n_pages = (lens.long() + ps - 1) // ps
+        valid = (lst >= 0) & (lst < n_pages[:, None, None])
+        logits = logits.masked_fill(~valid[:, :, None], float("-inf"))
+        score = (logits - logits.logsumexp(3, keepdim=True)).amax(2)
+        forced = (lst < counts[1]) | (lst >= n_pages[:, None, None] - counts[2])
+        score = score.masked_fill(forced, float("inf")).masked_fill(~valid, float("-inf"))
+        kth = score.topk(keep, dim=2).values[:, :, -1:]
+        finite_kth = torch.where(kth.isinf(), torch.zeros_like(kth), kth)
+
+        def check(_, got, cfg):
+            chosen = torch.gather(score, 2, got[0].long().clamp(min=0) if listed is None else
+                                  (got[0].long()[..., None] == lst[:, :, None, :]).float().argmax(3))
+            wrong = ((chosen - finite_kth) < -1e-5 * finite_kth.abs().clamp(min=1)).sum().item()
+            print(f"  {cfg or 'default'}: {wrong} of {chosen.numel()} chosen pages below the float64 k-th "
+                  f"by more than near-tie rounding", flush=True)
+            assert wrong == 0, f"selection wrong with {cfg}"
+        return check
+
     def same_scores(a, b, cfg):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-3, equal_nan=True), f"scores differ with {cfg}"
 
@@ -93,7 +120,14 @@ def main() -> None:
     coarse, _ = best_of("coarse scores (page summaries)", coarse_fn, coarse_cfgs, same_scores)
     sel1_fn = partial(select_pages, coarse, table, lens, ps, shortlist)
     listed, listed_phys, _ = sel1_fn()
-    best_of("shortlist selection", sel1_fn, [{}, dict(early_exit=False)])
+    best_of("shortlist selection", sel1_fn, [{}, dict(early_exit=False)], same_selection)
+    coarse_bounds = quest_bounds(q, pmin.unsqueeze(1), pmax.unsqueeze(1), table, lens, ps)
+    best_of("coarse bounds alone", partial(quest_bounds, q, pmin.unsqueeze(1), pmax.unsqueeze(1), table, lens, ps),
+            [{}])
+    best_of("coarse combine + select (one launch)",
+            partial(combine_select, coarse_bounds, table, lens, ps, HKV, force, scale, shortlist),
+            [{}, dict(chunk=1024), dict(chunk=4096), dict(num_warps=4), dict(num_warps=16)]
+            + ([dict(streamed=False)] if args.width <= 4096 else []), exact_selection(coarse_bounds, shortlist))
     fine_fn = partial(shortlist_scores, q, kmin, kmax, listed, listed_phys, lens, ps, force, scale)
     fine, _ = best_of("fine scores (shortlist blocks)", fine_fn,
                       [{}] + [dict(block_p=bp, num_warps=w, dot=False) for bp, w in ((2, 1), (4, 2), (8, 2))]
@@ -102,7 +136,11 @@ def main() -> None:
                       same_scores)
     sel2_fn = partial(select_pages, fine, listed_phys, lens, ps, budget, listed=listed)
     logical, physical, vlens = sel2_fn()
-    best_of("budget selection", sel2_fn, [{}, dict(early_exit=False)])
+    best_of("budget selection", sel2_fn, [{}, dict(early_exit=False)], same_selection)
+    fine_bounds = shortlist_bounds(q, kmin, kmax, listed, listed_phys, lens, ps)
+    best_of("fine combine + select (one launch)",
+            partial(combine_select, fine_bounds, listed_phys, lens, ps, HKV, force, scale, budget, listed=listed),
+            [{}, dict(streamed=True)], exact_selection(fine_bounds, budget, listed))
     best_of("attend chosen pages", partial(split_k_decode, q, k, v, physical, vlens, scale),
             [{}] + [dict(num_splits=s) for s in (2, 4, 6, 8)])
     whole = graph_us(partial(sparse_decode, q, k, v, kmin, kmax, table, lens, args.budget, 16, 64, scale,

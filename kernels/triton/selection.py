@@ -5,7 +5,8 @@ top-k (a radix search on the float bits; ties to the lower index), compacted in 
 order with their physical ids: kernels/reference.py's select_pages, batched.
 
 combine_heads (scores) and select_pages (selection) are the two steps; combine_select does both in
-one program with the scores in registers (one launch per stage of sparse.py's sparse_decode). A
+one program per row (one launch per stage of sparse.py's sparse_decode): with the whole row's
+per-head bounds in registers, or for wider rows streamed in chunks through a scores row. A
 row is either a sequence's own pages or a shortlist (`listed`: the logical page of each entry, with
 per-head physical ids). Everything is static-shaped and sync-free (CUDA-graph safe).
 """
@@ -175,6 +176,66 @@ def _combine_select(Bounds, PT, SeqLens, Logical, Physical, VLens, Listed, s_bb,
                      s_pb, s_ph, s_lb, s_lh, s_yb, s_yh, budget_pages, k_sel, BLOCK_P, PAGE_SIZE)
 
 
+@triton.jit
+def _chunk_entries(Listed, b, kvh, s_lb, s_lh, offs, n_pages, width, LISTED: tl.constexpr):
+    """(logical page, valid) of the entries offs of a row of width entries (as _row_entries)."""
+    if LISTED:
+        logical = tl.load(Listed + b * s_lb + kvh * s_lh + offs, mask=offs < width, other=-1)
+        valid = (logical >= 0) & (logical < n_pages)
+    else:
+        logical = offs
+        valid = offs < n_pages
+    return logical, valid
+
+
+@triton.jit
+def _combine_select_streamed(Bounds, PT, SeqLens, Logical, Physical, VLens, Listed, Scores, s_bb, s_bh, s_pb,
+                             s_ph, s_lb, s_lh, s_yb, s_yh, s_ib, s_ih, s_sb, s_sh, max_pages, scale, force_budget,
+                             sink_pages, recent_pages, budget_pages, k_sel, GROUP: tl.constexpr,
+                             BLOCK_G: tl.constexpr, CHUNK: tl.constexpr, BLOCK_P: tl.constexpr,
+                             PAGE_SIZE: tl.constexpr, LISTED: tl.constexpr):
+    """_combine_select for wide rows: the group's bounds [GROUP, BLOCK_P] would not fit one program's
+    registers, so one program per (sequence, KV head) streams them in chunks of CHUNK entries.
+    Pass 1: each q head's log-sum-exp over the row (online max and sum). Pass 2: the scores, as
+    _group_scores gives them, into a row of Scores. Then the whole row of scores (one value per
+    entry) is loaded at once for the top k and compacted (_keep_top_k, _store_selection). A row of
+    a sequence's own pages stops at its last page: the entries past it are -inf, never kept."""
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    seq_len = tl.load(SeqLens + b)
+    n_pages = tl.cdiv(seq_len, PAGE_SIZE)
+    end = max_pages if LISTED else tl.minimum(n_pages, max_pages)
+    offs_c = tl.arange(0, CHUNK)
+    mask_g = tl.arange(0, BLOCK_G) < GROUP
+    heads = Bounds + b * s_bb + (kvh * GROUP + tl.arange(0, BLOCK_G)[:, None]) * s_bh
+    top = tl.full([BLOCK_G], -3.0e38, tl.float32)       # finite: exp(top - new_top) stays a number
+    total = tl.zeros([BLOCK_G], tl.float32)
+    for c0 in range(0, end, CHUNK):
+        _, valid = _chunk_entries(Listed, b, kvh, s_ib, s_ih, c0 + offs_c, n_pages, max_pages, LISTED)
+        m2 = mask_g[:, None] & valid[None, :]
+        logits = tl.where(m2, tl.load(heads + c0 + offs_c[None, :], mask=m2, other=0.0) * scale, float("-inf"))
+        new_top = tl.maximum(top, tl.max(logits, 1))
+        total = total * tl.exp(top - new_top) + tl.sum(tl.exp(logits - new_top[:, None]), 1)
+        top = new_top
+    lse = top + tl.log(total)
+    row = Scores + b * s_sb + kvh * s_sh
+    for c0 in range(0, end, CHUNK):
+        logical, valid = _chunk_entries(Listed, b, kvh, s_ib, s_ih, c0 + offs_c, n_pages, max_pages, LISTED)
+        m2 = mask_g[:, None] & valid[None, :]
+        logits = tl.load(heads + c0 + offs_c[None, :], mask=m2, other=0.0) * scale
+        score = tl.max(tl.where(m2, logits - lse[:, None], float("-inf")), 0)
+        forced = (logical < sink_pages) | (logical >= n_pages - recent_pages) | (n_pages <= force_budget)
+        score = tl.where(valid, tl.where(forced, float("inf"), score), float("-inf"))
+        tl.store(row + c0 + offs_c, score, mask=c0 + offs_c < end)
+    tl.debug_barrier()      # the row is read back below in another thread layout than it was written
+    offs = tl.arange(0, BLOCK_P)
+    k = tl.minimum(n_pages, budget_pages)
+    take = _keep_top_k(tl.load(row + offs, mask=offs < end, other=float("-inf")), k, True)
+    logical, _ = _chunk_entries(Listed, b, kvh, s_ib, s_ih, offs, n_pages, max_pages, LISTED)
+    _store_selection(take, logical, b, kvh, seq_len, n_pages, k, PT, Logical, Physical, VLens,
+                     s_pb, s_ph, s_lb, s_lh, s_yb, s_yh, budget_pages, k_sel, BLOCK_P, PAGE_SIZE)
+
+
 def select_pages(scores: torch.Tensor, page_tables: torch.Tensor, seq_lens: torch.Tensor,
                  page_size: int, budget_pages: int, early_exit: bool = True,
                  listed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -210,26 +271,39 @@ def _selection_outputs(batch: int, kv_heads: int, max_pages: int, budget_pages: 
     return (logical, physical, vlens, lst), strides, max(16, triton.next_power_of_2(max_pages)), k_sel
 
 
-FUSED_MAX_PAGES = 4096      # widest row whose scores stay in one program's registers (combine_select)
+# Rows up to this many entries keep the group's bounds in registers (_combine_select); wider rows are
+# streamed (_combine_select_streamed), CHUNK entries at a time, 8 warps. H200, Llama-3-8B shapes,
+# bench/sparse_stages.py: the coarse stage's rows of 2048 pages at b16 x 32k 16.2 us streamed vs 19.0
+# in registers; of 8192 pages at b1 x 128k 40.2 us vs 86 for combine_heads + select_pages (the
+# earlier path above 4096); the fine stage's 512-entry rows 7.1 us in registers vs 8.5 streamed.
+FUSED_MAX_PAGES = 1024
+STREAM_CHUNK = 2048
 
 
 def combine_select(bounds: torch.Tensor, page_tables: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
                    kv_heads: int, force: tuple[int, int, int], scale: float, budget_pages: int,
-                   listed: torch.Tensor | None = None, early_exit: bool = True
+                   listed: torch.Tensor | None = None, early_exit: bool = True, streamed: bool | None = None,
+                   chunk: int | None = None, num_warps: int | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """select_pages(combine_heads(bounds, ...), ...) with the scores kept in registers: one launch
-    instead of two for rows of at most FUSED_MAX_PAGES entries (the two-kernel path above it).
+    """select_pages(combine_heads(bounds, ...), ...) in one launch, the scores never written out for
+    rows of at most FUSED_MAX_PAGES entries (early_exit: select_pages's); wider rows (or any, with
+    streamed=True) by _combine_select_streamed in chunks of `chunk` entries (default STREAM_CHUNK).
     force: the forced-page rule's (budget, sink, recent) pages; budget_pages: how many to keep."""
     batch, q_heads, max_pages = bounds.shape
-    if max_pages > FUSED_MAX_PAGES:
-        scores = combine_heads(bounds, seq_lens, page_size, kv_heads, force, scale, listed)
-        return select_pages(scores, page_tables, seq_lens, page_size, budget_pages, early_exit, listed)
     assert bounds.stride(2) == 1
     group = q_heads // kv_heads
     out, tables, block_p, k_sel = _selection_outputs(batch, kv_heads, max_pages, budget_pages, page_tables, listed)
+    if max_pages > FUSED_MAX_PAGES if streamed is None else streamed:
+        scores = torch.empty(batch, kv_heads, max_pages, device=bounds.device, dtype=torch.float32)
+        _combine_select_streamed[(batch, kv_heads)](
+            bounds, page_tables, seq_lens, *out, scores, bounds.stride(0), bounds.stride(1), *tables,
+            scores.stride(0), scores.stride(1), max_pages, scale, *force, budget_pages, k_sel, GROUP=group,
+            BLOCK_G=triton.next_power_of_2(group), CHUNK=min(chunk or STREAM_CHUNK, block_p), BLOCK_P=block_p,
+            PAGE_SIZE=page_size, LISTED=listed is not None, num_warps=num_warps or 8)
+        return out[:3]
     _combine_select[(batch, kv_heads)](
         bounds, page_tables, seq_lens, *out, bounds.stride(0), bounds.stride(1), *tables, max_pages, scale,
         *force, budget_pages, k_sel, GROUP=group, BLOCK_G=triton.next_power_of_2(group), BLOCK_P=block_p,
         PAGE_SIZE=page_size, EARLY_EXIT=early_exit, LISTED=listed is not None,
-        num_warps=4 if block_p * group <= 4096 else 8)
+        num_warps=num_warps or (4 if block_p * group <= 4096 else 8))
     return out[:3]
