@@ -40,17 +40,22 @@ def _group_scores(Bounds, b, kvh, logical, valid, n_pages, s_bb, s_bh, scale, bu
 
 
 @triton.jit
-def _row_entries(Listed, b, kvh, s_lb, s_lh, n_pages, max_pages, BLOCK_P: tl.constexpr, LISTED: tl.constexpr):
-    """(logical page, valid) of each entry of a row: entry i is page i of the sequence, or with
-    LISTED the logical page Listed[b, kvh, i] of a shortlist (-1 for padding)."""
-    offs_p = tl.arange(0, BLOCK_P)
+def _chunk_entries(Listed, b, kvh, s_lb, s_lh, offs, n_pages, width, LISTED: tl.constexpr):
+    """(logical page, valid) of the entries offs of a row of width entries: entry i is page i of the
+    sequence, or with LISTED the logical page Listed[b, kvh, i] of a shortlist (-1 for padding)."""
     if LISTED:
-        logical = tl.load(Listed + b * s_lb + kvh * s_lh + offs_p, mask=offs_p < max_pages, other=-1)
+        logical = tl.load(Listed + b * s_lb + kvh * s_lh + offs, mask=offs < width, other=-1)
         valid = (logical >= 0) & (logical < n_pages)
     else:
-        logical = offs_p
-        valid = offs_p < n_pages
+        logical = offs
+        valid = offs < n_pages
     return logical, valid
+
+
+@triton.jit
+def _row_entries(Listed, b, kvh, s_lb, s_lh, n_pages, max_pages, BLOCK_P: tl.constexpr, LISTED: tl.constexpr):
+    """(logical page, valid) of each entry of a whole row (_chunk_entries of its BLOCK_P entries)."""
+    return _chunk_entries(Listed, b, kvh, s_lb, s_lh, tl.arange(0, BLOCK_P), n_pages, max_pages, LISTED)
 
 
 @triton.jit
@@ -174,18 +179,6 @@ def _combine_select(Bounds, PT, SeqLens, Logical, Physical, VLens, Listed, s_bb,
     take = _keep_top_k(score, k, EARLY_EXIT)
     _store_selection(take, logical, b, kvh, seq_len, n_pages, k, PT, Logical, Physical, VLens,
                      s_pb, s_ph, s_lb, s_lh, s_yb, s_yh, budget_pages, k_sel, BLOCK_P, PAGE_SIZE)
-
-
-@triton.jit
-def _chunk_entries(Listed, b, kvh, s_lb, s_lh, offs, n_pages, width, LISTED: tl.constexpr):
-    """(logical page, valid) of the entries offs of a row of width entries (as _row_entries)."""
-    if LISTED:
-        logical = tl.load(Listed + b * s_lb + kvh * s_lh + offs, mask=offs < width, other=-1)
-        valid = (logical >= 0) & (logical < n_pages)
-    else:
-        logical = offs
-        valid = offs < n_pages
-    return logical, valid
 
 
 @triton.jit
