@@ -1,6 +1,7 @@
 """Routing across workers on loopback, side by side in one run: two radixgate workers (the embedded
 model) behind a radixgate gateway whose pools differ only in policy: cache_aware, round_robin and
-random (LiteLLM's default simple-shuffle).
+random (LiteLLM's default simple-shuffle); and LiteLLM's proxy itself over the same workers where it
+imports (--litellm-proxy-path, bench/litellm_proxy_side.py).
 
 Workload: C conversations x R rounds. Each conversation opens with its own long document (~1.1k
 tokens), then asks short follow-ups with short answers, so a round's TTFT is mostly the prefill of
@@ -48,11 +49,13 @@ import httpx  # noqa: E402
 import openai  # noqa: E402
 import yaml  # noqa: E402
 
+from bench import litellm_proxy_side as proxy_side  # noqa: E402
 from bench.serve_process import ROOT, free_port, server_process  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 POLICIES = ("cache_aware", "round_robin", "random")
-LABELS = {"cache_aware": "cache_aware", "round_robin": "round_robin", "random": "random (shuffle)"}
+LABELS = {"cache_aware": "cache_aware", "round_robin": "round_robin", "random": "random (shuffle)",
+          "litellm_proxy": "LiteLLM proxy"}
 
 
 WORDS = {
@@ -153,8 +156,9 @@ async def _converse(client: openai.AsyncOpenAI, model: str, conv: Conversation, 
                         ttft or time.perf_counter() - started, in_flight))
 
 
-async def run_conversations(base_url: str, model: str, schedule: Schedule, max_tokens: int) -> list[Turn]:
-    client = openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=600)
+async def run_conversations(base_url: str, model: str, schedule: Schedule, max_tokens: int,
+                            api_key: str = "unused") -> list[Turn]:
+    client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=600)
     out: list[Turn] = []
     open_requests = [0]
     await asyncio.gather(*(_converse(client, model, conv, max_tokens, open_requests, out)
@@ -197,10 +201,10 @@ def _p(values: list[float], q: float) -> float:
     return statistics.median(ordered) if q == 0.5 else ordered[int(q * (len(ordered) - 1))]
 
 
-def _timed_stream(client: httpx.Client, url: str, body: dict) -> tuple[float, float]:
+def _timed_stream(client: httpx.Client, url: str, body: dict, headers: dict) -> tuple[float, float]:
     """(seconds to the first chunk carrying a token, seconds to the end) of one streamed chat request."""
     started, first = time.perf_counter(), None
-    with client.stream("POST", url, json=body) as response:
+    with client.stream("POST", url, json=body, headers=headers) as response:
         response.raise_for_status()
         for line in response.iter_lines():
             if first is None and line.startswith("data:") and line[5:].strip() != "[DONE]":
@@ -210,43 +214,36 @@ def _timed_stream(client: httpx.Client, url: str, body: dict) -> tuple[float, fl
     return first if first is not None else float("nan"), time.perf_counter() - started
 
 
-def hop_cost(worker: str, gateway: str, gateway_pid: int, samples: int, seed: int) -> dict:
+def hop_cost(worker: str, gateway: str, gateway_pid: int, samples: int, seed: int, proxy: str | None) -> dict:
     """p50 ms of a 1-token streamed chat request, straight to a worker and through the gateway (a pool
-    of that one worker). Pairs in a seeded random order; the first 10 pairs warm connections and cache.
-    Also the gateway process's CPU time per relayed request over the measured pairs (the direct
-    requests do not touch it; its health probes of the workers are counted in)."""
+    of that one worker), and through LiteLLM's proxy (a deployment of that worker) when it runs.
+    Each sample sends one request by every route in a seeded random order; the first 10 warm
+    connections and cache. Also the gateway process's CPU time per relayed request over the measured
+    samples (the other routes do not touch it; its health probes of the workers are counted in)."""
     body = {"messages": [{"role": "user", "content": "Say OK."}], "max_tokens": 1, "temperature": 0,
             "stream": True}
-    routes = {"direct": (f"{worker}/v1/chat/completions", MODEL),
-              "gateway": (f"{gateway}/v1/chat/completions", "direct-0")}
-    times: dict[str, list[tuple[float, float]]] = {"direct": [], "gateway": []}
+    routes = {"direct": (f"{worker}/v1/chat/completions", MODEL, {}),
+              "gateway": (f"{gateway}/v1/chat/completions", "direct-0", {})}
+    if proxy:
+        routes["proxy"] = (f"{proxy}/v1/chat/completions", proxy_side.ONE_WORKER,
+                           {"Authorization": f"Bearer {proxy_side.MASTER_KEY}"})
+    times: dict[str, list[tuple[float, float]]] = {which: [] for which in routes}
     order = random.Random(seed)
     with httpx.Client(timeout=60) as client:
         for i in range(samples + 10):
             if i == 10:
                 cpu_before = cpu_seconds(gateway_pid)
-            pair = ["direct", "gateway"]
-            order.shuffle(pair)
-            for which in pair:
-                url, model = routes[which]
-                ttft, total = _timed_stream(client, url, {**body, "model": model})
+            sample = list(routes)
+            order.shuffle(sample)
+            for which in sample:
+                url, model, headers = routes[which]
+                ttft, total = _timed_stream(client, url, {**body, "model": model}, headers)
                 if i >= 10:
                     times[which].append((ttft * 1000, total * 1000))
     out = {"gateway_cpu_ms": (cpu_seconds(gateway_pid) - cpu_before) / samples * 1000}
     for which, rows in times.items():
         out[which] = (statistics.median(r[0] for r in rows), statistics.median(r[1] for r in rows))
     return out
-
-
-def litellm_proxy_status() -> str:
-    """LiteLLM's proxy needs the litellm[proxy] extra, whose pins would replace this environment's
-    fastapi/uvicorn: it is measured only where it imports, and this program does not install it."""
-    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")      # no price-map fetch at import
-    try:
-        import litellm.proxy.proxy_server  # noqa: F401
-    except Exception as error:
-        return f"not run: litellm[proxy] does not import here ({type(error).__name__}: {error})"
-    return "imports, but this program does not drive it yet"
 
 
 def evictions_between(workers_before: list[dict], workers_after: list[dict]) -> int:
@@ -312,6 +309,10 @@ def print_hop(args, hop: dict) -> float:
           f"{d_ttft:.2f} ms, through the gateway {g_ttft:.2f} ms ({g_ttft - d_ttft:+.2f} ms); p50 whole request "
           f"{d_total:.2f} vs {g_total:.2f} ms ({g_total - d_total:+.2f} ms); the gateway's CPU per relayed "
           f"request {hop['gateway_cpu_ms']:.2f} ms")
+    if "proxy" in hop:
+        p_ttft, p_total = hop["proxy"]
+        print(f"LiteLLM proxy hop (the same samples): p50 TTFT {p_ttft:.2f} ms ({p_ttft - d_ttft:+.2f} ms), "
+              f"whole request {p_total:.2f} ms ({p_total - d_total:+.2f} ms)")
     return g_ttft - d_ttft
 
 
@@ -331,6 +332,9 @@ def main() -> None:
                         "run under every policy, and the report adds their sums (one run, more traffic)")
     parser.add_argument("--policies", default=",".join(POLICIES))
     parser.add_argument("--hop-only", action="store_true", help="measure the gateway hop and stop")
+    parser.add_argument("--litellm-proxy-path", default="",
+                        help="a folder of the packages LiteLLM's proxy lacks here, put on its PYTHONPATH "
+                             "(bench/litellm_proxy_side.py); the proxy runs as one more side if it imports")
     args = parser.parse_args()
     policies = args.policies.split(",")
     assert "round_robin" in policies, "ratios are against round_robin"
@@ -346,8 +350,14 @@ def main() -> None:
                   "routing": {"policy": p}} for p in policies]
         direct = {"name": "direct-0", "workers": [f"{workers[0]}/v1"], "upstream_model": MODEL}
         gateway, gateway_pid = _serve(stack, folder, "gateway", {"models": [*pools, direct]})
+        sides = {p: (f"{gateway}/v1", f"fleet-{p}", "unused") for p in policies}
+        proxy_missing = proxy_side.import_error(args.litellm_proxy_path)
+        proxy = None
+        if proxy_missing is None:
+            proxy = proxy_side.serve(stack, folder, workers, MODEL, args.litellm_proxy_path)
+            sides["litellm_proxy"] = (f"{proxy}/v1", proxy_side.FLEET, proxy_side.MASTER_KEY)
         kv_pages = worker_stats(workers[0])["kv_pages_total"]
-        hop = hop_cost(workers[0], gateway, gateway_pid, args.hop_samples, seeds[0])
+        hop = hop_cost(workers[0], gateway, gateway_pid, args.hop_samples, seeds[0], proxy)
         print("hop phase: done", flush=True)
         if args.hop_only:
             print_hop(args, hop)
@@ -357,11 +367,11 @@ def main() -> None:
             schedule = Schedule.make(args.conversations, args.rounds, args.doc_sentences, args.think_s,
                                      args.start_window_s, seed)
             by_policy = {}
-            for policy in policies:
+            for policy, (base_url, model, key) in sides.items():
                 clear_caches(workers)
                 before = [worker_stats(w) for w in workers]
                 started = time.perf_counter()
-                rows = asyncio.run(run_conversations(f"{gateway}/v1", f"fleet-{policy}", schedule, args.max_tokens))
+                rows = asyncio.run(run_conversations(base_url, model, schedule, args.max_tokens, key))
                 wall = time.perf_counter() - started
                 by_policy[policy] = PolicyRun(rows, evictions_between(before, [worker_stats(w) for w in workers]),
                                               wall)
@@ -373,9 +383,10 @@ def main() -> None:
         print_report(args, results, kv_pages, schedule, f"seed {seed}")
     final = per_seed[0]
     if len(runs) > 1:
-        final = {p: summarise([by_policy[p] for _, _, by_policy in runs]) for p in policies}
+        final = {p: summarise([by_policy[p] for _, _, by_policy in runs]) for p in sides}
         print_report(args, final, kv_pages, None, f"seeds {args.seeds}, every turn pooled")
-    print(f"LiteLLM proxy: {litellm_proxy_status()}")
+    if proxy is None:
+        print(f"LiteLLM proxy: not run: it does not import here ({proxy_missing}); see bench/litellm_proxy_side.py")
     hop_ms = print_hop(args, hop)
     if "cache_aware" in policies:
         ca, rr = final["cache_aware"], final["round_robin"]
