@@ -6,7 +6,7 @@ index this project installs from may lack, and the extra's pins would replace th
 fastapi and uvicorn. So the proxy runs in its own process with its missing packages in a separate
 folder on its PYTHONPATH, assembled once by hand, for example:
 
-    pip install --target /tmp/litellm-proxy-extra websockets orjson backoff redis apscheduler PyJWT \\
+    pip install --target FOLDER websockets orjson backoff redis apscheduler PyJWT \\
         python-multipart semver expression fastapi-sso mcp soundfile
 
 (whatever `python -c "import litellm.proxy.proxy_server"` still names as missing). Nothing here
