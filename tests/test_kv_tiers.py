@@ -162,6 +162,21 @@ def test_branches_split_across_tiers_and_continue():
     cache.check_invariants()
 
 
+def test_a_match_loading_its_path_keeps_the_path_whole():
+    """Loading a match's L2 tail can make room on L1 by evicting, whose copy down to a full L2 then
+    evicts L2 copies, among them that of a path node the load has just given L1 pages (a locked
+    node). Splitting it there would put a new node above it that the match's path does not list, and
+    the result would miss a page and shift the others (hypothesis found this with a 3-page L2)."""
+    backend, cache = make_tiered(page_size=1, l1=7, l2=3, disk_dir=None, policy="write_through")
+    cache.dec_lock_ref(put(backend, cache, [0, 0, 0, 0], hold=True))
+    cache.evict(2)                                # [0, 0] on L1 (and L2), the rest on L2
+    put(backend, cache, [1, 0, 0, 0, 0, 0, 0])    # fills L1; [0, 0, 0] left only on L2
+    m = cache.match_prefix([0, 0, 0, 0])
+    assert m.num_tokens == 3 and m.host_tokens == 3, m
+    check_pages(backend, [0, 0, 0, 0], m.pages)
+    cache.check_invariants()
+
+
 def test_reset_empties_every_tier_but_what_requests_hold(tmp_path):
     backend, cache = make_tiered(page_size=2, l1=8, l2=8, disk_dir=tmp_path)
     for i in range(6):

@@ -210,7 +210,7 @@ class TieredRadixCache(DiskTier, RadixCache):
     def _evict_tier(self, num_pages: int, evictable: Callable[[TreeNode], bool],
                     move_down: Callable[[TreeNode], None]) -> int:
         """LRU over the nodes `evictable` admits; a node larger than what is still wanted is split
-        and only its tail goes. Returns pages taken off the tier."""
+        and only its tail goes (a locked one goes whole). Returns pages taken off the tier."""
         heap = [(n.last_access_time, n.id, n) for n in self._all_nodes() if evictable(n)]
         heapq.heapify(heap)
         freed = 0
@@ -220,7 +220,9 @@ class TieredRadixCache(DiskTier, RadixCache):
                 continue            # removed or changed since it was pushed
             count = len(node.key) // self.page_size
             want = num_pages - freed
-            if want < count:
+            if want < count and not node.lock_ref:
+                # only the tail goes; a locked node (on a path a match is loading, its host copy
+                # evictable because it has L1 pages) is never split: callers hold its object
                 self._split_node(node, len(node.key) - want * self.page_size)
                 count = want
             parent = node.parent
