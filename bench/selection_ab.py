@@ -5,7 +5,7 @@ best of each kept), and whether both chose the same pages.
     git show b09d3cb:kernels/triton/selection.py > .gpu/old_selection.py      # on the development machine
     python3 -m bench.selection_ab --base-file .gpu/old_selection.py           # on the GPU machine
 
-Shapes as bench/sparse_stages.py's (Llama-3-8B attention, bf16, shuffled pages, the engine's table
+Inputs from bench/sparse_stages.py (sparse_inputs: Llama-3-8B attention, bf16, shuffled pages, the engine's table
 width, budget 2048, coarse to fine past 8192 tokens).
 """
 from __future__ import annotations
@@ -14,14 +14,11 @@ import argparse
 import importlib.util
 from functools import partial
 
-import torch
-
 import kernels.triton.sparse as sparse
 from bench.gemv import graph_us
+from bench.sparse_stages import D, sparse_inputs
 from kernels.triton.decode import paged_decode
-from kernels.triton.summaries import update_page_summaries
 
-HQ, HKV, D, PAGE, SUMMARY = 32, 8, 128, 16, 4
 SHAPES = ((1, 131072, 16384), (1, 32768, 4096), (16, 32768, 4096), (64, 32768, 4096))
 
 
@@ -30,25 +27,6 @@ def load_base(path: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def inputs(batch: int, context: int, width: int) -> tuple:
-    dev, dt = torch.device("cuda"), torch.bfloat16
-    pages = context // PAGE
-    total = batch * pages + 1
-    gen = torch.Generator(device=dev).manual_seed(0)
-    k = torch.randn(total, PAGE, HKV, D, device=dev, dtype=dt, generator=gen)
-    v = torch.randn(total, PAGE, HKV, D, device=dev, dtype=dt, generator=gen)
-    table = torch.zeros(batch, width, dtype=torch.int32, device=dev)
-    table[:, :pages] = torch.randperm(total - 1, device=dev, generator=gen).int()[:batch * pages].view(batch, pages)
-    lens = torch.full((batch,), context, dtype=torch.int32, device=dev)
-    kmin = torch.zeros(total, PAGE // SUMMARY, HKV, D, device=dev, dtype=dt)
-    kmax = torch.zeros_like(kmin)
-    pmin = torch.zeros(total, HKV, D, device=dev, dtype=dt)
-    pmax = torch.zeros_like(pmin)
-    update_page_summaries(kmin, kmax, k, table, torch.zeros_like(lens), lens, context, pmin, pmax)
-    q = torch.randn(batch, HQ, D, device=dev, dtype=dt, generator=gen)
-    return q, k, v, kmin, kmax, pmin, pmax, table, lens
 
 
 def main() -> None:
@@ -61,7 +39,7 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- | --- |")
     try:
         for batch, context, width in SHAPES:
-            q, k, v, kmin, kmax, pmin, pmax, table, lens = inputs(batch, context, width)
+            q, k, v, kmin, kmax, pmin, pmax, table, lens = sparse_inputs(batch, context, width)
             run = partial(sparse.sparse_decode, q, k, v, kmin, kmax, table, lens, 2048, 16, 64, D ** -0.5,
                           pmin=pmin, pmax=pmax, shortlist_tokens=8192)
             best, chosen = {}, {}

@@ -24,6 +24,31 @@ from kernels.triton.sparse import quest_bounds, quest_scores, shortlist_bounds, 
 from kernels.triton.summaries import update_page_summaries
 
 HQ, HKV, D = 32, 8, 128
+PAGE, SUMMARY = 16, 4
+
+
+def sparse_inputs(batch: int, context: int, width: int, shuffled: bool = True) -> tuple:
+    """Random bf16 q and paged K/V with exact block and page summaries, each sequence on its own
+    pages (scattered over the pool, or in order), page tables `width` wide:
+    (q, k, v, kmin, kmax, pmin, pmax, table, lens) on the GPU."""
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    pages = -(-context // PAGE)
+    total = batch * pages + 1
+    gen = torch.Generator(device=dev).manual_seed(0)
+    k = torch.randn(total, PAGE, HKV, D, device=dev, dtype=dt, generator=gen)
+    v = torch.randn(total, PAGE, HKV, D, device=dev, dtype=dt, generator=gen)
+    perm = (torch.randperm(total - 1, device=dev, generator=gen) if shuffled
+            else torch.arange(total - 1, device=dev)).int()
+    table = torch.zeros(batch, width, dtype=torch.int32, device=dev)
+    table[:, :pages] = perm[:batch * pages].view(batch, pages)
+    lens = torch.full((batch,), context, dtype=torch.int32, device=dev)
+    kmin = torch.zeros(total, PAGE // SUMMARY, HKV, D, device=dev, dtype=dt)
+    kmax = torch.zeros_like(kmin)
+    pmin = torch.zeros(total, HKV, D, device=dev, dtype=dt)
+    pmax = torch.zeros_like(pmin)
+    update_page_summaries(kmin, kmax, k, table, torch.zeros_like(lens), lens, context, pmin, pmax)
+    q = torch.randn(batch, HQ, D, device=dev, dtype=dt, generator=gen)
+    return q, k, v, kmin, kmax, pmin, pmax, table, lens
 
 
 def main() -> None:
@@ -37,23 +62,10 @@ def main() -> None:
                         help="pages of a sequence scattered over the pool (a long-running server) or in order")
     parser.add_argument("--skip-tuning", action="store_true", help="only the whole sparse_decode vs dense")
     args = parser.parse_args()
-    dev, dt, ps, st = torch.device("cuda"), torch.bfloat16, 16, 4
+    dev, ps, st = torch.device("cuda"), PAGE, SUMMARY
     b, ctx = args.batch, args.context
     pages = -(-ctx // ps)
-    total = b * pages + 1
-    gen = torch.Generator(device=dev).manual_seed(0)
-    k = torch.randn(total, ps, HKV, D, device=dev, dtype=dt, generator=gen)
-    v = torch.randn(total, ps, HKV, D, device=dev, dtype=dt, generator=gen)
-    perm = (torch.randperm(total - 1, device=dev, generator=gen) if args.layout == "shuffled"
-            else torch.arange(total - 1, device=dev)).int()
-    table = torch.zeros(b, args.width, dtype=torch.int32, device=dev)
-    table[:, :pages] = perm[:b * pages].view(b, pages)
-    lens = torch.full((b,), ctx, dtype=torch.int32, device=dev)
-    kmin = torch.zeros(total, ps // st, HKV, D, device=dev, dtype=dt)
-    kmax, pmin, pmax = torch.zeros_like(kmin), torch.zeros(total, HKV, D, device=dev, dtype=dt), None
-    pmax = torch.zeros_like(pmin)
-    update_page_summaries(kmin, kmax, k, table, torch.zeros_like(lens), lens, ctx, pmin, pmax)
-    q = torch.randn(b, HQ, D, device=dev, dtype=dt, generator=gen)
+    q, k, v, kmin, kmax, pmin, pmax, table, lens = sparse_inputs(b, ctx, args.width, args.layout == "shuffled")
     counts = ref.sparse_page_counts(ps, args.budget, 16, 64)
     budget = counts[0]
     shortlist = ref.shortlist_pages(ps, budget, args.shortlist_tokens)
