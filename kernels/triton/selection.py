@@ -18,6 +18,13 @@ import triton.language as tl
 
 
 @triton.jit
+def _force_pages(score, logical, n_pages, budget_pages, sink_pages, recent_pages):
+    """Sink and recent pages, and every page of a sequence within the budget, at +inf."""
+    forced = (logical < sink_pages) | (logical >= n_pages - recent_pages) | (n_pages <= budget_pages)
+    return tl.where(forced, float("inf"), score)
+
+
+@triton.jit
 def _group_scores(Bounds, b, kvh, logical, valid, n_pages, s_bb, s_bh, scale, budget_pages, sink_pages,
                   recent_pages, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
                   FORCE: tl.constexpr):
@@ -34,8 +41,7 @@ def _group_scores(Bounds, b, kvh, logical, valid, n_pages, s_bb, s_bh, scale, bu
     lse = top + tl.log(tl.sum(tl.exp(logits - top[:, None]), 1))
     score = tl.max(tl.where(m2, logits - lse[:, None], float("-inf")), 0)
     if FORCE:
-        forced = (logical < sink_pages) | (logical >= n_pages - recent_pages) | (n_pages <= budget_pages)
-        score = tl.where(forced, float("inf"), score)
+        score = _force_pages(score, logical, n_pages, budget_pages, sink_pages, recent_pages)
     return tl.where(valid, score, float("-inf"))
 
 
@@ -217,8 +223,8 @@ def _combine_select_streamed(Bounds, PT, SeqLens, Logical, Physical, VLens, List
         m2 = mask_g[:, None] & valid[None, :]
         logits = tl.load(heads + c0 + offs_c[None, :], mask=m2, other=0.0) * scale
         score = tl.max(tl.where(m2, logits - lse[:, None], float("-inf")), 0)
-        forced = (logical < sink_pages) | (logical >= n_pages - recent_pages) | (n_pages <= force_budget)
-        score = tl.where(valid, tl.where(forced, float("inf"), score), float("-inf"))
+        score = tl.where(valid, _force_pages(score, logical, n_pages, force_budget, sink_pages, recent_pages),
+                         float("-inf"))
         tl.store(row + c0 + offs_c, score, mask=c0 + offs_c < end)
     tl.debug_barrier()      # the row is read back below in another thread layout than it was written
     offs = tl.arange(0, BLOCK_P)
