@@ -202,3 +202,45 @@ def test_one_stage_scores_match_reference():
     for r, n in enumerate(lengths):
         want = reference.quest_page_scores(q[r], kmin, kmax, torch.tensor(tables[r]), n, PAGE, SCALE)
         np.testing.assert_allclose(np.array(scores[r])[:, :want.shape[1]], want.numpy(), atol=1e-4)
+
+
+def test_reselect_stores_then_reuses_selections_as_reference():
+    """reselect_every > 1: a selecting step keeps each sparse row's pages in its seq slot's row; a
+    step that reuses them (2 tokens later; one row opens a page) attends reference.reused_pages of
+    them, and its output is the reference's attention over those pages."""
+    sparse = dataclasses.replace(SPARSE, reselect_every=4)
+    k, v = random_cache(21)
+    before, after = [150, 96, 30], [152, 98, 32]          # 19 -> 19 pages, 12 -> 13 pages; 4 within the budget
+    tables = tables_and_lengths(21, after)
+    cache, (kmin, kmax, _, _) = sparse_cache(k, v, tables, after)
+    budget, sink, recent = reference.sparse_page_counts(PAGE, sparse.token_budget, sparse.sink_tokens,
+                                                        sparse.recent_tokens)
+    rows = np.full((len(after), PAGES), PAGES, dtype=np.int32)
+    for i, t in enumerate(tables):
+        rows[i, :len(t)] = t
+    attention = PagedAttention(cache, HEADS, D, paged_decode_ops, sparse)
+    attention.selections = [mx.full((6, KV_HEADS, budget), -3, mx.int32)]
+    slots = [4, 0, 2]
+    gen = torch.Generator().manual_seed(22)
+    for lengths, reuse in ((before, False), (after, True)):
+        chunks = [SequenceChunk([1], n - 1, tables[i], seq_slot=slots[i]) for i, n in enumerate(lengths)]
+        step = plan_step(chunks, rows, PAGE, PAGES, sparse, reuse_selection=reuse)
+        attention.plan(step)
+        q = torch.randn(len(lengths), HEADS, D, generator=gen)
+        stored = np.array(attention.selections[0])
+        out = np.array(attention.sparse_decode(0, as_mx(q)))
+        if not reuse:
+            qs = as_mx(q)[step.quest.sparse_rows]
+            chosen = choose_pages(qs, cache.kmin[0], cache.kmax[0], cache.pmin[0], cache.pmax[0], step.quest, SCALE)
+            now = np.array(attention.selections[0])
+            np.testing.assert_array_equal(now[[4, 0]], np.array(chosen))
+            assert (now[[1, 2, 3, 5]] == -3).all()
+            continue
+        assert (np.array(attention.selections[0]) == stored).all()          # reusing writes nothing
+        for row in (0, 1):
+            pages = reference.reused_pages(torch.from_numpy(stored[slots[row]]).long(), -(-after[row] // PAGE),
+                                           budget, recent)
+            want = reference.attend_chosen_pages(q[row], k, v, torch.tensor(tables[row]), pages, after[row], SCALE)
+            np.testing.assert_allclose(out[row], want.numpy(), atol=2e-5)
+        want_dense = reference.paged_attention(q[2:3], k, v, torch.tensor(tables[2]), after[2] - 1, SCALE)[0]
+        np.testing.assert_allclose(out[2], want_dense.numpy(), atol=2e-5)

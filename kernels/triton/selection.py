@@ -306,3 +306,48 @@ def combine_select(bounds: torch.Tensor, page_tables: torch.Tensor, seq_lens: to
         PAGE_SIZE=page_size, EARLY_EXIT=early_exit, LISTED=listed is not None,
         num_warps=num_warps or (4 if block_p * group <= 4096 else 8))
     return out[:3]
+
+
+@triton.jit
+def _reused_pages(Stored, Slots, PT, SeqLens, Logical, Physical, VLens, s_sb, s_sh, s_pb, s_lb, s_lh, s_yb, s_yh,
+                  budget_pages, recent_pages, BLOCK_K: tl.constexpr, PAGE_SIZE: tl.constexpr):
+    """One program per (sequence, KV head): reference.reused_pages. A row past the budget attends
+    the first budget - recent entries of its seq slot's stored selection and its current recent
+    window; a row within the budget all of its pages. Outputs as _store_selection's."""
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    seq_len = tl.load(SeqLens + b)
+    n_pages = tl.cdiv(seq_len, PAGE_SIZE)
+    keep = budget_pages - recent_pages
+    offs = tl.arange(0, BLOCK_K)
+    slot = tl.load(Slots + b)
+    stored = tl.load(Stored + slot * s_sb + kvh * s_sh + offs, mask=offs < keep, other=0)
+    window = n_pages - recent_pages + offs - keep
+    logical = tl.where(n_pages <= budget_pages, offs, tl.where(offs < keep, stored, window))
+    valid = offs < tl.minimum(n_pages, budget_pages)
+    page = tl.load(PT + b.to(tl.int64) * s_pb + logical, mask=valid, other=0)
+    inside = offs < budget_pages
+    tl.store(Logical + b * s_lb + kvh * s_lh + offs, tl.where(valid, logical, -1), mask=inside)
+    tl.store(Physical + b * s_yb + kvh * s_yh + offs, page, mask=inside)
+    if kvh == 0:
+        tl.store(VLens + b, seq_len - tl.maximum(n_pages - budget_pages, 0) * PAGE_SIZE)
+
+
+def reused_pages(stored: torch.Tensor, seq_slots: torch.Tensor, page_tables: torch.Tensor, seq_lens: torch.Tensor,
+                 page_size: int, budget_pages: int, recent_pages: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A step that reuses stored selections (reference.reused_pages), batched: stored int32 [seq slots,
+    kv_heads, budget_pages] (each slot's last selection, made past the budget), seq_slots [batch],
+    page_tables int32 [batch, max_pages > budget_pages] -> (logical, physical, virtual seq_lens) as
+    select_pages returns them."""
+    batch, kv_heads = seq_lens.shape[0], stored.shape[1]
+    assert stored.shape[2] == budget_pages < page_tables.shape[1] and page_tables.stride(1) == 1
+    logical = torch.empty(batch, kv_heads, budget_pages, device=stored.device, dtype=torch.int32)
+    physical = torch.empty_like(logical)
+    vlens = torch.empty(batch, device=stored.device, dtype=torch.int32)
+    _reused_pages[(batch, kv_heads)](
+        stored, seq_slots, page_tables, seq_lens, logical, physical, vlens, stored.stride(0), stored.stride(1),
+        page_tables.stride(0), logical.stride(0), logical.stride(1), physical.stride(0), physical.stride(1),
+        budget_pages, recent_pages, BLOCK_K=max(16, triton.next_power_of_2(budget_pages)), PAGE_SIZE=page_size,
+        num_warps=1)
+    return logical, physical, vlens
