@@ -331,9 +331,15 @@ def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     force, kv_heads, select = (budget, sink, recent), k_cache.shape[2], dict(select_tuning or {})
     if reuse_selection:
         assert selections is not None and seq_slots is not None, "reuse needs the stored selections"
-        logical, physical, vlens = reused_pages(selections, seq_slots, page_tables, seq_lens, page_size, budget,
-                                                recent)
-    elif 0 < shortlist < max_pages:
+        if tuning.get("num_splits") is None:
+            tuning["num_splits"] = default_num_splits(q.shape[0], kv_heads, budget * page_size, q.device,
+                                                      tuning.get("block_n", 64), min_blocks=2)
+        out = split_k_decode(q, k_cache, v_cache, page_tables, seq_lens, scale,
+                             reuse=(selections, seq_slots, budget, recent), **tuning)
+        if not return_selection:
+            return out
+        return (out, *reused_pages(selections, seq_slots, page_tables, seq_lens, page_size, budget, recent)[::2])
+    if 0 < shortlist < max_pages:
         assert pmin is not None and pmax is not None, "the coarse stage needs the page summaries"
         coarse = quest_bounds(q, pmin.unsqueeze(1), pmax.unsqueeze(1), page_tables, seq_lens, page_size)
         listed, listed_physical, _ = combine_select(coarse, page_tables, seq_lens, page_size, kv_heads, force,
