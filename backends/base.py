@@ -134,8 +134,6 @@ class SparseSettings:
     shortlist_tokens: a sequence longer than this many tokens (and than twice the budget) is scored
     coarse to fine (kernels/reference.py): one summary per page shortlists that many tokens' worth of
     pages, and only those are scored by their block summaries. 0: every page by its block summaries.
-    reselect_every: decode steps a sequence's page selection serves (kernels/reference.py,
-    reused_pages): 1 selects at every step.
     """
 
     enabled: bool = False
@@ -145,7 +143,6 @@ class SparseSettings:
     recent_tokens: int = 64
     summary_tokens: int = 4
     shortlist_tokens: int = 8192
-    reselect_every: int = 1
 
 
 @dataclass(frozen=True)

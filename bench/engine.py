@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import gc
 import itertools
 import json
@@ -911,8 +910,6 @@ def main() -> None:
     ap.add_argument("--hf-compile", default="auto", choices=("auto", "off"),
                     help="auto: transformers compiles the static-cache forward itself; off: disable_compile")
     ap.add_argument("--long-modes", default="shared,distinct", help="long section: shared and/or distinct pages")
-    ap.add_argument("--reselect-every", type=int, default=None,
-                    help="long section: sparse_attention.reselect_every (default: the config's default)")
     ap.add_argument("--json", default=None, help="write the raw numbers here")
     ap.add_argument("--tp", type=int, default=1, help="2: TP=1 vs TP=2 decode, the check and the 70B run "
                     "(bench/tensor_parallel.py, which owns its processes; --tiny: its CPU smoke run)")
@@ -931,8 +928,6 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     torch.manual_seed(0)
     plan = Plan.make(args)
-    if args.reselect_every is not None:
-        plan.sparse = dataclasses.replace(plan.sparse, reselect_every=args.reselect_every)
     ctx = Context(plan, args.json)
     versions = f"torch {torch.__version__}"
     if plan.device == "cuda":

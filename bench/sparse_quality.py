@@ -213,36 +213,25 @@ def configs(budgets: list[int], args) -> list[Config]:
     """dense, then each budget with the defaults, then each budget with every --sweep entry."""
     out = [Config("dense", SparseSettings())]
     base = dict(rule="engine", sink=args.sink, recent=args.recent, dense=args.dense_layers,
-                shortlist=args.shortlist_tokens, reselect=args.reselect_every)
+                shortlist=args.shortlist_tokens)
     for spec in [""] + list(args.sweep or []):
         opts = dict(base)
         for item in filter(None, spec.split(",")):
             key, _, value = item.partition("=")
             if key not in opts:
-                raise SystemExit(f"--sweep {spec!r}: unknown key {key!r} (rule, sink, recent, dense, shortlist, "
-                                 f"reselect)")
+                raise SystemExit(f"--sweep {spec!r}: unknown key {key!r} (rule, sink, recent, dense, shortlist)")
             opts[key] = value if key == "rule" else int(value)
         if opts["rule"] != "engine":
             rule_selector(opts["rule"], None)       # fail early on a bad name
         for budget in budgets:
             sparse = SparseSettings(True, budget, opts["dense"], opts["sink"], opts["recent"], args.summary_tokens,
-                                    opts["shortlist"], opts["reselect"])
+                                    opts["shortlist"])
             out.append(Config(f"sparse {budget}" + (f" [{spec}]" if spec else ""), sparse, opts["rule"],
                               timed=not opts["rule"].startswith("sub")))
     return out
 
 
 EPOCHS = itertools.count(1)
-_TABLE_EPOCHS: dict[int, tuple[list[int], int]] = {}
-
-
-def table_epoch(table: list[int]) -> int:
-    """One table_epoch per page-table list for its whole life (the list is kept, so that its id is
-    not reused): a sequence decoding step after step keeps its epoch, as in serving, so that the
-    runner keeps its page-table row and, with reselect_every > 1, its page selections."""
-    if id(table) not in _TABLE_EPOCHS:
-        _TABLE_EPOCHS[id(table)] = (table, next(EPOCHS))
-    return _TABLE_EPOCHS[id(table)][1]
 GREEDY = SampleSpec(SamplingParams(temperature=0), 0.5)
 
 
@@ -259,11 +248,8 @@ def forward(runner: TorchRunner, cfg: Config | SparseSettings, chunks: list[Sequ
         runner.attention.page_selector = rule_selector(cfg.rule, layer_keys(runner))
     # The runner and its attention backend keep the sparse settings they were built with; a config
     # swaps them in for this forward (None: dense), as a server built with them would run.
-    sparse = cfg.sparse if cfg.sparse.enabled else None
-    if runner.sparse != sparse:
-        runner.use_sparse(sparse)
-    chunks = [dataclasses.replace(c, seq_slot=i, table_epoch=table_epoch(c.page_table),
-                                  sample=GREEDY if logits else None)
+    runner.sparse = runner.attention.sparse = cfg.sparse if cfg.sparse.enabled else None
+    chunks = [dataclasses.replace(c, seq_slot=i, table_epoch=next(EPOCHS), sample=GREEDY if logits else None)
               for i, c in enumerate(chunks)]
     return runner.forward(ForwardBatch(chunks, return_logits=logits))
 
@@ -271,7 +257,7 @@ def forward(runner: TorchRunner, cfg: Config | SparseSettings, chunks: list[Sequ
 def runner_sparse(args) -> SparseSettings:
     """Settings that the runners are built with: sparse on, so that their caches keep summaries."""
     return SparseSettings(True, max(args.budgets), args.dense_layers, args.sink, args.recent, args.summary_tokens,
-                          args.shortlist_tokens, args.reselect_every)
+                          args.shortlist_tokens)
 
 
 @contextlib.contextmanager
@@ -473,8 +459,6 @@ def main() -> None:
     parser.add_argument("--summary-tokens", type=int, default=4, help="tokens per key min/max summary")
     parser.add_argument("--shortlist-tokens", type=int, default=8192,
                         help="coarse to fine past this many tokens (0: off); the engine's default")
-    parser.add_argument("--reselect-every", type=int, default=1,
-                        help="decode steps one page selection serves; the engine's default")
     parser.add_argument("--texts", type=int, default=4)
     parser.add_argument("--context", type=int, default=7000, help="tokens per teacher-forced text")
     parser.add_argument("--positions", type=int, default=560, help="decoded positions per text")
@@ -490,7 +474,7 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[], choices=["quality", "passkey", "timing"])
     parser.add_argument("--sweep", nargs="*", default=[], metavar="SPEC",
                         help="extra configs at every budget, e.g. rule=lse-max,recent=64 (keys: rule, sink, "
-                             "recent, dense, shortlist, reselect; rules: [subN-]sum|max|lse-max|softmax-sum)")
+                             "recent, dense, shortlist; rules: [subN-]sum|max|lse-max|softmax-sum)")
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run of every path")
     parser.add_argument("--out", default=None, help="also write the report to this file")
     args = parser.parse_args()
@@ -507,8 +491,7 @@ def main() -> None:
     say(f"command: python {' '.join(sys.argv)}")
     say(f"python {platform.python_version()}, torch {torch.__version__}, model {source.path.rsplit('/', 1)[-1]}, "
         f"float32, page {args.page_size}, sink {args.sink}, recent {args.recent}, dense_layers {args.dense_layers}, "
-        f"summary_tokens {args.summary_tokens}, shortlist_tokens {args.shortlist_tokens}, "
-        f"reselect_every {args.reselect_every}")
+        f"summary_tokens {args.summary_tokens}, shortlist_tokens {args.shortlist_tokens}")
     quality = keys = timing = None
     if not {"quality", "passkey"} <= set(args.skip):
         # One config's pages at a time (each hands its pages back before the next).

@@ -157,9 +157,6 @@ class SparseAttentionConfig(Strict):
                                   "scored coarse to fine: one summary per page shortlists that many tokens' worth of "
                                   "pages, only those are scored by their block summaries (less to read per step); "
                                   "0: every page by its blocks")
-    reselect_every: int = Field(1, ge=1, le=64, description="decode steps one page selection serves: the "
-                                "pages chosen by score are kept and the recent window follows the sequence "
-                                "(docs/sparse.md); 1 selects at every step")
 
 
 class SchedulerConfig(Strict):

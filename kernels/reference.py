@@ -25,13 +25,6 @@ block summaries, each head normalised over the shortlist, and the budget is chos
 Token counts round to pages: budget_pages = budget_tokens // page_size (the budget includes the
 sink and recent pages), sink_pages = ceil(sink_tokens / page_size), recent_pages =
 ceil(recent_tokens / page_size) counted back from the last (possibly partial) page.
-
-Reselection every R decode steps (reselect_every > 1): a selection made when the sequence had n0 >
-budget_pages pages is reused until it is R steps old. Sorted, its last recent_pages entries are
-the recent window [n0 - recent, n0) and the others were chosen by score (sink included). A later
-step with n pages attends those others and the current window [n - recent, n) (reused_pages): the
-pages that left the window since are dropped, the pages written since are in the new window, and
-the count stays budget_pages. A row within the budget attends all its pages.
 """
 from __future__ import annotations
 
@@ -216,25 +209,6 @@ def select_pages(scores: torch.Tensor, budget_pages: int, sink_pages: int,
     return keep.nonzero()[:, 1].view(kv_heads, budget_pages)
 
 
-def reused_pages(stored: torch.Tensor, num_pages: int, budget_pages: int, recent_pages: int) -> torch.Tensor:
-    """Pages attended at a step that reuses an earlier selection (the module says when).
-
-    stored: [kv_heads, budget_pages] ascending, a select_pages result of a step when the sequence
-    had more than budget_pages pages and at most num_pages -> [kv_heads, min(num_pages, budget_pages)].
-    """
-    kv_heads = stored.shape[0]
-    if num_pages <= budget_pages:
-        return torch.arange(num_pages).expand(kv_heads, num_pages)
-    window = num_pages - recent_pages
-    keep = budget_pages - recent_pages
-    kept = []
-    for row in stored:
-        older = row[row < window]
-        assert len(older) >= keep, "the stored selection was made with fewer pages than the budget"
-        kept.append(torch.cat([older[:keep], torch.arange(window, num_pages)]))
-    return torch.stack(kept)
-
-
 def sparse_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         kmin: torch.Tensor, kmax: torch.Tensor, page_table: torch.Tensor,
                         seq_len: int, scale: float, budget_tokens: int, sink_tokens: int,
@@ -247,7 +221,9 @@ def sparse_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 
     Returns (out [q_heads, d] float32, pages read summed over KV heads).
     """
-    page_size = k_cache.shape[1]
+    q_heads, head_dim = q.shape
+    num_pages_total, page_size, kv_heads, _ = k_cache.shape
+    group = q_heads // kv_heads
     budget_pages, sink_pages, recent_pages = sparse_page_counts(
         page_size, budget_tokens, sink_tokens, recent_tokens)
     shortlist = shortlist_pages(page_size, budget_pages, shortlist_tokens)
@@ -257,16 +233,6 @@ def sparse_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     else:
         scores = quest_page_scores(q, kmin, kmax, page_table, seq_len, page_size, scale)
     chosen = select_pages(scores, budget_pages, sink_pages, recent_pages)     # [kvh, k]
-    return attend_chosen_pages(q, k_cache, v_cache, page_table, chosen, seq_len, scale), int(chosen.numel())
-
-
-def attend_chosen_pages(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
-                        chosen: torch.Tensor, seq_len: int, scale: float) -> torch.Tensor:
-    """Attention of one query q: [q_heads, d] where KV head h reads only the logical pages
-    chosen[h] of its sequence (positions past seq_len masked) -> [q_heads, d] float32."""
-    q_heads, head_dim = q.shape
-    page_size, kv_heads = k_cache.shape[1:3]
-    group = q_heads // kv_heads
     out = torch.empty(q_heads, head_dim)
     for h in range(kv_heads):
         logical = chosen[h]
@@ -279,7 +245,7 @@ def attend_chosen_pages(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         s = (qh @ k.T) * scale
         s = s.masked_fill(~valid, float("-inf"))
         out[h * group:(h + 1) * group] = s.softmax(dim=-1) @ v
-    return out
+    return out, int(chosen.numel())
 
 
 def default_scale(head_dim: int) -> float:

@@ -310,36 +310,3 @@ def test_combine_select_equals_combine_then_select(listed, chunk, ties):
     plain = select_pages(scores, tables, i32(lens), page_size, keep, listed=lst)
     for a, b in zip(fused, plain, strict=True):
         assert torch.equal(a, b)
-
-
-def test_sparse_decode_stores_and_reuses_selections():
-    """reselect_every > 1: a selecting step stores each row's logical pages in its seq slot's row;
-    a later step with reuse_selection attends reference.reused_pages of the stored selection (the
-    pages chosen by score, then the current recent window) and scores nothing."""
-    page_size, budget_tokens, sink, recent = 16, 128, 16, 32
-    budget_pages, _, recent_pages = ref.sparse_page_counts(page_size, budget_tokens, sink, recent)
-    # at the selection: past the budget (full and partial last pages) and within it
-    before = [400, 16 * 20, 16 * 9 + 1, 70]
-    after = [403, 16 * 20 + 5, 16 * 9 + 16, 73]        # 3 to 15 tokens later; two open a new page
-    q, k, v, kmin, kmax, table = sparse_inputs(after, page_size, 4, 64, BF16, seed=91)
-    slots = torch.tensor([5, 0, 2, 3])
-    selections = torch.full((7, KV_HEADS, budget_pages), -7, dtype=torch.int32)
-    _, chosen, _ = sparse_decode(q, k, v, kmin, kmax, table, i32(before), budget_tokens, sink, recent,
-                                 return_selection=True, selections=selections, seq_slots=slots)
-    assert torch.equal(selections[slots], chosen)
-    assert (selections[[1, 4, 6]] == -7).all()                 # other slots untouched
-    q2 = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(BF16)
-    out = torch.full_like(q2, float("nan"))
-    _, reused, vlens = sparse_decode(q2, k, v, kmin, kmax, table, i32(after), budget_tokens, sink, recent,
-                                     return_selection=True, selections=selections, seq_slots=slots,
-                                     reuse_selection=True, out=out, num_splits=3, block_n=16)
-    scale = ref.default_scale(64)
-    for i, n in enumerate(after):
-        pages = -(-n // page_size)
-        expected = ref.reused_pages(selections[slots[i]].long(), pages, budget_pages, recent_pages)
-        used = expected.shape[1]
-        assert torch.equal(reused[i, :, :used].long(), expected)
-        assert (reused[i, :, used:] == -1).all()
-        assert vlens[i] == n - max(0, pages - budget_pages) * page_size
-        attended = ref.attend_chosen_pages(q2[i], k, v, table[i], expected, n, scale)
-        assert rel_err(out[i], attended) < TOL[BF16]

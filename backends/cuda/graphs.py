@@ -40,10 +40,9 @@ class StaticDecodeStep:
     plain torch + Triton launches with no host sync, so it runs eagerly too (tests on the CPU)."""
 
     def __init__(self, model, attention: AttentionBackend, store: PageTableStore, next_tokens: torch.Tensor,
-                 page_size: int, scratch_page: int, bs: int, width: int, device: torch.device,
-                 reuse_selection: bool = False):
+                 page_size: int, scratch_page: int, bs: int, width: int, device: torch.device):
         self.model, self.attention, self.store, self.next_tokens = model, attention, store, next_tokens
-        self.page_size, self.bs, self.width, self.reuse_selection = page_size, bs, width, reuse_selection
+        self.page_size, self.bs, self.width = page_size, bs, width
         self.scratch_slot = scratch_page * page_size
         self.longs = torch.zeros(4, bs, dtype=torch.long, device=device)
         self.ints = torch.zeros(2, bs, dtype=torch.int32, device=device)
@@ -59,8 +58,7 @@ class StaticDecodeStep:
             num_tokens=self.bs, num_decode=self.bs, token_ids=ids, positions=longs[1], slots=longs[2],
             tables=self.store.table[:, :self.width].index_select(0, longs[3]), starts=ints[0],
             seq_lens=ints[1], extend_cu=self.no_extends, logits_rows=None, sample_slots=longs[3],
-            host_chunks=[(0, 1, [])] * self.bs, max_new_tokens=0, seq_slots=longs[3],
-            reuse_selection=self.reuse_selection)
+            host_chunks=[(0, 1, [])] * self.bs, max_new_tokens=0)
         self.attention.plan(layout)
         return self.model(layout.token_ids, self.attention, None)
 
@@ -89,8 +87,7 @@ class StaticDecodeStep:
 
 
 class DecodeGraphs:
-    """A CUDA graph of the StaticDecodeStep of every (batch bucket, table width), and with sparse
-    reselection (reselect_every > 1) one more of each that reuses the stored page selections."""
+    """A CUDA graph of the StaticDecodeStep of every (batch bucket, table width)."""
 
     def __init__(self, model, attention: AttentionBackend, store: PageTableStore, next_tokens: torch.Tensor,
                  page_size: int, scratch_page: int, max_batch: int, device: torch.device):
@@ -98,22 +95,18 @@ class DecodeGraphs:
         self.store, self.next_tokens, self.page_size, self.device = store, next_tokens, page_size, device
         self.sizes = bucket_sizes(max_batch)
         self.widths = table_widths(store.max_pages)
-        sparse = attention.sparse
-        variants = [False, True] if sparse is not None and sparse.reselect_every > 1 else [False]
-        self.steps: dict[tuple[int, int, bool], StaticDecodeStep] = {}
-        self.graphs: dict[tuple[int, int, bool], torch.cuda.CUDAGraph] = {}
+        self.steps: dict[tuple[int, int], StaticDecodeStep] = {}
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         pool = torch.cuda.graph_pool_handle()
         began = time.monotonic()
         for width in reversed(self.widths):       # largest first: the smaller ones reuse its pool
             for bs in reversed(self.sizes):
-                for reuse in variants:
-                    step = StaticDecodeStep(model, attention, store, next_tokens, page_size, scratch_page, bs,
-                                            width, device, reuse)
-                    key = bs, width, reuse
-                    self.steps[key], self.graphs[key] = step, self._capture(step, pool)
-        log.info("CUDA graphs: %d decode batch sizes up to %d x %d page-table widths up to %d pages x %d "
-                 "selection variants captured in %.1f s", len(self.sizes), max_batch, len(self.widths),
-                 store.max_pages, len(variants), time.monotonic() - began)
+                step = StaticDecodeStep(model, attention, store, next_tokens, page_size, scratch_page, bs,
+                                        width, device)
+                self.steps[bs, width], self.graphs[bs, width] = step, self._capture(step, pool)
+        log.info("CUDA graphs: %d decode batch sizes up to %d x %d page-table widths up to %d pages "
+                 "captured in %.1f s", len(self.sizes), max_batch, len(self.widths), store.max_pages,
+                 time.monotonic() - began)
 
     def _capture(self, step: StaticDecodeStep, pool) -> torch.cuda.CUDAGraph:
         blas = torch.backends.cuda.preferred_blas_library()
@@ -143,14 +136,13 @@ class DecodeGraphs:
         return (bool(chunks) and len(chunks) <= self.sizes[-1]
                 and all(len(c.token_ids) == 1 and c.sample is not None for c in chunks))
 
-    def run(self, chunks: list[SequenceChunk], next_tokens: torch.Tensor,
-            reuse_selection: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Replay the graph of these decode chunks' bucket and width (reusing the stored page
-        selections or not) -> (logits float32 [n, vocab], their seq slots [n] on the device)."""
+    def run(self, chunks: list[SequenceChunk], next_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replay the graph of these decode chunks' bucket and width -> (logits float32 [n, vocab],
+        their seq slots [n] on the device)."""
         assert next_tokens is self.next_tokens
         n = len(chunks)
         pages = -(-max(c.start_position + 1 for c in chunks) // self.page_size)
-        key = self.bucket(n), table_width(pages, self.store.max_pages), reuse_selection
+        key = self.bucket(n), table_width(pages, self.store.max_pages)
         step = self.steps[key]
         step.fill(chunks)
         self.graphs[key].replay()

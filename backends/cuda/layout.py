@@ -31,8 +31,6 @@ class StepLayout:
     sample_slots: torch.Tensor      # long [N] the seq slots of those rows
     host_chunks: list[tuple[int, int, list[int]]]   # (start, new tokens, page table) per sequence
     max_new_tokens: int             # longest extend chunk (0 when none)
-    seq_slots: torch.Tensor | None = None   # long [B] each row's seq slot (sparse selections are kept per slot)
-    reuse_selection: bool = False   # sparse decode rows attend their stored selections (backends/reselect.py)
 
 
 def graph_batch(batch: int) -> int:
@@ -75,7 +73,7 @@ def _upload(values: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def build_layout(chunks: list[SequenceChunk], store: PageTableStore, page_size: int,
-                 device: torch.device, next_tokens: torch.Tensor, reuse_selection: bool = False) -> StepLayout:
+                 device: torch.device, next_tokens: torch.Tensor) -> StepLayout:
     """The layout of an eager step (prefill, mixed, or decode outside the graph buckets).
     PENDING_TOKEN ids are read from next_tokens[seq_slot] on the device."""
     num_decode = 0
@@ -118,4 +116,4 @@ def build_layout(chunks: list[SequenceChunk], store: PageTableStore, page_size: 
         starts=ints[:batch], seq_lens=ints[batch:2 * batch], extend_cu=ints[2 * batch:],
         logits_rows=longs[rows_at:rows_at + sampled], sample_slots=longs[rows_at + sampled:ids_at],
         host_chunks=[(start, count, c.page_table) for start, count, c in zip(starts, lengths, chunks, strict=True)],
-        max_new_tokens=max(lengths[num_decode:], default=0), seq_slots=seq_rows, reuse_selection=reuse_selection)
+        max_new_tokens=max(lengths[num_decode:], default=0))

@@ -8,7 +8,6 @@ logprobs where asked) come back to the host.
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 from dataclasses import dataclass
@@ -24,7 +23,6 @@ from backends.base import (
     ForwardResult,
     RunnerSettings,
     SequenceChunk,
-    SparseSettings,
 )
 from backends.cuda.attention.base import AttentionShape
 from backends.cuda.attention.factory import choose_attention, create_attention, deterministic_attention
@@ -40,7 +38,6 @@ from backends.cuda.model import LlamaModel
 from backends.cuda.page_tables import PageTableStore
 from backends.cuda.parallel import TensorParallel
 from backends.cuda.sampler import DrawnTokens, TorchSampler
-from backends.reselect import ReselectClock
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "int8": torch.bfloat16,      # int8 / int4: weight-only matmuls, bfloat16 activations and KV
@@ -136,8 +133,6 @@ class TorchRunner:
         cos, sin = self.model.rotary_tables(max_pages * page_size)
         self.shape = AttentionShape(shard.num_heads, shard.num_kv_heads, config.head_dim)
         self.attention = create_attention(attention_name, self.cache, self.shape, cos, sin, self.sparse)
-        self.reselect: ReselectClock | None = None      # sparse decode's reuse of page selections
-        self.use_sparse(self.sparse)
         self.sampler = TorchSampler(config.vocab_size, device)
         self.kv_store = create_kv_store(settings, self.cache, self.mode, attention_name)   # L2, or None
         if tp.world > 1 and self.kv_store is not None:
@@ -162,23 +157,6 @@ class TorchRunner:
         if tp.world > 1:
             log.info("%s", tp.describe(config))
         tp.start_sending(self.max_sequences, page_size)
-
-    def use_sparse(self, sparse: SparseSettings | None) -> None:
-        """Decode with these sparse settings from the next step on (None: dense). At start-up, and
-        for benches that compare settings on one model: the cache must keep summaries of the same
-        size (it does when the runner was built with sparse attention on). No CUDA graph is
-        re-captured: benches that switch settings run eagerly."""
-        if sparse is not None:
-            check_sparse_settings(sparse, self.page_size, self.config.num_layers)
-            assert self.cache.summary_tokens == sparse.summary_tokens, "the cache keeps other summaries"
-        self.sparse = self.attention.sparse = sparse
-        self.reselect = self.attention.selections = None
-        if sparse is not None and sparse.reselect_every > 1:
-            budget, _, _ = page_counts(sparse, self.page_size)
-            self.reselect = ReselectClock(sparse.reselect_every, self.page_size, budget)
-            self.attention.selections = torch.zeros(self.config.num_layers, self.max_sequences + 1,
-                                                    self.shape.kv_heads, budget, dtype=torch.int32,
-                                                    device=self.device)
 
     def _size_pool(self) -> int:
         """Pages from config: a fixed count, or a share of the memory left after the weights (GPU:
@@ -262,13 +240,9 @@ class TorchRunner:
         self.tables.sync(chunks, self.page_size)
         if self.settings.validate_batches:
             self.tables.check(chunks, self.page_size)
-        reuse = False
-        if self.reselect is not None:
-            decode_rows = list(itertools.takewhile(lambda chunk: len(chunk.token_ids) == 1, chunks))
-            reuse = self.reselect.step(decode_rows)
         if self.graphs is not None and self.graphs.can_run(chunks):
-            return self.graphs.run(chunks, self.next_tokens, reuse)
-        layout = build_layout(chunks, self.tables, self.page_size, self.device, self.next_tokens, reuse)
+            return self.graphs.run(chunks, self.next_tokens)
+        layout = build_layout(chunks, self.tables, self.page_size, self.device, self.next_tokens)
         self.attention.plan(layout)
         return self.model(layout.token_ids, self.attention, layout.logits_rows), layout.sample_slots
 

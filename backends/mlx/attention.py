@@ -17,7 +17,7 @@ import numpy as np
 
 from backends.base import SequenceChunk, SparseSettings
 from backends.mlx.kv_cache import PagedKVCache
-from backends.mlx.sparse import QuestPlan, choose_pages, chosen_lists, make_quest_plan, reused_pages
+from backends.mlx.sparse import QuestPlan, choose_pages, chosen_lists, make_quest_plan
 from kernels.metal.paged_decode import PagedDecode
 
 
@@ -43,9 +43,8 @@ class StepPlan:
 
 
 def plan_step(chunks: list[SequenceChunk], tables: np.ndarray, page_size: int, scratch_page: int,
-              sparse: SparseSettings | None, reuse_selection: bool = False) -> StepPlan:
-    """tables: int32 [B, max_pages] the chunks' rows of the page-table store, in batch order.
-    reuse_selection: sparse decode rows attend their stored page selections (backends/reselect.py)."""
+              sparse: SparseSettings | None) -> StepPlan:
+    """tables: int32 [B, max_pages] the chunks' rows of the page-table store, in batch order."""
     starts = np.array([c.start_position for c in chunks])
     lengths = np.array([len(c.token_ids) for c in chunks])
     ends = starts + lengths
@@ -72,9 +71,7 @@ def plan_step(chunks: list[SequenceChunk], tables: np.ndarray, page_size: int, s
         summary_pages = mx.array(np.array([tables[i, p] for i, p in touched], dtype=np.int32))
         summary_unwritten = mx.array(slot >= filled.reshape(-1, 1, 1, 1, 1))
         if num_decode:
-            seq_slots = np.array([c.seq_slot for c in chunks[:num_decode]])
-            quest = make_quest_plan(sparse, tables[:num_decode], ends[:num_decode], page_size, scratch_page,
-                                    seq_slots, reuse_selection)
+            quest = make_quest_plan(sparse, tables[:num_decode], ends[:num_decode], page_size, scratch_page)
     return StepPlan(
         positions=mx.array(positions.astype(np.int32)), slots=mx.array(slots.astype(np.int32)),
         num_decode=num_decode, decode_pages=mx.array(decode_tables.astype(np.int32)),
@@ -106,9 +103,6 @@ class PagedAttention:
         self.scale = head_dim ** -0.5
         self.decode, self.sparse = decode, sparse
         self.step: StepPlan | None = None
-        # per layer, int32 [seq slots + 1, kv_heads, budget_pages]: each slot's last page selection
-        # (set by the runner when sparse.reselect_every > 1)
-        self.selections: list[mx.array] | None = None
 
     def plan(self, step: StepPlan) -> None:
         self.step = step
@@ -127,13 +121,8 @@ class PagedAttention:
     def sparse_decode(self, layer: int, q: mx.array) -> mx.array:
         plan, cache = self.step.quest, self.cache
         qs = q[plan.sparse_rows]
-        if plan.reuse:
-            chosen = reused_pages(self.selections[layer][plan.sparse_slots], plan)
-        else:
-            chosen = choose_pages(qs, cache.kmin[layer], cache.kmax[layer], cache.pmin[layer], cache.pmax[layer],
-                                  plan, self.scale)
-            if self.selections is not None:
-                self.selections[layer][plan.sparse_slots] = chosen
+        chosen = choose_pages(qs, cache.kmin[layer], cache.kmax[layer], cache.pmin[layer], cache.pmax[layer],
+                              plan, self.scale)
         pages, lengths = chosen_lists(plan, chosen, cache.page_size)
         out = self.decode(qs, cache.k[layer], cache.v[layer], pages, lengths, cache.page_size, self.scale)
         if plan.dense_rows.shape[0]:

@@ -9,7 +9,6 @@ builds the next step while this one runs (overlap).
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 
 from backends.base import PENDING_TOKEN, AttentionStats, BackendInfo, ForwardBatch, ForwardResult, RunnerSettings
-from backends.cuda.attention.sparse import check_sparse_settings, page_counts
+from backends.cuda.attention.sparse import check_sparse_settings
 from backends.cuda.page_tables import PageTableStore
 from backends.mlx.attention import PagedAttention, plan_step
 from backends.mlx.cpu_linear import cpu_streams, use_cpu_linears
@@ -29,7 +28,6 @@ from backends.mlx.kv_store import create_kv_store
 from backends.mlx.loader import load_model
 from backends.mlx.model import LlamaModel
 from backends.mlx.sampler import DrawnTokens, MlxSampler
-from backends.reselect import ReselectClock
 from kernels.metal.paged_decode import choose_paged_decode
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -114,12 +112,6 @@ class MlxRunner:
         self.table_rows = self.tables.table.numpy()
         kernel, decode = choose_paged_decode(config.head_dim)
         self.attention = PagedAttention(self.cache, config.num_heads, config.head_dim, decode, self.sparse)
-        self.reselect = None                # sparse decode's reuse of page selections (backends/reselect.py)
-        if self.sparse is not None and self.sparse.reselect_every > 1:
-            budget, _, _ = page_counts(self.sparse, page_size)
-            self.reselect = ReselectClock(self.sparse.reselect_every, page_size, budget)
-            self.attention.selections = [mx.zeros((self.max_sequences + 1, config.num_kv_heads, budget), mx.int32)
-                                         for _ in range(config.num_layers)]
         self.sampler = MlxSampler(config.vocab_size)
         self.kv_store = create_kv_store(settings, self.cache, served, kernel)   # L2 host tier, or None
         # each seq slot's last draw, read by the next step's PENDING_TOKEN chunk without a sync
@@ -176,10 +168,7 @@ class MlxRunner:
         if self.settings.validate_batches:
             self.tables.check(chunks, self.page_size)
         rows = self.table_rows[[c.seq_slot for c in chunks]]
-        reuse = False
-        if self.reselect is not None:
-            reuse = self.reselect.step(list(itertools.takewhile(lambda chunk: len(chunk.token_ids) == 1, chunks)))
-        step = plan_step(chunks, rows, self.page_size, self.cache.scratch_page, self.sparse, reuse)
+        step = plan_step(chunks, rows, self.page_size, self.cache.scratch_page, self.sparse)
         ids = np.fromiter((t for c in chunks for t in c.token_ids), dtype=np.int32)
         token_ids = mx.array(ids)
         if (ids == PENDING_TOKEN).any():
@@ -194,7 +183,7 @@ class MlxRunner:
             drawn = self.sampler.draw(logits, [chunks[i].sample for i in sampled])
             self.next_tokens[mx.array([chunks[i].seq_slot for i in sampled])] = drawn.tokens
         outputs = [*(drawn.outputs if drawn else []), *([logits] if batch.return_logits else [])]
-        mx.async_eval(outputs, self.next_tokens, self.cache.arrays(), self.attention.selections or [])
+        mx.async_eval(outputs, self.next_tokens, self.cache.arrays())
         return StepResult(drawn, self._stats(step), logits if batch.return_logits else None)
 
 

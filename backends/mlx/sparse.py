@@ -47,16 +47,12 @@ class QuestPlan:
     page_unwritten: mx.array    # [Bs, 1, 1, P] True for padding pages (past the sequence)
     pages_read: int             # per layer and KV head, summed over the decode rows
     pages_skipped: int
-    recent_pages: int
-    sparse_slots: mx.array      # [Bs] the sparse rows' seq slots (their stored selections' rows)
-    window: mx.array            # int32 [Bs, 1, recent_pages] each sparse row's recent window
-    reuse: bool                 # attend the stored selections (backends/reselect.py) instead of selecting
 
 
 def make_quest_plan(sparse: SparseSettings, tables: np.ndarray, lengths: np.ndarray, page_size: int,
-                    scratch_page: int, seq_slots: np.ndarray, reuse: bool = False) -> QuestPlan | None:
-    """tables: int32 [B, W] of the decode rows, lengths [B], seq_slots [B]. None when no row exceeds
-    the budget (every layer then decodes densely)."""
+                    scratch_page: int) -> QuestPlan | None:
+    """tables: int32 [B, W] of the decode rows, lengths [B]. None when no row exceeds the budget
+    (every layer then decodes densely)."""
     budget_pages, sink_pages, recent_pages = page_counts(sparse, page_size)
     used = -(-lengths // page_size)
     is_sparse = used > budget_pages
@@ -83,10 +79,7 @@ def make_quest_plan(sparse: SparseSettings, tables: np.ndarray, lengths: np.ndar
         sparse_pages=mx.array(pages), sparse_lengths=mx.array(lengths[sparse_rows]),
         bias=mx.array(bias[:, None, :]), unwritten=mx.array(unwritten[:, None, None, :]),
         page_unwritten=mx.array(beyond[:, None, None, :]),
-        pages_read=read, pages_skipped=skipped, recent_pages=recent_pages,
-        sparse_slots=mx.array(seq_slots[sparse_rows].astype(np.int32)),
-        window=mx.array((used[sparse_rows, None, None] - recent_pages + np.arange(recent_pages)).astype(np.int32)),
-        reuse=reuse)
+        pages_read=read, pages_skipped=skipped)
 
 
 def quest_scores(q: mx.array, kmin: mx.array, kmax: mx.array, unwritten: mx.array, scale: float) -> mx.array:
@@ -155,15 +148,6 @@ def select_from_shortlist(q: mx.array, kmin_layer: mx.array, kmax_layer: mx.arra
                               axis=-1)
     # picked indexes the ascending shortlist and comes back sorted, so the pages are ascending too
     return mx.take_along_axis(shortlist, select_pages(scores, bias, plan.budget_pages), axis=-1)
-
-
-def reused_pages(stored: mx.array, plan: QuestPlan) -> mx.array:
-    """kernels/reference.reused_pages for the sparse rows: stored int32 [Bs, kv_heads, budget] (each
-    row's selection made past the budget, ascending) -> its first budget - recent pages (chosen by
-    score) and the current recent window, [Bs, kv_heads, budget] ascending."""
-    keep = plan.budget_pages - plan.recent_pages
-    window = mx.broadcast_to(plan.window, (stored.shape[0], stored.shape[1], plan.recent_pages))
-    return mx.concatenate([stored[..., :keep], window], axis=-1)
 
 
 def chosen_lists(plan: QuestPlan, chosen: mx.array, page_size: int) -> tuple[mx.array, mx.array]:

@@ -77,11 +77,11 @@ def _load_kv(ptr, mask, EVICT: tl.constexpr):
 @triton.jit
 def _decode_stage1(Q, K, V, PT, SeqLens, MidO, MidL, qk_scale, num_splits, split_tokens,
                    s_qb, s_qh, s_kp, s_ks, s_kh, s_vp, s_vs, s_vh, s_pb, s_ph, s_pp,
-                   s_ob, s_oh, s_os, s_lb, s_lh, Stored, Slots, s_sb, s_sh, budget_pages, recent_pages,
+                   s_ob, s_oh, s_os, s_lb, s_lh,
                    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, UPCAST: tl.constexpr,
                    EVICT: tl.constexpr, DIRECT: tl.constexpr, PER_PAGE: tl.constexpr,
-                   HEADS_INNER: tl.constexpr, ORDERED: tl.constexpr, REUSE: tl.constexpr):
+                   HEADS_INNER: tl.constexpr, ORDERED: tl.constexpr):
     if HEADS_INNER:  # grid (kv_heads, batch, splits): the KV heads of one token row run side by side
         kvh = tl.program_id(0)
         b = tl.program_id(1)
@@ -95,12 +95,6 @@ def _decode_stage1(Q, K, V, PT, SeqLens, MidO, MidL, qk_scale, num_splits, split
     heads = kvh * GROUP + offs_h
 
     seq_len = tl.load(SeqLens + b)
-    if REUSE:  # PT is the sequence's table; its keys are the stored selection's (reference.reused_pages)
-        n_pages = tl.cdiv(seq_len, PAGE_SIZE)
-        over = tl.maximum(n_pages - budget_pages, 0)       # 0: within the budget, every page in order
-        seq_len = seq_len - over * PAGE_SIZE               # the virtual length of budget_pages pages
-        stored = Stored + tl.load(Slots + b).to(tl.int64) * s_sb + kvh * s_sh
-        keep = budget_pages - recent_pages
     if ORDERED:  # fixed-size splits from key 0: a row's splits do not depend on the launch
         split_len = split_tokens
     else:
@@ -119,18 +113,11 @@ def _decode_stage1(Q, K, V, PT, SeqLens, MidO, MidL, qk_scale, num_splits, split
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
         if PER_PAGE:  # BLOCK_N <= PAGE_SIZE and blocks start at multiples of BLOCK_N: one page per block
-            entry = n0 // PAGE_SIZE
+            page = tl.load(pt + (n0 // PAGE_SIZE) * s_pp).to(tl.int64)
             slot = n0 % PAGE_SIZE + tl.arange(0, BLOCK_N)
         else:
-            entry = offs_n // PAGE_SIZE
+            page = tl.load(pt + (offs_n // PAGE_SIZE) * s_pp, mask=mask_n, other=0).to(tl.int64)
             slot = offs_n % PAGE_SIZE
-        if REUSE:  # entry i of the chosen list: stored i (chosen by score), then the recent window
-            chosen = tl.load(stored + entry, mask=entry < keep, other=0)   # within the stored row
-            entry = tl.where(over > 0, tl.where(entry < keep, chosen, n_pages - recent_pages + entry - keep), entry)
-        if PER_PAGE:
-            page = tl.load(pt + entry * s_pp).to(tl.int64)
-        else:
-            page = tl.load(pt + entry * s_pp, mask=mask_n, other=0).to(tl.int64)
         k = _load_kv(k_base + (page * s_kp + slot * s_ks)[:, None] + offs_d[None, :], mask_n[:, None], EVICT)
         qk = _mma(q, tl.trans(k), tl.zeros([BLOCK_H, BLOCK_N], tl.float32), UPCAST) * qk_scale
         qk = tl.where(mask_n[None, :], qk, float("-inf"))
@@ -211,7 +198,7 @@ def split_k_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
                    num_splits: int | None = None, block_n: int = 64, num_warps: int = 4,
                    num_stages: int = 2, evict_first: bool = True, per_page: bool = False,
                    heads_inner: bool = True, out: torch.Tensor | None = None,
-                   split_tokens: int = 0, reuse: tuple | None = None) -> torch.Tensor:
+                   split_tokens: int = 0) -> torch.Tensor:
     """Split-K decode where page_tables is [batch, pages] or per KV head [batch, kv_heads, pages].
 
     split_tokens > 0 (a multiple of block_n): the batch-invariant mode of the module docstring;
@@ -222,11 +209,7 @@ def split_k_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     row (measured slower at batch 64 on the H100 with block_n 64, so off by default).
     heads_inner (default): launch order with the KV head varying fastest, so the programs reading the
     same token rows (all heads of a page) run at the same time (H100: 0.2-0.5% faster at batch 64).
-    evict_first (default): K/V loads marked evict-first (no measurable effect on the H100 bench).
-    reuse = (stored int32 [seq slots, kv_heads, budget_pages], seq_slots [batch], budget_pages,
-    recent_pages), with the sequences' own page_tables [batch, pages] and lengths: each KV head
-    attends reference.reused_pages of its row's stored selection, the page list built in the kernel
-    (sparse decode's reusing steps: no launch for it)."""
+    evict_first (default): K/V loads marked evict-first (no measurable effect on the H100 bench)."""
     group, page_size = check_kv(q, k_cache, v_cache)
     batch, q_heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
@@ -253,19 +236,12 @@ def split_k_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         mid_l = torch.empty(batch, q_heads, num_splits, device=q.device, dtype=torch.float32)
         mid_strides = (*mid_o.stride()[:3], *mid_l.stride()[:2])
     grid = (kv_heads, batch, num_splits) if heads_inner else (batch, kv_heads, num_splits)
-    if reuse is not None:
-        stored, slots, budget_pages, recent_pages = reuse
-        assert not ordered and stored.shape[1:] == (kv_heads, budget_pages) and stored.dtype == torch.int32
-        reused = (stored, slots, stored.stride(0), stored.stride(1), budget_pages, recent_pages)
-    else:
-        reused = (seq_lens, seq_lens, 0, 0, 0, 0)
     _decode_stage1[grid](
         q, k_cache, v_cache, page_tables, seq_lens, mid_o, mid_l, scale * LOG2E, num_splits, split_tokens,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], *page_tables.stride(),
-        *mid_strides, *reused, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        *mid_strides, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_N=block_n, PAGE_SIZE=page_size, UPCAST=dot_upcast(q.dtype), EVICT=evict_first, DIRECT=direct,
-        PER_PAGE=per_page, HEADS_INNER=heads_inner, ORDERED=ordered, REUSE=reuse is not None,
-        num_warps=num_warps, num_stages=num_stages)
+        PER_PAGE=per_page, HEADS_INNER=heads_inner, ORDERED=ordered, num_warps=num_warps, num_stages=num_stages)
     if direct:
         return out
     if ordered:

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from kernels.reference import default_scale, shortlist_pages, sparse_page_counts
 from kernels.triton.decode import check_kv, default_num_splits, num_sms, paged_decode, split_k_decode
-from kernels.triton.selection import combine_heads, combine_select, reused_pages
+from kernels.triton.selection import combine_heads, combine_select
 
 
 @triton.jit
@@ -301,9 +301,7 @@ def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   budget_tokens: int, sink_tokens: int, recent_tokens: int, scale: float | None = None,
                   return_selection: bool = False, score_tuning: dict | None = None,
                   select_tuning: dict | None = None, pmin: torch.Tensor | None = None,
-                  pmax: torch.Tensor | None = None, shortlist_tokens: int = 0,
-                  selections: torch.Tensor | None = None, seq_slots: torch.Tensor | None = None,
-                  reuse_selection: bool = False, **tuning):
+                  pmax: torch.Tensor | None = None, shortlist_tokens: int = 0, **tuning):
     """Batched reference.sparse_paged_decode.
 
     q: [batch, q_heads, d]; caches [num_pages, page_size, kv_heads, d]; kmin, kmax [num_pages,
@@ -316,9 +314,6 @@ def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     choice: rows shorter than the shortlist keep all their pages in it).
     tuning (num_splits, block_n, num_warps, num_stages, ...) goes to the split-K decode kernel;
     score_tuning to quest_scores (block_p, num_warps, all_heads), select_tuning to select_pages.
-    selections int32 [seq slots, kv_heads, budget pages] with seq_slots [batch]: each row's selection
-    is stored in its slot's row; with reuse_selection the rows attend their stored selections
-    (reference.reused_pages) instead, and nothing is scored.
     """
     check_kv(q, k_cache, v_cache)
     page_size = k_cache.shape[1]
@@ -329,16 +324,6 @@ def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     shortlist = shortlist_pages(page_size, budget, shortlist_tokens)
     scale = default_scale(q.shape[2]) if scale is None else scale
     force, kv_heads, select = (budget, sink, recent), k_cache.shape[2], dict(select_tuning or {})
-    if reuse_selection:
-        assert selections is not None and seq_slots is not None, "reuse needs the stored selections"
-        if tuning.get("num_splits") is None:
-            tuning["num_splits"] = default_num_splits(q.shape[0], kv_heads, budget * page_size, q.device,
-                                                      tuning.get("block_n", 64), min_blocks=2)
-        out = split_k_decode(q, k_cache, v_cache, page_tables, seq_lens, scale,
-                             reuse=(selections, seq_slots, budget, recent), **tuning)
-        if not return_selection:
-            return out
-        return (out, *reused_pages(selections, seq_slots, page_tables, seq_lens, page_size, budget, recent)[::2])
     if 0 < shortlist < max_pages:
         assert pmin is not None and pmax is not None, "the coarse stage needs the page summaries"
         coarse = quest_bounds(q, pmin.unsqueeze(1), pmax.unsqueeze(1), page_tables, seq_lens, page_size)
@@ -351,8 +336,6 @@ def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         bounds = quest_bounds(q, kmin, kmax, page_tables, seq_lens, page_size, **(score_tuning or {}))
         logical, physical, vlens = combine_select(bounds, page_tables, seq_lens, page_size, kv_heads, force,
                                                   scale, budget, **select)
-    if selections is not None and not reuse_selection:
-        selections.index_copy_(0, seq_slots, logical)
     if tuning.get("num_splits") is None:  # short page lists: splits of 2 key blocks (H100 b1: 14.7 vs 17.3 us)
         tuning["num_splits"] = default_num_splits(q.shape[0], k_cache.shape[2], physical.shape[2] * page_size,
                                                   q.device, tuning.get("block_n", 64), min_blocks=2)

@@ -43,9 +43,6 @@ class AttentionBackend:
         self.cos, self.sin = cos, sin_signed      # [max_positions, head_dim], activation dtype
         self.sparse = sparse
         self.layout: StepLayout | None = None
-        # int32 [layers, seq slots + 1, kv_heads, budget_pages]: each slot's last page selection
-        # per layer (logical pages, ascending), set by the runner when sparse.reselect_every > 1
-        self.selections: torch.Tensor | None = None
 
     def plan(self, layout: StepLayout) -> None:
         self.layout = layout

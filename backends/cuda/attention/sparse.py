@@ -112,8 +112,6 @@ class QuestPlan:
     slot_head: torch.Tensor         # [1, kv_heads, 1, page_size] slot * kv_heads + head
     pages_read: int
     pages_skipped: int
-    recent_pages: int
-    window: torch.Tensor            # [Bs, 1, recent_pages] each sparse row's recent window (logical pages)
 
 
 def make_plan(meta: AttentionMetadata, page_size: int, kv_heads: int, summary_tokens: int) -> QuestPlan:
@@ -157,8 +155,7 @@ def make_plan(meta: AttentionMetadata, page_size: int, kv_heads: int, summary_to
         bias=bias.unsqueeze(1), unwritten=unwritten.view(len(sparse_rows), 1, 1, first.shape[1]),
         page_unwritten=(logical >= used).view(len(sparse_rows), 1, 1, width), slot=slot,
         slot_head=slot * kv_heads + head,
-        pages_read=read * kv_heads, pages_skipped=skipped * kv_heads, recent_pages=recent_pages,
-        window=(used - recent_pages + torch.arange(recent_pages, device=device)).unsqueeze(1))
+        pages_read=read * kv_heads, pages_skipped=skipped * kv_heads)
 
 
 def count_pages(seq_lens: list[int], page_size: int, budget_pages: int) -> tuple[int, int]:
@@ -349,16 +346,6 @@ def attend_pages_fused(q: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Te
         physical.contiguous(), lengths.contiguous(), page_size, scale)
 
 
-def reused_pages(stored: torch.Tensor, plan: QuestPlan) -> torch.Tensor:
-    """kernels/reference.reused_pages for the plan's sparse rows: stored [Bs, kv_heads, budget]
-    (a selection of each row made past the budget, ascending) -> its first budget - recent pages
-    (those chosen by score: every older window page sorts after them) and the current recent window
-    [Bs, kv_heads, budget], ascending."""
-    keep = plan.budget_pages - plan.recent_pages
-    window = plan.window.expand(-1, stored.shape[1], -1)
-    return torch.cat([stored[..., :keep], window], dim=-1)
-
-
 def get_plan(cache: PagedKVCache, meta: AttentionMetadata) -> QuestPlan:
     plan = getattr(meta, PLAN_ATTRIBUTE, None)
     if plan is None:
@@ -386,18 +373,9 @@ def sparse_decode_attention(q: torch.Tensor, cache: PagedKVCache, layer: int, me
     if plan.all_dense:
         return dense_decode(q, cache, layer, meta, scale)
     k_layer, v_layer = cache.k[layer], cache.v[layer]
-    store = meta.selections[layer] if meta.selections is not None else None
-    slots = meta.decode_seq_slots[plan.sparse_rows] if store is not None else None
-    if store is not None and meta.reuse_selection:
-        chosen = reused_pages(store.index_select(0, slots).long(), plan)
-        attend = attend_pages_fused if fused else attend_pages
-        sparse_out = attend(q[plan.sparse_rows], k_layer, v_layer, chosen, plan, scale)
-    else:
-        sparse_out, chosen = sparse_rows_attention(q[plan.sparse_rows], k_layer, v_layer, cache.kmin[layer],
-                                                   cache.kmax[layer], plan, scale, fused, cache.pmin[layer],
-                                                   cache.pmax[layer], page_selector)
-        if store is not None:
-            store.index_copy_(0, slots, chosen.to(store.dtype))
+    sparse_out, _ = sparse_rows_attention(q[plan.sparse_rows], k_layer, v_layer, cache.kmin[layer],
+                                          cache.kmax[layer], plan, scale, fused, cache.pmin[layer],
+                                          cache.pmax[layer], page_selector)
     if not len(plan.dense_rows):
         return sparse_out
     out = torch.empty_like(q)

@@ -98,11 +98,6 @@ class TorchAttention(AttentionBackend):
         self.meta = build_metadata(layout.host_chunks, self.cache.page_size, layout.positions.device,
                                    self.sparse)
         self.meta.slots = layout.slots
-        if self.selections is not None:
-            decode = [i for i, (_, count, _) in enumerate(layout.host_chunks) if count == 1]
-            self.meta.selections, self.meta.reuse_selection = self.selections, layout.reuse_selection
-            self.meta.decode_seq_slots = layout.seq_slots[torch.tensor(decode, dtype=torch.long,
-                                                                      device=layout.seq_slots.device)]
 
     def forward(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
         heads, kv_heads, d = self.shape.heads, self.shape.kv_heads, self.shape.head_dim

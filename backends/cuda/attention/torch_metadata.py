@@ -39,12 +39,6 @@ class AttentionMetadata:
     decode_max_length: int = 0           # max(decode_lengths), known on the host
     decode_slot_index: torch.Tensor | None = None   # flat key slots of the decodes, built lazily
     summary_plan: SummaryPlan | None = None         # how this batch updates summaries, built lazily
-    # Reuse of page selections (sparse.reselect_every > 1; backends/reselect.py): the backend's
-    # store of each seq slot's last selection per layer, the decode rows' seq slots, and whether
-    # this step attends the stored selections instead of selecting.
-    selections: torch.Tensor | None = None          # int32 [layers, seq slots + 1, kv_heads, budget]
-    decode_seq_slots: torch.Tensor | None = None    # long [B]
-    reuse_selection: bool = False
 
 
 def build_metadata(chunks: list[tuple[int, int, list[int]]], page_size: int,

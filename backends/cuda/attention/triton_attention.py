@@ -58,9 +58,7 @@ class TritonAttention(AttentionBackend):
                 sparse_decode(q[:nd], k_cache, v_cache, cache.kmin[layer], cache.kmax[layer], self.decode_tables,
                               self.decode_lens, s.token_budget, s.sink_tokens, s.recent_tokens, self.shape.scale,
                               num_splits=self.sparse_splits, out=out[:nd], pmin=cache.pmin[layer],
-                              pmax=cache.pmax[layer], shortlist_tokens=s.shortlist_tokens,
-                              selections=None if self.selections is None else self.selections[layer],
-                              seq_slots=layout.seq_slots[:nd], reuse_selection=layout.reuse_selection)
+                              pmax=cache.pmax[layer], shortlist_tokens=s.shortlist_tokens)
             else:
                 paged_decode(q[:nd], k_cache, v_cache, self.decode_tables, self.decode_lens, self.shape.scale,
                              num_splits=self.dense_splits, out=out[:nd])
