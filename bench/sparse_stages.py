@@ -61,11 +61,16 @@ def main() -> None:
     parser.add_argument("--layout", default="shuffled", choices=["shuffled", "contiguous"],
                         help="pages of a sequence scattered over the pool (a long-running server) or in order")
     parser.add_argument("--skip-tuning", action="store_true", help="only the whole sparse_decode vs dense")
+    parser.add_argument("--summary-dtype", default="bf16", choices=["bf16", "fp8"],
+                        help="fp8: the summaries cast to float8 e4m3 (round to nearest), to time what 8-bit "
+                             "summaries would read; not a bound any more, so for timing only")
     args = parser.parse_args()
     dev, ps, st = torch.device("cuda"), PAGE, SUMMARY
     b, ctx = args.batch, args.context
     pages = -(-ctx // ps)
     q, k, v, kmin, kmax, pmin, pmax, table, lens = sparse_inputs(b, ctx, args.width, args.layout == "shuffled")
+    if args.summary_dtype == "fp8":
+        kmin, kmax, pmin, pmax = (t.to(torch.float8_e4m3fn) for t in (kmin, kmax, pmin, pmax))
     counts = ref.sparse_page_counts(ps, args.budget, 16, 64)
     budget = counts[0]
     shortlist = ref.shortlist_pages(ps, budget, args.shortlist_tokens)

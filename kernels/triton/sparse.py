@@ -51,6 +51,8 @@ def _group_bounds(Q, b, kvh, s_qb, s_qh, lo, hi, written, GROUP: tl.constexpr, G
         rows_lo = tl.reshape(lo, [BLOCK_P * BLOCKS, HEAD_DIM])
         if DOT_F32:
             rows_hi, rows_lo = rows_hi.to(tl.float32), rows_lo.to(tl.float32)
+        elif rows_hi.dtype.primitive_bitwidth == 8:   # 8-bit summaries (bench/sparse_stages.py --summary-dtype)
+            rows_hi, rows_lo = rows_hi.to(tl.bfloat16), rows_lo.to(tl.bfloat16)
         q_pos = tl.maximum(q, 0.0).to(rows_hi.dtype)
         q_neg = tl.minimum(q, 0.0).to(rows_hi.dtype)
         acc = tl.dot(rows_hi, q_pos, input_precision="ieee")
