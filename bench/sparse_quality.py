@@ -137,6 +137,8 @@ class Config:
 # (log-softmax over the pages per head, max over the group) or "softmax-sum" (softmax per head,
 # summed). "subN-" rules take each page's bound from N-token sub-blocks computed here from the keys
 # themselves: they show what other summary sizes would buy without another cache, and are not timed.
+# "fp8-" rules round the cache's summaries outward to float8 e4m3 first (kmin down, kmax up to the
+# nearest e4m3 value, so they are still bounds): the quality of 8-bit summaries, not their speed.
 
 def head_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
     """Quest bound of every q head: q [B, H, d], kmin/kmax [B, P, kvh, d] -> [B, kvh, group, P]."""
@@ -179,18 +181,35 @@ def combine(bound: torch.Tensor, valid: torch.Tensor, how: str, scale: float) ->
     raise ValueError(f"unknown combination {how!r}")
 
 
+def fp8_up(x: torch.Tensor) -> torch.Tensor:
+    """The smallest float8 e4m3 value >= x (x within its range), as float32."""
+    y = x.float().to(torch.float8_e4m3fn)
+    bits = y.view(torch.uint8).to(torch.int16)
+    negative = (bits & 0x80) != 0
+    up = torch.where(negative, bits - 1, bits + 1)                  # one step toward +inf
+    up = torch.where(negative & ((bits & 0x7F) == 0), torch.ones_like(bits), up)    # -0 -> +smallest
+    bits = torch.where(y.float() < x.float(), up, bits)
+    out = bits.to(torch.uint8).view(torch.float8_e4m3fn).float()
+    assert bool((out >= x.float()).all()), "fp8_up must not round down"
+    return out
+
+
 def rule_selector(rule: str, k_cache_of):
-    """A page selector that scores pages by `rule` ("[subN-]sum|max|lse-max|softmax-sum");
+    """A page selector that scores pages by `rule` ("[fp8-|subN-]sum|max|lse-max|softmax-sum");
     k_cache_of(kmin_layer) gives the layer's keys for the subN rules."""
+    fp8 = rule.startswith("fp8-")
+    rule = rule.removeprefix("fp8-")
     sub, _, how = rule.partition("-") if rule.startswith("sub") else ("", "", rule)
-    if how not in ("sum", "max", "lse-max", "softmax-sum") or (sub and not sub[3:].isdigit()):
-        raise SystemExit(f"unknown rule {rule!r}: [subN-]sum|max|lse-max|softmax-sum")
+    if how not in ("sum", "max", "lse-max", "softmax-sum") or (sub and not sub[3:].isdigit()) or (fp8 and sub):
+        raise SystemExit(f"unknown rule {rule!r}: [fp8-|subN-]sum|max|lse-max|softmax-sum")
 
     def select(q, kmin_layer, kmax_layer, pmin_layer, pmax_layer, plan, scale, fused):
         if sub:
             bound = sub_block_bounds(q, k_cache_of(kmin_layer), plan, int(sub[3:]))
         else:
             kmin, kmax = sa.gather_summaries(kmin_layer, kmax_layer, plan.sparse_pages)
+            if fp8:
+                kmin, kmax = -fp8_up(-kmin), fp8_up(kmax)
             bound = sa.head_page_logits(q, kmin, kmax, plan.unwritten, 1.0)      # raw bounds
         scores = combine(bound, (plan.bias > float("-inf")).unsqueeze(1), how, scale)
         return sa.select_pages(scores, plan.bias, plan.budget_pages)
@@ -474,7 +493,7 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[], choices=["quality", "passkey", "timing"])
     parser.add_argument("--sweep", nargs="*", default=[], metavar="SPEC",
                         help="extra configs at every budget, e.g. rule=lse-max,recent=64 (keys: rule, sink, "
-                             "recent, dense, shortlist; rules: [subN-]sum|max|lse-max|softmax-sum)")
+                             "recent, dense, shortlist; rules: [fp8-|subN-]sum|max|lse-max|softmax-sum)")
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run of every path")
     parser.add_argument("--out", default=None, help="also write the report to this file")
     args = parser.parse_args()
