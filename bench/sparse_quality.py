@@ -183,14 +183,15 @@ def combine(bound: torch.Tensor, valid: torch.Tensor, how: str, scale: float) ->
 
 def fp8_up(x: torch.Tensor) -> torch.Tensor:
     """The smallest float8 e4m3 value >= x (x within its range), as float32."""
-    y = x.float().to(torch.float8_e4m3fn)
+    x = x.float()
+    y = x.to(torch.float8_e4m3fn)
     bits = y.view(torch.uint8).to(torch.int16)
     negative = (bits & 0x80) != 0
     up = torch.where(negative, bits - 1, bits + 1)                  # one step toward +inf
     up = torch.where(negative & ((bits & 0x7F) == 0), torch.ones_like(bits), up)    # -0 -> +smallest
-    bits = torch.where(y.float() < x.float(), up, bits)
+    bits = torch.where(y.float() < x, up, bits)
     out = bits.to(torch.uint8).view(torch.float8_e4m3fn).float()
-    assert bool((out >= x.float()).all()), "fp8_up must not round down"
+    assert bool((out >= x).all()), "fp8_up must not round down"
     return out
 
 
@@ -198,8 +199,8 @@ def rule_selector(rule: str, k_cache_of):
     """A page selector that scores pages by `rule` ("[fp8-|subN-]sum|max|lse-max|softmax-sum");
     k_cache_of(kmin_layer) gives the layer's keys for the subN rules."""
     fp8 = rule.startswith("fp8-")
-    rule = rule.removeprefix("fp8-")
-    sub, _, how = rule.partition("-") if rule.startswith("sub") else ("", "", rule)
+    base = rule.removeprefix("fp8-")
+    sub, _, how = base.partition("-") if base.startswith("sub") else ("", "", base)
     if how not in ("sum", "max", "lse-max", "softmax-sum") or (sub and not sub[3:].isdigit()) or (fp8 and sub):
         raise SystemExit(f"unknown rule {rule!r}: [fp8-|subN-]sum|max|lse-max|softmax-sum")
 

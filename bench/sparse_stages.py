@@ -160,9 +160,9 @@ def main() -> None:
             [{}, dict(streamed=True)], exact_selection(fine_bounds, budget, listed))
     attend_cfgs = [{}] + [dict(num_splits=s) for s in (2, 4, 6, 8)]
     if not args.skip_tuning:
-        attend_cfgs += [dict(num_splits=s, block_n=n, num_warps=w, num_stages=st_, per_page=pp)
+        attend_cfgs += [dict(num_splits=s, block_n=n, num_warps=w, num_stages=stages, per_page=pp)
                         for s in (4, 8) for n, w in ((16, 2), (16, 4), (32, 2), (64, 4), (64, 8), (128, 4), (128, 8))
-                        for st_ in (2, 3, 4) for pp in (False, True) if not pp or n <= ps]
+                        for stages in (2, 3, 4) for pp in (False, True) if not pp or n <= ps]
     best_of("attend chosen pages", partial(split_k_decode, q, k, v, physical, vlens, scale), attend_cfgs)
     whole = graph_us(partial(sparse_decode, q, k, v, kmin, kmax, table, lens, args.budget, 16, 64, scale,
                              pmin=pmin, pmax=pmax, shortlist_tokens=args.shortlist_tokens))
