@@ -139,6 +139,7 @@ class Config:
 # themselves: they show what other summary sizes would buy without another cache, and are not timed.
 # "fp8-" rules round the cache's summaries outward to float8 e4m3 first (kmin down, kmax up to the
 # nearest e4m3 value, so they are still bounds): the quality of 8-bit summaries, not their speed.
+# "fp8-engine" is the engine's own selection, coarse to fine included, over summaries so rounded.
 
 def head_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
     """Quest bound of every q head: q [B, H, d], kmin/kmax [B, P, kvh, d] -> [B, kvh, group, P]."""
@@ -195,14 +196,34 @@ def fp8_up(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def fp8_engine_selector(q, kmin_layer, kmax_layer, pmin_layer, pmax_layer, plan, scale, fused):
+    """The engine's own selection (coarse to fine past the shortlist) over every summary rounded
+    outward to float8 e4m3: what 8-bit block and page summaries would select. Only the pages of
+    the rows' tables are rounded (a compact copy, the tables renumbered into it)."""
+    used, inverse = plan.sparse_pages.unique(return_inverse=True)
+
+    def down(x):
+        return None if x is None else -fp8_up(-x.index_select(0, used))
+
+    def up(x):
+        return None if x is None else fp8_up(x.index_select(0, used))
+
+    compact = dataclasses.replace(plan, sparse_pages=inverse.view_as(plan.sparse_pages))
+    return sa.choose_pages(q, down(kmin_layer), up(kmax_layer), down(pmin_layer), up(pmax_layer), compact, scale,
+                           False)
+
+
 def rule_selector(rule: str, k_cache_of):
-    """A page selector that scores pages by `rule` ("[fp8-|subN-]sum|max|lse-max|softmax-sum");
-    k_cache_of(kmin_layer) gives the layer's keys for the subN rules."""
+    """A page selector that scores pages by `rule` ("fp8-engine" or
+    "[fp8-|subN-]sum|max|lse-max|softmax-sum"); k_cache_of(kmin_layer) gives the layer's keys for
+    the subN rules."""
+    if rule == "fp8-engine":
+        return fp8_engine_selector
     fp8 = rule.startswith("fp8-")
     base = rule.removeprefix("fp8-")
     sub, _, how = base.partition("-") if base.startswith("sub") else ("", "", base)
     if how not in ("sum", "max", "lse-max", "softmax-sum") or (sub and not sub[3:].isdigit()) or (fp8 and sub):
-        raise SystemExit(f"unknown rule {rule!r}: [fp8-|subN-]sum|max|lse-max|softmax-sum")
+        raise SystemExit(f"unknown rule {rule!r}: fp8-engine or [fp8-|subN-]sum|max|lse-max|softmax-sum")
 
     def select(q, kmin_layer, kmax_layer, pmin_layer, pmax_layer, plan, scale, fused):
         if sub:
@@ -272,6 +293,30 @@ def forward(runner: TorchRunner, cfg: Config | SparseSettings, chunks: list[Sequ
     chunks = [dataclasses.replace(c, seq_slot=i, table_epoch=next(EPOCHS), sample=GREEDY if logits else None)
               for i, c in enumerate(chunks)]
     return runner.forward(ForwardBatch(chunks, return_logits=logits))
+
+
+def stretch_positions(runner: TorchRunner, rope: str) -> None:
+    """Rope scaling for contexts past the embedded model's 8k, without training: "linear:F"
+    (position interpolation: every frequency divided by F) or "ntk:F" (NTK-aware: the rope base
+    raised so that the highest frequency stays and the lowest is divided by F). The rotary tables
+    are rewritten in place (graphs captured later read the same tensors). "none" changes nothing."""
+    if rope == "none":
+        return
+    kind, _, value = rope.partition(":")
+    factor = float(value)
+    model, attention = runner.model, runner.attention
+    half = model.inv_freq.shape[0]
+    if kind == "linear":
+        model.inv_freq = model.inv_freq / factor
+    elif kind == "ntk":
+        i = torch.arange(half, device=model.inv_freq.device, dtype=torch.float32)
+        model.inv_freq = model.inv_freq * factor ** (-i / (half - 1))
+    else:
+        raise SystemExit(f"--rope {rope!r}: none, linear:F or ntk:F")
+    cos, sin = model.rotary_tables(attention.cos.shape[0])
+    assert cos.shape == attention.cos.shape and sin.shape == attention.sin.shape
+    attention.cos.copy_(cos)
+    attention.sin.copy_(sin)
 
 
 def runner_sparse(args) -> SparseSettings:
@@ -433,7 +478,8 @@ def passkey(runner, tok, cfgs, args) -> tuple[dict[str, float], list[tuple]]:
 def decode_speed(source, tok, cfgs, args) -> list[tuple]:
     runner = TorchRunner(RunnerSettings(source.kind, source.path, "bench", dtype="float32", device="cpu",
                                         page_size=args.page_size, num_pages=args.timing_context // args.page_size + 8,
-                                        context_length=8192, sparse=runner_sparse(args)))
+                                        context_length=args.context_length, sparse=runner_sparse(args)))
+    stretch_positions(runner, args.rope)
     ids = tok.encode(english_text())[:args.timing_context]
     pages = Pages(runner.page_size)
     table = pages.take(len(ids) + 1)
@@ -479,6 +525,9 @@ def main() -> None:
     parser.add_argument("--summary-tokens", type=int, default=4, help="tokens per key min/max summary")
     parser.add_argument("--shortlist-tokens", type=int, default=8192,
                         help="coarse to fine past this many tokens (0: off); the engine's default")
+    parser.add_argument("--context-length", type=int, default=8192, help="the runners' context length")
+    parser.add_argument("--rope", default="none",
+                        help="rope scaling for contexts past the model's 8k: none | linear:F | ntk:F")
     parser.add_argument("--texts", type=int, default=4)
     parser.add_argument("--context", type=int, default=7000, help="tokens per teacher-forced text")
     parser.add_argument("--positions", type=int, default=560, help="decoded positions per text")
@@ -511,7 +560,8 @@ def main() -> None:
     say(f"command: python {' '.join(sys.argv)}")
     say(f"python {platform.python_version()}, torch {torch.__version__}, model {source.path.rsplit('/', 1)[-1]}, "
         f"float32, page {args.page_size}, sink {args.sink}, recent {args.recent}, dense_layers {args.dense_layers}, "
-        f"summary_tokens {args.summary_tokens}, shortlist_tokens {args.shortlist_tokens}")
+        f"summary_tokens {args.summary_tokens}, shortlist_tokens {args.shortlist_tokens}, "
+        f"context_length {args.context_length}, rope scaling {args.rope}")
     quality = keys = timing = None
     if not {"quality", "passkey"} <= set(args.skip):
         # One config's pages at a time (each hands its pages back before the next).
@@ -520,10 +570,11 @@ def main() -> None:
                      * (max(args.passkey_lengths) + 64 + 16 + args.passkey_tokens + 48))
         runner = TorchRunner(RunnerSettings(
             source.kind, source.path, "bench", dtype="float32", device=args.device, page_size=args.page_size,
-            num_pages=needed // args.page_size + 16, context_length=8192, threads=args.threads,
+            num_pages=needed // args.page_size + 16, context_length=args.context_length, threads=args.threads,
             sparse=runner_sparse(args),
             # rule sweeps swap the page selector of the torch backends (the Triton kernels have one rule)
             attention="torch" if any(cfg.rule != "engine" for cfg in cfgs) else "auto"))
+        stretch_positions(runner, args.rope)
         say(f"quality runs on {runner.info.device}")
         if "passkey" not in args.skip:
             keys, rows = passkey(runner, tok, cfgs, args)
