@@ -146,6 +146,7 @@ class Config:
 # "fp8-" rules round the cache's summaries outward to float8 e4m3 first (kmin down, kmax up to the
 # nearest e4m3 value, so they are still bounds): the quality of 8-bit summaries, not their speed.
 # "fp8-engine" is the engine's own selection, coarse to fine included, over summaries so rounded.
+# "oracle" and "oracleN" choose by the true attention mass (pages, or runs of N pages): the ceiling.
 
 def head_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
     """Quest bound of every q head: q [B, H, d], kmin/kmax [B, P, kvh, d] -> [B, kvh, group, P]."""
@@ -219,17 +220,51 @@ def fp8_engine_selector(q, kmin_layer, kmax_layer, pmin_layer, pmax_layer, plan,
                            False)
 
 
+def oracle_selector(group_pages: int, k_cache_of):
+    """Pages chosen by the true attention mass, the ceiling of any selector at this granularity:
+    each q head's softmax over the row's whole context, summed over each run of `group_pages`
+    consecutive pages (1: every page alone; 4: 64-token groups at page 16), max over the GQA
+    group; the best groups fill the budget beside the forced pages. Reads every key: not a design."""
+
+    def select(q, kmin_layer, kmax_layer, pmin_layer, pmax_layer, plan, scale, fused):
+        pages = plan.sparse_pages
+        batch, width = pages.shape
+        k_layer = k_cache_of(kmin_layer)
+        page_size, kv_heads, head_dim = k_layer.shape[1:]
+        heads = q.shape[1]
+        keys = k_layer.index_select(0, pages.flatten()).float().view(batch, width * page_size, kv_heads, head_dim)
+        qg = q.float().view(batch, kv_heads, heads // kv_heads, head_dim)
+        logits = torch.einsum("bhgd,bthd->bhgt", qg, keys) * scale                  # [B, kvh, g, T]
+        position = torch.arange(width * page_size, device=q.device).view(1, 1, 1, -1)
+        logits = logits.masked_fill(position >= plan.sparse_lengths.view(batch, 1, 1, 1), float("-inf"))
+        mass = logits.softmax(dim=-1).view(batch, kv_heads, -1, width, page_size).sum(dim=-1)
+        groups = -(-width // group_pages)
+        mass = torch.nn.functional.pad(mass, (0, groups * group_pages - width))
+        group_mass = mass.view(batch, kv_heads, -1, groups, group_pages).sum(dim=-1).amax(dim=2)   # [B, kvh, G]
+        # every page scores its group's mass, so groups are taken whole (but at the budget's edge);
+        # forced pages stay forced and padding stays out through the plan's bias
+        scores = group_mass.repeat_interleave(group_pages, dim=-1)[..., :width]
+        return sa.select_pages(scores, plan.bias, plan.budget_pages)
+
+    return select
+
+
 def rule_selector(rule: str, k_cache_of):
     """A page selector that scores pages by `rule` ("fp8-engine" or
     "[fp8-|subN-]sum|max|lse-max|softmax-sum"); k_cache_of(kmin_layer) gives the layer's keys for
     the subN rules."""
     if rule == "fp8-engine":
         return fp8_engine_selector
+    if rule.startswith("oracle"):
+        group = rule.removeprefix("oracle") or "1"
+        if not group.isdigit():
+            raise SystemExit(f"unknown rule {rule!r}: oracle or oracleN (N pages per group)")
+        return oracle_selector(int(group), k_cache_of)
     fp8 = rule.startswith("fp8-")
     base = rule.removeprefix("fp8-")
     sub, _, how = base.partition("-") if base.startswith("sub") else ("", "", base)
     if how not in ("sum", "max", "lse-max", "softmax-sum") or (sub and not sub[3:].isdigit()) or (fp8 and sub):
-        raise SystemExit(f"unknown rule {rule!r}: fp8-engine or [fp8-|subN-]sum|max|lse-max|softmax-sum")
+        raise SystemExit(f"unknown rule {rule!r}: fp8-engine, oracle[N] or [fp8-|subN-]sum|max|lse-max|softmax-sum")
 
     def select(q, kmin_layer, kmax_layer, pmin_layer, pmax_layer, plan, scale, fused):
         if sub:
@@ -274,7 +309,7 @@ def configs(budgets: list[int], args) -> list[Config]:
             sparse = SparseSettings(True, budget, opts["dense"], opts["sink"], opts["recent"], args.summary_tokens,
                                     opts["shortlist"])
             out.append(Config(f"sparse {budget}" + (f" [{spec}]" if spec else ""), sparse, opts["rule"],
-                              timed=not opts["rule"].startswith("sub")))
+                              timed=not opts["rule"].startswith(("sub", "oracle"))))
     return out
 
 
