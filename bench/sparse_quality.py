@@ -147,6 +147,7 @@ class Config:
 # nearest e4m3 value, so they are still bounds): the quality of 8-bit summaries, not their speed.
 # "fp8-engine" is the engine's own selection, coarse to fine included, over summaries so rounded.
 # "oracle" and "oracleN" choose by the true attention mass (pages, or runs of N pages): the ceiling.
+# "gauss" and "gaussN" estimate that mass from each run's key mean and variance per channel.
 
 def head_bounds(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
     """Quest bound of every q head: q [B, H, d], kmin/kmax [B, P, kvh, d] -> [B, kvh, group, P]."""
@@ -249,12 +250,52 @@ def oracle_selector(group_pages: int, k_cache_of):
     return select
 
 
+def gauss_selector(group_pages: int, k_cache_of):
+    """Pages chosen by an estimate of each run of `group_pages` pages' attention mass from two
+    statistics per channel, the mean and the variance of its keys (as many bytes as one min/max
+    pair per run): if q.k over the run's keys were Gaussian, its log-sum-exp would be
+    log n + q.mean + q^2.var / 2 (q scaled). Log-softmax over the runs per head, max over the
+    group, and the best runs fill the budget beside the forced pages. The statistics are computed
+    here from the keys (not a cache format): what such a summary would select."""
+
+    def select(q, kmin_layer, kmax_layer, pmin_layer, pmax_layer, plan, scale, fused):
+        pages = plan.sparse_pages
+        batch, width = pages.shape
+        k_layer = k_cache_of(kmin_layer)
+        page_size, kv_heads, head_dim = k_layer.shape[1:]
+        heads = q.shape[1]
+        groups = -(-width // group_pages)
+        span = group_pages * page_size
+        padded = torch.nn.functional.pad(pages, (0, groups * group_pages - width))   # page 0: padding
+        keys = k_layer.index_select(0, padded.flatten()).float().view(batch, groups, span, kv_heads, head_dim)
+        position = torch.arange(groups * span, device=q.device).view(1, groups, span, 1, 1)
+        written = (position < plan.sparse_lengths.view(batch, 1, 1, 1, 1)).float()
+        count = written.sum(dim=2)                                                   # [B, G, 1, 1]
+        mean = (keys * written).sum(dim=2) / count.clamp(min=1)                      # [B, G, kvh, d]
+        var = (((keys - mean.unsqueeze(2)) ** 2) * written).sum(dim=2) / count.clamp(min=1)
+        qg = q.float().view(batch, kv_heads, heads // kv_heads, head_dim) * scale
+        log_mass = (torch.einsum("bhgd,bnhd->bhgn", qg, mean)
+                    + 0.5 * torch.einsum("bhgd,bnhd->bhgn", qg * qg, var)
+                    + count.view(batch, 1, 1, groups).clamp(min=1).log())
+        log_mass = log_mass.masked_fill(count.view(batch, 1, 1, groups) == 0, float("-inf"))
+        scores = (log_mass - log_mass.logsumexp(dim=-1, keepdim=True)).amax(dim=2)    # [B, kvh, G]
+        scores = scores.repeat_interleave(group_pages, dim=-1)[..., :width]
+        return sa.select_pages(scores, plan.bias, plan.budget_pages)
+
+    return select
+
+
 def rule_selector(rule: str, k_cache_of):
     """A page selector that scores pages by `rule` ("fp8-engine" or
     "[fp8-|subN-]sum|max|lse-max|softmax-sum"); k_cache_of(kmin_layer) gives the layer's keys for
     the subN rules."""
     if rule == "fp8-engine":
         return fp8_engine_selector
+    if rule.startswith("gauss"):
+        group = rule.removeprefix("gauss") or "1"
+        if not group.isdigit():
+            raise SystemExit(f"unknown rule {rule!r}: gauss or gaussN (N pages per group)")
+        return gauss_selector(int(group), k_cache_of)
     if rule.startswith("oracle"):
         group = rule.removeprefix("oracle") or "1"
         if not group.isdigit():
@@ -264,7 +305,8 @@ def rule_selector(rule: str, k_cache_of):
     base = rule.removeprefix("fp8-")
     sub, _, how = base.partition("-") if base.startswith("sub") else ("", "", base)
     if how not in ("sum", "max", "lse-max", "softmax-sum") or (sub and not sub[3:].isdigit()) or (fp8 and sub):
-        raise SystemExit(f"unknown rule {rule!r}: fp8-engine, oracle[N] or [fp8-|subN-]sum|max|lse-max|softmax-sum")
+        raise SystemExit(f"unknown rule {rule!r}: fp8-engine, oracle[N], gauss[N] or "
+                         "[fp8-|subN-]sum|max|lse-max|softmax-sum")
 
     def select(q, kmin_layer, kmax_layer, pmin_layer, pmax_layer, plan, scale, fused):
         if sub:
@@ -309,7 +351,7 @@ def configs(budgets: list[int], args) -> list[Config]:
             sparse = SparseSettings(True, budget, opts["dense"], opts["sink"], opts["recent"], args.summary_tokens,
                                     opts["shortlist"])
             out.append(Config(f"sparse {budget}" + (f" [{spec}]" if spec else ""), sparse, opts["rule"],
-                              timed=not opts["rule"].startswith(("sub", "oracle"))))
+                              timed=not opts["rule"].startswith(("sub", "oracle", "gauss"))))
     return out
 
 
