@@ -289,6 +289,8 @@ def rule_selector(rule: str, k_cache_of):
     """A page selector that scores pages by `rule` ("fp8-engine" or
     "[fp8-|subN-]sum|max|lse-max|softmax-sum"); k_cache_of(kmin_layer) gives the layer's keys for
     the subN rules."""
+    if rule in EXTRA_RULES:
+        return EXTRA_RULES[rule](k_cache_of)
     if rule == "fp8-engine":
         return fp8_engine_selector
     if rule.startswith("gauss"):
@@ -322,15 +324,25 @@ def rule_selector(rule: str, k_cache_of):
     return select
 
 
-def layer_keys(runner: TorchRunner):
-    """kmin_layer -> that layer's K pages (the subN rules compute their own block bounds)."""
-    cache = runner.cache
+class CacheLayers:
+    """The runner's cache seen from a page selector, which is handed a layer's summaries:
+    index(kmin_layer) is that layer's number, and calling it with kmin_layer gives the layer's
+    K pages (the subN, oracle and gauss rules compute from the keys themselves)."""
 
-    def keys(kmin_layer):
-        layer = next(i for i in range(cache.kmin.shape[0]) if cache.kmin[i].data_ptr() == kmin_layer.data_ptr())
-        return cache.k[layer]
+    def __init__(self, runner: TorchRunner):
+        self.cache = runner.cache
 
-    return keys
+    def index(self, kmin_layer: torch.Tensor) -> int:
+        kmin = self.cache.kmin
+        return next(i for i in range(kmin.shape[0]) if kmin[i].data_ptr() == kmin_layer.data_ptr())
+
+    def __call__(self, kmin_layer: torch.Tensor) -> torch.Tensor:
+        return self.cache.k[self.index(kmin_layer)]
+
+
+# Selectors that other bench programs add by name (bench/sparse_gate.py: "gate"): name -> a
+# function of a CacheLayers giving a page selector.
+EXTRA_RULES: dict = {}
 
 
 def configs(budgets: list[int], args) -> list[Config]:
@@ -351,7 +363,8 @@ def configs(budgets: list[int], args) -> list[Config]:
             sparse = SparseSettings(True, budget, opts["dense"], opts["sink"], opts["recent"], args.summary_tokens,
                                     opts["shortlist"])
             out.append(Config(f"sparse {budget}" + (f" [{spec}]" if spec else ""), sparse, opts["rule"],
-                              timed=not opts["rule"].startswith(("sub", "oracle", "gauss"))))
+                              timed=opts["rule"] not in EXTRA_RULES
+                              and not opts["rule"].startswith(("sub", "oracle", "gauss"))))
     return out
 
 
@@ -369,7 +382,7 @@ def forward(runner: TorchRunner, cfg: Config | SparseSettings, chunks: list[Sequ
         runner.attention.__dict__.pop("page_selector", None)        # the class's: the engine's rule
     else:
         assert hasattr(runner.attention, "page_selector"), "rule sweeps run on the torch attention backends"
-        runner.attention.page_selector = rule_selector(cfg.rule, layer_keys(runner))
+        runner.attention.page_selector = rule_selector(cfg.rule, CacheLayers(runner))
     # The runner and its attention backend keep the sparse settings they were built with; a config
     # swaps them in for this forward (None: dense), as a server built with them would run.
     runner.sparse = runner.attention.sparse = cfg.sparse if cfg.sparse.enabled else None
