@@ -32,6 +32,7 @@ from backends.base import ForwardBatch, RunnerSettings, SequenceChunk, SparseSet
 from backends.cuda.attention import sparse as sa  # noqa: E402
 from backends.cuda.runner import TorchRunner  # noqa: E402
 from backends.source import resolve_source  # noqa: E402
+from bench.sparse_quality import grouped_keys  # noqa: E402
 
 
 def group_features(q: torch.Tensor, k_layer: torch.Tensor, plan, group_pages: int, scale: float,
@@ -39,15 +40,8 @@ def group_features(q: torch.Tensor, k_layer: torch.Tensor, plan, group_pages: in
     """Per row: the group features [B, G, kvh, 3d] (max, min, mean of each group's written keys),
     the true group masses [B, kvh, g, G] of each q head (softmax over the whole row; None
     without with_mass), and the groups' validity [B, G]."""
-    pages = plan.sparse_pages
-    batch, width = pages.shape
-    page_size, kv_heads, head_dim = k_layer.shape[1:]
-    groups = -(-width // group_pages)
-    span = group_pages * page_size
-    padded = torch.nn.functional.pad(pages, (0, groups * group_pages - width))   # page 0: padding
-    keys = k_layer.index_select(0, padded.flatten()).float().view(batch, groups, span, kv_heads, head_dim)
-    position = torch.arange(groups * span, device=q.device).view(1, groups, span, 1, 1)
-    written = position < plan.sparse_lengths.view(batch, 1, 1, 1, 1)
+    keys, written = grouped_keys(k_layer, plan, group_pages)
+    batch, groups, span, kv_heads, head_dim = keys.shape
     count = written.sum(dim=2).clamp(min=1)                                        # [B, G, 1, 1]
     hi = keys.masked_fill(~written, float("-inf")).amax(dim=2)
     lo = keys.masked_fill(~written, float("inf")).amin(dim=2)

@@ -221,6 +221,20 @@ def fp8_engine_selector(q, kmin_layer, kmax_layer, pmin_layer, pmax_layer, plan,
                            False)
 
 
+def grouped_keys(k_layer: torch.Tensor, plan, group_pages: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sparse rows' keys in runs of `group_pages` pages (the tables padded with page 0), as
+    float32 [B, G, group_pages * page_size, kvh, d], and which of them are written [B, G, span, 1, 1]."""
+    pages = plan.sparse_pages
+    batch, width = pages.shape
+    page_size, kv_heads, head_dim = k_layer.shape[1:]
+    groups = -(-width // group_pages)
+    span = group_pages * page_size
+    padded = torch.nn.functional.pad(pages, (0, groups * group_pages - width))
+    keys = k_layer.index_select(0, padded.flatten()).float().view(batch, groups, span, kv_heads, head_dim)
+    position = torch.arange(groups * span, device=pages.device).view(1, groups, span, 1, 1)
+    return keys, position < plan.sparse_lengths.view(batch, 1, 1, 1, 1)
+
+
 def oracle_selector(group_pages: int, k_cache_of):
     """Pages chosen by the true attention mass, the ceiling of any selector at this granularity:
     each q head's softmax over the row's whole context, summed over each run of `group_pages`
@@ -228,16 +242,11 @@ def oracle_selector(group_pages: int, k_cache_of):
     group; the best groups fill the budget beside the forced pages. Reads every key: not a design."""
 
     def select(q, kmin_layer, kmax_layer, pmin_layer, pmax_layer, plan, scale, fused):
-        pages = plan.sparse_pages
-        batch, width = pages.shape
-        k_layer = k_cache_of(kmin_layer)
-        page_size, kv_heads, head_dim = k_layer.shape[1:]
-        heads = q.shape[1]
-        keys = k_layer.index_select(0, pages.flatten()).float().view(batch, width * page_size, kv_heads, head_dim)
-        qg = q.float().view(batch, kv_heads, heads // kv_heads, head_dim)
-        logits = torch.einsum("bhgd,bthd->bhgt", qg, keys) * scale                  # [B, kvh, g, T]
-        position = torch.arange(width * page_size, device=q.device).view(1, 1, 1, -1)
-        logits = logits.masked_fill(position >= plan.sparse_lengths.view(batch, 1, 1, 1), float("-inf"))
+        keys, written = grouped_keys(k_cache_of(kmin_layer), plan, 1)                # [B, P, page, kvh, d]
+        batch, width, page_size, kv_heads, head_dim = keys.shape
+        qg = q.float().view(batch, kv_heads, -1, head_dim)
+        logits = torch.einsum("bhgd,bthd->bhgt", qg, keys.flatten(1, 2)) * scale    # [B, kvh, g, T]
+        logits = logits.masked_fill(~written.view(batch, 1, 1, -1), float("-inf"))
         mass = logits.softmax(dim=-1).view(batch, kv_heads, -1, width, page_size).sum(dim=-1)
         groups = -(-width // group_pages)
         mass = torch.nn.functional.pad(mass, (0, groups * group_pages - width))
@@ -259,21 +268,14 @@ def gauss_selector(group_pages: int, k_cache_of):
     here from the keys (not a cache format): what such a summary would select."""
 
     def select(q, kmin_layer, kmax_layer, pmin_layer, pmax_layer, plan, scale, fused):
-        pages = plan.sparse_pages
-        batch, width = pages.shape
-        k_layer = k_cache_of(kmin_layer)
-        page_size, kv_heads, head_dim = k_layer.shape[1:]
-        heads = q.shape[1]
-        groups = -(-width // group_pages)
-        span = group_pages * page_size
-        padded = torch.nn.functional.pad(pages, (0, groups * group_pages - width))   # page 0: padding
-        keys = k_layer.index_select(0, padded.flatten()).float().view(batch, groups, span, kv_heads, head_dim)
-        position = torch.arange(groups * span, device=q.device).view(1, groups, span, 1, 1)
-        written = (position < plan.sparse_lengths.view(batch, 1, 1, 1, 1)).float()
+        keys, written = grouped_keys(k_cache_of(kmin_layer), plan, group_pages)
+        batch, groups, _, kv_heads, head_dim = keys.shape
+        width = plan.sparse_pages.shape[1]
+        written = written.float()
         count = written.sum(dim=2)                                                   # [B, G, 1, 1]
         mean = (keys * written).sum(dim=2) / count.clamp(min=1)                      # [B, G, kvh, d]
         var = (((keys - mean.unsqueeze(2)) ** 2) * written).sum(dim=2) / count.clamp(min=1)
-        qg = q.float().view(batch, kv_heads, heads // kv_heads, head_dim) * scale
+        qg = q.float().view(batch, kv_heads, -1, head_dim) * scale
         log_mass = (torch.einsum("bhgd,bnhd->bhgn", qg, mean)
                     + 0.5 * torch.einsum("bhgd,bnhd->bhgn", qg * qg, var)
                     + count.view(batch, 1, 1, groups).clamp(min=1).log())
