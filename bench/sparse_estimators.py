@@ -1,0 +1,269 @@
+"""Page selectors that estimate attention mass instead of bounding it: a low-rank estimate of every
+key's logit, and a few k-means centroids per group of pages. What each would select, computed from
+the keys at every step (not a cache format yet).
+
+    python bench/sparse_estimators.py --ranks 4 8 16 [sparse_quality.py args] --sweep rule=lowrank8 rule=kmeans4x4 ...
+
+Why: bench/sparse_quality.py's `oracle` rules show that pages chosen by their true attention mass
+meet every quality target, while the engine's min/max bounds need 4-token blocks (half the key
+bytes) to come close. Attention logits q.k are close to low rank in practice (Loki, SparQ), so each
+key is kept as r numbers k' = B k and each q head as q' = A q, with q'.k' ~ q.k.
+
+A and B per layer and KV head are the best rank-r approximation of the bilinear form q.k under the
+recorded statistics: with Mq = E[q q^T] (the group's q heads pooled, uncentred) and Ck the key
+covariance (centred: q.mean(k) is the same for every key of one query, so it cannot change a
+ranking or a softmax), the error E[(q.k - q'.k')^2] is ||Mq^1/2 (I - A^T B) Ck^1/2||^2, minimised by
+the SVD of Mq^1/2 Ck^1/2 (Eckart-Young). B is scaled so that every k' channel has unit variance on
+the calibration keys, so that 8-bit storage (float8 e4m3) uses its range.
+
+Calibration: text past the quality bench's first 28k tokens (the bench never reads it): one prefill,
+then `--calib-steps` teacher-forced decode steps whose queries are recorded (the engine's selection
+runs meanwhile), and the keys of the whole context from the cache.
+
+Rules added to sparse_quality.py (r among --ranks):
+  lowrankR        every token's estimated logit, each page's log-sum-exp (its estimated mass),
+                  log-softmax over the row's pages per q head, max over the GQA group: one stage.
+  lowrankR-fp8    the same with k' rounded to float8 e4m3 (what an 8-bit store would select).
+  lowrankR-sT     coarse to fine: the estimate shortlists T tokens' pages, the engine's 4-token
+                  block bounds choose the budget among them (sa._select_from_shortlist).
+
+The k-means rules (no calibration): each run of N pages (N x 16 keys) per KV head is summarised by
+C centroids and their counts (k-means: farthest-point start, so an outlying key such as a needle
+becomes a centroid of its own, then Lloyd steps). A group's mass is estimated as the log-sum-exp
+over its centroids of scale * q.c + log n (+ scale^2 |q|^2 s^2 / 2 with "v": each cluster's
+spread s^2, its mean squared distance per channel, as one more number). Log-softmax over the
+row's groups per q head, max over the GQA group; every page scores its group's. Stored in 8 bits,
+C centroids per N pages are C / (64 N) of the K/V bytes (C=4, N=4: 1/64).
+  kmeansCxN[v]    C centroids per N pages (e.g. kmeans4x4, kmeans8x4v).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from backends.base import ForwardBatch, RunnerSettings, SequenceChunk, SparseSettings  # noqa: E402
+from backends.cuda.attention import sparse as sa  # noqa: E402
+from backends.cuda.runner import TorchRunner  # noqa: E402
+from backends.source import resolve_source  # noqa: E402
+from bench import sparse_quality as sq  # noqa: E402
+
+
+def inverse_sqrt_and_sqrt(m: torch.Tensor, eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    """m^-1/2 and m^1/2 of a symmetric PSD matrix, eigenvalues floored at eps * mean eigenvalue."""
+    values, vectors = torch.linalg.eigh(m.double())
+    values = values.clamp(min=eps * float(values.mean()))
+    return (vectors * values.rsqrt()) @ vectors.T, (vectors * values.sqrt()) @ vectors.T
+
+
+def bilinear_factors(mq: torch.Tensor, ck: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A [r, d] for queries and B [r, d] for keys with (A q).(B k) the best rank-r q.k under Mq, Ck;
+    B's rows give unit variance under Ck."""
+    mq_inv, mq_half = inverse_sqrt_and_sqrt(mq)
+    ck_inv, ck_half = inverse_sqrt_and_sqrt(ck)
+    u, s, vh = torch.linalg.svd(mq_half @ ck_half)
+    a = u[:, :rank].T @ mq_inv * s[:rank].view(-1, 1)          # S_r U_r^T Mq^-1/2
+    b = vh[:rank] @ ck_inv                                     # V_r^T Ck^-1/2: unit variance under Ck
+    return a.float(), b.float()
+
+
+class QueryMoments:
+    """A page selector recording E[q q^T] per layer and KV head (the group's heads pooled), and
+    choosing with the engine's rule meanwhile."""
+
+    def __init__(self, cache_layers):
+        self.cache_layers = cache_layers
+        self.sums: dict[int, torch.Tensor] = {}
+        self.counts: dict[int, int] = {}
+
+    def __call__(self, q, kmin_layer, kmax_layer, pmin_layer, pmax_layer, plan, scale, fused):
+        layer = self.cache_layers.index(kmin_layer)
+        kv_heads, head_dim = kmin_layer.shape[-2:]
+        qg = q.double().view(q.shape[0], kv_heads, -1, head_dim).transpose(0, 1).reshape(kv_heads, -1, head_dim)
+        self.sums[layer] = self.sums.get(layer, 0) + qg.transpose(1, 2) @ qg
+        self.counts[layer] = self.counts.get(layer, 0) + qg.shape[1]
+        return sa.choose_pages(q, kmin_layer, kmax_layer, pmin_layer, pmax_layer, plan, scale, fused)
+
+
+def calibrate(args, ranks: list[int]) -> dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+    """rank -> layer -> (A [kvh, r, d], B [kvh, r, d])."""
+    source = resolve_source(args.model)
+    tok = sq.Tokenizer(args.tokenizer_json, source)
+    ids = tok.encode(sq.english_text())[args.skip_tokens:]
+    context = args.calib_context
+    assert len(ids) >= context, f"only {len(ids)} tokens past the bench's texts"
+    text = ids[:context]
+    budget = min(1024, (context - args.calib_steps) // 32 * 16)         # every recorded step runs sparse
+    sparse = SparseSettings(True, budget, args.dense_layers, 16, 64, 4, 8192)
+    runner = TorchRunner(RunnerSettings(source.kind, source.path, "lowrank", dtype="float32", device=args.device,
+                                        page_size=16, num_pages=(context + 64) // 16 + 16,
+                                        context_length=args.context_length, threads=args.threads,
+                                        sparse=sparse, attention="torch"))
+    if args.rope != "none":
+        sq.stretch_positions(runner, args.rope)
+    pages = sq.Pages(16)
+    table = pages.take(context)
+    start = context - args.calib_steps
+    t0 = time.perf_counter()
+    sq.prefill(runner, [(text[:start], table)], 1024)
+    runner.sparse = runner.attention.sparse = sparse
+    recorder = QueryMoments(sq.CacheLayers(runner))
+    runner.attention.page_selector = recorder
+    for pos in range(start, context):
+        chunk = SequenceChunk([text[pos]], pos, table, seq_slot=0, table_epoch=next(sq.EPOCHS), sample=sq.GREEDY)
+        runner.forward(ForwardBatch([chunk], return_logits=True))
+    factors: dict[int, dict] = {r: {} for r in ranks}
+    slots = torch.tensor(table, device=runner.cache.k.device)
+    for layer, total in sorted(recorder.sums.items()):
+        keys = runner.cache.k[layer].index_select(0, slots).double()            # [pages, page, kvh, d]
+        keys = keys.flatten(0, 1)[:context].transpose(0, 1)                     # [kvh, T, d]
+        centred = keys - keys.mean(dim=1, keepdim=True)
+        ck = centred.transpose(1, 2) @ centred / keys.shape[1]
+        mq = total / recorder.counts[layer]
+        for r in ranks:
+            a, b = zip(*(bilinear_factors(mq[h], ck[h], r) for h in range(keys.shape[0])), strict=True)
+            factors[r][layer] = (torch.stack(a), torch.stack(b))
+    sq.say(f"lowrank calibration: {context} tokens, {args.calib_steps} decode steps, {len(recorder.sums)} "
+           f"layers, ranks {ranks} ({time.perf_counter() - t0:.0f} s)")
+    del runner
+    return factors
+
+
+def fp8_round(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float8_e4m3fn).float()
+
+
+def lowrank_page_scores(q, k_layer, plan, scale, a, b, fp8: bool) -> torch.Tensor:
+    """Per row and KV head: each page's estimated log-mass, log-softmax over the row's pages per q
+    head, max over the GQA group -> [B, kvh, P]."""
+    keys, written = sq.grouped_keys(k_layer, plan, 1)                           # [B, P, page, kvh, d]
+    batch, width, page_size, kv_heads, head_dim = keys.shape
+    a, b = a.to(keys.device), b.to(keys.device)
+    kp = torch.einsum("bpthd,hrd->bhptr", keys, b)                              # [B, kvh, P, page, r]
+    if fp8:
+        kp = fp8_round(kp)
+    qp = torch.einsum("bhgd,hrd->bhgr", q.float().view(batch, kv_heads, -1, head_dim), a)
+    logits = torch.einsum("bhgr,bhptr->bhgpt", qp, kp) * scale
+    logits = logits.masked_fill(~written.view(batch, 1, 1, width, page_size), float("-inf"))
+    mass = logits.logsumexp(dim=-1)                                             # [B, kvh, g, P]
+    return (mass - mass.logsumexp(dim=-1, keepdim=True)).amax(dim=2)
+
+
+def lowrank_selector(factors, fp8: bool, shortlist_tokens: int, cache_layers):
+    def select(q, kmin_layer, kmax_layer, pmin_layer, pmax_layer, plan, scale, fused):
+        a, b = factors[cache_layers.index(kmin_layer)]
+        scores = lowrank_page_scores(q, cache_layers(kmin_layer), plan, scale, a, b, fp8)
+        if not shortlist_tokens:
+            return sa.select_pages(scores, plan.bias, plan.budget_pages)
+        page_size = plan.slot.shape[0]
+        width = plan.sparse_pages.shape[1]
+        keep = min(width, max(shortlist_tokens // page_size, plan.budget_pages))
+        shortlist = sa.select_pages(scores, plan.bias, keep)
+        return sa._select_from_shortlist(q, kmin_layer, kmax_layer, shortlist, plan, scale)
+
+    return select
+
+
+def kmeans(x: torch.Tensor, written: torch.Tensor, clusters: int, steps: int = 8):
+    """Batched k-means of x [..., n, d] over its written points [..., n] -> centroids [..., C, d],
+    counts [..., C], mean squared distance per channel [..., C]. Farthest-point start from the
+    point farthest from the mean; a cluster left empty keeps its centroid with count 0."""
+    w = written.float()
+    mean = (x * w.unsqueeze(-1)).sum(-2) / w.sum(-1, keepdim=True).clamp(min=1)
+    far = ((x - mean.unsqueeze(-2)) ** 2).sum(-1).masked_fill(~written, -1.0)
+    chosen = [far.argmax(-1)]
+    dist = None
+    for _ in range(clusters - 1):
+        last = x.gather(-2, chosen[-1][..., None, None].expand(*x.shape[:-2], 1, x.shape[-1]))
+        d_new = ((x - last) ** 2).sum(-1)
+        dist = d_new if dist is None else torch.minimum(dist, d_new)
+        chosen.append(dist.masked_fill(~written, -1.0).argmax(-1))
+    index = torch.stack(chosen, -1)                                               # [..., C]
+    centroids = x.gather(-2, index.unsqueeze(-1).expand(*index.shape, x.shape[-1]))
+    for _ in range(steps):
+        d2 = torch.cdist(x, centroids) ** 2                                       # [..., n, C]
+        onehot = torch.nn.functional.one_hot(d2.argmin(-1), clusters).float() * w.unsqueeze(-1)
+        counts = onehot.sum(-2)                                                   # [..., C]
+        sums = onehot.transpose(-1, -2) @ x
+        centroids = torch.where(counts.unsqueeze(-1) > 0, sums / counts.clamp(min=1).unsqueeze(-1), centroids)
+    d2 = torch.cdist(x, centroids) ** 2
+    onehot = torch.nn.functional.one_hot(d2.argmin(-1), clusters).float() * w.unsqueeze(-1)
+    counts = onehot.sum(-2)
+    spread = (onehot * d2).sum(-2) / counts.clamp(min=1) / x.shape[-1]
+    return centroids, counts, spread
+
+
+def kmeans_selector(clusters: int, group_pages: int, with_spread: bool, cache_layers):
+    def select(q, kmin_layer, kmax_layer, pmin_layer, pmax_layer, plan, scale, fused):
+        keys, written = sq.grouped_keys(cache_layers(kmin_layer), plan, group_pages)   # [B, G, span, kvh, d]
+        batch, groups, span, kv_heads, head_dim = keys.shape
+        x = keys.permute(0, 1, 3, 2, 4)                                             # [B, G, kvh, span, d]
+        w = written.view(batch, groups, 1, span).expand(batch, groups, kv_heads, span)
+        centroids, counts, spread = kmeans(x, w, clusters)                          # [B, G, kvh, C, (d)]
+        qg = q.float().view(batch, kv_heads, -1, head_dim) * scale                  # [B, kvh, g, d]
+        logits = torch.einsum("bhgd,bnhcd->bhgnc", qg, centroids)
+        if with_spread:
+            logits = logits + 0.5 * (qg * qg).sum(-1)[..., None, None] * spread.permute(0, 2, 1, 3).unsqueeze(2)
+        logits = logits + counts.permute(0, 2, 1, 3).unsqueeze(2).log()             # log 0 = -inf
+        mass = logits.logsumexp(dim=-1)                                             # [B, kvh, g, G]
+        scores = (mass - mass.logsumexp(dim=-1, keepdim=True)).amax(dim=2)
+        width = plan.sparse_pages.shape[1]
+        scores = scores.repeat_interleave(group_pages, dim=-1)[..., :width]
+        return sa.select_pages(scores, plan.bias, plan.budget_pages)
+
+    return select
+
+
+def register_kmeans() -> None:
+    for clusters in (1, 2, 4, 8, 16):
+        for group in (1, 2, 4, 8):
+            for v in ("", "v"):
+                sq.EXTRA_RULES[f"kmeans{clusters}x{group}{v}"] = (
+                    lambda cl, c=clusters, n=group, s=bool(v): kmeans_selector(c, n, s, cl))
+
+
+def register(factors) -> None:
+    for r, layers in factors.items():
+        sq.EXTRA_RULES[f"lowrank{r}"] = lambda cl, f=layers: lowrank_selector(f, False, 0, cl)
+        sq.EXTRA_RULES[f"lowrank{r}-fp8"] = lambda cl, f=layers: lowrank_selector(f, True, 0, cl)
+        for tokens in (2048, 4096, 8192):
+            sq.EXTRA_RULES[f"lowrank{r}-s{tokens}"] = lambda cl, f=layers, t=tokens: lowrank_selector(f, False, t, cl)
+            sq.EXTRA_RULES[f"lowrank{r}-fp8-s{tokens}"] = (
+                lambda cl, f=layers, t=tokens: lowrank_selector(f, True, t, cl))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False, allow_abbrev=False)
+    parser.add_argument("--ranks", type=int, nargs="+", default=[8])
+    parser.add_argument("--calib-context", type=int, default=7000)
+    parser.add_argument("--calib-steps", type=int, default=256)
+    parser.add_argument("--skip-tokens", type=int, default=28000, help="text the quality bench uses, skipped")
+    # shared with sparse_quality.py (read here, passed on as well)
+    parser.add_argument("--model", default="packaged:smollm2-135m-instruct")
+    parser.add_argument("--tokenizer-json", default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--rope", default="none")
+    parser.add_argument("--context-length", type=int, default=8192)
+    parser.add_argument("--dense-layers", type=int, default=2)
+    args, rest = parser.parse_known_args()
+    register_kmeans()
+    if any("lowrank" in item for item in rest):
+        register(calibrate(args, args.ranks))
+    passed = ["--model", args.model, "--device", args.device, "--rope", args.rope,
+              "--context-length", str(args.context_length), "--dense-layers", str(args.dense_layers)]
+    if args.tokenizer_json:
+        passed += ["--tokenizer-json", args.tokenizer_json]
+    if args.threads:
+        passed += ["--threads", str(args.threads)]
+    sys.argv = ["bench/sparse_quality.py"] + passed + rest
+    sq.main()
+
+
+if __name__ == "__main__":
+    main()
