@@ -149,6 +149,31 @@ def quest_page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
     return (logits - logits.logsumexp(dim=-1, keepdim=True)).amax(dim=1)
 
 
+def centroid_group_logits(q: torch.Tensor, cents: torch.Tensor, stats: torch.Tensor, page_table: torch.Tensor,
+                          seq_len: int, page_size: int, group_pages: int, scale: float) -> torch.Tensor:
+    """A group selector that estimates instead of bounding (kernels/triton/centroids.py; quality in
+    bench/sparse_estimators.py): each complete run of group_pages pages per KV head keeps C k-means
+    centroids cents [num_pages, kv_heads, C, d] and stats [num_pages, kv_heads, C, 2] (log count,
+    spread s^2 per channel) at the physical id of the group's last page. Per q head h and group n:
+    logsumexp over c of (scale q_h.c + log count_c + scale^2 |q_h|^2 s_c^2 / 2), the group's
+    log-mass if its keys sat on their centroids with Gaussian spread; returned divided by scale
+    (the unit of Quest bounds), 0 for the last, incomplete group.
+
+    q: [q_heads, d] -> [kv_heads, group, ceil(seq_len / (page_size * group_pages))]."""
+    q_heads, head_dim = q.shape
+    kv_heads = cents.shape[1]
+    span = page_size * group_pages
+    n_groups, full = -(-seq_len // span), seq_len // span
+    last = page_table[group_pages - 1:full * group_pages:group_pages].long()
+    c, st = cents[last].double(), stats[last].double()                        # [G, kvh, C, (d|2)]
+    qg = q.double().view(kv_heads, q_heads // kv_heads, head_dim) * scale
+    logits = (torch.einsum("hgd,nhcd->hgnc", qg, c) + st[..., 0].permute(1, 0, 2).unsqueeze(1)
+              + 0.5 * (qg * qg).sum(-1)[..., None, None] * st[..., 1].permute(1, 0, 2).unsqueeze(1))
+    out = torch.zeros(kv_heads, q_heads // kv_heads, n_groups, dtype=torch.float64)
+    out[..., :full] = logits.logsumexp(-1) / scale
+    return out.float()
+
+
 def shortlist_pages(page_size: int, budget_pages: int, shortlist_tokens: int) -> int:
     """Pages the coarse stage keeps per KV head (0: one stage): shortlist_tokens worth of pages, and
     at least twice the budget. A fixed floor, not a multiple of the budget: at budget 1024 a

@@ -1,0 +1,208 @@
+"""Sparse decode that selects 64-token groups by k-means centroids, timed against dense decode and
+the engine's coarse-to-fine Quest decode, kernels alone, in one run.
+
+    python3 -m bench.centroid_stages [--batch 16] [--context 32768] [--width 4096] [--clusters 8]
+
+What it prototypes (bench/sparse_estimators.py, rule kmeansCxNv, measures the quality): each run of
+4 pages (64 tokens) per KV head is summarised by C centroids; kernels/triton/centroids.py scores
+every group from them, kernels/triton/selection.combine_select keeps the budget's best groups
+(sink and the last group forced), the groups are expanded to their pages, and the split-K decode
+kernel attends to them. Llama-3-8B attention shapes (32 q heads, 8 KV heads, d 128, bf16), random
+K/V on shuffled pages; the centroids here are simply each group's first C keys (their values do
+not change the time). Checked first: the group scores against a float64 torch reference, the
+selection against float64 scores, the output against torch attention over the chosen pages.
+
+Every stage is timed in a CUDA graph (bench/gemv.graph_us) over `--copies` distinct copies of the
+inputs in turn, so that a small working set (batch 1) is not served from the 50 MB L2 cache call
+after call as it would never be in a model, whose every layer reads its own cache.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+from functools import partial
+
+import torch
+
+from bench.gemv import graph_us
+from kernels import reference as ref
+from kernels.triton.centroids import centroid_group_logits
+from kernels.triton.decode import paged_decode, split_k_decode
+from kernels.triton.selection import combine_select
+from kernels.triton.sparse import sparse_decode
+from kernels.triton.summaries import update_page_summaries
+
+HQ, HKV, D = 32, 8, 128
+PAGE, GROUP_PAGES, SUMMARY = 16, 4, 4
+SPAN = PAGE * GROUP_PAGES
+
+
+DEVICE = "cuda"          # a smoke run of check() on the CPU under TRITON_INTERPRET sets "cpu"
+
+
+def make_inputs(batch: int, context: int, width: int, clusters: int, cent_dtype, seed: int) -> dict:
+    dev, dt = torch.device(DEVICE), torch.bfloat16
+    pages = -(-context // PAGE)
+    total = batch * pages + 1
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    k = torch.randn(total, PAGE, HKV, D, device=dev, dtype=dt, generator=gen)
+    v = torch.randn(total, PAGE, HKV, D, device=dev, dtype=dt, generator=gen)
+    perm = torch.randperm(total - 1, device=dev, generator=gen).int()
+    table = torch.zeros(batch, width, dtype=torch.int32, device=dev)
+    table[:, :pages] = perm[:batch * pages].view(batch, pages)
+    lens = torch.full((batch,), context, dtype=torch.int32, device=dev)
+    # centroids at each complete group's last page: the group's first C keys (for timing)
+    cents = torch.zeros(total, HKV, clusters, D, device=dev, dtype=cent_dtype)
+    stats = torch.zeros(total, HKV, clusters, 2, device=dev, dtype=torch.float32)
+    full = context // SPAN
+    first = table[:, 0:full * GROUP_PAGES:GROUP_PAGES].long()                  # [B, G] first page
+    last = table[:, GROUP_PAGES - 1:full * GROUP_PAGES:GROUP_PAGES].long()
+    assert clusters <= PAGE
+    cents[last.flatten()] = k[first.flatten(), :clusters].transpose(1, 2).to(cent_dtype)
+    stats[last.flatten(), ..., 0] = float(torch.log(torch.tensor(SPAN / clusters)))
+    stats[last.flatten(), ..., 1] = 0.1 + 0.05 * torch.rand(last.numel(), HKV, clusters, device=dev, generator=gen)
+    q = torch.randn(batch, HQ, D, device=dev, dtype=dt, generator=gen)
+    kmin = torch.zeros(total, PAGE // SUMMARY, HKV, D, device=dev, dtype=dt)
+    kmax = torch.zeros_like(kmin)
+    pmin = torch.zeros(total, HKV, D, device=dev, dtype=dt)
+    pmax = torch.zeros_like(pmin)
+    update_page_summaries(kmin, kmax, k, table, torch.zeros_like(lens), lens, context, pmin, pmax)
+    groups = torch.arange(width // GROUP_PAGES, dtype=torch.int32, device=dev).expand(batch, -1).contiguous()
+    return dict(q=q, k=k, v=v, table=table, lens=lens, cents=cents, stats=stats, kmin=kmin, kmax=kmax,
+                pmin=pmin, pmax=pmax, groups=groups)
+
+
+def reference_group_logits(x: dict, scale: float) -> torch.Tensor:
+    """centroid_group_logits in float64 torch: [batch, q_heads, groups] (0 past complete groups)."""
+    q, table, lens = x["q"], x["table"], x["lens"]
+    batch, heads, _ = q.shape
+    n = table.shape[1] // GROUP_PAGES
+    last = table[:, GROUP_PAGES - 1::GROUP_PAGES][:, :n].long()
+    c, st = x["cents"][last].double(), x["stats"][last].double()                # [B, G, kvh, C, (d|2)]
+    qg = q.double().view(batch, HKV, heads // HKV, D) * scale
+    logits = (torch.einsum("bhgd,bnhcd->bhgnc", qg, c) + st[..., 0].permute(0, 2, 1, 3).unsqueeze(2)
+              + 0.5 * (qg * qg).sum(-1)[..., None, None] * st[..., 1].permute(0, 2, 1, 3).unsqueeze(2))
+    lse = logits.logsumexp(-1).reshape(batch, heads, n) / scale
+    full = torch.arange(n, device=q.device) < (lens.long() // SPAN)[:, None, None]
+    return torch.where(full, lse, torch.zeros_like(lse))
+
+
+def expand_groups(logical_groups: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Chosen groups [B, kvh, k] -> their pages' physical ids [B, kvh, k * GROUP_PAGES], in order
+    (entries past the sequence are never read: the virtual lengths stop before them)."""
+    pages = logical_groups.long().unsqueeze(-1) * GROUP_PAGES + torch.arange(GROUP_PAGES, device=table.device)
+    pages = pages.flatten(-2).clamp(max=table.shape[1] - 1)
+    batch, kv_heads, width = pages.shape
+    return table.long().gather(1, pages.view(batch, -1)).view(batch, kv_heads, width).int()
+
+
+def centroid_decode(x: dict, scale: float, force: tuple, stages: dict | None = None, **attend) -> torch.Tensor:
+    logits = centroid_group_logits(x["q"], x["cents"], x["stats"], x["table"], x["lens"], PAGE, GROUP_PAGES, scale,
+                                   interpreted=DEVICE == "cpu")
+    logical, _, vlens = combine_select(logits, x["groups"], x["lens"], SPAN, HKV, force, scale, force[0])
+    physical = expand_groups(logical, x["table"])
+    if stages is not None:
+        stages.update(logits=logits, logical=logical, vlens=vlens, physical=physical)
+    return split_k_decode(x["q"], x["k"], x["v"], physical, vlens, scale, **attend)
+
+
+def check(x: dict, scale: float, force: tuple) -> None:
+    got = centroid_group_logits(x["q"], x["cents"], x["stats"], x["table"], x["lens"], PAGE, GROUP_PAGES, scale,
+                                interpreted=DEVICE == "cpu")
+    want = reference_group_logits(x, scale)
+    n_groups = -(-int(x["lens"][0]) // SPAN)
+    err = (got[..., :n_groups].double() - want[..., :n_groups]).abs().max().item()
+    print(f"group scores vs float64 reference: max abs difference {err:.2e} (logit units / scale)", flush=True)
+    assert err < 5e-2, "centroid group scores wrong"
+    stages: dict = {}
+    out = centroid_decode(x, scale, force, stages)
+    # the selection against float64 scores of the kernel's logits
+    batch = got.shape[0]
+    logits = got[..., :n_groups].double().view(batch, HKV, HQ // HKV, n_groups) * scale
+    score = (logits - logits.logsumexp(3, keepdim=True)).amax(2)
+    lst = torch.arange(n_groups, device=got.device)
+    forced = (lst < force[1]) | (lst >= n_groups - force[2])
+    score = score.masked_fill(forced, float("inf"))
+    kth = score.topk(force[0], dim=2).values[:, :, -1:]
+    chosen = score.gather(2, stages["logical"].long())
+    wrong = int(((chosen - kth) < -1e-5 * kth.abs().clamp(min=1)).sum())
+    print(f"selection: {wrong} of {chosen.numel()} chosen groups below the float64 k-th", flush=True)
+    assert wrong == 0
+    # the output against torch attention over the chosen pages
+    k_sel = x["k"][stages["physical"].long()]                                   # [B, kvh, P, page, kvh', d]
+    v_sel = x["v"][stages["physical"].long()]
+    head = torch.arange(HKV, device=got.device).view(1, HKV, 1, 1, 1, 1).expand(batch, HKV, k_sel.shape[2], PAGE, 1, D)
+    k_sel = k_sel.gather(4, head).squeeze(4).flatten(2, 3).float()              # [B, kvh, T, d]
+    v_sel = v_sel.gather(4, head).squeeze(4).flatten(2, 3).float()
+    valid = torch.arange(k_sel.shape[2], device=got.device) < stages["vlens"].long().view(batch, 1, 1)
+    qg = x["q"].float().view(batch, HKV, HQ // HKV, D)
+    att = (torch.einsum("bhgd,bhtd->bhgt", qg, k_sel) * scale).masked_fill(~valid[:, :, None], float("-inf"))
+    want_out = torch.einsum("bhgt,bhtd->bhgd", att.softmax(-1), v_sel).reshape(batch, HQ, D)
+    err = (out.float() - want_out).abs().max().item()
+    print(f"output vs torch attention over the chosen pages: max abs difference {err:.2e}", flush=True)
+    assert err < 2e-2, "centroid decode output wrong"
+
+
+def rotating(fns):
+    """One callable that runs the next of fns at each call (each captured graph call another copy)."""
+    cycle = itertools.cycle(fns)
+    return lambda: next(cycle)()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--context", type=int, default=32768)
+    parser.add_argument("--width", type=int, default=4096, help="page-table width (the engine's class)")
+    parser.add_argument("--budget", type=int, default=2048)
+    parser.add_argument("--clusters", type=int, default=8)
+    parser.add_argument("--copies", type=int, default=None, help="input copies in turn (default: enough to "
+                        "make each call's sparse working set miss the L2 cache)")
+    args = parser.parse_args()
+    assert args.width % GROUP_PAGES == 0 and args.context % PAGE == 0
+    scale = D ** -0.5
+    force = ref.sparse_page_counts(SPAN, args.budget, 16, 64)
+    sparse_bytes = args.batch * HKV * (args.budget * D * 4 + args.context // SPAN * args.clusters * D)
+    copies = args.copies or max(1, min(10, -(-200_000_000 // sparse_bytes)))
+    print(f"batch {args.batch}, context {args.context}, width {args.width}, budget {args.budget} "
+          f"({force[0]} groups of {SPAN}), {args.clusters} centroids per group, {copies} input copies", flush=True)
+    rows = []
+    for name, dtype in (("bf16", torch.bfloat16), ("fp8", torch.float8_e4m3fn)):
+        xs = [make_inputs(args.batch, args.context, args.width, args.clusters, dtype, seed) for seed in range(copies)]
+        check(xs[0], scale, force)
+        for x in xs:          # each stage's inputs, from the stage before
+            x["logits"] = centroid_group_logits(x["q"], x["cents"], x["stats"], x["table"], x["lens"], PAGE,
+                                                GROUP_PAGES, scale)
+            x["logical"], _, x["vlens"] = combine_select(x["logits"], x["groups"], x["lens"], SPAN, HKV, force,
+                                                         scale, force[0])
+            x["physical"] = expand_groups(x["logical"], x["table"])
+        stage_fns = {
+            "scores": lambda x: centroid_group_logits(x["q"], x["cents"], x["stats"], x["table"], x["lens"], PAGE,
+                                                      GROUP_PAGES, scale),
+            "select": lambda x: combine_select(x["logits"], x["groups"], x["lens"], SPAN, HKV, force, scale, force[0]),
+            "expand": lambda x: expand_groups(x["logical"], x["table"]),
+            "attend": lambda x: split_k_decode(x["q"], x["k"], x["v"], x["physical"], x["vlens"], scale),
+            "whole": lambda x: centroid_decode(x, scale, force),
+        }
+        scores, select, expand, attend, whole = (graph_us(rotating([partial(fn, x) for x in xs]))
+                                                 for fn in stage_fns.values())
+        rows.append((f"centroids {name}", scores, select, expand, attend, whole))
+        if name == "bf16":
+            dense = graph_us(rotating([partial(lambda x: paged_decode(x["q"], x["k"], x["v"], x["table"], x["lens"],
+                                                                      scale), x) for x in xs]))
+            quest = graph_us(rotating([partial(lambda x: sparse_decode(
+                x["q"], x["k"], x["v"], x["kmin"], x["kmax"], x["table"], x["lens"], args.budget, 16, 64, scale,
+                pmin=x["pmin"], pmax=x["pmax"], shortlist_tokens=8192), x) for x in xs]))
+        del xs
+        torch.cuda.empty_cache()
+    print(f"\n| decode attention, b{args.batch} x {args.context} | scores us | select us | expand us | attend us "
+          f"| whole us | vs dense |\n| --- | --- | --- | --- | --- | --- | --- |")
+    print(f"| dense paged_decode | - | - | - | - | {dense:.1f} | 1.00x |")
+    print(f"| engine Quest, coarse to fine (4-token blocks) | - | - | - | - | {quest:.1f} | {dense / quest:.2f}x |")
+    for label, scores, select, expand, attend, whole in rows:
+        print(f"| {label} | {scores:.1f} | {select:.1f} | {expand:.1f} | {attend:.1f} | {whole:.1f} "
+              f"| {dense / whole:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

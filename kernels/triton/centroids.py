@@ -1,0 +1,102 @@
+"""Group scores from k-means centroids: an estimate of each 64-token group's attention mass that
+reads C centroids per group instead of per-block key bounds (bench/sparse_estimators.py measures
+what such a selector keeps in quality; bench/centroid_stages.py times it against dense decode).
+
+A group is GROUP_PAGES consecutive logical pages of one sequence. Its summary, per KV head, is C
+centroids [C, d] (8-bit or 16-bit) and per centroid two fp32 numbers, log(count) and the spread
+s^2 (mean squared distance per channel of the keys it stands for). It is kept at the physical id
+of the group's last page: a group's last page is shared by two sequences only when the whole group
+is (a prefix shared in the radix tree), so a shared summary always describes the same keys. Only
+complete groups have one; the row's last, incomplete group is forced in by the selection's recent
+rule (its score here is 0).
+
+Per q head h of the KV head's GQA group and group n, in the attention's log units:
+
+    L_h(n) = logsumexp over c of ( scale * q_h . c + log count_c + scale^2 |q_h|^2 s_c^2 / 2 )
+
+(the log of the group's mass if every key sat on its centroid with Gaussian spread). The kernel
+writes L_h(n) / scale, so that kernels/triton/selection.combine_select (which multiplies by the
+attention scale, takes each head's log-softmax over the row and the max over the group) selects
+groups exactly as it selects pages from Quest bounds.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _centroid_group_logits(Q, Cents, Stats, PT, SeqLens, Out, s_qb, s_qh, s_cp, s_ch, s_cc, s_sp, s_sh, s_sc,
+                           s_pb, s_ob, s_oh, max_groups, scale,
+                           GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr,
+                           C: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_PAGES: tl.constexpr,
+                           PAGE_SIZE: tl.constexpr, DOT_F32: tl.constexpr):
+    """One program per (sequence, KV head, BLOCK_N groups): [BLOCK_N * C, d] centroid rows times
+    the group's q heads [d, GROUP_P] on the tensor cores, then the log-sum-exp over each group's
+    centroids."""
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    seq_len = tl.load(SeqLens + b)
+    span = GROUP_PAGES * PAGE_SIZE
+    n_groups = tl.cdiv(seq_len, span)
+    if tl.program_id(2) * BLOCK_N >= n_groups:
+        return      # past the sequence
+    offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = tl.arange(0, C)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_g = tl.arange(0, GROUP_P)
+    full = offs_n < seq_len // span
+    page = tl.load(PT + b.to(tl.int64) * s_pb + offs_n * GROUP_PAGES + GROUP_PAGES - 1, mask=full,
+                   other=0).to(tl.int64)
+    m3 = full[:, None, None]
+    cents = tl.load(Cents + page[:, None, None] * s_cp + kvh * s_ch + offs_c[None, :, None] * s_cc
+                    + offs_d[None, None, :], mask=m3, other=0.0)                          # [N, C, d]
+    rows = tl.reshape(cents, [BLOCK_N * C, HEAD_DIM])
+    if DOT_F32:
+        rows = rows.to(tl.float32)
+    else:
+        rows = rows.to(tl.bfloat16)
+    q = tl.load(Q + b * s_qb + (kvh * GROUP + offs_g[None, :]) * s_qh + offs_d[:, None],
+                mask=(offs_g < GROUP)[None, :], other=0.0)                                # [d, GROUP_P]
+    # q in its own dtype (bf16 in the model) against bf16-widened centroids: exact products,
+    # summed in fp32; the scale after the sum
+    dots = tl.dot(rows, q.to(rows.dtype), input_precision="ieee") * scale                  # [N * C, GROUP_P]
+    q32 = q.to(tl.float32) * scale
+    q_sq = tl.sum(q32 * q32, 0)                                                            # [GROUP_P]
+    stat = Stats + page[:, None] * s_sp + kvh * s_sh + offs_c[None, :] * s_sc
+    log_count = tl.load(stat, mask=full[:, None], other=0.0)                               # [N, C]
+    spread = tl.load(stat + 1, mask=full[:, None], other=0.0)
+    logits = tl.reshape(dots, [BLOCK_N, C, GROUP_P]) + log_count[:, :, None] \
+        + 0.5 * spread[:, :, None] * q_sq[None, None, :]
+    top = tl.max(logits, 1)                                                                # [N, GROUP_P]
+    lse = top + tl.log(tl.sum(tl.exp(logits - top[:, None, :]), 1))
+    lse = tl.where(full[:, None], lse / scale, 0.0)
+    tl.store(Out + b * s_ob + (kvh * GROUP + offs_g[None, :]) * s_oh + offs_n[:, None], lse,
+             mask=(offs_n < max_groups)[:, None] & (offs_g < GROUP)[None, :])
+
+
+def centroid_group_logits(q: torch.Tensor, cents: torch.Tensor, stats: torch.Tensor, page_tables: torch.Tensor,
+                          seq_lens: torch.Tensor, page_size: int, group_pages: int, scale: float,
+                          block_n: int | None = None, num_warps: int | None = None,
+                          interpreted: bool = False) -> torch.Tensor:
+    """q [batch, q_heads, d]; cents [num_pages, kv_heads, C, d] (fp8/bf16, at each complete group's
+    last page); stats fp32 [num_pages, kv_heads, C, 2] (log count, spread); page_tables int32
+    [batch, width] -> fp32 [batch, q_heads, width // group_pages]: each group's L_h(n) / scale
+    (0 for the incomplete last group; garbage past a sequence, never read by combine_select)."""
+    batch, q_heads, head_dim = q.shape
+    kv_heads, clusters = cents.shape[1:3]
+    assert cents.shape[3] == head_dim and stats.shape == (*cents.shape[:3], 2) and q_heads % kv_heads == 0
+    assert q.stride(2) == 1 and cents.stride(3) == 1 and stats.stride(3) == 1 and page_tables.stride(1) == 1
+    assert page_tables.dtype == seq_lens.dtype == torch.int32 and stats.dtype == torch.float32
+    max_groups = page_tables.shape[1] // group_pages
+    out = torch.empty(batch, q_heads, max_groups, device=q.device, dtype=torch.float32)
+    group = q_heads // kv_heads
+    block_n = block_n or max(1, 128 // clusters)          # 128 centroid rows per program
+    _centroid_group_logits[(batch, kv_heads, triton.cdiv(max_groups, block_n))](
+        q, cents, stats, page_tables, seq_lens, out, q.stride(0), q.stride(1), *cents.stride()[:3],
+        *stats.stride()[:3], page_tables.stride(0), out.stride(0), out.stride(1), max_groups, scale,
+        GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, C=clusters,
+        BLOCK_N=block_n, GROUP_PAGES=group_pages, PAGE_SIZE=page_size, DOT_F32=interpreted,
+        num_warps=num_warps or 4)
+    return out
