@@ -34,7 +34,8 @@ over its centroids of scale * q.c + log n (+ scale^2 |q|^2 s^2 / 2 with "v": eac
 spread s^2, its mean squared distance per channel, as one more number). Log-softmax over the
 row's groups per q head, max over the GQA group; every page scores its group's. Stored in 8 bits,
 C centroids per N pages are C / (64 N) of the K/V bytes (C=4, N=4: 1/64).
-  kmeansCxN[v]    C centroids per N pages (e.g. kmeans4x4, kmeans8x4v).
+  kmeansCxN[v][-fp8]  C centroids per N pages (e.g. kmeans4x4, kmeans8x4v); -fp8: the centroids
+                  rounded to float8 e4m3 (what an 8-bit store would select).
 """
 from __future__ import annotations
 
@@ -198,13 +199,15 @@ def kmeans(x: torch.Tensor, written: torch.Tensor, clusters: int, steps: int = 8
     return centroids, counts, spread
 
 
-def kmeans_selector(clusters: int, group_pages: int, with_spread: bool, cache_layers):
+def kmeans_selector(clusters: int, group_pages: int, with_spread: bool, fp8: bool, cache_layers):
     def select(q, kmin_layer, kmax_layer, pmin_layer, pmax_layer, plan, scale, fused):
         keys, written = sq.grouped_keys(cache_layers(kmin_layer), plan, group_pages)   # [B, G, span, kvh, d]
         batch, groups, span, kv_heads, head_dim = keys.shape
         x = keys.permute(0, 1, 3, 2, 4)                                             # [B, G, kvh, span, d]
         w = written.view(batch, groups, 1, span).expand(batch, groups, kv_heads, span)
         centroids, counts, spread = kmeans(x, w, clusters)                          # [B, G, kvh, C, (d)]
+        if fp8:
+            centroids = fp8_round(centroids)
         qg = q.float().view(batch, kv_heads, -1, head_dim) * scale                  # [B, kvh, g, d]
         logits = torch.einsum("bhgd,bnhcd->bhgnc", qg, centroids)
         if with_spread:
@@ -223,8 +226,9 @@ def register_kmeans() -> None:
     for clusters in (1, 2, 4, 8, 16):
         for group in (1, 2, 4, 8):
             for v in ("", "v"):
-                sq.EXTRA_RULES[f"kmeans{clusters}x{group}{v}"] = (
-                    lambda cl, c=clusters, n=group, s=bool(v): kmeans_selector(c, n, s, cl))
+                for q in ("", "-fp8"):
+                    sq.EXTRA_RULES[f"kmeans{clusters}x{group}{v}{q}"] = (
+                        lambda cl, c=clusters, n=group, s=bool(v), f=bool(q): kmeans_selector(c, n, s, f, cl))
 
 
 def register(factors) -> None:

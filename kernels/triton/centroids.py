@@ -31,54 +31,56 @@ def _centroid_group_logits(Q, Cents, Stats, PT, SeqLens, Out, s_qb, s_qh, s_cp, 
                            s_pb, s_ob, s_oh, max_groups, scale,
                            GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr,
                            C: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_PAGES: tl.constexpr,
-                           PAGE_SIZE: tl.constexpr, DOT_F32: tl.constexpr):
-    """One program per (sequence, KV head, BLOCK_N groups): [BLOCK_N * C, d] centroid rows times
-    the group's q heads [d, GROUP_P] on the tensor cores, then the log-sum-exp over each group's
-    centroids."""
+                           PAGE_SIZE: tl.constexpr, TILES: tl.constexpr, STAGES: tl.constexpr,
+                           DOT_F32: tl.constexpr):
+    """One program per (sequence, KV head, TILES x BLOCK_N groups): per tile, [BLOCK_N * C, d]
+    centroid rows times the group's q heads [d, GROUP_P] on the tensor cores, then the
+    log-sum-exp over each group's centroids."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     seq_len = tl.load(SeqLens + b)
     span = GROUP_PAGES * PAGE_SIZE
     n_groups = tl.cdiv(seq_len, span)
-    if tl.program_id(2) * BLOCK_N >= n_groups:
+    first = tl.program_id(2) * BLOCK_N * TILES
+    if first >= n_groups:
         return      # past the sequence
-    offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_c = tl.arange(0, C)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_g = tl.arange(0, GROUP_P)
-    full = offs_n < seq_len // span
-    page = tl.load(PT + b.to(tl.int64) * s_pb + offs_n * GROUP_PAGES + GROUP_PAGES - 1, mask=full,
-                   other=0).to(tl.int64)
-    m3 = full[:, None, None]
-    cents = tl.load(Cents + page[:, None, None] * s_cp + kvh * s_ch + offs_c[None, :, None] * s_cc
-                    + offs_d[None, None, :], mask=m3, other=0.0)                          # [N, C, d]
-    rows = tl.reshape(cents, [BLOCK_N * C, HEAD_DIM])
-    if DOT_F32:
-        rows = rows.to(tl.float32)
-    else:
-        rows = rows.to(tl.bfloat16)
     q = tl.load(Q + b * s_qb + (kvh * GROUP + offs_g[None, :]) * s_qh + offs_d[:, None],
                 mask=(offs_g < GROUP)[None, :], other=0.0)                                # [d, GROUP_P]
-    # q in its own dtype (bf16 in the model) against bf16-widened centroids: exact products,
-    # summed in fp32; the scale after the sum
-    dots = tl.dot(rows, q.to(rows.dtype), input_precision="ieee") * scale                  # [N * C, GROUP_P]
     q32 = q.to(tl.float32) * scale
     q_sq = tl.sum(q32 * q32, 0)                                                            # [GROUP_P]
-    stat = Stats + page[:, None] * s_sp + kvh * s_sh + offs_c[None, :] * s_sc
-    log_count = tl.load(stat, mask=full[:, None], other=0.0)                               # [N, C]
-    spread = tl.load(stat + 1, mask=full[:, None], other=0.0)
-    logits = tl.reshape(dots, [BLOCK_N, C, GROUP_P]) + log_count[:, :, None] \
-        + 0.5 * spread[:, :, None] * q_sq[None, None, :]
-    top = tl.max(logits, 1)                                                                # [N, GROUP_P]
-    lse = top + tl.log(tl.sum(tl.exp(logits - top[:, None, :]), 1))
-    lse = tl.where(full[:, None], lse / scale, 0.0)
-    tl.store(Out + b * s_ob + (kvh * GROUP + offs_g[None, :]) * s_oh + offs_n[:, None], lse,
-             mask=(offs_n < max_groups)[:, None] & (offs_g < GROUP)[None, :])
+    for t in tl.range(0, TILES, num_stages=STAGES):
+        offs_n = first + t * BLOCK_N + tl.arange(0, BLOCK_N)
+        full = offs_n < seq_len // span
+        page = tl.load(PT + b.to(tl.int64) * s_pb + offs_n * GROUP_PAGES + GROUP_PAGES - 1, mask=full,
+                       other=0).to(tl.int64)
+        cents = tl.load(Cents + page[:, None, None] * s_cp + kvh * s_ch + offs_c[None, :, None] * s_cc
+                        + offs_d[None, None, :], mask=full[:, None, None], other=0.0)      # [N, C, d]
+        rows = tl.reshape(cents, [BLOCK_N * C, HEAD_DIM])
+        if DOT_F32:
+            rows = rows.to(tl.float32)
+        else:
+            rows = rows.to(tl.bfloat16)
+        # q in its own dtype (bf16 in the model) against bf16-widened centroids: exact products,
+        # summed in fp32; the scale after the sum
+        dots = tl.dot(rows, q.to(rows.dtype), input_precision="ieee") * scale              # [N * C, GROUP_P]
+        stat = Stats + page[:, None] * s_sp + kvh * s_sh + offs_c[None, :] * s_sc
+        log_count = tl.load(stat, mask=full[:, None], other=0.0)                           # [N, C]
+        spread = tl.load(stat + 1, mask=full[:, None], other=0.0)
+        logits = tl.reshape(dots, [BLOCK_N, C, GROUP_P]) + log_count[:, :, None] \
+            + 0.5 * spread[:, :, None] * q_sq[None, None, :]
+        top = tl.max(logits, 1)                                                            # [N, GROUP_P]
+        lse = top + tl.log(tl.sum(tl.exp(logits - top[:, None, :]), 1))
+        lse = tl.where(full[:, None], lse / scale, 0.0)
+        tl.store(Out + b * s_ob + (kvh * GROUP + offs_g[None, :]) * s_oh + offs_n[:, None], lse,
+                 mask=(offs_n < max_groups)[:, None] & (offs_g < GROUP)[None, :])
 
 
 def centroid_group_logits(q: torch.Tensor, cents: torch.Tensor, stats: torch.Tensor, page_tables: torch.Tensor,
                           seq_lens: torch.Tensor, page_size: int, group_pages: int, scale: float,
-                          block_n: int | None = None, num_warps: int | None = None,
+                          block_n: int | None = None, num_warps: int | None = None, tiles: int = 1, stages: int = 1,
                           interpreted: bool = False) -> torch.Tensor:
     """q [batch, q_heads, d]; cents [num_pages, kv_heads, C, d] (fp8/bf16, at each complete group's
     last page); stats fp32 [num_pages, kv_heads, C, 2] (log count, spread); page_tables int32
@@ -93,10 +95,10 @@ def centroid_group_logits(q: torch.Tensor, cents: torch.Tensor, stats: torch.Ten
     out = torch.empty(batch, q_heads, max_groups, device=q.device, dtype=torch.float32)
     group = q_heads // kv_heads
     block_n = block_n or max(1, 128 // clusters)          # 128 centroid rows per program
-    _centroid_group_logits[(batch, kv_heads, triton.cdiv(max_groups, block_n))](
+    _centroid_group_logits[(batch, kv_heads, triton.cdiv(max_groups, block_n * tiles))](
         q, cents, stats, page_tables, seq_lens, out, q.stride(0), q.stride(1), *cents.stride()[:3],
         *stats.stride()[:3], page_tables.stride(0), out.stride(0), out.stride(1), max_groups, scale,
         GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, C=clusters,
-        BLOCK_N=block_n, GROUP_PAGES=group_pages, PAGE_SIZE=page_size, DOT_F32=interpreted,
+        BLOCK_N=block_n, GROUP_PAGES=group_pages, PAGE_SIZE=page_size, TILES=tiles, STAGES=stages, DOT_F32=interpreted,
         num_warps=num_warps or 4)
     return out

@@ -127,17 +127,26 @@ def _keep_top_k(score, k, EARLY_EXIT: tl.constexpr):
 @triton.jit
 def _store_selection(take, logical, b, kvh, seq_len, n_pages, k, PT, Logical, Physical, VLens,
                      s_pb, s_ph, s_lb, s_lh, s_yb, s_yh, budget_pages, k_sel,
-                     BLOCK_P: tl.constexpr, PAGE_SIZE: tl.constexpr):
+                     BLOCK_P: tl.constexpr, PAGE_SIZE: tl.constexpr, EXPAND: tl.constexpr = 1):
     """The kept entries, compacted in row order (ascending pages), as logical and physical pages;
-    padding past k; the virtual length of a sequence that keeps budget_pages of its pages."""
+    padding past k; the virtual length of a sequence that keeps budget_pages of its pages.
+    EXPAND > 1: an entry is a run of EXPAND pages (a group; PAGE_SIZE is the group's tokens), and
+    Physical gets the physical ids of all of its pages, EXPAND per entry, from the sequence's page
+    table PT (so the attention reads them as a list of pages)."""
     offs = tl.arange(0, BLOCK_P)
     pos = tl.cumsum(take.to(tl.int32), 0) - 1
-    page = tl.load(PT + b.to(tl.int64) * s_pb + kvh * s_ph + offs, mask=take, other=0)
     tl.store(Logical + b * s_lb + kvh * s_lh + pos, logical, mask=take)
-    tl.store(Physical + b * s_yb + kvh * s_yh + pos, page, mask=take)
     pad = (offs >= k) & (offs < k_sel)
     tl.store(Logical + b * s_lb + kvh * s_lh + offs, -1, mask=pad)
-    tl.store(Physical + b * s_yb + kvh * s_yh + offs, 0, mask=pad)
+    if EXPAND == 1:
+        page = tl.load(PT + b.to(tl.int64) * s_pb + kvh * s_ph + offs, mask=take, other=0)
+        tl.store(Physical + b * s_yb + kvh * s_yh + pos, page, mask=take)
+        tl.store(Physical + b * s_yb + kvh * s_yh + offs, 0, mask=pad)
+    else:
+        for r in tl.static_range(EXPAND):
+            page = tl.load(PT + b.to(tl.int64) * s_pb + logical * EXPAND + r, mask=take, other=0)
+            tl.store(Physical + b * s_yb + kvh * s_yh + pos * EXPAND + r, page, mask=take)
+            tl.store(Physical + b * s_yb + kvh * s_yh + offs * EXPAND + r, 0, mask=pad)
     if kvh == 0:
         tl.store(VLens + b, seq_len - tl.maximum(n_pages - budget_pages, 0) * PAGE_SIZE)
 
@@ -171,7 +180,8 @@ def _select_pages(Scores, PT, SeqLens, Logical, Physical, VLens, Listed, s_sb, s
 def _combine_select(Bounds, PT, SeqLens, Logical, Physical, VLens, Listed, s_bb, s_bh, s_pb, s_ph, s_lb, s_lh,
                     s_yb, s_yh, s_ib, s_ih, max_pages, scale, force_budget, sink_pages, recent_pages,
                     budget_pages, k_sel, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
-                    PAGE_SIZE: tl.constexpr, EARLY_EXIT: tl.constexpr, LISTED: tl.constexpr):
+                    PAGE_SIZE: tl.constexpr, EARLY_EXIT: tl.constexpr, LISTED: tl.constexpr,
+                    EXPAND: tl.constexpr):
     """_combine_heads and _select_pages in one program per (sequence, KV head): the scores never
     leave registers (two launches and a scores round trip fewer per sparse layer)."""
     b = tl.program_id(0)
@@ -184,7 +194,7 @@ def _combine_select(Bounds, PT, SeqLens, Logical, Physical, VLens, Listed, s_bb,
     k = tl.minimum(n_pages, budget_pages)
     take = _keep_top_k(score, k, EARLY_EXIT)
     _store_selection(take, logical, b, kvh, seq_len, n_pages, k, PT, Logical, Physical, VLens,
-                     s_pb, s_ph, s_lb, s_lh, s_yb, s_yh, budget_pages, k_sel, BLOCK_P, PAGE_SIZE)
+                     s_pb, s_ph, s_lb, s_lh, s_yb, s_yh, budget_pages, k_sel, BLOCK_P, PAGE_SIZE, EXPAND)
 
 
 @triton.jit
@@ -192,7 +202,7 @@ def _combine_select_streamed(Bounds, PT, SeqLens, Logical, Physical, VLens, List
                              s_ph, s_lb, s_lh, s_yb, s_yh, s_ib, s_ih, s_sb, s_sh, max_pages, scale, force_budget,
                              sink_pages, recent_pages, budget_pages, k_sel, GROUP: tl.constexpr,
                              BLOCK_G: tl.constexpr, CHUNK: tl.constexpr, BLOCK_P: tl.constexpr,
-                             PAGE_SIZE: tl.constexpr, LISTED: tl.constexpr):
+                             PAGE_SIZE: tl.constexpr, LISTED: tl.constexpr, EXPAND: tl.constexpr):
     """_combine_select for wide rows: the group's bounds [GROUP, BLOCK_P] would not fit one program's
     registers, so one program per (sequence, KV head) streams them in chunks of CHUNK entries.
     Pass 1: each q head's log-sum-exp over the row (online max and sum). Pass 2: the scores, as
@@ -232,7 +242,7 @@ def _combine_select_streamed(Bounds, PT, SeqLens, Logical, Physical, VLens, List
     take = _keep_top_k(tl.load(row + offs, mask=offs < end, other=float("-inf")), k, True)
     logical, _ = _chunk_entries(Listed, b, kvh, s_ib, s_ih, offs, n_pages, max_pages, LISTED)
     _store_selection(take, logical, b, kvh, seq_len, n_pages, k, PT, Logical, Physical, VLens,
-                     s_pb, s_ph, s_lb, s_lh, s_yb, s_yh, budget_pages, k_sel, BLOCK_P, PAGE_SIZE)
+                     s_pb, s_ph, s_lb, s_lh, s_yb, s_yh, budget_pages, k_sel, BLOCK_P, PAGE_SIZE, EXPAND)
 
 
 def select_pages(scores: torch.Tensor, page_tables: torch.Tensor, seq_lens: torch.Tensor,
@@ -254,15 +264,17 @@ def select_pages(scores: torch.Tensor, page_tables: torch.Tensor, seq_lens: torc
 
 
 def _selection_outputs(batch: int, kv_heads: int, max_pages: int, budget_pages: int, page_tables: torch.Tensor,
-                       listed: torch.Tensor | None) -> tuple[tuple, tuple, int, int]:
+                       listed: torch.Tensor | None, expand: int = 1) -> tuple[tuple, tuple, int, int]:
     """What both selection launchers pass: the outputs (logical, physical, vlens, and the listed
     map or a stand-in), the table/output strides after the row strides, BLOCK_P and k_sel."""
     assert page_tables.stride(-1) == 1
     per_head = page_tables.dim() == 3
     assert per_head == (listed is not None), "a shortlist comes with its per-head physical pages"
+    assert expand == 1 or (not per_head and page_tables.shape[1] >= expand * max_pages), \
+        "groups expand through the sequences' own page tables, wide enough for every group"
     k_sel = min(budget_pages, max_pages)
     logical = torch.empty(batch, kv_heads, k_sel, device=page_tables.device, dtype=torch.int32)
-    physical = torch.empty_like(logical)
+    physical = torch.empty(batch, kv_heads, k_sel * expand, device=page_tables.device, dtype=torch.int32)
     vlens = torch.empty(batch, device=page_tables.device, dtype=torch.int32)
     lst = listed if listed is not None else logical
     strides = (page_tables.stride(0), page_tables.stride(1) if per_head else 0, logical.stride(0),
@@ -282,27 +294,31 @@ STREAM_CHUNK = 2048
 def combine_select(bounds: torch.Tensor, page_tables: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
                    kv_heads: int, force: tuple[int, int, int], scale: float, budget_pages: int,
                    listed: torch.Tensor | None = None, early_exit: bool = True, streamed: bool | None = None,
-                   chunk: int | None = None, num_warps: int | None = None
+                   chunk: int | None = None, num_warps: int | None = None, expand: int = 1
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """select_pages(combine_heads(bounds, ...), ...) in one launch, the scores never written out for
     rows of at most FUSED_MAX_PAGES entries (early_exit: select_pages's); wider rows (or any, with
     streamed=True) by _combine_select_streamed in chunks of `chunk` entries (default STREAM_CHUNK).
-    force: the forced-page rule's (budget, sink, recent) pages; budget_pages: how many to keep."""
+    force: the forced-page rule's (budget, sink, recent) pages; budget_pages: how many to keep.
+    expand > 1: each entry is a group of `expand` consecutive pages of page_tables (page_size is
+    the group's tokens); the physical output lists every page of the kept groups [batch,
+    kv_heads, k * expand] (kernels/triton/centroids.py)."""
     batch, q_heads, max_pages = bounds.shape
     assert bounds.stride(2) == 1
     group = q_heads // kv_heads
-    out, tables, block_p, k_sel = _selection_outputs(batch, kv_heads, max_pages, budget_pages, page_tables, listed)
+    out, tables, block_p, k_sel = _selection_outputs(batch, kv_heads, max_pages, budget_pages, page_tables, listed,
+                                                     expand)
     if max_pages > FUSED_MAX_PAGES if streamed is None else streamed:
         scores = torch.empty(batch, kv_heads, max_pages, device=bounds.device, dtype=torch.float32)
         _combine_select_streamed[(batch, kv_heads)](
             bounds, page_tables, seq_lens, *out, scores, bounds.stride(0), bounds.stride(1), *tables,
             scores.stride(0), scores.stride(1), max_pages, scale, *force, budget_pages, k_sel, GROUP=group,
             BLOCK_G=triton.next_power_of_2(group), CHUNK=min(chunk or STREAM_CHUNK, block_p), BLOCK_P=block_p,
-            PAGE_SIZE=page_size, LISTED=listed is not None, num_warps=num_warps or 8)
+            PAGE_SIZE=page_size, LISTED=listed is not None, EXPAND=expand, num_warps=num_warps or 8)
         return out[:3]
     _combine_select[(batch, kv_heads)](
         bounds, page_tables, seq_lens, *out, bounds.stride(0), bounds.stride(1), *tables, max_pages, scale,
         *force, budget_pages, k_sel, GROUP=group, BLOCK_G=triton.next_power_of_2(group), BLOCK_P=block_p,
-        PAGE_SIZE=page_size, EARLY_EXIT=early_exit, LISTED=listed is not None,
+        PAGE_SIZE=page_size, EARLY_EXIT=early_exit, LISTED=listed is not None, EXPAND=expand,
         num_warps=num_warps or (4 if block_p * group <= 4096 else 8))
     return out[:3]
