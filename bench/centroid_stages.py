@@ -9,7 +9,7 @@ every group from them, kernels/triton/selection.combine_select keeps the budget'
 (sink and the last group forced) and writes their pages' physical ids (expand=4), and the split-K
 decode kernel attends to them. Llama-3-8B attention shapes (32 q heads, 8 KV heads, d 128, bf16), random
 K/V on shuffled pages; the centroids here are simply each group's first C keys (their values do
-not change the time). Checked first: the group scores against a float64 torch reference, the
+not change the time). Checked first: the group scores against kernels/reference.centroid_group_logits, the
 selection against float64 scores, the output against torch attention over the chosen pages.
 
 Every stage is timed in a CUDA graph (bench/gemv.graph_us) over `--copies` distinct copies of the
@@ -75,21 +75,6 @@ def make_inputs(batch: int, context: int, width: int, clusters: int, cent_dtype,
                 pmin=pmin, pmax=pmax, groups=groups)
 
 
-def reference_group_logits(x: dict, scale: float) -> torch.Tensor:
-    """centroid_group_logits in float64 torch: [batch, q_heads, groups] (0 past complete groups)."""
-    q, table, lens = x["q"], x["table"], x["lens"]
-    batch, heads, _ = q.shape
-    n = table.shape[1] // GROUP_PAGES
-    last = table[:, GROUP_PAGES - 1::GROUP_PAGES][:, :n].long()
-    c, st = x["cents"][last].double(), x["stats"][last].double()                # [B, G, kvh, C, (d|2)]
-    qg = q.double().view(batch, HKV, heads // HKV, D) * scale
-    logits = (torch.einsum("bhgd,bnhcd->bhgnc", qg, c) + st[..., 0].permute(0, 2, 1, 3).unsqueeze(2)
-              + 0.5 * (qg * qg).sum(-1)[..., None, None] * st[..., 1].permute(0, 2, 1, 3).unsqueeze(2))
-    lse = logits.logsumexp(-1).reshape(batch, heads, n) / scale
-    full = torch.arange(n, device=q.device) < (lens.long() // SPAN)[:, None, None]
-    return torch.where(full, lse, torch.zeros_like(lse))
-
-
 def centroid_decode(x: dict, scale: float, force: tuple, stages: dict | None = None, **attend) -> torch.Tensor:
     """Three launches: group scores, the selection (its output already the chosen groups' pages),
     split-K attention over those pages."""
@@ -105,9 +90,11 @@ def centroid_decode(x: dict, scale: float, force: tuple, stages: dict | None = N
 def check(x: dict, scale: float, force: tuple) -> None:
     got = centroid_group_logits(x["q"], x["cents"], x["stats"], x["table"], x["lens"], PAGE, GROUP_PAGES, scale,
                                 interpreted=DEVICE == "cpu")
-    want = reference_group_logits(x, scale)
     n_groups = -(-int(x["lens"][0]) // SPAN)
-    err = (got[..., :n_groups].double() - want[..., :n_groups]).abs().max().item()
+    want = torch.stack([ref.centroid_group_logits(x["q"][i], x["cents"], x["stats"], x["table"][i], int(x["lens"][i]),
+                                                  PAGE, GROUP_PAGES, scale).flatten(0, 1).to(got.device)
+                        for i in range(got.shape[0])])
+    err = (got[..., :n_groups] - want).abs().max().item()
     print(f"group scores vs float64 reference: max abs difference {err:.2e} (logit units / scale)", flush=True)
     assert err < 5e-2, "centroid group scores wrong"
     stages: dict = {}

@@ -169,7 +169,7 @@ def centroid_group_logits(q: torch.Tensor, cents: torch.Tensor, stats: torch.Ten
     qg = q.double().view(kv_heads, q_heads // kv_heads, head_dim) * scale
     logits = (torch.einsum("hgd,nhcd->hgnc", qg, c) + st[..., 0].permute(1, 0, 2).unsqueeze(1)
               + 0.5 * (qg * qg).sum(-1)[..., None, None] * st[..., 1].permute(1, 0, 2).unsqueeze(1))
-    out = torch.zeros(kv_heads, q_heads // kv_heads, n_groups, dtype=torch.float64)
+    out = torch.zeros(kv_heads, q_heads // kv_heads, n_groups, dtype=torch.float64, device=q.device)
     out[..., :full] = logits.logsumexp(-1) / scale
     return out.float()
 

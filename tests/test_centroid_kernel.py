@@ -48,3 +48,30 @@ def test_centroid_group_logits(clusters, group, group_pages):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         if n % span:
             assert bool((got[..., -1] == 0).all()), "the incomplete last group must score 0"
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_combine_select_expands_groups_to_pages(streamed):
+    """combine_select(expand=N) keeps the same groups as without it and writes, for each kept group,
+    the physical ids of its N pages from the sequence's table, in order; padding past the kept
+    groups is 0 (never read: the virtual length stops before it)."""
+    from kernels.triton.selection import combine_select
+    group_pages, page_size, kv_heads, group = 4, 8, 2, 2
+    span = group_pages * page_size
+    lens = torch.tensor([20 * span, 7 * span + 3, 3 * span], dtype=torch.int32)
+    width = 24 * group_pages
+    gen = torch.Generator().manual_seed(3)
+    table = torch.randperm(4 * width, generator=gen)[:3 * width].view(3, width).int().contiguous()
+    bounds = torch.randn(3, kv_heads * group, width // group_pages, generator=gen)
+    force, budget = (6, 1, 1), 6
+    logical, physical, vlens = combine_select(bounds, table, lens, span, kv_heads, force, 0.5, budget,
+                                              streamed=streamed, expand=group_pages)
+    plain, _, plain_vlens = combine_select(bounds, table, lens, span, kv_heads, force, 0.5, budget, streamed=streamed)
+    assert torch.equal(logical, plain) and torch.equal(vlens, plain_vlens)
+    assert physical.shape == (3, kv_heads, budget * group_pages)
+    for b in range(3):
+        kept = int((logical[b, 0] >= 0).sum())
+        for h in range(kv_heads):
+            pages = (logical[b, h, :kept].long()[:, None] * group_pages + torch.arange(group_pages)).flatten()
+            assert torch.equal(physical[b, h, :kept * group_pages], table[b, pages])
+            assert bool((physical[b, h, kept * group_pages:] == 0).all())

@@ -94,11 +94,14 @@ def centroid_group_logits(q: torch.Tensor, cents: torch.Tensor, stats: torch.Ten
     max_groups = page_tables.shape[1] // group_pages
     out = torch.empty(batch, q_heads, max_groups, device=q.device, dtype=torch.float32)
     group = q_heads // kv_heads
-    block_n = block_n or max(1, 128 // clusters)          # 128 centroid rows per program
+    # 64 centroid rows and 2 warps per program: H200, 8 fp8 centroids per group, b16 x 32k 39.2 us
+    # against 44.0 for 128 rows and 4 warps, b1 x 32k 6.3 vs 6.4; tiles pipelined per program won
+    # only at b64 (143 vs 152 us: bench/centroid_stages.py, docs/benchmarks.md)
+    block_n = block_n or max(1, 64 // clusters)
     _centroid_group_logits[(batch, kv_heads, triton.cdiv(max_groups, block_n * tiles))](
         q, cents, stats, page_tables, seq_lens, out, q.stride(0), q.stride(1), *cents.stride()[:3],
         *stats.stride()[:3], page_tables.stride(0), out.stride(0), out.stride(1), max_groups, scale,
         GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, C=clusters,
         BLOCK_N=block_n, GROUP_PAGES=group_pages, PAGE_SIZE=page_size, TILES=tiles, STAGES=stages, DOT_F32=interpreted,
-        num_warps=num_warps or 4)
+        num_warps=num_warps or 2)
     return out
