@@ -53,6 +53,7 @@ from backends.cuda.attention import sparse as sa  # noqa: E402
 from backends.cuda.runner import TorchRunner  # noqa: E402
 from backends.source import resolve_source  # noqa: E402
 from bench import sparse_quality as sq  # noqa: E402
+from kernels import reference as ref  # noqa: E402
 
 
 def inverse_sqrt_and_sqrt(m: torch.Tensor, eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,42 +171,13 @@ def lowrank_selector(factors, fp8: bool, shortlist_tokens: int, cache_layers):
     return select
 
 
-def kmeans(x: torch.Tensor, written: torch.Tensor, clusters: int, steps: int = 8):
-    """Batched k-means of x [..., n, d] over its written points [..., n] -> centroids [..., C, d],
-    counts [..., C], mean squared distance per channel [..., C]. Farthest-point start from the
-    point farthest from the mean; a cluster left empty keeps its centroid with count 0."""
-    w = written.float()
-    mean = (x * w.unsqueeze(-1)).sum(-2) / w.sum(-1, keepdim=True).clamp(min=1)
-    far = ((x - mean.unsqueeze(-2)) ** 2).sum(-1).masked_fill(~written, -1.0)
-    chosen = [far.argmax(-1)]
-    dist = None
-    for _ in range(clusters - 1):
-        last = x.gather(-2, chosen[-1][..., None, None].expand(*x.shape[:-2], 1, x.shape[-1]))
-        d_new = ((x - last) ** 2).sum(-1)
-        dist = d_new if dist is None else torch.minimum(dist, d_new)
-        chosen.append(dist.masked_fill(~written, -1.0).argmax(-1))
-    index = torch.stack(chosen, -1)                                               # [..., C]
-    centroids = x.gather(-2, index.unsqueeze(-1).expand(*index.shape, x.shape[-1]))
-    for _ in range(steps):
-        d2 = torch.cdist(x, centroids) ** 2                                       # [..., n, C]
-        onehot = torch.nn.functional.one_hot(d2.argmin(-1), clusters).float() * w.unsqueeze(-1)
-        counts = onehot.sum(-2)                                                   # [..., C]
-        sums = onehot.transpose(-1, -2) @ x
-        centroids = torch.where(counts.unsqueeze(-1) > 0, sums / counts.clamp(min=1).unsqueeze(-1), centroids)
-    d2 = torch.cdist(x, centroids) ** 2
-    onehot = torch.nn.functional.one_hot(d2.argmin(-1), clusters).float() * w.unsqueeze(-1)
-    counts = onehot.sum(-2)
-    spread = (onehot * d2).sum(-2) / counts.clamp(min=1) / x.shape[-1]
-    return centroids, counts, spread
-
-
 def kmeans_selector(clusters: int, group_pages: int, with_spread: bool, fp8: bool, cache_layers):
     def select(q, kmin_layer, kmax_layer, pmin_layer, pmax_layer, plan, scale, fused):
         keys, written = sq.grouped_keys(cache_layers(kmin_layer), plan, group_pages)   # [B, G, span, kvh, d]
         batch, groups, span, kv_heads, head_dim = keys.shape
         x = keys.permute(0, 1, 3, 2, 4)                                             # [B, G, kvh, span, d]
         w = written.view(batch, groups, 1, span).expand(batch, groups, kv_heads, span)
-        centroids, counts, spread = kmeans(x, w, clusters)                          # [B, G, kvh, C, (d)]
+        centroids, counts, spread = ref.kmeans_keys(x, w, clusters)                          # [B, G, kvh, C, (d)]
         if fp8:
             centroids = fp8_round(centroids)
         qg = q.float().view(batch, kv_heads, -1, head_dim) * scale                  # [B, kvh, g, d]

@@ -149,6 +149,57 @@ def quest_page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
     return (logits - logits.logsumexp(dim=-1, keepdim=True)).amax(dim=1)
 
 
+def kmeans_keys(x: torch.Tensor, written: torch.Tensor, clusters: int, steps: int = 8):
+    """Batched k-means of keys x [..., n, d] over its written points [..., n] -> centroids [..., C, d],
+    counts [..., C], spread [..., C] (mean squared distance to the centroid per channel). The start
+    is farthest-point: the key farthest from the mean, then each time the key farthest from those
+    chosen, so a key unlike the rest (a needle) gets a centroid of its own; then `steps` Lloyd
+    steps. A cluster left empty keeps its centroid with count 0."""
+    w = written.float()
+    mean = (x * w.unsqueeze(-1)).sum(-2) / w.sum(-1, keepdim=True).clamp(min=1)
+    far = ((x - mean.unsqueeze(-2)) ** 2).sum(-1).masked_fill(~written, -1.0)
+    chosen = [far.argmax(-1)]
+    dist = None
+    for _ in range(clusters - 1):
+        last = x.gather(-2, chosen[-1][..., None, None].expand(*x.shape[:-2], 1, x.shape[-1]))
+        d_new = ((x - last) ** 2).sum(-1)
+        dist = d_new if dist is None else torch.minimum(dist, d_new)
+        chosen.append(dist.masked_fill(~written, -1.0).argmax(-1))
+    index = torch.stack(chosen, -1)                                               # [..., C]
+    centroids = x.gather(-2, index.unsqueeze(-1).expand(*index.shape, x.shape[-1]))
+    for _ in range(steps):
+        d2 = torch.cdist(x, centroids) ** 2                                       # [..., n, C]
+        onehot = torch.nn.functional.one_hot(d2.argmin(-1), clusters).float() * w.unsqueeze(-1)
+        counts = onehot.sum(-2)                                                   # [..., C]
+        sums = onehot.transpose(-1, -2) @ x
+        centroids = torch.where(counts.unsqueeze(-1) > 0, sums / counts.clamp(min=1).unsqueeze(-1), centroids)
+    d2 = torch.cdist(x, centroids) ** 2
+    onehot = torch.nn.functional.one_hot(d2.argmin(-1), clusters).float() * w.unsqueeze(-1)
+    counts = onehot.sum(-2)
+    spread = (onehot * d2).sum(-2) / counts.clamp(min=1) / x.shape[-1]
+    return centroids, counts, spread
+
+
+def centroid_group_summaries(k_cache: torch.Tensor, cents: torch.Tensor, stats: torch.Tensor,
+                              page_table: torch.Tensor, seq_len: int, page_size: int, group_pages: int,
+                              steps: int = 8) -> None:
+    """Write the centroid summaries (centroid_group_logits's layout) of every complete group of a
+    sequence of seq_len tokens: k-means of each group's keys per KV head (kmeans_keys), the
+    centroids cast to cents' dtype at the group's last page, stats = (log count, spread)."""
+    span = page_size * group_pages
+    full = seq_len // span
+    if not full:
+        return
+    kv_heads, clusters, head_dim = cents.shape[1:]
+    pages = page_table[:full * group_pages].long()
+    keys = k_cache[pages].float().view(full, span, kv_heads, head_dim).transpose(1, 2)   # [G, kvh, span, d]
+    written = torch.ones(keys.shape[:3], dtype=torch.bool, device=keys.device)
+    centroids, counts, spread = kmeans_keys(keys, written, clusters, steps)
+    last = pages[group_pages - 1::group_pages]
+    cents[last] = centroids.to(cents.dtype)
+    stats[last] = torch.stack((counts.log(), spread), dim=-1).to(stats.dtype)
+
+
 def centroid_group_logits(q: torch.Tensor, cents: torch.Tensor, stats: torch.Tensor, page_table: torch.Tensor,
                           seq_len: int, page_size: int, group_pages: int, scale: float) -> torch.Tensor:
     """A group selector that estimates instead of bounding (kernels/triton/centroids.py; quality in
