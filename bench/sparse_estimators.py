@@ -34,12 +34,15 @@ over its centroids of scale * q.c + log n (+ scale^2 |q|^2 s^2 / 2 with "v": eac
 spread s^2, its mean squared distance per channel, as one more number). Log-softmax over the
 row's groups per q head, max over the GQA group; every page scores its group's. Stored in 8 bits,
 C centroids per N pages are C / (64 N) of the K/V bytes (C=4, N=4: 1/64).
-  kmeansCxN[v][-fp8]  C centroids per N pages (e.g. kmeans4x4, kmeans8x4v); -fp8: the centroids
-                  rounded to float8 e4m3 (what an 8-bit store would select).
+  kmeansCxN[v][-fp8][-tail][-fp|-l16]  C centroids per N pages (e.g. kmeans4x4, kmeans8x4v); -fp8:
+                  the centroids rounded to float8 e4m3 (what an 8-bit store would select); -tail:
+                  the last, incomplete group forced instead of clustered (the kernel design);
+                  -fp: farthest-point centroids, no Lloyd steps; -l16: 16 Lloyd steps, not 8.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -171,13 +174,16 @@ def lowrank_selector(factors, fp8: bool, shortlist_tokens: int, cache_layers):
     return select
 
 
-def kmeans_selector(clusters: int, group_pages: int, with_spread: bool, fp8: bool, cache_layers):
+def kmeans_selector(clusters: int, group_pages: int, with_spread: bool, fp8: bool, cache_layers, steps: int = 8,
+                    tail_forced: bool = False):
+    """tail_forced: as the kernel design keeps it, only complete groups have centroids; the last,
+    incomplete group is left out of each head's softmax and always attended."""
     def select(q, kmin_layer, kmax_layer, pmin_layer, pmax_layer, plan, scale, fused):
         keys, written = sq.grouped_keys(cache_layers(kmin_layer), plan, group_pages)   # [B, G, span, kvh, d]
         batch, groups, span, kv_heads, head_dim = keys.shape
         x = keys.permute(0, 1, 3, 2, 4)                                             # [B, G, kvh, span, d]
         w = written.view(batch, groups, 1, span).expand(batch, groups, kv_heads, span)
-        centroids, counts, spread = ref.kmeans_keys(x, w, clusters)                          # [B, G, kvh, C, (d)]
+        centroids, counts, spread = ref.kmeans_keys(x, w, clusters, steps)          # [B, G, kvh, C, (d)]
         if fp8:
             centroids = fp8_round(centroids)
         qg = q.float().view(batch, kv_heads, -1, head_dim) * scale                  # [B, kvh, g, d]
@@ -186,7 +192,12 @@ def kmeans_selector(clusters: int, group_pages: int, with_spread: bool, fp8: boo
             logits = logits + 0.5 * (qg * qg).sum(-1)[..., None, None] * spread.permute(0, 2, 1, 3).unsqueeze(2)
         logits = logits + counts.permute(0, 2, 1, 3).unsqueeze(2).log()             # log 0 = -inf
         mass = logits.logsumexp(dim=-1)                                             # [B, kvh, g, G]
+        partial = (written.view(batch, groups, span).any(-1) & ~written.view(batch, groups, span).all(-1))
+        if tail_forced:
+            mass = mass.masked_fill(partial.view(batch, 1, 1, groups), float("-inf"))
         scores = (mass - mass.logsumexp(dim=-1, keepdim=True)).amax(dim=2)
+        if tail_forced:
+            scores = scores.masked_fill(partial.view(batch, 1, groups), float("inf"))
         width = plan.sparse_pages.shape[1]
         scores = scores.repeat_interleave(group_pages, dim=-1)[..., :width]
         return sa.select_pages(scores, plan.bias, plan.budget_pages)
@@ -195,12 +206,14 @@ def kmeans_selector(clusters: int, group_pages: int, with_spread: bool, fp8: boo
 
 
 def register_kmeans() -> None:
-    for clusters in (1, 2, 4, 8, 16):
-        for group in (1, 2, 4, 8):
-            for v in ("", "v"):
-                for q in ("", "-fp8"):
-                    sq.EXTRA_RULES[f"kmeans{clusters}x{group}{v}{q}"] = (
-                        lambda cl, c=clusters, n=group, s=bool(v), f=bool(q): kmeans_selector(c, n, s, f, cl))
+    """kmeansCxN[v][-fp8][-tail][-fp|-l16]: -tail as the kernel design (the last, incomplete group
+    forced); -fp: farthest-point centroids without Lloyd steps; -l16: 16 Lloyd steps (default 8)."""
+    for clusters, group, v, q, tail, (lloyd, steps) in itertools.product(
+            (1, 2, 4, 6, 8, 16), (1, 2, 4, 8), ("", "v"), ("", "-fp8"), ("", "-tail"),
+            (("", 8), ("-fp", 0), ("-l16", 16))):
+        sq.EXTRA_RULES[f"kmeans{clusters}x{group}{v}{q}{tail}{lloyd}"] = (
+            lambda cl, c=clusters, n=group, s=bool(v), f=bool(q), t=bool(tail), k=steps:
+            kmeans_selector(c, n, s, f, cl, k, t))
 
 
 def register(factors) -> None:
