@@ -38,6 +38,8 @@ SPAN = PAGE * GROUP_PAGES
 # scoring kernel tunings tried: (groups per tile, warps, tiles per program, pipeline stages)
 TUNINGS = ((8, 2, 1, 1), (8, 2, 4, 3), (8, 2, 8, 3), (8, 4, 8, 3), (16, 4, 4, 3), (16, 4, 8, 2), (8, 1, 4, 3),
            (16, 2, 4, 3))
+# one program per (sequence, groups) for every KV head: (groups per program, warps)
+ALL_HEADS_TUNINGS = ((4, 2), (8, 2), (8, 4), (16, 4))
 
 
 DEVICE = "cuda"          # a smoke run of check() on the CPU under TRITON_INTERPRET sets "cpu"
@@ -153,7 +155,8 @@ def main() -> None:
     for name, dtype in (("bf16", torch.bfloat16), ("fp8", torch.float8_e4m3fn)):
         xs = [make_inputs(args.batch, args.context, args.width, args.clusters, dtype, seed) for seed in range(copies)]
         check(xs[0], scale, force)
-        tunings = [{}] + [dict(block_n=n, num_warps=w, tiles=t, stages=st) for n, w, t, st in TUNINGS]
+        tunings = ([{}] + [dict(block_n=n, num_warps=w, tiles=t, stages=st) for n, w, t, st in TUNINGS]
+                   + [dict(all_heads=True, block_n=n, num_warps=w) for n, w in ALL_HEADS_TUNINGS])
         timed = []
         for cfg in tunings:
             got = [centroid_group_logits(x["q"], x["cents"], x["stats"], x["table"], x["lens"], PAGE, GROUP_PAGES,

@@ -27,23 +27,12 @@ import triton.language as tl
 
 
 @triton.jit
-def _centroid_group_logits(Q, Cents, Stats, PT, SeqLens, Out, s_qb, s_qh, s_cp, s_ch, s_cc, s_sp, s_sh, s_sc,
-                           s_pb, s_ob, s_oh, max_groups, scale,
-                           GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr,
-                           C: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_PAGES: tl.constexpr,
-                           PAGE_SIZE: tl.constexpr, TILES: tl.constexpr, STAGES: tl.constexpr,
-                           DOT_F32: tl.constexpr):
-    """One program per (sequence, KV head, TILES x BLOCK_N groups): per tile, [BLOCK_N * C, d]
-    centroid rows times the group's q heads [d, GROUP_P] on the tensor cores, then the
-    log-sum-exp over each group's centroids."""
-    b = tl.program_id(0)
-    kvh = tl.program_id(1)
-    seq_len = tl.load(SeqLens + b)
-    span = GROUP_PAGES * PAGE_SIZE
-    n_groups = tl.cdiv(seq_len, span)
-    first = tl.program_id(2) * BLOCK_N * TILES
-    if first >= n_groups:
-        return      # past the sequence
+def _score_tile(Q, Cents, Stats, Out, b, kvh, page, offs_n, full, s_qb, s_qh, s_cp, s_ch, s_cc, s_sp, s_sh,
+                s_sc, s_ob, s_oh, max_groups, scale, GROUP: tl.constexpr, GROUP_P: tl.constexpr,
+                HEAD_DIM: tl.constexpr, C: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr):
+    """One KV head's scores of BLOCK_N groups (physical ids `page`, complete where `full`):
+    [BLOCK_N * C, d] centroid rows times the group's q heads [d, GROUP_P] on the tensor cores, the
+    count and spread terms, the log-sum-exp over each group's centroids, stored / scale."""
     offs_c = tl.arange(0, C)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_g = tl.arange(0, GROUP_P)
@@ -51,41 +40,87 @@ def _centroid_group_logits(Q, Cents, Stats, PT, SeqLens, Out, s_qb, s_qh, s_cp, 
                 mask=(offs_g < GROUP)[None, :], other=0.0)                                # [d, GROUP_P]
     q32 = q.to(tl.float32) * scale
     q_sq = tl.sum(q32 * q32, 0)                                                            # [GROUP_P]
+    cents = tl.load(Cents + page[:, None, None] * s_cp + kvh * s_ch + offs_c[None, :, None] * s_cc
+                    + offs_d[None, None, :], mask=full[:, None, None], other=0.0)          # [N, C, d]
+    rows = tl.reshape(cents, [BLOCK_N * C, HEAD_DIM])
+    if DOT_F32:
+        rows = rows.to(tl.float32)
+    else:
+        rows = rows.to(tl.bfloat16)
+    # q in its own dtype (bf16 in the model) against bf16-widened centroids: exact products,
+    # summed in fp32; the scale after the sum
+    dots = tl.dot(rows, q.to(rows.dtype), input_precision="ieee") * scale                  # [N * C, GROUP_P]
+    stat = Stats + page[:, None] * s_sp + kvh * s_sh + offs_c[None, :] * s_sc
+    log_count = tl.load(stat, mask=full[:, None], other=0.0)                               # [N, C]
+    spread = tl.load(stat + 1, mask=full[:, None], other=0.0)
+    logits = tl.reshape(dots, [BLOCK_N, C, GROUP_P]) + log_count[:, :, None] \
+        + 0.5 * spread[:, :, None] * q_sq[None, None, :]
+    top = tl.max(logits, 1)                                                                # [N, GROUP_P]
+    lse = top + tl.log(tl.sum(tl.exp(logits - top[:, None, :]), 1))
+    lse = tl.where(full[:, None], lse / scale, 0.0)
+    tl.store(Out + b * s_ob + (kvh * GROUP + offs_g[None, :]) * s_oh + offs_n[:, None], lse,
+             mask=(offs_n < max_groups)[:, None] & (offs_g < GROUP)[None, :])
+
+
+@triton.jit
+def _group_pages(PT, SeqLens, b, offs_n, s_pb, GROUP_PAGES: tl.constexpr, PAGE_SIZE: tl.constexpr):
+    """The physical id of each group's last page (where its summary is kept) and whether the group
+    is complete (only complete groups have one)."""
+    full = offs_n < tl.load(SeqLens + b) // (GROUP_PAGES * PAGE_SIZE)
+    page = tl.load(PT + b.to(tl.int64) * s_pb + offs_n * GROUP_PAGES + GROUP_PAGES - 1, mask=full, other=0)
+    return page.to(tl.int64), full
+
+
+@triton.jit
+def _centroid_group_logits(Q, Cents, Stats, PT, SeqLens, Out, s_qb, s_qh, s_cp, s_ch, s_cc, s_sp, s_sh, s_sc,
+                           s_pb, s_ob, s_oh, max_groups, scale,
+                           GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr,
+                           C: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_PAGES: tl.constexpr,
+                           PAGE_SIZE: tl.constexpr, TILES: tl.constexpr, STAGES: tl.constexpr,
+                           DOT_F32: tl.constexpr):
+    """One program per (sequence, KV head, TILES x BLOCK_N groups), a _score_tile per tile."""
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    first = tl.program_id(2) * BLOCK_N * TILES
+    if first >= tl.cdiv(tl.load(SeqLens + b), GROUP_PAGES * PAGE_SIZE):
+        return      # past the sequence
     for t in tl.range(0, TILES, num_stages=STAGES):
         offs_n = first + t * BLOCK_N + tl.arange(0, BLOCK_N)
-        full = offs_n < seq_len // span
-        page = tl.load(PT + b.to(tl.int64) * s_pb + offs_n * GROUP_PAGES + GROUP_PAGES - 1, mask=full,
-                       other=0).to(tl.int64)
-        cents = tl.load(Cents + page[:, None, None] * s_cp + kvh * s_ch + offs_c[None, :, None] * s_cc
-                        + offs_d[None, None, :], mask=full[:, None, None], other=0.0)      # [N, C, d]
-        rows = tl.reshape(cents, [BLOCK_N * C, HEAD_DIM])
-        if DOT_F32:
-            rows = rows.to(tl.float32)
-        else:
-            rows = rows.to(tl.bfloat16)
-        # q in its own dtype (bf16 in the model) against bf16-widened centroids: exact products,
-        # summed in fp32; the scale after the sum
-        dots = tl.dot(rows, q.to(rows.dtype), input_precision="ieee") * scale              # [N * C, GROUP_P]
-        stat = Stats + page[:, None] * s_sp + kvh * s_sh + offs_c[None, :] * s_sc
-        log_count = tl.load(stat, mask=full[:, None], other=0.0)                           # [N, C]
-        spread = tl.load(stat + 1, mask=full[:, None], other=0.0)
-        logits = tl.reshape(dots, [BLOCK_N, C, GROUP_P]) + log_count[:, :, None] \
-            + 0.5 * spread[:, :, None] * q_sq[None, None, :]
-        top = tl.max(logits, 1)                                                            # [N, GROUP_P]
-        lse = top + tl.log(tl.sum(tl.exp(logits - top[:, None, :]), 1))
-        lse = tl.where(full[:, None], lse / scale, 0.0)
-        tl.store(Out + b * s_ob + (kvh * GROUP + offs_g[None, :]) * s_oh + offs_n[:, None], lse,
-                 mask=(offs_n < max_groups)[:, None] & (offs_g < GROUP)[None, :])
+        page, full = _group_pages(PT, SeqLens, b, offs_n, s_pb, GROUP_PAGES, PAGE_SIZE)
+        _score_tile(Q, Cents, Stats, Out, b, kvh, page, offs_n, full, s_qb, s_qh, s_cp, s_ch, s_cc, s_sp, s_sh,
+                    s_sc, s_ob, s_oh, max_groups, scale, GROUP, GROUP_P, HEAD_DIM, C, BLOCK_N, DOT_F32)
+
+
+@triton.jit
+def _centroid_group_logits_all_heads(Q, Cents, Stats, PT, SeqLens, Out, s_qb, s_qh, s_cp, s_ch, s_cc, s_sp,
+                                     s_sh, s_sc, s_pb, s_ob, s_oh, max_groups, scale,
+                                     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr,
+                                     HEAD_DIM: tl.constexpr, C: tl.constexpr, BLOCK_N: tl.constexpr,
+                                     GROUP_PAGES: tl.constexpr, PAGE_SIZE: tl.constexpr, DOT_F32: tl.constexpr):
+    """One program per (sequence, BLOCK_N groups), every KV head in turn: a group's summaries for
+    all heads are one contiguous row ([kv_heads, C, d] at its last page), read whole by one
+    program instead of in per-head pieces by kv_heads programs. Its page ids are loaded once."""
+    b = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if tl.program_id(1) * BLOCK_N >= tl.cdiv(tl.load(SeqLens + b), GROUP_PAGES * PAGE_SIZE):
+        return      # past the sequence
+    page, full = _group_pages(PT, SeqLens, b, offs_n, s_pb, GROUP_PAGES, PAGE_SIZE)
+    for kvh in tl.static_range(KV_HEADS):
+        _score_tile(Q, Cents, Stats, Out, b, kvh, page, offs_n, full, s_qb, s_qh, s_cp, s_ch, s_cc, s_sp, s_sh,
+                    s_sc, s_ob, s_oh, max_groups, scale, GROUP, GROUP_P, HEAD_DIM, C, BLOCK_N, DOT_F32)
 
 
 def centroid_group_logits(q: torch.Tensor, cents: torch.Tensor, stats: torch.Tensor, page_tables: torch.Tensor,
                           seq_lens: torch.Tensor, page_size: int, group_pages: int, scale: float,
                           block_n: int | None = None, num_warps: int | None = None, tiles: int = 1, stages: int = 1,
-                          interpreted: bool = False) -> torch.Tensor:
+                          all_heads: bool = False, interpreted: bool = False) -> torch.Tensor:
     """q [batch, q_heads, d]; cents [num_pages, kv_heads, C, d] (fp8/bf16, at each complete group's
     last page); stats fp32 [num_pages, kv_heads, C, 2] (log count, spread); page_tables int32
     [batch, width] -> fp32 [batch, q_heads, width // group_pages]: each group's L_h(n) / scale
-    (0 for the incomplete last group; garbage past a sequence, never read by combine_select)."""
+    (0 for the incomplete last group; garbage past a sequence, never read by combine_select).
+    all_heads: one program per (sequence, block_n groups) scoring every KV head (a group's
+    summaries of all heads are read by one program); else one per (sequence, KV head, block_n x
+    tiles groups)."""
     batch, q_heads, head_dim = q.shape
     kv_heads, clusters = cents.shape[1:3]
     assert cents.shape[3] == head_dim and stats.shape == (*cents.shape[:3], 2) and q_heads % kv_heads == 0
@@ -98,10 +133,14 @@ def centroid_group_logits(q: torch.Tensor, cents: torch.Tensor, stats: torch.Ten
     # against 44.0 for 128 rows and 4 warps, b1 x 32k 6.3 vs 6.4; tiles pipelined per program won
     # only at b64 (143 vs 152 us: bench/centroid_stages.py, docs/benchmarks.md)
     block_n = block_n or max(1, 64 // clusters)
-    _centroid_group_logits[(batch, kv_heads, triton.cdiv(max_groups, block_n * tiles))](
-        q, cents, stats, page_tables, seq_lens, out, q.stride(0), q.stride(1), *cents.stride()[:3],
-        *stats.stride()[:3], page_tables.stride(0), out.stride(0), out.stride(1), max_groups, scale,
-        GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, C=clusters,
-        BLOCK_N=block_n, GROUP_PAGES=group_pages, PAGE_SIZE=page_size, TILES=tiles, STAGES=stages, DOT_F32=interpreted,
-        num_warps=num_warps or 2)
+    args = (q, cents, stats, page_tables, seq_lens, out, q.stride(0), q.stride(1), *cents.stride()[:3],
+            *stats.stride()[:3], page_tables.stride(0), out.stride(0), out.stride(1), max_groups, scale)
+    shape = dict(GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, C=clusters,
+                 BLOCK_N=block_n, GROUP_PAGES=group_pages, PAGE_SIZE=page_size, DOT_F32=interpreted)
+    if all_heads:       # a candidate, not yet timed (docs/sparse.md, "What 8x needs from here")
+        _centroid_group_logits_all_heads[(batch, triton.cdiv(max_groups, block_n))](
+            *args, KV_HEADS=kv_heads, **shape, num_warps=num_warps or 2)
+    else:
+        _centroid_group_logits[(batch, kv_heads, triton.cdiv(max_groups, block_n * tiles))](
+            *args, TILES=tiles, STAGES=stages, **shape, num_warps=num_warps or 2)
     return out
