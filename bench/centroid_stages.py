@@ -20,20 +20,20 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 from functools import partial
 
 import torch
 
 from bench.gemv import graph_us
+from bench.sparse_stages import HKV, HQ, PAGE, D, sparse_inputs
 from kernels import reference as ref
 from kernels.triton.centroids import centroid_group_logits
 from kernels.triton.decode import paged_decode, split_k_decode
 from kernels.triton.selection import combine_select
 from kernels.triton.sparse import sparse_decode
-from kernels.triton.summaries import update_page_summaries
 
-HQ, HKV, D = 32, 8, 128
-PAGE, GROUP_PAGES, SUMMARY = 16, 4, 4
+GROUP_PAGES = 4
 SPAN = PAGE * GROUP_PAGES
 # scoring kernel tunings tried: (groups per tile, warps, tiles per program, pipeline stages)
 TUNINGS = ((8, 2, 1, 1), (8, 2, 4, 3), (8, 2, 8, 3), (8, 4, 8, 3), (16, 4, 4, 3), (16, 4, 8, 2), (8, 1, 4, 3),
@@ -46,35 +46,23 @@ DEVICE = "cuda"          # a smoke run of check() on the CPU under TRITON_INTERP
 
 
 def make_inputs(batch: int, context: int, width: int, clusters: int, cent_dtype, seed: int) -> dict:
-    dev, dt = torch.device(DEVICE), torch.bfloat16
-    pages = -(-context // PAGE)
-    total = batch * pages + 1
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    k = torch.randn(total, PAGE, HKV, D, device=dev, dtype=dt, generator=gen)
-    v = torch.randn(total, PAGE, HKV, D, device=dev, dtype=dt, generator=gen)
-    perm = torch.randperm(total - 1, device=dev, generator=gen).int()
-    table = torch.zeros(batch, width, dtype=torch.int32, device=dev)
-    table[:, :pages] = perm[:batch * pages].view(batch, pages)
-    lens = torch.full((batch,), context, dtype=torch.int32, device=dev)
-    # centroids at each complete group's last page: the group's first C keys (for timing)
-    cents = torch.zeros(total, HKV, clusters, D, device=dev, dtype=cent_dtype)
-    stats = torch.zeros(total, HKV, clusters, 2, device=dev, dtype=torch.float32)
+    """bench/sparse_stages.py's inputs (q, paged K/V, Quest summaries for the engine's decode) plus
+    centroid summaries at each complete group's last page: the group's first C keys (their values
+    do not change the time), log count log(64 / C) and a small random spread."""
+    q, k, v, kmin, kmax, pmin, pmax, table, lens = sparse_inputs(batch, context, width, seed=seed, device=DEVICE)
+    dev = k.device
+    gen = torch.Generator(device=dev).manual_seed(seed + 1000)
+    cents = torch.zeros(k.shape[0], HKV, clusters, D, device=dev, dtype=cent_dtype)
+    stats = torch.zeros(k.shape[0], HKV, clusters, 2, device=dev, dtype=torch.float32)
     full = context // SPAN
     first = table[:, 0:full * GROUP_PAGES:GROUP_PAGES].long()                  # [B, G] first page
     last = table[:, GROUP_PAGES - 1:full * GROUP_PAGES:GROUP_PAGES].long()
     assert clusters <= PAGE
     cents[last.flatten()] = k[first.flatten(), :clusters].transpose(1, 2).to(cent_dtype)
-    stats[last.flatten(), ..., 0] = float(torch.log(torch.tensor(SPAN / clusters)))
+    stats[last.flatten(), ..., 0] = math.log(SPAN / clusters)
     stats[last.flatten(), ..., 1] = 0.1 + 0.05 * torch.rand(last.numel(), HKV, clusters, device=dev, generator=gen)
-    q = torch.randn(batch, HQ, D, device=dev, dtype=dt, generator=gen)
-    kmin = torch.zeros(total, PAGE // SUMMARY, HKV, D, device=dev, dtype=dt)
-    kmax = torch.zeros_like(kmin)
-    pmin = torch.zeros(total, HKV, D, device=dev, dtype=dt)
-    pmax = torch.zeros_like(pmin)
-    update_page_summaries(kmin, kmax, k, table, torch.zeros_like(lens), lens, context, pmin, pmax)
-    groups = torch.arange(width // GROUP_PAGES, dtype=torch.int32, device=dev).expand(batch, -1).contiguous()
     return dict(q=q, k=k, v=v, table=table, lens=lens, cents=cents, stats=stats, kmin=kmin, kmax=kmax,
-                pmin=pmin, pmax=pmax, groups=groups)
+                pmin=pmin, pmax=pmax)
 
 
 def centroid_decode(x: dict, scale: float, force: tuple, stages: dict | None = None, **attend) -> torch.Tensor:

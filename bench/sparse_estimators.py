@@ -192,12 +192,13 @@ def kmeans_selector(clusters: int, group_pages: int, with_spread: bool, fp8: boo
             logits = logits + 0.5 * (qg * qg).sum(-1)[..., None, None] * spread.permute(0, 2, 1, 3).unsqueeze(2)
         logits = logits + counts.permute(0, 2, 1, 3).unsqueeze(2).log()             # log 0 = -inf
         mass = logits.logsumexp(dim=-1)                                             # [B, kvh, g, G]
-        partial = (written.view(batch, groups, span).any(-1) & ~written.view(batch, groups, span).all(-1))
         if tail_forced:
-            mass = mass.masked_fill(partial.view(batch, 1, 1, groups), float("-inf"))
+            filled = written.view(batch, groups, span)
+            partial = (filled.any(-1) & ~filled.all(-1)).view(batch, 1, 1, groups)
+            mass = mass.masked_fill(partial, float("-inf"))
         scores = (mass - mass.logsumexp(dim=-1, keepdim=True)).amax(dim=2)
         if tail_forced:
-            scores = scores.masked_fill(partial.view(batch, 1, groups), float("inf"))
+            scores = scores.masked_fill(partial.squeeze(1), float("inf"))
         width = plan.sparse_pages.shape[1]
         scores = scores.repeat_interleave(group_pages, dim=-1)[..., :width]
         return sa.select_pages(scores, plan.bias, plan.budget_pages)

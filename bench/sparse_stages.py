@@ -27,14 +27,15 @@ HQ, HKV, D = 32, 8, 128
 PAGE, SUMMARY = 16, 4
 
 
-def sparse_inputs(batch: int, context: int, width: int, shuffled: bool = True) -> tuple:
+def sparse_inputs(batch: int, context: int, width: int, shuffled: bool = True, seed: int = 0,
+                  device: str = "cuda") -> tuple:
     """Random bf16 q and paged K/V with exact block and page summaries, each sequence on its own
     pages (scattered over the pool, or in order), page tables `width` wide:
-    (q, k, v, kmin, kmax, pmin, pmax, table, lens) on the GPU."""
-    dev, dt = torch.device("cuda"), torch.bfloat16
+    (q, k, v, kmin, kmax, pmin, pmax, table, lens) on `device`."""
+    dev, dt = torch.device(device), torch.bfloat16
     pages = -(-context // PAGE)
     total = batch * pages + 1
-    gen = torch.Generator(device=dev).manual_seed(0)
+    gen = torch.Generator(device=dev).manual_seed(seed)
     k = torch.randn(total, PAGE, HKV, D, device=dev, dtype=dt, generator=gen)
     v = torch.randn(total, PAGE, HKV, D, device=dev, dtype=dt, generator=gen)
     perm = (torch.randperm(total - 1, device=dev, generator=gen) if shuffled
