@@ -36,20 +36,24 @@ from kernels.triton.sparse import sparse_decode
 GROUP_PAGES = 4
 SPAN = PAGE * GROUP_PAGES
 # scoring kernel tunings tried: (groups per tile, warps, tiles per program, pipeline stages)
-TUNINGS = ((8, 2, 1, 1), (8, 2, 4, 3), (8, 2, 8, 3), (8, 4, 8, 3), (16, 4, 4, 3), (16, 4, 8, 2), (8, 1, 4, 3),
-           (16, 2, 4, 3))
+TUNINGS = ((8, 2, 1, 1), (16, 2, 1, 1), (16, 4, 1, 1), (32, 4, 1, 1), (8, 1, 1, 1), (4, 1, 1, 1), (16, 2, 2, 2))
 # one program per (sequence, groups) for every KV head: (groups per program, warps)
-ALL_HEADS_TUNINGS = ((4, 2), (8, 2), (8, 4), (16, 4))
+ALL_HEADS_TUNINGS = ((8, 2), (16, 2), (16, 4))
 
 
 DEVICE = "cuda"          # a smoke run of check() on the CPU under TRITON_INTERPRET sets "cpu"
 
 
-def make_inputs(batch: int, context: int, width: int, clusters: int, cent_dtype, seed: int) -> dict:
+def make_inputs(batch: int, context: int, width: int, clusters: int, cent_dtype, seed: int,
+                head_major: bool = False) -> dict:
     """bench/sparse_stages.py's inputs (q, paged K/V, Quest summaries for the engine's decode) plus
     centroid summaries at each complete group's last page: the group's first C keys (their values
-    do not change the time), log count log(64 / C) and a small random spread."""
+    do not change the time), log count log(64 / C) and a small random spread. head_major: K/V
+    stored [pages, kv_heads, page_size, d] (a page's rows of one head contiguous) under the same
+    [pages, page_size, kv_heads, d] view, which every kernel reads through its strides."""
     q, k, v, kmin, kmax, pmin, pmax, table, lens = sparse_inputs(batch, context, width, seed=seed, device=DEVICE)
+    if head_major:
+        k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k, v))
     dev = k.device
     gen = torch.Generator(device=dev).manual_seed(seed + 1000)
     cents = torch.zeros(k.shape[0], HKV, clusters, D, device=dev, dtype=cent_dtype)
@@ -122,6 +126,38 @@ def rotating(fns):
     return lambda: next(cycle)()
 
 
+# candidate tunings of the later stages (--tune)
+SELECT_TUNINGS = [dict(num_warps=w) for w in (2, 4, 8)] + [dict(streamed=True, num_warps=8)]
+ATTEND_TUNINGS = [dict(num_splits=s) for s in (2, 4, 8, 16, 32)] + [
+    dict(num_splits=s, block_n=n, num_warps=w) for s in (2, 4, 8, 16, 32) for n, w in ((32, 2), (128, 8))] + [
+    dict(num_splits=s, block_n=16, num_warps=1, per_page=True) for s in (4, 8, 16)]
+
+
+def tune_stages(xs: list, scale: float, force: tuple, context: int) -> None:
+    """Time the selection and attention stages' candidate tunings (outputs checked against the
+    default's first: the same selection, attention within rounding of the merge order)."""
+    for label, fn, cfgs in (
+            ("select", lambda x, **c: combine_select(x["logits"], x["table"], x["lens"], SPAN, HKV, force, scale,
+                                                     force[0], expand=GROUP_PAGES, **c), SELECT_TUNINGS),
+            ("attend", lambda x, **c: split_k_decode(x["q"], x["k"], x["v"], x["physical"], x["vlens"], scale, **c),
+             ATTEND_TUNINGS)):
+        timed = []
+        base = fn(xs[0])
+        for cfg in cfgs:
+            try:
+                got = fn(xs[0], **cfg)
+            except Exception as exc:        # a tuning this shape cannot take (too many registers...)
+                print(f"  {label} {cfg}: {type(exc).__name__}", flush=True)
+                continue
+            if label == "select":
+                assert all(torch.equal(a, b) for a, b in zip(base, got, strict=True)), f"selection differs with {cfg}"
+            else:
+                assert (got.float() - base.float()).abs().max().item() < 1e-2, f"attention differs with {cfg}"
+            timed.append((graph_us(rotating([partial(fn, x, **cfg) for x in xs])), cfg))
+        timed.sort(key=lambda t: t[0])
+        print(f"{label} tunings, best first: " + ", ".join(f"{cfg} {us:.1f}" for us, cfg in timed), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=16)
@@ -131,17 +167,28 @@ def main() -> None:
     parser.add_argument("--clusters", type=int, default=8)
     parser.add_argument("--copies", type=int, default=None, help="input copies in turn (default: enough to "
                         "make each call's sparse working set miss the L2 cache)")
+    parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp8"], choices=["bf16", "fp8"],
+                        help="centroid dtypes timed (dense and the engine's decode are timed with the first)")
+    parser.add_argument("--kv-layout", default="token-major", choices=["token-major", "head-major"],
+                        help="the engine's [pages, page_size, kv_heads, d] or a page's rows of each head "
+                             "contiguous ([pages, kv_heads, page_size, d]), for dense and sparse alike")
+    parser.add_argument("--tune", action="store_true", help="also time candidate tunings of the selection and "
+                        "attention stages (each checked against the default's output first)")
     args = parser.parse_args()
     assert args.width % GROUP_PAGES == 0 and args.context % PAGE == 0
     scale = D ** -0.5
     force = ref.sparse_page_counts(SPAN, args.budget, 16, 64)
     sparse_bytes = args.batch * HKV * (args.budget * D * 4 + args.context // SPAN * args.clusters * D)
     copies = args.copies or max(1, min(10, -(-200_000_000 // sparse_bytes)))
-    print(f"batch {args.batch}, context {args.context}, width {args.width}, budget {args.budget} "
+    print(f"batch {args.batch}, context {args.context}, width {args.width}, {args.kv_layout} K/V, "
+          f"budget {args.budget} "
           f"({force[0]} groups of {SPAN}), {args.clusters} centroids per group, {copies} input copies", flush=True)
     rows = []
-    for name, dtype in (("bf16", torch.bfloat16), ("fp8", torch.float8_e4m3fn)):
-        xs = [make_inputs(args.batch, args.context, args.width, args.clusters, dtype, seed) for seed in range(copies)]
+    dtypes = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
+    for i, name in enumerate(args.dtypes):
+        dtype = dtypes[name]
+        xs = [make_inputs(args.batch, args.context, args.width, args.clusters, dtype, seed,
+                          args.kv_layout == "head-major") for seed in range(copies)]
         check(xs[0], scale, force)
         tunings = ([{}] + [dict(block_n=n, num_warps=w, tiles=t, stages=st) for n, w, t, st in TUNINGS]
                    + [dict(all_heads=True, block_n=n, num_warps=w) for n, w in ALL_HEADS_TUNINGS])
@@ -170,7 +217,9 @@ def main() -> None:
         select, attend, whole = (graph_us(rotating([partial(fn, x) for x in xs])) for fn in stage_fns.values())
         best = min(timed, key=lambda t: t[0])
         rows.append((f"centroids {name}", timed[0][0], best, select, attend, whole))
-        if name == "bf16":
+        if args.tune:
+            tune_stages(xs, scale, force, args.context)
+        if i == 0:
             dense = graph_us(rotating([partial(lambda x: paged_decode(x["q"], x["k"], x["v"], x["table"], x["lens"],
                                                                       scale), x) for x in xs]))
             quest = graph_us(rotating([partial(lambda x: sparse_decode(

@@ -31,8 +31,17 @@ def _score_tile(Q, Cents, Stats, Out, b, kvh, page, offs_n, full, s_qb, s_qh, s_
                 s_sc, s_ob, s_oh, max_groups, scale, GROUP: tl.constexpr, GROUP_P: tl.constexpr,
                 HEAD_DIM: tl.constexpr, C: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr):
     """One KV head's scores of BLOCK_N groups (physical ids `page`, complete where `full`):
-    [BLOCK_N * C, d] centroid rows times the group's q heads [d, GROUP_P] on the tensor cores, the
-    count and spread terms, the log-sum-exp over each group's centroids, stored / scale."""
+    [C * BLOCK_N, d] centroid rows times the group's q heads [d, GROUP_P] on the tensor cores, the
+    count and spread terms, the log-sum-exp over each group's centroids, stored / scale.
+
+    The rows are centroid-major (row c * BLOCK_N + n is centroid c of group n): the log-sum-exp over
+    a group's centroids then runs over rows BLOCK_N apart, which the matmul's output layout keeps
+    mostly within a thread, instead of over neighbouring rows spread across lanes (H200 SASS: less
+    than half the instructions per byte of the group-major tile, whose shuffles and layout
+    conversions made the kernel issue-bound at ~1.7 TB/s). 8-bit centroids widen to fp16 (one
+    conversion per pair; e4m3 is exact in fp16) and q meets them in fp16 (a bf16 q is exact in
+    fp16 within its normal range; attention queries are far from its 65504 limit); 16-bit
+    centroids meet q in their own dtype. Products are exact, summed in fp32."""
     offs_c = tl.arange(0, C)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_g = tl.arange(0, GROUP_P)
@@ -40,23 +49,21 @@ def _score_tile(Q, Cents, Stats, Out, b, kvh, page, offs_n, full, s_qb, s_qh, s_
                 mask=(offs_g < GROUP)[None, :], other=0.0)                                # [d, GROUP_P]
     q32 = q.to(tl.float32) * scale
     q_sq = tl.sum(q32 * q32, 0)                                                            # [GROUP_P]
-    cents = tl.load(Cents + page[:, None, None] * s_cp + kvh * s_ch + offs_c[None, :, None] * s_cc
-                    + offs_d[None, None, :], mask=full[:, None, None], other=0.0)          # [N, C, d]
-    rows = tl.reshape(cents, [BLOCK_N * C, HEAD_DIM])
-    if DOT_F32:
+    cents = tl.load(Cents + page[None, :, None] * s_cp + kvh * s_ch + offs_c[:, None, None] * s_cc
+                    + offs_d[None, None, :], mask=full[None, :, None], other=0.0)          # [C, N, d]
+    rows = tl.reshape(cents, [C * BLOCK_N, HEAD_DIM])
+    if DOT_F32:             # the interpreter's 16-bit dots are wrong (kernels/triton/decode.dot_upcast)
         rows = rows.to(tl.float32)
-    else:
-        rows = rows.to(tl.bfloat16)
-    # q in its own dtype (bf16 in the model) against bf16-widened centroids: exact products,
-    # summed in fp32; the scale after the sum
-    dots = tl.dot(rows, q.to(rows.dtype), input_precision="ieee") * scale                  # [N * C, GROUP_P]
-    stat = Stats + page[:, None] * s_sp + kvh * s_sh + offs_c[None, :] * s_sc
-    log_count = tl.load(stat, mask=full[:, None], other=0.0)                               # [N, C]
-    spread = tl.load(stat + 1, mask=full[:, None], other=0.0)
-    logits = tl.reshape(dots, [BLOCK_N, C, GROUP_P]) + log_count[:, :, None] \
+    elif rows.dtype.primitive_bitwidth == 8:
+        rows = rows.to(tl.float16)
+    dots = tl.dot(rows, q.to(rows.dtype), input_precision="ieee") * scale                  # [C * N, GROUP_P]
+    stat = Stats + page[None, :] * s_sp + kvh * s_sh + offs_c[:, None] * s_sc
+    log_count = tl.load(stat, mask=full[None, :], other=0.0)                               # [C, N]
+    spread = tl.load(stat + 1, mask=full[None, :], other=0.0)
+    logits = tl.reshape(dots, [C, BLOCK_N, GROUP_P]) + log_count[:, :, None] \
         + 0.5 * spread[:, :, None] * q_sq[None, None, :]
-    top = tl.max(logits, 1)                                                                # [N, GROUP_P]
-    lse = top + tl.log(tl.sum(tl.exp(logits - top[:, None, :]), 1))
+    top = tl.max(logits, 0)                                                                # [N, GROUP_P]
+    lse = top + tl.log(tl.sum(tl.exp(logits - top[None, :, :]), 0))
     lse = tl.where(full[:, None], lse / scale, 0.0)
     tl.store(Out + b * s_ob + (kvh * GROUP + offs_g[None, :]) * s_oh + offs_n[:, None], lse,
              mask=(offs_n < max_groups)[:, None] & (offs_g < GROUP)[None, :])
@@ -129,9 +136,10 @@ def centroid_group_logits(q: torch.Tensor, cents: torch.Tensor, stats: torch.Ten
     max_groups = page_tables.shape[1] // group_pages
     out = torch.empty(batch, q_heads, max_groups, device=q.device, dtype=torch.float32)
     group = q_heads // kv_heads
-    # 64 centroid rows and 2 warps per program: H200, 8 fp8 centroids per group, b16 x 32k 39.2 us
-    # against 44.0 for 128 rows and 4 warps, b1 x 32k 6.3 vs 6.4; tiles pipelined per program won
-    # only at b64 (143 vs 152 us: bench/centroid_stages.py, docs/benchmarks.md)
+    # 64 centroid rows and one warp per program: H200, 8 fp8 centroids per group, centroid-major
+    # tiles, bench/centroid_stages.py: b16 x 32k 28.5 us (2 warps 35.9, 128 rows and 2 warps 37.5),
+    # b64 105.9 (135.7, 131.6), b1 x 128k 10.3 (13.1); b1 x 32k 5.1 (32 rows 4.7). More tiles per
+    # program, pipelined, and the all-heads kernel were slower at every batch (docs/benchmarks.md)
     block_n = block_n or max(1, 64 // clusters)
     args = (q, cents, stats, page_tables, seq_lens, out, q.stride(0), q.stride(1), *cents.stride()[:3],
             *stats.stride()[:3], page_tables.stride(0), out.stride(0), out.stride(1), max_groups, scale)
@@ -139,8 +147,8 @@ def centroid_group_logits(q: torch.Tensor, cents: torch.Tensor, stats: torch.Ten
                  BLOCK_N=block_n, GROUP_PAGES=group_pages, PAGE_SIZE=page_size, DOT_F32=interpreted)
     if all_heads:       # a candidate, not yet timed (docs/sparse.md, "What 8x needs from here")
         _centroid_group_logits_all_heads[(batch, triton.cdiv(max_groups, block_n))](
-            *args, KV_HEADS=kv_heads, **shape, num_warps=num_warps or 2)
+            *args, KV_HEADS=kv_heads, **shape, num_warps=num_warps or 1)
     else:
         _centroid_group_logits[(batch, kv_heads, triton.cdiv(max_groups, block_n * tiles))](
-            *args, TILES=tiles, STAGES=stages, **shape, num_warps=num_warps or 2)
+            *args, TILES=tiles, STAGES=stages, **shape, num_warps=num_warps or 1)
     return out
