@@ -24,6 +24,8 @@ import math
 from functools import partial
 
 import torch
+import triton
+import triton.language as tl
 
 from bench.gemv import graph_us
 from bench.sparse_stages import HKV, HQ, PAGE, D, sparse_inputs
@@ -120,6 +122,21 @@ def check(x: dict, scale: float, force: tuple) -> None:
     assert err < 2e-2, "centroid decode output wrong"
 
 
+@triton.jit
+def _touch(X):
+    """A kernel that does next to nothing: what one launch costs in a graph, work aside."""
+    tl.store(X + tl.program_id(0), tl.load(X + tl.program_id(0)) + 1)
+
+
+def launch_floor() -> None:
+    """Graph-replayed time of 1-4 dependent launches of a trivial kernel (grid 128), the floor
+    under any pipeline of that many kernels."""
+    x = torch.zeros(128, device=DEVICE, dtype=torch.int32)
+    times = [graph_us(lambda n=n: [_touch[(128,)](x) for _ in range(n)]) for n in (1, 2, 3, 4)]
+    print("launch floor (us per call, 1-4 dependent trivial launches in a CUDA graph): "
+          + ", ".join(f"{us:.1f}" for us in times), flush=True)
+
+
 def rotating(fns):
     """One callable that runs the next of fns at each call (each captured graph call another copy)."""
     cycle = itertools.cycle(fns)
@@ -130,7 +147,10 @@ def rotating(fns):
 SELECT_TUNINGS = [dict(num_warps=w) for w in (2, 4, 8)] + [dict(streamed=True, num_warps=8)]
 ATTEND_TUNINGS = [dict(num_splits=s) for s in (2, 4, 8, 16, 32)] + [
     dict(num_splits=s, block_n=n, num_warps=w) for s in (2, 4, 8, 16, 32) for n, w in ((32, 2), (128, 8))] + [
-    dict(num_splits=s, block_n=16, num_warps=1, per_page=True) for s in (4, 8, 16)]
+    dict(num_splits=s, block_n=16, num_warps=1, per_page=True) for s in (4, 8, 16)] + [
+    # one program per (sequence, KV head), deeper load pipelines, no merge launch
+    dict(num_splits=1, block_n=n, num_warps=w, num_stages=st) for n, w in ((64, 4), (128, 8), (32, 2))
+    for st in (2, 3, 4, 5)]
 
 
 def tune_stages(xs: list, scale: float, force: tuple, context: int) -> None:
@@ -174,7 +194,10 @@ def main() -> None:
                              "contiguous ([pages, kv_heads, page_size, d]), for dense and sparse alike")
     parser.add_argument("--tune", action="store_true", help="also time candidate tunings of the selection and "
                         "attention stages (each checked against the default's output first)")
+    parser.add_argument("--launch-floor", action="store_true", help="also time 1-4 trivial launches")
     args = parser.parse_args()
+    if args.launch_floor:
+        launch_floor()
     assert args.width % GROUP_PAGES == 0 and args.context % PAGE == 0
     scale = D ** -0.5
     force = ref.sparse_page_counts(SPAN, args.budget, 16, 64)
