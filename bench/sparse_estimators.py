@@ -34,7 +34,7 @@ over its centroids of scale * q.c + log n (+ scale^2 |q|^2 s^2 / 2 with "v": eac
 spread s^2, its mean squared distance per channel, as one more number). Log-softmax over the
 row's groups per q head, max over the GQA group; every page scores its group's. Stored in 8 bits,
 C centroids per N pages are C / (64 N) of the K/V bytes (C=4, N=4: 1/64).
-  kmeansCxN[v][-fp8][-tail][-fp|-l16]  C centroids per N pages (e.g. kmeans4x4, kmeans8x4v); -fp8:
+  kmeansCxN[v|vg|vc][-fp8][-tail][-fp|-l16]  C centroids per N pages (e.g. kmeans4x4, kmeans8x4v); -fp8:
                   the centroids rounded to float8 e4m3 (what an 8-bit store would select); -tail:
                   the last, incomplete group forced instead of clustered (the kernel design);
                   -fp: farthest-point centroids, no Lloyd steps; -l16: 16 Lloyd steps, not 8.
@@ -174,10 +174,28 @@ def lowrank_selector(factors, fp8: bool, shortlist_tokens: int, cache_layers):
     return select
 
 
+def channel_variance(x: torch.Tensor, w: torch.Tensor, centroids: torch.Tensor, counts: torch.Tensor,
+                     per_centroid: bool) -> torch.Tensor:
+    """Per-channel variance of the written keys x [..., n, d] (w [..., n]) about their nearest
+    centroid: per centroid [..., C, d], or pooled over the group's clusters [..., 1, d]."""
+    assign = torch.nn.functional.one_hot((torch.cdist(x, centroids) ** 2).argmin(-1), centroids.shape[-2]).float()
+    assign = assign * w.float().unsqueeze(-1)                                       # [..., n, C]
+    resid = (x.unsqueeze(-2) - centroids.unsqueeze(-3)) ** 2                         # [..., n, C, d]
+    total = (assign.unsqueeze(-1) * resid).sum(-3)                                   # [..., C, d]
+    if per_centroid:
+        return total / counts.clamp(min=1).unsqueeze(-1)
+    return total.sum(-2, keepdim=True) / counts.sum(-1, keepdim=True).clamp(min=1).unsqueeze(-1)
+
+
 def kmeans_selector(clusters: int, group_pages: int, with_spread: bool, fp8: bool, cache_layers, steps: int = 8,
-                    tail_forced: bool = False):
+                    tail_forced: bool = False, channels: str = ""):
     """tail_forced: as the kernel design keeps it, only complete groups have centroids; the last,
-    incomplete group is left out of each head's softmax and always attended."""
+    incomplete group is left out of each head's softmax and always attended. channels (with the
+    spread term): "group" scales each centroid's spread by its group's per-channel shape (one more
+    d-vector per group: the pooled residual variance per channel, normalised to mean 1), so the
+    term is scale^2 s_c^2 sum_d q_d^2 shape_d / 2 instead of scale^2 s_c^2 |q|^2 / 2; "centroid"
+    uses each centroid's own per-channel variance (a second d-vector per centroid: twice the
+    bytes, the reference for what anisotropy can give)."""
     def select(q, kmin_layer, kmax_layer, pmin_layer, pmax_layer, plan, scale, fused):
         keys, written = sq.grouped_keys(cache_layers(kmin_layer), plan, group_pages)   # [B, G, span, kvh, d]
         batch, groups, span, kv_heads, head_dim = keys.shape
@@ -188,7 +206,15 @@ def kmeans_selector(clusters: int, group_pages: int, with_spread: bool, fp8: boo
             centroids = fp8_round(centroids)
         qg = q.float().view(batch, kv_heads, -1, head_dim) * scale                  # [B, kvh, g, d]
         logits = torch.einsum("bhgd,bnhcd->bhgnc", qg, centroids)
-        if with_spread:
+        if with_spread and channels:
+            var = channel_variance(x, w, centroids, counts, channels == "centroid")  # [B, G, kvh, C|1, d]
+            if channels == "group":
+                shape = var / var.mean(-1, keepdim=True).clamp(min=1e-12)
+                var = spread.unsqueeze(-1) * shape                                   # [B, G, kvh, C, d]
+            if fp8:
+                var = fp8_round(var)
+            logits = logits + 0.5 * torch.einsum("bhgd,bnhcd->bhgnc", qg * qg, var)
+        elif with_spread:
             logits = logits + 0.5 * (qg * qg).sum(-1)[..., None, None] * spread.permute(0, 2, 1, 3).unsqueeze(2)
         logits = logits + counts.permute(0, 2, 1, 3).unsqueeze(2).log()             # log 0 = -inf
         mass = logits.logsumexp(dim=-1)                                             # [B, kvh, g, G]
@@ -207,14 +233,16 @@ def kmeans_selector(clusters: int, group_pages: int, with_spread: bool, fp8: boo
 
 
 def register_kmeans() -> None:
-    """kmeansCxN[v][-fp8][-tail][-fp|-l16]: -tail as the kernel design (the last, incomplete group
-    forced); -fp: farthest-point centroids without Lloyd steps; -l16: 16 Lloyd steps (default 8)."""
+    """kmeansCxN[v|vg|vc][-fp8][-tail][-fp|-l16]: -tail as the kernel design (the last, incomplete
+    group forced); -fp: farthest-point centroids without Lloyd steps; -l16: 16 Lloyd steps (default
+    8); vg / vc: the spread term per channel (kmeans_selector's channels "group" / "centroid")."""
+    spreads = {"": (False, ""), "v": (True, ""), "vg": (True, "group"), "vc": (True, "centroid")}
     for clusters, group, v, q, tail, (lloyd, steps) in itertools.product(
-            (1, 2, 4, 6, 8, 16), (1, 2, 4, 8), ("", "v"), ("", "-fp8"), ("", "-tail"),
+            (1, 2, 4, 6, 8, 16), (1, 2, 4, 8), spreads, ("", "-fp8"), ("", "-tail"),
             (("", 8), ("-fp", 0), ("-l16", 16))):
         sq.EXTRA_RULES[f"kmeans{clusters}x{group}{v}{q}{tail}{lloyd}"] = (
-            lambda cl, c=clusters, n=group, s=bool(v), f=bool(q), t=bool(tail), k=steps:
-            kmeans_selector(c, n, s, f, cl, k, t))
+            lambda cl, c=clusters, n=group, s=spreads[v], f=bool(q), t=bool(tail), k=steps:
+            kmeans_selector(c, n, s[0], f, cl, k, t, s[1]))
 
 
 def register(factors) -> None:
