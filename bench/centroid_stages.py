@@ -37,10 +37,8 @@ from kernels.triton.sparse import sparse_decode
 
 GROUP_PAGES = 4
 SPAN = PAGE * GROUP_PAGES
-# scoring kernel tunings tried: (groups per tile, warps, tiles per program, pipeline stages)
-TUNINGS = ((8, 2, 1, 1), (16, 2, 1, 1), (16, 4, 1, 1), (32, 4, 1, 1), (8, 1, 1, 1), (4, 1, 1, 1), (16, 2, 2, 2))
-# one program per (sequence, groups) for every KV head: (groups per program, warps)
-ALL_HEADS_TUNINGS = ((8, 2), (16, 2), (16, 4))
+# scoring kernel tunings tried: (groups per program, warps)
+TUNINGS = ((8, 1), (8, 2), (16, 2), (16, 4), (4, 1))
 
 
 DEVICE = "cuda"          # a smoke run of check() on the CPU under TRITON_INTERPRET sets "cpu"
@@ -213,8 +211,7 @@ def main() -> None:
         xs = [make_inputs(args.batch, args.context, args.width, args.clusters, dtype, seed,
                           args.kv_layout == "head-major") for seed in range(copies)]
         check(xs[0], scale, force)
-        tunings = ([{}] + [dict(block_n=n, num_warps=w, tiles=t, stages=st) for n, w, t, st in TUNINGS]
-                   + [dict(all_heads=True, block_n=n, num_warps=w) for n, w in ALL_HEADS_TUNINGS])
+        tunings = [{}] + [dict(block_n=n, num_warps=w) for n, w in TUNINGS]
         timed = []
         for cfg in tunings:
             got = [centroid_group_logits(x["q"], x["cents"], x["stats"], x["table"], x["lens"], PAGE, GROUP_PAGES,

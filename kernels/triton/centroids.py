@@ -70,64 +70,35 @@ def _score_tile(Q, Cents, Stats, Out, b, kvh, page, offs_n, full, s_qb, s_qh, s_
 
 
 @triton.jit
-def _group_pages(PT, SeqLens, b, offs_n, s_pb, GROUP_PAGES: tl.constexpr, PAGE_SIZE: tl.constexpr):
-    """The physical id of each group's last page (where its summary is kept) and whether the group
-    is complete (only complete groups have one)."""
-    full = offs_n < tl.load(SeqLens + b) // (GROUP_PAGES * PAGE_SIZE)
-    page = tl.load(PT + b.to(tl.int64) * s_pb + offs_n * GROUP_PAGES + GROUP_PAGES - 1, mask=full, other=0)
-    return page.to(tl.int64), full
-
-
-@triton.jit
 def _centroid_group_logits(Q, Cents, Stats, PT, SeqLens, Out, s_qb, s_qh, s_cp, s_ch, s_cc, s_sp, s_sh, s_sc,
                            s_pb, s_ob, s_oh, max_groups, scale,
                            GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr,
                            C: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_PAGES: tl.constexpr,
-                           PAGE_SIZE: tl.constexpr, TILES: tl.constexpr, STAGES: tl.constexpr,
-                           DOT_F32: tl.constexpr):
-    """One program per (sequence, KV head, TILES x BLOCK_N groups), a _score_tile per tile."""
+                           PAGE_SIZE: tl.constexpr, DOT_F32: tl.constexpr):
+    """One program per (sequence, KV head, BLOCK_N groups): the physical id of each group's last
+    page (where its summary is kept; only complete groups have one), then _score_tile."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
-    first = tl.program_id(2) * BLOCK_N * TILES
-    if first >= tl.cdiv(tl.load(SeqLens + b), GROUP_PAGES * PAGE_SIZE):
+    first = tl.program_id(2) * BLOCK_N
+    seq_len = tl.load(SeqLens + b)
+    if first >= tl.cdiv(seq_len, GROUP_PAGES * PAGE_SIZE):
         return      # past the sequence
-    for t in tl.range(0, TILES, num_stages=STAGES):
-        offs_n = first + t * BLOCK_N + tl.arange(0, BLOCK_N)
-        page, full = _group_pages(PT, SeqLens, b, offs_n, s_pb, GROUP_PAGES, PAGE_SIZE)
-        _score_tile(Q, Cents, Stats, Out, b, kvh, page, offs_n, full, s_qb, s_qh, s_cp, s_ch, s_cc, s_sp, s_sh,
-                    s_sc, s_ob, s_oh, max_groups, scale, GROUP, GROUP_P, HEAD_DIM, C, BLOCK_N, DOT_F32)
-
-
-@triton.jit
-def _centroid_group_logits_all_heads(Q, Cents, Stats, PT, SeqLens, Out, s_qb, s_qh, s_cp, s_ch, s_cc, s_sp,
-                                     s_sh, s_sc, s_pb, s_ob, s_oh, max_groups, scale,
-                                     KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr,
-                                     HEAD_DIM: tl.constexpr, C: tl.constexpr, BLOCK_N: tl.constexpr,
-                                     GROUP_PAGES: tl.constexpr, PAGE_SIZE: tl.constexpr, DOT_F32: tl.constexpr):
-    """One program per (sequence, BLOCK_N groups), every KV head in turn: a group's summaries for
-    all heads are one contiguous row ([kv_heads, C, d] at its last page), read whole by one
-    program instead of in per-head pieces by kv_heads programs. Its page ids are loaded once."""
-    b = tl.program_id(0)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    if tl.program_id(1) * BLOCK_N >= tl.cdiv(tl.load(SeqLens + b), GROUP_PAGES * PAGE_SIZE):
-        return      # past the sequence
-    page, full = _group_pages(PT, SeqLens, b, offs_n, s_pb, GROUP_PAGES, PAGE_SIZE)
-    for kvh in tl.static_range(KV_HEADS):
-        _score_tile(Q, Cents, Stats, Out, b, kvh, page, offs_n, full, s_qb, s_qh, s_cp, s_ch, s_cc, s_sp, s_sh,
-                    s_sc, s_ob, s_oh, max_groups, scale, GROUP, GROUP_P, HEAD_DIM, C, BLOCK_N, DOT_F32)
+    offs_n = first + tl.arange(0, BLOCK_N)
+    full = offs_n < seq_len // (GROUP_PAGES * PAGE_SIZE)
+    page = tl.load(PT + b.to(tl.int64) * s_pb + offs_n * GROUP_PAGES + GROUP_PAGES - 1, mask=full, other=0)
+    _score_tile(Q, Cents, Stats, Out, b, kvh, page.to(tl.int64), offs_n, full, s_qb, s_qh, s_cp, s_ch, s_cc,
+                s_sp, s_sh, s_sc, s_ob, s_oh, max_groups, scale, GROUP, GROUP_P, HEAD_DIM, C, BLOCK_N, DOT_F32)
 
 
 def centroid_group_logits(q: torch.Tensor, cents: torch.Tensor, stats: torch.Tensor, page_tables: torch.Tensor,
                           seq_lens: torch.Tensor, page_size: int, group_pages: int, scale: float,
-                          block_n: int | None = None, num_warps: int | None = None, tiles: int = 1, stages: int = 1,
-                          all_heads: bool = False, interpreted: bool = False) -> torch.Tensor:
+                          block_n: int | None = None, num_warps: int | None = None,
+                          interpreted: bool = False) -> torch.Tensor:
     """q [batch, q_heads, d]; cents [num_pages, kv_heads, C, d] (fp8/bf16, at each complete group's
     last page); stats fp32 [num_pages, kv_heads, C, 2] (log count, spread); page_tables int32
     [batch, width] -> fp32 [batch, q_heads, width // group_pages]: each group's L_h(n) / scale
     (0 for the incomplete last group; garbage past a sequence, never read by combine_select).
-    all_heads: one program per (sequence, block_n groups) scoring every KV head (a group's
-    summaries of all heads are read by one program); else one per (sequence, KV head, block_n x
-    tiles groups)."""
+    One program per (sequence, KV head, block_n groups)."""
     batch, q_heads, head_dim = q.shape
     kv_heads, clusters = cents.shape[1:3]
     assert cents.shape[3] == head_dim and stats.shape == (*cents.shape[:3], 2) and q_heads % kv_heads == 0
@@ -137,18 +108,15 @@ def centroid_group_logits(q: torch.Tensor, cents: torch.Tensor, stats: torch.Ten
     out = torch.empty(batch, q_heads, max_groups, device=q.device, dtype=torch.float32)
     group = q_heads // kv_heads
     # 64 centroid rows and one warp per program: H200, 8 fp8 centroids per group, centroid-major
-    # tiles, bench/centroid_stages.py: b16 x 32k 28.5 us (2 warps 35.9, 128 rows and 2 warps 37.5),
-    # b64 105.9 (135.7, 131.6), b1 x 128k 10.3 (13.1); b1 x 32k 5.1 (32 rows 4.7). More tiles per
-    # program, pipelined, and the all-heads kernel were slower at every batch (docs/benchmarks.md)
+    # tiles, bench/centroid_stages.py: b16 x 32k 28.2 us (2 warps 36.2, 128 rows and 2 warps 37.6),
+    # b64 106.1 (135.7, 131.6), b1 x 128k 9.9; b1 x 32k 5.1 (32 rows 4.6). Earlier candidates, each
+    # slower at every batch and since removed: several tiles per program, pipelined (71.9 us at
+    # b16), one program reading every KV head's centroids of its groups (49.5; docs/benchmarks.md)
     block_n = block_n or max(1, 64 // clusters)
-    args = (q, cents, stats, page_tables, seq_lens, out, q.stride(0), q.stride(1), *cents.stride()[:3],
-            *stats.stride()[:3], page_tables.stride(0), out.stride(0), out.stride(1), max_groups, scale)
-    shape = dict(GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, C=clusters,
-                 BLOCK_N=block_n, GROUP_PAGES=group_pages, PAGE_SIZE=page_size, DOT_F32=interpreted)
-    if all_heads:       # a candidate, not yet timed (docs/sparse.md, "What 8x needs from here")
-        _centroid_group_logits_all_heads[(batch, triton.cdiv(max_groups, block_n))](
-            *args, KV_HEADS=kv_heads, **shape, num_warps=num_warps or 1)
-    else:
-        _centroid_group_logits[(batch, kv_heads, triton.cdiv(max_groups, block_n * tiles))](
-            *args, TILES=tiles, STAGES=stages, **shape, num_warps=num_warps or 1)
+    _centroid_group_logits[(batch, kv_heads, triton.cdiv(max_groups, block_n))](
+        q, cents, stats, page_tables, seq_lens, out, q.stride(0), q.stride(1), *cents.stride()[:3],
+        *stats.stride()[:3], page_tables.stride(0), out.stride(0), out.stride(1), max_groups, scale,
+        GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, C=clusters,
+        BLOCK_N=block_n, GROUP_PAGES=group_pages, PAGE_SIZE=page_size, DOT_F32=interpreted,
+        num_warps=num_warps or 1)
     return out
