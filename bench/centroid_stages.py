@@ -2,6 +2,7 @@
 the engine's coarse-to-fine Quest decode, kernels alone, in one run.
 
     python3 -m bench.centroid_stages [--batch 16] [--context 32768] [--width 4096] [--clusters 8]
+        [--dtypes bf16 fp8] [--tune] [--kv-layout token-major|head-major] [--launch-floor]
 
 What it prototypes (bench/sparse_estimators.py, rule kmeansCxNv, measures the quality): each run of
 4 pages (64 tokens) per KV head is summarised by C centroids; kernels/triton/centroids.py scores
@@ -151,7 +152,7 @@ ATTEND_TUNINGS = [dict(num_splits=s) for s in (2, 4, 8, 16, 32)] + [
     for st in (2, 3, 4, 5)]
 
 
-def tune_stages(xs: list, scale: float, force: tuple, context: int) -> None:
+def tune_stages(xs: list, scale: float, force: tuple) -> None:
     """Time the selection and attention stages' candidate tunings (outputs checked against the
     default's first: the same selection, attention within rounding of the merge order)."""
     for label, fn, cfgs in (
@@ -238,7 +239,7 @@ def main() -> None:
         best = min(timed, key=lambda t: t[0])
         rows.append((f"centroids {name}", timed[0][0], best, select, attend, whole))
         if args.tune:
-            tune_stages(xs, scale, force, args.context)
+            tune_stages(xs, scale, force)
         if i == 0:
             dense = graph_us(rotating([partial(lambda x: paged_decode(x["q"], x["k"], x["v"], x["table"], x["lens"],
                                                                       scale), x) for x in xs]))
