@@ -208,7 +208,8 @@ def centroid_group_logits(q: torch.Tensor, cents: torch.Tensor, stats: torch.Ten
     spread s^2 per channel) at the physical id of the group's last page. Per q head h and group n:
     logsumexp over c of (scale q_h.c + log count_c + scale^2 |q_h|^2 s_c^2 / 2), the group's
     log-mass if its keys sat on their centroids with Gaussian spread; returned divided by scale
-    (the unit of Quest bounds), 0 for the last, incomplete group.
+    (the unit of Quest bounds). The last, incomplete group has no summary: -inf, so that it takes
+    no share of any head's softmax (centroid_group_scores); the recent rule always keeps it.
 
     q: [q_heads, d] -> [kv_heads, group, ceil(seq_len / (page_size * group_pages))]."""
     q_heads, head_dim = q.shape
@@ -220,9 +221,59 @@ def centroid_group_logits(q: torch.Tensor, cents: torch.Tensor, stats: torch.Ten
     qg = q.double().view(kv_heads, q_heads // kv_heads, head_dim) * scale
     logits = (torch.einsum("hgd,nhcd->hgnc", qg, c) + st[..., 0].permute(1, 0, 2).unsqueeze(1)
               + 0.5 * (qg * qg).sum(-1)[..., None, None] * st[..., 1].permute(1, 0, 2).unsqueeze(1))
-    out = torch.zeros(kv_heads, q_heads // kv_heads, n_groups, dtype=torch.float64, device=q.device)
+    out = torch.full((kv_heads, q_heads // kv_heads, n_groups), float("-inf"), dtype=torch.float64, device=q.device)
     out[..., :full] = logits.logsumexp(-1) / scale
     return out.float()
+
+
+def centroid_group_scores(q: torch.Tensor, cents: torch.Tensor, stats: torch.Tensor, page_table: torch.Tensor,
+                          seq_len: int, page_size: int, group_pages: int, scale: float) -> torch.Tensor:
+    """Group scores per KV head, combined as quest_page_scores combines page bounds: each q head's
+    estimated log-masses (centroid_group_logits, at the attention scale) as a log-softmax over the
+    sequence's complete groups, then the max over the GQA group. The incomplete last group scores
+    -inf (the recent rule keeps it). q: [q_heads, d] -> [kv_heads, ceil(seq_len / span)]."""
+    logits = centroid_group_logits(q, cents, stats, page_table, seq_len, page_size, group_pages, scale).double()
+    logits = logits * scale
+    return (logits - logits.logsumexp(dim=-1, keepdim=True)).amax(dim=1).float()
+
+
+def centroid_select_pages(q: torch.Tensor, cents: torch.Tensor, stats: torch.Tensor, page_table: torch.Tensor,
+                          seq_len: int, page_size: int, group_pages: int, scale: float, budget_tokens: int,
+                          sink_tokens: int, recent_tokens: int) -> torch.Tensor:
+    """The centroid selector's logical pages per KV head: groups of page_size * group_pages tokens
+    counted as sparse_page_counts counts pages (budget, sink, recent in groups), chosen by
+    select_pages from centroid_group_scores, each kept group's pages in order (the last group's
+    only up to the sequence's last page) -> [kv_heads, k] ascending (every head keeps the last
+    group, so every row has the same length)."""
+    span = page_size * group_pages
+    budget, sink, recent = sparse_page_counts(span, budget_tokens, sink_tokens, recent_tokens)
+    scores = centroid_group_scores(q, cents, stats, page_table, seq_len, page_size, group_pages, scale)
+    groups = select_pages(scores, budget, sink, recent)                         # [kvh, k]
+    pages = (groups.unsqueeze(-1) * group_pages + torch.arange(group_pages)).flatten(1)
+    n_pages = -(-seq_len // page_size)
+    return pages[:, :int((pages[0] < n_pages).sum())]
+
+
+def attend_pages(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
+                 seq_len: int, chosen: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of one query q [q_heads, d] over each KV head's chosen logical pages chosen
+    [kv_heads, k] of a sequence of seq_len tokens -> [q_heads, d] float32."""
+    q_heads, head_dim = q.shape
+    page_size, kv_heads = k_cache.shape[1:3]
+    group = q_heads // kv_heads
+    out = torch.empty(q_heads, head_dim)
+    for h in range(kv_heads):
+        logical = chosen[h]
+        pages = page_table[logical].long()
+        k = k_cache[pages, :, h].float().flatten(0, 1)                        # [k*page, d]
+        v = v_cache[pages, :, h].float().flatten(0, 1)
+        positions = (logical.unsqueeze(1) * page_size + torch.arange(page_size)).flatten()
+        valid = positions < seq_len
+        qh = q[h * group:(h + 1) * group].float()                            # [g, d]
+        s = (qh @ k.T) * scale
+        s = s.masked_fill(~valid, float("-inf"))
+        out[h * group:(h + 1) * group] = s.softmax(dim=-1) @ v
+    return out
 
 
 def shortlist_pages(page_size: int, budget_pages: int, shortlist_tokens: int) -> int:
@@ -297,9 +348,7 @@ def sparse_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 
     Returns (out [q_heads, d] float32, pages read summed over KV heads).
     """
-    q_heads, head_dim = q.shape
-    num_pages_total, page_size, kv_heads, _ = k_cache.shape
-    group = q_heads // kv_heads
+    page_size = k_cache.shape[1]
     budget_pages, sink_pages, recent_pages = sparse_page_counts(
         page_size, budget_tokens, sink_tokens, recent_tokens)
     shortlist = shortlist_pages(page_size, budget_pages, shortlist_tokens)
@@ -309,19 +358,7 @@ def sparse_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     else:
         scores = quest_page_scores(q, kmin, kmax, page_table, seq_len, page_size, scale)
     chosen = select_pages(scores, budget_pages, sink_pages, recent_pages)     # [kvh, k]
-    out = torch.empty(q_heads, head_dim)
-    for h in range(kv_heads):
-        logical = chosen[h]
-        pages = page_table[logical].long()
-        k = k_cache[pages, :, h].float().flatten(0, 1)                        # [k*page, d]
-        v = v_cache[pages, :, h].float().flatten(0, 1)
-        positions = (logical.unsqueeze(1) * page_size + torch.arange(page_size)).flatten()
-        valid = positions < seq_len
-        qh = q[h * group:(h + 1) * group].float()                            # [g, d]
-        s = (qh @ k.T) * scale
-        s = s.masked_fill(~valid, float("-inf"))
-        out[h * group:(h + 1) * group] = s.softmax(dim=-1) @ v
-    return out, int(chosen.numel())
+    return attend_pages(q, k_cache, v_cache, page_table, seq_len, chosen, scale), int(chosen.numel())
 
 
 def default_scale(head_dim: int) -> float:

@@ -1,7 +1,7 @@
 """The k-means centroid group scores (kernels/triton/centroids.py) vs kernels/reference.py, on CPU
 under the Triton interpreter (the triton_interpreter fixture, tests/conftest.py).
 
-Ragged lengths: some end on a group boundary, some inside the last group (whose score must be 0)
+Ragged lengths: some end on a group boundary, some inside the last group (whose score must be -inf)
 and inside its last page. Every page that holds no complete group's summary has NaN centroids and
 stats, so a read of the wrong page shows up as NaN; the output is NaN-filled past the rows' groups
 only by the launcher's torch.empty, and only the rows' groups are compared."""
@@ -45,10 +45,11 @@ def test_centroid_group_logits(clusters, group, group_pages, block_n):
     for i, n in enumerate(lens):
         want = ref.centroid_group_logits(q[i], cents, stats, table[i], n, page_size, group_pages, scale)
         got = out[i, :, :want.shape[-1]].view(want.shape)
-        assert torch.isfinite(got).all(), "a wrong page was read or a group left unwritten"
+        full = n // span
+        assert torch.isfinite(got[..., :full]).all(), "a wrong page was read or a group left unwritten"
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         if n % span:
-            assert bool((got[..., -1] == 0).all()), "the incomplete last group must score 0"
+            assert bool((got[..., -1] == float("-inf")).all()), "the incomplete last group must score -inf"
 
 
 @pytest.mark.parametrize("streamed", [False, True])
@@ -76,3 +77,48 @@ def test_combine_select_expands_groups_to_pages(streamed):
             pages = (logical[b, h, :kept].long()[:, None] * group_pages + torch.arange(group_pages)).flatten()
             assert torch.equal(physical[b, h, :kept * group_pages], table[b, pages])
             assert bool((physical[b, h, kept * group_pages:] == 0).all())
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_centroid_pipeline_matches_the_reference_selector_and_decode(streamed):
+    """Scores (centroid_group_logits), combine_select(expand=group_pages) and the split-K decode over
+    the chosen pages give reference.centroid_select_pages's pages and reference.attend_pages's
+    output: summaries from real k-means of the keys, rows of several lengths (one within the
+    budget, one ending inside a group, one on a group boundary)."""
+    from kernels.triton.decode import split_k_decode
+    from kernels.triton.selection import combine_select
+    page_size, group_pages, kv_heads, group, head_dim, clusters = 8, 2, 2, 2, 64, 4
+    span = page_size * group_pages
+    budget_tokens, sink_tokens, recent_tokens = 6 * span, span, span
+    lens = [20 * span + 5, 5 * span, 13 * span]
+    gen = torch.Generator().manual_seed(5)
+    used = [-(-n // page_size) for n in lens]
+    num_pages = sum(used) + 1
+    k = torch.randn(num_pages, page_size, kv_heads, head_dim, generator=gen)
+    v = torch.randn(num_pages, page_size, kv_heads, head_dim, generator=gen)
+    width = -(-max(used) // group_pages) * group_pages
+    table = torch.full((len(lens), width), num_pages - 1, dtype=torch.int32)
+    perm, at = torch.randperm(num_pages - 1, generator=gen), 0
+    cents = torch.zeros(num_pages, kv_heads, clusters, head_dim)
+    stats = torch.zeros(num_pages, kv_heads, clusters, 2)
+    for i, n in enumerate(lens):
+        table[i, :used[i]] = perm[at:at + used[i]].int()
+        at += used[i]
+        ref.centroid_group_summaries(k, cents, stats, table[i], n, page_size, group_pages)
+    q = torch.randn(len(lens), kv_heads * group, head_dim, generator=gen)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    scale = head_dim ** -0.5
+    force = ref.sparse_page_counts(span, budget_tokens, sink_tokens, recent_tokens)
+    logits = centroid_group_logits(q, cents, stats, table, seq_lens, page_size, group_pages, scale, interpreted=True)
+    logical, physical, vlens = combine_select(logits, table, seq_lens, span, kv_heads, force, scale, force[0],
+                                              expand=group_pages, streamed=streamed)
+    out = split_k_decode(q, k, v, physical, vlens, scale)
+    for i, n in enumerate(lens):
+        want = ref.centroid_select_pages(q[i], cents, stats, table[i], n, page_size, group_pages, scale,
+                                         budget_tokens, sink_tokens, recent_tokens)
+        kept = min(-(-n // span), force[0])
+        pages = (logical[i, :, :kept].long()[..., None] * group_pages + torch.arange(group_pages)).flatten(1)
+        assert torch.equal(pages[:, :want.shape[1]], want)
+        assert int(vlens[i]) == n - max(0, -(-n // span) - force[0]) * span
+        expected = ref.attend_pages(q[i], k, v, table[i], n, want, scale)
+        torch.testing.assert_close(out[i], expected, rtol=1e-4, atol=1e-4)

@@ -7,8 +7,8 @@ centroids [C, d] (8-bit or 16-bit) and per centroid two fp32 numbers, log(count)
 s^2 (mean squared distance per channel of the keys it stands for). It is kept at the physical id
 of the group's last page: a group's last page is shared by two sequences only when the whole group
 is (a prefix shared in the radix tree), so a shared summary always describes the same keys. Only
-complete groups have one; the row's last, incomplete group is forced in by the selection's recent
-rule (its score here is 0).
+complete groups have one; the row's last, incomplete group scores -inf here (it takes no share of
+any head's softmax) and is kept by the selection's recent rule.
 
 Per q head h of the KV head's GQA group and group n, in the attention's log units:
 
@@ -64,7 +64,7 @@ def _score_tile(Q, Cents, Stats, Out, b, kvh, page, offs_n, full, s_qb, s_qh, s_
         + 0.5 * spread[:, :, None] * q_sq[None, None, :]
     top = tl.max(logits, 0)                                                                # [N, GROUP_P]
     lse = top + tl.log(tl.sum(tl.exp(logits - top[None, :, :]), 0))
-    lse = tl.where(full[:, None], lse / scale, 0.0)
+    lse = tl.where(full[:, None], lse / scale, float("-inf"))
     tl.store(Out + b * s_ob + (kvh * GROUP + offs_g[None, :]) * s_oh + offs_n[:, None], lse,
              mask=(offs_n < max_groups)[:, None] & (offs_g < GROUP)[None, :])
 
@@ -97,7 +97,7 @@ def centroid_group_logits(q: torch.Tensor, cents: torch.Tensor, stats: torch.Ten
     """q [batch, q_heads, d]; cents [num_pages, kv_heads, C, d] (fp8/bf16, at each complete group's
     last page); stats fp32 [num_pages, kv_heads, C, 2] (log count, spread); page_tables int32
     [batch, width] -> fp32 [batch, q_heads, width // group_pages]: each group's L_h(n) / scale
-    (0 for the incomplete last group; garbage past a sequence, never read by combine_select).
+    (-inf for the incomplete last group; garbage past a sequence, never read by combine_select).
     One program per (sequence, KV head, block_n groups)."""
     batch, q_heads, head_dim = q.shape
     kv_heads, clusters = cents.shape[1:3]
