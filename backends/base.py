@@ -134,6 +134,10 @@ class SparseSettings:
     shortlist_tokens: a sequence longer than this many tokens (and than twice the budget) is scored
     coarse to fine (kernels/reference.py): one summary per page shortlists that many tokens' worth of
     pages, and only those are scored by their block summaries. 0: every page by its block summaries.
+    selector: "quest" (the above: key min/max bounds) or "centroids": each complete run of
+    group_tokens tokens per KV head keeps `centroids` k-means centroids in 8 bits with their counts
+    and spreads, which estimate its attention mass; whole groups are selected
+    (kernels/reference.centroid_select_pages). summary_tokens and shortlist_tokens are Quest's only.
     """
 
     enabled: bool = False
@@ -143,6 +147,9 @@ class SparseSettings:
     recent_tokens: int = 64
     summary_tokens: int = 4
     shortlist_tokens: int = 8192
+    selector: str = "quest"
+    centroids: int = 8
+    group_tokens: int = 64
 
 
 @dataclass(frozen=True)

@@ -43,9 +43,13 @@ class KVLayout:
     summary_tokens: int | None  # None: no key summaries stored
     page_bytes: int
     arithmetic: int = KV_ARITHMETIC
+    centroids: str | None = None    # "CxN": the centroid selector's summaries (C per N pages); None: none
 
     def key(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        fields = asdict(self)
+        if fields["centroids"] is None:     # so that the layouts of pages without them keep their key
+            del fields["centroids"]
+        return json.dumps(fields, sort_keys=True)
 
     def digest(self) -> str:
         return hashlib.blake2b(self.key().encode(), digest_size=8).hexdigest()
@@ -125,7 +129,7 @@ def host_tier_layout(settings, page_bytes: int, weights: str, attention: str, **
     """What every backend's create_kv_store computes the same way: how many pages of page_bytes the
     host tier holds (settings.host_cache_bytes, which must hold one at least) and the layout key of
     the backend's pages (cache_shape: kv_dtype, device, page_size, num_layers, kv_heads, head_dim,
-    summary_tokens)."""
+    summary_tokens and, with centroid summaries, centroids)."""
     num_host_pages = settings.host_cache_bytes // page_bytes
     if num_host_pages < 1:
         raise ValueError(f"host cache of {settings.host_cache_bytes} bytes holds no KV page ({page_bytes} bytes each)")

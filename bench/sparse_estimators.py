@@ -36,7 +36,7 @@ row's groups per q head, max over the GQA group; every page scores its group's. 
 C centroids per N pages are C / (64 N) of the K/V bytes (C=4, N=4: 1/64).
   kmeansCxN[v|vg|vc][-fp8][-tail][-fp|-l16]  C centroids per N pages (e.g. kmeans4x4, kmeans8x4v); -fp8:
                   the centroids rounded to float8 e4m3 (what an 8-bit store would select); -tail:
-                  the last, incomplete group forced instead of clustered (the kernel design);
+                  the last group (the decode token's) forced instead of clustered (the engine's rule);
                   -fp: farthest-point centroids, no Lloyd steps; -l16: 16 Lloyd steps, not 8.
 """
 from __future__ import annotations
@@ -189,8 +189,9 @@ def channel_variance(x: torch.Tensor, w: torch.Tensor, centroids: torch.Tensor, 
 
 def kmeans_selector(clusters: int, group_pages: int, with_spread: bool, fp8: bool, cache_layers, steps: int = 8,
                     tail_forced: bool = False, channels: str = ""):
-    """tail_forced: as the kernel design keeps it, only complete groups have centroids; the last,
-    incomplete group is left out of each head's softmax and always attended. channels (with the
+    """tail_forced: as the engine keeps it, a group has centroids from the step after the one that
+    completes it; the group holding the row's last token is left out of each head's softmax and
+    always attended. channels (with the
     spread term): "group" scales each centroid's spread by its group's per-channel shape (one more
     d-vector per group: the pooled residual variance per channel, normalised to mean 1), so the
     term is scale^2 s_c^2 sum_d q_d^2 shape_d / 2 instead of scale^2 s_c^2 |q|^2 / 2; "centroid"
@@ -219,8 +220,10 @@ def kmeans_selector(clusters: int, group_pages: int, with_spread: bool, fp8: boo
         logits = logits + counts.permute(0, 2, 1, 3).unsqueeze(2).log()             # log 0 = -inf
         mass = logits.logsumexp(dim=-1)                                             # [B, kvh, g, G]
         if tail_forced:
-            filled = written.view(batch, groups, span)
-            partial = (filled.any(-1) & ~filled.all(-1)).view(batch, 1, 1, groups)
+            # the group holding the row's last token (the decode's own) has no summary yet: the
+            # engine writes a group's after the step that completes it
+            last = (written.view(batch, -1).sum(-1) - 1) // span                    # [B]
+            partial = (torch.arange(groups, device=last.device) == last[:, None]).view(batch, 1, 1, groups)
             mass = mass.masked_fill(partial, float("-inf"))
         scores = (mass - mass.logsumexp(dim=-1, keepdim=True)).amax(dim=2)
         if tail_forced:

@@ -32,6 +32,9 @@ dense_layers 2, summary_tokens 4 (the config defaults); budgets in tokens. --swe
 every budget with other settings or another page-scoring rule (see RULES below), e.g.
 
     python bench/sparse_quality.py --device cuda --sweep rule=sum,recent=256 rule=sub2-lse-max
+
+--selector centroids runs every sparse config with the engine's centroid selector instead of Quest's
+(sparse_attention.selector: the runner keeps centroid summaries and writes them after each step).
 """
 from __future__ import annotations
 
@@ -361,9 +364,11 @@ def configs(budgets: list[int], args) -> list[Config]:
             opts[key] = value if key == "rule" else int(value)
         if opts["rule"] != "engine":
             rule_selector(opts["rule"], None)       # fail early on a bad name
+            if args.selector != "quest":
+                raise SystemExit("--sweep rule=... replaces Quest's page selector: run it with --selector quest")
         for budget in budgets:
             sparse = SparseSettings(True, budget, opts["dense"], opts["sink"], opts["recent"], args.summary_tokens,
-                                    opts["shortlist"])
+                                    opts["shortlist"], args.selector, args.centroids, args.group_tokens)
             out.append(Config(f"sparse {budget}" + (f" [{spec}]" if spec else ""), sparse, opts["rule"],
                               timed=opts["rule"] not in EXTRA_RULES
                               and not opts["rule"].startswith(("sub", "oracle", "gauss"))))
@@ -418,9 +423,10 @@ def stretch_positions(runner: TorchRunner, rope: str) -> None:
 
 
 def runner_sparse(args) -> SparseSettings:
-    """Settings that the runners are built with: sparse on, so that their caches keep summaries."""
+    """Settings that the runners are built with: sparse on, so that their caches keep summaries
+    (--selector's: Quest's bounds, or centroids written by the runner after each step)."""
     return SparseSettings(True, max(args.budgets), args.dense_layers, args.sink, args.recent, args.summary_tokens,
-                          args.shortlist_tokens)
+                          args.shortlist_tokens, args.selector, args.centroids, args.group_tokens)
 
 
 @contextlib.contextmanager
@@ -428,13 +434,13 @@ def no_summaries(runner: TorchRunner, off: bool):
     """With off, the cache has no summaries for the duration: nothing writes them, as in a server
     with sparse attention off (the dense baseline of the timing)."""
     cache = runner.cache
-    saved = cache.kmin, cache.kmax, cache.pmin, cache.pmax
+    saved = cache.kmin, cache.kmax, cache.pmin, cache.pmax, runner.groups
     if off:
-        cache.kmin = cache.kmax = cache.pmin = cache.pmax = None
+        cache.kmin = cache.kmax = cache.pmin = cache.pmax = runner.groups = None
     try:
         yield
     finally:
-        cache.kmin, cache.kmax, cache.pmin, cache.pmax = saved
+        cache.kmin, cache.kmax, cache.pmin, cache.pmax, runner.groups = saved
 
 
 def prefill(runner: TorchRunner, seqs: list[tuple[list[int], list[int]]], chunk: int) -> None:
@@ -639,6 +645,10 @@ def main() -> None:
     parser.add_argument("--prefill-chunk", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip", nargs="*", default=[], choices=["quality", "passkey", "timing"])
+    parser.add_argument("--selector", default="quest", choices=["quest", "centroids"],
+                        help="the engine's page selector every sparse config runs (sparse_attention.selector)")
+    parser.add_argument("--centroids", type=int, default=8, help="--selector centroids: centroids per group")
+    parser.add_argument("--group-tokens", type=int, default=64, help="--selector centroids: tokens per group")
     parser.add_argument("--sweep", nargs="*", default=[], metavar="SPEC",
                         help="extra configs at every budget, e.g. rule=lse-max,recent=64 (keys: rule, sink, "
                              "recent, dense, shortlist; rules: [fp8-|subN-]sum|max|lse-max|softmax-sum)")
@@ -659,7 +669,9 @@ def main() -> None:
     say(f"python {platform.python_version()}, torch {torch.__version__}, model {source.path.rsplit('/', 1)[-1]}, "
         f"float32, page {args.page_size}, sink {args.sink}, recent {args.recent}, dense_layers {args.dense_layers}, "
         f"summary_tokens {args.summary_tokens}, shortlist_tokens {args.shortlist_tokens}, "
-        f"context_length {args.context_length}, rope scaling {args.rope}")
+        f"selector {args.selector}" + (f" ({args.centroids} per {args.group_tokens} tokens)"
+                                       if args.selector == "centroids" else "")
+        + f", context_length {args.context_length}, rope scaling {args.rope}")
     quality = keys = timing = None
     if not {"quality", "passkey"} <= set(args.skip):
         # One config's pages at a time (each hands its pages back before the next).

@@ -157,6 +157,13 @@ class SparseAttentionConfig(Strict):
                                   "scored coarse to fine: one summary per page shortlists that many tokens' worth of "
                                   "pages, only those are scored by their block summaries (less to read per step); "
                                   "0: every page by its blocks")
+    selector: Literal["quest", "centroids"] = Field(
+        "quest", description="quest: pages scored by key min/max bounds (summary_tokens, shortlist_tokens); "
+        "centroids: each group_tokens run of keys keeps `centroids` 8-bit k-means centroids that estimate its "
+        "attention mass, and whole groups are selected (fewer bytes read per step; CUDA and CPU backends)")
+    centroids: int = Field(8, ge=1, le=64, description="centroids: k-means centroids per group and KV head "
+                           "(a power of two)")
+    group_tokens: int = Field(64, ge=1, description="centroids: tokens per group (a multiple of kv_cache.page_size)")
 
 
 class SchedulerConfig(Strict):
@@ -252,12 +259,20 @@ class ModelConfig(Strict):
             if page % sparse.summary_tokens:
                 raise ValueError(f"sparse_attention.summary_tokens {sparse.summary_tokens} must divide "
                                  f"kv_cache.page_size {page}")
-            budget_pages = sparse.token_budget // page
-            fixed = -(-sparse.sink_tokens // page) + max(1, -(-sparse.recent_tokens // page))
-            if budget_pages <= fixed:
+            unit, name = page, "pages"
+            if sparse.selector == "centroids":
+                if sparse.group_tokens % page:
+                    raise ValueError(f"sparse_attention.group_tokens {sparse.group_tokens} must be a multiple of "
+                                     f"kv_cache.page_size {page}")
+                if sparse.centroids & (sparse.centroids - 1):
+                    raise ValueError(f"sparse_attention.centroids {sparse.centroids} must be a power of two")
+                unit, name = sparse.group_tokens, "groups"
+            budget = sparse.token_budget // unit
+            fixed = -(-sparse.sink_tokens // unit) + max(1, -(-sparse.recent_tokens // unit))
+            if budget <= fixed:
                 raise ValueError(
-                    f"sparse_attention.token_budget {sparse.token_budget} is {budget_pages} pages of "
-                    f"{page}; it must exceed the sink + recent pages ({fixed})")
+                    f"sparse_attention.token_budget {sparse.token_budget} is {budget} {name} of "
+                    f"{unit} tokens; it must exceed the sink + recent {name} ({fixed})")
         return self
 
 

@@ -208,14 +208,16 @@ def centroid_group_logits(q: torch.Tensor, cents: torch.Tensor, stats: torch.Ten
     spread s^2 per channel) at the physical id of the group's last page. Per q head h and group n:
     logsumexp over c of (scale q_h.c + log count_c + scale^2 |q_h|^2 s_c^2 / 2), the group's
     log-mass if its keys sat on their centroids with Gaussian spread; returned divided by scale
-    (the unit of Quest bounds). The last, incomplete group has no summary: -inf, so that it takes
-    no share of any head's softmax (centroid_group_scores); the recent rule always keeps it.
+    (the unit of Quest bounds). Scored are the groups complete before the sequence's last token
+    (the decode's own): an engine writes a group's summary after the step that completes it. The
+    group holding that token has no summary: -inf, so that it takes no share of any head's
+    softmax (centroid_group_scores); the recent rule always keeps it.
 
     q: [q_heads, d] -> [kv_heads, group, ceil(seq_len / (page_size * group_pages))]."""
     q_heads, head_dim = q.shape
     kv_heads = cents.shape[1]
     span = page_size * group_pages
-    n_groups, full = -(-seq_len // span), seq_len // span
+    n_groups, full = -(-seq_len // span), (seq_len - 1) // span
     last = page_table[group_pages - 1:full * group_pages:group_pages].long()
     c, st = cents[last].double(), stats[last].double()                        # [G, kvh, C, (d|2)]
     qg = q.double().view(kv_heads, q_heads // kv_heads, head_dim) * scale
@@ -230,8 +232,8 @@ def centroid_group_scores(q: torch.Tensor, cents: torch.Tensor, stats: torch.Ten
                           seq_len: int, page_size: int, group_pages: int, scale: float) -> torch.Tensor:
     """Group scores per KV head, combined as quest_page_scores combines page bounds: each q head's
     estimated log-masses (centroid_group_logits, at the attention scale) as a log-softmax over the
-    sequence's complete groups, then the max over the GQA group. The incomplete last group scores
-    -inf (the recent rule keeps it). q: [q_heads, d] -> [kv_heads, ceil(seq_len / span)]."""
+    sequence's scored groups, then the max over the GQA group. The last group scores -inf (the
+    recent rule keeps it). q: [q_heads, d] -> [kv_heads, ceil(seq_len / span)]."""
     logits = centroid_group_logits(q, cents, stats, page_table, seq_len, page_size, group_pages, scale).double()
     logits = logits * scale
     return (logits - logits.logsumexp(dim=-1, keepdim=True)).amax(dim=1).float()

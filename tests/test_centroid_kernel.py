@@ -1,10 +1,11 @@
 """The k-means centroid group scores (kernels/triton/centroids.py) vs kernels/reference.py, on CPU
 under the Triton interpreter (the triton_interpreter fixture, tests/conftest.py).
 
-Ragged lengths: some end on a group boundary, some inside the last group (whose score must be -inf)
-and inside its last page. Every page that holds no complete group's summary has NaN centroids and
-stats, so a read of the wrong page shows up as NaN; the output is NaN-filled past the rows' groups
-only by the launcher's torch.empty, and only the rows' groups are compared."""
+Ragged lengths: some end on a group boundary, some inside the last group (which, holding the
+row's last token, must score -inf) and inside its last page. Every page that holds no complete
+group's summary has NaN centroids and stats, so a read of the wrong page shows up as NaN; the output
+is NaN-filled past the rows' groups only by the launcher's torch.empty, and only the rows' groups
+are compared."""
 import pytest
 import torch
 
@@ -45,11 +46,10 @@ def test_centroid_group_logits(clusters, group, group_pages, block_n):
     for i, n in enumerate(lens):
         want = ref.centroid_group_logits(q[i], cents, stats, table[i], n, page_size, group_pages, scale)
         got = out[i, :, :want.shape[-1]].view(want.shape)
-        full = n // span
-        assert torch.isfinite(got[..., :full]).all(), "a wrong page was read or a group left unwritten"
+        scored = (n - 1) // span                     # the groups complete before the row's last token
+        assert torch.isfinite(got[..., :scored]).all(), "a wrong page was read or a group left unwritten"
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-        if n % span:
-            assert bool((got[..., -1] == float("-inf")).all()), "the incomplete last group must score -inf"
+        assert bool((got[..., -1] == float("-inf")).all()), "the last group (the token's own) must score -inf"
 
 
 @pytest.mark.parametrize("streamed", [False, True])

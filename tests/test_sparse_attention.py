@@ -386,6 +386,7 @@ def test_page_rounding():
     (SparseSettings(True, 64, 2, 16, 16, 3), 30, "summary_tokens 3 must divide kv_cache.page_size 16"),
     (SparseSettings(True, 64, 2, 16, 16, 32), 30, "summary_tokens 32 must divide"),
     (SparseSettings(True, 64, 2, 16, 16, 0), 30, "summary_tokens 0 must divide"),
+    (SparseSettings(True, 64, 2, 16, 16, selector="oracle"), 30, "selector 'oracle' must be quest or centroids"),
 ])
 def test_bad_settings_rejected(settings, layers, words):
     with pytest.raises(ValueError, match=words):
@@ -410,6 +411,14 @@ def test_disabled_settings_not_checked():
     ({"enabled": True, "summary_tokens": 16, "token_budget": 256}, 8, "models.0",
      "sparse_attention.summary_tokens 16 must divide kv_cache.page_size 8"),
     ({"summary_tokens": 0}, 16, "models.0.sparse_attention.summary_tokens", "greater than or equal"),
+    ({"selector": "oracle"}, 16, "models.0.sparse_attention.selector", "'quest' or 'centroids'"),
+    ({"enabled": True, "selector": "centroids", "group_tokens": 40}, 16, "models.0",
+     "sparse_attention.group_tokens 40 must be a multiple of kv_cache.page_size 16"),
+    ({"enabled": True, "selector": "centroids", "centroids": 6}, 16, "models.0",
+     "sparse_attention.centroids 6 must be a power of two"),
+    ({"centroids": 128}, 16, "models.0.sparse_attention.centroids", "less than or equal"),
+    ({"enabled": True, "selector": "centroids", "token_budget": 128}, 16, "models.0",
+     "token_budget 128 is 2 groups of 64 tokens; it must exceed the sink + recent groups (2)"),
 ])
 def test_bad_config_rejected_with_clear_message(sparse, page_size, key, words):
     data = {"models": [{"name": "m", "kv_cache": {"page_size": page_size}, "sparse_attention": sparse}]}
@@ -434,4 +443,24 @@ def test_config_defaults_match_runner_defaults():
     """gateway/config.py and backends/base.py document the same defaults."""
     sparse = parse_config({}).models[0].sparse_attention
     assert SparseSettings(sparse.enabled, sparse.token_budget, sparse.dense_layers, sparse.sink_tokens,
-                          sparse.recent_tokens, sparse.summary_tokens, sparse.shortlist_tokens) == SparseSettings()
+                          sparse.recent_tokens, sparse.summary_tokens, sparse.shortlist_tokens, sparse.selector,
+                          sparse.centroids, sparse.group_tokens) == SparseSettings()
+
+
+@pytest.mark.parametrize("settings, words", [
+    (SparseSettings(True, 2048, selector="centroids", group_tokens=40), "group_tokens 40 must be a multiple"),
+    (SparseSettings(True, 2048, selector="centroids", group_tokens=8), "group_tokens 8 must be a multiple"),
+    (SparseSettings(True, 2048, selector="centroids", centroids=3), "centroids 3 must be a power of two"),
+    (SparseSettings(True, 128, selector="centroids"), "token_budget 128 is 2 groups of 64 tokens"),
+])
+def test_bad_centroid_settings_rejected(settings, words):
+    from backends.cuda.attention.centroids import group_counts
+    with pytest.raises(ValueError, match=words):
+        group_counts(settings, 16)
+
+
+def test_centroid_group_rounding():
+    from backends.cuda.attention.centroids import group_counts
+    assert group_counts(SparseSettings(True, selector="centroids"), 16) == (4, 32, 1, 1)
+    assert group_counts(SparseSettings(True, 2000, 2, 65, 64, selector="centroids", group_tokens=32), 16) == \
+        (2, 62, 3, 2)

@@ -1,4 +1,4 @@
-"""Quest sparse decode inside the engine.
+"""Sparse decode inside the engine (Quest, and the centroid selector).
 
 1. A property test: the real scheduler, page pool and radix cache drive a tiny random Llama with
    sparse decode on, through shared prefixes, eviction, preemption and page recycling. After every
@@ -6,10 +6,12 @@
    partial last pages and partial blocks included) are exactly the min/max of the keys its owner
    wrote in each block, and 0 for the blocks it has not written yet; the keys of
    the layers that do not depend on sparse attention are those a fresh dense prefill of the same
-   tokens gives: no page carries a summary (or keys) of an earlier owner. The attention stats of
-   every forward equal what the page counts say.
+   tokens gives: no page carries a summary (or keys) of an earlier owner. With the centroid
+   selector, every group a live sequence has completed carries the summary of its own keys. The
+   attention stats of every forward equal what the page counts say.
 2. The embedded model: greedy decoding at or below the budget is identical to dense (logits too);
-   above it pages are skipped as counted. Sparse decode is a start-up setting: one runner each.
+   above it pages (or whole groups) are skipped as counted. Sparse decode is a start-up setting:
+   one runner each.
 3. A live server with sparse_attention enabled answers the openai SDK; /health and /metrics show
    the pages read and skipped, exactly as the token counts predict.
 """
@@ -106,14 +108,17 @@ class CountingRunner:
 
     def count(self, batch: ForwardBatch, result) -> None:
         sparse, kv_heads = self.runner.settings.sparse, self.runner.config.num_kv_heads
-        budget, _, _ = page_counts(sparse, PAGE)
+        group_pages, budget = 1, page_counts(sparse, PAGE)[0]
+        if sparse.selector == "centroids":      # whole groups; a chosen last group may be partial
+            group_pages, budget = sparse.group_tokens // PAGE, sparse.token_budget // sparse.group_tokens
         layers = self.runner.config.num_layers - sparse.dense_layers
         read = skipped = 0
         for seq in batch.sequences:
             if len(seq.token_ids) == 1:
                 pages = -(-seq.end_position // PAGE)
-                read += min(pages, budget) * kv_heads * layers
-                skipped += max(0, pages - budget) * kv_heads * layers
+                dropped = max(0, -(-pages // group_pages) - budget) * group_pages
+                read += (pages - dropped) * kv_heads * layers
+                skipped += dropped * kv_heads * layers
         assert (result.attention.pages_read, result.attention.pages_skipped) == (read, skipped)
         self.skipped += skipped
 
@@ -182,10 +187,52 @@ def make_request(rid: str, prompt: list[int], max_new: int) -> Request:
                    emit=lambda event: None)
 
 
+# The centroid selector (selector: centroids) on the same tiny model: groups of 2 pages, 3 in the budget.
+TINY_CENTROIDS = SparseSettings(enabled=True, token_budget=24, dense_layers=1, sink_tokens=4, recent_tokens=4,
+                                selector="centroids", centroids=2, group_tokens=8)
+
+
+@pytest.fixture(scope="module")
+def centroid_runner(tiny_folder):
+    return TorchRunner(RunnerSettings("hf", tiny_folder, "tiny", page_size=PAGE, num_pages=24, threads=1,
+                                      sparse=TINY_CENTROIDS, validate_batches=True))
+
+
+def check_groups(runner: TorchRunner, sequences: list[tuple[list[int], list[int]]]) -> None:
+    """Every group a live sequence has completed holds the summary of its own keys (as
+    reference.centroid_group_summaries computes it from the cache), whoever owned its pages before."""
+    cache, span = runner.cache, TINY_CENTROIDS.group_tokens
+    group_pages = span // PAGE
+    for tokens, pages in sequences:
+        full = len(tokens) // span
+        if not full:
+            continue
+        table = torch.tensor(pages[:full * group_pages])
+        lasts = table[group_pages - 1::group_pages]
+        for layer in range(runner.config.num_layers):
+            cents, stats = torch.zeros_like(cache.cents[layer]), torch.zeros_like(cache.cstats[layer])
+            reference.centroid_group_summaries(cache.k[layer], cents, stats, table, full * span, PAGE, group_pages)
+            assert torch.equal(cache.cents[layer][lasts].view(torch.uint8), cents[lasts].view(torch.uint8))
+            assert torch.equal(cache.cstats[layer][lasts], stats[lasts])
+
+
+@pytest.fixture(params=["quest", "centroids"])
+def sparse_case(request, tiny_runners, centroid_runner):
+    """(runner, check of its summaries) for each selector: Quest's min/max summaries of every block
+    (and the dense layers' keys, against the dense oracle), or every completed group's centroids."""
+    if request.param == "quest":
+        runner, oracle = tiny_runners
+        assert runner.cache.kmin.shape == (3, runner.num_pages + 1, PAGE // 2, 2, 8) and oracle.cache.kmin is None
+        return runner, lambda sequences: check_pages(runner, oracle, sequences)
+    runner = centroid_runner
+    assert runner.cache.kmin is None and runner.cache.cents.shape == (3, runner.num_pages + 1, 2, 2, 8)
+    return runner, lambda sequences: check_groups(runner, sequences)
+
+
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(specs=st.lists(request_spec, min_size=3, max_size=7))
-def test_summaries_exact_under_reuse_eviction_and_recycling(tiny_runners, specs):
-    runner, oracle = tiny_runners
+def test_summaries_exact_under_reuse_eviction_and_recycling(sparse_case, specs):
+    runner, check = sparse_case
     forget_slots(runner)
     counting = CountingRunner(runner)
     pool = PagePool(runner.num_pages)
@@ -200,21 +247,19 @@ def test_summaries_exact_under_reuse_eviction_and_recycling(tiny_runners, specs)
             scheduler.step()
             scheduler.check_accounting()
             cache.check_invariants()
-            live = [(r.all_ids[:r.num_computed], r.page_table) for r in scheduler.running]
-            check_pages(runner, oracle, live)
+            check([(r.all_ids[:r.num_computed], r.page_table) for r in scheduler.running])
     for _ in range(200):
         if not scheduler.has_work:
             break
         scheduler.step()
-        check_pages(runner, oracle, [(r.all_ids[:r.num_computed], r.page_table) for r in scheduler.running])
+        check([(r.all_ids[:r.num_computed], r.page_table) for r in scheduler.running])
     assert not scheduler.has_work and not counting.errors, counting.errors
-    check_pages(runner, oracle, tree_sequences(cache))
+    check(tree_sequences(cache))
 
 
-def test_property_run_covers_sparse_decode_and_recycling(tiny_runners):
+def test_property_run_covers_sparse_decode_and_recycling(sparse_case):
     """A fixed run of the property test that must evict, preempt and decode sparsely."""
-    runner, oracle = tiny_runners
-    assert runner.cache.kmin.shape == (3, runner.num_pages + 1, PAGE // 2, 2, 8) and oracle.cache.kmin is None
+    runner, check = sparse_case
     forget_slots(runner)
     counting = CountingRunner(runner)
     pool = PagePool(runner.num_pages)
@@ -226,8 +271,8 @@ def test_property_run_covers_sparse_decode_and_recycling(tiny_runners):
         scheduler.add(make_request(f"f{i}", prompt, 10 + i))
     while scheduler.has_work:
         scheduler.step()
-        check_pages(runner, oracle, [(r.all_ids[:r.num_computed], r.page_table) for r in scheduler.running])
-    check_pages(runner, oracle, tree_sequences(cache))
+        check([(r.all_ids[:r.num_computed], r.page_table) for r in scheduler.running])
+    check(tree_sequences(cache))
     assert not counting.errors, counting.errors
     assert counting.skipped > 0 and cache.evictions > 0 and scheduler.stats.preemptions > 0
     assert scheduler.stats.cached_prompt_tokens > 0
@@ -306,6 +351,30 @@ def test_real_model_above_budget_skips_pages(smollm):
     for i, (read, skipped) in enumerate(stats):
         pages = -(-(len(prompt) + i + 1) // 16)
         assert (read, skipped) == (4 * kv_heads * layers, (pages - 4) * kv_heads * layers)
+    assert np.isfinite(logits).all()
+
+
+def test_real_model_centroid_selector(smollm):
+    """Within the budget the centroid selector is dense to the bit; past it whole groups of 64 tokens
+    are skipped as counted (the chosen last group partial), and the text stays finite."""
+    make, tokenizer = smollm
+    short = tokenizer.encode(PASSAGE + "Where did the keeper record the weather?")
+    within = SparseSettings(True, 256, 2, 16, 32, selector="centroids")
+    dense_tokens, dense_logits, _ = greedy(make(SparseSettings()), short, 6)
+    tokens, logits, _ = greedy(make(within), short, 6)
+    assert tokens == dense_tokens and np.array_equal(logits, dense_logits)
+    prompt = tokenizer.encode(PASSAGE * 3 + "Where did the keeper record the weather?")
+    sparse = SparseSettings(True, 192, 2, 16, 64, selector="centroids")          # 3 groups: sink, recent, 1
+    runner = make(sparse)
+    assert runner.cache.kmin is None and runner.cache.cents is not None
+    tokens, logits, stats = greedy(runner, prompt, 8)
+    kv_heads, layers = runner.config.num_kv_heads, runner.config.num_layers - 2
+    for i, (read, skipped) in enumerate(stats):
+        n = len(prompt) + i + 1
+        pages, groups = -(-n // 16), -(-n // 64)
+        assert groups > 3
+        dropped = (groups - 3) * 4
+        assert (read, skipped) == ((pages - dropped) * kv_heads * layers, dropped * kv_heads * layers)
     assert np.isfinite(logits).all()
 
 

@@ -1,8 +1,13 @@
-"""The paged KV cache of the torch backend: K/V pages per layer, and Quest key summaries when sparse
-decode is on. Layout and semantics are those of kernels/reference.py."""
+"""The paged KV cache of the torch backend: K/V pages per layer, and the summaries sparse decode
+selects by when it is on. Layout and semantics are those of kernels/reference.py."""
 from __future__ import annotations
 
 import torch
+
+# centroid summaries: 8-bit centroids (bench/sparse_estimators.py measured what 8 bits cost: nothing
+# measurable) and two fp32 numbers per centroid, log count and spread
+CENTROID_DTYPE = torch.float8_e4m3fn
+CENTROID_STATS = 2
 
 
 class PagedKVCache:
@@ -12,14 +17,21 @@ class PagedKVCache:
     the page summaries pmin/pmax [num_layers, num_pages + 1, kv_heads, head_dim] (one min/max per
     page: the coarse level that shortlists pages before their blocks are read).
 
+    With centroids = (C, group_pages) instead, the centroid selector's summaries
+    (kernels/reference.centroid_group_summaries): cents [num_layers, num_pages + 1, kv_heads, C,
+    head_dim] in 8 bits and cstats [num_layers, num_pages + 1, kv_heads, C, 2] (log count, spread),
+    written at the physical id of each complete group's last page (so a page carries at most one
+    group's summary, and it travels with the page between tiers).
+
     The last page (`scratch_page`) belongs to no sequence: the padding rows of a CUDA-graph batch
     write their K/V there, so padding never touches a page the engine handed out.
-    summary_tokens=None (sparse attention off): kmin = kmax = pmin = pmax = None; a dense server neither stores
-    nor writes summaries.
+    summary_tokens=None and centroids=None (sparse attention off): no summaries at all; a dense
+    server neither stores nor writes any.
     """
 
     def __init__(self, num_layers: int, num_pages: int, page_size: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str, summary_tokens: int | None = None):
+                 dtype: torch.dtype, device: torch.device | str, summary_tokens: int | None = None,
+                 centroids: tuple[int, int] | None = None):
         shape = (num_layers, num_pages + 1, page_size, kv_heads, head_dim)
         self.page_size, self.num_pages, self.summary_tokens = page_size, num_pages, summary_tokens
         self.scratch_page = num_pages
@@ -32,6 +44,10 @@ class PagedKVCache:
         self.kmax: torch.Tensor | None = None
         self.pmin: torch.Tensor | None = None
         self.pmax: torch.Tensor | None = None
+        self.cents: torch.Tensor | None = None
+        self.cstats: torch.Tensor | None = None
+        self.group_pages: int | None = None
+        assert summary_tokens is None or centroids is None, "one selector's summaries"
         if summary_tokens is not None:
             assert summary_tokens >= 1 and page_size % summary_tokens == 0, \
                 f"summary_tokens {summary_tokens} must divide the page size {page_size}"
@@ -42,11 +58,27 @@ class PagedKVCache:
             self.kmax = torch.zeros_like(self.kmin)
             self.pmin = torch.zeros(num_layers, num_pages + 1, kv_heads, head_dim, dtype=dtype, device=device)
             self.pmax = torch.zeros_like(self.pmin)
+        if centroids is not None:
+            clusters, self.group_pages = centroids
+            assert clusters >= 1 and self.group_pages >= 1, centroids
+            self.cents = torch.zeros(num_layers, num_pages + 1, kv_heads, clusters, head_dim, dtype=CENTROID_DTYPE,
+                                     device=device)
+            self.cstats = torch.zeros(num_layers, num_pages + 1, kv_heads, clusters, CENTROID_STATS,
+                                      dtype=torch.float32, device=device)
+
+    def page_parts(self) -> list[torch.Tensor]:
+        """Every tensor a page owns a slice of ([layers, pages + 1, ...]): what moves with a page."""
+        return [t for t in (self.k, self.v, self.kmin, self.kmax, self.pmin, self.pmax, self.cents, self.cstats)
+                if t is not None]
 
     @staticmethod
     def bytes_per_page(num_layers: int, page_size: int, kv_heads: int, head_dim: int,
-                       element_size: int, summary_tokens: int | None = None) -> int:
+                       element_size: int, summary_tokens: int | None = None, centroids: int | None = None) -> int:
         """K + V slots of one page over all layers, plus both summaries of each of its blocks and of
-        the page when summary_tokens is given (sparse attention on)."""
+        the page when summary_tokens is given (Quest), or one group's centroid summary (centroids
+        per group: each page has room for one, used when it is a group's last page)."""
         rows = 2 * page_size + (2 * (page_size // summary_tokens) + 2 if summary_tokens else 0)
-        return num_layers * kv_heads * head_dim * element_size * rows
+        per_layer = kv_heads * head_dim * element_size * rows
+        if centroids:
+            per_layer += kv_heads * centroids * (head_dim * CENTROID_DTYPE.itemsize + CENTROID_STATS * 4)
+        return num_layers * per_layer

@@ -42,7 +42,9 @@ class TorchKVStore:
     def __init__(self, cache: PagedKVCache, num_host_pages: int, layout: KVLayout):
         assert num_host_pages >= 1, num_host_pages
         # every tensor a page owns a slice of: [layers, pages + 1, ...rest]
-        self.parts = [t for t in (cache.k, cache.v, cache.kmin, cache.kmax, cache.pmin, cache.pmax) if t is not None]
+        # 8-bit floats as bytes: index_copy_ has no float8 kernels, and a copy moves bytes anyway
+        self.parts = [t.view(torch.uint8) if t.element_size() == 1 and t.is_floating_point() else t
+                      for t in cache.page_parts()]
         self.part_shapes = [(t.shape[0], *t.shape[2:]) for t in self.parts]
         self.part_bytes = [math.prod(shape) * t.element_size() for shape, t in zip(self.part_shapes, self.parts,
                                                                                    strict=True)]
@@ -58,8 +60,7 @@ class TorchKVStore:
 
     @staticmethod
     def bytes_per_page(cache: PagedKVCache) -> int:
-        return sum(math.prod((t.shape[0], *t.shape[2:])) * t.element_size()
-                   for t in (cache.k, cache.v, cache.kmin, cache.kmax, cache.pmin, cache.pmax) if t is not None)
+        return sum(math.prod((t.shape[0], *t.shape[2:])) * t.element_size() for t in cache.page_parts())
 
     def _views(self, staging: torch.Tensor) -> list[torch.Tensor]:
         """Each part's share of the staging pages [n, page_bytes] as [n, layers, ...rest]."""
@@ -144,5 +145,6 @@ def create_kv_store(settings: RunnerSettings, cache: PagedKVCache, weights: str,
         settings, TorchKVStore.bytes_per_page(cache), weights, attention,
         kv_dtype=str(cache.k.dtype).removeprefix("torch."), device=cache.k.device.type, page_size=cache.page_size,
         num_layers=cache.k.shape[0], kv_heads=cache.k.shape[3], head_dim=cache.k.shape[4],
-        summary_tokens=cache.summary_tokens)
+        summary_tokens=cache.summary_tokens,
+        centroids=None if cache.cents is None else f"{cache.cents.shape[3]}x{cache.group_pages}")
     return TorchKVStore(cache, num_host_pages, layout)

@@ -25,6 +25,7 @@ from backends.base import (
     SequenceChunk,
 )
 from backends.cuda.attention.base import AttentionShape
+from backends.cuda.attention.centroids import completed_groups, count_group_pages, group_counts, write_group_summaries
 from backends.cuda.attention.factory import choose_attention, create_attention, deterministic_attention
 from backends.cuda.attention.sparse import check_sparse_settings, count_pages, page_counts
 from backends.cuda.graphs import DecodeGraphs
@@ -120,14 +121,18 @@ class TorchRunner:
         del weights
         check_sparse_settings(settings.sparse, settings.page_size, config.num_layers)
         self.sparse = settings.sparse if settings.sparse.enabled else None
+        # the centroid selector: (group_pages, budget_groups, ...); its summaries are written after
+        # each step's forward (centroids.write_group_summaries), outside any CUDA graph
+        self.groups = (group_counts(self.sparse, settings.page_size)
+                       if self.sparse is not None and self.sparse.selector == "centroids" else None)
 
         self.page_size = page_size = settings.page_size
         self.context_length = settings.context_length or config.context_length
         self.max_sequences = settings.max_sequences
         self.num_pages = tp.agree_min(self._size_pool())     # every rank holds the same pages
         self.cache = PagedKVCache(config.num_layers, self.num_pages, page_size, shard.num_kv_heads,
-                                  config.head_dim, self.dtype, device,
-                                  self.sparse.summary_tokens if self.sparse else None)
+                                  config.head_dim, self.dtype, device, self._summary_tokens(),
+                                  (self.sparse.centroids, self.groups[0]) if self.groups else None)
         max_pages = -(-self.context_length // page_size)
         self.tables = PageTableStore(self.max_sequences, max_pages, self.cache.scratch_page, device)
         cos, sin = self.model.rotary_tables(max_pages * page_size)
@@ -158,14 +163,18 @@ class TorchRunner:
             log.info("%s", tp.describe(config))
         tp.start_sending(self.max_sequences, page_size)
 
+    def _summary_tokens(self) -> int | None:
+        """Quest's tokens per key summary (None: no Quest summaries, sparse off or centroids)."""
+        return self.sparse.summary_tokens if self.sparse is not None and self.groups is None else None
+
     def _size_pool(self) -> int:
         """Pages from config: a fixed count, or a share of the memory left after the weights (GPU:
         device_memory_fraction of what is free now; the rest is for activations and graphs) or
         kv_memory_bytes (CPU)."""
         cfg, settings = self.shard, self.settings
         per_page = PagedKVCache.bytes_per_page(cfg.num_layers, self.page_size, cfg.num_kv_heads, cfg.head_dim,
-                                               self.dtype.itemsize,
-                                               self.sparse.summary_tokens if self.sparse else None)
+                                               self.dtype.itemsize, self._summary_tokens(),
+                                               self.sparse.centroids if self.groups else None)
         if settings.num_pages:
             return settings.num_pages
         if self.device.type == "cuda":
@@ -202,9 +211,12 @@ class TorchRunner:
     def _sparse_stats(self, batch: ForwardBatch) -> AttentionStats:
         if self.sparse is None:
             return AttentionStats()
-        budget, _, _ = page_counts(self.sparse, self.page_size)
-        read, skipped = count_pages([c.end_position for c in batch.sequences if len(c.token_ids) == 1],
-                                    self.page_size, budget)
+        lengths = [c.end_position for c in batch.sequences if len(c.token_ids) == 1]
+        if self.sparse.selector == "centroids":
+            group_pages, budget, _, _ = group_counts(self.sparse, self.page_size)
+            read, skipped = count_group_pages(lengths, self.page_size, group_pages, budget)
+        else:
+            read, skipped = count_pages(lengths, self.page_size, page_counts(self.sparse, self.page_size)[0])
         per_step = self.config.num_kv_heads * (self.config.num_layers - self.sparse.dense_layers)
         return AttentionStats(read * per_step, skipped * per_step)
 
@@ -241,10 +253,16 @@ class TorchRunner:
         if self.settings.validate_batches:
             self.tables.check(chunks, self.page_size)
         if self.graphs is not None and self.graphs.can_run(chunks):
-            return self.graphs.run(chunks, self.next_tokens)
-        layout = build_layout(chunks, self.tables, self.page_size, self.device, self.next_tokens)
-        self.attention.plan(layout)
-        return self.model(layout.token_ids, self.attention, layout.logits_rows), layout.sample_slots
+            result = self.graphs.run(chunks, self.next_tokens)
+        else:
+            layout = build_layout(chunks, self.tables, self.page_size, self.device, self.next_tokens)
+            self.attention.plan(layout)
+            result = self.model(layout.token_ids, self.attention, layout.logits_rows), layout.sample_slots
+        if self.groups is not None:     # the groups this step completed, summarised for the next ones
+            write_group_summaries(self.cache, completed_groups(
+                [(c.start_position, len(c.token_ids), c.page_table) for c in chunks], self.page_size,
+                self.groups[0]))
+        return result
 
     def close(self) -> None:
         """Stop the follower ranks (nothing to do on one device)."""

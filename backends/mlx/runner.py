@@ -93,6 +93,9 @@ class MlxRunner:
         self.model, served = build_model(settings)
         config = self.config = self.model.config
         check_sparse_settings(settings.sparse, settings.page_size, config.num_layers)
+        if settings.sparse.enabled and settings.sparse.selector != "quest":
+            raise ValueError(f"sparse_attention.selector {settings.sparse.selector!r} is not built for the mlx "
+                             f"backend (it has Quest's: selector: quest)")
         self.sparse = settings.sparse if settings.sparse.enabled else None
         self.page_size = page_size = settings.page_size
         self.context_length = settings.context_length or config.context_length

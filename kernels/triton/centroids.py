@@ -7,8 +7,9 @@ centroids [C, d] (8-bit or 16-bit) and per centroid two fp32 numbers, log(count)
 s^2 (mean squared distance per channel of the keys it stands for). It is kept at the physical id
 of the group's last page: a group's last page is shared by two sequences only when the whole group
 is (a prefix shared in the radix tree), so a shared summary always describes the same keys. Only
-complete groups have one; the row's last, incomplete group scores -inf here (it takes no share of
-any head's softmax) and is kept by the selection's recent rule.
+complete groups have one, written after the step that completes the group, so scored are the
+groups complete before the row's last token; the group holding it scores -inf here (it takes no
+share of any head's softmax) and is kept by the selection's recent rule.
 
 Per q head h of the KV head's GQA group and group n, in the attention's log units:
 
@@ -24,6 +25,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from kernels.reference import default_scale, sparse_page_counts
+from kernels.triton.decode import check_kv, default_num_splits, paged_decode, split_k_decode
+from kernels.triton.selection import combine_select
 
 
 @triton.jit
@@ -41,7 +46,8 @@ def _score_tile(Q, Cents, Stats, Out, b, kvh, page, offs_n, full, s_qb, s_qh, s_
     conversions made the kernel issue-bound at ~1.7 TB/s). 8-bit centroids widen to fp16 (one
     conversion per pair; e4m3 is exact in fp16) and q meets them in fp16 (a bf16 q is exact in
     fp16 within its normal range; attention queries are far from its 65504 limit); 16-bit
-    centroids meet q in their own dtype. Products are exact, summed in fp32."""
+    centroids meet q in their own dtype; a float32 q meets them in float32. Products are exact, summed
+    in fp32."""
     offs_c = tl.arange(0, C)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_g = tl.arange(0, GROUP_P)
@@ -52,8 +58,8 @@ def _score_tile(Q, Cents, Stats, Out, b, kvh, page, offs_n, full, s_qb, s_qh, s_
     cents = tl.load(Cents + page[None, :, None] * s_cp + kvh * s_ch + offs_c[:, None, None] * s_cc
                     + offs_d[None, None, :], mask=full[None, :, None], other=0.0)          # [C, N, d]
     rows = tl.reshape(cents, [C * BLOCK_N, HEAD_DIM])
-    if DOT_F32:             # the interpreter's 16-bit dots are wrong (kernels/triton/decode.dot_upcast)
-        rows = rows.to(tl.float32)
+    if DOT_F32 or q.dtype == tl.float32:   # the interpreter's 16-bit dots are wrong (decode.dot_upcast);
+        rows = rows.to(tl.float32)         # a float32 q (float32 serving) keeps its bits
     elif rows.dtype.primitive_bitwidth == 8:
         rows = rows.to(tl.float16)
     dots = tl.dot(rows, q.to(rows.dtype), input_precision="ieee") * scale                  # [C * N, GROUP_P]
@@ -84,7 +90,7 @@ def _centroid_group_logits(Q, Cents, Stats, PT, SeqLens, Out, s_qb, s_qh, s_cp, 
     if first >= tl.cdiv(seq_len, GROUP_PAGES * PAGE_SIZE):
         return      # past the sequence
     offs_n = first + tl.arange(0, BLOCK_N)
-    full = offs_n < seq_len // (GROUP_PAGES * PAGE_SIZE)
+    full = offs_n < (seq_len - 1) // (GROUP_PAGES * PAGE_SIZE)     # summarised before this token
     page = tl.load(PT + b.to(tl.int64) * s_pb + offs_n * GROUP_PAGES + GROUP_PAGES - 1, mask=full, other=0)
     _score_tile(Q, Cents, Stats, Out, b, kvh, page.to(tl.int64), offs_n, full, s_qb, s_qh, s_cp, s_ch, s_cc,
                 s_sp, s_sh, s_sc, s_ob, s_oh, max_groups, scale, GROUP, GROUP_P, HEAD_DIM, C, BLOCK_N, DOT_F32)
@@ -97,7 +103,7 @@ def centroid_group_logits(q: torch.Tensor, cents: torch.Tensor, stats: torch.Ten
     """q [batch, q_heads, d]; cents [num_pages, kv_heads, C, d] (fp8/bf16, at each complete group's
     last page); stats fp32 [num_pages, kv_heads, C, 2] (log count, spread); page_tables int32
     [batch, width] -> fp32 [batch, q_heads, width // group_pages]: each group's L_h(n) / scale
-    (-inf for the incomplete last group; garbage past a sequence, never read by combine_select).
+    (-inf for the last group; garbage past a sequence, never read by combine_select).
     One program per (sequence, KV head, block_n groups)."""
     batch, q_heads, head_dim = q.shape
     kv_heads, clusters = cents.shape[1:3]
@@ -120,3 +126,34 @@ def centroid_group_logits(q: torch.Tensor, cents: torch.Tensor, stats: torch.Ten
         BLOCK_N=block_n, GROUP_PAGES=group_pages, PAGE_SIZE=page_size, DOT_F32=interpreted,
         num_warps=num_warps or 1)
     return out
+
+
+def centroid_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cents: torch.Tensor,
+                           stats: torch.Tensor, page_tables: torch.Tensor, seq_lens: torch.Tensor,
+                           budget_tokens: int, sink_tokens: int, recent_tokens: int, group_pages: int,
+                           scale: float | None = None, interpreted: bool = False, **tuning) -> torch.Tensor:
+    """Batched reference.centroid_select_pages + attend_pages: the group scores
+    (centroid_group_logits), combine_select keeping the budget's groups (sink and recent forced,
+    counted in groups as reference.sparse_page_counts counts pages) and writing their pages'
+    physical ids, then split-K attention over them. q [batch, q_heads, d]; caches [num_pages,
+    page_size, kv_heads, d]; cents, stats as centroid_group_logits takes them; page_tables int32
+    [batch, width]. Static-shaped and sync-free (CUDA-graph safe); when no row can exceed the budget
+    this is paged_decode. tuning: split_k_decode's."""
+    check_kv(q, k_cache, v_cache)
+    page_size, kv_heads = k_cache.shape[1:3]
+    span = page_size * group_pages
+    force = sparse_page_counts(span, budget_tokens, sink_tokens, recent_tokens)
+    width = page_tables.shape[1]
+    if -(-width // group_pages) <= force[0]:
+        return paged_decode(q, k_cache, v_cache, page_tables, seq_lens, scale, **tuning)
+    if width % group_pages:         # whole groups: the last one's missing pages are never attended
+        page_tables = torch.nn.functional.pad(page_tables, (0, group_pages - width % group_pages))
+    scale = default_scale(q.shape[2]) if scale is None else scale
+    logits = centroid_group_logits(q, cents, stats, page_tables, seq_lens, page_size, group_pages, scale,
+                                   interpreted=interpreted)
+    _, physical, vlens = combine_select(logits, page_tables, seq_lens, span, kv_heads, force, scale, force[0],
+                                        expand=group_pages)
+    if tuning.get("num_splits") is None:
+        tuning["num_splits"] = default_num_splits(q.shape[0], kv_heads, physical.shape[2] * page_size, q.device,
+                                                  tuning.get("block_n", 64), min_blocks=2)
+    return split_k_decode(q, k_cache, v_cache, physical, vlens, scale, **tuning)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import torch
 
-from backends.cuda.attention import sparse as quest
 from backends.cuda.attention.summaries import update_summaries
 from backends.cuda.attention.torch_attention import TorchAttention, attend
 from backends.cuda.attention.torch_metadata import AttentionMetadata
@@ -58,7 +57,7 @@ class CpuFusedAttention(TorchAttention):
         sparse, meta = self.sparse_layer(layer), self.meta
         if self.row_seq is None:            # decode rows only
             out = attend(layer, q, self.cache, meta, self.shape.scale, sparse,
-                         dense_decode=fused_decode_attention, fused_sparse=True, page_selector=self.page_selector)
+                         dense_decode=fused_decode_attention, fused_sparse=True, sparse_decode=self.sparse_decode)
             return out.reshape(tokens, q_size)
         # Prefill is dense in every layer (as its decode twin would be below the budget); in a
         # sparse layer only the step's decode rows take Quest's pages.
@@ -66,7 +65,6 @@ class CpuFusedAttention(TorchAttention):
             q, self.cache.k_slots[layer], self.cache.v_slots[layer], self.row_tables, self.row_seq,
             self.key_counts, self.cache.page_size, self.shape.scale)
         if sparse and meta.decode_rows.numel():
-            out[meta.decode_rows] = quest.sparse_decode_attention(
-                q[meta.decode_rows], self.cache, layer, meta, self.shape.scale, fused_decode_attention, True,
-                self.page_selector)
+            out[meta.decode_rows] = self.sparse_decode(q[meta.decode_rows], self.cache, layer, meta,
+                                                       self.shape.scale, fused_decode_attention, True)
         return out.reshape(tokens, q_size)

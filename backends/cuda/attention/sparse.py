@@ -85,8 +85,11 @@ def check_sparse_settings(sparse: SparseSettings, page_size: int, num_layers: in
     """Start-up check of enabled settings against the page size and the model's layer count."""
     if not sparse.enabled:
         return
+    if sparse.selector not in ("quest", "centroids"):
+        raise ValueError(f"sparse_attention.selector {sparse.selector!r} must be quest or centroids")
     page_counts(sparse, page_size)
-    summary_blocks(sparse, page_size)
+    if sparse.selector == "quest":
+        summary_blocks(sparse, page_size)
     if sparse.dense_layers >= num_layers:
         raise ValueError(f"sparse_attention.dense_layers {sparse.dense_layers} leaves none of the "
                          f"model's {num_layers} layers sparse (it must be below {num_layers})")
@@ -114,28 +117,47 @@ class QuestPlan:
     pages_skipped: int
 
 
+@dataclass
+class RowSplit:
+    """A forward's decode rows split by the budget: within it (attended densely) and past it."""
+
+    dense_rows: torch.Tensor        # [Bd] decode rows within the budget
+    sparse_rows: torch.Tensor       # [Bs] decode rows past it
+    dense_pages: torch.Tensor       # [Bd, Wd] their page tables, trimmed to the longest
+    dense_mask: torch.Tensor        # [Bd, 1, 1, Wd * page_size]
+    sparse_pages: torch.Tensor      # [Bs, P] page tables of the sparse rows
+    used: torch.Tensor              # [Bs, 1] pages of each sparse row
+    slot: torch.Tensor              # [page_size] 0..page_size-1
+    slot_head: torch.Tensor         # [1, kv_heads, 1, page_size] slot * kv_heads + head
+
+
+def split_rows(meta: AttentionMetadata, page_size: int, kv_heads: int, budget_pages: int) -> RowSplit:
+    """Rows of more pages than budget_pages are sparse, the others dense."""
+    device = meta.decode_pages.device
+    num_pages = (meta.decode_lengths + page_size - 1) // page_size               # [B]
+    is_sparse = num_pages > budget_pages
+    sparse_rows = is_sparse.nonzero().flatten()
+    dense_rows = (~is_sparse).nonzero().flatten()
+    pages_cpu, sparse_cpu = num_pages.cpu(), is_sparse.cpu()
+    dense_width = int(pages_cpu[~sparse_cpu].max()) if len(dense_rows) else 0
+    slot = torch.arange(page_size, device=device)
+    head = torch.arange(kv_heads, device=device).view(1, kv_heads, 1, 1)
+    return RowSplit(dense_rows=dense_rows, sparse_rows=sparse_rows,
+                    dense_pages=meta.decode_pages[dense_rows][:, :dense_width],
+                    dense_mask=meta.decode_mask[dense_rows][..., :dense_width * page_size],
+                    sparse_pages=meta.decode_pages[sparse_rows], used=num_pages[sparse_rows].unsqueeze(1),
+                    slot=slot, slot_head=slot * kv_heads + head)
+
+
 def make_plan(meta: AttentionMetadata, page_size: int, kv_heads: int, summary_tokens: int) -> QuestPlan:
     budget_pages, sink_pages, recent_pages = page_counts(meta.sparse, page_size)
     device = meta.decode_pages.device
     lengths = meta.decode_lengths
-    num_pages = (lengths + page_size - 1) // page_size                           # [B]
-    is_sparse = num_pages > budget_pages
-    sparse_rows = is_sparse.nonzero().flatten()
-    dense_rows = (~is_sparse).nonzero().flatten()
-    pages_cpu = num_pages.cpu()
-    sparse_cpu = is_sparse.cpu()
-    n_sparse = int(sparse_cpu.sum())
+    rows = split_rows(meta, page_size, kv_heads, budget_pages)
     read, skipped = count_pages(lengths.tolist(), page_size, budget_pages)
-
-    dense_pages = meta.decode_pages[dense_rows]
-    dense_width = int(pages_cpu[~sparse_cpu].max()) if len(dense_rows) else 0
-    dense_pages = dense_pages[:, :dense_width]
-    dense_mask = meta.decode_mask[dense_rows][..., :dense_width * page_size]
-
-    sparse_pages = meta.decode_pages[sparse_rows]
+    sparse_pages, used = rows.sparse_pages, rows.used
     width = sparse_pages.shape[1]
     logical = torch.arange(width, device=device).unsqueeze(0)                    # [1, P]
-    used = num_pages[sparse_rows].unsqueeze(1)                                   # [Bs, 1]
     forced = (logical < sink_pages) | ((logical >= used - recent_pages) & (logical < used))
     padding = torch.zeros(sparse_pages.shape, dtype=torch.float32, device=device)
     padding = padding.masked_fill(logical >= used, float("-inf"))
@@ -143,19 +165,17 @@ def make_plan(meta: AttentionMetadata, page_size: int, kv_heads: int, summary_to
     # A block counts when its first position is written: the unwritten blocks of the last page
     # (and every block of a padding page) never score, whatever their summary holds.
     first = torch.arange(0, width * page_size, summary_tokens, device=device).unsqueeze(0)  # [1, P*blocks]
-    unwritten = first >= lengths[sparse_rows].unsqueeze(1)
-    slot = torch.arange(page_size, device=device)
-    head = torch.arange(kv_heads, device=device).view(1, kv_heads, 1, 1)
+    n_sparse = len(rows.sparse_rows)
+    unwritten = first >= lengths[rows.sparse_rows].unsqueeze(1)
     shortlist = shortlist_pages(page_size, budget_pages, meta.sparse.shortlist_tokens)
     return QuestPlan(
         budget_pages=budget_pages, shortlist_pages=shortlist if 0 < shortlist < width else 0,
-        all_dense=n_sparse == 0, dense_rows=dense_rows,
-        sparse_rows=sparse_rows, dense_pages=dense_pages, dense_mask=dense_mask,
-        sparse_pages=sparse_pages, sparse_lengths=lengths[sparse_rows].view(-1, 1, 1),
-        bias=bias.unsqueeze(1), unwritten=unwritten.view(len(sparse_rows), 1, 1, first.shape[1]),
-        page_unwritten=(logical >= used).view(len(sparse_rows), 1, 1, width), slot=slot,
-        slot_head=slot * kv_heads + head,
-        pages_read=read * kv_heads, pages_skipped=skipped * kv_heads)
+        all_dense=n_sparse == 0, dense_rows=rows.dense_rows,
+        sparse_rows=rows.sparse_rows, dense_pages=rows.dense_pages, dense_mask=rows.dense_mask,
+        sparse_pages=sparse_pages, sparse_lengths=lengths[rows.sparse_rows].view(-1, 1, 1),
+        bias=bias.unsqueeze(1), unwritten=unwritten.view(n_sparse, 1, 1, first.shape[1]),
+        page_unwritten=(logical >= used).view(n_sparse, 1, 1, width), slot=rows.slot,
+        slot_head=rows.slot_head, pages_read=read * kv_heads, pages_skipped=skipped * kv_heads)
 
 
 def count_pages(seq_lens: list[int], page_size: int, budget_pages: int) -> tuple[int, int]:
@@ -368,23 +388,36 @@ def sparse_decode_attention(q: torch.Tensor, cache: PagedKVCache, layer: int, me
     fused: score and attend with the CPU kernels (kernels/cpu/fused.cpp) over each head's chosen
     pages instead of gathering them for SDPA; selection is the same."""
     plan = get_plan(cache, meta)
-    meta.stats.pages_read += plan.pages_read
-    meta.stats.pages_skipped += plan.pages_skipped
-    if plan.all_dense:
+    if counted_all_dense(plan, meta):
         return dense_decode(q, cache, layer, meta, scale)
     k_layer, v_layer = cache.k[layer], cache.v[layer]
     sparse_out, _ = sparse_rows_attention(q[plan.sparse_rows], k_layer, v_layer, cache.kmin[layer],
                                           cache.kmax[layer], plan, scale, fused, cache.pmin[layer],
                                           cache.pmax[layer], page_selector)
-    if not len(plan.dense_rows):
+    return merge_dense_rows(q, sparse_out, cache, layer, meta, plan, scale, fused)
+
+
+def counted_all_dense(plan, meta: AttentionMetadata) -> bool:
+    """Add a sparse layer's page counts (the plan's) to the step's stats; True when every decode row
+    is within the budget, so the layer is exactly dense decode."""
+    meta.stats.pages_read += plan.pages_read
+    meta.stats.pages_skipped += plan.pages_skipped
+    return plan.all_dense
+
+
+def merge_dense_rows(q: torch.Tensor, sparse_out: torch.Tensor, cache: PagedKVCache, layer: int,
+                     meta: AttentionMetadata, rows, scale: float, fused: bool) -> torch.Tensor:
+    """The whole batch's output: the sparse rows' sparse_out beside the dense rows attended densely
+    (rows: a RowSplit or a plan with its fields: sparse_rows, dense_rows, dense_pages, dense_mask)."""
+    if not len(rows.dense_rows):
         return sparse_out
     out = torch.empty_like(q)
-    out[plan.sparse_rows] = sparse_out
+    out[rows.sparse_rows] = sparse_out
     if fused:
-        out[plan.dense_rows] = torch.ops.radixgate_cpu.paged_decode_attention(
-            q[plan.dense_rows], cache.k_slots[layer], cache.v_slots[layer], plan.dense_pages.contiguous(),
-            meta.decode_lengths[plan.dense_rows], cache.page_size, scale)
+        out[rows.dense_rows] = torch.ops.radixgate_cpu.paged_decode_attention(
+            q[rows.dense_rows], cache.k_slots[layer], cache.v_slots[layer], rows.dense_pages.contiguous(),
+            meta.decode_lengths[rows.dense_rows], cache.page_size, scale)
     else:
-        out[plan.dense_rows] = _dense(q[plan.dense_rows], k_layer, v_layer, plan.dense_pages,
-                                      plan.dense_mask, scale)
+        out[rows.dense_rows] = _dense(q[rows.dense_rows], cache.k[layer], cache.v[layer], rows.dense_pages,
+                                      rows.dense_mask, scale)
     return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from backends.cuda.attention import centroids
 from backends.cuda.attention import sparse as quest
 from backends.cuda.attention.base import AttentionBackend
 from backends.cuda.attention.summaries import write_kv_and_summaries
@@ -93,6 +94,17 @@ class TorchAttention(AttentionBackend):
     # another on an instance to compare rules through the same decode path.
     page_selector = staticmethod(quest.choose_pages)
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.sparse is not None and self.sparse.selector == "centroids":     # chosen once, here
+            self.sparse_decode = centroids.centroid_decode_attention
+
+    def sparse_decode(self, q: torch.Tensor, cache: PagedKVCache, layer: int, meta: AttentionMetadata,
+                      scale: float, dense_decode, fused: bool) -> torch.Tensor:
+        """A sparse layer's decode rows: Quest's pages (page_selector's), or with the centroid
+        selector centroids.centroid_decode_attention (set on the instance at construction)."""
+        return quest.sparse_decode_attention(q, cache, layer, meta, scale, dense_decode, fused, self.page_selector)
+
     def plan(self, layout: StepLayout) -> None:
         super().plan(layout)
         self.meta = build_metadata(layout.host_chunks, self.cache.page_size, layout.positions.device,
@@ -106,23 +118,23 @@ class TorchAttention(AttentionBackend):
         v = qkv[:, (heads + kv_heads) * d:].view(tokens, kv_heads, d)
         write_kv_and_summaries(self.cache, layer, qk[:, heads:], v, self.meta)
         out = attend(layer, qk[:, :heads], self.cache, self.meta, self.shape.scale, self.sparse_layer(layer),
-                     page_selector=self.page_selector)
+                     sparse_decode=self.sparse_decode)
         return out.reshape(tokens, heads * d)
 
 
 def attend(layer: int, q: torch.Tensor, cache: PagedKVCache, meta: AttentionMetadata, scale: float,
-           sparse_layer: bool, dense_decode=None, fused_sparse: bool = False,
-           page_selector=quest.choose_pages) -> torch.Tensor:
+           sparse_layer: bool, dense_decode=None, fused_sparse: bool = False, sparse_decode=None) -> torch.Tensor:
     """Attention of q: [T, H, d] over the cache, this batch's K/V already written -> [T, H, d].
 
     dense_decode: the decode function (decode_attention here; the CPU kernel in cpu_fused.py);
+    sparse_decode: a sparse layer's (TorchAttention.sparse_decode; default Quest's engine rule);
     prefill chunks always run SDPA.
     """
     dense_decode = dense_decode or decode_attention
+    sparse_decode = sparse_decode or quest.sparse_decode_attention
     if meta.decode_only:        # rows are exactly the decode rows, in order: no gather / scatter
         if sparse_layer:
-            return quest.sparse_decode_attention(q, cache, layer, meta, scale, dense_decode, fused_sparse,
-                                                 page_selector)
+            return sparse_decode(q, cache, layer, meta, scale, dense_decode, fused_sparse)
         return dense_decode(q, cache, layer, meta, scale)
     out = torch.empty_like(q)
     for seq in meta.prefill:
@@ -131,8 +143,7 @@ def attend(layer: int, q: torch.Tensor, cache: PagedKVCache, meta: AttentionMeta
     if meta.decode_rows.numel():
         q_decode = q[meta.decode_rows]
         if sparse_layer:
-            out[meta.decode_rows] = quest.sparse_decode_attention(q_decode, cache, layer, meta, scale,
-                                                                  dense_decode, fused_sparse, page_selector)
+            out[meta.decode_rows] = sparse_decode(q_decode, cache, layer, meta, scale, dense_decode, fused_sparse)
         else:
             out[meta.decode_rows] = dense_decode(q_decode, cache, layer, meta, scale)
     return out

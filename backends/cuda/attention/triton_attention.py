@@ -15,13 +15,19 @@ from backends.cuda.attention.base import AttentionBackend
 from backends.cuda.layout import StepLayout, graph_batch
 from kernels.reference import sparse_page_counts
 from kernels.triton import extend_attention, paged_decode, sparse_decode, update_page_summaries
-from kernels.triton.decode import default_num_splits
+from kernels.triton.centroids import centroid_sparse_decode
+from kernels.triton.decode import default_num_splits, interpreting
 from kernels.triton.layer_ops import rotary_store
 
 
 class TritonAttention(AttentionBackend):
     name = "triton"
     graph_safe = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.sparse is not None and self.sparse.selector == "centroids":     # chosen once, here
+            self.sparse_decode = self._centroid_decode
 
     def plan(self, layout: StepLayout) -> None:
         super().plan(layout)
@@ -35,9 +41,10 @@ class TritonAttention(AttentionBackend):
         padded = graph_batch(nd) if nd else 1
         self.dense_splits = default_num_splits(padded, kv_heads, layout.tables.shape[1] * page_size, device)
         if self.sparse is not None:
-            budget, _, _ = sparse_page_counts(page_size, self.sparse.token_budget, self.sparse.sink_tokens,
+            unit = self.sparse.group_tokens if self.sparse.selector == "centroids" else page_size
+            budget, _, _ = sparse_page_counts(unit, self.sparse.token_budget, self.sparse.sink_tokens,
                                               self.sparse.recent_tokens)
-            self.sparse_splits = default_num_splits(padded, kv_heads, budget * page_size, device, min_blocks=2)
+            self.sparse_splits = default_num_splits(padded, kv_heads, budget * unit, device, min_blocks=2)
 
     def forward(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
         heads, kv_heads, d = self.shape.heads, self.shape.kv_heads, self.shape.head_dim
@@ -54,11 +61,7 @@ class TritonAttention(AttentionBackend):
         nd = layout.num_decode
         if nd:
             if self.sparse_layer(layer):
-                s = self.sparse
-                sparse_decode(q[:nd], k_cache, v_cache, cache.kmin[layer], cache.kmax[layer], self.decode_tables,
-                              self.decode_lens, s.token_budget, s.sink_tokens, s.recent_tokens, self.shape.scale,
-                              num_splits=self.sparse_splits, out=out[:nd], pmin=cache.pmin[layer],
-                              pmax=cache.pmax[layer], shortlist_tokens=s.shortlist_tokens)
+                self.sparse_decode(layer, q[:nd], out[:nd])
             else:
                 paged_decode(q[:nd], k_cache, v_cache, self.decode_tables, self.decode_lens, self.shape.scale,
                              num_splits=self.dense_splits, out=out[:nd])
@@ -66,3 +69,20 @@ class TritonAttention(AttentionBackend):
             extend_attention(q[nd:], k_cache, v_cache, self.extend_tables, layout.extend_cu, self.extend_starts,
                              self.shape.scale, max_new_tokens=layout.max_new_tokens, out=out[nd:])
         return out.view(tokens, q_size)
+
+    def sparse_decode(self, layer: int, q: torch.Tensor, out: torch.Tensor) -> None:
+        """A sparse layer's decode rows by Quest (kernels/triton/sparse.py), into out."""
+        s, cache = self.sparse, self.cache
+        sparse_decode(q, cache.k[layer], cache.v[layer], cache.kmin[layer], cache.kmax[layer], self.decode_tables,
+                      self.decode_lens, s.token_budget, s.sink_tokens, s.recent_tokens, self.shape.scale,
+                      num_splits=self.sparse_splits, out=out, pmin=cache.pmin[layer], pmax=cache.pmax[layer],
+                      shortlist_tokens=s.shortlist_tokens)
+
+    def _centroid_decode(self, layer: int, q: torch.Tensor, out: torch.Tensor) -> None:
+        """The same by the centroid selector (kernels/triton/centroids.py); its summaries are
+        written by the runner after each step (attention/centroids.write_group_summaries)."""
+        s, cache = self.sparse, self.cache
+        centroid_sparse_decode(q, cache.k[layer], cache.v[layer], cache.cents[layer], cache.cstats[layer],
+                               self.decode_tables, self.decode_lens, s.token_budget, s.sink_tokens,
+                               s.recent_tokens, cache.group_pages, self.shape.scale, interpreted=interpreting(),
+                               num_splits=self.sparse_splits, out=out)

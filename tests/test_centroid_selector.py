@@ -1,0 +1,230 @@
+"""The centroid selector (sparse_attention.selector: centroids) in the torch, CPU-kernel and Triton
+paths against kernels/reference.py, and its write path.
+
+Random paged caches with ragged lengths (rows within the budget, rows ending on a group boundary,
+inside a group and inside a page), shuffled page tables, summaries written the engine's way
+(attention/centroids.write_group_summaries, for the groups complete before each row's token); every
+path must choose reference.centroid_select_pages's pages and give reference.attend_pages's output.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from backends.base import SparseSettings
+from backends.cuda.attention import centroids as ca
+from backends.cuda.attention.cpu_fused import fused_decode_attention
+from backends.cuda.attention.torch_attention import decode_attention
+from backends.cuda.attention.torch_metadata import build_metadata
+from backends.cuda.kv_cache import PagedKVCache
+from backends.cuda.kv_store import TorchKVStore
+from kernels import reference
+from kernels.cpu import build as cpu_kernels
+
+PAGE, GROUP_PAGES, CLUSTERS = 4, 2, 4
+SPAN = PAGE * GROUP_PAGES
+SETTINGS = SparseSettings(True, token_budget=5 * SPAN, dense_layers=0, sink_tokens=SPAN, recent_tokens=SPAN,
+                          selector="centroids", centroids=CLUSTERS, group_tokens=SPAN)
+LENGTHS = [30 * SPAN + 3, 12 * SPAN, 4 * SPAN + 1, 9 * SPAN + 6, 5 * SPAN]
+
+
+def random_cache(lengths: list[int], kv_heads: int, head_dim: int, seed: int, layers: int = 2):
+    """One sequence per length on its own shuffled pages, keys with structure per page (so groups
+    differ), summaries of the groups complete before each row's last token written as the engine
+    writes them."""
+    gen = torch.Generator().manual_seed(seed)
+    used = [-(-n // PAGE) for n in lengths]
+    num_pages = sum(used) + 5
+    cache = PagedKVCache(layers, num_pages, PAGE, kv_heads, head_dim, torch.float32, "cpu",
+                         centroids=(CLUSTERS, GROUP_PAGES))
+    cache.k.copy_(torch.randn(cache.k.shape, generator=gen))
+    cache.k += torch.randn(layers, num_pages + 1, 1, kv_heads, head_dim, generator=gen) * 2
+    cache.v.copy_(torch.randn(cache.v.shape, generator=gen))
+    order = (torch.randperm(num_pages - 1, generator=gen) + 1).tolist()
+    tables, at = [], 0
+    for count in used:
+        tables.append(order[at:at + count])
+        at += count
+    ca.write_group_summaries(cache, ca.completed_groups([(0, n - 1, t) for n, t in zip(lengths, tables, strict=True)],
+                                                        PAGE, GROUP_PAGES))
+    return cache, tables
+
+
+def expected(q, cache, layer, lengths, tables, scale):
+    rows = []
+    for row, (n, table) in enumerate(zip(lengths, tables, strict=True)):
+        t = torch.tensor(table)
+        chosen = reference.centroid_select_pages(q[row], cache.cents[layer], cache.cstats[layer], t, n, PAGE,
+                                                 GROUP_PAGES, scale, SETTINGS.token_budget, SETTINGS.sink_tokens,
+                                                 SETTINGS.recent_tokens)
+        rows.append(reference.attend_pages(q[row], cache.k[layer], cache.v[layer], t, n, chosen, scale))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("fused, head_dim", [(False, 16), (True, 32)])
+@pytest.mark.parametrize("group", [1, 3])
+def test_torch_and_cpu_paths_match_the_reference(fused, head_dim, group):
+    if fused and not cpu_kernels.load().available:
+        pytest.skip("the CPU kernels are not built here")
+    kv_heads, scale = 2, 0.3
+    cache, tables = random_cache(LENGTHS, kv_heads, head_dim, seed=head_dim + group)
+    q = torch.randn(len(LENGTHS), kv_heads * group, head_dim)
+    for layer in range(2):
+        meta = build_metadata([(n - 1, 1, t) for n, t in zip(LENGTHS, tables, strict=True)], PAGE, "cpu", SETTINGS)
+        dense = fused_decode_attention if fused else decode_attention
+        got = ca.centroid_decode_attention(q, cache, layer, meta, scale, dense, fused)
+        torch.testing.assert_close(got, expected(q, cache, layer, LENGTHS, tables, scale), atol=1e-5, rtol=1e-5)
+        # pages read and skipped: whole groups; a chosen last group may be partial
+        plan = meta._centroid_plan
+        read = skipped = 0
+        for n in LENGTHS:
+            pages, groups = -(-n // PAGE), -(-n // SPAN)
+            dropped = max(0, groups - 5) * GROUP_PAGES
+            read, skipped = read + pages - dropped, skipped + dropped
+        assert (plan.pages_read, plan.pages_skipped) == (read * kv_heads, skipped * kv_heads)
+
+
+def test_reads_only_the_chosen_groups():
+    """Poison every page of the groups the selection leaves out: the output must not change."""
+    lengths, kv_heads, head_dim = [20 * SPAN + 5], 2, 16
+    cache, tables = random_cache(lengths, kv_heads, head_dim, seed=3)
+    q = torch.randn(1, kv_heads * 2, head_dim)
+    meta = build_metadata([(lengths[0] - 1, 1, tables[0])], PAGE, "cpu", SETTINGS)
+    before = ca.centroid_decode_attention(q, cache, 0, meta, 0.3, decode_attention)
+    chosen = reference.centroid_select_pages(q[0], cache.cents[0], cache.cstats[0], torch.tensor(tables[0]),
+                                             lengths[0], PAGE, GROUP_PAGES, 0.3, SETTINGS.token_budget,
+                                             SETTINGS.sink_tokens, SETTINGS.recent_tokens)
+    table = torch.tensor(tables[0])
+    for head in range(kv_heads):
+        skipped = torch.ones(len(table), dtype=torch.bool)
+        skipped[chosen[head]] = False
+        assert int(skipped.sum()) == len(table) - chosen.shape[1] > 0
+        cache.k[0][table[skipped], :, head] = float("nan")
+        cache.v[0][table[skipped], :, head] = float("nan")
+    meta = build_metadata([(lengths[0] - 1, 1, tables[0])], PAGE, "cpu", SETTINGS)
+    assert torch.equal(before, ca.centroid_decode_attention(q, cache, 0, meta, 0.3, decode_attention))
+
+
+@pytest.mark.usefixtures("triton_interpreter")
+def test_triton_path_matches_the_reference():
+    """kernels/triton/centroids.centroid_sparse_decode (the Triton backend's) under the interpreter,
+    with a page-table width that is not a whole number of groups."""
+    pytest.importorskip("triton")
+    from kernels.triton.centroids import centroid_sparse_decode
+    kv_heads, group, head_dim, scale = 2, 2, 64, 0.125
+    cache, tables = random_cache(LENGTHS, kv_heads, head_dim, seed=7, layers=1)
+    width = max(len(t) for t in tables) | 1         # odd: not a whole number of groups
+    assert width % GROUP_PAGES
+    table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    q = torch.randn(len(LENGTHS), kv_heads * group, head_dim)
+    got = centroid_sparse_decode(q, cache.k[0], cache.v[0], cache.cents[0], cache.cstats[0], table,
+                                 torch.tensor(LENGTHS, dtype=torch.int32), SETTINGS.token_budget,
+                                 SETTINGS.sink_tokens, SETTINGS.recent_tokens, GROUP_PAGES, scale, interpreted=True)
+    torch.testing.assert_close(got, expected(q, cache, 0, LENGTHS, tables, scale), atol=1e-4, rtol=1e-4)
+
+
+def test_write_path_summarises_each_completed_group_as_the_reference():
+    """Prefill chunks of several sizes and decodes: after each step every group the sequence has
+    completed holds the reference's summary of its keys (kernels/reference.centroid_group_summaries),
+    and no other page holds one; the page table is shuffled, so a summary at a wrong page shows."""
+    kv_heads, head_dim, layers = 2, 8, 2
+    gen = torch.Generator().manual_seed(11)
+    num_pages = 40
+    cache = PagedKVCache(layers, num_pages, PAGE, kv_heads, head_dim, torch.float32, "cpu",
+                         centroids=(CLUSTERS, GROUP_PAGES))
+    cache.k.copy_(torch.randn(cache.k.shape, generator=gen))
+    table = (torch.randperm(num_pages - 1, generator=gen) + 1).tolist()
+    written = 0
+    for count in [13, 1, 1, 2, 9, 1, 1, 1, 16, 3, 1]:
+        groups = ca.completed_groups([(written, count, table)], PAGE, GROUP_PAGES)
+        assert len(groups) == (written + count) // SPAN - written // SPAN
+        ca.write_group_summaries(cache, groups)
+        written += count
+        lasts = [table[(g + 1) * GROUP_PAGES - 1] for g in range(written // SPAN)]
+        for layer in range(layers):
+            cents = torch.zeros_like(cache.cents[layer])
+            stats = torch.zeros_like(cache.cstats[layer])
+            reference.centroid_group_summaries(cache.k[layer], cents, stats, torch.tensor(table), written, PAGE,
+                                               GROUP_PAGES)
+            assert torch.equal(cache.cents[layer].view(torch.uint8), cents.view(torch.uint8))
+            assert torch.equal(cache.cstats[layer], stats)
+            assert bool((cache.cstats[layer, lasts, :, :, 0] > -1).all())        # log counts: written
+    assert written // SPAN >= 6
+
+
+def test_summaries_move_with_their_pages_between_tiers():
+    """The host tier carries a page's centroid summary with its K/V (TorchKVStore.page_parts)."""
+    from backends.kv_store import KVLayout, Tier
+    cache, tables = random_cache(LENGTHS[:2], 2, 16, seed=13)
+    per_page = PagedKVCache.bytes_per_page(2, PAGE, 2, 16, 4, centroids=CLUSTERS)
+    assert TorchKVStore.bytes_per_page(cache) == per_page
+    shape = dict(model="m", weights="w", kv_dtype="float32", device="cpu", attention="torch", page_size=PAGE,
+                 num_layers=2, kv_heads=2, head_dim=16, summary_tokens=None, page_bytes=per_page)
+    layout = KVLayout(**shape, centroids=f"{CLUSTERS}x{GROUP_PAGES}")
+    # an L3 file of pages without centroids keeps its key; pages with them get another
+    assert "centroids" not in KVLayout(**shape).key() and layout.key() != KVLayout(**shape).key()
+    store = TorchKVStore(cache, 8, layout)
+    last = tables[0][GROUP_PAGES - 1]
+    cents, stats, k = cache.cents[:, last].clone(), cache.cstats[:, last].clone(), cache.k[:, last].clone()
+    assert stats.abs().sum() > 0
+    store.copy_pages(Tier.DEVICE, Tier.HOST, [last], [3]).wait()
+    spare = cache.num_pages - 1
+    store.copy_pages(Tier.HOST, Tier.DEVICE, [3], [spare]).wait()
+    assert torch.equal(cache.cents[:, spare].view(torch.uint8), cents.view(torch.uint8))
+    assert torch.equal(cache.cstats[:, spare], stats) and torch.equal(cache.k[:, spare], k)
+
+
+def test_attention_backends_agree_through_the_runner(request):
+    """A random tiny model with the centroid selector on every attention backend here (torch;
+    cpu_fused when its C++ ops build; triton under the interpreter): a prefill in chunks, then
+    greedy decodes across group boundaries past the budget give the same tokens and logits, the
+    stats count whole groups, and every completed group carries its summary."""
+    import importlib.util
+
+    import numpy as np
+
+    from backends.base import ForwardBatch, RunnerSettings, SampleSpec, SequenceChunk
+    from backends.cuda.runner import TorchRunner
+    from backends.sampling_params import SamplingParams
+
+    names = ["torch"] + (["cpu_fused"] if cpu_kernels.load().available else [])
+    if importlib.util.find_spec("triton") is not None:
+        request.getfixturevalue("triton_interpreter")
+        names.append("triton")
+    sparse = SparseSettings(True, token_budget=48, dense_layers=1, sink_tokens=8, recent_tokens=8,
+                            selector="centroids", centroids=4, group_tokens=16)
+    greedy = SampleSpec(SamplingParams(temperature=0), 0.5)
+    prompt = np.random.default_rng(5).integers(0, 200, 70).tolist()
+    table = list(range(1, 1 + (70 + 24) // 8 + 1))
+    results = {}
+    for name in names:
+        runner = TorchRunner(RunnerSettings("random", "tiny", "tiny", dtype="float32", page_size=8, num_pages=48,
+                                            threads=1, context_length=256, attention=name, max_sequences=2,
+                                            sparse=sparse, validate_batches=True))
+        assert runner.cache.cents is not None and runner.cache.kmin is None
+        out, logits, stats = [], [], []
+        for start in (0, 30, 60):
+            chunk = prompt[start:start + 30]
+            result = runner.forward(ForwardBatch([SequenceChunk(chunk, start, table, 0, 1, greedy)],
+                                                 return_logits=True))
+        for step in range(24):
+            out.append(result.tokens[0].token_id)
+            logits.append(result.logits[0])
+            result = runner.forward(ForwardBatch([SequenceChunk([out[-1]], 70 + step, table, 0, 1, greedy)],
+                                                 return_logits=True))
+            stats.append((result.attention.pages_read, result.attention.pages_skipped))
+        length = 70 + 24
+        lasts = torch.tensor(table[1:length // 16 * 2:2])
+        assert bool((runner.cache.cstats[:, lasts, :, :, 0] > -1).all()), "a completed group has no summary"
+        results[name] = out, np.stack(logits), stats
+        layers, kv_heads = runner.config.num_layers - 1, runner.config.num_kv_heads     # the first is dense
+    want_tokens, want_logits, want_stats = results["torch"]
+    for i, (read, skipped) in enumerate(want_stats):
+        n = 70 + i + 1
+        dropped = max(0, -(-n // 16) - 3) * 2
+        assert (read, skipped) == ((-(-n // 8) - dropped) * kv_heads * layers, dropped * kv_heads * layers)
+    assert want_stats[-1][1] > 0
+    for name in names[1:]:
+        tokens, logits, stats = results[name]
+        assert tokens == want_tokens and stats == want_stats, name
+        np.testing.assert_allclose(logits, want_logits, rtol=0, atol=1e-4, err_msg=name)
