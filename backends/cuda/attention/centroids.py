@@ -10,7 +10,7 @@ before its own token, and the group holding that token is attended as the recent
 
 Per decode row past the budget: each q head's estimated log-mass of every summarised group,
 a log-softmax over them, the max over the GQA group; sink, recent and the best groups fill the
-budget; attention reads the chosen groups' pages straight from the cache (sparse.attend_pages, or
+budget; attention reads the chosen groups' pages straight from the cache (sparse_rows.attend_pages, or
 the CPU kernel over each head's page list).
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from backends.base import SparseSettings
-from backends.cuda.attention import sparse as quest
+from backends.cuda.attention.sparse_rows import RowSplit, attend_pages, counted_all_dense, merge_dense_rows, split_rows
 from kernels import reference as ref
 
 if TYPE_CHECKING:
@@ -81,12 +81,12 @@ def write_group_summaries(cache: PagedKVCache, groups: list[list[int]]) -> None:
 @dataclass
 class CentroidPlan:
     """Per-forward layout of the decode rows for the centroid selector, shared by every sparse layer
-    (the attributes sparse.attend_pages reads are named as in QuestPlan)."""
+    (the attributes sparse_rows.attend_pages reads are named as in QuestPlan)."""
 
     group_pages: int
     budget_groups: int
     all_dense: bool
-    rows: quest.RowSplit
+    rows: RowSplit
     sparse_rows: torch.Tensor       # [Bs]
     sparse_pages: torch.Tensor      # [Bs, G * group_pages] page tables, padded to whole groups
     sparse_lengths: torch.Tensor    # [Bs, 1, 1]
@@ -116,7 +116,7 @@ def make_plan(meta: AttentionMetadata, page_size: int, kv_heads: int) -> Centroi
     group_pages, budget, sink, recent = group_counts(meta.sparse, page_size)
     device = meta.decode_pages.device
     lengths = meta.decode_lengths
-    rows = quest.split_rows(meta, page_size, kv_heads, budget * group_pages)
+    rows = split_rows(meta, page_size, kv_heads, budget * group_pages)
     read, skipped = count_group_pages(lengths.tolist(), page_size, group_pages, budget)
     span = page_size * group_pages
     sparse_lengths = lengths[rows.sparse_rows]
@@ -194,11 +194,11 @@ def centroid_decode_attention(q: torch.Tensor, cache: PagedKVCache, layer: int, 
     """Decode attention of B single-token queries [B, H, d] for one sparse-eligible layer, as
     sparse.sparse_decode_attention but choosing whole groups by their centroids."""
     plan = get_plan(cache, meta)
-    if quest.counted_all_dense(plan, meta):
+    if counted_all_dense(plan, meta):
         return dense_decode(q, cache, layer, meta, scale)
     k_layer, v_layer = cache.k[layer], cache.v[layer]
     q_sparse = q[plan.sparse_rows]
     chosen = choose_pages(q_sparse, cache.cents[layer], cache.cstats[layer], plan, scale)
-    attend = attend_fused if fused else quest.attend_pages
+    attend = attend_fused if fused else attend_pages
     sparse_out = attend(q_sparse, k_layer, v_layer, chosen, plan, scale)
-    return quest.merge_dense_rows(q, sparse_out, cache, layer, meta, plan.rows, scale, fused)
+    return merge_dense_rows(q, sparse_out, cache, layer, meta, plan.rows, scale, fused)

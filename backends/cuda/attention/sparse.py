@@ -27,7 +27,9 @@ Stats (meta.stats, per eligible layer): a sparse row reads budget_pages * kv_hea
 (num_pages - budget_pages) * kv_heads; a row within the budget reads num_pages * kv_heads.
 
 Everything that is the same for every layer (which rows are sparse, the forced pages, the stats) is
-computed once per forward and kept on the metadata object as `meta._quest_plan`.
+computed once per forward and kept on the metadata object as `meta._quest_plan`. What does not
+depend on the selector (the row split, attention over the chosen pages, the dense rows) is in
+attention/sparse_rows.py, shared with the centroid selector (attention/centroids.py).
 """
 from __future__ import annotations
 
@@ -35,9 +37,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 from backends.base import SparseSettings
+from backends.cuda.attention.sparse_rows import attend_pages, counted_all_dense, merge_dense_rows, split_rows
 from kernels.reference import shortlist_pages
 
 if TYPE_CHECKING:
@@ -115,38 +117,6 @@ class QuestPlan:
     slot_head: torch.Tensor         # [1, kv_heads, 1, page_size] slot * kv_heads + head
     pages_read: int
     pages_skipped: int
-
-
-@dataclass
-class RowSplit:
-    """A forward's decode rows split by the budget: within it (attended densely) and past it."""
-
-    dense_rows: torch.Tensor        # [Bd] decode rows within the budget
-    sparse_rows: torch.Tensor       # [Bs] decode rows past it
-    dense_pages: torch.Tensor       # [Bd, Wd] their page tables, trimmed to the longest
-    dense_mask: torch.Tensor        # [Bd, 1, 1, Wd * page_size]
-    sparse_pages: torch.Tensor      # [Bs, P] page tables of the sparse rows
-    used: torch.Tensor              # [Bs, 1] pages of each sparse row
-    slot: torch.Tensor              # [page_size] 0..page_size-1
-    slot_head: torch.Tensor         # [1, kv_heads, 1, page_size] slot * kv_heads + head
-
-
-def split_rows(meta: AttentionMetadata, page_size: int, kv_heads: int, budget_pages: int) -> RowSplit:
-    """Rows of more pages than budget_pages are sparse, the others dense."""
-    device = meta.decode_pages.device
-    num_pages = (meta.decode_lengths + page_size - 1) // page_size               # [B]
-    is_sparse = num_pages > budget_pages
-    sparse_rows = is_sparse.nonzero().flatten()
-    dense_rows = (~is_sparse).nonzero().flatten()
-    pages_cpu, sparse_cpu = num_pages.cpu(), is_sparse.cpu()
-    dense_width = int(pages_cpu[~sparse_cpu].max()) if len(dense_rows) else 0
-    slot = torch.arange(page_size, device=device)
-    head = torch.arange(kv_heads, device=device).view(1, kv_heads, 1, 1)
-    return RowSplit(dense_rows=dense_rows, sparse_rows=sparse_rows,
-                    dense_pages=meta.decode_pages[dense_rows][:, :dense_width],
-                    dense_mask=meta.decode_mask[dense_rows][..., :dense_width * page_size],
-                    sparse_pages=meta.decode_pages[sparse_rows], used=num_pages[sparse_rows].unsqueeze(1),
-                    slot=slot, slot_head=slot * kv_heads + head)
 
 
 def make_plan(meta: AttentionMetadata, page_size: int, kv_heads: int, summary_tokens: int) -> QuestPlan:
@@ -228,19 +198,6 @@ def select_pages(scores: torch.Tensor, bias: torch.Tensor, budget_pages: int) ->
     """
     picked = (scores + bias).topk(budget_pages, dim=-1, sorted=False).indices
     return picked.sort(dim=-1).values
-
-
-def _dense(q: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor, pages: torch.Tensor,
-           mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """decode_attention's math on a subset of rows: q [B, H, d] over pages [B, W] -> [B, H, d]."""
-    batch, width = pages.shape
-    page_size, kv_heads, head_dim = k_layer.shape[1:]
-    flat = pages.flatten()
-    k = k_layer.index_select(0, flat).view(batch, width * page_size, kv_heads, head_dim).transpose(1, 2)
-    v = v_layer.index_select(0, flat).view(batch, width * page_size, kv_heads, head_dim).transpose(1, 2)
-    out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=scale,
-                                         enable_gqa=True)
-    return out.squeeze(2)
 
 
 def choose_pages(q: torch.Tensor, kmin_layer: torch.Tensor, kmax_layer: torch.Tensor,
@@ -330,26 +287,6 @@ def gather_summaries(kmin_layer: torch.Tensor, kmax_layer: torch.Tensor, pages: 
     return kmin, kmax
 
 
-def attend_pages(q: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor, chosen: torch.Tensor,
-                 plan: QuestPlan, scale: float) -> torch.Tensor:
-    """Attention of the sparse rows' q [Bs, H, d] over the chosen logical pages [Bs, kv_heads, k]
-    of each KV head, read straight from the paged cache -> [Bs, H, d]."""
-    batch, heads, head_dim = q.shape
-    page_size, kv_heads = k_layer.shape[1:3]
-    group = heads // kv_heads
-    physical = plan.sparse_pages.gather(1, chosen.flatten(1)).view_as(chosen)    # [Bs, kvh, k]
-    # Flat row (page * page_size + slot) * kv_heads + head of the cache viewed as [-1, d].
-    rows = (physical.unsqueeze(-1) * (page_size * kv_heads) + plan.slot_head).flatten()
-    span = chosen.shape[-1] * page_size
-    k = k_layer.view(-1, head_dim).index_select(0, rows).view(batch, kv_heads, span, head_dim)
-    v = v_layer.view(-1, head_dim).index_select(0, rows).view(batch, kv_heads, span, head_dim)
-    positions = (chosen.unsqueeze(-1) * page_size + plan.slot).view(batch, kv_heads, 1, span)
-    mask = positions < plan.sparse_lengths.unsqueeze(-1)                         # [Bs, kvh, 1, span]
-    qg = q.view(batch, kv_heads, group, head_dim)
-    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
-    return out.reshape(batch, heads, head_dim)
-
-
 def attend_pages_fused(q: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor, chosen: torch.Tensor,
                        plan: QuestPlan, scale: float) -> torch.Tensor:
     """attend_pages in the CPU kernel: each KV head reads its own chosen pages [Bs, kv_heads, k]
@@ -395,29 +332,3 @@ def sparse_decode_attention(q: torch.Tensor, cache: PagedKVCache, layer: int, me
                                           cache.kmax[layer], plan, scale, fused, cache.pmin[layer],
                                           cache.pmax[layer], page_selector)
     return merge_dense_rows(q, sparse_out, cache, layer, meta, plan, scale, fused)
-
-
-def counted_all_dense(plan, meta: AttentionMetadata) -> bool:
-    """Add a sparse layer's page counts (the plan's) to the step's stats; True when every decode row
-    is within the budget, so the layer is exactly dense decode."""
-    meta.stats.pages_read += plan.pages_read
-    meta.stats.pages_skipped += plan.pages_skipped
-    return plan.all_dense
-
-
-def merge_dense_rows(q: torch.Tensor, sparse_out: torch.Tensor, cache: PagedKVCache, layer: int,
-                     meta: AttentionMetadata, rows, scale: float, fused: bool) -> torch.Tensor:
-    """The whole batch's output: the sparse rows' sparse_out beside the dense rows attended densely
-    (rows: a RowSplit or a plan with its fields: sparse_rows, dense_rows, dense_pages, dense_mask)."""
-    if not len(rows.dense_rows):
-        return sparse_out
-    out = torch.empty_like(q)
-    out[rows.sparse_rows] = sparse_out
-    if fused:
-        out[rows.dense_rows] = torch.ops.radixgate_cpu.paged_decode_attention(
-            q[rows.dense_rows], cache.k_slots[layer], cache.v_slots[layer], rows.dense_pages.contiguous(),
-            meta.decode_lengths[rows.dense_rows], cache.page_size, scale)
-    else:
-        out[rows.dense_rows] = _dense(q[rows.dense_rows], cache.k[layer], cache.v[layer], rows.dense_pages,
-                                      rows.dense_mask, scale)
-    return out
