@@ -3,6 +3,7 @@ profiled kernel by kernel (torch.profiler over several replays), next to the ste
 
     python3 -m bench.profile_step --batch 1 --context 512
     python3 -m bench.profile_step --batch 16 --context 32768 --sparse     # Quest decode, engine defaults
+    python3 -m bench.profile_step --batch 16 --context 32768 --sparse --selector centroids
     python3 -m bench.profile_step --batch 1 --tp 2                        # rank 0 of tensor parallel
 
 Prints per kernel name: launches per step, mean us per launch, us per step, share of the step; then
@@ -36,12 +37,14 @@ def main() -> None:
     parser.add_argument("--tp", type=int, default=1, help="tensor_parallel_size (rank 0's kernels are profiled)")
     parser.add_argument("--sparse", action="store_true", help="Quest sparse decode with the engine's defaults "
                         "(budget 2048, 2 dense layers, sink 16, recent 64, 4-token summaries)")
+    parser.add_argument("--selector", default="quest", choices=["quest", "centroids"],
+                        help="with --sparse: sparse_attention.selector (centroids: 8 per 64 tokens)")
     args = parser.parse_args()
     device = torch.device("cuda")
     bw = copy_bandwidth(device)
     page_size = 16
     pages = -(-(args.context + 4 * args.steps + 64) // page_size)
-    sparse = SparseSettings(enabled=True) if args.sparse else SparseSettings()
+    sparse = SparseSettings(enabled=True, selector=args.selector) if args.sparse else SparseSettings()
     runner = TorchRunner(RunnerSettings("random", args.model, args.model, dtype="bfloat16", device="cuda",
                                         cuda_graphs=True, num_pages=args.batch * pages + 64,
                                         max_sequences=max(64, args.batch),
