@@ -1,11 +1,12 @@
 """The Triton attention backend (CUDA; on CPU only under TRITON_INTERPRET=1, as tests run it).
 
 Per layer: one kernel rotates q and k in place and writes k, v into their slots
-(kernels/triton/layer_ops.rotary_store); with sparse decode on, one kernel refreshes the key
-summaries (blocks and whole pages) of the touched pages; then the decode rows [0, num_decode) run split-K paged decode
-(dense, or Quest sparse past the dense layers) and the extend rows run the varlen extend kernel,
-both writing into one output. forward() never syncs with the host, so after one plan() over the
-static buffers of a batch-size bucket it is captured in a CUDA graph (backends/cuda/graphs.py).
+(kernels/triton/layer_ops.rotary_store); with Quest sparse decode on, one kernel refreshes the key
+summaries (blocks and whole pages) of the touched pages; then the decode rows [0, num_decode) run
+split-K paged decode (dense, or sparse past the dense layers: Quest, or the centroid selector,
+whose summaries the runner writes after the step) and the extend rows run the varlen extend
+kernel, both writing into one output. forward() never syncs with the host, so after one plan()
+over the static buffers of a batch-size bucket it is captured in a CUDA graph (backends/cuda/graphs.py).
 """
 from __future__ import annotations
 
