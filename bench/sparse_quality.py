@@ -434,13 +434,13 @@ def no_summaries(runner: TorchRunner, off: bool):
     """With off, the cache has no summaries for the duration: nothing writes them, as in a server
     with sparse attention off (the dense baseline of the timing)."""
     cache = runner.cache
-    saved = cache.kmin, cache.kmax, cache.pmin, cache.pmax, runner.groups
+    saved = cache.kmin, cache.kmax, cache.pmin, cache.pmax, runner.group_pages
     if off:
-        cache.kmin = cache.kmax = cache.pmin = cache.pmax = runner.groups = None
+        cache.kmin = cache.kmax = cache.pmin = cache.pmax = runner.group_pages = None
     try:
         yield
     finally:
-        cache.kmin, cache.kmax, cache.pmin, cache.pmax, runner.groups = saved
+        cache.kmin, cache.kmax, cache.pmin, cache.pmax, runner.group_pages = saved
 
 
 def prefill(runner: TorchRunner, seqs: list[tuple[list[int], list[int]]], chunk: int) -> None:

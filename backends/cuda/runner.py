@@ -121,10 +121,10 @@ class TorchRunner:
         del weights
         check_sparse_settings(settings.sparse, settings.page_size, config.num_layers)
         self.sparse = settings.sparse if settings.sparse.enabled else None
-        # the centroid selector: (group_pages, budget_groups, ...); its summaries are written after
-        # each step's forward (centroids.write_group_summaries), outside any CUDA graph
-        self.groups = (group_counts(self.sparse, settings.page_size)
-                       if self.sparse is not None and self.sparse.selector == "centroids" else None)
+        # the centroid selector's pages per group (None: not on); its summaries are written after each
+        # step's forward (centroids.write_group_summaries), outside any CUDA graph
+        self.group_pages = (group_counts(self.sparse, settings.page_size)[0]
+                            if self.sparse is not None and self.sparse.selector == "centroids" else None)
 
         self.page_size = page_size = settings.page_size
         self.context_length = settings.context_length or config.context_length
@@ -132,7 +132,7 @@ class TorchRunner:
         self.num_pages = tp.agree_min(self._size_pool())     # every rank holds the same pages
         self.cache = PagedKVCache(config.num_layers, self.num_pages, page_size, shard.num_kv_heads,
                                   config.head_dim, self.dtype, device, self._summary_tokens(),
-                                  (self.sparse.centroids, self.groups[0]) if self.groups else None)
+                                  (self.sparse.centroids, self.group_pages) if self.group_pages else None)
         max_pages = -(-self.context_length // page_size)
         self.tables = PageTableStore(self.max_sequences, max_pages, self.cache.scratch_page, device)
         cos, sin = self.model.rotary_tables(max_pages * page_size)
@@ -165,7 +165,7 @@ class TorchRunner:
 
     def _summary_tokens(self) -> int | None:
         """Quest's tokens per key summary (None: no Quest summaries, sparse off or centroids)."""
-        return self.sparse.summary_tokens if self.sparse is not None and self.groups is None else None
+        return self.sparse.summary_tokens if self.sparse is not None and self.group_pages is None else None
 
     def _size_pool(self) -> int:
         """Pages from config: a fixed count, or a share of the memory left after the weights (GPU:
@@ -174,7 +174,7 @@ class TorchRunner:
         cfg, settings = self.shard, self.settings
         per_page = PagedKVCache.bytes_per_page(cfg.num_layers, self.page_size, cfg.num_kv_heads, cfg.head_dim,
                                                self.dtype.itemsize, self._summary_tokens(),
-                                               self.sparse.centroids if self.groups else None)
+                                               self.sparse.centroids if self.group_pages else None)
         if settings.num_pages:
             return settings.num_pages
         if self.device.type == "cuda":
@@ -258,10 +258,10 @@ class TorchRunner:
             layout = build_layout(chunks, self.tables, self.page_size, self.device, self.next_tokens)
             self.attention.plan(layout)
             result = self.model(layout.token_ids, self.attention, layout.logits_rows), layout.sample_slots
-        if self.groups is not None:     # the groups this step completed, summarised for the next ones
+        if self.group_pages is not None:     # the groups this step completed, summarised for the next ones
             write_group_summaries(self.cache, completed_groups(
                 [(c.start_position, len(c.token_ids), c.page_table) for c in chunks], self.page_size,
-                self.groups[0]))
+                self.group_pages))
         return result
 
     def close(self) -> None:

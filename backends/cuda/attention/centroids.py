@@ -86,19 +86,31 @@ class CentroidPlan:
 
     group_pages: int
     budget_groups: int
-    all_dense: bool
     rows: RowSplit
-    sparse_rows: torch.Tensor       # [Bs]
     sparse_pages: torch.Tensor      # [Bs, G * group_pages] page tables, padded to whole groups
     sparse_lengths: torch.Tensor    # [Bs, 1, 1]
     last_pages: torch.Tensor        # [Bs, G] physical id of each group's last page
     scored: torch.Tensor            # [Bs, 1, 1, G] groups with a summary (complete before the row's token)
     bias: torch.Tensor              # [Bs, 1, G] +inf forced (sink, recent), -inf past the sequence, else 0
     virtual_lengths: torch.Tensor   # [Bs] tokens of the chosen groups, the last one's only up to the end
-    slot: torch.Tensor
-    slot_head: torch.Tensor
     pages_read: int
     pages_skipped: int
+
+    @property
+    def all_dense(self) -> bool:
+        return len(self.rows.sparse_rows) == 0
+
+    @property
+    def sparse_rows(self) -> torch.Tensor:
+        return self.rows.sparse_rows
+
+    @property
+    def slot(self) -> torch.Tensor:
+        return self.rows.slot
+
+    @property
+    def slot_head(self) -> torch.Tensor:
+        return self.rows.slot_head
 
 
 def count_group_pages(seq_lens: list[int], page_size: int, group_pages: int, budget_groups: int) -> tuple[int, int]:
@@ -132,11 +144,11 @@ def make_plan(meta: AttentionMetadata, page_size: int, kv_heads: int) -> Centroi
     scored = logical < ((sparse_lengths - 1) // span).unsqueeze(1)               # summaries written
     dropped = (n_groups.squeeze(1) - budget).clamp(min=0) * span
     return CentroidPlan(
-        group_pages=group_pages, budget_groups=budget, all_dense=len(rows.sparse_rows) == 0, rows=rows,
-        sparse_rows=rows.sparse_rows, sparse_pages=pages, sparse_lengths=sparse_lengths.view(-1, 1, 1),
-        last_pages=pages[:, group_pages - 1::group_pages], scored=scored.view(-1, 1, 1, groups),
-        bias=bias.unsqueeze(1), virtual_lengths=(sparse_lengths - dropped).int(), slot=rows.slot,
-        slot_head=rows.slot_head, pages_read=read * kv_heads, pages_skipped=skipped * kv_heads)
+        group_pages=group_pages, budget_groups=budget, rows=rows, sparse_pages=pages,
+        sparse_lengths=sparse_lengths.view(-1, 1, 1), last_pages=pages[:, group_pages - 1::group_pages],
+        scored=scored.view(-1, 1, 1, groups), bias=bias.unsqueeze(1),
+        virtual_lengths=(sparse_lengths - dropped).int(), pages_read=read * kv_heads,
+        pages_skipped=skipped * kv_heads)
 
 
 def group_scores(q: torch.Tensor, cents_layer: torch.Tensor, cstats_layer: torch.Tensor, plan: CentroidPlan,
