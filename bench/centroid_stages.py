@@ -2,7 +2,7 @@
 the engine's coarse-to-fine Quest decode, kernels alone, in one run.
 
     python3 -m bench.centroid_stages [--batch 16] [--context 32768] [--width 4096] [--clusters 8]
-        [--dtypes bf16 fp8] [--tune] [--kv-layout token-major|head-major] [--launch-floor]
+        [--dtypes bf16 fp8] [--tune [select rank attend]] [--kv-layout token-major|head-major] [--launch-floor]
 
 What it prototypes (bench/sparse_estimators.py, rule kmeansCxNv, measures the quality): each run of
 4 pages (64 tokens) per KV head is summarised by C centroids; kernels/triton/centroids.py scores
@@ -31,13 +31,15 @@ import triton.language as tl
 from bench.gemv import graph_us
 from bench.sparse_stages import HKV, HQ, PAGE, D, sparse_inputs
 from kernels import reference as ref
-from kernels.triton.centroids import centroid_group_logits
+from kernels.triton.centroids import attend_tuning, centroid_group_logits, centroid_sparse_decode
 from kernels.triton.decode import paged_decode, split_k_decode
+from kernels.triton.group_rank import rank_select
 from kernels.triton.selection import combine_select
 from kernels.triton.sparse import sparse_decode
 
 GROUP_PAGES = 4
 SPAN = PAGE * GROUP_PAGES
+BUDGET = 2048            # main() sets it from --budget
 # scoring kernel tunings tried: (groups per program, warps)
 TUNINGS = ((8, 1), (8, 2), (16, 2), (16, 4), (4, 1))
 
@@ -120,6 +122,21 @@ def check(x: dict, scale: float, force: tuple) -> None:
     err = (out.float() - want_out).abs().max().item()
     print(f"output vs torch attention over the chosen pages: max abs difference {err:.2e}", flush=True)
     assert err < 2e-2, "centroid decode output wrong"
+    ranked, physical, vlens = rank_select(got, x["table"], x["lens"], SPAN, HKV, force, scale, GROUP_PAGES)
+    assert torch.equal(ranked.sort(-1).values, stages["logical"]) and torch.equal(vlens, stages["vlens"])
+    pages = (ranked.long()[..., None] * GROUP_PAGES + torch.arange(GROUP_PAGES, device=got.device)).flatten(2)
+    assert torch.equal(physical.long(), x["table"].long().gather(1, pages.flatten(1)).view(pages.shape))
+    print("rank selection: the radix search's groups, their pages at their slots", flush=True)
+    err = (engine_decode(x, scale) .float() - out.float()).abs().max().item()
+    print(f"centroid_sparse_decode (the engine's launcher) vs the stages: max abs difference {err:.2e}", flush=True)
+    assert err < 2e-2
+
+
+def engine_decode(x: dict, scale: float) -> torch.Tensor:
+    """The launcher the engine calls: its own choice of selection (RANK_MAX_PAIRS) and attention
+    tuning (attend_tuning)."""
+    return centroid_sparse_decode(x["q"], x["k"], x["v"], x["cents"], x["stats"], x["table"], x["lens"], BUDGET,
+                                  16, 64, GROUP_PAGES, scale, interpreted=DEVICE == "cpu")
 
 
 @triton.jit
@@ -145,6 +162,7 @@ def rotating(fns):
 
 # candidate tunings of the later stages (--tune)
 SELECT_TUNINGS = [dict(num_warps=w) for w in (2, 4, 8)] + [dict(streamed=True, num_warps=8)]
+RANK_TUNINGS = [dict(block_i=i, num_warps=w) for i in (16, 32, 64, 128, 256, 512) for w in (4, 8)]
 ATTEND_TUNINGS = [dict(num_splits=s) for s in (2, 4, 8, 16, 32)] + [
     dict(num_splits=s, block_n=n, num_warps=w) for s in (2, 4, 8, 16, 32) for n, w in ((32, 2), (128, 8))] + [
     dict(num_splits=s, block_n=16, num_warps=1, per_page=True) for s in (4, 8, 16)] + [
@@ -153,14 +171,18 @@ ATTEND_TUNINGS = [dict(num_splits=s) for s in (2, 4, 8, 16, 32)] + [
     for st in (2, 3, 4, 5)]
 
 
-def tune_stages(xs: list, scale: float, force: tuple) -> None:
+def tune_stages(xs: list, scale: float, force: tuple, stages: list[str]) -> None:
     """Time the selection and attention stages' candidate tunings (outputs checked against the
     default's first: the same selection, attention within rounding of the merge order)."""
     for label, fn, cfgs in (
             ("select", lambda x, **c: combine_select(x["logits"], x["table"], x["lens"], SPAN, HKV, force, scale,
                                                      force[0], expand=GROUP_PAGES, **c), SELECT_TUNINGS),
+            ("rank", lambda x, **c: rank_select(x["logits"], x["table"], x["lens"], SPAN, HKV, force, scale,
+                                                       GROUP_PAGES, **c), RANK_TUNINGS),
             ("attend", lambda x, **c: split_k_decode(x["q"], x["k"], x["v"], x["physical"], x["vlens"], scale, **c),
              ATTEND_TUNINGS)):
+        if label not in stages:
+            continue
         timed = []
         base = fn(xs[0])
         for cfg in cfgs:
@@ -169,7 +191,7 @@ def tune_stages(xs: list, scale: float, force: tuple) -> None:
             except Exception as exc:        # a tuning this shape cannot take (too many registers...)
                 print(f"  {label} {cfg}: {type(exc).__name__}", flush=True)
                 continue
-            if label == "select":
+            if label in ("select", "rank"):
                 assert all(torch.equal(a, b) for a, b in zip(base, got, strict=True)), f"selection differs with {cfg}"
             else:
                 assert (got.float() - base.float()).abs().max().item() < 1e-2, f"attention differs with {cfg}"
@@ -192,14 +214,17 @@ def main() -> None:
     parser.add_argument("--kv-layout", default="token-major", choices=["token-major", "head-major"],
                         help="the engine's [pages, page_size, kv_heads, d] or a page's rows of each head "
                              "contiguous ([pages, kv_heads, page_size, d]), for dense and sparse alike")
-    parser.add_argument("--tune", action="store_true", help="also time candidate tunings of the selection and "
-                        "attention stages (each checked against the default's output first)")
+    parser.add_argument("--tune", nargs="*", choices=["select", "rank", "attend"], default=None,
+                        help="also time candidate tunings of these stages (all three without a name), each "
+                             "checked against the stage's default output first")
     parser.add_argument("--launch-floor", action="store_true", help="also time 1-4 trivial launches")
     args = parser.parse_args()
     if args.launch_floor:
         launch_floor()
     assert args.width % GROUP_PAGES == 0 and args.context % PAGE == 0
     scale = D ** -0.5
+    global BUDGET
+    BUDGET = args.budget
     force = ref.sparse_page_counts(SPAN, args.budget, 16, 64)
     sparse_bytes = args.batch * HKV * (args.budget * D * 4 + args.context // SPAN * args.clusters * D)
     copies = args.copies or max(1, min(10, -(-200_000_000 // sparse_bytes)))
@@ -230,17 +255,24 @@ def main() -> None:
                                                 GROUP_PAGES, scale)
             x["logical"], x["physical"], x["vlens"] = combine_select(
                 x["logits"], x["table"], x["lens"], SPAN, HKV, force, scale, force[0], expand=GROUP_PAGES)
+        tuned = attend_tuning(args.batch * HKV, force[0] * SPAN, xs[0]["q"].device)
         stage_fns = {
             "select": lambda x: combine_select(x["logits"], x["table"], x["lens"], SPAN, HKV, force, scale, force[0],
                                                expand=GROUP_PAGES),
+            "rank": lambda x: rank_select(x["logits"], x["table"], x["lens"], SPAN, HKV, force, scale, GROUP_PAGES),
             "attend": lambda x: split_k_decode(x["q"], x["k"], x["v"], x["physical"], x["vlens"], scale),
+            "attend tuned": lambda x, tuned=tuned: split_k_decode(x["q"], x["k"], x["v"], x["physical"],
+                                                                  x["vlens"], scale, **tuned),
             "whole": lambda x: centroid_decode(x, scale, force),
+            "engine": lambda x: engine_decode(x, scale),
         }
-        select, attend, whole = (graph_us(rotating([partial(fn, x) for x in xs])) for fn in stage_fns.values())
+        select, rank, attend, attend_tuned, whole, engine = (
+            graph_us(rotating([partial(fn, x) for x in xs])) for fn in stage_fns.values())
         best = min(timed, key=lambda t: t[0])
-        rows.append((f"centroids {name}", timed[0][0], best, select, attend, whole))
-        if args.tune:
-            tune_stages(xs, scale, force)
+        rows.append((f"centroids {name}", timed[0][0], best, f"{select:.1f} / {rank:.1f}",
+                     f"{attend:.1f} / {attend_tuned:.1f}", whole, engine))
+        if args.tune is not None:
+            tune_stages(xs, scale, force, args.tune or ["select", "rank", "attend"])
         if i == 0:
             dense = graph_us(rotating([partial(lambda x: paged_decode(x["q"], x["k"], x["v"], x["table"], x["lens"],
                                                                       scale), x) for x in xs]))
@@ -249,13 +281,14 @@ def main() -> None:
                 pmin=x["pmin"], pmax=x["pmax"], shortlist_tokens=8192), x) for x in xs]))
         del xs
         torch.cuda.empty_cache()
-    print(f"\n| decode attention, b{args.batch} x {args.context} | scores us (best tuning) | select us | attend us "
-          f"| whole us | vs dense |\n| --- | --- | --- | --- | --- | --- |")
-    print(f"| dense paged_decode | - | - | - | {dense:.1f} | 1.00x |")
-    print(f"| engine Quest, coarse to fine (4-token blocks) | - | - | - | {quest:.1f} | {dense / quest:.2f}x |")
-    for label, scores, best, select, attend, whole in rows:
-        print(f"| {label} | {scores:.1f} ({best[0]:.1f}: {best[1] or 'default'}) | {select:.1f} | {attend:.1f} "
-              f"| {whole:.1f} | {dense / whole:.2f}x |")
+    print(f"\n| decode attention, b{args.batch} x {args.context} | scores us (best tuning) | select us, radix / rank "
+          f"| attend us, default / tuned | staged us (radix, default) | centroid_sparse_decode us | vs dense |\n"
+          f"| --- | --- | --- | --- | --- | --- | --- |")
+    print(f"| dense paged_decode | - | - | - | - | {dense:.1f} | 1.00x |")
+    print(f"| engine Quest, coarse to fine (4-token blocks) | - | - | - | - | {quest:.1f} | {dense / quest:.2f}x |")
+    for label, scores, best, select, attend, whole, engine in rows:
+        print(f"| {label} | {scores:.1f} ({best[0]:.1f}: {best[1] or 'default'}) | {select} | {attend} "
+              f"| {whole:.1f} ({dense / whole:.2f}x) | {engine:.1f} | {dense / engine:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -79,13 +79,15 @@ def test_combine_select_expands_groups_to_pages(streamed):
             assert bool((physical[b, h, kept * group_pages:] == 0).all())
 
 
-@pytest.mark.parametrize("streamed", [False, True])
-def test_centroid_pipeline_matches_the_reference_selector_and_decode(streamed):
-    """Scores (centroid_group_logits), combine_select(expand=group_pages) and the split-K decode over
-    the chosen pages give reference.centroid_select_pages's pages and reference.attend_pages's
-    output: summaries from real k-means of the keys, rows of several lengths (one within the
-    budget, one ending inside a group, one on a group boundary)."""
+@pytest.mark.parametrize("selection", ["radix", "radix streamed", "rank"])
+def test_centroid_pipeline_matches_the_reference_selector_and_decode(selection):
+    """Scores (centroid_group_logits), the selection (combine_select(expand=group_pages), in
+    registers or streamed, or group_rank.rank_select) and the split-K decode over the chosen pages
+    give reference.centroid_select_pages's pages and reference.attend_pages's output: summaries
+    from real k-means of the keys, rows of several lengths (one within the budget, one ending
+    inside a group, one on a group boundary)."""
     from kernels.triton.decode import split_k_decode
+    from kernels.triton.group_rank import rank_select
     from kernels.triton.selection import combine_select
     page_size, group_pages, kv_heads, group, head_dim, clusters = 8, 2, 2, 2, 64, 4
     span = page_size * group_pages
@@ -110,14 +112,18 @@ def test_centroid_pipeline_matches_the_reference_selector_and_decode(streamed):
     scale = head_dim ** -0.5
     force = ref.sparse_page_counts(span, budget_tokens, sink_tokens, recent_tokens)
     logits = centroid_group_logits(q, cents, stats, table, seq_lens, page_size, group_pages, scale, interpreted=True)
-    logical, physical, vlens = combine_select(logits, table, seq_lens, span, kv_heads, force, scale, force[0],
-                                              expand=group_pages, streamed=streamed)
+    if selection == "rank":
+        logical, physical, vlens = rank_select(logits, table, seq_lens, span, kv_heads, force, scale, group_pages)
+    else:
+        logical, physical, vlens = combine_select(logits, table, seq_lens, span, kv_heads, force, scale, force[0],
+                                                  expand=group_pages, streamed=selection == "radix streamed")
     out = split_k_decode(q, k, v, physical, vlens, scale)
     for i, n in enumerate(lens):
         want = ref.centroid_select_pages(q[i], cents, stats, table[i], n, page_size, group_pages, scale,
                                          budget_tokens, sink_tokens, recent_tokens)
         kept = min(-(-n // span), force[0])
-        pages = (logical[i, :, :kept].long()[..., None] * group_pages + torch.arange(group_pages)).flatten(1)
+        chosen = logical[i, :, :kept].long().sort(dim=-1).values       # rank_select: best first
+        pages = (chosen[..., None] * group_pages + torch.arange(group_pages)).flatten(1)
         assert torch.equal(pages[:, :want.shape[1]], want)
         assert int(vlens[i]) == n - max(0, -(-n // span) - force[0]) * span
         expected = ref.attend_pages(q[i], k, v, table[i], n, want, scale)

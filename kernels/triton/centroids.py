@@ -27,7 +27,8 @@ import triton
 import triton.language as tl
 
 from kernels.reference import default_scale, sparse_page_counts
-from kernels.triton.decode import check_kv, default_num_splits, paged_decode, split_k_decode
+from kernels.triton.decode import check_kv, num_sms, paged_decode, split_k_decode
+from kernels.triton.group_rank import rank_select
 from kernels.triton.selection import combine_select
 
 
@@ -128,6 +129,21 @@ def centroid_group_logits(q: torch.Tensor, cents: torch.Tensor, stats: torch.Ten
     return out
 
 
+# Rows (sequence, KV head) x groups^2 up to which the selection ranks groups over many programs
+# (group_rank.rank_select) instead of one radix search per row (selection.combine_select): the
+# rank's work grows with the square of a row, the search's chain with nothing but its length.
+RANK_MAX_PAIRS = 1 << 25
+
+
+def attend_tuning(rows: int, budget_tokens: int, device: torch.device) -> dict:
+    """split_k_decode's tuning over the chosen pages: 128-key blocks and 8 warps; splits so that
+    rows x splits about fills the GPU once, each split at least one block (H200, b16 x 32k, budget
+    2048, bench/centroid_stages.py --tune: one split, 5 stages 38.9 us against 42.7 for the dense
+    decode's default of ~2 programs an SM in 64-key blocks; b1: 16 splits 9.2 against 12.4)."""
+    splits = max(1, min(num_sms(device) // rows, budget_tokens // 128, 64))
+    return dict(num_splits=splits, block_n=128, num_warps=8, num_stages=5 if splits == 1 else 2)
+
+
 def centroid_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cents: torch.Tensor,
                            stats: torch.Tensor, page_tables: torch.Tensor, seq_lens: torch.Tensor,
                            budget_tokens: int, sink_tokens: int, recent_tokens: int, group_pages: int,
@@ -138,7 +154,8 @@ def centroid_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     physical ids, then split-K attention over them. q [batch, q_heads, d]; caches [num_pages,
     page_size, kv_heads, d]; cents, stats as centroid_group_logits takes them; page_tables int32
     [batch, width]. Static-shaped and sync-free (CUDA-graph safe); when no row can exceed the budget
-    this is paged_decode. tuning: split_k_decode's."""
+    this is paged_decode. tuning: split_k_decode's, over attend_tuning's defaults (the selection,
+    by rank or by radix search, is chosen from the shapes: RANK_MAX_PAIRS)."""
     check_kv(q, k_cache, v_cache)
     page_size, kv_heads = k_cache.shape[1:3]
     span = page_size * group_pages
@@ -151,9 +168,11 @@ def centroid_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     scale = default_scale(q.shape[2]) if scale is None else scale
     logits = centroid_group_logits(q, cents, stats, page_tables, seq_lens, page_size, group_pages, scale,
                                    interpreted=interpreted)
-    _, physical, vlens = combine_select(logits, page_tables, seq_lens, span, kv_heads, force, scale, force[0],
-                                        expand=group_pages)
-    if tuning.get("num_splits") is None:
-        tuning["num_splits"] = default_num_splits(q.shape[0], kv_heads, physical.shape[2] * page_size, q.device,
-                                                  tuning.get("block_n", 64), min_blocks=2)
+    rows, groups = q.shape[0] * kv_heads, logits.shape[2]
+    if rows * groups * groups <= RANK_MAX_PAIRS:
+        _, physical, vlens = rank_select(logits, page_tables, seq_lens, span, kv_heads, force, scale, group_pages)
+    else:
+        _, physical, vlens = combine_select(logits, page_tables, seq_lens, span, kv_heads, force, scale, force[0],
+                                            expand=group_pages)
+    tuning = {**attend_tuning(rows, force[0] * span, q.device), **tuning}
     return split_k_decode(q, k_cache, v_cache, physical, vlens, scale, **tuning)

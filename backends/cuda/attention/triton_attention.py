@@ -16,7 +16,7 @@ from backends.cuda.attention.base import AttentionBackend
 from backends.cuda.layout import StepLayout, graph_batch
 from kernels.reference import sparse_page_counts
 from kernels.triton import extend_attention, paged_decode, sparse_decode, update_page_summaries
-from kernels.triton.centroids import centroid_sparse_decode
+from kernels.triton.centroids import attend_tuning, centroid_sparse_decode
 from kernels.triton.decode import default_num_splits, interpreting
 from kernels.triton.layer_ops import rotary_store
 
@@ -46,6 +46,7 @@ class TritonAttention(AttentionBackend):
             budget, _, _ = sparse_page_counts(unit, self.sparse.token_budget, self.sparse.sink_tokens,
                                               self.sparse.recent_tokens)
             self.sparse_splits = default_num_splits(padded, kv_heads, budget * unit, device, min_blocks=2)
+            self.centroid_tuning = attend_tuning(padded * kv_heads, budget * unit, device)
 
     def forward(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
         heads, kv_heads, d = self.shape.heads, self.shape.kv_heads, self.shape.head_dim
@@ -86,4 +87,4 @@ class TritonAttention(AttentionBackend):
         centroid_sparse_decode(q, cache.k[layer], cache.v[layer], cache.cents[layer], cache.cstats[layer],
                                self.decode_tables, self.decode_lens, s.token_budget, s.sink_tokens,
                                s.recent_tokens, cache.group_pages, self.shape.scale, interpreted=interpreting(),
-                               num_splits=self.sparse_splits, out=out)
+                               out=out, **self.centroid_tuning)
