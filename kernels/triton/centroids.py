@@ -87,12 +87,15 @@ def _centroid_group_logits(Q, Cents, Stats, PT, SeqLens, Out, s_qb, s_qh, s_cp, 
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     first = tl.program_id(2) * BLOCK_N
+    offs_n = first + tl.arange(0, BLOCK_N)
+    # the page ids are loaded with the length, not after it (one dependent memory trip fewer);
+    # those past the sequence are never used
+    page = tl.load(PT + b.to(tl.int64) * s_pb + offs_n * GROUP_PAGES + GROUP_PAGES - 1, mask=offs_n < max_groups,
+                   other=0)
     seq_len = tl.load(SeqLens + b)
     if first >= tl.cdiv(seq_len, GROUP_PAGES * PAGE_SIZE):
         return      # past the sequence
-    offs_n = first + tl.arange(0, BLOCK_N)
     full = offs_n < (seq_len - 1) // (GROUP_PAGES * PAGE_SIZE)     # summarised before this token
-    page = tl.load(PT + b.to(tl.int64) * s_pb + offs_n * GROUP_PAGES + GROUP_PAGES - 1, mask=full, other=0)
     _score_tile(Q, Cents, Stats, Out, b, kvh, page.to(tl.int64), offs_n, full, s_qb, s_qh, s_cp, s_ch, s_cc,
                 s_sp, s_sh, s_sc, s_ob, s_oh, max_groups, scale, GROUP, GROUP_P, HEAD_DIM, C, BLOCK_N, DOT_F32)
 
