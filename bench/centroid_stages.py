@@ -41,7 +41,9 @@ GROUP_PAGES = 4
 SPAN = PAGE * GROUP_PAGES
 BUDGET = 2048            # main() sets it from --budget
 # scoring kernel tunings tried: (groups per program, warps)
-TUNINGS = ((8, 1), (8, 2), (16, 2), (16, 4), (4, 1))
+TUNINGS = ((8, 1), (8, 2), (16, 2), (4, 1))
+# ... and programs per (sequence, KV head) taking their tiles in turn (8 groups, one warp)
+STRIDED = (2, 4, 8, 16, 32)
 
 
 DEVICE = "cuda"          # a smoke run of check() on the CPU under TRITON_INTERPRET sets "cpu"
@@ -238,7 +240,7 @@ def main() -> None:
         xs = [make_inputs(args.batch, args.context, args.width, args.clusters, dtype, seed,
                           args.kv_layout == "head-major") for seed in range(copies)]
         check(xs[0], scale, force)
-        tunings = [{}] + [dict(block_n=n, num_warps=w) for n, w in TUNINGS]
+        tunings = [{}] + [dict(block_n=n, num_warps=w) for n, w in TUNINGS] + [dict(programs=p) for p in STRIDED]
         timed = []
         for cfg in tunings:
             got = [centroid_group_logits(x["q"], x["cents"], x["stats"], x["table"], x["lens"], PAGE, GROUP_PAGES,
