@@ -42,8 +42,6 @@ SPAN = PAGE * GROUP_PAGES
 BUDGET = 2048            # main() sets it from --budget
 # scoring kernel tunings tried: (groups per program, warps)
 TUNINGS = ((8, 1), (8, 2), (16, 2), (4, 1))
-# ... and programs per (sequence, KV head) taking their tiles in turn (8 groups, one warp)
-STRIDED = (2, 4, 8, 16, 32)
 
 
 DEVICE = "cuda"          # a smoke run of check() on the CPU under TRITON_INTERPRET sets "cpu"
@@ -164,7 +162,8 @@ def rotating(fns):
 
 # candidate tunings of the later stages (--tune)
 SELECT_TUNINGS = [dict(num_warps=w) for w in (2, 4, 8)] + [dict(streamed=True, num_warps=8)]
-RANK_TUNINGS = [dict(block_i=i, num_warps=w) for i in (16, 32, 64, 128, 256, 512) for w in (4, 8)]
+RANK_TUNINGS = [dict(block_i=i, num_warps=w) for i in (16, 32, 64, 128) for w in (4, 8)] + [
+    dict(block_i=i, block_j="widest", num_warps=w) for i in (4, 8, 16, 32) for w in (4, 8)]   # one shot
 ATTEND_TUNINGS = [dict(num_splits=s) for s in (2, 4, 8, 16, 32)] + [
     dict(num_splits=s, block_n=n, num_warps=w) for s in (2, 4, 8, 16, 32) for n, w in ((32, 2), (128, 8))] + [
     dict(num_splits=s, block_n=16, num_warps=1, per_page=True) for s in (4, 8, 16)] + [
@@ -180,7 +179,9 @@ def tune_stages(xs: list, scale: float, force: tuple, stages: list[str]) -> None
             ("select", lambda x, **c: combine_select(x["logits"], x["table"], x["lens"], SPAN, HKV, force, scale,
                                                      force[0], expand=GROUP_PAGES, **c), SELECT_TUNINGS),
             ("rank", lambda x, **c: rank_select(x["logits"], x["table"], x["lens"], SPAN, HKV, force, scale,
-                                                       GROUP_PAGES, **c), RANK_TUNINGS),
+                                                GROUP_PAGES, **{**c, **({"block_j": triton.next_power_of_2(
+                                                    x["logits"].shape[2])} if c.get("block_j") else {})}),
+             RANK_TUNINGS),
             ("attend", lambda x, **c: split_k_decode(x["q"], x["k"], x["v"], x["physical"], x["vlens"], scale, **c),
              ATTEND_TUNINGS)):
         if label not in stages:
@@ -240,7 +241,7 @@ def main() -> None:
         xs = [make_inputs(args.batch, args.context, args.width, args.clusters, dtype, seed,
                           args.kv_layout == "head-major") for seed in range(copies)]
         check(xs[0], scale, force)
-        tunings = [{}] + [dict(block_n=n, num_warps=w) for n, w in TUNINGS] + [dict(programs=p) for p in STRIDED]
+        tunings = [{}] + [dict(block_n=n, num_warps=w) for n, w in TUNINGS] + [dict(heads_inner=True)]
         timed = []
         for cfg in tunings:
             got = [centroid_group_logits(x["q"], x["cents"], x["stats"], x["table"], x["lens"], PAGE, GROUP_PAGES,

@@ -81,49 +81,40 @@ def _centroid_group_logits(Q, Cents, Stats, PT, SeqLens, Out, s_qb, s_qh, s_cp, 
                            s_pb, s_ob, s_oh, max_groups, scale,
                            GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr,
                            C: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_PAGES: tl.constexpr,
-                           PAGE_SIZE: tl.constexpr, DOT_F32: tl.constexpr, STRIDED: tl.constexpr):
-    """One program per (sequence, KV head, BLOCK_N groups), or with STRIDED a fixed number of
-    programs per (sequence, KV head) taking its tiles in turn (none is launched past a sequence):
-    the physical id of each group's last page (where its summary is kept; only complete groups
-    have one), then _score_tile."""
-    b = tl.program_id(0)
-    kvh = tl.program_id(1)
-    span = GROUP_PAGES * PAGE_SIZE
-    row = PT + b.to(tl.int64) * s_pb + GROUP_PAGES - 1
-    if STRIDED:
-        seq_len = tl.load(SeqLens + b)
-        full_groups = (seq_len - 1) // span                          # summarised before this token
-        for tile in range(tl.program_id(2), tl.cdiv(tl.cdiv(seq_len, span), BLOCK_N), tl.num_programs(2)):
-            offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-            full = offs_n < full_groups
-            page = tl.load(row + offs_n * GROUP_PAGES, mask=full, other=0)
-            _score_tile(Q, Cents, Stats, Out, b, kvh, page.to(tl.int64), offs_n, full, s_qb, s_qh, s_cp, s_ch,
-                        s_cc, s_sp, s_sh, s_sc, s_ob, s_oh, max_groups, scale, GROUP, GROUP_P, HEAD_DIM, C,
-                        BLOCK_N, DOT_F32)
+                           PAGE_SIZE: tl.constexpr, DOT_F32: tl.constexpr, HEADS_INNER: tl.constexpr):
+    """One program per (sequence, KV head, BLOCK_N groups): the physical id of each group's last
+    page (where its summary is kept; only complete groups have one), then _score_tile.
+    HEADS_INNER: grid (kv_heads, batch, tiles), the KV heads of the same groups launched side by
+    side (one page's summaries of every head are contiguous)."""
+    if HEADS_INNER:
+        kvh = tl.program_id(0)
+        b = tl.program_id(1)
     else:
-        first = tl.program_id(2) * BLOCK_N
-        offs_n = first + tl.arange(0, BLOCK_N)
-        # the page ids are loaded with the length, not after it (one dependent memory trip fewer);
-        # those past the sequence are never used
-        page = tl.load(row + offs_n * GROUP_PAGES, mask=offs_n < max_groups, other=0)
-        seq_len = tl.load(SeqLens + b)
-        if first >= tl.cdiv(seq_len, span):
-            return      # past the sequence
-        full = offs_n < (seq_len - 1) // span                         # summarised before this token
-        _score_tile(Q, Cents, Stats, Out, b, kvh, page.to(tl.int64), offs_n, full, s_qb, s_qh, s_cp, s_ch, s_cc,
-                    s_sp, s_sh, s_sc, s_ob, s_oh, max_groups, scale, GROUP, GROUP_P, HEAD_DIM, C, BLOCK_N, DOT_F32)
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+    first = tl.program_id(2) * BLOCK_N
+    offs_n = first + tl.arange(0, BLOCK_N)
+    # the page ids are loaded with the length, not after it (one dependent memory trip fewer);
+    # those past the sequence are never used
+    page = tl.load(PT + b.to(tl.int64) * s_pb + offs_n * GROUP_PAGES + GROUP_PAGES - 1, mask=offs_n < max_groups,
+                   other=0)
+    seq_len = tl.load(SeqLens + b)
+    if first >= tl.cdiv(seq_len, GROUP_PAGES * PAGE_SIZE):
+        return      # past the sequence
+    full = offs_n < (seq_len - 1) // (GROUP_PAGES * PAGE_SIZE)     # summarised before this token
+    _score_tile(Q, Cents, Stats, Out, b, kvh, page.to(tl.int64), offs_n, full, s_qb, s_qh, s_cp, s_ch, s_cc,
+                s_sp, s_sh, s_sc, s_ob, s_oh, max_groups, scale, GROUP, GROUP_P, HEAD_DIM, C, BLOCK_N, DOT_F32)
 
 
 def centroid_group_logits(q: torch.Tensor, cents: torch.Tensor, stats: torch.Tensor, page_tables: torch.Tensor,
                           seq_lens: torch.Tensor, page_size: int, group_pages: int, scale: float,
                           block_n: int | None = None, num_warps: int | None = None,
-                          interpreted: bool = False, programs: int | None = None) -> torch.Tensor:
+                          interpreted: bool = False, heads_inner: bool = False) -> torch.Tensor:
     """q [batch, q_heads, d]; cents [num_pages, kv_heads, C, d] (fp8/bf16, at each complete group's
     last page); stats fp32 [num_pages, kv_heads, C, 2] (log count, spread); page_tables int32
     [batch, width] -> fp32 [batch, q_heads, width // group_pages]: each group's L_h(n) / scale
     (-inf for the last group; garbage past a sequence, never read by combine_select).
-    One program per (sequence, KV head, block_n groups), or `programs` per (sequence, KV head)
-    taking its tiles in turn."""
+    One program per (sequence, KV head, block_n groups)."""
     batch, q_heads, head_dim = q.shape
     kv_heads, clusters = cents.shape[1:3]
     assert cents.shape[3] == head_dim and stats.shape == (*cents.shape[:3], 2) and q_heads % kv_heads == 0
@@ -136,15 +127,17 @@ def centroid_group_logits(q: torch.Tensor, cents: torch.Tensor, stats: torch.Ten
     # tiles, bench/centroid_stages.py: b16 x 32k 28.2 us (2 warps 36.2, 128 rows and 2 warps 37.6),
     # b64 106.1 (135.7, 131.6), b1 x 128k 9.9; b1 x 32k 5.1 (32 rows 4.6). Earlier candidates, each
     # slower at every batch and since removed: several tiles per program, pipelined (71.9 us at
-    # b16), one program reading every KV head's centroids of its groups (49.5; docs/benchmarks.md)
+    # b16) or not (a fixed number of programs per row taking its tiles in turn: 58.6 at b16 with
+    # 32 a row, 12.5 at b1 x 32k), one program reading every KV head's centroids of its groups
+    # (49.5; docs/benchmarks.md)
     block_n = block_n or max(1, 64 // clusters)
     tiles = triton.cdiv(max_groups, block_n)
-    _centroid_group_logits[(batch, kv_heads, min(programs, tiles) if programs else tiles)](
+    _centroid_group_logits[(kv_heads, batch, tiles) if heads_inner else (batch, kv_heads, tiles)](
         q, cents, stats, page_tables, seq_lens, out, q.stride(0), q.stride(1), *cents.stride()[:3],
         *stats.stride()[:3], page_tables.stride(0), out.stride(0), out.stride(1), max_groups, scale,
         GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, C=clusters,
         BLOCK_N=block_n, GROUP_PAGES=group_pages, PAGE_SIZE=page_size, DOT_F32=interpreted,
-        STRIDED=programs is not None, num_warps=num_warps or 1)
+        HEADS_INNER=heads_inner, num_warps=num_warps or 1)
     return out
 
 
