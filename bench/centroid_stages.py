@@ -123,10 +123,15 @@ def check(x: dict, scale: float, force: tuple) -> None:
     print(f"output vs torch attention over the chosen pages: max abs difference {err:.2e}", flush=True)
     assert err < 2e-2, "centroid decode output wrong"
     ranked, physical, vlens = rank_select(got, x["table"], x["lens"], SPAN, HKV, force, scale, GROUP_PAGES)
-    assert torch.equal(ranked.sort(-1).values, stages["logical"]) and torch.equal(vlens, stages["vlens"])
+    chosen = score.gather(2, ranked.long())
+    wrong = int(((chosen - kth) < -1e-5 * kth.abs().clamp(min=1)).sum())
+    differ = int((ranked.sort(-1).values != stages["logical"]).any(-1).sum())
+    print(f"rank selection: {wrong} chosen groups below the float64 k-th; {differ} of {ranked.shape[0] * HKV} rows "
+          f"keep other groups than the radix search (near ties: the two compute the scores' last bits apart)",
+          flush=True)
+    assert wrong == 0 and torch.equal(vlens, stages["vlens"])
     pages = (ranked.long()[..., None] * GROUP_PAGES + torch.arange(GROUP_PAGES, device=got.device)).flatten(2)
     assert torch.equal(physical.long(), x["table"].long().gather(1, pages.flatten(1)).view(pages.shape))
-    print("rank selection: the radix search's groups, their pages at their slots", flush=True)
     err = (engine_decode(x, scale) .float() - out.float()).abs().max().item()
     print(f"centroid_sparse_decode (the engine's launcher) vs the stages: max abs difference {err:.2e}", flush=True)
     assert err < 2e-2
@@ -162,8 +167,7 @@ def rotating(fns):
 
 # candidate tunings of the later stages (--tune)
 SELECT_TUNINGS = [dict(num_warps=w) for w in (2, 4, 8)] + [dict(streamed=True, num_warps=8)]
-RANK_TUNINGS = [dict(block_i=i, num_warps=w) for i in (16, 32, 64, 128) for w in (4, 8)] + [
-    dict(block_i=i, block_j="widest", num_warps=w) for i in (4, 8, 16, 32) for w in (4, 8)]   # one shot
+RANK_TUNINGS = [dict(block_i=i, num_warps=w) for i in (16, 32, 64, 128) for w in (4, 8)]
 ATTEND_TUNINGS = [dict(num_splits=s) for s in (2, 4, 8, 16, 32)] + [
     dict(num_splits=s, block_n=n, num_warps=w) for s in (2, 4, 8, 16, 32) for n, w in ((32, 2), (128, 8))] + [
     dict(num_splits=s, block_n=16, num_warps=1, per_page=True) for s in (4, 8, 16)] + [
@@ -179,9 +183,7 @@ def tune_stages(xs: list, scale: float, force: tuple, stages: list[str]) -> None
             ("select", lambda x, **c: combine_select(x["logits"], x["table"], x["lens"], SPAN, HKV, force, scale,
                                                      force[0], expand=GROUP_PAGES, **c), SELECT_TUNINGS),
             ("rank", lambda x, **c: rank_select(x["logits"], x["table"], x["lens"], SPAN, HKV, force, scale,
-                                                GROUP_PAGES, **{**c, **({"block_j": triton.next_power_of_2(
-                                                    x["logits"].shape[2])} if c.get("block_j") else {})}),
-             RANK_TUNINGS),
+                                                GROUP_PAGES, **c), RANK_TUNINGS),
             ("attend", lambda x, **c: split_k_decode(x["q"], x["k"], x["v"], x["physical"], x["vlens"], scale, **c),
              ATTEND_TUNINGS)):
         if label not in stages:
@@ -241,7 +243,7 @@ def main() -> None:
         xs = [make_inputs(args.batch, args.context, args.width, args.clusters, dtype, seed,
                           args.kv_layout == "head-major") for seed in range(copies)]
         check(xs[0], scale, force)
-        tunings = [{}] + [dict(block_n=n, num_warps=w) for n, w in TUNINGS] + [dict(heads_inner=True)]
+        tunings = [{}] + [dict(block_n=n, num_warps=w) for n, w in TUNINGS]
         timed = []
         for cfg in tunings:
             got = [centroid_group_logits(x["q"], x["cents"], x["stats"], x["table"], x["lens"], PAGE, GROUP_PAGES,

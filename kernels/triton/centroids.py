@@ -81,17 +81,11 @@ def _centroid_group_logits(Q, Cents, Stats, PT, SeqLens, Out, s_qb, s_qh, s_cp, 
                            s_pb, s_ob, s_oh, max_groups, scale,
                            GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr,
                            C: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_PAGES: tl.constexpr,
-                           PAGE_SIZE: tl.constexpr, DOT_F32: tl.constexpr, HEADS_INNER: tl.constexpr):
+                           PAGE_SIZE: tl.constexpr, DOT_F32: tl.constexpr):
     """One program per (sequence, KV head, BLOCK_N groups): the physical id of each group's last
-    page (where its summary is kept; only complete groups have one), then _score_tile.
-    HEADS_INNER: grid (kv_heads, batch, tiles), the KV heads of the same groups launched side by
-    side (one page's summaries of every head are contiguous)."""
-    if HEADS_INNER:
-        kvh = tl.program_id(0)
-        b = tl.program_id(1)
-    else:
-        b = tl.program_id(0)
-        kvh = tl.program_id(1)
+    page (where its summary is kept; only complete groups have one), then _score_tile."""
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
     first = tl.program_id(2) * BLOCK_N
     offs_n = first + tl.arange(0, BLOCK_N)
     # the page ids are loaded with the length, not after it (one dependent memory trip fewer);
@@ -109,7 +103,7 @@ def _centroid_group_logits(Q, Cents, Stats, PT, SeqLens, Out, s_qb, s_qh, s_cp, 
 def centroid_group_logits(q: torch.Tensor, cents: torch.Tensor, stats: torch.Tensor, page_tables: torch.Tensor,
                           seq_lens: torch.Tensor, page_size: int, group_pages: int, scale: float,
                           block_n: int | None = None, num_warps: int | None = None,
-                          interpreted: bool = False, heads_inner: bool = False) -> torch.Tensor:
+                          interpreted: bool = False) -> torch.Tensor:
     """q [batch, q_heads, d]; cents [num_pages, kv_heads, C, d] (fp8/bf16, at each complete group's
     last page); stats fp32 [num_pages, kv_heads, C, 2] (log count, spread); page_tables int32
     [batch, width] -> fp32 [batch, q_heads, width // group_pages]: each group's L_h(n) / scale
@@ -129,15 +123,14 @@ def centroid_group_logits(q: torch.Tensor, cents: torch.Tensor, stats: torch.Ten
     # slower at every batch and since removed: several tiles per program, pipelined (71.9 us at
     # b16) or not (a fixed number of programs per row taking its tiles in turn: 58.6 at b16 with
     # 32 a row, 12.5 at b1 x 32k), one program reading every KV head's centroids of its groups
-    # (49.5; docs/benchmarks.md)
+    # (49.5; docs/benchmarks.md); the KV heads of a tile launched side by side changed nothing
     block_n = block_n or max(1, 64 // clusters)
-    tiles = triton.cdiv(max_groups, block_n)
-    _centroid_group_logits[(kv_heads, batch, tiles) if heads_inner else (batch, kv_heads, tiles)](
+    _centroid_group_logits[(batch, kv_heads, triton.cdiv(max_groups, block_n))](
         q, cents, stats, page_tables, seq_lens, out, q.stride(0), q.stride(1), *cents.stride()[:3],
         *stats.stride()[:3], page_tables.stride(0), out.stride(0), out.stride(1), max_groups, scale,
         GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, C=clusters,
         BLOCK_N=block_n, GROUP_PAGES=group_pages, PAGE_SIZE=page_size, DOT_F32=interpreted,
-        HEADS_INNER=heads_inner, num_warps=num_warps or 1)
+        num_warps=num_warps or 1)
     return out
 
 

@@ -48,15 +48,9 @@ def _rank_keys(Row, s_h, offs, cand, sink, lse, scale, GROUP: tl.constexpr, GROU
     (sink groups +inf, non-candidates -inf), the index reversed in the low word, so that a larger
     key is a better group and equal scores go to the lower index."""
     offs_g = tl.arange(0, GROUP_P)
-    m2 = (offs_g < GROUP)[:, None] & (offs < cand)[None, :]
-    x = tl.load(Row + offs_g[:, None] * s_h + offs[None, :], mask=m2, other=0.0) * scale
-    return _keys_of(x, m2, offs, cand, sink, lse)
-
-
-@triton.jit
-def _keys_of(x, m2, offs, cand, sink, lse):
-    """_rank_keys of logits x [GROUP_P, len(offs)] already loaded (times scale; m2 their mask)."""
     valid = offs < cand
+    m2 = (offs_g < GROUP)[:, None] & valid[None, :]
+    x = tl.load(Row + offs_g[:, None] * s_h + offs[None, :], mask=m2, other=0.0) * scale
     score = tl.max(tl.where(m2, x - lse[:, None], float("-inf")), 0)
     score = tl.where(offs < sink, float("inf"), score)
     score = tl.where(valid, score, float("-inf"))
@@ -68,12 +62,9 @@ def _keys_of(x, m2, offs, cand, sink, lse):
 @triton.jit
 def _rank_select(Logits, PT, SeqLens, Logical, Physical, VLens, s_lb, s_lh, s_pb, s_xb, s_xh, s_yb, s_yh,
                  scale, budget, sink, recent, k_sel, GROUP: tl.constexpr, GROUP_P: tl.constexpr,
-                 BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, SPAN: tl.constexpr, EXPAND: tl.constexpr,
-                 ONE_SHOT: tl.constexpr):
+                 BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, SPAN: tl.constexpr, EXPAND: tl.constexpr):
     """One program per (sequence, KV head, BLOCK_I groups): their ranks, kept groups written at
-    their slots (the module docstring). ONE_SHOT (BLOCK_J covers the widest row): the row's logits
-    are loaded once, for the log-sum-exps and every key at once, instead of in two loops of
-    BLOCK_J groups (each iteration a memory round trip)."""
+    their slots (the module docstring)."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     blk = tl.program_id(2)
@@ -99,27 +90,13 @@ def _rank_select(Logits, PT, SeqLens, Logical, Physical, VLens, s_lb, s_lh, s_pb
         slot = offs_i
     else:
         row = Logits + b * s_lb + kvh * GROUP * s_lh
+        lse = _head_lse(row, s_lh, n, scale, GROUP, GROUP_P, BLOCK_J)
         cand = n - recent
-        if ONE_SHOT:
-            offs_g = tl.arange(0, GROUP_P)
-            mask_g = offs_g < GROUP
-            offs_j = tl.arange(0, BLOCK_J)
-            m_j = mask_g[:, None] & (offs_j < n)[None, :]
-            m_i = mask_g[:, None] & (offs_i < cand)[None, :]
-            x_j = tl.load(row + offs_g[:, None] * s_lh + offs_j[None, :], mask=m_j, other=float("-inf")) * scale
-            x_i = tl.load(row + offs_g[:, None] * s_lh + offs_i[None, :], mask=m_i, other=0.0) * scale
-            top = tl.max(x_j, 1)
-            lse = tl.where(mask_g, top + tl.log(tl.sum(tl.exp(x_j - top[:, None]), 1)), 0.0)
-            key_i = _keys_of(x_i, m_i, offs_i, cand, sink, lse)
-            key_j = _keys_of(x_j, m_j & (offs_j < cand)[None, :], offs_j, cand, sink, lse)
-            rank = tl.sum((key_j[None, :] > key_i[:, None]).to(tl.int32), 1)
-        else:
-            lse = _head_lse(row, s_lh, n, scale, GROUP, GROUP_P, BLOCK_J)
-            key_i = _rank_keys(row, s_lh, offs_i, cand, sink, lse, scale, GROUP, GROUP_P)
-            rank = tl.zeros([BLOCK_I], tl.int32)
-            for j0 in range(0, cand, BLOCK_J):
-                key_j = _rank_keys(row, s_lh, j0 + tl.arange(0, BLOCK_J), cand, sink, lse, scale, GROUP, GROUP_P)
-                rank += tl.sum((key_j[None, :] > key_i[:, None]).to(tl.int32), 1)
+        key_i = _rank_keys(row, s_lh, offs_i, cand, sink, lse, scale, GROUP, GROUP_P)
+        rank = tl.zeros([BLOCK_I], tl.int32)
+        for j0 in range(0, cand, BLOCK_J):
+            key_j = _rank_keys(row, s_lh, j0 + tl.arange(0, BLOCK_J), cand, sink, lse, scale, GROUP, GROUP_P)
+            rank += tl.sum((key_j[None, :] > key_i[:, None]).to(tl.int32), 1)
         is_recent = (offs_i >= cand) & (offs_i < n)
         take = is_recent | ((offs_i < cand) & (rank < k - recent))
         slot = tl.where(is_recent, k - (n - offs_i), rank)
@@ -148,23 +125,20 @@ def rank_select(logits: torch.Tensor, page_tables: torch.Tensor, seq_lens: torch
     logical = torch.empty(batch, kv_heads, k_sel, device=device, dtype=torch.int32)
     physical = torch.empty(batch, kv_heads, k_sel * expand, device=device, dtype=torch.int32)
     vlens = torch.empty(batch, device=device, dtype=torch.int32)
-    group_p = triton.next_power_of_2(group)
-    widest = triton.next_power_of_2(max_groups)
-    if block_j is None and widest * group_p <= 8192:       # the row's logits fit one load: one shot
-        block_j = widest
-        block_i = block_i or min(rank_block(batch * kv_heads, max_groups), max(1, 16384 // widest))
     block_i = block_i or rank_block(batch * kv_heads, max_groups)
-    block_j = block_j or max(16, min(widest, 8192 // block_i, 2048 // group_p))
+    group_p = triton.next_power_of_2(group)
+    block_j = block_j or max(16, min(triton.next_power_of_2(max_groups), 8192 // block_i, 2048 // group_p))
     _rank_select[(batch, kv_heads, triton.cdiv(max_groups, block_i))](
         logits, page_tables, seq_lens, logical, physical, vlens, logits.stride(0), logits.stride(1),
         page_tables.stride(0), logical.stride(0), logical.stride(1), physical.stride(0), physical.stride(1),
         scale, budget, sink, recent, k_sel, GROUP=group, GROUP_P=group_p, BLOCK_I=block_i, BLOCK_J=block_j,
-        SPAN=span, EXPAND=expand, ONE_SHOT=block_j >= widest, num_warps=num_warps)
+        SPAN=span, EXPAND=expand, num_warps=num_warps)
     return logical, physical, vlens
 
 
-def rank_block(rows: int, max_groups: int, programs: int = 512) -> int:
+def rank_block(rows: int, max_groups: int, programs: int = 256) -> int:
     """Groups per program: enough programs (about `programs`) to spread few rows over the GPU,
-    at least 8 groups each."""
+    at least 16 groups each (H200, b1 x 32k, a table of 1024 groups: 32 a program 5.8-6.3 us,
+    16 6.0-7.1, 64 6.7-10.1; loading the whole row once instead of in two loops: no faster)."""
     per_row = max(1, programs // rows)
-    return max(8, min(triton.next_power_of_2(max_groups), triton.next_power_of_2(-(-max_groups // per_row))))
+    return max(16, min(triton.next_power_of_2(max_groups), triton.next_power_of_2(-(-max_groups // per_row))))
