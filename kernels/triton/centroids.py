@@ -143,17 +143,21 @@ RANK_MAX_PAIRS = 1 << 25
 
 
 def attend_tuning(rows: int, budget_tokens: int, device: torch.device) -> dict:
-    """split_k_decode's tuning over the chosen pages. Rows (sequence, KV head) fewer than the SMs:
-    128-key blocks and 8 warps, splits so that rows x splits about fills the GPU once, each split
-    at least one block (H200, budget 2048, bench/centroid_stages.py --tune: b16 x 32k one split, 5
-    stages 38.7 us against 42.9 for the dense decode's ~2 programs an SM in 64-key blocks; b1 16
-    splits 9.2 against 12.4). More rows: ~2 programs an SM, 64-key blocks, at least 2 a split
-    (b64: 130.5 us, the same with 128-key blocks 147.1)."""
+    """split_k_decode's tuning over the chosen pages, by how the rows (sequence, KV head) fill the
+    SMs (H200, budget 2048, bench/centroid_stages.py --tune, against the dense decode's rule of ~2
+    programs an SM in 64-key blocks, at least 2 a split):
+    - a few rows (b1: 8): one 128-key block a split, 8 warps, enough splits for a wave: 9.2 us
+      against 12.4;
+    - about a wave of rows (b16: 128): one split, 128-key blocks, 8 warps, 5 stages: 38.9 against
+      42.6;
+    - otherwise the dense rule (b4: 17.7 against 20.4 for 4 splits of 128-key blocks; b64: 130.4
+      against 134.8 for one split of 128-key blocks)."""
     sms = num_sms(device)
-    if rows >= sms:
-        return dict(num_splits=default_num_splits(rows, 1, budget_tokens, device, min_blocks=2))
-    splits = max(1, min(sms // rows, budget_tokens // 128, 64))
-    return dict(num_splits=splits, block_n=128, num_warps=8, num_stages=5 if splits == 1 else 2)
+    if rows <= sms // 8:
+        return dict(num_splits=max(1, min(sms // rows, budget_tokens // 128, 64)), block_n=128, num_warps=8)
+    if sms // 2 <= rows <= sms:
+        return dict(num_splits=1, block_n=128, num_warps=8, num_stages=5)
+    return dict(num_splits=default_num_splits(rows, 1, budget_tokens, device, min_blocks=2))
 
 
 def centroid_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cents: torch.Tensor,
