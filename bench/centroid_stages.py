@@ -40,7 +40,6 @@ from kernels.triton.sparse import sparse_decode
 GROUP_PAGES = 4
 SPAN = PAGE * GROUP_PAGES
 BUDGET = 2048            # main() sets it from --budget
-CHUNKS = (2, 3, 4, 8)     # slices of the batch pipelined over two streams (centroid_sparse_decode's chunks)
 # scoring kernel tunings tried: (groups per program, warps)
 TUNINGS = ((8, 1), (8, 2), (16, 2), (4, 1))
 
@@ -133,18 +132,16 @@ def check(x: dict, scale: float, force: tuple) -> None:
     assert wrong == 0 and torch.equal(vlens, stages["vlens"])
     pages = (ranked.long()[..., None] * GROUP_PAGES + torch.arange(GROUP_PAGES, device=got.device)).flatten(2)
     assert torch.equal(physical.long(), x["table"].long().gather(1, pages.flatten(1)).view(pages.shape))
-    for chunks in (1, *CHUNKS):
-        err = (engine_decode(x, scale, chunks).float() - out.float()).abs().max().item()
-        print(f"centroid_sparse_decode (the engine's launcher), {chunks} slice(s), vs the stages: max abs "
-              f"difference {err:.2e}", flush=True)
-        assert err < 2e-2
+    err = (engine_decode(x, scale) .float() - out.float()).abs().max().item()
+    print(f"centroid_sparse_decode (the engine's launcher) vs the stages: max abs difference {err:.2e}", flush=True)
+    assert err < 2e-2
 
 
-def engine_decode(x: dict, scale: float, chunks: int = 1) -> torch.Tensor:
+def engine_decode(x: dict, scale: float) -> torch.Tensor:
     """The launcher the engine calls: its own choice of selection (RANK_MAX_PAIRS) and attention
-    tuning (attend_tuning); chunks > 1: pipelined over two streams."""
+    tuning (attend_tuning)."""
     return centroid_sparse_decode(x["q"], x["k"], x["v"], x["cents"], x["stats"], x["table"], x["lens"], BUDGET,
-                                  16, 64, GROUP_PAGES, scale, interpreted=DEVICE == "cpu", chunks=chunks)
+                                  16, 64, GROUP_PAGES, scale, interpreted=DEVICE == "cpu")
 
 
 @triton.jit
@@ -276,13 +273,6 @@ def main() -> None:
         }
         select, rank, attend, attend_tuned, whole, engine = (
             graph_us(rotating([partial(fn, x) for x in xs])) for fn in stage_fns.values())
-        if DEVICE == "cuda":
-            piped = [(c, graph_us(rotating([partial(engine_decode, x, scale, c) for x in xs])))
-                     for c in CHUNKS if c <= args.batch]
-            print("pipelined over two streams, us per call by slices: "
-                  + ", ".join(f"{c}: {us:.1f}" for c, us in piped), flush=True)
-            if piped:
-                engine = min(engine, min(us for _, us in piped))
         best = min(timed, key=lambda t: t[0])
         rows.append((f"centroids {name}", timed[0][0], best, f"{select:.1f} / {rank:.1f}",
                      f"{attend:.1f} / {attend_tuned:.1f}", whole, engine))
@@ -297,8 +287,7 @@ def main() -> None:
         del xs
         torch.cuda.empty_cache()
     print(f"\n| decode attention, b{args.batch} x {args.context} | scores us (best tuning) | select us, radix / rank "
-          f"| attend us, default / tuned | staged us (radix, default) | centroid_sparse_decode us (best slices) "
-          f"| vs dense |\n"
+          f"| attend us, default / tuned | staged us (radix, default) | centroid_sparse_decode us | vs dense |\n"
           f"| --- | --- | --- | --- | --- | --- | --- |")
     print(f"| dense paged_decode | - | - | - | - | {dense:.1f} | 1.00x |")
     print(f"| engine Quest, coarse to fine (4-token blocks) | - | - | - | - | {quest:.1f} | {dense / quest:.2f}x |")

@@ -22,8 +22,6 @@ groups exactly as it selects pages from Quest bounds.
 """
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 import triton
 import triton.language as tl
@@ -163,8 +161,7 @@ def attend_tuning(rows: int, budget_tokens: int, device: torch.device) -> dict:
 def centroid_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cents: torch.Tensor,
                            stats: torch.Tensor, page_tables: torch.Tensor, seq_lens: torch.Tensor,
                            budget_tokens: int, sink_tokens: int, recent_tokens: int, group_pages: int,
-                           scale: float | None = None, interpreted: bool = False, chunks: int = 1,
-                           **tuning) -> torch.Tensor:
+                           scale: float | None = None, interpreted: bool = False, **tuning) -> torch.Tensor:
     """Batched reference.centroid_select_pages + attend_pages: the group scores
     (centroid_group_logits), combine_select keeping the budget's groups (sink and recent forced,
     counted in groups as reference.sparse_page_counts counts pages) and writing their pages'
@@ -172,11 +169,7 @@ def centroid_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     page_size, kv_heads, d]; cents, stats as centroid_group_logits takes them; page_tables int32
     [batch, width]. Static-shaped and sync-free (CUDA-graph safe); when no row can exceed the budget
     this is paged_decode. tuning: split_k_decode's, over attend_tuning's defaults (the selection,
-    by rank or by radix search, is chosen from the shapes: RANK_MAX_PAIRS).
-
-    chunks > 1 (CUDA): the batch in that many slices, pipelined over two streams: a slice's
-    attention (bandwidth-bound) runs beside the next slice's scoring and selection (latency-bound),
-    instead of after the whole batch's."""
+    by rank or by radix search, is chosen from the shapes: RANK_MAX_PAIRS)."""
     check_kv(q, k_cache, v_cache)
     page_size, kv_heads = k_cache.shape[1:3]
     span = page_size * group_pages
@@ -187,35 +180,6 @@ def centroid_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if width % group_pages:         # whole groups: the last one's missing pages are never attended
         page_tables = torch.nn.functional.pad(page_tables, (0, group_pages - width % group_pages))
     scale = default_scale(q.shape[2]) if scale is None else scale
-    select = partial(_select_groups, cents=cents, stats=stats, page_size=page_size, group_pages=group_pages,
-                     kv_heads=kv_heads, force=force, scale=scale, interpreted=interpreted)
-    chunks = min(chunks, q.shape[0]) if q.is_cuda else 1
-    tuning = {**attend_tuning(-(-q.shape[0] // chunks) * kv_heads, force[0] * span, q.device), **tuning}
-    if chunks == 1:
-        physical, vlens = select(q, page_tables, seq_lens)
-        return split_k_decode(q, k_cache, v_cache, physical, vlens, scale, **tuning)
-    out = tuning.pop("out", None)
-    out = torch.empty_like(q) if out is None else out
-    main, side = torch.cuda.current_stream(q.device), side_stream(q.device)
-    side.wait_stream(main)
-    held = []                       # each slice's selection, alive until the streams join
-    for rows in torch.arange(q.shape[0]).chunk(chunks):
-        lo, hi = int(rows[0]), int(rows[-1]) + 1
-        physical, vlens = select(q[lo:hi], page_tables[lo:hi], seq_lens[lo:hi])
-        held.append((physical, vlens))
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            split_k_decode(q[lo:hi], k_cache, v_cache, physical, vlens, scale, out=out[lo:hi], **tuning)
-    main.wait_stream(side)
-    return out
-
-
-def _select_groups(q: torch.Tensor, page_tables: torch.Tensor, seq_lens: torch.Tensor, cents: torch.Tensor,
-                   stats: torch.Tensor, page_size: int, group_pages: int, kv_heads: int, force: tuple,
-                   scale: float, interpreted: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores and the selection of centroid_sparse_decode -> (physical pages [batch, kv_heads, k *
-    group_pages], virtual lengths [batch])."""
-    span = page_size * group_pages
     logits = centroid_group_logits(q, cents, stats, page_tables, seq_lens, page_size, group_pages, scale,
                                    interpreted=interpreted)
     rows, groups = q.shape[0] * kv_heads, logits.shape[2]
@@ -224,14 +188,5 @@ def _select_groups(q: torch.Tensor, page_tables: torch.Tensor, seq_lens: torch.T
     else:
         _, physical, vlens = combine_select(logits, page_tables, seq_lens, span, kv_heads, force, scale, force[0],
                                             expand=group_pages)
-    return physical, vlens
-
-
-_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
-def side_stream(device: torch.device) -> torch.cuda.Stream:
-    """The second stream of the pipelined decode, one per device (made at the first, uncaptured call)."""
-    if device not in _SIDE_STREAMS:
-        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
-    return _SIDE_STREAMS[device]
+    tuning = {**attend_tuning(rows, force[0] * span, q.device), **tuning}
+    return split_k_decode(q, k_cache, v_cache, physical, vlens, scale, **tuning)
