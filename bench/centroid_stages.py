@@ -243,7 +243,8 @@ def main() -> None:
         xs = [make_inputs(args.batch, args.context, args.width, args.clusters, dtype, seed,
                           args.kv_layout == "head-major") for seed in range(copies)]
         check(xs[0], scale, force)
-        tunings = [{}] + [dict(block_n=n, num_warps=w) for n, w in TUNINGS]
+        tunings = [{}] + [dict(block_n=n, num_warps=w) for n, w in TUNINGS] + [
+            dict(k_chunk=k, stages=st, block_n=n) for k, st in ((32, 2), (32, 3), (32, 4), (64, 2)) for n in (8, 16)]
         timed = []
         for cfg in tunings:
             got = [centroid_group_logits(x["q"], x["cents"], x["stats"], x["table"], x["lens"], PAGE, GROUP_PAGES,

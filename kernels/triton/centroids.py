@@ -58,12 +58,60 @@ def _score_tile(Q, Cents, Stats, Out, b, kvh, page, offs_n, full, s_qb, s_qh, s_
     q_sq = tl.sum(q32 * q32, 0)                                                            # [GROUP_P]
     cents = tl.load(Cents + page[None, :, None] * s_cp + kvh * s_ch + offs_c[:, None, None] * s_cc
                     + offs_d[None, None, :], mask=full[None, :, None], other=0.0)          # [C, N, d]
-    rows = tl.reshape(cents, [C * BLOCK_N, HEAD_DIM])
+    rows = _dot_rows(tl.reshape(cents, [C * BLOCK_N, HEAD_DIM]), q, DOT_F32)
+    dots = tl.dot(rows, q.to(rows.dtype), input_precision="ieee") * scale                  # [C * N, GROUP_P]
+    _tile_epilogue(dots, q_sq, Stats, Out, b, kvh, page, offs_n, full, s_sp, s_sh, s_sc, s_ob, s_oh, max_groups,
+                   scale, GROUP, GROUP_P, C, BLOCK_N)
+
+
+@triton.jit
+def _dot_rows(rows, q, DOT_F32: tl.constexpr):
+    """Centroid rows in the dtype they meet q in (_score_tile's docstring)."""
     if DOT_F32 or q.dtype == tl.float32:   # the interpreter's 16-bit dots are wrong (decode.dot_upcast);
         rows = rows.to(tl.float32)         # a float32 q (float32 serving) keeps its bits
     elif rows.dtype.primitive_bitwidth == 8:
         rows = rows.to(tl.float16)
-    dots = tl.dot(rows, q.to(rows.dtype), input_precision="ieee") * scale                  # [C * N, GROUP_P]
+    return rows
+
+
+@triton.jit
+def _score_tile_chunked(Q, Cents, Stats, Out, PTRow, b, kvh, first, full_groups, s_qb, s_qh, s_cp, s_ch, s_cc,
+                        s_sp, s_sh, s_sc, s_ob, s_oh, max_groups, scale, GROUP: tl.constexpr,
+                        GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, C: tl.constexpr, BLOCK_N: tl.constexpr,
+                        GROUP_PAGES: tl.constexpr, K_CHUNK: tl.constexpr, STAGES: tl.constexpr,
+                        DOT_F32: tl.constexpr):
+    """_score_tile with the dot split along d in chunks of K_CHUNK channels, loaded through a
+    software pipeline of STAGES: the tile then never sits whole in registers (one warp holds an
+    8 KB fp8 tile as 128 registers a thread once widened, which caps the SM at 12 such warps)."""
+    offs_r = tl.arange(0, C * BLOCK_N)                  # row c * BLOCK_N + n: centroid c of group n
+    n_r = first + offs_r % BLOCK_N
+    full_r = n_r < full_groups
+    page_r = tl.load(PTRow + n_r * GROUP_PAGES, mask=full_r, other=0).to(tl.int64)
+    base = Cents + page_r * s_cp + kvh * s_ch + (offs_r // BLOCK_N) * s_cc               # [C * N]
+    offs_g = tl.arange(0, GROUP_P)
+    q_row = Q + b * s_qb + (kvh * GROUP + offs_g[None, :]) * s_qh
+    acc = tl.zeros([C * BLOCK_N, GROUP_P], tl.float32)
+    q_sq = tl.zeros([GROUP_P], tl.float32)
+    for k0 in tl.range(0, HEAD_DIM, K_CHUNK, num_stages=STAGES):
+        offs_k = k0 + tl.arange(0, K_CHUNK)
+        q = tl.load(q_row + offs_k[:, None], mask=(offs_g < GROUP)[None, :], other=0.0)      # [K, GROUP_P]
+        q32 = q.to(tl.float32) * scale
+        q_sq += tl.sum(q32 * q32, 0)
+        rows = _dot_rows(tl.load(base[:, None] + offs_k[None, :], mask=full_r[:, None], other=0.0), q, DOT_F32)
+        acc = tl.dot(rows, q.to(rows.dtype), acc, input_precision="ieee")
+    offs_n = first + tl.arange(0, BLOCK_N)
+    full = offs_n < full_groups
+    page = tl.load(PTRow + offs_n * GROUP_PAGES, mask=full, other=0).to(tl.int64)
+    _tile_epilogue(acc * scale, q_sq, Stats, Out, b, kvh, page, offs_n, full, s_sp, s_sh, s_sc, s_ob, s_oh,
+                   max_groups, scale, GROUP, GROUP_P, C, BLOCK_N)
+
+
+@triton.jit
+def _tile_epilogue(dots, q_sq, Stats, Out, b, kvh, page, offs_n, full, s_sp, s_sh, s_sc, s_ob, s_oh, max_groups,
+                   scale, GROUP: tl.constexpr, GROUP_P: tl.constexpr, C: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The count and spread terms, the log-sum-exp over each group's centroids, stored / scale."""
+    offs_c = tl.arange(0, C)
+    offs_g = tl.arange(0, GROUP_P)
     stat = Stats + page[None, :] * s_sp + kvh * s_sh + offs_c[:, None] * s_sc
     log_count = tl.load(stat, mask=full[None, :], other=0.0)                               # [C, N]
     spread = tl.load(stat + 1, mask=full[None, :], other=0.0)
@@ -81,9 +129,11 @@ def _centroid_group_logits(Q, Cents, Stats, PT, SeqLens, Out, s_qb, s_qh, s_cp, 
                            s_pb, s_ob, s_oh, max_groups, scale,
                            GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr,
                            C: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_PAGES: tl.constexpr,
-                           PAGE_SIZE: tl.constexpr, DOT_F32: tl.constexpr):
+                           PAGE_SIZE: tl.constexpr, DOT_F32: tl.constexpr, K_CHUNK: tl.constexpr,
+                           STAGES: tl.constexpr):
     """One program per (sequence, KV head, BLOCK_N groups): the physical id of each group's last
-    page (where its summary is kept; only complete groups have one), then _score_tile."""
+    page (where its summary is kept; only complete groups have one), then _score_tile (or with
+    K_CHUNK, _score_tile_chunked)."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     first = tl.program_id(2) * BLOCK_N
@@ -96,6 +146,12 @@ def _centroid_group_logits(Q, Cents, Stats, PT, SeqLens, Out, s_qb, s_qh, s_cp, 
     if first >= tl.cdiv(seq_len, GROUP_PAGES * PAGE_SIZE):
         return      # past the sequence
     full = offs_n < (seq_len - 1) // (GROUP_PAGES * PAGE_SIZE)     # summarised before this token
+    if K_CHUNK:
+        _score_tile_chunked(Q, Cents, Stats, Out, PT + b.to(tl.int64) * s_pb + GROUP_PAGES - 1, b, kvh, first,
+                            (seq_len - 1) // (GROUP_PAGES * PAGE_SIZE), s_qb, s_qh, s_cp, s_ch, s_cc, s_sp, s_sh,
+                            s_sc, s_ob, s_oh, max_groups, scale, GROUP, GROUP_P, HEAD_DIM, C, BLOCK_N, GROUP_PAGES,
+                            K_CHUNK, STAGES, DOT_F32)
+        return
     _score_tile(Q, Cents, Stats, Out, b, kvh, page.to(tl.int64), offs_n, full, s_qb, s_qh, s_cp, s_ch, s_cc,
                 s_sp, s_sh, s_sc, s_ob, s_oh, max_groups, scale, GROUP, GROUP_P, HEAD_DIM, C, BLOCK_N, DOT_F32)
 
@@ -103,12 +159,13 @@ def _centroid_group_logits(Q, Cents, Stats, PT, SeqLens, Out, s_qb, s_qh, s_cp, 
 def centroid_group_logits(q: torch.Tensor, cents: torch.Tensor, stats: torch.Tensor, page_tables: torch.Tensor,
                           seq_lens: torch.Tensor, page_size: int, group_pages: int, scale: float,
                           block_n: int | None = None, num_warps: int | None = None,
-                          interpreted: bool = False) -> torch.Tensor:
+                          interpreted: bool = False, k_chunk: int = 0, stages: int = 3) -> torch.Tensor:
     """q [batch, q_heads, d]; cents [num_pages, kv_heads, C, d] (fp8/bf16, at each complete group's
     last page); stats fp32 [num_pages, kv_heads, C, 2] (log count, spread); page_tables int32
     [batch, width] -> fp32 [batch, q_heads, width // group_pages]: each group's L_h(n) / scale
     (-inf for the last group; garbage past a sequence, never read by combine_select).
-    One program per (sequence, KV head, block_n groups)."""
+    One program per (sequence, KV head, block_n groups); k_chunk > 0: the dot in chunks of that
+    many channels through a pipeline of `stages` (_score_tile_chunked)."""
     batch, q_heads, head_dim = q.shape
     kv_heads, clusters = cents.shape[1:3]
     assert cents.shape[3] == head_dim and stats.shape == (*cents.shape[:3], 2) and q_heads % kv_heads == 0
@@ -130,7 +187,7 @@ def centroid_group_logits(q: torch.Tensor, cents: torch.Tensor, stats: torch.Ten
         *stats.stride()[:3], page_tables.stride(0), out.stride(0), out.stride(1), max_groups, scale,
         GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, C=clusters,
         BLOCK_N=block_n, GROUP_PAGES=group_pages, PAGE_SIZE=page_size, DOT_F32=interpreted,
-        num_warps=num_warps or 1)
+        K_CHUNK=k_chunk, STAGES=stages, num_warps=num_warps or 1)
     return out
 
 
