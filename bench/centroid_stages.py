@@ -42,6 +42,9 @@ SPAN = PAGE * GROUP_PAGES
 BUDGET = 2048            # main() sets it from --budget
 # scoring kernel tunings tried: (groups per program, warps)
 TUNINGS = ((8, 1), (8, 2), (16, 2), (4, 1))
+# ... and the dot in chunks of d: (channels a chunk, pipeline stages, groups per program, warps)
+CHUNKED = ((64, 2, 16, 1), (64, 3, 16, 1), (32, 3, 16, 1), (64, 2, 8, 1), (64, 2, 32, 2), (32, 3, 32, 2),
+           (64, 2, 16, 2), (128, 1, 16, 1))
 
 
 DEVICE = "cuda"          # a smoke run of check() on the CPU under TRITON_INTERPRET sets "cpu"
@@ -244,7 +247,7 @@ def main() -> None:
                           args.kv_layout == "head-major") for seed in range(copies)]
         check(xs[0], scale, force)
         tunings = [{}] + [dict(block_n=n, num_warps=w) for n, w in TUNINGS] + [
-            dict(k_chunk=k, stages=st, block_n=n) for k, st in ((32, 2), (32, 3), (32, 4), (64, 2)) for n in (8, 16)]
+            dict(k_chunk=k, stages=st, block_n=n, num_warps=w) for k, st, n, w in CHUNKED]
         timed = []
         for cfg in tunings:
             got = [centroid_group_logits(x["q"], x["cents"], x["stats"], x["table"], x["lens"], PAGE, GROUP_PAGES,
