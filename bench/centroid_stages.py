@@ -31,7 +31,7 @@ import triton.language as tl
 from bench.gemv import graph_us
 from bench.sparse_stages import HKV, HQ, PAGE, D, sparse_inputs
 from kernels import reference as ref
-from kernels.triton.centroids import attend_tuning, centroid_group_logits, centroid_sparse_decode, score_tuning
+from kernels.triton.centroids import attend_tuning, centroid_group_logits, centroid_sparse_decode
 from kernels.triton.decode import paged_decode, split_k_decode
 from kernels.triton.group_rank import rank_select
 from kernels.triton.selection import combine_select
@@ -135,10 +135,6 @@ def check(x: dict, scale: float, force: tuple) -> None:
     assert wrong == 0 and torch.equal(vlens, stages["vlens"])
     pages = (ranked.long()[..., None] * GROUP_PAGES + torch.arange(GROUP_PAGES, device=got.device)).flatten(2)
     assert torch.equal(physical.long(), x["table"].long().gather(1, pages.flatten(1)).view(pages.shape))
-    fused = centroid_group_logits(x["q"], x["cents"], x["stats"], x["table"], x["lens"], PAGE, GROUP_PAGES, scale,
-                                  interpreted=DEVICE == "cpu", select=force)
-    assert all(torch.equal(a, stages[k]) for a, k in zip(fused, ("logical", "physical", "vlens"), strict=True))
-    print("scores + selection in one launch: the same groups and pages as the two launches", flush=True)
     err = (engine_decode(x, scale) .float() - out.float()).abs().max().item()
     print(f"centroid_sparse_decode (the engine's launcher) vs the stages: max abs difference {err:.2e}", flush=True)
     assert err < 2e-2
@@ -269,12 +265,7 @@ def main() -> None:
             x["logical"], x["physical"], x["vlens"] = combine_select(
                 x["logits"], x["table"], x["lens"], SPAN, HKV, force, scale, force[0], expand=GROUP_PAGES)
         tuned = attend_tuning(args.batch * HKV, force[0] * SPAN, xs[0]["q"].device)
-        tile = score_tuning(args.batch * HKV, D, xs[0]["q"].device)
         stage_fns = {
-            "scores": lambda x, tile=tile: centroid_group_logits(x["q"], x["cents"], x["stats"], x["table"], x["lens"],
-                                                                 PAGE, GROUP_PAGES, scale, **tile),
-            "fused": lambda x, tile=tile: centroid_group_logits(x["q"], x["cents"], x["stats"], x["table"], x["lens"],
-                                                                PAGE, GROUP_PAGES, scale, select=force, **tile),
             "select": lambda x: combine_select(x["logits"], x["table"], x["lens"], SPAN, HKV, force, scale, force[0],
                                                expand=GROUP_PAGES),
             "rank": lambda x: rank_select(x["logits"], x["table"], x["lens"], SPAN, HKV, force, scale, GROUP_PAGES),
@@ -284,11 +275,11 @@ def main() -> None:
             "whole": lambda x: centroid_decode(x, scale, force),
             "engine": lambda x: engine_decode(x, scale),
         }
-        scores, fused, select, rank, attend, attend_tuned, whole, engine = (
+        select, rank, attend, attend_tuned, whole, engine = (
             graph_us(rotating([partial(fn, x) for x in xs])) for fn in stage_fns.values())
         best = min(timed, key=lambda t: t[0])
-        rows.append((f"centroids {name}", f"{timed[0][0]:.1f} / {scores:.1f}", best, f"{fused:.1f}",
-                     f"{select:.1f} / {rank:.1f}", f"{attend:.1f} / {attend_tuned:.1f}", whole, engine))
+        rows.append((f"centroids {name}", timed[0][0], best, f"{select:.1f} / {rank:.1f}",
+                     f"{attend:.1f} / {attend_tuned:.1f}", whole, engine))
         if args.tune is not None:
             tune_stages(xs, scale, force, args.tune or ["select", "rank", "attend"])
         if i == 0:
@@ -299,14 +290,13 @@ def main() -> None:
                 pmin=x["pmin"], pmax=x["pmax"], shortlist_tokens=8192), x) for x in xs]))
         del xs
         torch.cuda.empty_cache()
-    print(f"\n| decode attention, b{args.batch} x {args.context} | scores us, default / score_tuning (best) "
-          f"| scores + radix select in one launch | select us, radix / rank "
+    print(f"\n| decode attention, b{args.batch} x {args.context} | scores us (best tuning) | select us, radix / rank "
           f"| attend us, default / tuned | staged us (radix, default) | centroid_sparse_decode us | vs dense |\n"
-          f"| --- | --- | --- | --- | --- | --- | --- | --- |")
-    print(f"| dense paged_decode | - | - | - | - | - | {dense:.1f} | 1.00x |")
-    print(f"| engine Quest, coarse to fine (4-token blocks) | - | - | - | - | - | {quest:.1f} | {dense / quest:.2f}x |")
-    for label, scores, best, fused, select, attend, whole, engine in rows:
-        print(f"| {label} | {scores} ({best[0]:.1f}: {best[1] or 'default'}) | {fused} | {select} | {attend} "
+          f"| --- | --- | --- | --- | --- | --- | --- |")
+    print(f"| dense paged_decode | - | - | - | - | {dense:.1f} | 1.00x |")
+    print(f"| engine Quest, coarse to fine (4-token blocks) | - | - | - | - | {quest:.1f} | {dense / quest:.2f}x |")
+    for label, scores, best, select, attend, whole, engine in rows:
+        print(f"| {label} | {scores:.1f} ({best[0]:.1f}: {best[1] or 'default'}) | {select} | {attend} "
               f"| {whole:.1f} ({dense / whole:.2f}x) | {engine:.1f} | {dense / engine:.2f}x |")
 
 

@@ -129,38 +129,3 @@ def test_centroid_pipeline_matches_the_reference_selector_and_decode(selection):
         assert int(vlens[i]) == n - max(0, -(-n // span) - force[0]) * span
         expected = ref.attend_pages(q[i], k, v, table[i], n, want, scale)
         torch.testing.assert_close(out[i], expected, rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("k_chunk", [0, 32])
-def test_fused_scorer_selects_what_combine_select_selects(k_chunk):
-    """centroid_group_logits(select=...): the program scoring a row's last tile selects the row, as
-    combine_select(expand=group_pages) over the same logits does, call after call (the per-row
-    counters reset themselves); rows within the budget, ending inside a group and on its boundary."""
-    from kernels.triton.selection import combine_select
-    page_size, group_pages, kv_heads, group, head_dim, clusters = 8, 2, 2, 3, 32, 4
-    span = page_size * group_pages
-    lens = [20 * span + 5, 5 * span, 13 * span, 40 * span - 1]
-    gen = torch.Generator().manual_seed(9)
-    used = [-(-n // page_size) for n in lens]
-    num_pages = sum(used) + 1
-    width = -(-max(used) // group_pages) * group_pages + 2 * group_pages
-    table = torch.full((len(lens), width), num_pages - 1, dtype=torch.int32)
-    perm, at = torch.randperm(num_pages - 1, generator=gen), 0
-    for i in range(len(lens)):
-        table[i, :used[i]] = perm[at:at + used[i]].int()
-        at += used[i]
-    cents = torch.randn(num_pages, kv_heads, clusters, head_dim, generator=gen)
-    stats = torch.rand(num_pages, kv_heads, clusters, 2, generator=gen)
-    seq_lens = torch.tensor(lens, dtype=torch.int32)
-    force = (6, 1, 1)
-    for call in range(2):
-        q = torch.randn(len(lens), kv_heads * group, head_dim, generator=gen)
-        logits = centroid_group_logits(q, cents, stats, table, seq_lens, page_size, group_pages, 0.2, block_n=4,
-                                       interpreted=True, k_chunk=k_chunk)
-        want = combine_select(logits, table, seq_lens, span, kv_heads, force, 0.2, force[0], expand=group_pages)
-        got = centroid_group_logits(q, cents, stats, table, seq_lens, page_size, group_pages, 0.2, block_n=4,
-                                    interpreted=True, k_chunk=k_chunk, select=force)
-        for a, b in zip(got, want, strict=True):
-            assert torch.equal(a, b), call
-    from kernels.triton.centroids import arrival_counts
-    assert not arrival_counts(q.device, 1).any(), "every row's counter is back to 0"

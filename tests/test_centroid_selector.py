@@ -106,16 +106,11 @@ def test_reads_only_the_chosen_groups():
 
 
 @pytest.mark.usefixtures("triton_interpreter")
-@pytest.mark.parametrize("selection", ["rank", "in the scoring launch"])
-def test_triton_path_matches_the_reference(selection, monkeypatch):
+def test_triton_path_matches_the_reference():
     """kernels/triton/centroids.centroid_sparse_decode (the Triton backend's) under the interpreter,
-    with a page-table width that is not a whole number of groups, selecting by rank (the choice
-    for these few short rows) or, with the rank's limit at 0, by the scorer's last tile of a row."""
+    with a page-table width that is not a whole number of groups."""
     pytest.importorskip("triton")
-    from kernels.triton import centroids
     from kernels.triton.centroids import centroid_sparse_decode
-    if selection != "rank":
-        monkeypatch.setattr(centroids, "RANK_MAX_PAIRS", 0)
     kv_heads, group, head_dim, scale = 2, 2, 64, 0.125
     cache, tables = random_cache(LENGTHS, kv_heads, head_dim, seed=7, layers=1)
     width = max(len(t) for t in tables) | 1         # odd: not a whole number of groups

@@ -29,7 +29,7 @@ import triton.language as tl
 from kernels.reference import default_scale, sparse_page_counts
 from kernels.triton.decode import check_kv, default_num_splits, num_sms, paged_decode, split_k_decode
 from kernels.triton.group_rank import rank_select
-from kernels.triton.selection import FUSED_MAX_PAGES, _combine_select_row, _selection_outputs, combine_select
+from kernels.triton.selection import combine_select
 
 
 @triton.jit
@@ -127,70 +127,45 @@ def _tile_epilogue(dots, q_sq, Stats, Out, b, kvh, page, offs_n, full, s_sp, s_s
 @triton.jit
 def _centroid_group_logits(Q, Cents, Stats, PT, SeqLens, Out, s_qb, s_qh, s_cp, s_ch, s_cc, s_sp, s_sh, s_sc,
                            s_pb, s_ob, s_oh, max_groups, scale,
-                           Arrived, Logical, Physical, VLens, s_xb, s_xh, s_yb, s_yh, budget, sink, recent, k_sel,
                            GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr,
                            C: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_PAGES: tl.constexpr,
                            PAGE_SIZE: tl.constexpr, DOT_F32: tl.constexpr, K_CHUNK: tl.constexpr,
-                           STAGES: tl.constexpr, SELECT: tl.constexpr, BLOCK_G: tl.constexpr,
-                           BLOCK_P: tl.constexpr, FENCE: tl.constexpr):
+                           STAGES: tl.constexpr):
     """One program per (sequence, KV head, BLOCK_N groups): the physical id of each group's last
     page (where its summary is kept; only complete groups have one), then _score_tile (or with
-    K_CHUNK, _score_tile_chunked).
-
-    SELECT: the program that scores a row's last tile also selects the row's groups
-    (selection._combine_select_row over the row's logits), so that the selection of one row runs
-    beside the scoring of others instead of after the whole batch's, and one launch fewer. The
-    tiles of a row count themselves in Arrived[row] (an atomic add after their stores, every lane
-    fenced first); the last to arrive sets it back to 0 for the next call."""
+    K_CHUNK, _score_tile_chunked)."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     first = tl.program_id(2) * BLOCK_N
-    span = GROUP_PAGES * PAGE_SIZE
     offs_n = first + tl.arange(0, BLOCK_N)
     # the page ids are loaded with the length, not after it (one dependent memory trip fewer);
     # those past the sequence are never used
     page = tl.load(PT + b.to(tl.int64) * s_pb + offs_n * GROUP_PAGES + GROUP_PAGES - 1, mask=offs_n < max_groups,
                    other=0)
     seq_len = tl.load(SeqLens + b)
-    if first >= tl.cdiv(seq_len, span):
+    if first >= tl.cdiv(seq_len, GROUP_PAGES * PAGE_SIZE):
         return      # past the sequence
-    full = offs_n < (seq_len - 1) // span                         # summarised before this token
+    full = offs_n < (seq_len - 1) // (GROUP_PAGES * PAGE_SIZE)     # summarised before this token
     if K_CHUNK:
         _score_tile_chunked(Q, Cents, Stats, Out, PT + b.to(tl.int64) * s_pb + GROUP_PAGES - 1, b, kvh, first,
-                            (seq_len - 1) // span, s_qb, s_qh, s_cp, s_ch, s_cc, s_sp, s_sh,
+                            (seq_len - 1) // (GROUP_PAGES * PAGE_SIZE), s_qb, s_qh, s_cp, s_ch, s_cc, s_sp, s_sh,
                             s_sc, s_ob, s_oh, max_groups, scale, GROUP, GROUP_P, HEAD_DIM, C, BLOCK_N, GROUP_PAGES,
                             K_CHUNK, STAGES, DOT_F32)
-    else:
-        _score_tile(Q, Cents, Stats, Out, b, kvh, page.to(tl.int64), offs_n, full, s_qb, s_qh, s_cp, s_ch, s_cc,
-                    s_sp, s_sh, s_sc, s_ob, s_oh, max_groups, scale, GROUP, GROUP_P, HEAD_DIM, C, BLOCK_N, DOT_F32)
-    if SELECT:
-        if FENCE:       # each lane's stores visible GPU-wide before the count says so (__threadfence)
-            tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.b32 $0, $1;", "=r,r", [offs_n], dtype=tl.int32,
-                                      is_pure=False, pack=1)
-        row = b * tl.num_programs(1) + kvh
-        arrived = tl.atomic_add(Arrived + row, 1, sem="acq_rel")
-        if arrived == tl.cdiv(tl.cdiv(seq_len, span), BLOCK_N) - 1:
-            tl.atomic_xchg(Arrived + row, 0)
-            _combine_select_row(Out, PT, SeqLens, Logical, Physical, VLens, Logical, b, kvh, s_ob, s_oh, s_pb, 0,
-                                s_xb, s_xh, s_yb, s_yh, 0, 0, max_groups, scale, budget, sink, recent, budget, k_sel,
-                                GROUP, BLOCK_G, BLOCK_P, span, True, False, GROUP_PAGES)
+        return
+    _score_tile(Q, Cents, Stats, Out, b, kvh, page.to(tl.int64), offs_n, full, s_qb, s_qh, s_cp, s_ch, s_cc,
+                s_sp, s_sh, s_sc, s_ob, s_oh, max_groups, scale, GROUP, GROUP_P, HEAD_DIM, C, BLOCK_N, DOT_F32)
 
 
 def centroid_group_logits(q: torch.Tensor, cents: torch.Tensor, stats: torch.Tensor, page_tables: torch.Tensor,
                           seq_lens: torch.Tensor, page_size: int, group_pages: int, scale: float,
                           block_n: int | None = None, num_warps: int | None = None,
-                          interpreted: bool = False, k_chunk: int = 0, stages: int = 3,
-                          select: tuple[int, int, int] | None = None):
+                          interpreted: bool = False, k_chunk: int = 0, stages: int = 3) -> torch.Tensor:
     """q [batch, q_heads, d]; cents [num_pages, kv_heads, C, d] (fp8/bf16, at each complete group's
     last page); stats fp32 [num_pages, kv_heads, C, 2] (log count, spread); page_tables int32
     [batch, width] -> fp32 [batch, q_heads, width // group_pages]: each group's L_h(n) / scale
     (-inf for the last group; garbage past a sequence, never read by combine_select).
     One program per (sequence, KV head, block_n groups); k_chunk > 0: the dot in chunks of that
-    many channels through a pipeline of `stages` (_score_tile_chunked).
-
-    select (the forced-group rule's (budget, sink, recent) in groups): the selection too, in the
-    same launch -> combine_select(logits, ..., expand=group_pages)'s (logical, physical, vlens);
-    rows of at most selection.FUSED_MAX_PAGES groups."""
+    many channels through a pipeline of `stages` (_score_tile_chunked)."""
     batch, q_heads, head_dim = q.shape
     kv_heads, clusters = cents.shape[1:3]
     assert cents.shape[3] == head_dim and stats.shape == (*cents.shape[:3], 2) and q_heads % kv_heads == 0
@@ -207,39 +182,13 @@ def centroid_group_logits(q: torch.Tensor, cents: torch.Tensor, stats: torch.Ten
     # 32 a row, 12.5 at b1 x 32k), one program reading every KV head's centroids of its groups
     # (49.5; docs/benchmarks.md); the KV heads of a tile launched side by side changed nothing
     block_n = block_n or max(1, 64 // clusters)
-    if select is not None:
-        assert max_groups <= FUSED_MAX_PAGES, "rows this wide select in their own launch"
-        outputs, tables, block_p, k_sel = _selection_outputs(batch, kv_heads, max_groups, select[0], page_tables,
-                                                             None, group_pages)
-        logical, physical, vlens, _ = outputs
-        arrived = arrival_counts(q.device, batch * kv_heads)
-        sel_args = (arrived, logical, physical, vlens, *tables[2:6], *select, k_sel)
-    else:
-        block_p, sel_args = 16, (out, out, out, out, 0, 0, 0, 0, 0, 0, 0, 0)
     _centroid_group_logits[(batch, kv_heads, triton.cdiv(max_groups, block_n))](
         q, cents, stats, page_tables, seq_lens, out, q.stride(0), q.stride(1), *cents.stride()[:3],
-        *stats.stride()[:3], page_tables.stride(0), out.stride(0), out.stride(1), max_groups, scale, *sel_args,
+        *stats.stride()[:3], page_tables.stride(0), out.stride(0), out.stride(1), max_groups, scale,
         GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, C=clusters,
         BLOCK_N=block_n, GROUP_PAGES=group_pages, PAGE_SIZE=page_size, DOT_F32=interpreted,
-        K_CHUNK=k_chunk, STAGES=stages, SELECT=select is not None, BLOCK_G=triton.next_power_of_2(group),
-        BLOCK_P=block_p,
-        FENCE=not interpreted and q.is_cuda, num_warps=num_warps or 1)
-    return out if select is None else (logical, physical, vlens)
-
-
-_ARRIVALS: dict[torch.device, torch.Tensor] = {}
-
-
-def arrival_counts(device: torch.device, rows: int) -> torch.Tensor:
-    """The fused scorer's per-row tile counters, zero between calls (the last tile of a row resets
-    its own), one buffer per device grown outside graph capture (the first calls of a shape are
-    eager warm-ups, in the engine and the benches alike)."""
-    have = _ARRIVALS.get(device)
-    if have is None or have.numel() < rows:
-        assert not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()), \
-            "the fused scorer's counters must exist before graph capture (run the shape once eagerly)"
-        _ARRIVALS[device] = have = torch.zeros(max(rows, 1024), device=device, dtype=torch.int32)
-    return have
+        K_CHUNK=k_chunk, STAGES=stages, num_warps=num_warps or 1)
+    return out
 
 
 # Rows (sequence, KV head) x groups^2 up to which the selection ranks groups over many programs
@@ -276,10 +225,8 @@ def centroid_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     physical ids, then split-K attention over them. q [batch, q_heads, d]; caches [num_pages,
     page_size, kv_heads, d]; cents, stats as centroid_group_logits takes them; page_tables int32
     [batch, width]. Static-shaped and sync-free (CUDA-graph safe); when no row can exceed the budget
-    this is paged_decode. tuning: split_k_decode's, over attend_tuning's defaults. Chosen from the
-    shapes: the scorer's tile (score_tuning) and the selection, by rank for few short rows
-    (RANK_MAX_PAIRS), else by radix search in the scoring launch (rows of at most FUSED_MAX_PAGES
-    groups) or after it."""
+    this is paged_decode. tuning: split_k_decode's, over attend_tuning's defaults (the selection,
+    by rank or by radix search, is chosen from the shapes: RANK_MAX_PAIRS)."""
     check_kv(q, k_cache, v_cache)
     page_size, kv_heads = k_cache.shape[1:3]
     span = page_size * group_pages
@@ -290,29 +237,13 @@ def centroid_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if width % group_pages:         # whole groups: the last one's missing pages are never attended
         page_tables = torch.nn.functional.pad(page_tables, (0, group_pages - width % group_pages))
     scale = default_scale(q.shape[2]) if scale is None else scale
-    rows, groups = q.shape[0] * kv_heads, page_tables.shape[1] // group_pages
-    tile = score_tuning(rows, q.shape[2], q.device)
+    logits = centroid_group_logits(q, cents, stats, page_tables, seq_lens, page_size, group_pages, scale,
+                                   interpreted=interpreted)
+    rows, groups = q.shape[0] * kv_heads, logits.shape[2]
     if rows * groups * groups <= RANK_MAX_PAIRS:
-        logits = centroid_group_logits(q, cents, stats, page_tables, seq_lens, page_size, group_pages, scale,
-                                       interpreted=interpreted, **tile)
         _, physical, vlens = rank_select(logits, page_tables, seq_lens, span, kv_heads, force, scale, group_pages)
-    elif groups <= FUSED_MAX_PAGES:
-        _, physical, vlens = centroid_group_logits(q, cents, stats, page_tables, seq_lens, page_size, group_pages,
-                                                   scale, interpreted=interpreted, select=force, **tile)
     else:
-        logits = centroid_group_logits(q, cents, stats, page_tables, seq_lens, page_size, group_pages, scale,
-                                       interpreted=interpreted, **tile)
         _, physical, vlens = combine_select(logits, page_tables, seq_lens, span, kv_heads, force, scale, force[0],
                                             expand=group_pages)
     tuning = {**attend_tuning(rows, force[0] * span, q.device), **tuning}
     return split_k_decode(q, k_cache, v_cache, physical, vlens, scale, **tuning)
-
-
-def score_tuning(rows: int, head_dim: int, device: torch.device) -> dict:
-    """The scorer's tile: for at least half a wave of rows, 16 groups a program built as one 2D
-    tile (_score_tile_chunked with a single chunk; H200, bench/centroid_stages.py: b16 28.8 us
-    against 29.5, b32 51.8 against 55.7, b64 99.3 against 107.7); fewer rows keep 8 groups in the
-    reshaped tile (b1 x 32k: 4.5 us, 16 groups 6.0-6.6)."""
-    if rows >= num_sms(device) // 2:
-        return dict(block_n=16, k_chunk=head_dim, stages=1)
-    return {}

@@ -184,20 +184,8 @@ def _combine_select(Bounds, PT, SeqLens, Logical, Physical, VLens, Listed, s_bb,
                     EXPAND: tl.constexpr):
     """_combine_heads and _select_pages in one program per (sequence, KV head): the scores never
     leave registers (two launches and a scores round trip fewer per sparse layer)."""
-    _combine_select_row(Bounds, PT, SeqLens, Logical, Physical, VLens, Listed, tl.program_id(0), tl.program_id(1),
-                        s_bb, s_bh, s_pb, s_ph, s_lb, s_lh, s_yb, s_yh, s_ib, s_ih, max_pages, scale, force_budget,
-                        sink_pages, recent_pages, budget_pages, k_sel, GROUP, BLOCK_G, BLOCK_P, PAGE_SIZE,
-                        EARLY_EXIT, LISTED, EXPAND)
-
-
-@triton.jit
-def _combine_select_row(Bounds, PT, SeqLens, Logical, Physical, VLens, Listed, b, kvh, s_bb, s_bh, s_pb, s_ph, s_lb,
-                        s_lh, s_yb, s_yh, s_ib, s_ih, max_pages, scale, force_budget, sink_pages, recent_pages,
-                        budget_pages, k_sel, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
-                        PAGE_SIZE: tl.constexpr, EARLY_EXIT: tl.constexpr, LISTED: tl.constexpr,
-                        EXPAND: tl.constexpr):
-    """_combine_select's work for the row (b, kvh), wherever it runs (also at the end of the
-    centroid scorer, by the program that scores a row's last tile)."""
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
     seq_len = tl.load(SeqLens + b)
     n_pages = tl.cdiv(seq_len, PAGE_SIZE)
     logical, valid = _row_entries(Listed, b, kvh, s_ib, s_ih, n_pages, max_pages, BLOCK_P, LISTED)
