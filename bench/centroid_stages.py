@@ -31,7 +31,7 @@ import triton.language as tl
 from bench.gemv import graph_us
 from bench.sparse_stages import HKV, HQ, PAGE, D, sparse_inputs
 from kernels import reference as ref
-from kernels.triton.centroids import attend_tuning, centroid_group_logits, centroid_sparse_decode
+from kernels.triton.centroids import attend_tuning, centroid_group_logits, centroid_sparse_decode, score_tuning
 from kernels.triton.decode import paged_decode, split_k_decode
 from kernels.triton.group_rank import rank_select
 from kernels.triton.selection import combine_select
@@ -265,7 +265,10 @@ def main() -> None:
             x["logical"], x["physical"], x["vlens"] = combine_select(
                 x["logits"], x["table"], x["lens"], SPAN, HKV, force, scale, force[0], expand=GROUP_PAGES)
         tuned = attend_tuning(args.batch * HKV, force[0] * SPAN, xs[0]["q"].device)
+        tile = score_tuning(args.batch * HKV, D, xs[0]["q"].device)
         stage_fns = {
+            "scores": lambda x, tile=tile: centroid_group_logits(x["q"], x["cents"], x["stats"], x["table"], x["lens"],
+                                                                 PAGE, GROUP_PAGES, scale, **tile),
             "select": lambda x: combine_select(x["logits"], x["table"], x["lens"], SPAN, HKV, force, scale, force[0],
                                                expand=GROUP_PAGES),
             "rank": lambda x: rank_select(x["logits"], x["table"], x["lens"], SPAN, HKV, force, scale, GROUP_PAGES),
@@ -275,10 +278,10 @@ def main() -> None:
             "whole": lambda x: centroid_decode(x, scale, force),
             "engine": lambda x: engine_decode(x, scale),
         }
-        select, rank, attend, attend_tuned, whole, engine = (
+        scores, select, rank, attend, attend_tuned, whole, engine = (
             graph_us(rotating([partial(fn, x) for x in xs])) for fn in stage_fns.values())
         best = min(timed, key=lambda t: t[0])
-        rows.append((f"centroids {name}", timed[0][0], best, f"{select:.1f} / {rank:.1f}",
+        rows.append((f"centroids {name}", f"{timed[0][0]:.1f} / {scores:.1f}", best, f"{select:.1f} / {rank:.1f}",
                      f"{attend:.1f} / {attend_tuned:.1f}", whole, engine))
         if args.tune is not None:
             tune_stages(xs, scale, force, args.tune or ["select", "rank", "attend"])
@@ -290,13 +293,14 @@ def main() -> None:
                 pmin=x["pmin"], pmax=x["pmax"], shortlist_tokens=8192), x) for x in xs]))
         del xs
         torch.cuda.empty_cache()
-    print(f"\n| decode attention, b{args.batch} x {args.context} | scores us (best tuning) | select us, radix / rank "
+    print(f"\n| decode attention, b{args.batch} x {args.context} | scores us, default / score_tuning (best) "
+          f"| select us, radix / rank "
           f"| attend us, default / tuned | staged us (radix, default) | centroid_sparse_decode us | vs dense |\n"
           f"| --- | --- | --- | --- | --- | --- | --- |")
     print(f"| dense paged_decode | - | - | - | - | {dense:.1f} | 1.00x |")
     print(f"| engine Quest, coarse to fine (4-token blocks) | - | - | - | - | {quest:.1f} | {dense / quest:.2f}x |")
     for label, scores, best, select, attend, whole, engine in rows:
-        print(f"| {label} | {scores:.1f} ({best[0]:.1f}: {best[1] or 'default'}) | {select} | {attend} "
+        print(f"| {label} | {scores} ({best[0]:.1f}: {best[1] or 'default'}) | {select} | {attend} "
               f"| {whole:.1f} ({dense / whole:.2f}x) | {engine:.1f} | {dense / engine:.2f}x |")
 
 

@@ -197,6 +197,17 @@ def centroid_group_logits(q: torch.Tensor, cents: torch.Tensor, stats: torch.Ten
 RANK_MAX_PAIRS = 1 << 25
 
 
+def score_tuning(rows: int, head_dim: int, device: torch.device) -> dict:
+    """The scorer's tile: for at least half a wave of rows (sequence, KV head), 16 groups a
+    program built as one 2D tile (_score_tile_chunked with a single chunk; H200,
+    bench/centroid_stages.py: b16 28.8 us against 29.5, b32 51.8 against 55.7, b64 99.4 against
+    107.5); fewer rows keep 8 groups in the reshaped tile (b4: 10.3 against 10.7; b1 x 32k 4.5,
+    16 groups 6.0-6.6)."""
+    if rows >= num_sms(device) // 2:
+        return dict(block_n=16, k_chunk=head_dim, stages=1)
+    return {}
+
+
 def attend_tuning(rows: int, budget_tokens: int, device: torch.device) -> dict:
     """split_k_decode's tuning over the chosen pages, by how the rows (sequence, KV head) fill the
     SMs (H200, budget 2048, bench/centroid_stages.py --tune, against the dense decode's rule of ~2
@@ -225,8 +236,9 @@ def centroid_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     physical ids, then split-K attention over them. q [batch, q_heads, d]; caches [num_pages,
     page_size, kv_heads, d]; cents, stats as centroid_group_logits takes them; page_tables int32
     [batch, width]. Static-shaped and sync-free (CUDA-graph safe); when no row can exceed the budget
-    this is paged_decode. tuning: split_k_decode's, over attend_tuning's defaults (the selection,
-    by rank or by radix search, is chosen from the shapes: RANK_MAX_PAIRS)."""
+    this is paged_decode. tuning: split_k_decode's, over attend_tuning's defaults. Chosen from the
+    shapes: the scorer's tile (score_tuning) and the selection, by rank for few short rows
+    (RANK_MAX_PAIRS) or by radix search."""
     check_kv(q, k_cache, v_cache)
     page_size, kv_heads = k_cache.shape[1:3]
     span = page_size * group_pages
@@ -237,9 +249,10 @@ def centroid_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if width % group_pages:         # whole groups: the last one's missing pages are never attended
         page_tables = torch.nn.functional.pad(page_tables, (0, group_pages - width % group_pages))
     scale = default_scale(q.shape[2]) if scale is None else scale
+    rows = q.shape[0] * kv_heads
     logits = centroid_group_logits(q, cents, stats, page_tables, seq_lens, page_size, group_pages, scale,
-                                   interpreted=interpreted)
-    rows, groups = q.shape[0] * kv_heads, logits.shape[2]
+                                   interpreted=interpreted, **score_tuning(rows, q.shape[2], q.device))
+    groups = logits.shape[2]
     if rows * groups * groups <= RANK_MAX_PAIRS:
         _, physical, vlens = rank_select(logits, page_tables, seq_lens, span, kv_heads, force, scale, group_pages)
     else:
