@@ -129,3 +129,42 @@ def test_centroid_pipeline_matches_the_reference_selector_and_decode(selection):
         assert int(vlens[i]) == n - max(0, -(-n // span) - force[0]) * span
         expected = ref.attend_pages(q[i], k, v, table[i], n, want, scale)
         torch.testing.assert_close(out[i], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_one_launch_decode_matches_the_reference():
+    """kernels/triton/centroid_fused.centroid_decode_one_launch (one program per row under the
+    interpreter: its barriers pass at once) gives reference.centroid_select_pages's pages attended
+    as reference.attend_pages attends them: rows within the budget, ending inside a group and on
+    its boundary, two calls (the barrier counters reset themselves)."""
+    from kernels.triton.centroid_fused import barrier_counts, centroid_decode_one_launch
+    page_size, group_pages, kv_heads, group, head_dim, clusters = 8, 2, 2, 3, 64, 4
+    span = page_size * group_pages
+    budget_tokens, sink_tokens, recent_tokens = 6 * span, span, span
+    lens = [20 * span + 5, 5 * span, 13 * span]
+    gen = torch.Generator().manual_seed(6)
+    used = [-(-n // page_size) for n in lens]
+    num_pages = sum(used) + 1
+    k = torch.randn(num_pages, page_size, kv_heads, head_dim, generator=gen)
+    v = torch.randn(num_pages, page_size, kv_heads, head_dim, generator=gen)
+    width = -(-max(used) // group_pages) * group_pages + 2 * group_pages
+    table = torch.full((len(lens), width), num_pages - 1, dtype=torch.int32)
+    perm, at = torch.randperm(num_pages - 1, generator=gen), 0
+    cents = torch.zeros(num_pages, kv_heads, clusters, head_dim)
+    stats = torch.zeros(num_pages, kv_heads, clusters, 2)
+    for i, n in enumerate(lens):
+        table[i, :used[i]] = perm[at:at + used[i]].int()
+        at += used[i]
+        ref.centroid_group_summaries(k, cents, stats, table[i], n, page_size, group_pages)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    scale = head_dim ** -0.5
+    force = ref.sparse_page_counts(span, budget_tokens, sink_tokens, recent_tokens)
+    for _ in range(2):
+        q = torch.randn(len(lens), kv_heads * group, head_dim, generator=gen)
+        out = centroid_decode_one_launch(q, k, v, cents, stats, table, seq_lens, force, group_pages, scale,
+                                         interpreted=True)
+        for i, n in enumerate(lens):
+            want = ref.centroid_select_pages(q[i], cents, stats, table[i], n, page_size, group_pages, scale,
+                                             budget_tokens, sink_tokens, recent_tokens)
+            torch.testing.assert_close(out[i], ref.attend_pages(q[i], k, v, table[i], n, want, scale),
+                                       rtol=1e-4, atol=1e-4)
+        assert not barrier_counts(q.device, 1).any()
