@@ -60,8 +60,8 @@ def _centroid_decode_one_launch(
         max_groups, scale, qk_scale, budget, sink, recent,
         GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, C: tl.constexpr,
         GROUP_PAGES: tl.constexpr, PAGE_SIZE: tl.constexpr, S: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, GROUP_R: tl.constexpr, SLOTS: tl.constexpr,
-        DOT_F32: tl.constexpr, UPCAST: tl.constexpr, FENCE: tl.constexpr):
+        BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, DOT_F32: tl.constexpr, UPCAST: tl.constexpr,
+        FENCE: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     s = tl.program_id(2)
@@ -94,12 +94,12 @@ def _centroid_decode_one_launch(
         slot = offs_i
     else:
         row = Logits + b * s_lb + kvh * GROUP * s_lh
-        lse = _head_lse(row, s_lh, n, scale, GROUP, GROUP_R, BLOCK_J, True)
+        lse = _head_lse(row, s_lh, n, scale, GROUP, GROUP_P, BLOCK_J, True)
         cand = n - recent
-        key_i = _rank_keys(row, s_lh, offs_i, cand, sink, lse, scale, GROUP, GROUP_R, True)
+        key_i = _rank_keys(row, s_lh, offs_i, cand, sink, lse, scale, GROUP, GROUP_P, True)
         rank = tl.zeros([BLOCK_I], tl.int32)
         for j0 in range(0, cand, BLOCK_J):
-            key_j = _rank_keys(row, s_lh, j0 + tl.arange(0, BLOCK_J), cand, sink, lse, scale, GROUP, GROUP_R, True)
+            key_j = _rank_keys(row, s_lh, j0 + tl.arange(0, BLOCK_J), cand, sink, lse, scale, GROUP, GROUP_P, True)
             rank += tl.sum((key_j[None, :] > key_i[:, None]).to(tl.int32), 1)
         is_recent = (offs_i >= cand) & (offs_i < n)
         take = is_recent | ((offs_i < cand) & (rank < k - recent))
@@ -111,7 +111,7 @@ def _centroid_decode_one_launch(
     # 3. attention over this program's share of the slots, one group a block
     offs_h = tl.arange(0, GROUP_P)
     offs_d = tl.arange(0, HEAD_DIM)
-    offs_t = tl.arange(0, SLOTS * SPAN)
+    offs_t = tl.arange(0, SPAN)
     mask_h = offs_h < GROUP
     heads = kvh * GROUP + offs_h
     q = tl.load(Q + b * s_qb + heads[:, None] * s_qh + offs_d[None, :], mask=mask_h[:, None], other=0.0)
@@ -119,12 +119,10 @@ def _centroid_decode_one_launch(
     l_i = tl.zeros([GROUP_P], tl.float32)
     acc = tl.zeros([GROUP_P, HEAD_DIM], tl.float32)
     per = tl.cdiv(k, S)
-    end = tl.minimum(s * per + per, k)
-    for first in range(s * per, end, SLOTS):        # SLOTS groups (their keys gathered) a block
-        slot_t = first + offs_t // SPAN
-        group = tl.load(slots + slot_t, mask=slot_t < end, other=0, cache_modifier=".cg")
-        pos = group * SPAN + offs_t % SPAN
-        valid = (slot_t < end) & (pos < seq_len)
+    for slot_at in range(s * per, tl.minimum(s * per + per, k)):
+        group = tl.load(slots + slot_at, cache_modifier=".cg")
+        pos = group * SPAN + offs_t
+        valid = pos < seq_len
         page = tl.load(pt_row + pos // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
         row_k = page * s_kp + (pos % PAGE_SIZE) * s_ks
         kb = tl.load(K + kvh * s_kh + row_k[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
@@ -224,14 +222,11 @@ def centroid_decode_one_launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     mid_l = torch.empty(batch, q_heads, programs, device=device, dtype=torch.float32)
     out = torch.empty_like(q) if out is None else out
     count = barrier_counts(device, rows)
-    # a program's share in as few iterations as registers allow: each is a dependent memory trip
+    block_n = max(1, 64 // clusters)
     block_i = max(16, triton.next_power_of_2(-(-max_groups // programs)))
-    block_n = max(64 // clusters, min(256 // clusters, block_i // 2))
     group = q_heads // kv_heads
-    group_p, group_r = max(16, triton.next_power_of_2(group)), triton.next_power_of_2(group)
-    block_j = max(16, min(triton.next_power_of_2(max_groups), 16384 // block_i, 4096 // group_r))
-    slots_per_block = max(1, min(4, -(-budget // programs)))
-    slots_per_block = 1 << (slots_per_block.bit_length() - 1)
+    group_p = max(16, triton.next_power_of_2(group))
+    block_j = max(16, min(triton.next_power_of_2(max_groups), 8192 // block_i, 2048 // group_p))
     _centroid_decode_one_launch[(batch, kv_heads, programs)](
         q, k_cache, v_cache, cents, stats, page_tables, seq_lens, logits, slots, mid_o, mid_l, count, out,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], *cents.stride()[:3],
@@ -239,7 +234,6 @@ def centroid_decode_one_launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         slots.stride(1), *mid_o.stride()[:3], *mid_l.stride()[:2], out.stride(0), out.stride(1),
         max_groups, scale, scale * LOG2E, budget, sink, recent,
         GROUP=group, GROUP_P=group_p, HEAD_DIM=head_dim, C=clusters, GROUP_PAGES=group_pages, PAGE_SIZE=page_size,
-        S=programs, BLOCK_N=block_n, BLOCK_I=block_i, BLOCK_J=block_j, GROUP_R=group_r, SLOTS=slots_per_block,
-        DOT_F32=interpreted,
+        S=programs, BLOCK_N=block_n, BLOCK_I=block_i, BLOCK_J=block_j, DOT_F32=interpreted,
         UPCAST=dot_upcast(q.dtype), FENCE=q.is_cuda and not interpreted, num_warps=4)
     return out
