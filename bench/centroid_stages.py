@@ -31,7 +31,6 @@ import triton.language as tl
 from bench.gemv import graph_us
 from bench.sparse_stages import HKV, HQ, PAGE, D, sparse_inputs
 from kernels import reference as ref
-from kernels.triton.centroid_fused import centroid_decode_one_launch, one_launch_programs
 from kernels.triton.centroids import attend_tuning, centroid_group_logits, centroid_sparse_decode, score_tuning
 from kernels.triton.decode import paged_decode, split_k_decode
 from kernels.triton.group_rank import rank_select
@@ -136,18 +135,9 @@ def check(x: dict, scale: float, force: tuple) -> None:
     assert wrong == 0 and torch.equal(vlens, stages["vlens"])
     pages = (ranked.long()[..., None] * GROUP_PAGES + torch.arange(GROUP_PAGES, device=got.device)).flatten(2)
     assert torch.equal(physical.long(), x["table"].long().gather(1, pages.flatten(1)).view(pages.shape))
-    if one_launch_programs(batch * HKV, got.device, DEVICE == "cpu"):
-        err = (one_launch(x, scale, force).float() - out.float()).abs().max().item()
-        print(f"one-launch decode vs the stages: max abs difference {err:.2e}", flush=True)
-        assert err < 2e-2
     err = (engine_decode(x, scale) .float() - out.float()).abs().max().item()
     print(f"centroid_sparse_decode (the engine's launcher) vs the stages: max abs difference {err:.2e}", flush=True)
     assert err < 2e-2
-
-
-def one_launch(x: dict, scale: float, force: tuple, programs: int | None = None) -> torch.Tensor:
-    return centroid_decode_one_launch(x["q"], x["k"], x["v"], x["cents"], x["stats"], x["table"], x["lens"], force,
-                                      GROUP_PAGES, scale, programs=programs, interpreted=DEVICE == "cpu")
 
 
 def engine_decode(x: dict, scale: float) -> torch.Tensor:
@@ -290,13 +280,6 @@ def main() -> None:
         }
         scores, select, rank, attend, attend_tuned, whole, engine = (
             graph_us(rotating([partial(fn, x) for x in xs])) for fn in stage_fns.values())
-        most = one_launch_programs(args.batch * HKV, xs[0]["q"].device, DEVICE == "cpu")
-        if most:
-            fused = [(p, graph_us(rotating([partial(one_launch, x, scale, force, p) for x in xs])))
-                     for p in (1, 2, 4, 8, 16) if p <= most]
-            print("one launch, us by programs per row: " + ", ".join(f"{p}: {us:.1f}" for p, us in fused),
-                  flush=True)
-            engine = min(engine, min(us for _, us in fused))
         best = min(timed, key=lambda t: t[0])
         rows.append((f"centroids {name}", f"{timed[0][0]:.1f} / {scores:.1f}", best, f"{select:.1f} / {rank:.1f}",
                      f"{attend:.1f} / {attend_tuned:.1f}", whole, engine))

@@ -26,16 +26,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _load_logits(ptrs, mask, other, CG: tl.constexpr):
-    """Logits written by this launch's other programs (CG) are read past this SM's L1."""
-    if CG:
-        return tl.load(ptrs, mask=mask, other=other, cache_modifier=".cg")
-    return tl.load(ptrs, mask=mask, other=other)
-
-
-@triton.jit
-def _head_lse(Row, s_h, n_groups, scale, GROUP: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_J: tl.constexpr,
-              CG: tl.constexpr = False):
+def _head_lse(Row, s_h, n_groups, scale, GROUP: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_J: tl.constexpr):
     """Each q head's log-sum-exp of its logits (times scale) over the row's n_groups groups."""
     offs_g = tl.arange(0, GROUP_P)
     mask_g = offs_g < GROUP
@@ -44,7 +35,7 @@ def _head_lse(Row, s_h, n_groups, scale, GROUP: tl.constexpr, GROUP_P: tl.conste
     for j0 in range(0, n_groups, BLOCK_J):
         offs_j = j0 + tl.arange(0, BLOCK_J)
         m2 = mask_g[:, None] & (offs_j < n_groups)[None, :]
-        x = _load_logits(Row + offs_g[:, None] * s_h + offs_j[None, :], m2, float("-inf"), CG) * scale
+        x = tl.load(Row + offs_g[:, None] * s_h + offs_j[None, :], mask=m2, other=float("-inf")) * scale
         new_top = tl.maximum(top, tl.max(x, 1))
         total = total * tl.exp(top - new_top) + tl.sum(tl.exp(x - new_top[:, None]), 1)
         top = new_top
@@ -52,15 +43,14 @@ def _head_lse(Row, s_h, n_groups, scale, GROUP: tl.constexpr, GROUP_P: tl.conste
 
 
 @triton.jit
-def _rank_keys(Row, s_h, offs, cand, sink, lse, scale, GROUP: tl.constexpr, GROUP_P: tl.constexpr,
-               CG: tl.constexpr = False):
+def _rank_keys(Row, s_h, offs, cand, sink, lse, scale, GROUP: tl.constexpr, GROUP_P: tl.constexpr):
     """Order keys (int64, distinct) of the groups offs: the score's float order in the high word
     (sink groups +inf, non-candidates -inf), the index reversed in the low word, so that a larger
     key is a better group and equal scores go to the lower index."""
     offs_g = tl.arange(0, GROUP_P)
     valid = offs < cand
     m2 = (offs_g < GROUP)[:, None] & valid[None, :]
-    x = _load_logits(Row + offs_g[:, None] * s_h + offs[None, :], m2, 0.0, CG) * scale
+    x = tl.load(Row + offs_g[:, None] * s_h + offs[None, :], mask=m2, other=0.0) * scale
     score = tl.max(tl.where(m2, x - lse[:, None], float("-inf")), 0)
     score = tl.where(offs < sink, float("inf"), score)
     score = tl.where(valid, score, float("-inf"))
