@@ -80,9 +80,11 @@ def _score_tile_chunked(Q, Cents, Stats, Out, PTRow, b, kvh, first, full_groups,
                         GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, C: tl.constexpr, BLOCK_N: tl.constexpr,
                         GROUP_PAGES: tl.constexpr, K_CHUNK: tl.constexpr, STAGES: tl.constexpr,
                         DOT_F32: tl.constexpr):
-    """_score_tile with the dot split along d in chunks of K_CHUNK channels, loaded through a
-    software pipeline of STAGES: the tile then never sits whole in registers (one warp holds an
-    8 KB fp8 tile as 128 registers a thread once widened, which caps the SM at 12 such warps)."""
+    """_score_tile built as one 2D tile [C * BLOCK_N, K_CHUNK] per chunk of d (each row's page id
+    loaded for that row, no reshape), the dot split along d in chunks of K_CHUNK channels loaded
+    through a software pipeline of STAGES. What pays (H200, score_tuning): one chunk (K_CHUNK = d)
+    and 16 groups, for many rows; smaller chunks, meant to keep the tile out of registers (an 8 KB
+    fp8 tile widened takes 128 registers a thread in one warp, 12 warps an SM), were slower."""
     offs_r = tl.arange(0, C * BLOCK_N)                  # row c * BLOCK_N + n: centroid c of group n
     n_r = first + offs_r % BLOCK_N
     full_r = n_r < full_groups
