@@ -231,7 +231,8 @@ def attend_tuning(rows: int, budget_tokens: int, device: torch.device) -> dict:
 def centroid_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cents: torch.Tensor,
                            stats: torch.Tensor, page_tables: torch.Tensor, seq_lens: torch.Tensor,
                            budget_tokens: int, sink_tokens: int, recent_tokens: int, group_pages: int,
-                           scale: float | None = None, interpreted: bool = False, **tuning) -> torch.Tensor:
+                           scale: float | None = None, interpreted: bool = False,
+                           planned_batch: int | None = None, **tuning) -> torch.Tensor:
     """Batched reference.centroid_select_pages + attend_pages: the group scores
     (centroid_group_logits), combine_select keeping the budget's groups (sink and recent forced,
     counted in groups as reference.sparse_page_counts counts pages) and writing their pages'
@@ -240,7 +241,8 @@ def centroid_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     [batch, width]. Static-shaped and sync-free (CUDA-graph safe); when no row can exceed the budget
     this is paged_decode. tuning: split_k_decode's, over attend_tuning's defaults. Chosen from the
     shapes: the scorer's tile (score_tuning) and the selection, by rank for few short rows
-    (RANK_MAX_PAIRS) or by radix search."""
+    (RANK_MAX_PAIRS) or by radix search; planned_batch (default: q's) is the batch they are chosen
+    for (the engine's graph bucket, so that a row is served alike replayed or eager)."""
     check_kv(q, k_cache, v_cache)
     page_size, kv_heads = k_cache.shape[1:3]
     span = page_size * group_pages
@@ -251,7 +253,7 @@ def centroid_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if width % group_pages:         # whole groups: the last one's missing pages are never attended
         page_tables = torch.nn.functional.pad(page_tables, (0, group_pages - width % group_pages))
     scale = default_scale(q.shape[2]) if scale is None else scale
-    rows = q.shape[0] * kv_heads
+    rows = (planned_batch or q.shape[0]) * kv_heads
     logits = centroid_group_logits(q, cents, stats, page_tables, seq_lens, page_size, group_pages, scale,
                                    interpreted=interpreted, **score_tuning(rows, q.shape[2], q.device))
     groups = logits.shape[2]
