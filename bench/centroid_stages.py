@@ -43,8 +43,7 @@ BUDGET = 2048            # main() sets it from --budget
 # scoring kernel tunings tried: (groups per program, warps)
 TUNINGS = ((8, 1), (8, 2), (16, 2), (4, 1))
 # ... and the dot in chunks of d: (channels a chunk, pipeline stages, groups per program, warps)
-CHUNKED = ((64, 2, 16, 1), (64, 3, 16, 1), (32, 3, 16, 1), (64, 2, 8, 1), (64, 2, 32, 2), (32, 3, 32, 2),
-           (64, 2, 16, 2), (128, 1, 16, 1))
+CHUNKED = ((64, 2, 16, 1), (64, 2, 32, 2), (128, 1, 16, 1), (128, 1, 32, 2), (128, 1, 8, 1), (128, 1, 16, 2))
 
 
 DEVICE = "cuda"          # a smoke run of check() on the CPU under TRITON_INTERPRET sets "cpu"

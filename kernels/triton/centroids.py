@@ -75,20 +75,17 @@ def _dot_rows(rows, q, DOT_F32: tl.constexpr):
 
 
 @triton.jit
-def _score_tile_chunked(Q, Cents, Stats, Out, PTRow, b, kvh, first, full_groups, s_qb, s_qh, s_cp, s_ch, s_cc,
-                        s_sp, s_sh, s_sc, s_ob, s_oh, max_groups, scale, GROUP: tl.constexpr,
+def _score_tile_chunked(Q, Cents, Stats, Out, page, page_r, b, kvh, first, full_groups, s_qb, s_qh, s_cp, s_ch,
+                        s_cc, s_sp, s_sh, s_sc, s_ob, s_oh, max_groups, scale, GROUP: tl.constexpr,
                         GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, C: tl.constexpr, BLOCK_N: tl.constexpr,
-                        GROUP_PAGES: tl.constexpr, K_CHUNK: tl.constexpr, STAGES: tl.constexpr,
-                        DOT_F32: tl.constexpr):
+                        K_CHUNK: tl.constexpr, STAGES: tl.constexpr, DOT_F32: tl.constexpr):
     """_score_tile built as one 2D tile [C * BLOCK_N, K_CHUNK] per chunk of d (each row's page id
     loaded for that row, no reshape), the dot split along d in chunks of K_CHUNK channels loaded
     through a software pipeline of STAGES. What pays (H200, score_tuning): one chunk (K_CHUNK = d)
     and 16 groups, for many rows; smaller chunks, meant to keep the tile out of registers (an 8 KB
     fp8 tile widened takes 128 registers a thread in one warp, 12 warps an SM), were slower."""
     offs_r = tl.arange(0, C * BLOCK_N)                  # row c * BLOCK_N + n: centroid c of group n
-    n_r = first + offs_r % BLOCK_N
-    full_r = n_r < full_groups
-    page_r = tl.load(PTRow + n_r * GROUP_PAGES, mask=full_r, other=0).to(tl.int64)
+    full_r = first + offs_r % BLOCK_N < full_groups      # page_r: row r's group's page id
     base = Cents + page_r * s_cp + kvh * s_ch + (offs_r // BLOCK_N) * s_cc               # [C * N]
     offs_g = tl.arange(0, GROUP_P)
     q_row = Q + b * s_qb + (kvh * GROUP + offs_g[None, :]) * s_qh
@@ -103,7 +100,6 @@ def _score_tile_chunked(Q, Cents, Stats, Out, PTRow, b, kvh, first, full_groups,
         acc = tl.dot(rows, q.to(rows.dtype), acc, input_precision="ieee")
     offs_n = first + tl.arange(0, BLOCK_N)
     full = offs_n < full_groups
-    page = tl.load(PTRow + offs_n * GROUP_PAGES, mask=full, other=0).to(tl.int64)
     _tile_epilogue(acc * scale, q_sq, Stats, Out, b, kvh, page, offs_n, full, s_sp, s_sh, s_sc, s_ob, s_oh,
                    max_groups, scale, GROUP, GROUP_P, C, BLOCK_N)
 
@@ -142,16 +138,19 @@ def _centroid_group_logits(Q, Cents, Stats, PT, SeqLens, Out, s_qb, s_qh, s_cp, 
     offs_n = first + tl.arange(0, BLOCK_N)
     # the page ids are loaded with the length, not after it (one dependent memory trip fewer);
     # those past the sequence are never used
-    page = tl.load(PT + b.to(tl.int64) * s_pb + offs_n * GROUP_PAGES + GROUP_PAGES - 1, mask=offs_n < max_groups,
-                   other=0)
+    last_pages = PT + b.to(tl.int64) * s_pb + GROUP_PAGES - 1
+    page = tl.load(last_pages + offs_n * GROUP_PAGES, mask=offs_n < max_groups, other=0)
+    if K_CHUNK:         # and each row's, for the 2D tile
+        n_r = first + tl.arange(0, C * BLOCK_N) % BLOCK_N
+        page_r = tl.load(last_pages + n_r * GROUP_PAGES, mask=n_r < max_groups, other=0)
     seq_len = tl.load(SeqLens + b)
     if first >= tl.cdiv(seq_len, GROUP_PAGES * PAGE_SIZE):
         return      # past the sequence
     full = offs_n < (seq_len - 1) // (GROUP_PAGES * PAGE_SIZE)     # summarised before this token
     if K_CHUNK:
-        _score_tile_chunked(Q, Cents, Stats, Out, PT + b.to(tl.int64) * s_pb + GROUP_PAGES - 1, b, kvh, first,
+        _score_tile_chunked(Q, Cents, Stats, Out, page.to(tl.int64), page_r.to(tl.int64), b, kvh, first,
                             (seq_len - 1) // (GROUP_PAGES * PAGE_SIZE), s_qb, s_qh, s_cp, s_ch, s_cc, s_sp, s_sh,
-                            s_sc, s_ob, s_oh, max_groups, scale, GROUP, GROUP_P, HEAD_DIM, C, BLOCK_N, GROUP_PAGES,
+                            s_sc, s_ob, s_oh, max_groups, scale, GROUP, GROUP_P, HEAD_DIM, C, BLOCK_N,
                             K_CHUNK, STAGES, DOT_F32)
         return
     _score_tile(Q, Cents, Stats, Out, b, kvh, page.to(tl.int64), offs_n, full, s_qb, s_qh, s_cp, s_ch, s_cc,
