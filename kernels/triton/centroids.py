@@ -199,13 +199,14 @@ RANK_MAX_PAIRS = 1 << 25
 
 
 def score_tuning(rows: int, head_dim: int, device: torch.device) -> dict:
-    """The scorer's tile: for at least half a wave of rows (sequence, KV head), 16 groups a
-    program built as one 2D tile (_score_tile_chunked with a single chunk; H200,
-    bench/centroid_stages.py: b16 28.8 us against 29.5, b32 51.8 against 55.7, b64 99.4 against
-    107.5); fewer rows keep 8 groups in the reshaped tile (b4: 10.3 against 10.7; b1 x 32k 4.5,
-    16 groups 6.0-6.6)."""
-    if rows >= num_sms(device) // 2:
-        return dict(block_n=16, k_chunk=head_dim, stages=1)
+    """The scorer's tile: for at least half a wave of rows (sequence, KV head), the 2D tile
+    (_score_tile_chunked with a single chunk), 8 groups a program up to two waves of rows and 16
+    beyond (H200, bench/centroid_stages.py: b16 27.9 us with 8, 28.6 with 16, 29.4 for the
+    reshaped tile; b64 98.1 with 16, 100.2 with 8, 107.1 reshaped); fewer rows keep the reshaped
+    8-group tile (b4: 10.3 against 10.7 for the 2D tile; b1 x 32k 4.5, 16 groups 6.0-6.6)."""
+    sms = num_sms(device)
+    if rows >= sms // 2:
+        return dict(block_n=16 if rows >= 2 * sms else 8, k_chunk=head_dim, stages=1)
     return {}
 
 
