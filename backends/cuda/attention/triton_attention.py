@@ -45,8 +45,11 @@ class TritonAttention(AttentionBackend):
             unit = self.sparse.group_tokens if self.sparse.selector == "centroids" else page_size
             budget, _, _ = sparse_page_counts(unit, self.sparse.token_budget, self.sparse.sink_tokens,
                                               self.sparse.recent_tokens)
-            self.sparse_splits = default_num_splits(padded, kv_heads, budget * unit, device, min_blocks=2)
-            self.centroid_tuning = dict(attend_tuning(padded * kv_heads, budget * unit, device), planned_batch=padded)
+            if self.sparse.selector == "centroids":     # its tunings and choices, for the bucket
+                self.centroid_tuning = dict(attend_tuning(padded * kv_heads, budget * unit, device),
+                                            planned_batch=padded)
+            else:
+                self.sparse_splits = default_num_splits(padded, kv_heads, budget * unit, device, min_blocks=2)
 
     def forward(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
         heads, kv_heads, d = self.shape.heads, self.shape.kv_heads, self.shape.head_dim
