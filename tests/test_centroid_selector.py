@@ -106,11 +106,18 @@ def test_reads_only_the_chosen_groups():
 
 
 @pytest.mark.usefixtures("triton_interpreter")
-def test_triton_path_matches_the_reference():
+@pytest.mark.parametrize("planned_batch, by_rank", [(None, True), (40, False), (300, True)])
+def test_triton_path_matches_the_reference(planned_batch, by_rank, monkeypatch):
     """kernels/triton/centroids.centroid_sparse_decode (the Triton backend's) under the interpreter,
-    with a page-table width that is not a whole number of groups."""
+    with a page-table width that is not a whole number of groups, along each path its shape
+    choices take: few rows (rank selection, the reshaped scoring tile, one-block splits), a wave of
+    rows planned (the 2D tile, one split; radix selection with the rank's limit at 0), and many
+    (16-group 2D tiles, the dense decode's splits)."""
     pytest.importorskip("triton")
+    from kernels.triton import centroids
     from kernels.triton.centroids import centroid_sparse_decode
+    if not by_rank:
+        monkeypatch.setattr(centroids, "RANK_MAX_PAIRS", 0)
     kv_heads, group, head_dim, scale = 2, 2, 64, 0.125
     cache, tables = random_cache(LENGTHS, kv_heads, head_dim, seed=7, layers=1)
     width = max(len(t) for t in tables) | 1         # odd: not a whole number of groups
@@ -119,7 +126,8 @@ def test_triton_path_matches_the_reference():
     q = torch.randn(len(LENGTHS), kv_heads * group, head_dim)
     got = centroid_sparse_decode(q, cache.k[0], cache.v[0], cache.cents[0], cache.cstats[0], table,
                                  torch.tensor(LENGTHS, dtype=torch.int32), SETTINGS.token_budget,
-                                 SETTINGS.sink_tokens, SETTINGS.recent_tokens, GROUP_PAGES, scale, interpreted=True)
+                                 SETTINGS.sink_tokens, SETTINGS.recent_tokens, GROUP_PAGES, scale, interpreted=True,
+                                 planned_batch=planned_batch)
     torch.testing.assert_close(got, expected(q, cache, 0, LENGTHS, tables, scale), atol=1e-4, rtol=1e-4)
 
 
