@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton.selection import _selection_outputs
+
 
 @triton.jit
 def _head_lse(Row, s_h, n_groups, scale, GROUP: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_J: tl.constexpr):
@@ -120,11 +122,8 @@ def rank_select(logits: torch.Tensor, page_tables: torch.Tensor, seq_lens: torch
     assert logits.stride(2) == 1 and page_tables.stride(1) == 1 and page_tables.shape[1] >= max_groups * expand
     assert page_tables.dtype == seq_lens.dtype == torch.int32 and budget > sink + recent
     group = q_heads // kv_heads
-    k_sel = min(budget, max_groups)
-    device = logits.device
-    logical = torch.empty(batch, kv_heads, k_sel, device=device, dtype=torch.int32)
-    physical = torch.empty(batch, kv_heads, k_sel * expand, device=device, dtype=torch.int32)
-    vlens = torch.empty(batch, device=device, dtype=torch.int32)
+    (logical, physical, vlens, _), _, _, k_sel = _selection_outputs(batch, kv_heads, max_groups, budget, page_tables,
+                                                                    None, expand)
     block_i = block_i or rank_block(batch * kv_heads, max_groups)
     group_p = triton.next_power_of_2(group)
     block_j = block_j or max(16, min(triton.next_power_of_2(max_groups), 8192 // block_i, 2048 // group_p))
