@@ -2,7 +2,7 @@
 the engine's coarse-to-fine Quest decode, kernels alone, in one run.
 
     python3 -m bench.centroid_stages [--batch 16] [--context 32768] [--width 4096] [--clusters 8]
-        [--dtypes bf16 fp8] [--tune [select rank attend]] [--kv-layout token-major|head-major] [--launch-floor]
+        [--dtypes bf16 fp8] [--tune [select rank attend]] [--kv-layout token-major|head-major] [--launch-floor] [--quick]
 
 What it prototypes (bench/sparse_estimators.py, rule kmeansCxNv, measures the quality): each run of
 4 pages (64 tokens) per KV head is summarised by C centroids; kernels/triton/centroids.py scores
@@ -225,6 +225,8 @@ def main() -> None:
                         help="also time candidate tunings of these stages (all three without a name), each "
                              "checked against the stage's default output first")
     parser.add_argument("--launch-floor", action="store_true", help="also time 1-4 trivial launches")
+    parser.add_argument("--quick", action="store_true", help="time only the scorer's default and score_tuning "
+                        "tiles (not the other candidate tilings)")
     args = parser.parse_args()
     if args.launch_floor:
         launch_floor()
@@ -245,8 +247,8 @@ def main() -> None:
         xs = [make_inputs(args.batch, args.context, args.width, args.clusters, dtype, seed,
                           args.kv_layout == "head-major") for seed in range(copies)]
         check(xs[0], scale, force)
-        tunings = [{}] + [dict(block_n=n, num_warps=w) for n, w in TUNINGS] + [
-            dict(k_chunk=k, stages=st, block_n=n, num_warps=w) for k, st, n, w in CHUNKED]
+        tunings = [{}] + ([] if args.quick else [dict(block_n=n, num_warps=w) for n, w in TUNINGS] + [
+            dict(k_chunk=k, stages=st, block_n=n, num_warps=w) for k, st, n, w in CHUNKED])
         timed = []
         for cfg in tunings:
             got = [centroid_group_logits(x["q"], x["cents"], x["stats"], x["table"], x["lens"], PAGE, GROUP_PAGES,
