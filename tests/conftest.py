@@ -119,9 +119,8 @@ def live_server():
 # up in that dict and see the new ones; jit helpers imported across modules (extend's _mma from
 # decode) are refreshed by reloading the importers after what they import.
 TRITON_JIT_MODULES = ("triton.language.standard", "triton.language.random", "triton.language",
-                      "kernels.triton.pdl", "kernels.triton.decode", "kernels.triton.extend",
-                      "kernels.triton.summaries", "kernels.triton.selection", "kernels.triton.sparse",
-                      "kernels.triton.group_rank",
+                      "kernels.triton.decode", "kernels.triton.extend", "kernels.triton.summaries",
+                      "kernels.triton.selection", "kernels.triton.sparse", "kernels.triton.group_rank",
                       "kernels.triton.centroids",
                       "kernels.triton.layer_ops",
                       "kernels.triton.gemv", "kernels.triton")

@@ -29,7 +29,6 @@ import triton.language as tl
 from kernels.reference import default_scale, sparse_page_counts
 from kernels.triton.decode import check_kv, default_num_splits, num_sms, paged_decode, split_k_decode
 from kernels.triton.group_rank import rank_select
-from kernels.triton.pdl import await_predecessor, pdl_enabled
 from kernels.triton.selection import combine_select
 
 
@@ -129,11 +128,10 @@ def _centroid_group_logits(Q, Cents, Stats, PT, SeqLens, Out, s_qb, s_qh, s_cp, 
                            GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr,
                            C: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_PAGES: tl.constexpr,
                            PAGE_SIZE: tl.constexpr, DOT_F32: tl.constexpr, K_CHUNK: tl.constexpr,
-                           STAGES: tl.constexpr, PDL: tl.constexpr):
+                           STAGES: tl.constexpr):
     """One program per (sequence, KV head, BLOCK_N groups): the physical id of each group's last
     page (where its summary is kept; only complete groups have one), then _score_tile (or with
     K_CHUNK, _score_tile_chunked)."""
-    await_predecessor(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     first = tl.program_id(2) * BLOCK_N
@@ -162,14 +160,13 @@ def _centroid_group_logits(Q, Cents, Stats, PT, SeqLens, Out, s_qb, s_qh, s_cp, 
 def centroid_group_logits(q: torch.Tensor, cents: torch.Tensor, stats: torch.Tensor, page_tables: torch.Tensor,
                           seq_lens: torch.Tensor, page_size: int, group_pages: int, scale: float,
                           block_n: int | None = None, num_warps: int | None = None,
-                          interpreted: bool = False, k_chunk: int = 0, stages: int = 3,
-                          pdl: bool | None = None) -> torch.Tensor:
+                          interpreted: bool = False, k_chunk: int = 0, stages: int = 3) -> torch.Tensor:
     """q [batch, q_heads, d]; cents [num_pages, kv_heads, C, d] (fp8/bf16, at each complete group's
     last page); stats fp32 [num_pages, kv_heads, C, 2] (log count, spread); page_tables int32
     [batch, width] -> fp32 [batch, q_heads, width // group_pages]: each group's L_h(n) / scale
     (-inf for the last group; garbage past a sequence, never read by combine_select).
     One program per (sequence, KV head, block_n groups); k_chunk > 0: the dot in chunks of that
-    many channels through a pipeline of `stages` (_score_tile_chunked); pdl: kernels/triton/pdl."""
+    many channels through a pipeline of `stages` (_score_tile_chunked)."""
     batch, q_heads, head_dim = q.shape
     kv_heads, clusters = cents.shape[1:3]
     assert cents.shape[3] == head_dim and stats.shape == (*cents.shape[:3], 2) and q_heads % kv_heads == 0
@@ -186,13 +183,12 @@ def centroid_group_logits(q: torch.Tensor, cents: torch.Tensor, stats: torch.Ten
     # 32 a row, 12.5 at b1 x 32k), one program reading every KV head's centroids of its groups
     # (49.5; docs/benchmarks.md); the KV heads of a tile launched side by side changed nothing
     block_n = block_n or max(1, 64 // clusters)
-    pdl = pdl_enabled(q.device) if pdl is None else pdl
     _centroid_group_logits[(batch, kv_heads, triton.cdiv(max_groups, block_n))](
         q, cents, stats, page_tables, seq_lens, out, q.stride(0), q.stride(1), *cents.stride()[:3],
         *stats.stride()[:3], page_tables.stride(0), out.stride(0), out.stride(1), max_groups, scale,
         GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, C=clusters,
         BLOCK_N=block_n, GROUP_PAGES=group_pages, PAGE_SIZE=page_size, DOT_F32=interpreted,
-        K_CHUNK=k_chunk, STAGES=stages, PDL=pdl, num_warps=num_warps or 1, launch_pdl=pdl)
+        K_CHUNK=k_chunk, STAGES=stages, num_warps=num_warps or 1)
     return out
 
 
@@ -236,7 +232,7 @@ def centroid_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            stats: torch.Tensor, page_tables: torch.Tensor, seq_lens: torch.Tensor,
                            budget_tokens: int, sink_tokens: int, recent_tokens: int, group_pages: int,
                            scale: float | None = None, interpreted: bool = False,
-                           planned_batch: int | None = None, pdl: bool | None = None, **tuning) -> torch.Tensor:
+                           planned_batch: int | None = None, **tuning) -> torch.Tensor:
     """Batched reference.centroid_select_pages + attend_pages: the group scores
     (centroid_group_logits), combine_select keeping the budget's groups (sink and recent forced,
     counted in groups as reference.sparse_page_counts counts pages) and writing their pages'
@@ -246,27 +242,25 @@ def centroid_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     this is paged_decode. tuning: split_k_decode's, over attend_tuning's defaults. Chosen from the
     shapes: the scorer's tile (score_tuning) and the selection, by rank for few short rows
     (RANK_MAX_PAIRS) or by radix search; planned_batch (default: q's) is the batch they are chosen
-    for (the engine's graph bucket, so that a row is served alike replayed or eager); pdl: every
-    kernel launched before its predecessor ends (kernels/triton/pdl; default where supported)."""
+    for (the engine's graph bucket, so that a row is served alike replayed or eager)."""
     check_kv(q, k_cache, v_cache)
     page_size, kv_heads = k_cache.shape[1:3]
     span = page_size * group_pages
     force = sparse_page_counts(span, budget_tokens, sink_tokens, recent_tokens)
     width = page_tables.shape[1]
     if -(-width // group_pages) <= force[0]:
-        return paged_decode(q, k_cache, v_cache, page_tables, seq_lens, scale, pdl=pdl, **tuning)
+        return paged_decode(q, k_cache, v_cache, page_tables, seq_lens, scale, **tuning)
     if width % group_pages:         # whole groups: the last one's missing pages are never attended
         page_tables = torch.nn.functional.pad(page_tables, (0, group_pages - width % group_pages))
     scale = default_scale(q.shape[2]) if scale is None else scale
     rows = (planned_batch or q.shape[0]) * kv_heads
     logits = centroid_group_logits(q, cents, stats, page_tables, seq_lens, page_size, group_pages, scale,
-                                   interpreted=interpreted, pdl=pdl, **score_tuning(rows, q.shape[2], q.device))
+                                   interpreted=interpreted, **score_tuning(rows, q.shape[2], q.device))
     groups = logits.shape[2]
     if rows * groups * groups <= RANK_MAX_PAIRS:
-        _, physical, vlens = rank_select(logits, page_tables, seq_lens, span, kv_heads, force, scale, group_pages,
-                                         pdl=pdl)
+        _, physical, vlens = rank_select(logits, page_tables, seq_lens, span, kv_heads, force, scale, group_pages)
     else:
         _, physical, vlens = combine_select(logits, page_tables, seq_lens, span, kv_heads, force, scale, force[0],
-                                            expand=group_pages, pdl=pdl)
+                                            expand=group_pages)
     tuning = {**attend_tuning(rows, force[0] * span, q.device), **tuning}
-    return split_k_decode(q, k_cache, v_cache, physical, vlens, scale, pdl=pdl, **tuning)
+    return split_k_decode(q, k_cache, v_cache, physical, vlens, scale, **tuning)

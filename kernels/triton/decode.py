@@ -23,8 +23,6 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton.pdl import await_predecessor, pdl_enabled
-
 LOG2E = 1.4426950408889634
 
 
@@ -83,8 +81,7 @@ def _decode_stage1(Q, K, V, PT, SeqLens, MidO, MidL, qk_scale, num_splits, split
                    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, UPCAST: tl.constexpr,
                    EVICT: tl.constexpr, DIRECT: tl.constexpr, PER_PAGE: tl.constexpr,
-                   HEADS_INNER: tl.constexpr, ORDERED: tl.constexpr, PDL: tl.constexpr):
-    await_predecessor(PDL)
+                   HEADS_INNER: tl.constexpr, ORDERED: tl.constexpr):
     if HEADS_INNER:  # grid (kv_heads, batch, splits): the KV heads of one token row run side by side
         kvh = tl.program_id(0)
         b = tl.program_id(1)
@@ -149,8 +146,7 @@ def _decode_stage1(Q, K, V, PT, SeqLens, MidO, MidL, qk_scale, num_splits, split
 
 @triton.jit
 def _decode_stage2(MidO, MidL, Out, num_splits, s_ob, s_oh, s_os, s_lb, s_lh, s_b, s_h,
-                   HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
-    await_predecessor(PDL)
+                   HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
@@ -166,10 +162,9 @@ def _decode_stage2(MidO, MidL, Out, num_splits, s_ob, s_oh, s_os, s_lb, s_lh, s_
 
 @triton.jit
 def _decode_stage2_ordered(MidO, MidL, SeqLens, Out, split_tokens, s_ob, s_oh, s_os, s_lb, s_lh, s_b, s_h,
-                           HEAD_DIM: tl.constexpr, PDL: tl.constexpr):
+                           HEAD_DIM: tl.constexpr):
     """The batch-invariant merge: a row's ceil(seq_len / split_tokens) splits, one after the other
     in split order (no reduction tree whose shape follows the number of splits launched)."""
-    await_predecessor(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -203,7 +198,7 @@ def split_k_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
                    num_splits: int | None = None, block_n: int = 64, num_warps: int = 4,
                    num_stages: int = 2, evict_first: bool = True, per_page: bool = False,
                    heads_inner: bool = True, out: torch.Tensor | None = None,
-                   split_tokens: int = 0, pdl: bool | None = None) -> torch.Tensor:
+                   split_tokens: int = 0) -> torch.Tensor:
     """Split-K decode where page_tables is [batch, pages] or per KV head [batch, kv_heads, pages].
 
     split_tokens > 0 (a multiple of block_n): the batch-invariant mode of the module docstring;
@@ -214,8 +209,7 @@ def split_k_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     row (measured slower at batch 64 on the H100 with block_n 64, so off by default).
     heads_inner (default): launch order with the KV head varying fastest, so the programs reading the
     same token rows (all heads of a page) run at the same time (H100: 0.2-0.5% faster at batch 64).
-    evict_first (default): K/V loads marked evict-first (no measurable effect on the H100 bench).
-    pdl (default: kernels/triton/pdl.pdl_enabled): both stages launch before their predecessor ends."""
+    evict_first (default): K/V loads marked evict-first (no measurable effect on the H100 bench)."""
     group, page_size = check_kv(q, k_cache, v_cache)
     batch, q_heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
@@ -225,7 +219,6 @@ def split_k_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     assert seq_lens.shape == (batch,) and seq_lens.dtype == torch.int32
     assert q.stride(2) == 1
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    pdl = pdl_enabled(q.device) if pdl is None else pdl
     ordered = split_tokens > 0
     if ordered:
         assert split_tokens % block_n == 0, "split_tokens must be a multiple of block_n"
@@ -248,19 +241,18 @@ def split_k_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], *page_tables.stride(),
         *mid_strides, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_N=block_n, PAGE_SIZE=page_size, UPCAST=dot_upcast(q.dtype), EVICT=evict_first, DIRECT=direct,
-        PER_PAGE=per_page, HEADS_INNER=heads_inner, ORDERED=ordered, PDL=pdl, num_warps=num_warps,
-        num_stages=num_stages, launch_pdl=pdl)
+        PER_PAGE=per_page, HEADS_INNER=heads_inner, ORDERED=ordered, num_warps=num_warps, num_stages=num_stages)
     if direct:
         return out
     if ordered:
         _decode_stage2_ordered[(batch, q_heads)](
             mid_o, mid_l, seq_lens, out, split_tokens, *mid_o.stride()[:3], *mid_l.stride()[:2],
-            out.stride(0), out.stride(1), HEAD_DIM=head_dim, PDL=pdl, num_warps=4, launch_pdl=pdl)
+            out.stride(0), out.stride(1), HEAD_DIM=head_dim, num_warps=4)
         return out
     _decode_stage2[(batch, q_heads)](
         mid_o, mid_l, out, num_splits, *mid_o.stride()[:3], *mid_l.stride()[:2],
         out.stride(0), out.stride(1), HEAD_DIM=head_dim,
-        BLOCK_S=max(2, triton.next_power_of_2(num_splits)), PDL=pdl, num_warps=4, launch_pdl=pdl)
+        BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=4)
     return out
 
 

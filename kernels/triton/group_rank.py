@@ -24,7 +24,6 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton.pdl import await_predecessor, pdl_enabled
 from kernels.triton.selection import _selection_outputs
 
 
@@ -65,11 +64,9 @@ def _rank_keys(Row, s_h, offs, cand, sink, lse, scale, GROUP: tl.constexpr, GROU
 @triton.jit
 def _rank_select(Logits, PT, SeqLens, Logical, Physical, VLens, s_lb, s_lh, s_pb, s_xb, s_xh, s_yb, s_yh,
                  scale, budget, sink, recent, k_sel, GROUP: tl.constexpr, GROUP_P: tl.constexpr,
-                 BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, SPAN: tl.constexpr, EXPAND: tl.constexpr,
-                 PDL: tl.constexpr):
+                 BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, SPAN: tl.constexpr, EXPAND: tl.constexpr):
     """One program per (sequence, KV head, BLOCK_I groups): their ranks, kept groups written at
     their slots (the module docstring)."""
-    await_predecessor(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     blk = tl.program_id(2)
@@ -113,8 +110,8 @@ def _rank_select(Logits, PT, SeqLens, Logical, Physical, VLens, s_lb, s_lh, s_pb
 
 def rank_select(logits: torch.Tensor, page_tables: torch.Tensor, seq_lens: torch.Tensor, span: int,
                 kv_heads: int, force: tuple[int, int, int], scale: float, expand: int,
-                block_i: int | None = None, block_j: int | None = None, num_warps: int = 4,
-                pdl: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                block_i: int | None = None, block_j: int | None = None, num_warps: int = 4
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """combine_select(logits, ..., force[0], expand=expand)'s outputs, by rank: logits [batch,
     q_heads, G] (centroids.centroid_group_logits), page_tables int32 [batch, >= G * expand];
     force (budget, sink, recent) in groups -> (logical groups [batch, kv_heads, k], the physical ids
@@ -127,7 +124,6 @@ def rank_select(logits: torch.Tensor, page_tables: torch.Tensor, seq_lens: torch
     group = q_heads // kv_heads
     (logical, physical, vlens, _), _, _, k_sel = _selection_outputs(batch, kv_heads, max_groups, budget, page_tables,
                                                                     None, expand)
-    pdl = pdl_enabled(logits.device) if pdl is None else pdl
     block_i = block_i or rank_block(batch * kv_heads, max_groups)
     group_p = triton.next_power_of_2(group)
     block_j = block_j or max(16, min(triton.next_power_of_2(max_groups), 8192 // block_i, 2048 // group_p))
@@ -135,7 +131,7 @@ def rank_select(logits: torch.Tensor, page_tables: torch.Tensor, seq_lens: torch
         logits, page_tables, seq_lens, logical, physical, vlens, logits.stride(0), logits.stride(1),
         page_tables.stride(0), logical.stride(0), logical.stride(1), physical.stride(0), physical.stride(1),
         scale, budget, sink, recent, k_sel, GROUP=group, GROUP_P=group_p, BLOCK_I=block_i, BLOCK_J=block_j,
-        SPAN=span, EXPAND=expand, PDL=pdl, num_warps=num_warps, launch_pdl=pdl)
+        SPAN=span, EXPAND=expand, num_warps=num_warps)
     return logical, physical, vlens
 
 

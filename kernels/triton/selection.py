@@ -16,8 +16,6 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton.pdl import await_predecessor, pdl_enabled
-
 
 @triton.jit
 def _force_pages(score, logical, n_pages, budget_pages, sink_pages, recent_pages):
@@ -183,10 +181,9 @@ def _combine_select(Bounds, PT, SeqLens, Logical, Physical, VLens, Listed, s_bb,
                     s_yb, s_yh, s_ib, s_ih, max_pages, scale, force_budget, sink_pages, recent_pages,
                     budget_pages, k_sel, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
                     PAGE_SIZE: tl.constexpr, EARLY_EXIT: tl.constexpr, LISTED: tl.constexpr,
-                    EXPAND: tl.constexpr, PDL: tl.constexpr):
+                    EXPAND: tl.constexpr):
     """_combine_heads and _select_pages in one program per (sequence, KV head): the scores never
     leave registers (two launches and a scores round trip fewer per sparse layer)."""
-    await_predecessor(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     seq_len = tl.load(SeqLens + b)
@@ -205,15 +202,13 @@ def _combine_select_streamed(Bounds, PT, SeqLens, Logical, Physical, VLens, List
                              s_ph, s_lb, s_lh, s_yb, s_yh, s_ib, s_ih, s_sb, s_sh, max_pages, scale, force_budget,
                              sink_pages, recent_pages, budget_pages, k_sel, GROUP: tl.constexpr,
                              BLOCK_G: tl.constexpr, CHUNK: tl.constexpr, BLOCK_P: tl.constexpr,
-                             PAGE_SIZE: tl.constexpr, LISTED: tl.constexpr, EXPAND: tl.constexpr,
-                             PDL: tl.constexpr):
+                             PAGE_SIZE: tl.constexpr, LISTED: tl.constexpr, EXPAND: tl.constexpr):
     """_combine_select for wide rows: the group's bounds [GROUP, BLOCK_P] would not fit one program's
     registers, so one program per (sequence, KV head) streams them in chunks of CHUNK entries.
     Pass 1: each q head's log-sum-exp over the row (online max and sum). Pass 2: the scores, as
     _group_scores gives them, into a row of Scores. Then the whole row of scores (one value per
     entry) is loaded at once for the top k and compacted (_keep_top_k, _store_selection). A row of
     a sequence's own pages stops at its last page: the entries past it are -inf, never kept."""
-    await_predecessor(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     seq_len = tl.load(SeqLens + b)
@@ -299,33 +294,31 @@ STREAM_CHUNK = 2048
 def combine_select(bounds: torch.Tensor, page_tables: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
                    kv_heads: int, force: tuple[int, int, int], scale: float, budget_pages: int,
                    listed: torch.Tensor | None = None, early_exit: bool = True, streamed: bool | None = None,
-                   chunk: int | None = None, num_warps: int | None = None, expand: int = 1,
-                   pdl: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   chunk: int | None = None, num_warps: int | None = None, expand: int = 1
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """select_pages(combine_heads(bounds, ...), ...) in one launch, the scores never written out for
     rows of at most FUSED_MAX_PAGES entries (early_exit: select_pages's); wider rows (or any, with
     streamed=True) by _combine_select_streamed in chunks of `chunk` entries (default STREAM_CHUNK).
     force: the forced-page rule's (budget, sink, recent) pages; budget_pages: how many to keep.
     expand > 1: each entry is a group of `expand` consecutive pages of page_tables (page_size is
     the group's tokens); the physical output lists every page of the kept groups [batch,
-    kv_heads, k * expand] (kernels/triton/centroids.py). pdl: kernels/triton/pdl."""
+    kv_heads, k * expand] (kernels/triton/centroids.py)."""
     batch, q_heads, max_pages = bounds.shape
     assert bounds.stride(2) == 1
     group = q_heads // kv_heads
     out, tables, block_p, k_sel = _selection_outputs(batch, kv_heads, max_pages, budget_pages, page_tables, listed,
                                                      expand)
-    pdl = pdl_enabled(bounds.device) if pdl is None else pdl
     if max_pages > FUSED_MAX_PAGES if streamed is None else streamed:
         scores = torch.empty(batch, kv_heads, max_pages, device=bounds.device, dtype=torch.float32)
         _combine_select_streamed[(batch, kv_heads)](
             bounds, page_tables, seq_lens, *out, scores, bounds.stride(0), bounds.stride(1), *tables,
             scores.stride(0), scores.stride(1), max_pages, scale, *force, budget_pages, k_sel, GROUP=group,
             BLOCK_G=triton.next_power_of_2(group), CHUNK=min(chunk or STREAM_CHUNK, block_p), BLOCK_P=block_p,
-            PAGE_SIZE=page_size, LISTED=listed is not None, EXPAND=expand, PDL=pdl, num_warps=num_warps or 8,
-            launch_pdl=pdl)
+            PAGE_SIZE=page_size, LISTED=listed is not None, EXPAND=expand, num_warps=num_warps or 8)
         return out[:3]
     _combine_select[(batch, kv_heads)](
         bounds, page_tables, seq_lens, *out, bounds.stride(0), bounds.stride(1), *tables, max_pages, scale,
         *force, budget_pages, k_sel, GROUP=group, BLOCK_G=triton.next_power_of_2(group), BLOCK_P=block_p,
-        PAGE_SIZE=page_size, EARLY_EXIT=early_exit, LISTED=listed is not None, EXPAND=expand, PDL=pdl,
-        num_warps=num_warps or (4 if block_p * group <= 4096 else 8), launch_pdl=pdl)
+        PAGE_SIZE=page_size, EARLY_EXIT=early_exit, LISTED=listed is not None, EXPAND=expand,
+        num_warps=num_warps or (4 if block_p * group <= 4096 else 8))
     return out[:3]
