@@ -2,7 +2,8 @@
 the engine's coarse-to-fine Quest decode, kernels alone, in one run.
 
     python3 -m bench.centroid_stages [--batch 16] [--context 32768] [--width 4096] [--clusters 8]
-        [--dtypes bf16 fp8] [--tune [select rank attend]] [--kv-layout token-major|head-major] [--launch-floor] [--quick]
+        [--dtypes bf16 fp8] [--tune [select rank attend]] [--kv-layout token-major|head-major] [--launch-floor]
+        [--quick]
 
 What it prototypes (bench/sparse_estimators.py, rule kmeansCxNv, measures the quality): each run of
 4 pages (64 tokens) per KV head is summarised by C centroids; kernels/triton/centroids.py scores
@@ -175,7 +176,12 @@ ATTEND_TUNINGS = [dict(num_splits=s) for s in (2, 4, 8, 16, 32)] + [
     dict(num_splits=s, block_n=16, num_warps=1, per_page=True) for s in (4, 8, 16)] + [
     # one program per (sequence, KV head), deeper load pipelines, no merge launch
     dict(num_splits=1, block_n=n, num_warps=w, num_stages=st) for n, w in ((64, 4), (128, 8), (32, 2))
-    for st in (2, 3, 4, 5)]
+    for st in (2, 3, 4, 5)] + [
+    # attend_tuning's choices with the splits over the table's capacity and/or V loaded with K
+    dict(base, fixed_splits=f, kv_together=t) for base in (
+        dict(num_splits=16, block_n=128, num_warps=8), dict(num_splits=1, block_n=128, num_warps=8, num_stages=5),
+        dict(num_splits=1), dict(num_splits=2))
+    for f, t in ((True, False), (False, True), (True, True))]
 
 
 def tune_stages(xs: list, scale: float, force: tuple, stages: list[str]) -> None:

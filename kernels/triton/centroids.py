@@ -58,10 +58,11 @@ def _score_tile(Q, Cents, Stats, Out, b, kvh, page, offs_n, full, s_qb, s_qh, s_
     q_sq = tl.sum(q32 * q32, 0)                                                            # [GROUP_P]
     cents = tl.load(Cents + page[None, :, None] * s_cp + kvh * s_ch + offs_c[:, None, None] * s_cc
                     + offs_d[None, None, :], mask=full[None, :, None], other=0.0)          # [C, N, d]
+    log_count, spread = _tile_stats(Stats, kvh, page, full, s_sp, s_sh, s_sc, C)
     rows = _dot_rows(tl.reshape(cents, [C * BLOCK_N, HEAD_DIM]), q, DOT_F32)
     dots = tl.dot(rows, q.to(rows.dtype), input_precision="ieee") * scale                  # [C * N, GROUP_P]
-    _tile_epilogue(dots, q_sq, Stats, Out, b, kvh, page, offs_n, full, s_sp, s_sh, s_sc, s_ob, s_oh, max_groups,
-                   scale, GROUP, GROUP_P, C, BLOCK_N)
+    _tile_epilogue(dots, q_sq, log_count, spread, Out, b, kvh, offs_n, full, s_ob, s_oh, max_groups, scale, GROUP,
+                   GROUP_P, C, BLOCK_N)
 
 
 @triton.jit
@@ -89,6 +90,9 @@ def _score_tile_chunked(Q, Cents, Stats, Out, page, page_r, b, kvh, first, full_
     base = Cents + page_r * s_cp + kvh * s_ch + (offs_r // BLOCK_N) * s_cc               # [C * N]
     offs_g = tl.arange(0, GROUP_P)
     q_row = Q + b * s_qb + (kvh * GROUP + offs_g[None, :]) * s_qh
+    offs_n = first + tl.arange(0, BLOCK_N)
+    full = offs_n < full_groups
+    log_count, spread = _tile_stats(Stats, kvh, page, full, s_sp, s_sh, s_sc, C)
     acc = tl.zeros([C * BLOCK_N, GROUP_P], tl.float32)
     q_sq = tl.zeros([GROUP_P], tl.float32)
     for k0 in tl.range(0, HEAD_DIM, K_CHUNK, num_stages=STAGES):
@@ -98,21 +102,24 @@ def _score_tile_chunked(Q, Cents, Stats, Out, page, page_r, b, kvh, first, full_
         q_sq += tl.sum(q32 * q32, 0)
         rows = _dot_rows(tl.load(base[:, None] + offs_k[None, :], mask=full_r[:, None], other=0.0), q, DOT_F32)
         acc = tl.dot(rows, q.to(rows.dtype), acc, input_precision="ieee")
-    offs_n = first + tl.arange(0, BLOCK_N)
-    full = offs_n < full_groups
-    _tile_epilogue(acc * scale, q_sq, Stats, Out, b, kvh, page, offs_n, full, s_sp, s_sh, s_sc, s_ob, s_oh,
-                   max_groups, scale, GROUP, GROUP_P, C, BLOCK_N)
+    _tile_epilogue(acc * scale, q_sq, log_count, spread, Out, b, kvh, offs_n, full, s_ob, s_oh, max_groups, scale,
+                   GROUP, GROUP_P, C, BLOCK_N)
 
 
 @triton.jit
-def _tile_epilogue(dots, q_sq, Stats, Out, b, kvh, page, offs_n, full, s_sp, s_sh, s_sc, s_ob, s_oh, max_groups,
+def _tile_stats(Stats, kvh, page, full, s_sp, s_sh, s_sc, C: tl.constexpr):
+    """Each centroid's (log count, spread) [C, N]: loaded before the dot, so that their memory trip
+    overlaps the centroids' instead of following it."""
+    offs_c = tl.arange(0, C)
+    stat = Stats + page[None, :] * s_sp + kvh * s_sh + offs_c[:, None] * s_sc
+    return tl.load(stat, mask=full[None, :], other=0.0), tl.load(stat + 1, mask=full[None, :], other=0.0)
+
+
+@triton.jit
+def _tile_epilogue(dots, q_sq, log_count, spread, Out, b, kvh, offs_n, full, s_ob, s_oh, max_groups,
                    scale, GROUP: tl.constexpr, GROUP_P: tl.constexpr, C: tl.constexpr, BLOCK_N: tl.constexpr):
     """The count and spread terms, the log-sum-exp over each group's centroids, stored / scale."""
-    offs_c = tl.arange(0, C)
     offs_g = tl.arange(0, GROUP_P)
-    stat = Stats + page[None, :] * s_sp + kvh * s_sh + offs_c[:, None] * s_sc
-    log_count = tl.load(stat, mask=full[None, :], other=0.0)                               # [C, N]
-    spread = tl.load(stat + 1, mask=full[None, :], other=0.0)
     logits = tl.reshape(dots, [C, BLOCK_N, GROUP_P]) + log_count[:, :, None] \
         + 0.5 * spread[:, :, None] * q_sq[None, None, :]
     top = tl.max(logits, 0)                                                                # [N, GROUP_P]

@@ -75,13 +75,14 @@ def _load_kv(ptr, mask, EVICT: tl.constexpr):
 
 
 @triton.jit
-def _decode_stage1(Q, K, V, PT, SeqLens, MidO, MidL, qk_scale, num_splits, split_tokens,
+def _decode_stage1(Q, K, V, PT, SeqLens, MidO, MidL, qk_scale, num_splits, split_tokens, max_tokens,
                    s_qb, s_qh, s_kp, s_ks, s_kh, s_vp, s_vs, s_vh, s_pb, s_ph, s_pp,
                    s_ob, s_oh, s_os, s_lb, s_lh,
                    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, UPCAST: tl.constexpr,
                    EVICT: tl.constexpr, DIRECT: tl.constexpr, PER_PAGE: tl.constexpr,
-                   HEADS_INNER: tl.constexpr, ORDERED: tl.constexpr):
+                   HEADS_INNER: tl.constexpr, ORDERED: tl.constexpr, FIXED: tl.constexpr,
+                   KV_TOGETHER: tl.constexpr):
     if HEADS_INNER:  # grid (kv_heads, batch, splits): the KV heads of one token row run side by side
         kvh = tl.program_id(0)
         b = tl.program_id(1)
@@ -95,12 +96,16 @@ def _decode_stage1(Q, K, V, PT, SeqLens, MidO, MidL, qk_scale, num_splits, split
     heads = kvh * GROUP + offs_h
 
     seq_len = tl.load(SeqLens + b)
-    if ORDERED:  # fixed-size splits from key 0: a row's splits do not depend on the launch
+    if ORDERED or FIXED:  # fixed-size splits from key 0: a row's splits do not depend on its length
         split_len = split_tokens
     else:
         split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
+    if FIXED:   # a trip count known at launch: the first page ids load alongside the length
+        stop = start + split_len
+    else:
+        stop = end
 
     q = tl.load(Q + b * s_qb + heads[:, None] * s_qh + offs_d[None, :], mask=mask_h[:, None], other=0.0)
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
@@ -109,23 +114,33 @@ def _decode_stage1(Q, K, V, PT, SeqLens, MidO, MidL, qk_scale, num_splits, split
     pt = PT + b.to(tl.int64) * s_pb + kvh * s_ph
     k_base = K + kvh * s_kh
     v_base = V + kvh * s_vh
-    for n0 in range(start, end, BLOCK_N):
+    for n0 in range(start, stop, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
+        if FIXED:   # the ids are read within the table's capacity, whatever the row's length
+            listed = offs_n < max_tokens
+        else:
+            listed = mask_n
         if PER_PAGE:  # BLOCK_N <= PAGE_SIZE and blocks start at multiples of BLOCK_N: one page per block
             page = tl.load(pt + (n0 // PAGE_SIZE) * s_pp).to(tl.int64)
             slot = n0 % PAGE_SIZE + tl.arange(0, BLOCK_N)
         else:
-            page = tl.load(pt + (offs_n // PAGE_SIZE) * s_pp, mask=mask_n, other=0).to(tl.int64)
+            page = tl.load(pt + (offs_n // PAGE_SIZE) * s_pp, mask=listed, other=0).to(tl.int64)
             slot = offs_n % PAGE_SIZE
         k = _load_kv(k_base + (page * s_kp + slot * s_ks)[:, None] + offs_d[None, :], mask_n[:, None], EVICT)
+        if KV_TOGETHER:     # V's load issued with K's, not after the scores (one memory trip fewer a block)
+            v = _load_kv(v_base + (page * s_vp + slot * s_vs)[:, None] + offs_d[None, :], mask_n[:, None], EVICT)
         qk = _mma(q, tl.trans(k), tl.zeros([BLOCK_H, BLOCK_N], tl.float32), UPCAST) * qk_scale
         qk = tl.where(mask_n[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
+        m_ref = m_new
+        if FIXED:   # a split past the row's end has no key: weights 0, not exp2(-inf - -inf)
+            m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(qk - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_kv(v_base + (page * s_vp + slot * s_vs)[:, None] + offs_d[None, :], mask_n[:, None], EVICT)
+        if not KV_TOGETHER:
+            v = _load_kv(v_base + (page * s_vp + slot * s_vs)[:, None] + offs_d[None, :], mask_n[:, None], EVICT)
         acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], UPCAST)
         m_i = m_new
 
@@ -198,7 +213,7 @@ def split_k_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
                    num_splits: int | None = None, block_n: int = 64, num_warps: int = 4,
                    num_stages: int = 2, evict_first: bool = True, per_page: bool = False,
                    heads_inner: bool = True, out: torch.Tensor | None = None,
-                   split_tokens: int = 0) -> torch.Tensor:
+                   split_tokens: int = 0, fixed_splits: bool = False, kv_together: bool = False) -> torch.Tensor:
     """Split-K decode where page_tables is [batch, pages] or per KV head [batch, kv_heads, pages].
 
     split_tokens > 0 (a multiple of block_n): the batch-invariant mode of the module docstring;
@@ -209,7 +224,11 @@ def split_k_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     row (measured slower at batch 64 on the H100 with block_n 64, so off by default).
     heads_inner (default): launch order with the KV head varying fastest, so the programs reading the
     same token rows (all heads of a page) run at the same time (H100: 0.2-0.5% faster at batch 64).
-    evict_first (default): K/V loads marked evict-first (no measurable effect on the H100 bench)."""
+    evict_first (default): K/V loads marked evict-first (no measurable effect on the H100 bench).
+    fixed_splits: the splits divide the table's capacity, not each row's length, so a program's
+    trip count is known at launch and its first page ids load with the length (one dependent memory
+    trip fewer; for tables that rows nearly fill: sparse decode's chosen pages). kv_together: each
+    block's V load issued with its K load (a trip fewer a block, V's registers held longer)."""
     group, page_size = check_kv(q, k_cache, v_cache)
     batch, q_heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
@@ -220,11 +239,15 @@ def split_k_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     assert q.stride(2) == 1
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     ordered = split_tokens > 0
+    max_tokens = page_tables.shape[2] * page_size
+    assert not (ordered and fixed_splits), "batch-invariant splits are already fixed"
     if ordered:
         assert split_tokens % block_n == 0, "split_tokens must be a multiple of block_n"
         num_splits = num_splits or -(-page_tables.shape[2] * page_size // split_tokens)
     elif num_splits is None:
         num_splits = default_num_splits(batch, kv_heads, page_tables.shape[2] * page_size, q.device, block_n)
+    if fixed_splits:
+        split_tokens = -(-max_tokens // num_splits // block_n) * block_n
     if out is None:
         out = torch.empty_like(q)
     direct = num_splits == 1 and not ordered
@@ -237,11 +260,12 @@ def split_k_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         mid_strides = (*mid_o.stride()[:3], *mid_l.stride()[:2])
     grid = (kv_heads, batch, num_splits) if heads_inner else (batch, kv_heads, num_splits)
     _decode_stage1[grid](
-        q, k_cache, v_cache, page_tables, seq_lens, mid_o, mid_l, scale * LOG2E, num_splits, split_tokens,
+        q, k_cache, v_cache, page_tables, seq_lens, mid_o, mid_l, scale * LOG2E, num_splits, split_tokens, max_tokens,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], *page_tables.stride(),
         *mid_strides, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_N=block_n, PAGE_SIZE=page_size, UPCAST=dot_upcast(q.dtype), EVICT=evict_first, DIRECT=direct,
-        PER_PAGE=per_page, HEADS_INNER=heads_inner, ORDERED=ordered, num_warps=num_warps, num_stages=num_stages)
+        PER_PAGE=per_page, HEADS_INNER=heads_inner, ORDERED=ordered, FIXED=fixed_splits,
+        KV_TOGETHER=kv_together, num_warps=num_warps, num_stages=num_stages)
     if direct:
         return out
     if ordered:
