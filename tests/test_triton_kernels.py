@@ -107,21 +107,32 @@ def test_paged_decode_per_page_and_grid_order_match():
 
 
 @pytest.mark.parametrize("num_splits", [1, 3, 8])
-def test_paged_decode_fixed_splits_and_kv_together(num_splits):
+def test_paged_decode_fixed_splits(num_splits):
     """Splits over the table's capacity (whole splits and blocks past a short row's end, which
-    must add nothing) match the reference; loading V with K changes no bit."""
+    must add nothing) match the reference."""
     lens = [1, 37, 100, 64, 129]
     k, v, table, q_heads, gen = make_paged(lens, 16, 4, 64, BF16, seed=11)
     q = torch.randn(len(lens), q_heads, 64, generator=gen).to(BF16)
     scale = ref.default_scale(64)
     expected = torch.stack([ref.paged_attention(q[i:i + 1], k, v, table[i], n - 1, scale)[0]
                             for i, n in enumerate(lens)])
-    for fixed in (False, True):
-        base = paged_decode(q, k, v, table, i32(lens), num_splits=num_splits, block_n=32, fixed_splits=fixed)
-        assert rel_err(base, expected) < TOL[BF16]
-        together = paged_decode(q, k, v, table, i32(lens), num_splits=num_splits, block_n=32, fixed_splits=fixed,
-                                kv_together=True)
-        assert torch.equal(together, base)
+    out = paged_decode(q, k, v, table, i32(lens), num_splits=num_splits, block_n=32, fixed_splits=True)
+    assert rel_err(out, expected) < TOL[BF16]
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_paged_decode_merged_by_the_last_split(fixed):
+    """The last split of a row to finish merges the row: the same bits as the stage-2 launch, call
+    after call (each call re-arms the counters it used)."""
+    lens = [1, 37, 100, 64, 129]
+    k, v, table, q_heads, gen = make_paged(lens, 16, 4, 64, BF16, seed=12)
+    q = torch.randn(len(lens), q_heads, 64, generator=gen).to(BF16)
+    base = paged_decode(q, k, v, table, i32(lens), num_splits=3, block_n=32, fixed_splits=fixed)
+    for _ in range(2):
+        out = torch.full_like(q, float("nan"))
+        paged_decode(q, k, v, table, i32(lens), num_splits=3, block_n=32, fixed_splits=fixed, merge_inline=True,
+                     out=out)
+        assert torch.equal(out, base)
 
 
 EXTEND_CASES = [  # dtype, group, head_dim, page_size, tuning

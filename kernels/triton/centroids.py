@@ -226,13 +226,19 @@ def attend_tuning(rows: int, budget_tokens: int, device: torch.device) -> dict:
     - about a wave of rows (b16: 128): one split, 128-key blocks, 8 warps, 5 stages: 38.9 against
       42.6;
     - otherwise the dense rule (b4: 17.7 against 20.4 for 4 splits of 128-key blocks; b64: 130.4
-      against 134.8 for one split of 128-key blocks)."""
+      against 134.8 for one split of 128-key blocks);
+    each with splits over the table's capacity (fixed_splits: 8.8, 37.6 and 129.3 us at b1, b16 and
+    b64)."""
     sms = num_sms(device)
     if rows <= sms // 8:
-        return dict(num_splits=max(1, min(sms // rows, budget_tokens // 128, 64)), block_n=128, num_warps=8)
-    if sms // 2 <= rows <= sms:
-        return dict(num_splits=1, block_n=128, num_warps=8, num_stages=5)
-    return dict(num_splits=default_num_splits(rows, 1, budget_tokens, device, min_blocks=2))
+        tuning = dict(num_splits=max(1, min(sms // rows, budget_tokens // 128, 64)), block_n=128, num_warps=8)
+    elif sms // 2 <= rows <= sms:
+        tuning = dict(num_splits=1, block_n=128, num_warps=8, num_stages=5)
+    else:
+        tuning = dict(num_splits=default_num_splits(rows, 1, budget_tokens, device, min_blocks=2))
+    # every row's chosen pages nearly fill the table: splits over its capacity, and the last split
+    # of a row merges it (split_k_decode)
+    return dict(tuning, fixed_splits=True, merge_inline=True)
 
 
 def centroid_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cents: torch.Tensor,

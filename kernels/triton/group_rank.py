@@ -63,13 +63,19 @@ def _rank_keys(Row, s_h, offs, cand, sink, lse, scale, GROUP: tl.constexpr, GROU
 
 @triton.jit
 def _rank_select(Logits, PT, SeqLens, Logical, Physical, VLens, s_lb, s_lh, s_pb, s_xb, s_xh, s_yb, s_yh,
-                 scale, budget, sink, recent, k_sel, GROUP: tl.constexpr, GROUP_P: tl.constexpr,
+                 scale, budget, sink, recent, k_sel, max_groups, GROUP: tl.constexpr, GROUP_P: tl.constexpr,
                  BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, SPAN: tl.constexpr, EXPAND: tl.constexpr):
     """One program per (sequence, KV head, BLOCK_I groups): their ranks, kept groups written at
     their slots (the module docstring)."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     blk = tl.program_id(2)
+    offs_i = blk * BLOCK_I + tl.arange(0, BLOCK_I)
+    offs_r = tl.arange(0, EXPAND)
+    # the pages of this program's groups, loaded with the length (not once the ranks are known:
+    # one dependent memory trip fewer; groups past the sequence are never stored)
+    pages = tl.load(PT + b.to(tl.int64) * s_pb + offs_i[:, None] * EXPAND + offs_r[None, :],
+                    mask=(offs_i < max_groups)[:, None], other=0)                        # [BLOCK_I, EXPAND]
     seq_len = tl.load(SeqLens + b)
     n = tl.cdiv(seq_len, SPAN)
     k = tl.minimum(n, budget)
@@ -84,7 +90,6 @@ def _rank_select(Logits, PT, SeqLens, Logical, Physical, VLens, s_lb, s_lh, s_pb
                 tl.store(physical_row + offs_p * EXPAND + r, 0, mask=pad)
         if kvh == 0:
             tl.store(VLens + b, seq_len - tl.maximum(n - budget, 0) * SPAN)
-    offs_i = blk * BLOCK_I + tl.arange(0, BLOCK_I)
     if blk * BLOCK_I >= n:
         return
     if n <= budget:                     # the whole row, in order
@@ -103,9 +108,7 @@ def _rank_select(Logits, PT, SeqLens, Logical, Physical, VLens, s_lb, s_lh, s_pb
         take = is_recent | ((offs_i < cand) & (rank < k - recent))
         slot = tl.where(is_recent, k - (n - offs_i), rank)
     tl.store(logical_row + slot, offs_i, mask=take)
-    for r in tl.static_range(EXPAND):
-        page = tl.load(PT + b.to(tl.int64) * s_pb + offs_i * EXPAND + r, mask=take, other=0)
-        tl.store(physical_row + slot * EXPAND + r, page, mask=take)
+    tl.store(physical_row + slot[:, None] * EXPAND + offs_r[None, :], pages, mask=take[:, None])
 
 
 def rank_select(logits: torch.Tensor, page_tables: torch.Tensor, seq_lens: torch.Tensor, span: int,
@@ -121,6 +124,7 @@ def rank_select(logits: torch.Tensor, page_tables: torch.Tensor, seq_lens: torch
     budget, sink, recent = force
     assert logits.stride(2) == 1 and page_tables.stride(1) == 1 and page_tables.shape[1] >= max_groups * expand
     assert page_tables.dtype == seq_lens.dtype == torch.int32 and budget > sink + recent
+    assert expand & (expand - 1) == 0, "a group's pages are loaded as one power-of-two run"
     group = q_heads // kv_heads
     (logical, physical, vlens, _), _, _, k_sel = _selection_outputs(batch, kv_heads, max_groups, budget, page_tables,
                                                                     None, expand)
@@ -130,7 +134,7 @@ def rank_select(logits: torch.Tensor, page_tables: torch.Tensor, seq_lens: torch
     _rank_select[(batch, kv_heads, triton.cdiv(max_groups, block_i))](
         logits, page_tables, seq_lens, logical, physical, vlens, logits.stride(0), logits.stride(1),
         page_tables.stride(0), logical.stride(0), logical.stride(1), physical.stride(0), physical.stride(1),
-        scale, budget, sink, recent, k_sel, GROUP=group, GROUP_P=group_p, BLOCK_I=block_i, BLOCK_J=block_j,
+        scale, budget, sink, recent, k_sel, max_groups, GROUP=group, GROUP_P=group_p, BLOCK_I=block_i, BLOCK_J=block_j,
         SPAN=span, EXPAND=expand, num_warps=num_warps)
     return logical, physical, vlens
 
