@@ -312,7 +312,8 @@ def split_k_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         *page_tables.stride(), *mid_strides, out.stride(0), out.stride(1), GROUP=group,
         BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_N=block_n, PAGE_SIZE=page_size,
         UPCAST=dot_upcast(q.dtype), EVICT=evict_first, DIRECT=direct, PER_PAGE=per_page, HEADS_INNER=heads_inner,
-        ORDERED=ordered, FIXED=fixed_splits, MERGE=merge, BLOCK_S=block_s, FENCE=not interpreting(), num_warps=num_warps, num_stages=num_stages)
+        ORDERED=ordered, FIXED=fixed_splits, MERGE=merge, BLOCK_S=block_s, FENCE=not interpreting(),
+        num_warps=num_warps, num_stages=num_stages)
     if direct or merge:
         return out
     if ordered:
