@@ -177,12 +177,11 @@ ATTEND_TUNINGS = [dict(num_splits=s) for s in (2, 4, 8, 16, 32)] + [
     # one program per (sequence, KV head), deeper load pipelines, no merge launch
     dict(num_splits=1, block_n=n, num_warps=w, num_stages=st) for n, w in ((64, 4), (128, 8), (32, 2))
     for st in (2, 3, 4, 5)] + [
-    # attend_tuning's choices with the splits over the table's capacity, merged by a second launch
-    # or by each row's last split
-    dict(base, fixed_splits=True, merge_inline=m) for base in (
+    # attend_tuning's choices with the splits over the table's capacity
+    dict(base, fixed_splits=True) for base in (
         dict(num_splits=16, block_n=128, num_warps=8), dict(num_splits=8, block_n=128, num_warps=8),
         dict(num_splits=1, block_n=128, num_warps=8, num_stages=5), dict(num_splits=1), dict(num_splits=2),
-        dict(num_splits=4)) for m in (False, True)]
+        dict(num_splits=4))]
 
 
 def tune_stages(xs: list, scale: float, force: tuple, stages: list[str]) -> None:

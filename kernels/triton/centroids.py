@@ -221,24 +221,22 @@ def attend_tuning(rows: int, budget_tokens: int, device: torch.device) -> dict:
     """split_k_decode's tuning over the chosen pages, by how the rows (sequence, KV head) fill the
     SMs (H200, budget 2048, bench/centroid_stages.py --tune, against the dense decode's rule of ~2
     programs an SM in 64-key blocks, at least 2 a split):
-    - a few rows (b1: 8): one 128-key block a split, 8 warps, enough splits for a wave: 9.2 us
-      against 12.4;
+    - up to a quarter wave of rows (b1: 8, b4: 32): 128-key blocks, 8 warps, about two programs an
+      SM (b1: 16 splits, one block each, 9.2 us against 12.4; b4: 8 splits, 15.7 against 17.6);
     - about a wave of rows (b16: 128): one split, 128-key blocks, 8 warps, 5 stages: 38.9 against
       42.6;
-    - otherwise the dense rule (b4: 17.7 against 20.4 for 4 splits of 128-key blocks; b64: 130.4
-      against 134.8 for one split of 128-key blocks);
+    - otherwise the dense rule (b64: 130.4 against 134.8 for one split of 128-key blocks);
     each with splits over the table's capacity (fixed_splits: 8.8, 37.6 and 129.3 us at b1, b16 and
     b64)."""
     sms = num_sms(device)
-    if rows <= sms // 8:
-        tuning = dict(num_splits=max(1, min(sms // rows, budget_tokens // 128, 64)), block_n=128, num_warps=8)
+    if rows <= sms // 4:
+        tuning = dict(num_splits=max(1, min(2 * sms // rows, budget_tokens // 128, 64)), block_n=128, num_warps=8)
     elif sms // 2 <= rows <= sms:
         tuning = dict(num_splits=1, block_n=128, num_warps=8, num_stages=5)
     else:
         tuning = dict(num_splits=default_num_splits(rows, 1, budget_tokens, device, min_blocks=2))
-    # every row's chosen pages nearly fill the table: splits over its capacity, and the last split
-    # of a row merges it (split_k_decode)
-    return dict(tuning, fixed_splits=True, merge_inline=True)
+    # every row's chosen pages nearly fill the table: splits over its capacity (split_k_decode)
+    return dict(tuning, fixed_splits=True)
 
 
 def centroid_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cents: torch.Tensor,

@@ -75,14 +75,13 @@ def _load_kv(ptr, mask, EVICT: tl.constexpr):
 
 
 @triton.jit
-def _decode_stage1(Q, K, V, PT, SeqLens, MidO, MidL, Out, Counters, qk_scale, num_splits, split_tokens, max_tokens,
+def _decode_stage1(Q, K, V, PT, SeqLens, MidO, MidL, qk_scale, num_splits, split_tokens, max_tokens,
                    s_qb, s_qh, s_kp, s_ks, s_kh, s_vp, s_vs, s_vh, s_pb, s_ph, s_pp,
-                   s_ob, s_oh, s_os, s_lb, s_lh, s_b, s_h,
+                   s_ob, s_oh, s_os, s_lb, s_lh,
                    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, UPCAST: tl.constexpr,
                    EVICT: tl.constexpr, DIRECT: tl.constexpr, PER_PAGE: tl.constexpr,
-                   HEADS_INNER: tl.constexpr, ORDERED: tl.constexpr, FIXED: tl.constexpr,
-                   MERGE: tl.constexpr, BLOCK_S: tl.constexpr, FENCE: tl.constexpr):
+                   HEADS_INNER: tl.constexpr, ORDERED: tl.constexpr, FIXED: tl.constexpr):
     if HEADS_INNER:  # grid (kv_heads, batch, splits): the KV heads of one token row run side by side
         kvh = tl.program_id(0)
         b = tl.program_id(1)
@@ -154,54 +153,22 @@ def _decode_stage1(Q, K, V, PT, SeqLens, MidO, MidL, Out, Counters, qk_scale, nu
     if not DIRECT:
         lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
         tl.store(MidL + b * s_lb + heads * s_lh + split, lse, mask=keep)
-    if MERGE:
-        # The last of a row's splits to finish merges them (no stage-2 launch): each thread's
-        # partial is made visible at GPU scope before the count, and the last program reads the
-        # others' only after it. The last also re-arms the row's counter for the next call.
-        if HEADS_INNER:
-            row = b * tl.num_programs(0) + kvh
-        else:
-            row = b * tl.num_programs(1) + kvh
-        _gpu_fence(FENCE)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(Counters + row, 1, sem="acq_rel", scope="gpu")
-        if arrived == num_splits - 1:
-            _gpu_fence(FENCE)
-            tl.store(Counters + row, 0)
-            for h in tl.static_range(GROUP):
-                _merge_head(MidO, MidL, Out, b, kvh * GROUP + h, num_splits, s_ob, s_oh, s_os, s_lb, s_lh, s_b, s_h,
-                            HEAD_DIM, BLOCK_S)
-
-
-@triton.jit
-def _gpu_fence(FENCE: tl.constexpr):
-    """fence.acq_rel.gpu in every thread (the CPU interpreter runs programs one at a time: no fence)."""
-    if FENCE:
-        tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False,
-                                  pack=1)
-
-
-@triton.jit
-def _merge_head(MidO, MidL, Out, b, h, num_splits, s_ob, s_oh, s_os, s_lb, s_lh, s_b, s_h,
-                HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
-    """One q head's output from its splits' partials, weighed by their log-sum-exp (read from L2:
-    another SM may have written them in this very launch)."""
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, HEAD_DIM)
-    mask_s = offs_s < num_splits
-    lse = tl.load(MidL + b * s_lb + h * s_lh + offs_s, mask=mask_s, other=float("-inf"), cache_modifier=".cg")
-    w = tl.exp2(lse - tl.max(lse, 0))
-    part = tl.load(MidO + b * s_ob + h * s_oh + offs_s[:, None] * s_os + offs_d[None, :],
-                   mask=mask_s[:, None], other=0.0, cache_modifier=".cg")
-    out = tl.sum(w[:, None] * part, 0) / tl.sum(w, 0)
-    tl.store(Out + b * s_b + h * s_h + offs_d, out.to(Out.dtype.element_ty))
 
 
 @triton.jit
 def _decode_stage2(MidO, MidL, Out, num_splits, s_ob, s_oh, s_os, s_lb, s_lh, s_b, s_h,
                    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
-    _merge_head(MidO, MidL, Out, tl.program_id(0), tl.program_id(1), num_splits, s_ob, s_oh, s_os, s_lb, s_lh, s_b,
-                s_h, HEAD_DIM, BLOCK_S)
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask_s = offs_s < num_splits
+    lse = tl.load(MidL + b * s_lb + h * s_lh + offs_s, mask=mask_s, other=float("-inf"))
+    w = tl.exp2(lse - tl.max(lse, 0))
+    part = tl.load(MidO + b * s_ob + h * s_oh + offs_s[:, None] * s_os + offs_d[None, :],
+                   mask=mask_s[:, None], other=0.0)
+    out = tl.sum(w[:, None] * part, 0) / tl.sum(w, 0)
+    tl.store(Out + b * s_b + h * s_h + offs_d, out.to(Out.dtype.element_ty))
 
 
 @triton.jit
@@ -228,19 +195,6 @@ def _decode_stage2_ordered(MidO, MidL, SeqLens, Out, split_tokens, s_ob, s_oh, s
     tl.store(Out + b * s_b + h * s_h + offs_d, (num / den).to(Out.dtype.element_ty))
 
 
-_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
-
-
-def _merge_counters(device: torch.device, rows: int) -> torch.Tensor:
-    """Per-row arrival counters for merge_inline, zero between calls (each call's last arrivals
-    re-arm them). Per device, the newest and largest is handed out; none is ever freed, since a
-    CUDA graph keeps the one it captured."""
-    held = _COUNTERS.setdefault(device, [])
-    if not held or held[-1].numel() < rows:
-        held.append(torch.zeros(max(rows, 4096), device=device, dtype=torch.int32))
-    return held[-1]
-
-
 def default_num_splits(batch: int, kv_heads: int, max_tokens: int, device: torch.device,
                        block_n: int = 64, min_blocks: int = 4) -> int:
     """Enough splits that batch * kv_heads * splits fills the GPU ~2 programs per SM, each split
@@ -255,7 +209,7 @@ def split_k_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
                    num_splits: int | None = None, block_n: int = 64, num_warps: int = 4,
                    num_stages: int = 2, evict_first: bool = True, per_page: bool = False,
                    heads_inner: bool = True, out: torch.Tensor | None = None,
-                   split_tokens: int = 0, fixed_splits: bool = False, merge_inline: bool = False) -> torch.Tensor:
+                   split_tokens: int = 0, fixed_splits: bool = False) -> torch.Tensor:
     """Split-K decode where page_tables is [batch, pages] or per KV head [batch, kv_heads, pages].
 
     split_tokens > 0 (a multiple of block_n): the batch-invariant mode of the module docstring;
@@ -270,9 +224,7 @@ def split_k_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     fixed_splits: the splits divide the table's capacity, not each row's length, so a program's
     trip count is known at launch and its first page ids load with the length (one dependent memory
     trip fewer; for tables that rows nearly fill: sparse decode's chosen pages; H200, budget 2048:
-    b1 9.2 -> 8.8 us, b16 38.9 -> 37.6, b64 130.5 -> 129.3). merge_inline: the last split of each
-    row to finish merges the row (no stage-2 launch; the same arithmetic, so the same bits); calls
-    that merge inline share per-device counters, so they run on one stream at a time."""
+    b1 9.2 -> 8.8 us, b16 38.9 -> 37.6, b64 130.5 -> 129.3)."""
     group, page_size = check_kv(q, k_cache, v_cache)
     batch, q_heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
@@ -303,18 +255,14 @@ def split_k_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         mid_l = torch.empty(batch, q_heads, num_splits, device=q.device, dtype=torch.float32)
         mid_strides = (*mid_o.stride()[:3], *mid_l.stride()[:2])
     grid = (kv_heads, batch, num_splits) if heads_inner else (batch, kv_heads, num_splits)
-    merge = merge_inline and not (direct or ordered)
-    counters = _merge_counters(q.device, batch * kv_heads) if merge else mid_l
-    block_s = max(2, triton.next_power_of_2(num_splits))
     _decode_stage1[grid](
-        q, k_cache, v_cache, page_tables, seq_lens, mid_o, mid_l, out, counters, scale * LOG2E, num_splits,
-        split_tokens, max_tokens, q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
-        *page_tables.stride(), *mid_strides, out.stride(0), out.stride(1), GROUP=group,
+        q, k_cache, v_cache, page_tables, seq_lens, mid_o, mid_l, scale * LOG2E, num_splits, split_tokens,
+        max_tokens, q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
+        *page_tables.stride(), *mid_strides, GROUP=group,
         BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_N=block_n, PAGE_SIZE=page_size,
         UPCAST=dot_upcast(q.dtype), EVICT=evict_first, DIRECT=direct, PER_PAGE=per_page, HEADS_INNER=heads_inner,
-        ORDERED=ordered, FIXED=fixed_splits, MERGE=merge, BLOCK_S=block_s, FENCE=not interpreting(),
-        num_warps=num_warps, num_stages=num_stages)
-    if direct or merge:
+        ORDERED=ordered, FIXED=fixed_splits, num_warps=num_warps, num_stages=num_stages)
+    if direct:
         return out
     if ordered:
         _decode_stage2_ordered[(batch, q_heads)](
@@ -324,7 +272,7 @@ def split_k_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     _decode_stage2[(batch, q_heads)](
         mid_o, mid_l, out, num_splits, *mid_o.stride()[:3], *mid_l.stride()[:2],
         out.stride(0), out.stride(1), HEAD_DIM=head_dim,
-        BLOCK_S=block_s, num_warps=4)
+        BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=4)
     return out
 
 
