@@ -100,28 +100,13 @@ def combine_heads(bounds: torch.Tensor, seq_lens: torch.Tensor, page_size: int, 
 
 
 @triton.jit
-def _keep_top_k(score, k, EARLY_EXIT: tl.constexpr, DIGIT_BITS: tl.constexpr = 1):
-    """Exact top-k of a row by a radix search for the k-th largest score, DIGIT_BITS bits a step
-    (each step counts the keys at or above every value of the next digit at once: fewer dependent
-    block reductions, wider ones) -> the kept mask (ties go to the lower index). Every digit width
-    finds the same k-th key, so the same entries."""
+def _keep_top_k(score, k, EARLY_EXIT: tl.constexpr):
+    """Exact top-k of a row by a 32-step radix search for the k-th largest score -> the kept mask
+    (ties go to the lower index)."""
     bits = tl.where(score == 0.0, 0.0, score).to(tl.int32, bitcast=True)  # -0.0 ties with +0.0
     key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648  # float order, in [0, 2^32)
     thresh = tl.zeros([], tl.int64)
-    if DIGIT_BITS > 1:
-        # invariant: at least k keys are >= thresh; a step appends the largest digit keeping it
-        digits = tl.arange(0, 1 << DIGIT_BITS).to(tl.int64)
-        shift = tl.full([], 32 - DIGIT_BITS, tl.int64)
-        while shift >= 0:
-            cand = thresh + (digits << shift)
-            c = tl.sum((key[:, None] >= cand[None, :]).to(tl.int32), 0)             # non-increasing
-            digit = tl.sum((c >= k).to(tl.int64), 0) - 1
-            thresh = thresh + (digit << shift)
-            if EARLY_EXIT:      # exactly k keys at or above it: those are the top k
-                shift = tl.where(tl.sum(tl.where(digits == digit, c, 0), 0) == k, -1, shift - DIGIT_BITS)
-            else:
-                shift = shift - DIGIT_BITS
-    elif EARLY_EXIT:
+    if EARLY_EXIT:
         # Stop as soon as some candidate has exactly k keys >= it: those are the top k (no ties to
         # split), and the take/tie logic below keeps exactly them. Else the full 32 steps.
         bit = tl.full([], 31, tl.int64)
@@ -170,7 +155,7 @@ def _store_selection(take, logical, b, kvh, seq_len, n_pages, k, PT, Logical, Ph
 def _select_pages(Scores, PT, SeqLens, Logical, Physical, VLens, Listed, s_sb, s_sh, s_pb, s_ph, s_lb, s_lh,
                   s_yb, s_yh, s_ib, s_ih, max_pages, budget_pages, k_sel,
                   BLOCK_P: tl.constexpr, PAGE_SIZE: tl.constexpr, EARLY_EXIT: tl.constexpr,
-                  LISTED: tl.constexpr, DIGIT_BITS: tl.constexpr):
+                  LISTED: tl.constexpr):
     """One program per (sequence, KV head): the best budget_pages entries of its score row
     (_keep_top_k), stored by _store_selection. LISTED: the row is a shortlist, entry i being
     logical page Listed[b, kvh, i] (ascending) with its physical id at PT[b, kvh, i]; else entry i
@@ -182,7 +167,7 @@ def _select_pages(Scores, PT, SeqLens, Logical, Physical, VLens, Listed, s_sb, s
     seq_len = tl.load(SeqLens + b)
     n_pages = tl.cdiv(seq_len, PAGE_SIZE)
     k = tl.minimum(n_pages, budget_pages)
-    take = _keep_top_k(score, k, EARLY_EXIT, DIGIT_BITS)
+    take = _keep_top_k(score, k, EARLY_EXIT)
     if LISTED:
         logical = tl.load(Listed + b * s_ib + kvh * s_ih + offs, mask=take, other=0)
     else:
@@ -196,7 +181,7 @@ def _combine_select(Bounds, PT, SeqLens, Logical, Physical, VLens, Listed, s_bb,
                     s_yb, s_yh, s_ib, s_ih, max_pages, scale, force_budget, sink_pages, recent_pages,
                     budget_pages, k_sel, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
                     PAGE_SIZE: tl.constexpr, EARLY_EXIT: tl.constexpr, LISTED: tl.constexpr,
-                    EXPAND: tl.constexpr, DIGIT_BITS: tl.constexpr):
+                    EXPAND: tl.constexpr):
     """_combine_heads and _select_pages in one program per (sequence, KV head): the scores never
     leave registers (two launches and a scores round trip fewer per sparse layer)."""
     b = tl.program_id(0)
@@ -207,7 +192,7 @@ def _combine_select(Bounds, PT, SeqLens, Logical, Physical, VLens, Listed, s_bb,
     score = _group_scores(Bounds, b, kvh, logical, valid, n_pages, s_bb, s_bh, scale, force_budget, sink_pages,
                           recent_pages, GROUP, BLOCK_G, BLOCK_P, True)
     k = tl.minimum(n_pages, budget_pages)
-    take = _keep_top_k(score, k, EARLY_EXIT, DIGIT_BITS)
+    take = _keep_top_k(score, k, EARLY_EXIT)
     _store_selection(take, logical, b, kvh, seq_len, n_pages, k, PT, Logical, Physical, VLens,
                      s_pb, s_ph, s_lb, s_lh, s_yb, s_yh, budget_pages, k_sel, BLOCK_P, PAGE_SIZE, EXPAND)
 
@@ -217,8 +202,7 @@ def _combine_select_streamed(Bounds, PT, SeqLens, Logical, Physical, VLens, List
                              s_ph, s_lb, s_lh, s_yb, s_yh, s_ib, s_ih, s_sb, s_sh, max_pages, scale, force_budget,
                              sink_pages, recent_pages, budget_pages, k_sel, GROUP: tl.constexpr,
                              BLOCK_G: tl.constexpr, CHUNK: tl.constexpr, BLOCK_P: tl.constexpr,
-                             PAGE_SIZE: tl.constexpr, LISTED: tl.constexpr, EXPAND: tl.constexpr,
-                             DIGIT_BITS: tl.constexpr):
+                             PAGE_SIZE: tl.constexpr, LISTED: tl.constexpr, EXPAND: tl.constexpr):
     """_combine_select for wide rows: the group's bounds [GROUP, BLOCK_P] would not fit one program's
     registers, so one program per (sequence, KV head) streams them in chunks of CHUNK entries.
     Pass 1: each q head's log-sum-exp over the row (online max and sum). Pass 2: the scores, as
@@ -255,7 +239,7 @@ def _combine_select_streamed(Bounds, PT, SeqLens, Logical, Physical, VLens, List
     tl.debug_barrier()      # the row is read back below in another thread layout than it was written
     offs = tl.arange(0, BLOCK_P)
     k = tl.minimum(n_pages, budget_pages)
-    take = _keep_top_k(tl.load(row + offs, mask=offs < end, other=float("-inf")), k, True, DIGIT_BITS)
+    take = _keep_top_k(tl.load(row + offs, mask=offs < end, other=float("-inf")), k, True)
     logical, _ = _chunk_entries(Listed, b, kvh, s_ib, s_ih, offs, n_pages, max_pages, LISTED)
     _store_selection(take, logical, b, kvh, seq_len, n_pages, k, PT, Logical, Physical, VLens,
                      s_pb, s_ph, s_lb, s_lh, s_yb, s_yh, budget_pages, k_sel, BLOCK_P, PAGE_SIZE, EXPAND)
@@ -263,8 +247,7 @@ def _combine_select_streamed(Bounds, PT, SeqLens, Logical, Physical, VLens, List
 
 def select_pages(scores: torch.Tensor, page_tables: torch.Tensor, seq_lens: torch.Tensor,
                  page_size: int, budget_pages: int, early_exit: bool = True,
-                 listed: torch.Tensor | None = None, digit_bits: int = 1
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 listed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stage B. Forced scores [batch, kv_heads, max_pages] -> (logical pages int32 [batch, kv_heads, k]
     ascending, their physical ids int32, virtual seq_lens int32 [batch]), k = min(budget, max_pages).
     Entries past a sequence's min(n_pages, budget_pages) are padding (-1 / 0), never read.
@@ -276,7 +259,7 @@ def select_pages(scores: torch.Tensor, page_tables: torch.Tensor, seq_lens: torc
     _select_pages[(batch, kv_heads)](
         scores, page_tables, seq_lens, *out, scores.stride(0), scores.stride(1), *tables,
         max_pages, budget_pages, k_sel, BLOCK_P=block_p, PAGE_SIZE=page_size, EARLY_EXIT=early_exit,
-        LISTED=listed is not None, DIGIT_BITS=digit_bits, num_warps=4 if block_p <= 2048 else 8)
+        LISTED=listed is not None, num_warps=4 if block_p <= 2048 else 8)
     return out[:3]
 
 
@@ -311,16 +294,15 @@ STREAM_CHUNK = 2048
 def combine_select(bounds: torch.Tensor, page_tables: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
                    kv_heads: int, force: tuple[int, int, int], scale: float, budget_pages: int,
                    listed: torch.Tensor | None = None, early_exit: bool = True, streamed: bool | None = None,
-                   chunk: int | None = None, num_warps: int | None = None, expand: int = 1,
-                   digit_bits: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   chunk: int | None = None, num_warps: int | None = None, expand: int = 1
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """select_pages(combine_heads(bounds, ...), ...) in one launch, the scores never written out for
     rows of at most FUSED_MAX_PAGES entries (early_exit: select_pages's); wider rows (or any, with
     streamed=True) by _combine_select_streamed in chunks of `chunk` entries (default STREAM_CHUNK).
     force: the forced-page rule's (budget, sink, recent) pages; budget_pages: how many to keep.
     expand > 1: each entry is a group of `expand` consecutive pages of page_tables (page_size is
     the group's tokens); the physical output lists every page of the kept groups [batch,
-    kv_heads, k * expand] (kernels/triton/centroids.py). digit_bits: the radix search's step
-    (_keep_top_k; 1, 2 or 4)."""
+    kv_heads, k * expand] (kernels/triton/centroids.py)."""
     batch, q_heads, max_pages = bounds.shape
     assert bounds.stride(2) == 1
     group = q_heads // kv_heads
@@ -332,12 +314,11 @@ def combine_select(bounds: torch.Tensor, page_tables: torch.Tensor, seq_lens: to
             bounds, page_tables, seq_lens, *out, scores, bounds.stride(0), bounds.stride(1), *tables,
             scores.stride(0), scores.stride(1), max_pages, scale, *force, budget_pages, k_sel, GROUP=group,
             BLOCK_G=triton.next_power_of_2(group), CHUNK=min(chunk or STREAM_CHUNK, block_p), BLOCK_P=block_p,
-            PAGE_SIZE=page_size, LISTED=listed is not None, EXPAND=expand, DIGIT_BITS=digit_bits,
-            num_warps=num_warps or 8)
+            PAGE_SIZE=page_size, LISTED=listed is not None, EXPAND=expand, num_warps=num_warps or 8)
         return out[:3]
     _combine_select[(batch, kv_heads)](
         bounds, page_tables, seq_lens, *out, bounds.stride(0), bounds.stride(1), *tables, max_pages, scale,
         *force, budget_pages, k_sel, GROUP=group, BLOCK_G=triton.next_power_of_2(group), BLOCK_P=block_p,
         PAGE_SIZE=page_size, EARLY_EXIT=early_exit, LISTED=listed is not None, EXPAND=expand,
-        DIGIT_BITS=digit_bits, num_warps=num_warps or (4 if block_p * group <= 4096 else 8))
+        num_warps=num_warps or (4 if block_p * group <= 4096 else 8))
     return out[:3]
