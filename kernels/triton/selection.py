@@ -27,14 +27,20 @@ def _force_pages(score, logical, n_pages, budget_pages, sink_pages, recent_pages
 @triton.jit
 def _group_scores(Bounds, b, kvh, logical, valid, n_pages, s_bb, s_bh, scale, budget_pages, sink_pages,
                   recent_pages, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
-                  FORCE: tl.constexpr):
+                  FORCE: tl.constexpr, width=None):
     """Scores of one (sequence, KV head) row of entries: log-softmax of each q head's bounds over the
-    valid entries (at the attention scale), max over the group; forced pages +inf, invalid -inf."""
+    valid entries (at the attention scale), max over the group; forced pages +inf, invalid -inf.
+    width (the row's allocated entries): the bounds load within it, not within the valid entries,
+    so it need not wait for the sequence's length (those past it are read and ignored)."""
     offs_g = tl.arange(0, BLOCK_G)
     offs_p = tl.arange(0, BLOCK_P)
     mask_g = offs_g < GROUP
     m2 = mask_g[:, None] & valid[None, :]
-    bound = tl.load(Bounds + b * s_bb + (kvh * GROUP + offs_g[:, None]) * s_bh + offs_p[None, :], mask=m2,
+    if width is None:
+        readable = m2
+    else:
+        readable = mask_g[:, None] & (offs_p < width)[None, :]
+    bound = tl.load(Bounds + b * s_bb + (kvh * GROUP + offs_g[:, None]) * s_bh + offs_p[None, :], mask=readable,
                     other=0.0)
     logits = tl.where(m2, bound * scale, float("-inf"))
     top = tl.where(mask_g, tl.max(logits, 1), 0.0)          # every sequence has a page: finite
@@ -125,14 +131,25 @@ def _keep_top_k(score, k, EARLY_EXIT: tl.constexpr):
 
 
 @triton.jit
+def _group_pages(PT, b, s_pb, width, BLOCK_P: tl.constexpr, EXPAND: tl.constexpr):
+    """The pages of each of a row's group entries [BLOCK_P, EXPAND] (a sequence's own table, entry
+    i = pages i * EXPAND ...), loaded before the row's length is known (one dependent memory trip
+    fewer than loading the kept ones after the top k); entries past the sequence are never stored."""
+    offs = tl.arange(0, BLOCK_P)
+    return tl.load(PT + b.to(tl.int64) * s_pb + offs[:, None] * EXPAND + tl.arange(0, EXPAND)[None, :],
+                   mask=(offs < width)[:, None], other=0)
+
+
+@triton.jit
 def _store_selection(take, logical, b, kvh, seq_len, n_pages, k, PT, Logical, Physical, VLens,
                      s_pb, s_ph, s_lb, s_lh, s_yb, s_yh, budget_pages, k_sel,
-                     BLOCK_P: tl.constexpr, PAGE_SIZE: tl.constexpr, EXPAND: tl.constexpr = 1):
+                     BLOCK_P: tl.constexpr, PAGE_SIZE: tl.constexpr, EXPAND: tl.constexpr = 1, groups=None):
     """The kept entries, compacted in row order (ascending pages), as logical and physical pages;
     padding past k; the virtual length of a sequence that keeps budget_pages of its pages.
     EXPAND > 1: an entry is a run of EXPAND pages (a group; PAGE_SIZE is the group's tokens), and
-    Physical gets the physical ids of all of its pages, EXPAND per entry, from the sequence's page
-    table PT (so the attention reads them as a list of pages)."""
+    Physical gets the physical ids of all of its pages, EXPAND per entry: `groups` [BLOCK_P,
+    EXPAND], entry i's pages from the sequence's page table (_group_pages, loaded at the program's
+    start), so the attention reads them as a list of pages."""
     offs = tl.arange(0, BLOCK_P)
     pos = tl.cumsum(take.to(tl.int32), 0) - 1
     tl.store(Logical + b * s_lb + kvh * s_lh + pos, logical, mask=take)
@@ -143,10 +160,10 @@ def _store_selection(take, logical, b, kvh, seq_len, n_pages, k, PT, Logical, Ph
         tl.store(Physical + b * s_yb + kvh * s_yh + pos, page, mask=take)
         tl.store(Physical + b * s_yb + kvh * s_yh + offs, 0, mask=pad)
     else:
-        for r in tl.static_range(EXPAND):
-            page = tl.load(PT + b.to(tl.int64) * s_pb + logical * EXPAND + r, mask=take, other=0)
-            tl.store(Physical + b * s_yb + kvh * s_yh + pos * EXPAND + r, page, mask=take)
-            tl.store(Physical + b * s_yb + kvh * s_yh + offs * EXPAND + r, 0, mask=pad)
+        offs_r = tl.arange(0, EXPAND)
+        row = Physical + b * s_yb + kvh * s_yh
+        tl.store(row + pos[:, None] * EXPAND + offs_r[None, :], groups, mask=take[:, None])
+        tl.store(row + offs[:, None] * EXPAND + offs_r[None, :], 0, mask=pad[:, None])
     if kvh == 0:
         tl.store(VLens + b, seq_len - tl.maximum(n_pages - budget_pages, 0) * PAGE_SIZE)
 
@@ -186,15 +203,18 @@ def _combine_select(Bounds, PT, SeqLens, Logical, Physical, VLens, Listed, s_bb,
     leave registers (two launches and a scores round trip fewer per sparse layer)."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
+    groups = None
+    if EXPAND > 1:
+        groups = _group_pages(PT, b, s_pb, max_pages, BLOCK_P, EXPAND)
     seq_len = tl.load(SeqLens + b)
     n_pages = tl.cdiv(seq_len, PAGE_SIZE)
     logical, valid = _row_entries(Listed, b, kvh, s_ib, s_ih, n_pages, max_pages, BLOCK_P, LISTED)
     score = _group_scores(Bounds, b, kvh, logical, valid, n_pages, s_bb, s_bh, scale, force_budget, sink_pages,
-                          recent_pages, GROUP, BLOCK_G, BLOCK_P, True)
+                          recent_pages, GROUP, BLOCK_G, BLOCK_P, True, max_pages)
     k = tl.minimum(n_pages, budget_pages)
     take = _keep_top_k(score, k, EARLY_EXIT)
     _store_selection(take, logical, b, kvh, seq_len, n_pages, k, PT, Logical, Physical, VLens,
-                     s_pb, s_ph, s_lb, s_lh, s_yb, s_yh, budget_pages, k_sel, BLOCK_P, PAGE_SIZE, EXPAND)
+                     s_pb, s_ph, s_lb, s_lh, s_yb, s_yh, budget_pages, k_sel, BLOCK_P, PAGE_SIZE, EXPAND, groups)
 
 
 @triton.jit
@@ -211,6 +231,9 @@ def _combine_select_streamed(Bounds, PT, SeqLens, Logical, Physical, VLens, List
     a sequence's own pages stops at its last page: the entries past it are -inf, never kept."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
+    groups = None
+    if EXPAND > 1:
+        groups = _group_pages(PT, b, s_pb, max_pages, BLOCK_P, EXPAND)
     seq_len = tl.load(SeqLens + b)
     n_pages = tl.cdiv(seq_len, PAGE_SIZE)
     end = max_pages if LISTED else tl.minimum(n_pages, max_pages)
@@ -242,7 +265,7 @@ def _combine_select_streamed(Bounds, PT, SeqLens, Logical, Physical, VLens, List
     take = _keep_top_k(tl.load(row + offs, mask=offs < end, other=float("-inf")), k, True)
     logical, _ = _chunk_entries(Listed, b, kvh, s_ib, s_ih, offs, n_pages, max_pages, LISTED)
     _store_selection(take, logical, b, kvh, seq_len, n_pages, k, PT, Logical, Physical, VLens,
-                     s_pb, s_ph, s_lb, s_lh, s_yb, s_yh, budget_pages, k_sel, BLOCK_P, PAGE_SIZE, EXPAND)
+                     s_pb, s_ph, s_lb, s_lh, s_yb, s_yh, budget_pages, k_sel, BLOCK_P, PAGE_SIZE, EXPAND, groups)
 
 
 def select_pages(scores: torch.Tensor, page_tables: torch.Tensor, seq_lens: torch.Tensor,
@@ -270,6 +293,7 @@ def _selection_outputs(batch: int, kv_heads: int, max_pages: int, budget_pages: 
     assert page_tables.stride(-1) == 1
     per_head = page_tables.dim() == 3
     assert per_head == (listed is not None), "a shortlist comes with its per-head physical pages"
+    assert expand & (expand - 1) == 0, "a group's pages are loaded as one power-of-two run"
     assert expand == 1 or (not per_head and page_tables.shape[1] >= expand * max_pages), \
         "groups expand through the sequences' own page tables, wide enough for every group"
     k_sel = min(budget_pages, max_pages)
