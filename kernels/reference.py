@@ -180,62 +180,32 @@ def kmeans_keys(x: torch.Tensor, written: torch.Tensor, clusters: int, steps: in
     return centroids, counts, spread
 
 
-# Packed centroids: each channel a 4-bit code c in -7..7 of the centroid's scale (its largest
-# magnitude / 7), stored as the nibble c + 8, channel 2i in the low and 2i + 1 in the high nibble of
-# byte i; the scale is the centroid's third stat. Half the bytes of 8-bit centroids, and on the
-# embedded model no measurable loss of the selection's quality (docs/sparse.md).
-CENTROID_LEVELS = 7
-
-
-def pack_centroids(centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """centroids [..., d] (d even) -> (codes uint8 [..., d / 2], scale float32 [...])."""
-    scale = (centroids.abs().amax(-1) / CENTROID_LEVELS).float().clamp(min=torch.finfo(torch.float32).tiny)
-    code = (centroids / scale.unsqueeze(-1)).round().clamp(-CENTROID_LEVELS, CENTROID_LEVELS).to(torch.uint8) + 8
-    return code[..., 0::2] | (code[..., 1::2] << 4), scale
-
-
-def centroid_values(cents: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
-    """The centroids' values in float64 [..., d]: packed codes (uint8 cents, scale in stats[..., 2])
-    or values stored in a float dtype."""
-    if cents.dtype != torch.uint8:
-        return cents.double()
-    codes = torch.stack(((cents & 15).double(), (cents >> 4).double()), dim=-1).flatten(-2) - 8
-    return codes * stats[..., 2].double().unsqueeze(-1)
-
-
 def centroid_group_summaries(k_cache: torch.Tensor, cents: torch.Tensor, stats: torch.Tensor,
                               page_table: torch.Tensor, seq_len: int, page_size: int, group_pages: int,
                               steps: int = 8) -> None:
     """Write the centroid summaries (centroid_group_logits's layout) of every complete group of a
     sequence of seq_len tokens: k-means of each group's keys per KV head (kmeans_keys), the
-    centroids at the group's last page (packed when cents is uint8, with their scale as a third
-    stat; else cast to cents' dtype), stats = (log count, spread[, scale])."""
+    centroids cast to cents' dtype at the group's last page, stats = (log count, spread)."""
     span = page_size * group_pages
     full = seq_len // span
     if not full:
         return
-    kv_heads, clusters = cents.shape[1:3]
-    head_dim = k_cache.shape[3]
+    kv_heads, clusters, head_dim = cents.shape[1:]
     pages = page_table[:full * group_pages].long()
     keys = k_cache[pages].float().view(full, span, kv_heads, head_dim).transpose(1, 2)   # [G, kvh, span, d]
     written = torch.ones(keys.shape[:3], dtype=torch.bool, device=keys.device)
     centroids, counts, spread = kmeans_keys(keys, written, clusters, steps)
     last = pages[group_pages - 1::group_pages]
-    if cents.dtype == torch.uint8:
-        cents[last], scale = pack_centroids(centroids)
-        stats[last] = torch.stack((counts.log(), spread, scale), dim=-1).to(stats.dtype)
-        return
     cents[last] = centroids.to(cents.dtype)
-    stats[last, ..., :2] = torch.stack((counts.log(), spread), dim=-1).to(stats.dtype)
+    stats[last] = torch.stack((counts.log(), spread), dim=-1).to(stats.dtype)
 
 
 def centroid_group_logits(q: torch.Tensor, cents: torch.Tensor, stats: torch.Tensor, page_table: torch.Tensor,
                           seq_len: int, page_size: int, group_pages: int, scale: float) -> torch.Tensor:
     """A group selector that estimates instead of bounding (kernels/triton/centroids.py; quality in
     bench/sparse_estimators.py): each complete run of group_pages pages per KV head keeps C k-means
-    centroids cents [num_pages, kv_heads, C, d] (or packed: uint8 [..., d / 2], pack_centroids)
-    and stats [num_pages, kv_heads, C, 2 or 3] (log count, spread s^2 per channel, and the packed
-    centroids' scale) at the physical id of the group's last page. Per q head h and group n:
+    centroids cents [num_pages, kv_heads, C, d] and stats [num_pages, kv_heads, C, 2] (log count,
+    spread s^2 per channel) at the physical id of the group's last page. Per q head h and group n:
     logsumexp over c of (scale q_h.c + log count_c + scale^2 |q_h|^2 s_c^2 / 2), the group's
     log-mass if its keys sat on their centroids with Gaussian spread; returned divided by scale
     (the unit of Quest bounds). Scored are the groups complete before the sequence's last token
@@ -249,7 +219,7 @@ def centroid_group_logits(q: torch.Tensor, cents: torch.Tensor, stats: torch.Ten
     span = page_size * group_pages
     n_groups, full = -(-seq_len // span), (seq_len - 1) // span
     last = page_table[group_pages - 1:full * group_pages:group_pages].long()
-    c, st = centroid_values(cents[last], stats[last]), stats[last].double()   # [G, kvh, C, (d|2+)]
+    c, st = cents[last].double(), stats[last].double()                        # [G, kvh, C, (d|2)]
     qg = q.double().view(kv_heads, q_heads // kv_heads, head_dim) * scale
     logits = (torch.einsum("hgd,nhcd->hgnc", qg, c) + st[..., 0].permute(1, 0, 2).unsqueeze(1)
               + 0.5 * (qg * qg).sum(-1)[..., None, None] * st[..., 1].permute(1, 0, 2).unsqueeze(1))

@@ -17,23 +17,17 @@ from kernels.triton.centroids import centroid_group_logits  # noqa: E402
 pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 
-@pytest.mark.parametrize("block_n, k_chunk, packed", [(None, 0, False), (2, 0, False), (None, 16, False),
-                                                     (None, 0, True), (2, 0, True)])
+@pytest.mark.parametrize("block_n, k_chunk", [(None, 0), (2, 0), (None, 16)])
 @pytest.mark.parametrize("clusters, group, group_pages", [(4, 4, 4), (8, 3, 4), (2, 1, 2)])
-def test_centroid_group_logits(clusters, group, group_pages, block_n, k_chunk, packed):
-    """Float centroids, or the engine's packed 4-bit ones (their NaN scale marks a page without a
-    summary)."""
+def test_centroid_group_logits(clusters, group, group_pages, block_n, k_chunk):
     page_size, kv_heads, head_dim = 8, 2, 32
     span = page_size * group_pages
     lens = [5 * span, 3 * span + 1, 4 * span - 3, span - 1]
     gen = torch.Generator().manual_seed(clusters * 10 + group)
     used = [-(-n // page_size) for n in lens]
     num_pages = sum(used) + 2
-    if packed:
-        cents = torch.full((num_pages, kv_heads, clusters, head_dim // 2), 255, dtype=torch.uint8)
-    else:
-        cents = torch.full((num_pages, kv_heads, clusters, head_dim), float("nan"))
-    stats = torch.full((num_pages, kv_heads, clusters, 3 if packed else 2), float("nan"))
+    cents = torch.full((num_pages, kv_heads, clusters, head_dim), float("nan"))
+    stats = torch.full((num_pages, kv_heads, clusters, 2), float("nan"))
     perm = torch.randperm(num_pages - 1, generator=gen)
     width = -(-max(used) // group_pages) * group_pages + group_pages
     table = torch.full((len(lens), width), num_pages - 1, dtype=torch.int32)
@@ -42,11 +36,7 @@ def test_centroid_group_logits(clusters, group, group_pages, block_n, k_chunk, p
         table[i, :used[i]] = perm[at:at + used[i]].int()
         at += used[i]
         last = table[i, group_pages - 1:(n // span) * group_pages:group_pages].long()
-        values = torch.randn(len(last), kv_heads, clusters, head_dim, generator=gen)
-        if packed:
-            cents[last], stats[last, ..., 2] = ref.pack_centroids(values)
-        else:
-            cents[last] = values
+        cents[last] = torch.randn(len(last), kv_heads, clusters, head_dim, generator=gen)
         stats[last, ..., 0] = torch.rand(len(last), kv_heads, clusters, generator=gen) * 3
         stats[last, ..., 1] = torch.rand(len(last), kv_heads, clusters, generator=gen)
     q = torch.randn(len(lens), kv_heads * group, head_dim, generator=gen)
@@ -94,8 +84,8 @@ def test_combine_select_expands_groups_to_pages(streamed):
 def test_centroid_pipeline_matches_the_reference_selector_and_decode(selection):
     """Scores (centroid_group_logits), the selection (combine_select(expand=group_pages), in
     registers or streamed, or group_rank.rank_select) and the split-K decode over the chosen pages
-    give reference.centroid_select_pages's pages and reference.attend_pages's output: packed 4-bit
-    summaries from real k-means of the keys, rows of several lengths (one within the budget, one ending
+    give reference.centroid_select_pages's pages and reference.attend_pages's output: summaries
+    from real k-means of the keys, rows of several lengths (one within the budget, one ending
     inside a group, one on a group boundary)."""
     from kernels.triton.decode import split_k_decode
     from kernels.triton.group_rank import rank_select
@@ -112,8 +102,8 @@ def test_centroid_pipeline_matches_the_reference_selector_and_decode(selection):
     width = -(-max(used) // group_pages) * group_pages
     table = torch.full((len(lens), width), num_pages - 1, dtype=torch.int32)
     perm, at = torch.randperm(num_pages - 1, generator=gen), 0
-    cents = torch.zeros(num_pages, kv_heads, clusters, head_dim // 2, dtype=torch.uint8)     # the engine's 4 bits
-    stats = torch.zeros(num_pages, kv_heads, clusters, 3)
+    cents = torch.zeros(num_pages, kv_heads, clusters, head_dim)
+    stats = torch.zeros(num_pages, kv_heads, clusters, 2)
     for i, n in enumerate(lens):
         table[i, :used[i]] = perm[at:at + used[i]].int()
         at += used[i]

@@ -225,8 +225,7 @@ def sparse_case(request, tiny_runners, centroid_runner):
         assert runner.cache.kmin.shape == (3, runner.num_pages + 1, PAGE // 2, 2, 8) and oracle.cache.kmin is None
         return runner, lambda sequences: check_pages(runner, oracle, sequences)
     runner = centroid_runner
-    # 8 channels at 4 bits: 4 bytes a centroid
-    assert runner.cache.kmin is None and runner.cache.cents.shape == (3, runner.num_pages + 1, 2, 2, 4)
+    assert runner.cache.kmin is None and runner.cache.cents.shape == (3, runner.num_pages + 1, 2, 2, 8)
     return runner, lambda sequences: check_groups(runner, sequences)
 
 

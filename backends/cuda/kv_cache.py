@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import torch
 
-# centroid summaries: 4-bit centroids packed two channels a byte (kernels/reference.pack_centroids;
-# bench/sparse_quality.py: top-1 agreement as with 8-bit ones, within sampling error, at half the
-# bytes the scorer reads) and three fp32 numbers per centroid: log count, spread and scale
-CENTROID_DTYPE = torch.uint8
-CENTROID_STATS = 3
+# centroid summaries: 8-bit centroids (bench/sparse_estimators.py measured what 8 bits cost: nothing
+# measurable) and two fp32 numbers per centroid, log count and spread
+CENTROID_DTYPE = torch.float8_e4m3fn
+CENTROID_STATS = 2
 
 
 class PagedKVCache:
@@ -20,8 +19,7 @@ class PagedKVCache:
 
     With centroids = (C, group_pages) instead, the centroid selector's summaries
     (kernels/reference.centroid_group_summaries): cents [num_layers, num_pages + 1, kv_heads, C,
-    head_dim / 2] (4-bit codes, two a byte) and cstats [num_layers, num_pages + 1, kv_heads, C, 3]
-    (log count, spread, scale),
+    head_dim] in 8 bits and cstats [num_layers, num_pages + 1, kv_heads, C, 2] (log count, spread),
     written at the physical id of each complete group's last page (so a page carries at most one
     group's summary, and it travels with the page between tiers).
 
@@ -63,9 +61,8 @@ class PagedKVCache:
         if centroids is not None:
             clusters, self.group_pages = centroids
             assert clusters >= 1 and self.group_pages >= 1, centroids
-            assert head_dim % 2 == 0, "4-bit centroids pack two channels a byte"
-            self.cents = torch.zeros(num_layers, num_pages + 1, kv_heads, clusters, head_dim // 2,
-                                     dtype=CENTROID_DTYPE, device=device)
+            self.cents = torch.zeros(num_layers, num_pages + 1, kv_heads, clusters, head_dim, dtype=CENTROID_DTYPE,
+                                     device=device)
             self.cstats = torch.zeros(num_layers, num_pages + 1, kv_heads, clusters, CENTROID_STATS,
                                       dtype=torch.float32, device=device)
 
@@ -83,5 +80,5 @@ class PagedKVCache:
         rows = 2 * page_size + (2 * (page_size // summary_tokens) + 2 if summary_tokens else 0)
         per_layer = kv_heads * head_dim * element_size * rows
         if centroids:
-            per_layer += kv_heads * centroids * (head_dim // 2 + CENTROID_STATS * 4)
+            per_layer += kv_heads * centroids * (head_dim * CENTROID_DTYPE.itemsize + CENTROID_STATS * 4)
         return num_layers * per_layer

@@ -107,44 +107,6 @@ def _score_tile_chunked(Q, Cents, Stats, Out, page, page_r, b, kvh, first, full_
 
 
 @triton.jit
-def _score_tile_packed(Q, Cents, Stats, Out, page, page_r, b, kvh, first, full_groups, s_qb, s_qh, s_cp, s_ch,
-                       s_cc, s_sp, s_sh, s_sc, s_ob, s_oh, max_groups, scale, GROUP: tl.constexpr,
-                       GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, C: tl.constexpr, BLOCK_N: tl.constexpr,
-                       DOT_F32: tl.constexpr):
-    """_score_tile_chunked's 2D tile for packed 4-bit centroids (kernels/reference.pack_centroids):
-    the codes of channels 2i and 2i + 1 (byte i's low and high nibble) meet q's even and odd
-    channels in two dots of d / 2, in fp16 (codes -7..7 are exact; q as _score_tile takes it),
-    and each row's dot is scaled by its centroid's scale, the third stat."""
-    HALF: tl.constexpr = HEAD_DIM // 2
-    offs_r = tl.arange(0, C * BLOCK_N)                  # row c * BLOCK_N + n: centroid c of group n
-    full_r = first + offs_r % BLOCK_N < full_groups
-    offs_i = tl.arange(0, HALF)
-    codes = tl.load(Cents + (page_r * s_cp + kvh * s_ch + (offs_r // BLOCK_N) * s_cc)[:, None] + offs_i[None, :],
-                    mask=full_r[:, None], other=0)                                         # [C * N, d / 2]
-    row_scale = tl.load(Stats + page_r * s_sp + kvh * s_sh + (offs_r // BLOCK_N) * s_sc + 2, mask=full_r, other=0.0)
-    offs_n = first + tl.arange(0, BLOCK_N)
-    full = offs_n < full_groups
-    log_count, spread = _tile_stats(Stats, kvh, page, full, s_sp, s_sh, s_sc, C)
-    offs_g = tl.arange(0, GROUP_P)
-    q_row = Q + b * s_qb + (kvh * GROUP + offs_g[None, :]) * s_qh
-    q_even = tl.load(q_row + 2 * offs_i[:, None], mask=(offs_g < GROUP)[None, :], other=0.0)    # [d / 2, GROUP_P]
-    q_odd = tl.load(q_row + 2 * offs_i[:, None] + 1, mask=(offs_g < GROUP)[None, :], other=0.0)
-    even32 = q_even.to(tl.float32) * scale
-    odd32 = q_odd.to(tl.float32) * scale
-    q_sq = tl.sum(even32 * even32, 0) + tl.sum(odd32 * odd32, 0)                          # [GROUP_P]
-    low = ((codes & 15).to(tl.int16) - 8).to(tl.float16)
-    high = ((codes >> 4).to(tl.int16) - 8).to(tl.float16)
-    if DOT_F32 or q_even.dtype == tl.float32:
-        dots = tl.dot(low.to(tl.float32), q_even.to(tl.float32), input_precision="ieee")
-        dots = tl.dot(high.to(tl.float32), q_odd.to(tl.float32), dots, input_precision="ieee")
-    else:
-        dots = tl.dot(low, q_even.to(tl.float16))
-        dots = tl.dot(high, q_odd.to(tl.float16), dots)
-    _tile_epilogue(dots * (row_scale * scale)[:, None], q_sq, log_count, spread, Out, b, kvh, offs_n, full, s_ob,
-                   s_oh, max_groups, scale, GROUP, GROUP_P, C, BLOCK_N)
-
-
-@triton.jit
 def _tile_stats(Stats, kvh, page, full, s_sp, s_sh, s_sc, C: tl.constexpr):
     """Each centroid's (log count, spread) [C, N]: loaded before the dot, so that their memory trip
     overlaps the centroids' instead of following it."""
@@ -173,7 +135,7 @@ def _centroid_group_logits(Q, Cents, Stats, PT, SeqLens, Out, s_qb, s_qh, s_cp, 
                            GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr,
                            C: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_PAGES: tl.constexpr,
                            PAGE_SIZE: tl.constexpr, DOT_F32: tl.constexpr, K_CHUNK: tl.constexpr,
-                           STAGES: tl.constexpr, PACKED: tl.constexpr):
+                           STAGES: tl.constexpr):
     """One program per (sequence, KV head, BLOCK_N groups): the physical id of each group's last
     page (where its summary is kept; only complete groups have one), then _score_tile (or with
     K_CHUNK, _score_tile_chunked)."""
@@ -185,18 +147,13 @@ def _centroid_group_logits(Q, Cents, Stats, PT, SeqLens, Out, s_qb, s_qh, s_cp, 
     # those past the sequence are never used
     last_pages = PT + b.to(tl.int64) * s_pb + GROUP_PAGES - 1
     page = tl.load(last_pages + offs_n * GROUP_PAGES, mask=offs_n < max_groups, other=0)
-    if K_CHUNK or PACKED:         # and each row's, for the 2D tiles
+    if K_CHUNK:         # and each row's, for the 2D tile
         n_r = first + tl.arange(0, C * BLOCK_N) % BLOCK_N
         page_r = tl.load(last_pages + n_r * GROUP_PAGES, mask=n_r < max_groups, other=0)
     seq_len = tl.load(SeqLens + b)
     if first >= tl.cdiv(seq_len, GROUP_PAGES * PAGE_SIZE):
         return      # past the sequence
     full = offs_n < (seq_len - 1) // (GROUP_PAGES * PAGE_SIZE)     # summarised before this token
-    if PACKED:
-        _score_tile_packed(Q, Cents, Stats, Out, page.to(tl.int64), page_r.to(tl.int64), b, kvh, first,
-                           (seq_len - 1) // (GROUP_PAGES * PAGE_SIZE), s_qb, s_qh, s_cp, s_ch, s_cc, s_sp, s_sh,
-                           s_sc, s_ob, s_oh, max_groups, scale, GROUP, GROUP_P, HEAD_DIM, C, BLOCK_N, DOT_F32)
-        return
     if K_CHUNK:
         _score_tile_chunked(Q, Cents, Stats, Out, page.to(tl.int64), page_r.to(tl.int64), b, kvh, first,
                             (seq_len - 1) // (GROUP_PAGES * PAGE_SIZE), s_qb, s_qh, s_cp, s_ch, s_cc, s_sp, s_sh,
@@ -212,18 +169,14 @@ def centroid_group_logits(q: torch.Tensor, cents: torch.Tensor, stats: torch.Ten
                           block_n: int | None = None, num_warps: int | None = None,
                           interpreted: bool = False, k_chunk: int = 0, stages: int = 3) -> torch.Tensor:
     """q [batch, q_heads, d]; cents [num_pages, kv_heads, C, d] (fp8/bf16, at each complete group's
-    last page) or packed 4-bit codes uint8 [..., d / 2] (the engine's: kernels/reference.
-    pack_centroids; always the 2D tile, _score_tile_packed); stats fp32 [num_pages, kv_heads, C,
-    2 or 3] (log count, spread, and the packed centroids' scale); page_tables int32
+    last page); stats fp32 [num_pages, kv_heads, C, 2] (log count, spread); page_tables int32
     [batch, width] -> fp32 [batch, q_heads, width // group_pages]: each group's L_h(n) / scale
     (-inf for the last group; garbage past a sequence, never read by combine_select).
     One program per (sequence, KV head, block_n groups); k_chunk > 0: the dot in chunks of that
     many channels through a pipeline of `stages` (_score_tile_chunked)."""
     batch, q_heads, head_dim = q.shape
     kv_heads, clusters = cents.shape[1:3]
-    packed = cents.dtype == torch.uint8
-    assert cents.shape[3] * (2 if packed else 1) == head_dim and q_heads % kv_heads == 0
-    assert stats.shape[:3] == cents.shape[:3] and stats.shape[3] >= (3 if packed else 2)
+    assert cents.shape[3] == head_dim and stats.shape == (*cents.shape[:3], 2) and q_heads % kv_heads == 0
     assert q.stride(2) == 1 and cents.stride(3) == 1 and stats.stride(3) == 1 and page_tables.stride(1) == 1
     assert page_tables.dtype == seq_lens.dtype == torch.int32 and stats.dtype == torch.float32
     max_groups = page_tables.shape[1] // group_pages
@@ -242,7 +195,7 @@ def centroid_group_logits(q: torch.Tensor, cents: torch.Tensor, stats: torch.Ten
         *stats.stride()[:3], page_tables.stride(0), out.stride(0), out.stride(1), max_groups, scale,
         GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, C=clusters,
         BLOCK_N=block_n, GROUP_PAGES=group_pages, PAGE_SIZE=page_size, DOT_F32=interpreted,
-        K_CHUNK=k_chunk, STAGES=stages, PACKED=packed, num_warps=num_warps or 1)
+        K_CHUNK=k_chunk, STAGES=stages, num_warps=num_warps or 1)
     return out
 
 
@@ -318,10 +271,7 @@ def centroid_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if rows * groups * groups <= RANK_MAX_PAIRS:
         _, physical, vlens = rank_select(logits, page_tables, seq_lens, span, kv_heads, force, scale, group_pages)
     else:
-        # 2 warps a row from two waves of rows up (H200, b64: 14.6 us against 17.3 with 4, the
-        # row's group pages held in registers from the start: selection._group_pages)
-        warps = 2 if rows >= 2 * num_sms(q.device) else None
         _, physical, vlens = combine_select(logits, page_tables, seq_lens, span, kv_heads, force, scale, force[0],
-                                            expand=group_pages, num_warps=warps)
+                                            expand=group_pages)
     tuning = {**attend_tuning(rows, force[0] * span, q.device), **tuning}
     return split_k_decode(q, k_cache, v_cache, physical, vlens, scale, **tuning)

@@ -74,9 +74,9 @@ def write_group_summaries(cache: PagedKVCache, groups: list[list[int]]) -> None:
     written = torch.ones(keys.shape[:4], dtype=torch.bool, device=keys.device)
     centroids, counts, spread = ref.kmeans_keys(keys, written, cache.cents.shape[3], KMEANS_STEPS)
     last = pages[:, -1]
-    codes, scale = ref.pack_centroids(centroids)
-    cache.cents[:, last] = codes
-    cache.cstats[:, last] = torch.stack((counts.log(), spread, scale), dim=-1)
+    # 8-bit floats stored as their bytes: indexing kernels cover uint8 on every device
+    cache.cents.view(torch.uint8)[:, last] = centroids.to(cache.cents.dtype).view(torch.uint8)
+    cache.cstats[:, last] = torch.stack((counts.log(), spread), dim=-1)
 
 
 @dataclass
@@ -159,10 +159,9 @@ def group_scores(q: torch.Tensor, cents_layer: torch.Tensor, cstats_layer: torch
     groups = plan.last_pages.shape[1]
     kv_heads, clusters = cents_layer.shape[1:3]
     flat = plan.last_pages.flatten()
-    stats = cstats_layer.index_select(0, flat)
-    c = ref.centroid_values(cents_layer.index_select(0, flat), stats).float()
+    c = cents_layer.view(torch.uint8).index_select(0, flat).view(cents_layer.dtype).float()
     c = c.view(batch, groups, kv_heads, clusters, head_dim)
-    st = stats.view(batch, groups, kv_heads, clusters, -1).permute(0, 2, 1, 3, 4)
+    st = cstats_layer.index_select(0, flat).view(batch, groups, kv_heads, clusters, 2).permute(0, 2, 1, 3, 4)
     qg = (q.float() * scale).view(batch, kv_heads, heads // kv_heads, head_dim)       # [Bs, kvh, g, d]
     logits = torch.einsum("bhgd,bnhcd->bhgnc", qg, c) + st[..., 0].unsqueeze(2) \
         + 0.5 * (qg * qg).sum(-1)[..., None, None] * st[..., 1].unsqueeze(2)         # [Bs, kvh, g, G, C]
