@@ -43,8 +43,8 @@ SPAN = PAGE * GROUP_PAGES
 BUDGET = 2048            # main() sets it from --budget
 # scoring kernel tunings tried: (groups per program, warps)
 TUNINGS = ((8, 1), (8, 2), (16, 2), (4, 1))
-# ... and the dot in chunks of d: (channels a chunk, pipeline stages, groups per program, warps)
-CHUNKED = ((64, 2, 16, 1), (64, 2, 32, 2), (128, 1, 16, 1), (128, 1, 32, 2), (128, 1, 8, 1), (128, 1, 16, 2))
+# ... and of the 2D tile (groups per program, warps)
+ROW_TILES = ((8, 1), (16, 1), (32, 2), (16, 2))
 
 
 DEVICE = "cuda"          # a smoke run of check() on the CPU under TRITON_INTERPRET sets "cpu"
@@ -255,7 +255,7 @@ def main() -> None:
                           args.kv_layout == "head-major") for seed in range(copies)]
         check(xs[0], scale, force)
         tunings = [{}] + ([] if args.quick else [dict(block_n=n, num_warps=w) for n, w in TUNINGS] + [
-            dict(k_chunk=k, stages=st, block_n=n, num_warps=w) for k, st, n, w in CHUNKED])
+            dict(row_tile=True, block_n=n, num_warps=w) for n, w in ROW_TILES])
         timed = []
         for cfg in tunings:
             got = [centroid_group_logits(x["q"], x["cents"], x["stats"], x["table"], x["lens"], PAGE, GROUP_PAGES,
@@ -273,7 +273,7 @@ def main() -> None:
             x["logical"], x["physical"], x["vlens"] = combine_select(
                 x["logits"], x["table"], x["lens"], SPAN, HKV, force, scale, force[0], expand=GROUP_PAGES)
         tuned = attend_tuning(args.batch * HKV, force[0] * SPAN, xs[0]["q"].device)
-        tile = score_tuning(args.batch * HKV, D, xs[0]["q"].device)
+        tile = score_tuning(args.batch * HKV, xs[0]["q"].device)
         stage_fns = {
             "scores": lambda x, tile=tile: centroid_group_logits(x["q"], x["cents"], x["stats"], x["table"], x["lens"],
                                                                  PAGE, GROUP_PAGES, scale, **tile),

@@ -17,9 +17,9 @@ from kernels.triton.centroids import centroid_group_logits  # noqa: E402
 pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 
-@pytest.mark.parametrize("block_n, k_chunk", [(None, 0), (2, 0), (None, 16)])
+@pytest.mark.parametrize("block_n, row_tile", [(None, False), (2, False), (None, True), (2, True)])
 @pytest.mark.parametrize("clusters, group, group_pages", [(4, 4, 4), (8, 3, 4), (2, 1, 2)])
-def test_centroid_group_logits(clusters, group, group_pages, block_n, k_chunk):
+def test_centroid_group_logits(clusters, group, group_pages, block_n, row_tile):
     page_size, kv_heads, head_dim = 8, 2, 32
     span = page_size * group_pages
     lens = [5 * span, 3 * span + 1, 4 * span - 3, span - 1]
@@ -42,8 +42,7 @@ def test_centroid_group_logits(clusters, group, group_pages, block_n, k_chunk):
     q = torch.randn(len(lens), kv_heads * group, head_dim, generator=gen)
     scale = head_dim ** -0.5
     out = centroid_group_logits(q, cents, stats, table, torch.tensor(lens, dtype=torch.int32), page_size,
-                                group_pages, scale, block_n=block_n, interpreted=True,
-                                k_chunk=k_chunk)
+                                group_pages, scale, block_n=block_n, interpreted=True, row_tile=row_tile)
     for i, n in enumerate(lens):
         want = ref.centroid_group_logits(q[i], cents, stats, table[i], n, page_size, group_pages, scale)
         got = out[i, :, :want.shape[-1]].view(want.shape)

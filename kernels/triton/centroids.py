@@ -76,33 +76,30 @@ def _dot_rows(rows, q, DOT_F32: tl.constexpr):
 
 
 @triton.jit
-def _score_tile_chunked(Q, Cents, Stats, Out, page, page_r, b, kvh, first, full_groups, s_qb, s_qh, s_cp, s_ch,
-                        s_cc, s_sp, s_sh, s_sc, s_ob, s_oh, max_groups, scale, GROUP: tl.constexpr,
-                        GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, C: tl.constexpr, BLOCK_N: tl.constexpr,
-                        K_CHUNK: tl.constexpr, STAGES: tl.constexpr, DOT_F32: tl.constexpr):
-    """_score_tile built as one 2D tile [C * BLOCK_N, K_CHUNK] per chunk of d (each row's page id
-    loaded for that row, no reshape), the dot split along d in chunks of K_CHUNK channels loaded
-    through a software pipeline of STAGES. What pays (H200, score_tuning): one chunk (K_CHUNK = d)
-    and 16 groups, for many rows; smaller chunks, meant to keep the tile out of registers (an 8 KB
-    fp8 tile widened takes 128 registers a thread in one warp, 12 warps an SM), were slower."""
+def _score_tile_rows(Q, Cents, Stats, Out, page, page_r, b, kvh, first, full_groups, s_qb, s_qh, s_cp, s_ch,
+                     s_cc, s_sp, s_sh, s_sc, s_ob, s_oh, max_groups, scale, GROUP: tl.constexpr,
+                     GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, C: tl.constexpr, BLOCK_N: tl.constexpr,
+                     DOT_F32: tl.constexpr):
+    """_score_tile built as one 2D tile [C * BLOCK_N, d], each row's page id loaded for that row
+    (page_r), no reshape: what pays for many rows (score_tuning). The dot split along d into
+    pipelined chunks was slower at every batch (32- or 64-channel chunks, 2-4 stages: H200 b16
+    29.6-35.5 us against 28.8, b64 100.2-140.6 against 99.3; docs/benchmarks.md)."""
     offs_r = tl.arange(0, C * BLOCK_N)                  # row c * BLOCK_N + n: centroid c of group n
-    full_r = first + offs_r % BLOCK_N < full_groups      # page_r: row r's group's page id
-    base = Cents + page_r * s_cp + kvh * s_ch + (offs_r // BLOCK_N) * s_cc               # [C * N]
-    offs_g = tl.arange(0, GROUP_P)
-    q_row = Q + b * s_qb + (kvh * GROUP + offs_g[None, :]) * s_qh
+    full_r = first + offs_r % BLOCK_N < full_groups
+    offs_d = tl.arange(0, HEAD_DIM)
     offs_n = first + tl.arange(0, BLOCK_N)
     full = offs_n < full_groups
     log_count, spread = _tile_stats(Stats, kvh, page, full, s_sp, s_sh, s_sc, C)
-    acc = tl.zeros([C * BLOCK_N, GROUP_P], tl.float32)
-    q_sq = tl.zeros([GROUP_P], tl.float32)
-    for k0 in tl.range(0, HEAD_DIM, K_CHUNK, num_stages=STAGES):
-        offs_k = k0 + tl.arange(0, K_CHUNK)
-        q = tl.load(q_row + offs_k[:, None], mask=(offs_g < GROUP)[None, :], other=0.0)      # [K, GROUP_P]
-        q32 = q.to(tl.float32) * scale
-        q_sq += tl.sum(q32 * q32, 0)
-        rows = _dot_rows(tl.load(base[:, None] + offs_k[None, :], mask=full_r[:, None], other=0.0), q, DOT_F32)
-        acc = tl.dot(rows, q.to(rows.dtype), acc, input_precision="ieee")
-    _tile_epilogue(acc * scale, q_sq, log_count, spread, Out, b, kvh, offs_n, full, s_ob, s_oh, max_groups, scale,
+    offs_g = tl.arange(0, GROUP_P)
+    q = tl.load(Q + b * s_qb + (kvh * GROUP + offs_g[None, :]) * s_qh + offs_d[:, None],
+                mask=(offs_g < GROUP)[None, :], other=0.0)                                # [d, GROUP_P]
+    q32 = q.to(tl.float32) * scale
+    q_sq = tl.sum(q32 * q32, 0)
+    rows = tl.load(Cents + (page_r * s_cp + kvh * s_ch + (offs_r // BLOCK_N) * s_cc)[:, None] + offs_d[None, :],
+                   mask=full_r[:, None], other=0.0)                                        # [C * N, d]
+    rows = _dot_rows(rows, q, DOT_F32)
+    dots = tl.dot(rows, q.to(rows.dtype), input_precision="ieee")
+    _tile_epilogue(dots * scale, q_sq, log_count, spread, Out, b, kvh, offs_n, full, s_ob, s_oh, max_groups, scale,
                    GROUP, GROUP_P, C, BLOCK_N)
 
 
@@ -134,11 +131,10 @@ def _centroid_group_logits(Q, Cents, Stats, PT, SeqLens, Out, s_qb, s_qh, s_cp, 
                            s_pb, s_ob, s_oh, max_groups, scale,
                            GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr,
                            C: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_PAGES: tl.constexpr,
-                           PAGE_SIZE: tl.constexpr, DOT_F32: tl.constexpr, K_CHUNK: tl.constexpr,
-                           STAGES: tl.constexpr):
+                           PAGE_SIZE: tl.constexpr, DOT_F32: tl.constexpr, ROW_TILE: tl.constexpr):
     """One program per (sequence, KV head, BLOCK_N groups): the physical id of each group's last
     page (where its summary is kept; only complete groups have one), then _score_tile (or with
-    K_CHUNK, _score_tile_chunked)."""
+    ROW_TILE, _score_tile_rows)."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     first = tl.program_id(2) * BLOCK_N
@@ -147,18 +143,17 @@ def _centroid_group_logits(Q, Cents, Stats, PT, SeqLens, Out, s_qb, s_qh, s_cp, 
     # those past the sequence are never used
     last_pages = PT + b.to(tl.int64) * s_pb + GROUP_PAGES - 1
     page = tl.load(last_pages + offs_n * GROUP_PAGES, mask=offs_n < max_groups, other=0)
-    if K_CHUNK:         # and each row's, for the 2D tile
+    if ROW_TILE:         # and each row's, for the 2D tile
         n_r = first + tl.arange(0, C * BLOCK_N) % BLOCK_N
         page_r = tl.load(last_pages + n_r * GROUP_PAGES, mask=n_r < max_groups, other=0)
     seq_len = tl.load(SeqLens + b)
     if first >= tl.cdiv(seq_len, GROUP_PAGES * PAGE_SIZE):
         return      # past the sequence
     full = offs_n < (seq_len - 1) // (GROUP_PAGES * PAGE_SIZE)     # summarised before this token
-    if K_CHUNK:
-        _score_tile_chunked(Q, Cents, Stats, Out, page.to(tl.int64), page_r.to(tl.int64), b, kvh, first,
-                            (seq_len - 1) // (GROUP_PAGES * PAGE_SIZE), s_qb, s_qh, s_cp, s_ch, s_cc, s_sp, s_sh,
-                            s_sc, s_ob, s_oh, max_groups, scale, GROUP, GROUP_P, HEAD_DIM, C, BLOCK_N,
-                            K_CHUNK, STAGES, DOT_F32)
+    if ROW_TILE:
+        _score_tile_rows(Q, Cents, Stats, Out, page.to(tl.int64), page_r.to(tl.int64), b, kvh, first,
+                         (seq_len - 1) // (GROUP_PAGES * PAGE_SIZE), s_qb, s_qh, s_cp, s_ch, s_cc, s_sp, s_sh,
+                         s_sc, s_ob, s_oh, max_groups, scale, GROUP, GROUP_P, HEAD_DIM, C, BLOCK_N, DOT_F32)
         return
     _score_tile(Q, Cents, Stats, Out, b, kvh, page.to(tl.int64), offs_n, full, s_qb, s_qh, s_cp, s_ch, s_cc,
                 s_sp, s_sh, s_sc, s_ob, s_oh, max_groups, scale, GROUP, GROUP_P, HEAD_DIM, C, BLOCK_N, DOT_F32)
@@ -167,13 +162,12 @@ def _centroid_group_logits(Q, Cents, Stats, PT, SeqLens, Out, s_qb, s_qh, s_cp, 
 def centroid_group_logits(q: torch.Tensor, cents: torch.Tensor, stats: torch.Tensor, page_tables: torch.Tensor,
                           seq_lens: torch.Tensor, page_size: int, group_pages: int, scale: float,
                           block_n: int | None = None, num_warps: int | None = None,
-                          interpreted: bool = False, k_chunk: int = 0, stages: int = 3) -> torch.Tensor:
+                          interpreted: bool = False, row_tile: bool = False) -> torch.Tensor:
     """q [batch, q_heads, d]; cents [num_pages, kv_heads, C, d] (fp8/bf16, at each complete group's
     last page); stats fp32 [num_pages, kv_heads, C, 2] (log count, spread); page_tables int32
     [batch, width] -> fp32 [batch, q_heads, width // group_pages]: each group's L_h(n) / scale
     (-inf for the last group; garbage past a sequence, never read by combine_select).
-    One program per (sequence, KV head, block_n groups); k_chunk > 0: the dot in chunks of that
-    many channels through a pipeline of `stages` (_score_tile_chunked)."""
+    One program per (sequence, KV head, block_n groups); row_tile: the 2D tile (_score_tile_rows)."""
     batch, q_heads, head_dim = q.shape
     kv_heads, clusters = cents.shape[1:3]
     assert cents.shape[3] == head_dim and stats.shape == (*cents.shape[:3], 2) and q_heads % kv_heads == 0
@@ -195,7 +189,7 @@ def centroid_group_logits(q: torch.Tensor, cents: torch.Tensor, stats: torch.Ten
         *stats.stride()[:3], page_tables.stride(0), out.stride(0), out.stride(1), max_groups, scale,
         GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, C=clusters,
         BLOCK_N=block_n, GROUP_PAGES=group_pages, PAGE_SIZE=page_size, DOT_F32=interpreted,
-        K_CHUNK=k_chunk, STAGES=stages, num_warps=num_warps or 1)
+        ROW_TILE=row_tile, num_warps=num_warps or 1)
     return out
 
 
@@ -205,15 +199,15 @@ def centroid_group_logits(q: torch.Tensor, cents: torch.Tensor, stats: torch.Ten
 RANK_MAX_PAIRS = 1 << 25
 
 
-def score_tuning(rows: int, head_dim: int, device: torch.device) -> dict:
+def score_tuning(rows: int, device: torch.device) -> dict:
     """The scorer's tile: for at least half a wave of rows (sequence, KV head), the 2D tile
-    (_score_tile_chunked with a single chunk), 8 groups a program up to two waves of rows and 16
+    (_score_tile_rows), 8 groups a program up to two waves of rows and 16
     beyond (H200, bench/centroid_stages.py: b16 27.9 us with 8, 28.6 with 16, 29.4 for the
     reshaped tile; b64 98.1 with 16, 100.2 with 8, 107.1 reshaped); fewer rows keep the reshaped
     8-group tile (b4: 10.3 against 10.7 for the 2D tile; b1 x 32k 4.5, 16 groups 6.0-6.6)."""
     sms = num_sms(device)
     if rows >= sms // 2:
-        return dict(block_n=16 if rows >= 2 * sms else 8, k_chunk=head_dim, stages=1)
+        return dict(block_n=16 if rows >= 2 * sms else 8, row_tile=True)
     return {}
 
 
@@ -266,7 +260,7 @@ def centroid_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     scale = default_scale(q.shape[2]) if scale is None else scale
     rows = (planned_batch or q.shape[0]) * kv_heads
     logits = centroid_group_logits(q, cents, stats, page_tables, seq_lens, page_size, group_pages, scale,
-                                   interpreted=interpreted, **score_tuning(rows, q.shape[2], q.device))
+                                   interpreted=interpreted, **score_tuning(rows, q.device))
     groups = logits.shape[2]
     if rows * groups * groups <= RANK_MAX_PAIRS:
         _, physical, vlens = rank_select(logits, page_tables, seq_lens, span, kv_heads, force, scale, group_pages)
