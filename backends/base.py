@@ -125,6 +125,14 @@ class Backend(Protocol):
         ...
 
 
+def sparse_unit_counts(unit: int, token_budget: int, sink_tokens: int, recent_tokens: int) -> tuple[int, int, int]:
+    """(budget, sink, recent) in units of `unit` tokens (pages for Quest, groups for centroids),
+    rounded as kernels/reference.sparse_page_counts rounds them to pages: the budget down, the sink
+    and recent windows up, at least one recent unit. Validity (budget > sink + recent) is the
+    caller's to report, in its own terms."""
+    return token_budget // unit, -(-sink_tokens // unit), max(1, -(-recent_tokens // unit))
+
+
 @dataclass(frozen=True)
 class SparseSettings:
     """Quest decode settings in tokens (kernels/reference.py says how they round to pages).

@@ -8,6 +8,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from backends.base import sparse_unit_counts
+
 DEFAULT_MODEL_SOURCE = "packaged:smollm2-135m-instruct"
 ENV_PREFIX = "os.environ/"
 MiB = 1 << 20
@@ -267,8 +269,9 @@ class ModelConfig(Strict):
                 if sparse.centroids & (sparse.centroids - 1):
                     raise ValueError(f"sparse_attention.centroids {sparse.centroids} must be a power of two")
                 unit, name = sparse.group_tokens, "groups"
-            budget = sparse.token_budget // unit
-            fixed = -(-sparse.sink_tokens // unit) + max(1, -(-sparse.recent_tokens // unit))
+            budget, sink, recent = sparse_unit_counts(unit, sparse.token_budget, sparse.sink_tokens,
+                                                      sparse.recent_tokens)
+            fixed = sink + recent
             if budget <= fixed:
                 raise ValueError(
                     f"sparse_attention.token_budget {sparse.token_budget} is {budget} {name} of "

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from backends.base import SparseSettings
+from backends.base import SparseSettings, sparse_unit_counts
 from backends.cuda.attention.sparse_rows import RowSplit, attend_pages, counted_all_dense, merge_dense_rows, split_rows
 from kernels import reference as ref
 
@@ -41,8 +41,7 @@ def group_counts(sparse: SparseSettings, page_size: int) -> tuple[int, int, int,
     if sparse.centroids < 1 or sparse.centroids > 64 or sparse.centroids & (sparse.centroids - 1):
         raise ValueError(f"sparse_attention.centroids {sparse.centroids} must be a power of two from 1 to 64")
     span = sparse.group_tokens
-    budget, sink, recent = sparse.token_budget // span, -(-sparse.sink_tokens // span), \
-        max(1, -(-sparse.recent_tokens // span))
+    budget, sink, recent = sparse_unit_counts(span, sparse.token_budget, sparse.sink_tokens, sparse.recent_tokens)
     if budget <= sink + recent:
         raise ValueError(f"sparse_attention.token_budget {sparse.token_budget} is {budget} groups of {span} "
                          f"tokens; it must exceed the sink ({sink}) + recent ({recent}) groups")

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from backends.base import SparseSettings
+from backends.base import SparseSettings, sparse_unit_counts
 from backends.cuda.attention.sparse_rows import attend_pages, counted_all_dense, merge_dense_rows, split_rows
 from kernels.reference import shortlist_pages
 
@@ -62,9 +62,8 @@ def page_counts(sparse: SparseSettings, page_size: int) -> tuple[int, int, int]:
     for name in ("sink_tokens", "dense_layers"):
         if getattr(sparse, name) < 0:
             raise ValueError(f"sparse_attention.{name} must be at least 0, got {getattr(sparse, name)}")
-    budget_pages = sparse.token_budget // page_size
-    sink_pages = -(-sparse.sink_tokens // page_size)
-    recent_pages = max(1, -(-sparse.recent_tokens // page_size))
+    budget_pages, sink_pages, recent_pages = sparse_unit_counts(page_size, sparse.token_budget, sparse.sink_tokens,
+                                                                sparse.recent_tokens)
     if budget_pages <= sink_pages + recent_pages:
         raise ValueError(
             f"sparse_attention.token_budget {sparse.token_budget} is {budget_pages} pages of "
