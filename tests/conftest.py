@@ -116,7 +116,7 @@ def live_server():
 # interpreted kernel cannot call a compiled JITFunction ("Cannot call @triton.jit'd outside of the
 # scope of a kernel"); reloading the triton.language package rebinds tl.sum etc. to the new ones.
 # importlib.reload re-runs a module in its own dict: launchers imported elsewhere look their kernels
-# up in that dict and see the new ones; jit helpers imported across modules (extend's _mma from
+# up in that dict and see the new ones; jit helpers imported across modules (extend's mma from
 # decode) are refreshed by reloading the importers after what they import.
 TRITON_JIT_MODULES = ("triton.language.standard", "triton.language.random", "triton.language",
                       "kernels.triton.decode", "kernels.triton.extend", "kernels.triton.summaries",

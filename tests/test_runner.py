@@ -245,7 +245,7 @@ def test_triton_interpreter_is_per_test():
     with triton_interpreter_mode():
         assert os.environ["TRITON_INTERPRET"] == "1"
         assert jit_kinds() == {InterpretedFunction}
-        assert isinstance(tl.sum, InterpretedFunction) and extend._mma is decode._mma
+        assert isinstance(tl.sum, InterpretedFunction) and extend.mma is decode.mma
         assert kernels.triton.paged_decode.__globals__["_decode_stage1"] is decode._decode_stage1
         q = torch.randn(1, 4, 64)
         k, v = torch.randn(2, 2, 8, 2, 64)
@@ -255,7 +255,7 @@ def test_triton_interpreter_is_per_test():
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     assert "TRITON_INTERPRET" not in os.environ
     assert jit_kinds() == {JITFunction}
-    assert isinstance(tl.sum, JITFunction) and extend._mma is decode._mma
+    assert isinstance(tl.sum, JITFunction) and extend.mma is decode.mma
 
 
 # ---- the page-table store ----------------------------------------------------------------------------

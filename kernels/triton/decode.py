@@ -59,7 +59,7 @@ def check_kv(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> t
 
 
 @triton.jit
-def _mma(a, b, acc, UPCAST: tl.constexpr):
+def mma(a, b, acc, UPCAST: tl.constexpr):
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
     if a.dtype == tl.float32:  # float32 serving is the exact reference: no tf32 rounding
@@ -127,7 +127,7 @@ def _decode_stage1(Q, K, V, PT, SeqLens, MidO, MidL, qk_scale, num_splits, split
             page = tl.load(pt + (offs_n // PAGE_SIZE) * s_pp, mask=listed, other=0).to(tl.int64)
             slot = offs_n % PAGE_SIZE
         k = _load_kv(k_base + (page * s_kp + slot * s_ks)[:, None] + offs_d[None, :], mask_n[:, None], EVICT)
-        qk = _mma(q, tl.trans(k), tl.zeros([BLOCK_H, BLOCK_N], tl.float32), UPCAST) * qk_scale
+        qk = mma(q, tl.trans(k), tl.zeros([BLOCK_H, BLOCK_N], tl.float32), UPCAST) * qk_scale
         qk = tl.where(mask_n[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_ref = m_new
@@ -137,7 +137,7 @@ def _decode_stage1(Q, K, V, PT, SeqLens, MidO, MidL, qk_scale, num_splits, split
         p = tl.exp2(qk - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_kv(v_base + (page * s_vp + slot * s_vs)[:, None] + offs_d[None, :], mask_n[:, None], EVICT)
-        acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], UPCAST)
+        acc = mma(p.to(v.dtype), v, acc * alpha[:, None], UPCAST)
         m_i = m_new
 
     # An empty split (short sequence) stores lse = -inf and a zero partial, so stage 2 weighs it 0.

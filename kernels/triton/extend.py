@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton.decode import LOG2E, _mma, check_kv, dot_upcast
+from kernels.triton.decode import LOG2E, check_kv, dot_upcast, mma
 
 
 @triton.jit
@@ -38,7 +38,7 @@ def _extend_inner(acc, l_i, m_i, q, k_base, v_base, pt, lo, hi, q_pos, total, qk
             k = tl.load(k_ptr, mask=mask_n[:, None], other=0.0)
         else:
             k = tl.load(k_ptr)
-        qk = _mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], tl.float32), UPCAST) * qk_scale
+        qk = mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], tl.float32), UPCAST) * qk_scale
         if MASKED:
             visible = (offs_n[None, :] <= q_pos[:, None]) & mask_n[None, :]
             qk = tl.where(visible, qk, float("-inf"))
@@ -50,7 +50,7 @@ def _extend_inner(acc, l_i, m_i, q, k_base, v_base, pt, lo, hi, q_pos, total, qk
             v = tl.load(v_ptr, mask=mask_n[:, None], other=0.0)
         else:
             v = tl.load(v_ptr)
-        acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], UPCAST)
+        acc = mma(p.to(v.dtype), v, acc * alpha[:, None], UPCAST)
         m_i = m_new
     return acc, l_i, m_i
 

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton.layer_ops import _check_rows, _norm_out, _rne, _round, _row_warps
+from kernels.triton.layer_ops import check_rows, needs_rne, norm_out, round_to, row_warps
 
 SLOTS = 3
 EMPTY_BITS = -2 ** 31       # float32 -0.0 as int32: a slot value not yet written by the peer
@@ -57,15 +57,15 @@ def _all_reduce_add_rms_norm(P, X, W, Y, mine_ptr, peer_ptr, counts, error, n, s
         spins += 1
     if waiting > 0:
         tl.store(error, 1)
-    delta = _round(p + q, X.dtype.element_ty, RNE).to(tl.float32)      # the projection's one rounding
+    delta = round_to(p + q, X.dtype.element_ty, RNE).to(tl.float32)      # the projection's one rounding
     x = tl.load(X + row * s_x + offs, mask=mask, other=0.0).to(tl.float32)
-    x = _round(x + delta, X.dtype.element_ty, RNE)
+    x = round_to(x + delta, X.dtype.element_ty, RNE)
     tl.store(X + row * s_x + offs, x, mask=mask)
     x = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x * x, 0) / n + eps)
-    h = _round(x * rstd, Y.dtype.element_ty, RNE).to(tl.float32)       # HF order, as layer_ops._rms_norm
+    h = round_to(x * rstd, Y.dtype.element_ty, RNE).to(tl.float32)       # HF order, as layer_ops._rms_norm
     w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + row * s_y + offs, _round(w * h, Y.dtype.element_ty, RNE), mask=mask)
+    tl.store(Y + row * s_y + offs, round_to(w * h, Y.dtype.element_ty, RNE), mask=mask)
     tl.store(counts + row, epoch)
 
 
@@ -83,18 +83,18 @@ def all_reduce_add_rms_norm(partial: torch.Tensor, x: torch.Tensor, weight: torc
     mine, peer: float32 [SLOTS * slot] exchange buffers (this rank's, the peer's mapping), filled
     with empty_slots() before the first call, T * hidden <= slot; counts: int64 [>= T], zeros at first;
     error: int32 [1], set when a wait gives up after spin_limit polls. No host sync (graph-safe)."""
-    _check_rows(x, "x")
-    _check_rows(partial, "partial")
+    check_rows(x, "x")
+    check_rows(partial, "partial")
     rows, n = x.shape
     assert partial.shape == x.shape, "partial must match x"
     assert mine.dtype == peer.dtype == torch.float32 and mine.shape == peer.shape and mine.dim() == 1
     slot_size = mine.numel() // SLOTS
     assert rows * n <= slot_size, f"{rows} rows of {n} exceed the exchange buffer ({slot_size} values)"
     assert counts.numel() >= rows, "one call count per row"
-    out = _norm_out(x, weight, out)
+    out = norm_out(x, weight, out)
     block = triton.next_power_of_2(n)
     _all_reduce_add_rms_norm[(rows,)](
         partial, x, weight, out, mine, peer, counts, error, n, slot_size, eps,
-        partial.stride(0), x.stride(0), out.stride(0), spin_limit, BLOCK=block, RNE=_rne(x.dtype),
-        EMPTY=EMPTY_BITS, num_warps=_row_warps(block))
+        partial.stride(0), x.stride(0), out.stride(0), spin_limit, BLOCK=block, RNE=needs_rne(x.dtype),
+        EMPTY=EMPTY_BITS, num_warps=row_warps(block))
     return out

@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton.decode import _mma, dot_upcast
-from kernels.triton.layer_ops import _rne, _round
+from kernels.triton.decode import dot_upcast, mma
+from kernels.triton.layer_ops import needs_rne, round_to
 
 
 @triton.jit
@@ -38,7 +38,7 @@ def _gemv(X, W, B, Y, N, K, s_wn,
             # layer_ops.silu_mul rounds it, so the product is the unfused one's
             g = tl.load(X + offs_k, mask=mask_k, other=0.0).to(tl.float32)
             u = tl.load(X + K + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-            x = _round(g / (1.0 + tl.exp(-g)) * u, X.dtype.element_ty, RNE_X).to(tl.float32)
+            x = round_to(g / (1.0 + tl.exp(-g)) * u, X.dtype.element_ty, RNE_X).to(tl.float32)
         else:
             x = tl.load(X + offs_k, mask=mask_k, other=0.0).to(tl.float32)
         if EVICT:  # weights are streamed once per step: keep them from displacing reusable lines
@@ -50,7 +50,7 @@ def _gemv(X, W, B, Y, N, K, s_wn,
     y = tl.sum(acc, 1)
     if HAS_BIAS:
         y += tl.load(B + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    tl.store(Y + offs_n, _round(y, Y.dtype.element_ty, RNE_Y), mask=mask_n)
+    tl.store(Y + offs_n, round_to(y, Y.dtype.element_ty, RNE_Y), mask=mask_n)
 
 
 @dataclass(frozen=True)
@@ -103,8 +103,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     c = config
     _gemv[(triton.cdiv(n, c.block_n),)](
         x, weight, bias if bias is not None else weight, out, n, k, weight.stride(0),
-        BLOCK_N=c.block_n, BLOCK_K=c.block_k, SILU=silu, HAS_BIAS=bias is not None, RNE_X=_rne(x.dtype),
-        RNE_Y=_rne(out.dtype), EVICT=c.evict_first, num_warps=c.num_warps, num_stages=c.num_stages)
+        BLOCK_N=c.block_n, BLOCK_K=c.block_k, SILU=silu, HAS_BIAS=bias is not None, RNE_X=needs_rne(x.dtype),
+        RNE_Y=needs_rne(out.dtype), EVICT=c.evict_first, num_warps=c.num_warps, num_stages=c.num_stages)
     return out
 
 
@@ -126,7 +126,7 @@ def _skinny_gemm(X, W, B, Y, M, N, K, s_xm, s_wn, s_ym,
             w = tl.load(w_ptr, mask=mask_n[:, None] & mask_k[None, :], other=0.0, eviction_policy="evict_first")
         else:
             w = tl.load(w_ptr, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        acc = _mma(x, tl.trans(w), acc, UPCAST)
+        acc = mma(x, tl.trans(w), acc, UPCAST)
     if HAS_BIAS:
         acc += tl.load(B + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(Y + offs_m[:, None] * s_ym + offs_n[None, :], acc.to(Y.dtype.element_ty),

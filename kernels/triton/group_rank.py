@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton.selection import _selection_outputs
+from kernels.triton.selection import selection_outputs
 
 
 @triton.jit
@@ -126,7 +126,7 @@ def rank_select(logits: torch.Tensor, page_tables: torch.Tensor, seq_lens: torch
     assert page_tables.dtype == seq_lens.dtype == torch.int32 and budget > sink + recent
     assert expand & (expand - 1) == 0, "a group's pages are loaded as one power-of-two run"
     group = q_heads // kv_heads
-    (logical, physical, vlens, _), _, _, k_sel = _selection_outputs(batch, kv_heads, max_groups, budget, page_tables,
+    (logical, physical, vlens, _), _, _, k_sel = selection_outputs(batch, kv_heads, max_groups, budget, page_tables,
                                                                     None, expand)
     block_i = block_i or rank_block(batch * kv_heads, max_groups)
     group_p = triton.next_power_of_2(group)

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton.decode import _mma, dot_upcast
+from kernels.triton.decode import dot_upcast, mma
 from kernels.triton.gemv import GemvConfig, skinny_config
 
 BLOCK_M = 16        # rows per program, for every M (the tensor-core instruction follows it)
@@ -40,7 +40,7 @@ def _invariant_matmul(X, W, B, Y, M, N, K, s_xm, s_wn, s_ym,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w = tl.load(W + offs_n.to(tl.int64)[:, None] * s_wn + offs_k[None, :],
                     mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        acc = _mma(x, tl.trans(w), acc, UPCAST)
+        acc = mma(x, tl.trans(w), acc, UPCAST)
     if HAS_BIAS:
         acc += tl.load(B + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(Y + offs_m.to(tl.int64)[:, None] * s_ym + offs_n[None, :], acc.to(Y.dtype.element_ty),

@@ -19,15 +19,15 @@ from kernels.triton.decode import interpreting
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _rne(dtype: torch.dtype) -> bool:
-    """Whether _round must round float32 -> bfloat16 by hand: triton 3.9's CPU interpreter truncates
+def needs_rne(dtype: torch.dtype) -> bool:
+    """Whether round_to must round float32 -> bfloat16 by hand: triton 3.9's CPU interpreter truncates
     that cast, where the GPU rounds to nearest even (as torch does)."""
     return interpreting() and dtype == torch.bfloat16
 
 
 @triton.jit
-def _round(x, dtype: tl.constexpr, RNE: tl.constexpr):
-    """float32 x to dtype, rounded to nearest even; RNE: by hand (see _rne)."""
+def round_to(x, dtype: tl.constexpr, RNE: tl.constexpr):
+    """float32 x to dtype, rounded to nearest even; RNE: by hand (see needs_rne)."""
     if RNE:
         bits = x.to(tl.uint32, bitcast=True)
         bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
@@ -35,17 +35,17 @@ def _round(x, dtype: tl.constexpr, RNE: tl.constexpr):
     return x.to(dtype)
 
 
-def _row_warps(block: int) -> int:
+def row_warps(block: int) -> int:
     """Warps for a program that owns one row of `block` values: ~16 values per thread."""
     return max(1, min(16, block // 512))
 
 
-def _check_rows(t: torch.Tensor, name: str) -> None:
+def check_rows(t: torch.Tensor, name: str) -> None:
     assert t.dim() == 2 and t.stride(1) == 1, f"{name} must be [rows, features] with contiguous rows"
     assert t.dtype in FLOATS, f"{name}: float32, float16 or bfloat16 only"
 
 
-def _norm_out(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+def norm_out(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     assert weight.shape == (x.shape[1],) and weight.stride(0) == 1, "weight must be [hidden] matching x"
     assert weight.dtype == x.dtype, "weight and x must share a dtype"
     if out is None:
@@ -63,38 +63,38 @@ def _rms_norm(X, D, W, Y, n, eps, s_x, s_d, s_y, ADD: tl.constexpr, BLOCK: tl.co
     x = tl.load(X + row * s_x + offs, mask=mask, other=0.0)
     if ADD:  # residual add: rounded to x's dtype and stored back, as torch's `x += delta` does
         x = x.to(tl.float32) + tl.load(D + row * s_d + offs, mask=mask, other=0.0).to(tl.float32)
-        x = _round(x, X.dtype.element_ty, RNE)
+        x = round_to(x, X.dtype.element_ty, RNE)
         tl.store(X + row * s_x + offs, x, mask=mask)
     x = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x * x, 0) / n + eps)
     # HF order: normalise in float32, round to the activation dtype, then multiply by the weight.
-    h = _round(x * rstd, Y.dtype.element_ty, RNE).to(tl.float32)
+    h = round_to(x * rstd, Y.dtype.element_ty, RNE).to(tl.float32)
     w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + row * s_y + offs, _round(w * h, Y.dtype.element_ty, RNE), mask=mask)
+    tl.store(Y + row * s_y + offs, round_to(w * h, Y.dtype.element_ty, RNE), mask=mask)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
              out: torch.Tensor | None = None) -> torch.Tensor:
     """y = weight * round(x * rsqrt(mean(x^2) + eps)) per row. x: [T, hidden] (rows may be strided)."""
-    _check_rows(x, "x")
-    out = _norm_out(x, weight, out)
+    check_rows(x, "x")
+    out = norm_out(x, weight, out)
     block = triton.next_power_of_2(x.shape[1])
     _rms_norm[(x.shape[0],)](x, x, weight, out, x.shape[1], eps, x.stride(0), 0, out.stride(0),
-                             ADD=False, BLOCK=block, RNE=_rne(x.dtype), num_warps=_row_warps(block))
+                             ADD=False, BLOCK=block, RNE=needs_rne(x.dtype), num_warps=row_warps(block))
     return out
 
 
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
                  out: torch.Tensor | None = None) -> torch.Tensor:
     """x += delta in place (the residual stream), then returns rms_norm(x, weight, eps)."""
-    _check_rows(x, "x")
-    _check_rows(delta, "delta")
+    check_rows(x, "x")
+    check_rows(delta, "delta")
     assert delta.shape == x.shape and delta.dtype == x.dtype, "delta must match x"
-    out = _norm_out(x, weight, out)
+    out = norm_out(x, weight, out)
     block = triton.next_power_of_2(x.shape[1])
     _rms_norm[(x.shape[0],)](x, delta, weight, out, x.shape[1], eps, x.stride(0), delta.stride(0),
-                             out.stride(0), ADD=True, BLOCK=block, RNE=_rne(x.dtype),
-                             num_warps=_row_warps(block))
+                             out.stride(0), ADD=True, BLOCK=block, RNE=needs_rne(x.dtype),
+                             num_warps=row_warps(block))
     return out
 
 
@@ -105,12 +105,12 @@ def _silu_mul(GU, Y, inter, s_g, s_y, BLOCK: tl.constexpr, RNE: tl.constexpr):
     mask = offs < inter
     g = tl.load(GU + row * s_g + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(GU + row * s_g + inter + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + row * s_y + offs, _round(g / (1.0 + tl.exp(-g)) * u, Y.dtype.element_ty, RNE), mask=mask)
+    tl.store(Y + row * s_y + offs, round_to(g / (1.0 + tl.exp(-g)) * u, Y.dtype.element_ty, RNE), mask=mask)
 
 
 def silu_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """gate_up [T, 2 inter] = [gate | up] -> silu(gate) * up, [T, inter] in gate_up's dtype."""
-    _check_rows(gate_up, "gate_up")
+    check_rows(gate_up, "gate_up")
     rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
     assert gate_up.shape[1] == 2 * inter, "gate_up must hold gate and up halves"
     if out is None:
@@ -119,7 +119,7 @@ def silu_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Te
     # A row splits into blocks of up to 2048 values: wide MLPs (inter ~14k) still fill the GPU at batch 1.
     block = min(2048, triton.next_power_of_2(inter))
     _silu_mul[(rows, triton.cdiv(inter, block))](gate_up, out, inter, gate_up.stride(0), out.stride(0),
-                                                 BLOCK=block, RNE=_rne(gate_up.dtype), num_warps=_row_warps(block))
+                                                 BLOCK=block, RNE=needs_rne(gate_up.dtype), num_warps=row_warps(block))
     return out
 
 
@@ -150,8 +150,8 @@ def _rotary_store(QKV, Pos, Cos, Sin, Slots, K, V, num_slots, s_t, s_c, s_s, s_k
     new_lo = tl.where(rot, lo * c_lo + hi * s_lo, lo)
     new_hi = tl.where(rot, hi * c_hi + lo * s_hi, hi)
     mask_rot = rot & mask_d[None, :]
-    tl.store(ptr, _round(new_lo, QKV.dtype.element_ty, RNE_Q), mask=mask_rot)
-    tl.store(ptr + HALF, _round(new_hi, QKV.dtype.element_ty, RNE_Q), mask=mask_rot)
+    tl.store(ptr, round_to(new_lo, QKV.dtype.element_ty, RNE_Q), mask=mask_rot)
+    tl.store(ptr + HALF, round_to(new_hi, QKV.dtype.element_ty, RNE_Q), mask=mask_rot)
 
     # Rows whose slot is outside the cache (e.g. padding rows of a graph batch, slot -1) write nothing:
     # a launcher cannot check the slots without a host sync. (tl.where: the interpreter types a
@@ -160,12 +160,12 @@ def _rotary_store(QKV, Pos, Cos, Sin, Slots, K, V, num_slots, s_t, s_c, s_s, s_k
     ok = (slot >= 0) & (slot < num_slots)
     mask_k = tl.where(ok, is_k[:, None] & mask_d[None, :], False)
     k_ptr = K + slot * s_k + (h - HEADS)[:, None] * HEAD_DIM + offs[None, :]
-    tl.store(k_ptr, _round(new_lo, K.dtype.element_ty, RNE_KV), mask=mask_k)
-    tl.store(k_ptr + HALF, _round(new_hi, K.dtype.element_ty, RNE_KV), mask=mask_k)
+    tl.store(k_ptr, round_to(new_lo, K.dtype.element_ty, RNE_KV), mask=mask_k)
+    tl.store(k_ptr + HALF, round_to(new_hi, K.dtype.element_ty, RNE_KV), mask=mask_k)
     mask_v = tl.where(ok, is_v[:, None] & mask_d[None, :], False)
     v_ptr = V + slot * s_v + (h - HEADS - KV_HEADS)[:, None] * HEAD_DIM + offs[None, :]
-    tl.store(v_ptr, _round(lo, V.dtype.element_ty, RNE_KV), mask=mask_v)
-    tl.store(v_ptr + HALF, _round(hi, V.dtype.element_ty, RNE_KV), mask=mask_v)
+    tl.store(v_ptr, round_to(lo, V.dtype.element_ty, RNE_KV), mask=mask_v)
+    tl.store(v_ptr + HALF, round_to(hi, V.dtype.element_ty, RNE_KV), mask=mask_v)
 
 
 def rotary_store(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor,
@@ -179,7 +179,7 @@ def rotary_store(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, 
     [num_slots, kv_heads, d]. Positions must lie in the tables; rows with a slot outside
     [0, num_slots) are rotated but write no KV.
     """
-    _check_rows(qkv, "qkv")
+    check_rows(qkv, "qkv")
     tokens, d = qkv.shape[0], cos.shape[1]
     assert qkv.shape[1] == (heads + 2 * kv_heads) * d and d % 2 == 0, "qkv width does not match the heads"
     assert cos.shape == sin_signed.shape and cos.stride(1) == 1 and sin_signed.stride(1) == 1, \
@@ -197,5 +197,5 @@ def rotary_store(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, 
         qkv, positions, cos, sin_signed, slots, k_slots, v_slots, k_slots.shape[0],
         qkv.stride(0), cos.stride(0), sin_signed.stride(0), k_slots.stride(0), v_slots.stride(0),
         HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=d, BLOCK_H=block_h,
-        BLOCK_HALF=triton.next_power_of_2(d // 2), RNE_Q=_rne(qkv.dtype), RNE_KV=_rne(k_slots.dtype),
+        BLOCK_HALF=triton.next_power_of_2(d // 2), RNE_Q=needs_rne(qkv.dtype), RNE_KV=needs_rne(k_slots.dtype),
         num_warps=1 if block_h * d <= 512 else 4)

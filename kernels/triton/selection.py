@@ -278,7 +278,7 @@ def select_pages(scores: torch.Tensor, page_tables: torch.Tensor, seq_lens: torc
     is that logical page, and page_tables [batch, kv_heads, max_pages] holds its physical id."""
     batch, kv_heads, max_pages = scores.shape
     assert scores.stride(2) == 1
-    out, tables, block_p, k_sel = _selection_outputs(batch, kv_heads, max_pages, budget_pages, page_tables, listed)
+    out, tables, block_p, k_sel = selection_outputs(batch, kv_heads, max_pages, budget_pages, page_tables, listed)
     _select_pages[(batch, kv_heads)](
         scores, page_tables, seq_lens, *out, scores.stride(0), scores.stride(1), *tables,
         max_pages, budget_pages, k_sel, BLOCK_P=block_p, PAGE_SIZE=page_size, EARLY_EXIT=early_exit,
@@ -286,7 +286,7 @@ def select_pages(scores: torch.Tensor, page_tables: torch.Tensor, seq_lens: torc
     return out[:3]
 
 
-def _selection_outputs(batch: int, kv_heads: int, max_pages: int, budget_pages: int, page_tables: torch.Tensor,
+def selection_outputs(batch: int, kv_heads: int, max_pages: int, budget_pages: int, page_tables: torch.Tensor,
                        listed: torch.Tensor | None, expand: int = 1) -> tuple[tuple, tuple, int, int]:
     """What both selection launchers pass: the outputs (logical, physical, vlens, and the listed
     map or a stand-in), the table/output strides after the row strides, BLOCK_P and k_sel."""
@@ -330,7 +330,7 @@ def combine_select(bounds: torch.Tensor, page_tables: torch.Tensor, seq_lens: to
     batch, q_heads, max_pages = bounds.shape
     assert bounds.stride(2) == 1
     group = q_heads // kv_heads
-    out, tables, block_p, k_sel = _selection_outputs(batch, kv_heads, max_pages, budget_pages, page_tables, listed,
+    out, tables, block_p, k_sel = selection_outputs(batch, kv_heads, max_pages, budget_pages, page_tables, listed,
                                                      expand)
     if max_pages > FUSED_MAX_PAGES if streamed is None else streamed:
         scores = torch.empty(batch, kv_heads, max_pages, device=bounds.device, dtype=torch.float32)
