@@ -182,7 +182,12 @@ ATTEND_TUNINGS = [dict(num_splits=s) for s in (2, 4, 8, 16, 32)] + [
     dict(base, fixed_splits=True) for base in (
         dict(num_splits=16, block_n=128, num_warps=8), dict(num_splits=8, block_n=128, num_warps=8),
         dict(num_splits=1, block_n=128, num_warps=8, num_stages=5), dict(num_splits=1), dict(num_splits=2),
-        dict(num_splits=4))]
+        dict(num_splits=4), dict(num_splits=1, block_n=128, num_warps=8, num_stages=6),
+        dict(num_splits=1, block_n=128, num_warps=8, num_stages=7), dict(num_splits=1, block_n=128, num_warps=16,
+                                                                          num_stages=5),
+        dict(num_splits=1, block_n=64, num_warps=8, num_stages=6), dict(num_splits=1, block_n=64, num_warps=4,
+                                                                         num_stages=4),
+        dict(num_splits=1, block_n=128, num_warps=8, num_stages=5, evict_first=False))]
 
 
 def tune_stages(xs: list, scale: float, force: tuple, stages: list[str]) -> None:
