@@ -110,9 +110,10 @@ def test_reads_only_the_chosen_groups():
 def test_triton_path_matches_the_reference(planned_batch, by_rank, monkeypatch):
     """kernels/triton/centroids.centroid_sparse_decode (the Triton backend's) under the interpreter,
     with a page-table width that is not a whole number of groups, along each path its shape
-    choices take: few rows (rank selection, the reshaped scoring tile, one-block splits), a wave of
-    rows planned (the 2D tile, one split; radix selection with the rank's limit at 0), and many
-    (16-group 2D tiles, the dense decode's splits)."""
+    choices take: few rows (the reshaped scoring tile, the selection inside one-block attention
+    splits: select_attend), a wave of rows planned (the 2D tile, one split; radix selection with
+    the rank's limit at 0), and many (16-group 2D tiles, rank selection within its limit, the dense
+    decode's splits)."""
     pytest.importorskip("triton")
     from kernels.triton import centroids
     from kernels.triton.centroids import centroid_sparse_decode

@@ -29,6 +29,7 @@ import triton.language as tl
 from kernels.reference import default_scale, sparse_page_counts
 from kernels.triton.decode import check_kv, default_num_splits, num_sms, paged_decode, split_k_decode
 from kernels.triton.group_rank import rank_select
+from kernels.triton.select_attend import select_attend
 from kernels.triton.selection import combine_select
 
 
@@ -245,8 +246,9 @@ def centroid_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     page_size, kv_heads, d]; cents, stats as centroid_group_logits takes them; page_tables int32
     [batch, width]. Static-shaped and sync-free (CUDA-graph safe); when no row can exceed the budget
     this is paged_decode. tuning: split_k_decode's, over attend_tuning's defaults. Chosen from the
-    shapes: the scorer's tile (score_tuning) and the selection, by rank for few short rows
-    (RANK_MAX_PAIRS) or by radix search; planned_batch (default: q's) is the batch they are chosen
+    shapes: the scorer's tile (score_tuning), and for up to an eighth of a wave of rows the
+    selection inside the attention (select_attend; tuning then unused), else the selection by rank
+    for few short rows (RANK_MAX_PAIRS) or by radix search; planned_batch (default: q's) is the batch they are chosen
     for (the engine's graph bucket, so that a row is served alike replayed or eager)."""
     check_kv(q, k_cache, v_cache)
     page_size, kv_heads = k_cache.shape[1:3]
@@ -262,6 +264,12 @@ def centroid_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     logits = centroid_group_logits(q, cents, stats, page_tables, seq_lens, page_size, group_pages, scale,
                                    interpreted=interpreted, **score_tuning(rows, q.device))
     groups = logits.shape[2]
+    split_groups = max(1, 128 // span)
+    if rows <= num_sms(q.device) // 8 and force[0] % split_groups == 0:
+        # few rows: the selection inside each attention program, one launch fewer and no pages
+        # written out and read back (select_attend; 128-key splits as attend_tuning's for few rows)
+        return select_attend(q, k_cache, v_cache, logits, page_tables, seq_lens, span, force, scale,
+                             split_groups=split_groups)
     if rows * groups * groups <= RANK_MAX_PAIRS:
         _, physical, vlens = rank_select(logits, page_tables, seq_lens, span, kv_heads, force, scale, group_pages)
     else:

@@ -269,6 +269,15 @@ def split_k_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
             mid_o, mid_l, seq_lens, out, split_tokens, *mid_o.stride()[:3], *mid_l.stride()[:2],
             out.stride(0), out.stride(1), HEAD_DIM=head_dim, num_warps=4)
         return out
+    return merge_splits(mid_o, mid_l, out)
+
+
+def merge_splits(mid_o: torch.Tensor, mid_l: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Stage 2: each q head's output from its splits' partials mid_o fp32 [batch, q_heads, splits,
+    d], weighed by their log2-sum-exp mid_l fp32 [batch, q_heads, splits] (-inf: an empty split)
+    -> out [batch, q_heads, d] (written and returned)."""
+    batch, q_heads, num_splits, head_dim = mid_o.shape
+    assert mid_l.shape == (batch, q_heads, num_splits) and mid_o.stride(3) == 1 and mid_l.stride(2) == 1
     _decode_stage2[(batch, q_heads)](
         mid_o, mid_l, out, num_splits, *mid_o.stride()[:3], *mid_l.stride()[:2],
         out.stride(0), out.stride(1), HEAD_DIM=head_dim,

@@ -25,7 +25,7 @@ def _force_pages(score, logical, n_pages, budget_pages, sink_pages, recent_pages
 
 
 @triton.jit
-def _group_scores(Bounds, b, kvh, logical, valid, n_pages, s_bb, s_bh, scale, budget_pages, sink_pages,
+def group_scores(Bounds, b, kvh, logical, valid, n_pages, s_bb, s_bh, scale, budget_pages, sink_pages,
                   recent_pages, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
                   FORCE: tl.constexpr, width=None):
     """Scores of one (sequence, KV head) row of entries: log-softmax of each q head's bounds over the
@@ -75,13 +75,13 @@ def _combine_heads(Bounds, SeqLens, Scores, Listed, s_bb, s_bh, s_sb, s_sh, s_lb
                    budget_pages, sink_pages, recent_pages,
                    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
                    PAGE_SIZE: tl.constexpr, FORCE: tl.constexpr, LISTED: tl.constexpr):
-    """One program per (sequence, KV head): _group_scores of its row, stored."""
+    """One program per (sequence, KV head): group_scores of its row, stored."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     offs_p = tl.arange(0, BLOCK_P)
     n_pages = tl.cdiv(tl.load(SeqLens + b), PAGE_SIZE)
     logical, valid = _row_entries(Listed, b, kvh, s_lb, s_lh, n_pages, max_pages, BLOCK_P, LISTED)
-    score = _group_scores(Bounds, b, kvh, logical, valid, n_pages, s_bb, s_bh, scale, budget_pages, sink_pages,
+    score = group_scores(Bounds, b, kvh, logical, valid, n_pages, s_bb, s_bh, scale, budget_pages, sink_pages,
                           recent_pages, GROUP, BLOCK_G, BLOCK_P, FORCE)
     tl.store(Scores + b * s_sb + kvh * s_sh + offs_p, score, mask=offs_p < max_pages)
 
@@ -106,7 +106,7 @@ def combine_heads(bounds: torch.Tensor, seq_lens: torch.Tensor, page_size: int, 
 
 
 @triton.jit
-def _keep_top_k(score, k, EARLY_EXIT: tl.constexpr):
+def keep_top_k(score, k, EARLY_EXIT: tl.constexpr):
     """Exact top-k of a row by a 32-step radix search for the k-th largest score -> the kept mask
     (ties go to the lower index)."""
     bits = tl.where(score == 0.0, 0.0, score).to(tl.int32, bitcast=True)  # -0.0 ties with +0.0
@@ -174,7 +174,7 @@ def _select_pages(Scores, PT, SeqLens, Logical, Physical, VLens, Listed, s_sb, s
                   BLOCK_P: tl.constexpr, PAGE_SIZE: tl.constexpr, EARLY_EXIT: tl.constexpr,
                   LISTED: tl.constexpr):
     """One program per (sequence, KV head): the best budget_pages entries of its score row
-    (_keep_top_k), stored by _store_selection. LISTED: the row is a shortlist, entry i being
+    (keep_top_k), stored by _store_selection. LISTED: the row is a shortlist, entry i being
     logical page Listed[b, kvh, i] (ascending) with its physical id at PT[b, kvh, i]; else entry i
     is page i of the sequence's table."""
     b = tl.program_id(0)
@@ -184,7 +184,7 @@ def _select_pages(Scores, PT, SeqLens, Logical, Physical, VLens, Listed, s_sb, s
     seq_len = tl.load(SeqLens + b)
     n_pages = tl.cdiv(seq_len, PAGE_SIZE)
     k = tl.minimum(n_pages, budget_pages)
-    take = _keep_top_k(score, k, EARLY_EXIT)
+    take = keep_top_k(score, k, EARLY_EXIT)
     if LISTED:
         logical = tl.load(Listed + b * s_ib + kvh * s_ih + offs, mask=take, other=0)
     else:
@@ -209,10 +209,10 @@ def _combine_select(Bounds, PT, SeqLens, Logical, Physical, VLens, Listed, s_bb,
     seq_len = tl.load(SeqLens + b)
     n_pages = tl.cdiv(seq_len, PAGE_SIZE)
     logical, valid = _row_entries(Listed, b, kvh, s_ib, s_ih, n_pages, max_pages, BLOCK_P, LISTED)
-    score = _group_scores(Bounds, b, kvh, logical, valid, n_pages, s_bb, s_bh, scale, force_budget, sink_pages,
+    score = group_scores(Bounds, b, kvh, logical, valid, n_pages, s_bb, s_bh, scale, force_budget, sink_pages,
                           recent_pages, GROUP, BLOCK_G, BLOCK_P, True, max_pages)
     k = tl.minimum(n_pages, budget_pages)
-    take = _keep_top_k(score, k, EARLY_EXIT)
+    take = keep_top_k(score, k, EARLY_EXIT)
     _store_selection(take, logical, b, kvh, seq_len, n_pages, k, PT, Logical, Physical, VLens,
                      s_pb, s_ph, s_lb, s_lh, s_yb, s_yh, budget_pages, k_sel, BLOCK_P, PAGE_SIZE, EXPAND, groups)
 
@@ -226,8 +226,8 @@ def _combine_select_streamed(Bounds, PT, SeqLens, Logical, Physical, VLens, List
     """_combine_select for wide rows: the group's bounds [GROUP, BLOCK_P] would not fit one program's
     registers, so one program per (sequence, KV head) streams them in chunks of CHUNK entries.
     Pass 1: each q head's log-sum-exp over the row (online max and sum). Pass 2: the scores, as
-    _group_scores gives them, into a row of Scores. Then the whole row of scores (one value per
-    entry) is loaded at once for the top k and compacted (_keep_top_k, _store_selection). A row of
+    group_scores gives them, into a row of Scores. Then the whole row of scores (one value per
+    entry) is loaded at once for the top k and compacted (keep_top_k, _store_selection). A row of
     a sequence's own pages stops at its last page: the entries past it are -inf, never kept."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -262,7 +262,7 @@ def _combine_select_streamed(Bounds, PT, SeqLens, Logical, Physical, VLens, List
     tl.debug_barrier()      # the row is read back below in another thread layout than it was written
     offs = tl.arange(0, BLOCK_P)
     k = tl.minimum(n_pages, budget_pages)
-    take = _keep_top_k(tl.load(row + offs, mask=offs < end, other=float("-inf")), k, True)
+    take = keep_top_k(tl.load(row + offs, mask=offs < end, other=float("-inf")), k, True)
     logical, _ = _chunk_entries(Listed, b, kvh, s_ib, s_ih, offs, n_pages, max_pages, LISTED)
     _store_selection(take, logical, b, kvh, seq_len, n_pages, k, PT, Logical, Physical, VLens,
                      s_pb, s_ph, s_lb, s_lh, s_yb, s_yh, budget_pages, k_sel, BLOCK_P, PAGE_SIZE, EXPAND, groups)

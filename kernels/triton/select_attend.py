@@ -1,0 +1,110 @@
+"""Group selection and the attention over the chosen groups in one launch, for few rows.
+
+At batch 1 the centroid decode is a chain of latencies, not of bytes: the selection kernel (one
+row's top k, its pages written out) and the attention kernel (those pages read back, then K/V)
+each pay a launch and their own dependent memory trips. Here every attention program (sequence,
+KV head, split) runs the row's selection itself, in registers: the group scores of
+selection.group_scores, the exact top k of selection.keep_top_k, the kept groups compacted in
+ascending order as combine_select compacts them. A split covers SPLIT_GROUPS consecutive kept
+groups of that order (the virtual sequence split_k_decode(fixed_splits=True) reads from
+combine_select's output, so the keys, their order and the partials are the same), looks up their
+pages in the sequence's own table and attends to them in one block; decode.merge_splits merges the
+splits. The selection is repeated by every split of a row: that costs no time while the rows are
+few (its latency is paid once either way), and for many rows the three-launch path stays
+(kernels/triton/centroids.centroid_sparse_decode chooses).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.triton.decode import LOG2E, check_kv, dot_upcast, merge_splits, mma
+from kernels.triton.selection import group_scores, keep_top_k
+
+
+@triton.jit
+def _select_attend(Q, K, V, Logits, PT, SeqLens, MidO, MidL, qk_scale, scale, budget, sink, recent, max_groups,
+                   s_qb, s_qh, s_kp, s_ks, s_kh, s_vp, s_vs, s_vh, s_lb, s_lh, s_pb, s_ob, s_oh, s_os, s_mb, s_mh,
+                   GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   BLOCK_P: tl.constexpr, SPAN: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                   SPLIT_GROUPS: tl.constexpr, UPCAST: tl.constexpr):
+    """One program per (KV head, sequence, split): the row's selection, then this split's keys."""
+    kvh = tl.program_id(0)
+    b = tl.program_id(1)
+    split = tl.program_id(2)
+    BLOCK_N: tl.constexpr = SPLIT_GROUPS * SPAN
+    offs = tl.arange(0, BLOCK_P)
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask_h = offs_h < GROUP
+    heads = kvh * GROUP + offs_h
+    q = tl.load(Q + b * s_qb + heads[:, None] * s_qh + offs_d[None, :], mask=mask_h[:, None], other=0.0)
+    seq_len = tl.load(SeqLens + b)
+    n = tl.cdiv(seq_len, SPAN)
+    # the row's selection (combine_select's, to the compaction)
+    score = group_scores(Logits, b, kvh, offs, offs < n, n, s_lb, s_lh, scale, budget, sink, recent, GROUP,
+                         BLOCK_G, BLOCK_P, True, max_groups)
+    take = keep_top_k(score, tl.minimum(n, budget), True)
+    pos = tl.cumsum(take.to(tl.int32), 0) - 1
+    vlen = seq_len - tl.maximum(n - budget, 0) * SPAN       # the kept groups' tokens, the last one partial
+    # this split's virtual tokens and the kept group (its entry in the row) each belongs to
+    offs_t = split * BLOCK_N + tl.arange(0, BLOCK_N)
+    slot_t = offs_t // SPAN
+    entry_t = tl.zeros([BLOCK_N], tl.int32)
+    for g in tl.static_range(SPLIT_GROUPS):
+        slot = split * SPLIT_GROUPS + g
+        entry = tl.sum(tl.where(take & (pos == slot), offs, 0), 0)
+        entry_t = tl.where(slot_t == slot, entry, entry_t)
+    mask_t = offs_t < vlen
+    page = tl.load(PT + b.to(tl.int64) * s_pb + entry_t * (SPAN // PAGE_SIZE) + (offs_t % SPAN) // PAGE_SIZE,
+                   mask=mask_t, other=0).to(tl.int64)
+    slot_in = offs_t % PAGE_SIZE
+    k = tl.load(K + kvh * s_kh + (page * s_kp + slot_in * s_ks)[:, None] + offs_d[None, :], mask=mask_t[:, None],
+                other=0.0)
+    v = tl.load(V + kvh * s_vh + (page * s_vp + slot_in * s_vs)[:, None] + offs_d[None, :], mask=mask_t[:, None],
+                other=0.0)
+    # one block of decode._decode_stage1's online softmax from its start (the same arithmetic)
+    qk = mma(q, tl.trans(k), tl.zeros([BLOCK_H, BLOCK_N], tl.float32), UPCAST) * qk_scale
+    qk = tl.where(mask_t[None, :], qk, float("-inf"))
+    m = tl.max(qk, 1)
+    m_ref = tl.where(m > float("-inf"), m, 0.0)              # a split past the row's end: weights 0
+    p = tl.exp2(qk - m_ref[:, None])
+    l_i = tl.sum(p, 1)
+    acc = mma(p.to(v.dtype), v, tl.zeros([BLOCK_H, HEAD_DIM], tl.float32), UPCAST)
+    nonempty = l_i > 0
+    out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+    tl.store(MidO + b * s_ob + heads[:, None] * s_oh + split * s_os + offs_d[None, :], out, mask=mask_h[:, None])
+    lse = tl.where(nonempty, m + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+    tl.store(MidL + b * s_mb + heads * s_mh + split, lse, mask=mask_h)
+
+
+def select_attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, logits: torch.Tensor,
+                  page_tables: torch.Tensor, seq_lens: torch.Tensor, span: int, force: tuple[int, int, int],
+                  scale: float, split_groups: int = 2, num_warps: int = 8) -> torch.Tensor:
+    """combine_select(logits, ..., force[0], expand=span // page_size) then split_k_decode(...,
+    fixed_splits=True) over its pages with force[0] / split_groups splits, in one launch plus the
+    split merge. logits [batch, q_heads, G] (centroids.centroid_group_logits, / scale); q [batch,
+    q_heads, d]; caches [num_pages, page_size, kv_heads, d]; page_tables int32 [batch, >= G *
+    span / page_size]; force (budget, sink, recent) in groups -> [batch, q_heads, d]."""
+    check_kv(q, k_cache, v_cache)
+    batch, q_heads, head_dim = q.shape
+    page_size, kv_heads = k_cache.shape[1:3]
+    max_groups = logits.shape[2]
+    budget, sink, recent = force
+    assert span % page_size == 0 and page_tables.shape[1] >= max_groups * (span // page_size)
+    assert budget > sink + recent and budget % split_groups == 0, "whole splits of kept groups"
+    assert logits.stride(2) == 1 and page_tables.stride(1) == 1
+    assert page_tables.dtype == seq_lens.dtype == torch.int32
+    group = q_heads // kv_heads
+    splits = budget // split_groups
+    mid_o = torch.empty(batch, q_heads, splits, head_dim, device=q.device, dtype=torch.float32)
+    mid_l = torch.empty(batch, q_heads, splits, device=q.device, dtype=torch.float32)
+    _select_attend[(kv_heads, batch, splits)](
+        q, k_cache, v_cache, logits, page_tables, seq_lens, mid_o, mid_l, scale * LOG2E, scale, budget, sink,
+        recent, max_groups, q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
+        logits.stride(0), logits.stride(1), page_tables.stride(0), *mid_o.stride()[:3], *mid_l.stride()[:2],
+        GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_G=triton.next_power_of_2(group),
+        HEAD_DIM=head_dim, BLOCK_P=max(16, triton.next_power_of_2(max_groups)), SPAN=span, PAGE_SIZE=page_size,
+        SPLIT_GROUPS=split_groups, UPCAST=dot_upcast(q.dtype), num_warps=num_warps)
+    return merge_splits(mid_o, mid_l, torch.empty_like(q))
