@@ -35,6 +35,7 @@ from kernels import reference as ref
 from kernels.triton.centroids import attend_tuning, centroid_group_logits, centroid_sparse_decode, score_tuning
 from kernels.triton.decode import paged_decode, split_k_decode
 from kernels.triton.group_rank import rank_select
+from kernels.triton.select_attend import select_attend
 from kernels.triton.selection import combine_select
 from kernels.triton.sparse import sparse_decode
 
@@ -171,6 +172,8 @@ def rotating(fns):
 # candidate tunings of the later stages (--tune)
 SELECT_TUNINGS = [dict(num_warps=w) for w in (2, 4, 8)] + [dict(streamed=s, num_warps=8) for s in (True, False)] + [
     dict(streamed=False, num_warps=16)]
+# the one-launch selection + attention for few rows (select_attend)
+FUSED_TUNINGS = [dict(split_groups=s, num_warps=w) for s in (2, 4) for w in (4, 8)]
 RANK_TUNINGS = [dict(block_i=i, num_warps=w) for i in (16, 32, 64, 128) for w in (4, 8)]
 ATTEND_TUNINGS = [dict(num_splits=s) for s in (2, 4, 8, 16, 32)] + [
     dict(num_splits=s, block_n=n, num_warps=w) for s in (2, 4, 8, 16, 32) for n, w in ((32, 2), (128, 8))] + [
@@ -199,7 +202,10 @@ def tune_stages(xs: list, scale: float, force: tuple, stages: list[str]) -> None
             ("rank", lambda x, **c: rank_select(x["logits"], x["table"], x["lens"], SPAN, HKV, force, scale,
                                                 GROUP_PAGES, **c), RANK_TUNINGS),
             ("attend", lambda x, **c: split_k_decode(x["q"], x["k"], x["v"], x["physical"], x["vlens"], scale, **c),
-             ATTEND_TUNINGS)):
+             ATTEND_TUNINGS),
+            ("fused", lambda x, **c: select_attend(x["q"], x["k"], x["v"], x["logits"], x["table"], x["lens"], SPAN,
+                                                   force, scale, **({"split_groups": max(1, 128 // SPAN)} | c)),
+             FUSED_TUNINGS)):
         if label not in stages:
             continue
         timed = []
@@ -233,8 +239,8 @@ def main() -> None:
     parser.add_argument("--kv-layout", default="token-major", choices=["token-major", "head-major"],
                         help="the engine's [pages, page_size, kv_heads, d] or a page's rows of each head "
                              "contiguous ([pages, kv_heads, page_size, d]), for dense and sparse alike")
-    parser.add_argument("--tune", nargs="*", choices=["select", "rank", "attend"], default=None,
-                        help="also time candidate tunings of these stages (all three without a name), each "
+    parser.add_argument("--tune", nargs="*", choices=["select", "rank", "attend", "fused"], default=None,
+                        help="also time candidate tunings of these stages (all four without a name), each "
                              "checked against the stage's default output first")
     parser.add_argument("--launch-floor", action="store_true", help="also time 1-4 trivial launches")
     parser.add_argument("--quick", action="store_true", help="time only the scorer's default and score_tuning "
@@ -297,7 +303,7 @@ def main() -> None:
         rows.append((f"centroids {name}", f"{timed[0][0]:.1f} / {scores:.1f}", best, f"{select:.1f} / {rank:.1f}",
                      f"{attend:.1f} / {attend_tuned:.1f}", whole, engine))
         if args.tune is not None:
-            tune_stages(xs, scale, force, args.tune or ["select", "rank", "attend"])
+            tune_stages(xs, scale, force, args.tune or ["select", "rank", "attend", "fused"])
         if i == 0:
             dense = graph_us(rotating([partial(lambda x: paged_decode(x["q"], x["k"], x["v"], x["table"], x["lens"],
                                                                       scale), x) for x in xs]))

@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")
 
 from kernels import reference as ref  # noqa: E402
-from kernels.triton.centroids import centroid_group_logits  # noqa: E402
+from kernels.triton.centroids import centroid_group_logits, centroid_sparse_decode  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
@@ -79,19 +79,12 @@ def test_combine_select_expands_groups_to_pages(streamed):
             assert bool((physical[b, h, kept * group_pages:] == 0).all())
 
 
-@pytest.mark.parametrize("selection", ["radix", "radix streamed", "rank"])
-def test_centroid_pipeline_matches_the_reference_selector_and_decode(selection):
-    """Scores (centroid_group_logits), the selection (combine_select(expand=group_pages), in
-    registers or streamed, or group_rank.rank_select) and the split-K decode over the chosen pages
-    give reference.centroid_select_pages's pages and reference.attend_pages's output: summaries
-    from real k-means of the keys, rows of several lengths (one within the budget, one ending
-    inside a group, one on a group boundary)."""
-    from kernels.triton.decode import split_k_decode
-    from kernels.triton.group_rank import rank_select
-    from kernels.triton.selection import combine_select
+def _pipeline_inputs(budget_groups: int = 6):
+    """Summaries from real k-means of the keys; rows of several lengths (one within the budget, one
+    ending inside a group, one on a group boundary)."""
     page_size, group_pages, kv_heads, group, head_dim, clusters = 8, 2, 2, 2, 64, 4
     span = page_size * group_pages
-    budget_tokens, sink_tokens, recent_tokens = 6 * span, span, span
+    budget_tokens, sink_tokens, recent_tokens = budget_groups * span, span, span
     lens = [20 * span + 5, 5 * span, 13 * span]
     gen = torch.Generator().manual_seed(5)
     used = [-(-n // page_size) for n in lens]
@@ -111,6 +104,26 @@ def test_centroid_pipeline_matches_the_reference_selector_and_decode(selection):
     seq_lens = torch.tensor(lens, dtype=torch.int32)
     scale = head_dim ** -0.5
     force = ref.sparse_page_counts(span, budget_tokens, sink_tokens, recent_tokens)
+    return dict(q=q, k=k, v=v, cents=cents, stats=stats, table=table, seq_lens=seq_lens, lens=lens, scale=scale,
+                force=force, page_size=page_size, group_pages=group_pages, span=span,
+                tokens=(budget_tokens, sink_tokens, recent_tokens))
+
+
+@pytest.mark.parametrize("selection", ["radix", "radix streamed", "rank"])
+def test_centroid_pipeline_matches_the_reference_selector_and_decode(selection):
+    """Scores (centroid_group_logits), the selection (combine_select(expand=group_pages), in
+    registers or streamed, or group_rank.rank_select) and the split-K decode over the chosen pages
+    give reference.centroid_select_pages's pages and reference.attend_pages's output: summaries
+    from real k-means of the keys, rows of several lengths (one within the budget, one ending
+    inside a group, one on a group boundary)."""
+    from kernels.triton.decode import split_k_decode
+    from kernels.triton.group_rank import rank_select
+    from kernels.triton.selection import combine_select
+    x = _pipeline_inputs()
+    q, k, v, cents, stats, table, seq_lens, lens, scale, force = (x[n] for n in (
+        "q", "k", "v", "cents", "stats", "table", "seq_lens", "lens", "scale", "force"))
+    page_size, group_pages, span, kv_heads = x["page_size"], x["group_pages"], x["span"], k.shape[2]
+    budget_tokens, sink_tokens, recent_tokens = x["tokens"]
     logits = centroid_group_logits(q, cents, stats, table, seq_lens, page_size, group_pages, scale, interpreted=True)
     if selection == "rank":
         logical, physical, vlens = rank_select(logits, table, seq_lens, span, kv_heads, force, scale, group_pages)
@@ -127,4 +140,23 @@ def test_centroid_pipeline_matches_the_reference_selector_and_decode(selection):
         assert torch.equal(pages[:, :want.shape[1]], want)
         assert int(vlens[i]) == n - max(0, -(-n // span) - force[0]) * span
         expected = ref.attend_pages(q[i], k, v, table[i], n, want, scale)
+        torch.testing.assert_close(out[i], expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("planned_batch", [None, 64])
+def test_centroid_sparse_decode_writes_out(planned_batch):
+    """The launcher the engine calls writes its `out` (the engine reads nothing else), for few
+    planned rows (the selection inside the attention, select_attend) and for many (a selection
+    launch, then the split-K decode), and matches the reference selector and attention (a budget of
+    8 groups: whole 128-key splits of 16-token groups, as select_attend takes them)."""
+    x = _pipeline_inputs(budget_groups=8)
+    out = torch.full_like(x["q"], float("nan"))
+    got = centroid_sparse_decode(x["q"], x["k"], x["v"], x["cents"], x["stats"], x["table"], x["seq_lens"],
+                                 *x["tokens"], x["group_pages"], x["scale"], interpreted=True,
+                                 planned_batch=planned_batch, out=out)
+    assert got is out
+    for i, n in enumerate(x["lens"]):
+        want = ref.centroid_select_pages(x["q"][i], x["cents"], x["stats"], x["table"][i], n, x["page_size"],
+                                         x["group_pages"], x["scale"], *x["tokens"])
+        expected = ref.attend_pages(x["q"][i], x["k"], x["v"], x["table"][i], n, want, x["scale"])
         torch.testing.assert_close(out[i], expected, rtol=1e-4, atol=1e-4)

@@ -183,11 +183,14 @@ def test_summaries_move_with_their_pages_between_tiers():
     assert torch.equal(cache.cstats[:, spare], stats) and torch.equal(cache.k[:, spare], k)
 
 
-def test_attention_backends_agree_through_the_runner(request):
+@pytest.mark.parametrize("budget_groups, prompt_len", [(3, 70), (8, 150)])
+def test_attention_backends_agree_through_the_runner(request, budget_groups, prompt_len):
     """A random tiny model with the centroid selector on every attention backend here (torch;
     cpu_fused when its C++ ops build; triton under the interpreter): a prefill in chunks, then
     greedy decodes across group boundaries past the budget give the same tokens and logits, the
-    stats count whole groups, and every completed group carries its summary."""
+    stats count whole groups, and every completed group carries its summary. A budget of 8 groups
+    is whole 128-key splits, which the Triton launcher serves for few rows by the selection inside
+    the attention (select_attend), writing the engine's output buffer."""
     import importlib.util
 
     import numpy as np
@@ -200,11 +203,11 @@ def test_attention_backends_agree_through_the_runner(request):
     if importlib.util.find_spec("triton") is not None:
         request.getfixturevalue("triton_interpreter")
         names.append("triton")
-    sparse = SparseSettings(True, token_budget=48, dense_layers=1, sink_tokens=8, recent_tokens=8,
+    sparse = SparseSettings(True, token_budget=16 * budget_groups, dense_layers=1, sink_tokens=8, recent_tokens=8,
                             selector="centroids", centroids=4, group_tokens=16)
     greedy = SampleSpec(SamplingParams(temperature=0), 0.5)
-    prompt = np.random.default_rng(5).integers(0, 200, 70).tolist()
-    table = list(range(1, 1 + (70 + 24) // 8 + 1))
+    prompt = np.random.default_rng(5).integers(0, 200, prompt_len).tolist()
+    table = list(range(1, 1 + (prompt_len + 24) // 8 + 1))
     results = {}
     for name in names:
         runner = TorchRunner(RunnerSettings("random", "tiny", "tiny", dtype="float32", page_size=8, num_pages=48,
@@ -212,25 +215,25 @@ def test_attention_backends_agree_through_the_runner(request):
                                             sparse=sparse, validate_batches=True))
         assert runner.cache.cents is not None and runner.cache.kmin is None
         out, logits, stats = [], [], []
-        for start in (0, 30, 60):
+        for start in range(0, prompt_len, 30):
             chunk = prompt[start:start + 30]
             result = runner.forward(ForwardBatch([SequenceChunk(chunk, start, table, 0, 1, greedy)],
                                                  return_logits=True))
         for step in range(24):
             out.append(result.tokens[0].token_id)
             logits.append(result.logits[0])
-            result = runner.forward(ForwardBatch([SequenceChunk([out[-1]], 70 + step, table, 0, 1, greedy)],
+            result = runner.forward(ForwardBatch([SequenceChunk([out[-1]], prompt_len + step, table, 0, 1, greedy)],
                                                  return_logits=True))
             stats.append((result.attention.pages_read, result.attention.pages_skipped))
-        length = 70 + 24
+        length = prompt_len + 24
         lasts = torch.tensor(table[1:length // 16 * 2:2])
         assert bool((runner.cache.cstats[:, lasts, :, :, 0] > -1).all()), "a completed group has no summary"
         results[name] = out, np.stack(logits), stats
         layers, kv_heads = runner.config.num_layers - 1, runner.config.num_kv_heads     # the first is dense
     want_tokens, want_logits, want_stats = results["torch"]
     for i, (read, skipped) in enumerate(want_stats):
-        n = 70 + i + 1
-        dropped = max(0, -(-n // 16) - 3) * 2
+        n = prompt_len + i + 1
+        dropped = max(0, -(-n // 16) - budget_groups) * 2
         assert (read, skipped) == ((-(-n // 8) - dropped) * kv_heads * layers, dropped * kv_heads * layers)
     assert want_stats[-1][1] > 0
     for name in names[1:]:

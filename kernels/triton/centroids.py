@@ -238,17 +238,19 @@ def centroid_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            stats: torch.Tensor, page_tables: torch.Tensor, seq_lens: torch.Tensor,
                            budget_tokens: int, sink_tokens: int, recent_tokens: int, group_pages: int,
                            scale: float | None = None, interpreted: bool = False,
-                           planned_batch: int | None = None, **tuning) -> torch.Tensor:
+                           planned_batch: int | None = None, out: torch.Tensor | None = None,
+                           **tuning) -> torch.Tensor:
     """Batched reference.centroid_select_pages + attend_pages: the group scores
     (centroid_group_logits), combine_select keeping the budget's groups (sink and recent forced,
     counted in groups as reference.sparse_page_counts counts pages) and writing their pages'
     physical ids, then split-K attention over them. q [batch, q_heads, d]; caches [num_pages,
     page_size, kv_heads, d]; cents, stats as centroid_group_logits takes them; page_tables int32
-    [batch, width]. Static-shaped and sync-free (CUDA-graph safe); when no row can exceed the budget
-    this is paged_decode. tuning: split_k_decode's, over attend_tuning's defaults. Chosen from the
-    shapes: the scorer's tile (score_tuning), and for up to an eighth of a wave of rows the
-    selection inside the attention (select_attend; tuning then unused), else the selection by rank
-    for few short rows (RANK_MAX_PAIRS) or by radix search; planned_batch (default: q's) is the batch they are chosen
+    [batch, width] -> out [batch, q_heads, d] (written and returned). Static-shaped and sync-free
+    (CUDA-graph safe); when no row can exceed the budget this is paged_decode. tuning:
+    split_k_decode's, over attend_tuning's defaults. Chosen from the shapes: the scorer's tile
+    (score_tuning), and for up to an eighth of a wave of rows the selection inside the attention
+    (select_attend; tuning then unused), else the selection by rank for few short rows
+    (RANK_MAX_PAIRS) or by radix search; planned_batch (default: q's) is the batch they are chosen
     for (the engine's graph bucket, so that a row is served alike replayed or eager)."""
     check_kv(q, k_cache, v_cache)
     page_size, kv_heads = k_cache.shape[1:3]
@@ -256,7 +258,7 @@ def centroid_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     force = sparse_page_counts(span, budget_tokens, sink_tokens, recent_tokens)
     width = page_tables.shape[1]
     if -(-width // group_pages) <= force[0]:
-        return paged_decode(q, k_cache, v_cache, page_tables, seq_lens, scale, **tuning)
+        return paged_decode(q, k_cache, v_cache, page_tables, seq_lens, scale, out=out, **tuning)
     if width % group_pages:         # whole groups: the last one's missing pages are never attended
         page_tables = torch.nn.functional.pad(page_tables, (0, group_pages - width % group_pages))
     scale = default_scale(q.shape[2]) if scale is None else scale
@@ -269,7 +271,7 @@ def centroid_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         # few rows: the selection inside each attention program, one launch fewer and no pages
         # written out and read back (select_attend; 128-key splits as attend_tuning's for few rows)
         return select_attend(q, k_cache, v_cache, logits, page_tables, seq_lens, span, force, scale,
-                             split_groups=split_groups)
+                             split_groups=split_groups, out=out)
     if rows * groups * groups <= RANK_MAX_PAIRS:
         _, physical, vlens = rank_select(logits, page_tables, seq_lens, span, kv_heads, force, scale, group_pages)
     else:
@@ -279,4 +281,4 @@ def centroid_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         _, physical, vlens = combine_select(logits, page_tables, seq_lens, span, kv_heads, force, scale, force[0],
                                             expand=group_pages, num_warps=warps)
     tuning = {**attend_tuning(rows, force[0] * span, q.device), **tuning}
-    return split_k_decode(q, k_cache, v_cache, physical, vlens, scale, **tuning)
+    return split_k_decode(q, k_cache, v_cache, physical, vlens, scale, out=out, **tuning)

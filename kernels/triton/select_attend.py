@@ -81,12 +81,14 @@ def _select_attend(Q, K, V, Logits, PT, SeqLens, MidO, MidL, qk_scale, scale, bu
 
 def select_attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, logits: torch.Tensor,
                   page_tables: torch.Tensor, seq_lens: torch.Tensor, span: int, force: tuple[int, int, int],
-                  scale: float, split_groups: int = 2, num_warps: int = 8) -> torch.Tensor:
+                  scale: float, split_groups: int = 2, num_warps: int = 8,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """combine_select(logits, ..., force[0], expand=span // page_size) then split_k_decode(...,
     fixed_splits=True) over its pages with force[0] / split_groups splits, in one launch plus the
     split merge. logits [batch, q_heads, G] (centroids.centroid_group_logits, / scale); q [batch,
     q_heads, d]; caches [num_pages, page_size, kv_heads, d]; page_tables int32 [batch, >= G *
-    span / page_size]; force (budget, sink, recent) in groups -> [batch, q_heads, d]."""
+    span / page_size]; force (budget, sink, recent) in groups -> out [batch, q_heads, d] (written
+    and returned)."""
     check_kv(q, k_cache, v_cache)
     batch, q_heads, head_dim = q.shape
     page_size, kv_heads = k_cache.shape[1:3]
@@ -107,4 +109,4 @@ def select_attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_G=triton.next_power_of_2(group),
         HEAD_DIM=head_dim, BLOCK_P=max(16, triton.next_power_of_2(max_groups)), SPAN=span, PAGE_SIZE=page_size,
         SPLIT_GROUPS=split_groups, UPCAST=dot_upcast(q.dtype), num_warps=num_warps)
-    return merge_splits(mid_o, mid_l, torch.empty_like(q))
+    return merge_splits(mid_o, mid_l, torch.empty_like(q) if out is None else out)

@@ -16,7 +16,7 @@ from backends.cuda.attention.base import AttentionBackend
 from backends.cuda.layout import StepLayout, graph_batch
 from kernels.reference import sparse_page_counts
 from kernels.triton import extend_attention, paged_decode, sparse_decode, update_page_summaries
-from kernels.triton.centroids import attend_tuning, centroid_sparse_decode
+from kernels.triton.centroids import centroid_sparse_decode
 from kernels.triton.decode import default_num_splits, interpreting
 from kernels.triton.layer_ops import rotary_store
 
@@ -42,14 +42,12 @@ class TritonAttention(AttentionBackend):
         padded = graph_batch(nd) if nd else 1
         self.dense_splits = default_num_splits(padded, kv_heads, layout.tables.shape[1] * page_size, device)
         if self.sparse is not None:
-            unit = self.sparse.group_tokens if self.sparse.selector == "centroids" else page_size
-            budget, _, _ = sparse_page_counts(unit, self.sparse.token_budget, self.sparse.sink_tokens,
-                                              self.sparse.recent_tokens)
-            if self.sparse.selector == "centroids":     # its tunings and choices, for the bucket
-                self.centroid_tuning = dict(attend_tuning(padded * kv_heads, budget * unit, device),
-                                            planned_batch=padded)
+            if self.sparse.selector == "centroids":     # the launcher's choices, made for the bucket
+                self.centroid_tuning = dict(planned_batch=padded)
             else:
-                self.sparse_splits = default_num_splits(padded, kv_heads, budget * unit, device, min_blocks=2)
+                budget, _, _ = sparse_page_counts(page_size, self.sparse.token_budget, self.sparse.sink_tokens,
+                                                  self.sparse.recent_tokens)
+                self.sparse_splits = default_num_splits(padded, kv_heads, budget * page_size, device, min_blocks=2)
 
     def forward(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
         heads, kv_heads, d = self.shape.heads, self.shape.kv_heads, self.shape.head_dim
