@@ -171,9 +171,12 @@ def rotating(fns):
 
 # candidate tunings of the later stages (--tune)
 SELECT_TUNINGS = [dict(num_warps=w) for w in (2, 4, 8)] + [dict(streamed=s, num_warps=8) for s in (True, False)] + [
-    dict(streamed=False, num_warps=16)]
+    dict(streamed=False, num_warps=16)] + [
+    # the k-th score read from a bitonic sort (of the budget's power of two, or of the whole row)
+    dict(sort=o, num_warps=w) for o in ("topk", "sort") for w in (2, 4, 8)]
 # the one-launch selection + attention for few rows (select_attend)
-FUSED_TUNINGS = [dict(split_groups=s, num_warps=w) for s in (2, 4) for w in (4, 8)]
+FUSED_TUNINGS = [dict(split_groups=s, num_warps=w) for s in (2, 4) for w in (4, 8)] + [
+    dict(sort=o, num_warps=w) for o in ("topk", "sort") for w in (4, 8)]
 RANK_TUNINGS = [dict(block_i=i, num_warps=w) for i in (16, 32, 64, 128) for w in (4, 8)]
 ATTEND_TUNINGS = [dict(num_splits=s) for s in (2, 4, 8, 16, 32)] + [
     dict(num_splits=s, block_n=n, num_warps=w) for s in (2, 4, 8, 16, 32) for n, w in ((32, 2), (128, 8))] + [

@@ -16,8 +16,8 @@ from kernels.triton.selection import combine_select  # noqa: E402
 pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 
-@pytest.mark.parametrize("split_groups", [1, 2])
-def test_select_attend_matches_the_three_launches_and_the_reference(split_groups):
+@pytest.mark.parametrize("split_groups,sort", [(1, None), (2, None), (2, "sort"), (2, "topk")])
+def test_select_attend_matches_the_three_launches_and_the_reference(split_groups, sort):
     """Rows longer than the budget (one ending inside a group, one on a group boundary) and one
     within it (every group kept, the splits past its end empty)."""
     page_size, group_pages, kv_heads, group, head_dim, clusters = 8, 2, 2, 2, 64, 4
@@ -43,7 +43,8 @@ def test_select_attend_matches_the_three_launches_and_the_reference(split_groups
     scale = head_dim ** -0.5
     force = ref.sparse_page_counts(span, budget_tokens, sink_tokens, recent_tokens)
     logits = centroid_group_logits(q, cents, stats, table, seq_lens, page_size, group_pages, scale, interpreted=True)
-    got = select_attend(q, k, v, logits, table, seq_lens, span, force, scale, split_groups=split_groups)
+    got = select_attend(q, k, v, logits, table, seq_lens, span, force, scale, split_groups=split_groups,
+                        sort=sort)
     _, physical, vlens = combine_select(logits, table, seq_lens, span, kv_heads, force, scale, force[0],
                                         expand=group_pages)
     three = split_k_decode(q, k, v, physical, vlens, scale, num_splits=force[0] // split_groups,

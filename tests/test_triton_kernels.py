@@ -298,13 +298,15 @@ def test_select_pages_exact_top_k_with_ties(early_exit):
         assert vlens[i] == n - max(0, -(-n // page_size) - budget) * page_size
 
 
-@pytest.mark.parametrize("listed,chunk,ties", [(False, None, False), (True, None, False), (False, 8, False),
-                                               (True, 4, False), (False, 8, True), (True, 4, True)])
-def test_combine_select_equals_combine_then_select(listed, chunk, ties):
+@pytest.mark.parametrize("listed,chunk,ties,sort", [
+    (False, None, False, None), (True, None, False, None), (False, 8, False, None), (True, 4, False, None),
+    (False, 8, True, None), (True, 4, True, None), (False, None, True, "sort"), (True, None, True, "topk")])
+def test_combine_select_equals_combine_then_select(listed, chunk, ties, sort):
     """The fused kernel keeps the same pages as combine_heads + select_pages, for a sequence's own
     pages and for a shortlist (its physical pages per KV head); forced, padding and partial rows;
     with the bounds in registers and streamed in chunks (the kernel for wide rows); ties: bounds
-    rounded to whole numbers, so that many pages tie (kept by the lower index)."""
+    rounded to whole numbers, so that many pages tie (kept by the lower index); sort: the k-th
+    score read from the sorted row (keep_top_k's SORT)."""
     lens, page_size, group = [300, 40, 129], 16, 4
     q, _, _, kmin, kmax, table = sparse_inputs(lens, page_size, group, 64, BF16, seed=91)
     force, scale, keep = (6, 1, 2), 0.125, 6
@@ -319,7 +321,7 @@ def test_combine_select_equals_combine_then_select(listed, chunk, ties):
     if ties:
         bounds = bounds.round().contiguous()
     fused = combine_select(bounds, tables, i32(lens), page_size, KV_HEADS, force, scale, keep, listed=lst,
-                           streamed=chunk is not None, chunk=chunk)
+                           streamed=chunk is not None, chunk=chunk, sort=sort)
     scores = combine_heads(bounds, i32(lens), page_size, KV_HEADS, force, scale, lst)
     plain = select_pages(scores, tables, i32(lens), page_size, keep, listed=lst)
     for a, b in zip(fused, plain, strict=True):

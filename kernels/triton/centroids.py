@@ -194,6 +194,13 @@ def centroid_group_logits(q: torch.Tensor, cents: torch.Tensor, stats: torch.Ten
     return out
 
 
+# Table groups up to which the selection reads the k-th score from a bitonic top-k of the budget
+# (selection.keep_top_k's SORT) rather than by the radix search: H200, 1024 groups (a 64k-token
+# table, rows of 32k), combine_select b16 6.1 us against 8.8, b64 13.9 against 14.4, select_attend
+# b1 13.4 against 14.6; at 4096 groups (128k) no gain in combine_select (14.0 both, its rows
+# streamed) and a loss in select_attend (24.3 against 21.8)
+TOPK_MAX_GROUPS = 1024
+
 # Rows (sequence, KV head) x groups^2 up to which the selection ranks groups over many programs
 # (group_rank.rank_select) instead of one radix search per row (selection.combine_select): the
 # rank's work grows with the square of a row, the search's chain with nothing but its length.
@@ -266,19 +273,23 @@ def centroid_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     logits = centroid_group_logits(q, cents, stats, page_tables, seq_lens, page_size, group_pages, scale,
                                    interpreted=interpreted, **score_tuning(rows, q.device))
     groups = logits.shape[2]
+    # the k-th score from a bitonic top-k of the budget instead of the 32-step radix search, for
+    # rows of up to TOPK_MAX_GROUPS entries (the table's groups)
+    sort = "topk" if groups <= TOPK_MAX_GROUPS else None
     split_groups = max(1, 128 // span)
     if rows <= num_sms(q.device) // 8 and force[0] % split_groups == 0:
         # few rows: the selection inside each attention program, one launch fewer and no pages
         # written out and read back (select_attend; 128-key splits as attend_tuning's for few rows)
         return select_attend(q, k_cache, v_cache, logits, page_tables, seq_lens, span, force, scale,
-                             split_groups=split_groups, out=out)
+                             split_groups=split_groups, out=out, sort=sort)
     if rows * groups * groups <= RANK_MAX_PAIRS:
         _, physical, vlens = rank_select(logits, page_tables, seq_lens, span, kv_heads, force, scale, group_pages)
     else:
         # 2 warps a row from two waves of rows up (H200, b64: 14.6 us against 17.3 with 4, the
-        # row's group pages held in registers from the start: selection._group_pages)
-        warps = 2 if rows >= 2 * num_sms(q.device) else None
+        # row's group pages held in registers from the start: selection._group_pages; with the
+        # top-k 13.9), else 8 with the top-k (b16: 6.1 us against 7.4 with 4; 8.8 by radix search)
+        warps = 2 if rows >= 2 * num_sms(q.device) else (8 if sort else None)
         _, physical, vlens = combine_select(logits, page_tables, seq_lens, span, kv_heads, force, scale, force[0],
-                                            expand=group_pages, num_warps=warps)
+                                            expand=group_pages, num_warps=warps, sort=sort)
     tuning = {**attend_tuning(rows, force[0] * span, q.device), **tuning}
     return split_k_decode(q, k_cache, v_cache, physical, vlens, scale, out=out, **tuning)

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton.decode import LOG2E, check_kv, dot_upcast, merge_splits, mma
-from kernels.triton.selection import group_scores, keep_top_k
+from kernels.triton.selection import group_scores, keep_top_k, sort_width
 
 
 @triton.jit
@@ -28,7 +28,7 @@ def _select_attend(Q, K, V, Logits, PT, SeqLens, MidO, MidL, qk_scale, scale, bu
                    s_qb, s_qh, s_kp, s_ks, s_kh, s_vp, s_vs, s_vh, s_lb, s_lh, s_pb, s_ob, s_oh, s_os, s_mb, s_mh,
                    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_P: tl.constexpr, SPAN: tl.constexpr, PAGE_SIZE: tl.constexpr,
-                   SPLIT_GROUPS: tl.constexpr, UPCAST: tl.constexpr):
+                   SPLIT_GROUPS: tl.constexpr, UPCAST: tl.constexpr, SORT: tl.constexpr):
     """One program per (KV head, sequence, split): the row's selection, then this split's keys."""
     kvh = tl.program_id(0)
     b = tl.program_id(1)
@@ -45,7 +45,7 @@ def _select_attend(Q, K, V, Logits, PT, SeqLens, MidO, MidL, qk_scale, scale, bu
     # the row's selection (combine_select's, to the compaction)
     score = group_scores(Logits, b, kvh, offs, offs < n, n, s_lb, s_lh, scale, budget, sink, recent, GROUP,
                          BLOCK_G, BLOCK_P, True, max_groups)
-    take = keep_top_k(score, tl.minimum(n, budget), True)
+    take = keep_top_k(score, tl.minimum(n, budget), True, SORT)
     pos = tl.cumsum(take.to(tl.int32), 0) - 1
     vlen = seq_len - tl.maximum(n - budget, 0) * SPAN       # the kept groups' tokens, the last one partial
     # this split's virtual tokens and the kept group (its entry in the row) each belongs to
@@ -82,7 +82,7 @@ def _select_attend(Q, K, V, Logits, PT, SeqLens, MidO, MidL, qk_scale, scale, bu
 def select_attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, logits: torch.Tensor,
                   page_tables: torch.Tensor, seq_lens: torch.Tensor, span: int, force: tuple[int, int, int],
                   scale: float, split_groups: int = 2, num_warps: int = 8,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
+                  out: torch.Tensor | None = None, sort: str | None = None) -> torch.Tensor:
     """combine_select(logits, ..., force[0], expand=span // page_size) then split_k_decode(...,
     fixed_splits=True) over its pages with force[0] / split_groups splits, in one launch plus the
     split merge. logits [batch, q_heads, G] (centroids.centroid_group_logits, / scale); q [batch,
@@ -108,5 +108,6 @@ def select_attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         logits.stride(0), logits.stride(1), page_tables.stride(0), *mid_o.stride()[:3], *mid_l.stride()[:2],
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_G=triton.next_power_of_2(group),
         HEAD_DIM=head_dim, BLOCK_P=max(16, triton.next_power_of_2(max_groups)), SPAN=span, PAGE_SIZE=page_size,
-        SPLIT_GROUPS=split_groups, UPCAST=dot_upcast(q.dtype), num_warps=num_warps)
+        SPLIT_GROUPS=split_groups, UPCAST=dot_upcast(q.dtype), num_warps=num_warps,
+        SORT=sort_width(sort, budget, max(16, triton.next_power_of_2(max_groups))))
     return merge_splits(mid_o, mid_l, torch.empty_like(q) if out is None else out)

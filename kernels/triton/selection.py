@@ -105,14 +105,36 @@ def combine_heads(bounds: torch.Tensor, seq_lens: torch.Tensor, page_size: int, 
     return scores
 
 
+def sort_width(sort: str | None, budget: int, block: int) -> int:
+    """keep_top_k's SORT for `sort`: None, the radix search (0); "topk", tl.topk of the budget's
+    power of two (where this Triton has it); "sort", the whole row sorted."""
+    if sort is None:
+        return 0
+    if sort == "topk" and hasattr(tl, "topk"):
+        return min(block, triton.next_power_of_2(budget))
+    assert sort in ("topk", "sort"), sort
+    return block
+
+
 @triton.jit
-def keep_top_k(score, k, EARLY_EXIT: tl.constexpr):
+def keep_top_k(score, k, EARLY_EXIT: tl.constexpr, SORT: tl.constexpr = 0):
     """Exact top-k of a row by a 32-step radix search for the k-th largest score -> the kept mask
-    (ties go to the lower index)."""
+    (ties go to the lower index). SORT > 0 (a power of two, at least k): the k-th largest read
+    from the row's keys sorted by a bitonic network instead (tl.topk of SORT, or tl.sort of the
+    whole row when SORT is its length)."""
     bits = tl.where(score == 0.0, 0.0, score).to(tl.int32, bitcast=True)  # -0.0 ties with +0.0
     key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648  # float order, in [0, 2^32)
     thresh = tl.zeros([], tl.int64)
-    if EARLY_EXIT:
+    if SORT > 0:
+        signed = (bits ^ ((bits >> 31) & 0x7FFFFFFF))          # the same order as signed int32
+        if SORT == signed.shape[0]:
+            best = tl.sort(signed, descending=True)
+        else:
+            best = tl.topk(signed, SORT)
+        kth = tl.sum(tl.where(tl.arange(0, SORT) == k - 1, best, 0), 0)
+        # k = 0 (a padding row): a threshold above every key keeps nothing
+        thresh = tl.where(k > 0, kth.to(tl.int64) + 2147483648, tl.full([], 1 << 32, tl.int64))
+    elif EARLY_EXIT:
         # Stop as soon as some candidate has exactly k keys >= it: those are the top k (no ties to
         # split), and the take/tie logic below keeps exactly them. Else the full 32 steps.
         bit = tl.full([], 31, tl.int64)
@@ -198,7 +220,7 @@ def _combine_select(Bounds, PT, SeqLens, Logical, Physical, VLens, Listed, s_bb,
                     s_yb, s_yh, s_ib, s_ih, max_pages, scale, force_budget, sink_pages, recent_pages,
                     budget_pages, k_sel, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
                     PAGE_SIZE: tl.constexpr, EARLY_EXIT: tl.constexpr, LISTED: tl.constexpr,
-                    EXPAND: tl.constexpr):
+                    EXPAND: tl.constexpr, SORT: tl.constexpr):
     """_combine_heads and _select_pages in one program per (sequence, KV head): the scores never
     leave registers (two launches and a scores round trip fewer per sparse layer)."""
     b = tl.program_id(0)
@@ -212,7 +234,7 @@ def _combine_select(Bounds, PT, SeqLens, Logical, Physical, VLens, Listed, s_bb,
     score = group_scores(Bounds, b, kvh, logical, valid, n_pages, s_bb, s_bh, scale, force_budget, sink_pages,
                           recent_pages, GROUP, BLOCK_G, BLOCK_P, True, max_pages)
     k = tl.minimum(n_pages, budget_pages)
-    take = keep_top_k(score, k, EARLY_EXIT)
+    take = keep_top_k(score, k, EARLY_EXIT, SORT)
     _store_selection(take, logical, b, kvh, seq_len, n_pages, k, PT, Logical, Physical, VLens,
                      s_pb, s_ph, s_lb, s_lh, s_yb, s_yh, budget_pages, k_sel, BLOCK_P, PAGE_SIZE, EXPAND, groups)
 
@@ -318,8 +340,8 @@ STREAM_CHUNK = 2048
 def combine_select(bounds: torch.Tensor, page_tables: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
                    kv_heads: int, force: tuple[int, int, int], scale: float, budget_pages: int,
                    listed: torch.Tensor | None = None, early_exit: bool = True, streamed: bool | None = None,
-                   chunk: int | None = None, num_warps: int | None = None, expand: int = 1
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   chunk: int | None = None, num_warps: int | None = None, expand: int = 1,
+                   sort: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """select_pages(combine_heads(bounds, ...), ...) in one launch, the scores never written out for
     rows of at most FUSED_MAX_PAGES entries (early_exit: select_pages's); wider rows (or any, with
     streamed=True) by _combine_select_streamed in chunks of `chunk` entries (default STREAM_CHUNK).
@@ -344,5 +366,5 @@ def combine_select(bounds: torch.Tensor, page_tables: torch.Tensor, seq_lens: to
         bounds, page_tables, seq_lens, *out, bounds.stride(0), bounds.stride(1), *tables, max_pages, scale,
         *force, budget_pages, k_sel, GROUP=group, BLOCK_G=triton.next_power_of_2(group), BLOCK_P=block_p,
         PAGE_SIZE=page_size, EARLY_EXIT=early_exit, LISTED=listed is not None, EXPAND=expand,
-        num_warps=num_warps or (4 if block_p * group <= 4096 else 8))
+        SORT=sort_width(sort, budget_pages, block_p), num_warps=num_warps or (4 if block_p * group <= 4096 else 8))
     return out[:3]
