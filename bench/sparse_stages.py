@@ -145,7 +145,8 @@ def main() -> None:
     best_of("coarse combine + select (one launch)",
             partial(combine_select, coarse_bounds, table, lens, ps, HKV, force, scale, shortlist),
             [{}, dict(chunk=1024), dict(chunk=4096), dict(num_warps=4), dict(num_warps=16)]
-            + ([dict(streamed=False)] if args.width <= 4096 else []), exact_selection(coarse_bounds, shortlist))
+            + ([dict(streamed=False)] + [dict(streamed=False, sort="topk", num_warps=w) for w in (8, 16)]
+               if args.width <= 4096 else []), exact_selection(coarse_bounds, shortlist))
     fine_fn = partial(shortlist_scores, q, kmin, kmax, listed, listed_phys, lens, ps, force, scale)
     fine, _ = best_of("fine scores (shortlist blocks)", fine_fn,
                       [{}] + [dict(block_p=bp, num_warps=w, dot=False) for bp, w in ((2, 1), (4, 2), (8, 2))]
@@ -158,7 +159,8 @@ def main() -> None:
     fine_bounds = shortlist_bounds(q, kmin, kmax, listed, listed_phys, lens, ps)
     best_of("fine combine + select (one launch)",
             partial(combine_select, fine_bounds, listed_phys, lens, ps, HKV, force, scale, budget, listed=listed),
-            [{}, dict(streamed=True)], exact_selection(fine_bounds, budget, listed))
+            [{}, dict(streamed=True)] + [dict(sort=o, num_warps=w) for o in ("topk", "sort") for w in (4, 8)],
+            exact_selection(fine_bounds, budget, listed))
     attend_cfgs = [{}] + [dict(num_splits=s) for s in (2, 4, 6, 8)]
     if not args.skip_tuning:
         attend_cfgs += [dict(num_splits=s, block_n=n, num_warps=w, num_stages=stages, per_page=pp)

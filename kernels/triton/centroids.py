@@ -30,7 +30,7 @@ from kernels.reference import default_scale, sparse_page_counts
 from kernels.triton.decode import check_kv, default_num_splits, num_sms, paged_decode, split_k_decode
 from kernels.triton.group_rank import rank_select
 from kernels.triton.select_attend import select_attend
-from kernels.triton.selection import combine_select
+from kernels.triton.selection import combine_select, prefers_top_k
 
 
 @triton.jit
@@ -194,13 +194,6 @@ def centroid_group_logits(q: torch.Tensor, cents: torch.Tensor, stats: torch.Ten
     return out
 
 
-# Table groups up to which the selection reads the k-th score from a bitonic top-k of the budget
-# (selection.keep_top_k's SORT) rather than by the radix search: H200, 1024 groups (a 64k-token
-# table, rows of 32k), combine_select b16 6.1 us against 8.8, b64 13.9 against 14.4, select_attend
-# b1 13.4 against 14.6; at 4096 groups (128k) no gain in combine_select (14.0 both, its rows
-# streamed) and a loss in select_attend (24.3 against 21.8)
-TOPK_MAX_GROUPS = 1024
-
 # Rows (sequence, KV head) x groups^2 up to which the selection ranks groups over many programs
 # (group_rank.rank_select) instead of one radix search per row (selection.combine_select): the
 # rank's work grows with the square of a row, the search's chain with nothing but its length.
@@ -273,9 +266,11 @@ def centroid_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     logits = centroid_group_logits(q, cents, stats, page_tables, seq_lens, page_size, group_pages, scale,
                                    interpreted=interpreted, **score_tuning(rows, q.device))
     groups = logits.shape[2]
-    # the k-th score from a bitonic top-k of the budget instead of the 32-step radix search, for
-    # rows of up to TOPK_MAX_GROUPS entries (the table's groups)
-    sort = "topk" if groups <= TOPK_MAX_GROUPS else None
+    # the k-th score from a bitonic top-k of the budget instead of the 32-step radix search where
+    # that is faster (selection.prefers_top_k; H200, 1024 groups: combine_select b64 13.9 us
+    # against 14.4, select_attend b1 13.4 against 14.6; 4096 groups, select_attend 24.3 against
+    # 21.8)
+    sort = "topk" if prefers_top_k(groups, force[0]) else None
     split_groups = max(1, 128 // span)
     if rows <= num_sms(q.device) // 8 and force[0] % split_groups == 0:
         # few rows: the selection inside each attention program, one launch fewer and no pages
