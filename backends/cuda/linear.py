@@ -30,7 +30,7 @@ Measured on a 2-core Zen 4 (AVX-512 BF16/VNNI), torch 2.13 CPU, SmolLM2-135M sha
 from __future__ import annotations
 
 import sys
-from functools import partial
+from functools import cache, partial
 
 import torch
 import torch.nn.functional as F
@@ -42,9 +42,14 @@ INT4_MAX_ROWS = 8          # int4pack_mm for up to this many rows, oneDNN bf16 a
 INT4_GROUP = 32            # GGUF's Q4_0 / Q4_1 block size
 
 
+@cache
 def _mkldnn_ok() -> bool:
+    """Whether oneDNN's bf16 linear runs on this CPU: its reorder raises on CPUs without
+    AVX512-BW/VL/DQ or AVX-NE-CONVERT (an AVX2-only host), where bf16 weights stay with F.linear."""
     return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and hasattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported")
+            and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
 
 
 def _quant_kernel(shape: torch.Size) -> bool:
