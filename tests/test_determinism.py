@@ -144,8 +144,25 @@ def test_device_sampler_draws_a_row_alone_as_in_a_batch():
 # ---- the deterministic CUDA kernels, under the Triton interpreter -------------------------------
 
 @pytest.fixture
-def interpreted_invariant_matmul(triton_interpreter):
-    """kernels/triton/invariant_matmul.py under the interpreter too (conftest reloads its own list)."""
+def interpreted_invariant_matmul(triton_interpreter, monkeypatch):
+    """kernels/triton/invariant_matmul.py under the interpreter too (conftest reloads its own list).
+
+    The interpreter's tl.dot is numpy's matmul, and OpenBLAS's AVX2 kernels round a row differently
+    by its position in the block (an AMD EPYC host: 6 of 16 rows of a 16x64 @ 64x16 product), where
+    the GPU's tile MMA computes every row alike. The dots here run in float64 and round once to the
+    accumulator's dtype (exact for bf16 operands at these sizes), so that the tests check our
+    kernels' batch invariance and not the host BLAS's."""
+    import numpy
+    from triton.runtime import interpreter
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if a.dtype.primitive_bitwidth == 8 or b.dtype.primitive_bitwidth == 8:
+            return plain_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+        exact = numpy.matmul(a.data.astype(numpy.float64), b.data.astype(numpy.float64))
+        return interpreter.TensorHandle((exact + d.data).astype(d.data.dtype), d.dtype.scalar)
+
+    plain_dot = interpreter.InterpreterBuilder.create_dot
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
     return importlib.reload(importlib.import_module("kernels.triton.invariant_matmul"))
 
 

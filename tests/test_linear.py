@@ -12,7 +12,7 @@ TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2, "int8": 3e-2, "int4": 1.2e-1}
 
 
 @pytest.mark.parametrize("mode", list(TOLERANCE))
-@pytest.mark.parametrize("rows", [1, 2, 3, 8])
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 32])
 @pytest.mark.parametrize("strided", [False, True])
 def test_fast_linear_matches_reference(mode, rows, strided):
     torch.manual_seed(rows)
