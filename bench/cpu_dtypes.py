@@ -2,7 +2,7 @@
 one decode stream and of 8, and of a prefill of 8 x 64-token prompts, side by side with the host's
 capabilities (AVX-512 BF16 quant kernels, oneDNN bf16), which decide what the modes run on.
 
-    .venv/bin/python bench/cpu_dtypes.py [--threads 2] [--dtypes auto float32 int8 bfloat16]
+    .venv/bin/python -m bench.cpu_dtypes [--threads 2] [--dtypes auto float32 int8 bfloat16]
 """
 from __future__ import annotations
 
