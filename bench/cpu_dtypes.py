@@ -12,7 +12,7 @@ import time
 import torch
 
 from backends.base import ForwardBatch, RunnerSettings, SampleSpec, SequenceChunk
-from backends.cuda.linear import _mkldnn_ok
+from backends.cuda.linear import onednn_bf16_available
 from backends.cuda.runner import TorchRunner
 from backends.sampling_params import SamplingParams
 from backends.source import resolve_source
@@ -46,7 +46,7 @@ def main() -> None:
     args = parser.parse_args()
     source = resolve_source("packaged:smollm2-135m-instruct")
     print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"quant kernels (AVX-512 BF16) {quant_linear.available()}, oneDNN bf16 {_mkldnn_ok()}, "
+          f"quant kernels (AVX-512 BF16) {quant_linear.available()}, oneDNN bf16 {onednn_bf16_available()}, "
           f"{args.threads} threads", flush=True)
     print("| dtype | mode | decode 1 stream tok/s | decode 8 streams tok/s | prefill 8 x 64 tok/s |\n"
           "| --- | --- | --- | --- | --- |")

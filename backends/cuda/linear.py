@@ -43,7 +43,7 @@ INT4_GROUP = 32            # GGUF's Q4_0 / Q4_1 block size
 
 
 @cache
-def _mkldnn_ok() -> bool:
+def onednn_bf16_available() -> bool:
     """Whether oneDNN's bf16 linear runs on this CPU: its reorder raises on CPUs without
     AVX512-BW/VL/DQ or AVX-NE-CONVERT (an AVX2-only host), where bf16 weights stay with F.linear."""
     return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -138,7 +138,7 @@ class FastLinear:
         self._dense = F.linear              # every other row count (use_float32_output: float32 products)
         self.skinny = None                  # a few-row Triton kernel's config (use_skinny), else None
         if mode in ("bfloat16", "int8", "int4") and self.quant is None and self.weight.device.type == "cpu":
-            if _mkldnn_ok():
+            if onednn_bf16_available():
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, None)
             else:
                 self._dense = _linear_bf16_without_onednn
