@@ -100,6 +100,7 @@ def select_attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     assert page_tables.dtype == seq_lens.dtype == torch.int32
     group = q_heads // kv_heads
     splits = budget // split_groups
+    block_p = max(16, triton.next_power_of_2(max_groups))
     mid_o = torch.empty(batch, q_heads, splits, head_dim, device=q.device, dtype=torch.float32)
     mid_l = torch.empty(batch, q_heads, splits, device=q.device, dtype=torch.float32)
     _select_attend[(kv_heads, batch, splits)](
@@ -107,7 +108,6 @@ def select_attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         recent, max_groups, q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
         logits.stride(0), logits.stride(1), page_tables.stride(0), *mid_o.stride()[:3], *mid_l.stride()[:2],
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_G=triton.next_power_of_2(group),
-        HEAD_DIM=head_dim, BLOCK_P=max(16, triton.next_power_of_2(max_groups)), SPAN=span, PAGE_SIZE=page_size,
-        SPLIT_GROUPS=split_groups, UPCAST=dot_upcast(q.dtype), num_warps=num_warps,
-        SORT=sort_width(sort, budget, max(16, triton.next_power_of_2(max_groups))))
+        HEAD_DIM=head_dim, BLOCK_P=block_p, SPAN=span, PAGE_SIZE=page_size, SPLIT_GROUPS=split_groups,
+        UPCAST=dot_upcast(q.dtype), num_warps=num_warps, SORT=sort_width(sort, budget, block_p))
     return merge_splits(mid_o, mid_l, torch.empty_like(q) if out is None else out)

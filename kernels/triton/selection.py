@@ -119,13 +119,12 @@ def prefers_top_k(entries: int, keep: int) -> bool:
 
 def sort_width(sort: str | None, budget: int, block: int) -> int:
     """keep_top_k's SORT for `sort`: None, the radix search (0); "topk", tl.topk of the budget's
-    power of two (where this Triton has it); "sort", the whole row sorted."""
-    if sort is None:
+    power of two (the radix search where this Triton has no tl.topk: the whole-row sort is slower
+    than either); "sort", the whole row sorted."""
+    assert sort in (None, "topk", "sort"), sort
+    if sort is None or (sort == "topk" and not hasattr(tl, "topk")):
         return 0
-    if sort == "topk" and hasattr(tl, "topk"):
-        return min(block, triton.next_power_of_2(budget))
-    assert sort in ("topk", "sort"), sort
-    return block
+    return min(block, triton.next_power_of_2(budget)) if sort == "topk" else block
 
 
 @triton.jit
@@ -135,10 +134,10 @@ def keep_top_k(score, k, EARLY_EXIT: tl.constexpr, SORT: tl.constexpr = 0):
     from the row's keys sorted by a bitonic network instead (tl.topk of SORT, or tl.sort of the
     whole row when SORT is its length)."""
     bits = tl.where(score == 0.0, 0.0, score).to(tl.int32, bitcast=True)  # -0.0 ties with +0.0
-    key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648  # float order, in [0, 2^32)
+    signed = bits ^ ((bits >> 31) & 0x7FFFFFFF)             # float order as signed int32
+    key = signed.to(tl.int64) + 2147483648                  # ... and in [0, 2^32)
     thresh = tl.zeros([], tl.int64)
     if SORT > 0:
-        signed = (bits ^ ((bits >> 31) & 0x7FFFFFFF))          # the same order as signed int32
         if SORT == signed.shape[0]:
             best = tl.sort(signed, descending=True)
         else:
