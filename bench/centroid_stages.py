@@ -1,8 +1,8 @@
 """Sparse decode that selects 64-token groups by k-means centroids, timed against dense decode and
 the engine's coarse-to-fine Quest decode, kernels alone, in one run.
 
-    python3 -m bench.centroid_stages [--batch 16] [--context 32768] [--width 4096] [--clusters 8]
-        [--dtypes bf16 fp8] [--tune [select rank attend]] [--kv-layout token-major|head-major] [--launch-floor]
+    python3 -m bench.centroid_stages [--batch 16] [--context 32768] [--width PAGES] [--clusters 8]
+        [--dtypes bf16 fp8] [--tune [select attend fused]] [--kv-layout token-major|head-major] [--launch-floor]
         [--quick]
 
 What it prototypes (bench/sparse_estimators.py, rule kmeansCxNv, measures the quality): each run of
@@ -29,14 +29,20 @@ import torch
 import triton
 import triton.language as tl
 
+from backends.cuda.layout import table_width
 from bench.gemv import graph_us
 from bench.sparse_stages import HKV, HQ, PAGE, D, sparse_inputs
 from kernels import reference as ref
-from kernels.triton.centroids import attend_tuning, centroid_group_logits, centroid_sparse_decode, score_tuning
+from kernels.triton.centroids import (
+    attend_tuning,
+    centroid_group_logits,
+    centroid_sparse_decode,
+    score_tuning,
+    selection_warps,
+)
 from kernels.triton.decode import paged_decode, split_k_decode
-from kernels.triton.group_rank import rank_select
 from kernels.triton.select_attend import select_attend
-from kernels.triton.selection import combine_select
+from kernels.triton.selection import combine_select, prefers_top_k
 from kernels.triton.sparse import sparse_decode
 
 GROUP_PAGES = 4
@@ -126,16 +132,6 @@ def check(x: dict, scale: float, force: tuple) -> None:
     err = (out.float() - want_out).abs().max().item()
     print(f"output vs torch attention over the chosen pages: max abs difference {err:.2e}", flush=True)
     assert err < 2e-2, "centroid decode output wrong"
-    ranked, physical, vlens = rank_select(got, x["table"], x["lens"], SPAN, HKV, force, scale, GROUP_PAGES)
-    chosen = score.gather(2, ranked.long())
-    wrong = int(((chosen - kth) < -1e-5 * kth.abs().clamp(min=1)).sum())
-    differ = int((ranked.sort(-1).values != stages["logical"]).any(-1).sum())
-    print(f"rank selection: {wrong} chosen groups below the float64 k-th; {differ} of {ranked.shape[0] * HKV} rows "
-          f"keep other groups than the radix search (near ties: the two compute the scores' last bits apart)",
-          flush=True)
-    assert wrong == 0 and torch.equal(vlens, stages["vlens"])
-    pages = (ranked.long()[..., None] * GROUP_PAGES + torch.arange(GROUP_PAGES, device=got.device)).flatten(2)
-    assert torch.equal(physical.long(), x["table"].long().gather(1, pages.flatten(1)).view(pages.shape))
     err = (engine_decode(x, scale) .float() - out.float()).abs().max().item()
     print(f"centroid_sparse_decode (the engine's launcher) vs the stages: max abs difference {err:.2e}", flush=True)
     assert err < 2e-2
@@ -177,7 +173,6 @@ SELECT_TUNINGS = [dict(num_warps=w) for w in (2, 4, 8)] + [dict(streamed=s, num_
 # the one-launch selection + attention for few rows (select_attend)
 FUSED_TUNINGS = [dict(split_groups=s, num_warps=w) for s in (2, 4) for w in (4, 8)] + [
     dict(sort=o, num_warps=w) for o in ("topk", "sort") for w in (4, 8)]
-RANK_TUNINGS = [dict(block_i=i, num_warps=w) for i in (16, 32, 64, 128) for w in (4, 8)]
 ATTEND_TUNINGS = [dict(num_splits=s) for s in (2, 4, 8, 16, 32)] + [
     dict(num_splits=s, block_n=n, num_warps=w) for s in (2, 4, 8, 16, 32) for n, w in ((32, 2), (128, 8))] + [
     dict(num_splits=s, block_n=16, num_warps=1, per_page=True) for s in (4, 8, 16)] + [
@@ -202,8 +197,6 @@ def tune_stages(xs: list, scale: float, force: tuple, stages: list[str]) -> None
     for label, fn, cfgs in (
             ("select", lambda x, **c: combine_select(x["logits"], x["table"], x["lens"], SPAN, HKV, force, scale,
                                                      force[0], expand=GROUP_PAGES, **c), SELECT_TUNINGS),
-            ("rank", lambda x, **c: rank_select(x["logits"], x["table"], x["lens"], SPAN, HKV, force, scale,
-                                                GROUP_PAGES, **c), RANK_TUNINGS),
             ("attend", lambda x, **c: split_k_decode(x["q"], x["k"], x["v"], x["physical"], x["vlens"], scale, **c),
              ATTEND_TUNINGS),
             ("fused", lambda x, **c: select_attend(x["q"], x["k"], x["v"], x["logits"], x["table"], x["lens"], SPAN,
@@ -219,7 +212,7 @@ def tune_stages(xs: list, scale: float, force: tuple, stages: list[str]) -> None
             except Exception as exc:        # a tuning this shape cannot take (too many registers...)
                 print(f"  {label} {cfg}: {type(exc).__name__}", flush=True)
                 continue
-            if label in ("select", "rank"):
+            if label == "select":
                 assert all(torch.equal(a, b) for a, b in zip(base, got, strict=True)), f"selection differs with {cfg}"
             else:
                 assert (got.float() - base.float()).abs().max().item() < 1e-2, f"attention differs with {cfg}"
@@ -232,7 +225,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--context", type=int, default=32768)
-    parser.add_argument("--width", type=int, default=4096, help="page-table width (the engine's class)")
+    parser.add_argument("--width", type=int, default=None, help="page-table width in pages (default: the "
+                        "engine's class for the context, backends/cuda/layout.table_width)")
     parser.add_argument("--budget", type=int, default=2048)
     parser.add_argument("--clusters", type=int, default=8)
     parser.add_argument("--copies", type=int, default=None, help="input copies in turn (default: enough to "
@@ -242,7 +236,7 @@ def main() -> None:
     parser.add_argument("--kv-layout", default="token-major", choices=["token-major", "head-major"],
                         help="the engine's [pages, page_size, kv_heads, d] or a page's rows of each head "
                              "contiguous ([pages, kv_heads, page_size, d]), for dense and sparse alike")
-    parser.add_argument("--tune", nargs="*", choices=["select", "rank", "attend", "fused"], default=None,
+    parser.add_argument("--tune", nargs="*", choices=["select", "attend", "fused"], default=None,
                         help="also time candidate tunings of these stages (all four without a name), each "
                              "checked against the stage's default output first")
     parser.add_argument("--launch-floor", action="store_true", help="also time 1-4 trivial launches")
@@ -251,6 +245,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.launch_floor:
         launch_floor()
+    args.width = args.width or table_width(args.context // PAGE, 1 << 30)
     assert args.width % GROUP_PAGES == 0 and args.context % PAGE == 0
     scale = D ** -0.5
     global BUDGET
@@ -287,26 +282,37 @@ def main() -> None:
             x["logical"], x["physical"], x["vlens"] = combine_select(
                 x["logits"], x["table"], x["lens"], SPAN, HKV, force, scale, force[0], expand=GROUP_PAGES)
         tuned = attend_tuning(args.batch * HKV, force[0] * SPAN, xs[0]["q"].device)
+        sort = "topk" if prefers_top_k(xs[0]["logits"].shape[2], force[0]) else None
         tile = score_tuning(args.batch * HKV, xs[0]["q"].device)
         stage_fns = {
             "scores": lambda x, tile=tile: centroid_group_logits(x["q"], x["cents"], x["stats"], x["table"], x["lens"],
                                                                  PAGE, GROUP_PAGES, scale, **tile),
             "select": lambda x: combine_select(x["logits"], x["table"], x["lens"], SPAN, HKV, force, scale, force[0],
                                                expand=GROUP_PAGES),
-            "rank": lambda x: rank_select(x["logits"], x["table"], x["lens"], SPAN, HKV, force, scale, GROUP_PAGES),
+            "select tuned": lambda x, sort=sort: combine_select(
+                x["logits"], x["table"], x["lens"], SPAN, HKV, force, scale, force[0], expand=GROUP_PAGES, sort=sort,
+                num_warps=selection_warps(args.batch * HKV, x["logits"].shape[2], sort, x["q"].device)),
             "attend": lambda x: split_k_decode(x["q"], x["k"], x["v"], x["physical"], x["vlens"], scale),
             "attend tuned": lambda x, tuned=tuned: split_k_decode(x["q"], x["k"], x["v"], x["physical"],
                                                                   x["vlens"], scale, **tuned),
             "whole": lambda x: centroid_decode(x, scale, force),
+            "launches tuned": lambda x, tile=tile, tuned=tuned, sort=sort: split_k_decode(
+                x["q"], x["k"], x["v"], *combine_select(
+                    centroid_group_logits(x["q"], x["cents"], x["stats"], x["table"], x["lens"], PAGE, GROUP_PAGES,
+                                          scale, **tile), x["table"], x["lens"], SPAN, HKV, force, scale, force[0],
+                    expand=GROUP_PAGES, sort=sort,
+                    num_warps=selection_warps(args.batch * HKV, x["logits"].shape[2], sort, x["q"].device))[1:],
+                scale, **tuned),
             "engine": lambda x: engine_decode(x, scale),
         }
-        scores, select, rank, attend, attend_tuned, whole, engine = (
+        scores, select, select_tuned, attend, attend_tuned, whole, launches, engine = (
             graph_us(rotating([partial(fn, x) for x in xs])) for fn in stage_fns.values())
+        print(f"three launches, each tuned as the launcher tunes it: {launches:.1f} us", flush=True)
         best = min(timed, key=lambda t: t[0])
-        rows.append((f"centroids {name}", f"{timed[0][0]:.1f} / {scores:.1f}", best, f"{select:.1f} / {rank:.1f}",
-                     f"{attend:.1f} / {attend_tuned:.1f}", whole, engine))
+        rows.append((f"centroids {name}", f"{timed[0][0]:.1f} / {scores:.1f}", best,
+                     f"{select:.1f} / {select_tuned:.1f}", f"{attend:.1f} / {attend_tuned:.1f}", whole, engine))
         if args.tune is not None:
-            tune_stages(xs, scale, force, args.tune or ["select", "rank", "attend", "fused"])
+            tune_stages(xs, scale, force, args.tune or ["select", "attend", "fused"])
         if i == 0:
             dense = graph_us(rotating([partial(lambda x: paged_decode(x["q"], x["k"], x["v"], x["table"], x["lens"],
                                                                       scale), x) for x in xs]))
@@ -316,7 +322,7 @@ def main() -> None:
         del xs
         torch.cuda.empty_cache()
     print(f"\n| decode attention, b{args.batch} x {args.context} | scores us, default / score_tuning (best) "
-          f"| select us, radix / rank "
+          f"| select us, radix / tuned "
           f"| attend us, default / tuned | staged us (radix, default) | centroid_sparse_decode us | vs dense |\n"
           f"| --- | --- | --- | --- | --- | --- | --- |")
     print(f"| dense paged_decode | - | - | - | - | {dense:.1f} | 1.00x |")

@@ -109,15 +109,14 @@ def _pipeline_inputs(budget_groups: int = 6):
                 tokens=(budget_tokens, sink_tokens, recent_tokens))
 
 
-@pytest.mark.parametrize("selection", ["radix", "radix streamed", "rank"])
+@pytest.mark.parametrize("selection", ["radix", "radix top-k", "radix streamed"])
 def test_centroid_pipeline_matches_the_reference_selector_and_decode(selection):
     """Scores (centroid_group_logits), the selection (combine_select(expand=group_pages), in
-    registers or streamed, or group_rank.rank_select) and the split-K decode over the chosen pages
+    registers, by the bitonic top-k or streamed) and the split-K decode over the chosen pages
     give reference.centroid_select_pages's pages and reference.attend_pages's output: summaries
     from real k-means of the keys, rows of several lengths (one within the budget, one ending
     inside a group, one on a group boundary)."""
     from kernels.triton.decode import split_k_decode
-    from kernels.triton.group_rank import rank_select
     from kernels.triton.selection import combine_select
     x = _pipeline_inputs()
     q, k, v, cents, stats, table, seq_lens, lens, scale, force = (x[n] for n in (
@@ -125,17 +124,15 @@ def test_centroid_pipeline_matches_the_reference_selector_and_decode(selection):
     page_size, group_pages, span, kv_heads = x["page_size"], x["group_pages"], x["span"], k.shape[2]
     budget_tokens, sink_tokens, recent_tokens = x["tokens"]
     logits = centroid_group_logits(q, cents, stats, table, seq_lens, page_size, group_pages, scale, interpreted=True)
-    if selection == "rank":
-        logical, physical, vlens = rank_select(logits, table, seq_lens, span, kv_heads, force, scale, group_pages)
-    else:
-        logical, physical, vlens = combine_select(logits, table, seq_lens, span, kv_heads, force, scale, force[0],
-                                                  expand=group_pages, streamed=selection == "radix streamed")
+    logical, physical, vlens = combine_select(logits, table, seq_lens, span, kv_heads, force, scale, force[0],
+                                              expand=group_pages, streamed=selection == "radix streamed",
+                                              sort="topk" if selection == "radix top-k" else None)
     out = split_k_decode(q, k, v, physical, vlens, scale)
     for i, n in enumerate(lens):
         want = ref.centroid_select_pages(q[i], cents, stats, table[i], n, page_size, group_pages, scale,
                                          budget_tokens, sink_tokens, recent_tokens)
         kept = min(-(-n // span), force[0])
-        chosen = logical[i, :, :kept].long().sort(dim=-1).values       # rank_select: best first
+        chosen = logical[i, :, :kept].long()
         pages = (chosen[..., None] * group_pages + torch.arange(group_pages)).flatten(1)
         assert torch.equal(pages[:, :want.shape[1]], want)
         assert int(vlens[i]) == n - max(0, -(-n // span) - force[0]) * span

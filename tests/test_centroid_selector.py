@@ -106,19 +106,15 @@ def test_reads_only_the_chosen_groups():
 
 
 @pytest.mark.usefixtures("triton_interpreter")
-@pytest.mark.parametrize("planned_batch, by_rank", [(None, True), (40, False), (300, True)])
-def test_triton_path_matches_the_reference(planned_batch, by_rank, monkeypatch):
+@pytest.mark.parametrize("planned_batch", [None, 40, 300])
+def test_triton_path_matches_the_reference(planned_batch):
     """kernels/triton/centroids.centroid_sparse_decode (the Triton backend's) under the interpreter,
     with a page-table width that is not a whole number of groups, along each path its shape
     choices take: few rows (the reshaped scoring tile, the selection inside one-block attention
-    splits: select_attend), a wave of rows planned (the 2D tile, one split; radix selection with
-    the rank's limit at 0), and many (16-group 2D tiles, rank selection within its limit, the dense
-    decode's splits)."""
+    splits: select_attend), a wave of rows planned (the 2D tile, a selection launch, one split),
+    and many (16-group 2D tiles, 2-warp selection, the dense decode's splits)."""
     pytest.importorskip("triton")
-    from kernels.triton import centroids
     from kernels.triton.centroids import centroid_sparse_decode
-    if not by_rank:
-        monkeypatch.setattr(centroids, "RANK_MAX_PAIRS", 0)
     kv_heads, group, head_dim, scale = 2, 2, 64, 0.125
     cache, tables = random_cache(LENGTHS, kv_heads, head_dim, seed=7, layers=1)
     width = max(len(t) for t in tables) | 1         # odd: not a whole number of groups

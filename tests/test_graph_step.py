@@ -23,8 +23,8 @@ def test_buckets_and_widths():
     assert bucket_sizes(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
     assert bucket_sizes(3) == [1, 2, 4] and bucket_sizes(10) == [1, 2, 4, 8, 16]
     assert [graph_batch(n) for n in (1, 2, 3, 4, 5, 8, 9, 17, 64)] == [1, 2, 4, 4, 8, 8, 16, 24, 64]
-    assert table_widths(8192) == [256, 1024, 4096, 8192] and table_widths(100) == [100]
-    assert [table_width(p, 8192) for p in (1, 256, 257, 1025, 5000)] == [256, 256, 1024, 4096, 8192]
+    assert table_widths(8192) == [256, 512, 1024, 2048, 4096, 8192] and table_widths(100) == [100]
+    assert [table_width(p, 8192) for p in (1, 256, 257, 1025, 2048, 5000)] == [256, 256, 512, 2048, 2048, 8192]
     assert all(table_width(p, 2048) in table_widths(2048) for p in range(1, 2049))
 
 

@@ -28,8 +28,7 @@ import triton.language as tl
 
 from kernels.reference import default_scale, sparse_page_counts
 from kernels.triton.decode import check_kv, default_num_splits, num_sms, paged_decode, split_k_decode
-from kernels.triton.group_rank import rank_select
-from kernels.triton.select_attend import select_attend
+from kernels.triton.select_attend import select_attend, select_then_attend
 from kernels.triton.selection import combine_select, prefers_top_k
 
 
@@ -194,12 +193,6 @@ def centroid_group_logits(q: torch.Tensor, cents: torch.Tensor, stats: torch.Ten
     return out
 
 
-# Rows (sequence, KV head) x groups^2 up to which the selection ranks groups over many programs
-# (group_rank.rank_select) instead of one radix search per row (selection.combine_select): the
-# rank's work grows with the square of a row, the search's chain with nothing but its length.
-RANK_MAX_PAIRS = 1 << 25
-
-
 def score_tuning(rows: int, device: torch.device) -> dict:
     """The scorer's tile: for at least half a wave of rows (sequence, KV head), the 2D tile
     (_score_tile_rows), 8 groups a program up to two waves of rows and 16
@@ -210,6 +203,21 @@ def score_tuning(rows: int, device: torch.device) -> dict:
     if rows >= sms // 2:
         return dict(block_n=16 if rows >= 2 * sms else 8, row_tile=True)
     return {}
+
+
+def selection_warps(rows: int, groups: int, sort: str | None, device: torch.device) -> int | None:
+    """combine_select's warps a row (H200, bench/centroid_stages.py, us of the selection): with the
+    top-k, 4 for rows of up to 512 groups (b2-b16: 4.2-4.5 against 4.7-5.0 with 8; b64: 7.9
+    against 8.3 with 2), wider rows 2 from two waves of rows (b64 x 1024 groups: 13.9 against 17.3
+    with 4: the row's group pages held in registers from the start cost occupancy) and 8 below
+    (b16 x 1024: 6.1 against 7.4 with 4); the radix search's default otherwise. Selection by rank
+    over many programs (each group's rank against its whole row, kept for few rows before the
+    top-k came) lost to this at every batch: b2 7.0 against 4.2, b16 28.7 against 4.4 (512 groups)."""
+    if sort and groups <= 512:
+        return 4
+    if rows >= 2 * num_sms(device):
+        return 2
+    return 8 if sort else None
 
 
 def attend_tuning(rows: int, budget_tokens: int, device: torch.device) -> dict:
@@ -249,8 +257,9 @@ def centroid_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     (CUDA-graph safe); when no row can exceed the budget this is paged_decode. tuning:
     split_k_decode's, over attend_tuning's defaults. Chosen from the shapes: the scorer's tile
     (score_tuning), and for up to an eighth of a wave of rows the selection inside the attention
-    (select_attend; tuning then unused), else the selection by rank for few short rows
-    (RANK_MAX_PAIRS) or by radix search; planned_batch (default: q's) is the batch they are chosen
+    (select_attend; tuning then unused), for rows that attend in one split the selection at the
+    start of each row's attention program (select_then_attend), else a selection launch
+    (selection_warps); planned_batch (default: q's) is the batch they are chosen
     for (the engine's graph bucket, so that a row is served alike replayed or eager)."""
     check_kv(q, k_cache, v_cache)
     page_size, kv_heads = k_cache.shape[1:3]
@@ -268,23 +277,24 @@ def centroid_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     groups = logits.shape[2]
     # the k-th score from a bitonic top-k of the budget instead of the 32-step radix search where
     # that is faster (selection.prefers_top_k; H200, 1024 groups: combine_select b64 13.9 us
-    # against 14.4, select_attend b1 13.4 against 14.6; 4096 groups, select_attend 24.3 against
-    # 21.8)
+    # against 14.4, select_attend b1 13.4 against 14.6; 2048 groups, select_attend 16.3 against
+    # 17.2; 4096 groups 24.3 against 21.8)
     sort = "topk" if prefers_top_k(groups, force[0]) else None
     split_groups = max(1, 128 // span)
     if rows <= num_sms(q.device) // 8 and force[0] % split_groups == 0:
         # few rows: the selection inside each attention program, one launch fewer and no pages
         # written out and read back (select_attend; 128-key splits as attend_tuning's for few rows)
+        # (4 warps for rows of up to 512 groups: H200 b1 x 32k 11.8 us against 12.6 with 8)
         return select_attend(q, k_cache, v_cache, logits, page_tables, seq_lens, span, force, scale,
-                             split_groups=split_groups, out=out, sort=sort)
-    if rows * groups * groups <= RANK_MAX_PAIRS:
-        _, physical, vlens = rank_select(logits, page_tables, seq_lens, span, kv_heads, force, scale, group_pages)
-    else:
-        # 2 warps a row from two waves of rows up (H200, b64: 14.6 us against 17.3 with 4, the
-        # row's group pages held in registers from the start: selection._group_pages; with the
-        # top-k 13.9), else 8 with the top-k (b16: 6.1 us against 7.4 with 4; 8.8 by radix search)
-        warps = 2 if rows >= 2 * num_sms(q.device) else (8 if sort else None)
-        _, physical, vlens = combine_select(logits, page_tables, seq_lens, span, kv_heads, force, scale, force[0],
-                                            expand=group_pages, num_warps=warps, sort=sort)
+                             split_groups=split_groups, out=out, sort=sort, num_warps=4 if groups <= 512 else 8)
     tuning = {**attend_tuning(rows, force[0] * span, q.device), **tuning}
+    if tuning.get("num_splits") == 1:
+        # about a wave of rows: one program a row selects and then attends (select_then_attend;
+        # H200 b16 x 32k: .. us against .. for the selection launch and the one-split attention)
+        return select_then_attend(q, k_cache, v_cache, logits, page_tables, seq_lens, span, force, scale, out=out,
+                                  sort=sort, block_n=tuning.get("block_n", 64), num_warps=tuning.get("num_warps", 4),
+                                  num_stages=tuning.get("num_stages", 2))
+    _, physical, vlens = combine_select(logits, page_tables, seq_lens, span, kv_heads, force, scale, force[0],
+                                        expand=group_pages, num_warps=selection_warps(rows, groups, sort, q.device),
+                                        sort=sort)
     return split_k_decode(q, k_cache, v_cache, physical, vlens, scale, out=out, **tuning)

@@ -107,14 +107,17 @@ def combine_heads(bounds: torch.Tensor, seq_lens: torch.Tensor, page_size: int, 
 
 # The bitonic top-k (keep_top_k's SORT) against the radix search, H200 (bench/centroid_stages.py,
 # bench/sparse_stages.py --tune): k 32 of 1024 entries (centroid groups) 6.1 us against 8.8 at
-# b16; k 128 of 512 (Quest's fine stage) 4.6 against 7.1; k 512 of 4096 (Quest's coarse stage)
-# 35.8 against 16.6 (the network grows with k and the row).
+# b16; k 128 of 512 (Quest's fine stage) 4.6 against 7.1; k 32 of 2048 (centroid groups at 128k,
+# inside select_attend) 16.3 against 17.2; k 32 of 4096 24.3 against 21.8; k 512 of 4096 (Quest's
+# coarse stage) 35.8 against 16.6 (the network grows with k and the row).
 TOPK_MAX_ENTRIES, TOPK_MAX_KEEP = 1024, 128
+TOPK_WIDE_ENTRIES, TOPK_WIDE_KEEP = 2048, 32
 
 
 def prefers_top_k(entries: int, keep: int) -> bool:
     """Whether a row of `entries` keeping `keep` selects faster by the bitonic top-k (as measured)."""
-    return entries <= TOPK_MAX_ENTRIES and keep <= TOPK_MAX_KEEP
+    return ((entries <= TOPK_MAX_ENTRIES and keep <= TOPK_MAX_KEEP)
+            or (entries <= TOPK_WIDE_ENTRIES and keep <= TOPK_WIDE_KEEP))
 
 
 def sort_width(sort: str | None, budget: int, block: int) -> int:
