@@ -1,8 +1,7 @@
-"""The one-launch selection and attention (kernels/triton/select_attend.py: for few rows, and one
-program a row for about a wave of rows) against the launches they replace (combine_select, then
-split_k_decode over its pages with splits over the table's capacity) and against the reference
-selector and attention, on CPU under the Triton interpreter (the triton_interpreter fixture,
-tests/conftest.py)."""
+"""The one-launch selection and attention for few rows (kernels/triton/select_attend.py) against
+the three-launch path it replaces (combine_select, then split_k_decode over its pages with splits
+over the table's capacity) and against the reference selector and attention, on CPU under the
+Triton interpreter (the triton_interpreter fixture, tests/conftest.py)."""
 import pytest
 import torch
 
@@ -11,13 +10,14 @@ pytest.importorskip("triton", reason="triton is not installed: the Triton kernel
 from kernels import reference as ref  # noqa: E402
 from kernels.triton.centroids import centroid_group_logits  # noqa: E402
 from kernels.triton.decode import split_k_decode  # noqa: E402
-from kernels.triton.select_attend import select_attend, select_then_attend  # noqa: E402
+from kernels.triton.select_attend import select_attend  # noqa: E402
 from kernels.triton.selection import combine_select  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
 
-def _inputs():
+@pytest.mark.parametrize("split_groups,sort", [(1, None), (2, None), (2, "sort"), (2, "topk")])
+def test_select_attend_matches_the_three_launches_and_the_reference(split_groups, sort):
     """Rows longer than the budget (one ending inside a group, one on a group boundary) and one
     within it (every group kept, the splits past its end empty)."""
     page_size, group_pages, kv_heads, group, head_dim, clusters = 8, 2, 2, 2, 64, 4
@@ -43,48 +43,15 @@ def _inputs():
     scale = head_dim ** -0.5
     force = ref.sparse_page_counts(span, budget_tokens, sink_tokens, recent_tokens)
     logits = centroid_group_logits(q, cents, stats, table, seq_lens, page_size, group_pages, scale, interpreted=True)
-    return dict(q=q, k=k, v=v, cents=cents, stats=stats, table=table, lens=lens, seq_lens=seq_lens, scale=scale,
-                force=force, logits=logits, page_size=page_size, group_pages=group_pages, span=span,
-                kv_heads=kv_heads, tokens=(budget_tokens, sink_tokens, recent_tokens))
-
-
-def _check_reference(x, got):
-    for i, n in enumerate(x["lens"]):
-        want = ref.centroid_select_pages(x["q"][i], x["cents"], x["stats"], x["table"][i], n, x["page_size"],
-                                         x["group_pages"], x["scale"], *x["tokens"])
-        torch.testing.assert_close(got[i], ref.attend_pages(x["q"][i], x["k"], x["v"], x["table"][i], n, want,
-                                                            x["scale"]), rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("split_groups,sort", [(1, None), (2, None), (2, "sort"), (2, "topk")])
-def test_select_attend_matches_the_three_launches_and_the_reference(split_groups, sort):
-    x = _inputs()
-    q, k, v, table, seq_lens, span, force, scale = (x[n] for n in (
-        "q", "k", "v", "table", "seq_lens", "span", "force", "scale"))
-    got = select_attend(q, k, v, x["logits"], table, seq_lens, span, force, scale, split_groups=split_groups,
+    got = select_attend(q, k, v, logits, table, seq_lens, span, force, scale, split_groups=split_groups,
                         sort=sort)
-    _, physical, vlens = combine_select(x["logits"], table, seq_lens, span, x["kv_heads"], force, scale, force[0],
-                                        expand=x["group_pages"])
+    _, physical, vlens = combine_select(logits, table, seq_lens, span, kv_heads, force, scale, force[0],
+                                        expand=group_pages)
     three = split_k_decode(q, k, v, physical, vlens, scale, num_splits=force[0] // split_groups,
                            block_n=span * split_groups, fixed_splits=True)
     assert torch.equal(got, three)
-    _check_reference(x, got)
-
-
-@pytest.mark.parametrize("sort,block_n", [(None, 16), ("topk", 32)])
-def test_select_then_attend_matches_the_two_launches_and_the_reference(sort, block_n):
-    """One program a row: the selection's pages stored and read back after a barrier, then the
-    single split's attention; the same output, bit for bit, as combine_select then split_k_decode
-    with one split over the table's capacity (block_n 32: a last block past the chosen pages)."""
-    x = _inputs()
-    q, k, v, table, seq_lens, span, force, scale = (x[n] for n in (
-        "q", "k", "v", "table", "seq_lens", "span", "force", "scale"))
-    out = torch.full_like(q, float("nan"))
-    got = select_then_attend(q, k, v, x["logits"], table, seq_lens, span, force, scale, out=out, sort=sort,
-                             block_n=block_n, num_warps=4, num_stages=2)
-    assert got is out
-    _, physical, vlens = combine_select(x["logits"], table, seq_lens, span, x["kv_heads"], force, scale, force[0],
-                                        expand=x["group_pages"], sort=sort)
-    two = split_k_decode(q, k, v, physical, vlens, scale, num_splits=1, block_n=block_n, fixed_splits=True)
-    assert torch.equal(got, two)
-    _check_reference(x, got)
+    for i, n in enumerate(lens):
+        want = ref.centroid_select_pages(q[i], cents, stats, table[i], n, page_size, group_pages, scale,
+                                         budget_tokens, sink_tokens, recent_tokens)
+        torch.testing.assert_close(got[i], ref.attend_pages(q[i], k, v, table[i], n, want, scale),
+                                   rtol=1e-4, atol=1e-4)

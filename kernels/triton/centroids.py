@@ -28,7 +28,7 @@ import triton.language as tl
 
 from kernels.reference import default_scale, sparse_page_counts
 from kernels.triton.decode import check_kv, default_num_splits, num_sms, paged_decode, split_k_decode
-from kernels.triton.select_attend import select_attend, select_then_attend
+from kernels.triton.select_attend import select_attend
 from kernels.triton.selection import combine_select, prefers_top_k
 
 
@@ -257,9 +257,8 @@ def centroid_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     (CUDA-graph safe); when no row can exceed the budget this is paged_decode. tuning:
     split_k_decode's, over attend_tuning's defaults. Chosen from the shapes: the scorer's tile
     (score_tuning), and for up to an eighth of a wave of rows the selection inside the attention
-    (select_attend; tuning then unused), for rows that attend in one split the selection at the
-    start of each row's attention program (select_then_attend), else a selection launch
-    (selection_warps); planned_batch (default: q's) is the batch they are chosen
+    (select_attend; tuning then unused), else a selection launch (selection_warps); planned_batch
+    (default: q's) is the batch they are chosen
     for (the engine's graph bucket, so that a row is served alike replayed or eager)."""
     check_kv(q, k_cache, v_cache)
     page_size, kv_heads = k_cache.shape[1:3]
@@ -288,12 +287,6 @@ def centroid_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         return select_attend(q, k_cache, v_cache, logits, page_tables, seq_lens, span, force, scale,
                              split_groups=split_groups, out=out, sort=sort, num_warps=4 if groups <= 512 else 8)
     tuning = {**attend_tuning(rows, force[0] * span, q.device), **tuning}
-    if tuning.get("num_splits") == 1:
-        # about a wave of rows: one program a row selects and then attends (select_then_attend;
-        # H200 b16 x 32k: .. us against .. for the selection launch and the one-split attention)
-        return select_then_attend(q, k_cache, v_cache, logits, page_tables, seq_lens, span, force, scale, out=out,
-                                  sort=sort, block_n=tuning.get("block_n", 64), num_warps=tuning.get("num_warps", 4),
-                                  num_stages=tuning.get("num_stages", 2))
     _, physical, vlens = combine_select(logits, page_tables, seq_lens, span, kv_heads, force, scale, force[0],
                                         expand=group_pages, num_warps=selection_warps(rows, groups, sort, q.device),
                                         sort=sort)
