@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from backends.cuda.model_config import ModelConfig
 from backends.cuda.shard import ShardPlan
+from backends.gguf_file import GGUFFile
 
 GGUF_ARCHS = ("llama", "qwen2")      # llama also covers Mistral and SmolLM (llama.cpp converts them so)
 HF_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -56,15 +57,6 @@ def unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def _field(reader, key: str, default=None):
-    field = reader.fields.get(key)
-    if field is None:
-        return default
-    if hasattr(field, "contents"):
-        return field.contents()
-    return field.parts[field.data[0]].tolist()[0]      # gguf < 0.11: scalar fields only needed here
-
-
 def gguf_dims(path: str, meta) -> dict:
     """The attention shape and rope scaling of a GGUF file's metadata (meta(key, default) reads
     "<arch>.<key>"), as ModelConfig fields; shared by every backend's GGUF loader."""
@@ -99,21 +91,21 @@ def load_gguf(path: str, dtype: torch.dtype = torch.float32
     """Dequantise every tensor of a llama/qwen2 .gguf file at load."""
     import gguf
 
-    reader = gguf.GGUFReader(path)
-    arch = _field(reader, "general.architecture")
+    file = GGUFFile(path)
+    arch = file.fields.get("general.architecture")
     if arch not in GGUF_ARCHS:
         raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (only {GGUF_ARCHS})")
 
     def meta(name, default=None):
-        return _field(reader, f"{arch}.{name}", default)
+        return file.fields.get(f"{arch}.{name}", default)
 
     dims = gguf_dims(path, meta)
     heads, kv_heads = dims["num_heads"], dims["num_kv_heads"]
 
     weights: dict[str, torch.Tensor] = {}
     freq_factors = None
-    for t in tqdm(reader.tensors, desc=f"loading {Path(path).name}", unit="tensor"):
-        array = gguf.quants.dequantize(t.data, t.tensor_type)
+    for t in tqdm(file.tensors, desc=f"loading {Path(path).name}", unit="tensor"):
+        array = gguf.quants.dequantize(t.data, gguf.GGMLQuantizationType(t.tensor_type))
         array = np.asarray(array, dtype=np.float32).reshape([int(n) for n in reversed(t.shape)])
         tensor = torch.from_numpy(array.copy())     # copy: the memmap behind F32 tensors is read-only
         if t.name == "rope_freqs.weight":            # llama3 rope scaling, baked per frequency

@@ -43,9 +43,11 @@ class RMSNorm(nn.Module):
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     """Inverse rotary frequencies [head_dim / 2], float32, with linear or llama3 scaling."""
     dim = config.head_dim
-    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+    # on the CPU whatever the default device: under from_weights' meta device the arithmetic would
+    # run through torch's reference ops, whose first use imports torch._dynamo (~2 s a start)
+    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim)
     if config.rope_freq_factors is not None:          # GGUF bakes llama3 scaling into factors
-        return inv_freq / torch.tensor(config.rope_freq_factors, dtype=torch.float32)
+        return inv_freq / torch.tensor(config.rope_freq_factors, dtype=torch.float32, device="cpu")
     scaling = dict(config.rope_scaling)
     kind = scaling.get("rope_type", "default")
     if kind == "linear":
@@ -117,7 +119,10 @@ class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # the table given, not drawn: from_weights builds on the meta device, where drawing the
+        # normal init imports torch._dynamo (2-3 s of every engine start on a 2-core host)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         if not config.tie_word_embeddings:
