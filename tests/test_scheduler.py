@@ -17,7 +17,7 @@ PROMPTS = ["Name a fruit.", "Write one sentence about the sea.", "What is 2+2?",
 def request_set(count: int) -> list[dict]:
     """Mixed prompt lengths and max_tokens, all greedy."""
     return [{"messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS))}],
-             "max_tokens": 4 + (i * 7) % 37} for i in range(count)]
+             "max_tokens": 4 + (i * 7) % 23} for i in range(count)]
 
 
 async def stream_text(client: openai.AsyncOpenAI, spec: dict) -> tuple[str, str]:
@@ -214,7 +214,7 @@ def test_health_metrics_and_clear(live_server):
 @pytest.fixture(scope="module")
 def tiny_pool_server():
     # float32: the preempted streams must recompute exactly what they computed the first time.
-    server = start_server(model_config(dtype="float32", kv_cache={"page_size": 16, "num_pages": 40},
+    server = start_server(model_config(dtype="float32", kv_cache={"page_size": 16, "num_pages": 24},
                                        scheduler={"max_running_requests": 8, "prefill_chunk_tokens": 64}))
     yield server
     assert server.engine.fatal_error is None, server.engine.fatal_error
@@ -224,7 +224,7 @@ def tiny_pool_server():
 def test_pool_exhaustion_preempts_and_completes(tiny_pool_server):
     server = tiny_pool_server
     specs = [{"messages": [{"role": "user", "content": f"Story number {i}: tell me about a dragon."}],
-              "max_tokens": 120 + 10 * i, "extra_body": {"ignore_eos": True}} for i in range(6)]
+              "max_tokens": 64 + 8 * i, "extra_body": {"ignore_eos": True}} for i in range(6)]
     client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
     alone = [client.chat.completions.create(model=MODEL, temperature=0, **spec).choices[0].message.content
              for spec in specs[:2]]
