@@ -172,7 +172,9 @@ SELECT_TUNINGS = [dict(num_warps=w) for w in (2, 4, 8)] + [dict(streamed=s, num_
     dict(sort=o, num_warps=w) for o in ("topk", "sort") for w in (2, 4, 8)]
 # the one-launch selection + attention for few rows (select_attend)
 FUSED_TUNINGS = [dict(split_groups=s, num_warps=w) for s in (2, 4) for w in (4, 8)] + [
-    dict(sort=o, num_warps=w) for o in ("topk", "sort") for w in (4, 8)]
+    dict(sort=o, num_warps=w) for o in ("topk", "sort") for w in (4, 8)] + [
+    # one group a split (twice the programs, each repeating the row's selection), fewer warps
+    dict(split_groups=s, sort="topk", num_warps=w) for s, w in ((1, 2), (1, 4), (1, 8), (2, 2))]
 ATTEND_TUNINGS = [dict(num_splits=s) for s in (2, 4, 8, 16, 32)] + [
     dict(num_splits=s, block_n=n, num_warps=w) for s in (2, 4, 8, 16, 32) for n, w in ((32, 2), (128, 8))] + [
     dict(num_splits=s, block_n=16, num_warps=1, per_page=True) for s in (4, 8, 16)] + [
