@@ -43,6 +43,12 @@ class GGUFFile:
     def __init__(self, path: str):
         with open(path, "rb") as f:
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            self._read(path)
+        except (struct.error, KeyError, UnicodeDecodeError) as error:      # cut short or not GGUF inside
+            raise ValueError(f"{path}: not a readable GGUF file ({type(error).__name__}: {error})") from None
+
+    def _read(self, path: str) -> None:
         buf = self._map
         if buf[:4] != b"GGUF":
             raise ValueError(f"{path}: not a GGUF file")

@@ -70,3 +70,13 @@ def test_every_value_type_and_array_is_walked(tmp_path):
     q8 = next(t for t in file.tensors if t.name == "w.q8")
     np.testing.assert_allclose(gguf.quants.dequantize(q8.data, gguf.GGMLQuantizationType.Q8_0),
                                np.linspace(-1, 1, 128, dtype=np.float32).reshape(2, 64), atol=0.01)
+
+
+def test_a_cut_short_or_foreign_file_is_a_value_error(tmp_path):
+    path = resolve_source(parse_config({}).models[0].source).path
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    for name, data in (("cut.gguf", head), ("foreign.gguf", b"PK\x03\x04" + head[4:])):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match="GGUF"):
+            GGUFFile(str(tmp_path / name))

@@ -258,8 +258,8 @@ def centroid_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     split_k_decode's, over attend_tuning's defaults. Chosen from the shapes: the scorer's tile
     (score_tuning), and for up to an eighth of a wave of rows the selection inside the attention
     (select_attend; tuning then unused), else a selection launch (selection_warps); planned_batch
-    (default: q's) is the batch they are chosen
-    for (the engine's graph bucket, so that a row is served alike replayed or eager)."""
+    (default: q's) is the batch they are chosen for (the engine's graph bucket, so that a row is
+    served alike replayed or eager)."""
     check_kv(q, k_cache, v_cache)
     page_size, kv_heads = k_cache.shape[1:3]
     span = page_size * group_pages
@@ -282,12 +282,12 @@ def centroid_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     split_groups = max(1, 128 // span)
     if rows <= num_sms(q.device) // 8 and force[0] % split_groups == 0:
         # few rows: the selection inside each attention program, one launch fewer and no pages
-        # written out and read back (select_attend; 128-key splits as attend_tuning's for few rows)
-        # (4 warps for rows of up to 512 groups: H200 b1 x 32k 11.8 us against 12.6 with 8)
+        # written out and read back (select_attend; 128-key splits as attend_tuning's for few
+        # rows; 4 warps for rows of up to 512 groups: H200 b1 x 32k 11.9 us against 12.6 with 8)
         return select_attend(q, k_cache, v_cache, logits, page_tables, seq_lens, span, force, scale,
                              split_groups=split_groups, out=out, sort=sort, num_warps=4 if groups <= 512 else 8)
-    tuning = {**attend_tuning(rows, force[0] * span, q.device), **tuning}
     _, physical, vlens = combine_select(logits, page_tables, seq_lens, span, kv_heads, force, scale, force[0],
                                         expand=group_pages, num_warps=selection_warps(rows, groups, sort, q.device),
                                         sort=sort)
+    tuning = {**attend_tuning(rows, force[0] * span, q.device), **tuning}
     return split_k_decode(q, k_cache, v_cache, physical, vlens, scale, out=out, **tuning)
