@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from fastapi import Request as HTTPRequest
 
@@ -13,6 +15,8 @@ from gateway.grammar import GrammarSpec
 from gateway.local_model import LocalModel
 from gateway.protocol import SamplingFields
 from gateway.services.base import Delta, DeltaStream
+
+T = TypeVar("T")
 
 
 def resolve_max_tokens(requested: int | None, prompt_tokens: int, context_length: int) -> int:
@@ -80,6 +84,24 @@ async def _wait_disconnect(http_request: HTTPRequest) -> None:
         message = await http_request.receive()
         if message["type"] == "http.disconnect":
             return
+
+
+async def unless_gone(opening: Awaitable[T], http_request: HTTPRequest) -> T:
+    """What `opening` gives (a service's chat or complete; a worker pool waits there for the
+    upstream's first answer, which can be a whole prefill away), given up if the client leaves
+    first: the upstream request is cancelled (its connection closed, so the worker stops computing
+    it) and the replica it held is freed at once, not when that answer comes."""
+    work = asyncio.ensure_future(opening)
+    gone = asyncio.ensure_future(_wait_disconnect(http_request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():
+            work.cancel()
+    if not work.done() or work.cancelled():
+        raise asyncio.CancelledError("client disconnected")
+    return work.result()
 
 
 async def collect(stream: DeltaStream, num_choices: int, http_request: HTTPRequest) -> list[ChoiceResult]:

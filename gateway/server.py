@@ -77,7 +77,7 @@ def create_app(config: Config, router: Router) -> FastAPI:
                         body.max_completion_tokens or body.max_tokens, tools, body.response_format,
                         logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0, stream=body.stream)
         rid, created, started = new_id("chatcmpl"), now_s(), time.monotonic()
-        stream = track(request, await service.chat(call))
+        stream = track(request, await generation.unless_gone(service.chat(call), request))
         if body.stream:
             return DeltaEventResponse(_chat_stream(stream, body, rid, created, started), stream)
         results = await generation.collect(stream, body.n, request)
@@ -127,7 +127,7 @@ def create_app(config: Config, router: Router) -> FastAPI:
         service = router.service(body.model)
         call = TextCall(body.prompt, body, body.max_tokens, body.logprobs, body.echo, body.stream)
         rid, created, started = new_id("cmpl"), now_s(), time.monotonic()
-        stream = track(request, await service.complete(call))
+        stream = track(request, await generation.unless_gone(service.complete(call), request))
         num_choices = (len(body.prompt) if _many_prompts(body.prompt) else 1) * body.n
         if body.stream:
             return DeltaEventResponse(_text_stream(stream, body, rid, created), stream)

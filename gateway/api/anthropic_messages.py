@@ -135,7 +135,7 @@ class MessagesService:
         sampling = SamplingFields(model=body.model, temperature=body.temperature, top_p=body.top_p,
                                   top_k=body.top_k, stop=body.stop_sequences)
         call = ChatCall(to_messages(body), sampling, body.max_tokens, tools, stream=body.stream)
-        stream = track(request, await service.chat(call))
+        stream = track(request, await generation.unless_gone(service.chat(call), request))
         mid = new_id("msg")
         if body.stream:
             return DeltaEventResponse(self.stream(stream, body, mid), stream)

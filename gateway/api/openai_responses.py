@@ -144,8 +144,9 @@ class ResponsesService:
         tools = _chat_tools(body)
         fmt = (body.text or {}).get("format")
         sampling = SamplingFields(model=body.model, temperature=body.temperature, top_p=body.top_p)
-        stream = track(request, await service.chat(ChatCall(to_messages(body), sampling, body.max_output_tokens,
-                                                            tools, fmt, "text.format", stream=body.stream)))
+        call = ChatCall(to_messages(body), sampling, body.max_output_tokens, tools, fmt, "text.format",
+                        stream=body.stream)
+        stream = track(request, await generation.unless_gone(service.chat(call), request))
         rid, created = new_id("resp"), int(time.time())
         if body.stream:
             return DeltaEventResponse(self.stream(stream, body, rid, created), stream)
