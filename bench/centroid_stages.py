@@ -138,8 +138,8 @@ def check(x: dict, scale: float, force: tuple) -> None:
 
 
 def engine_decode(x: dict, scale: float) -> torch.Tensor:
-    """The launcher the engine calls: its own choice of selection (RANK_MAX_PAIRS) and attention
-    tuning (attend_tuning)."""
+    """The launcher the engine calls: its own choice of selection (select_attend for few rows, else
+    combine_select with selection_warps) and attention tuning (attend_tuning)."""
     return centroid_sparse_decode(x["q"], x["k"], x["v"], x["cents"], x["stats"], x["table"], x["lens"], BUDGET,
                                   16, 64, GROUP_PAGES, scale, interpreted=DEVICE == "cpu")
 
