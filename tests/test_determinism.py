@@ -211,11 +211,12 @@ def test_deterministic_triton_runner_chunking_and_batching(interpreted_invariant
                                         threads=1, context_length=256, attention="triton", max_sequences=4,
                                         deterministic=True, validate_batches=True))
     assert runner.attention.name == "triton_invariant" and runner.model.ops.name == "triton_invariant"
-    prompt = np.random.default_rng(2).integers(0, 200, 37).tolist()
-    whole = prefill_in_chunks(runner, prompt, [37], list(range(0, 6)), slot=0)
-    chunked = prefill_in_chunks(runner, prompt, [5, 1, 20, 11], list(range(6, 12)), slot=1)
+    # chunks ending inside a page, of one token, and across page boundaries (pages of 8)
+    prompt = np.random.default_rng(2).integers(0, 200, 23).tolist()
+    whole = prefill_in_chunks(runner, prompt, [23], list(range(0, 6)), slot=0)
+    chunked = prefill_in_chunks(runner, prompt, [5, 1, 9, 8], list(range(6, 12)), slot=1)
     assert torch.equal(whole[1], chunked[1]) and np.array_equal(whole[0], chunked[0])
-    other = np.random.default_rng(3).integers(0, 200, 21).tolist()
+    other = np.random.default_rng(3).integers(0, 200, 13).tolist()
     both = runner.forward(ForwardBatch([SequenceChunk(other, 0, list(range(12, 15)), 2, 9, GREEDY),
                                         SequenceChunk(prompt, 0, list(range(15, 21)), 3, 9, GREEDY)],
                                        return_logits=True))
