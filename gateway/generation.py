@@ -112,18 +112,11 @@ async def collect(stream: DeltaStream, num_choices: int, http_request: HTTPReque
         async for delta in stream:
             merge(results[delta.index], delta)
 
-    work = asyncio.ensure_future(gather())
-    gone = asyncio.ensure_future(_wait_disconnect(http_request))
     try:
-        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not work.done():
-            work.cancel()
-            stream.cancel()
-    if not work.done() or work.cancelled():
-        raise asyncio.CancelledError("client disconnected")
-    work.result()
+        await unless_gone(gather(), http_request)
+    except asyncio.CancelledError:          # the client left (or this request was cancelled)
+        stream.cancel()
+        raise
     errors = [r for r in results if r.error]
     if errors:
         first = errors[0]
