@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from backends.base import ForwardBatch, RunnerSettings, SampleSpec, SequenceChunk, SparseSettings
+from backends.cuda.layout import table_width
 from backends.cuda.runner import TorchRunner
 from backends.sampling_params import SamplingParams
 
@@ -82,6 +83,26 @@ def test_graphs_equal_eager(batch, sparse):
         assert (runner.graphs is not None) == graphs
         ids = prompts([300, 57, 190, 411][:batch], runner.config.vocab_size, 2)
         runs.append(generate(runner, ids, 64)[0])
+        del runner
+        torch.cuda.empty_cache()
+    assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("selector", [None, "quest", "centroids"])
+def test_graphs_equal_eager_at_long_widths(selector):
+    """Rows of 30000 and 5000 tokens run at the 2048-page width class (of 256, 512, ... up to a
+    131072-token context's 8192): 16 greedy tokens identical with CUDA graphs and without, dense and
+    with either sparse selector at the engine's default budget."""
+    assert table_width(-(-(30000 + 17) // PAGE), 131072 // PAGE) == 2048
+    sparse = SparseSettings(True, selector=selector) if selector else SparseSettings()
+    runs = []
+    for graphs in (True, False):
+        runner = TorchRunner(RunnerSettings("random", "llama-3.2-1b", "llama-3.2-1b", dtype="bfloat16",
+                                            device="cuda", attention="triton", cuda_graphs=graphs, num_pages=2560,
+                                            page_size=PAGE, max_sequences=4, sparse=sparse,
+                                            context_length=131072, validate_batches=True))
+        ids = prompts([30000, 5000], runner.config.vocab_size, 3)
+        runs.append(generate(runner, ids, 16)[0])
         del runner
         torch.cuda.empty_cache()
     assert runs[0] == runs[1]
