@@ -38,6 +38,11 @@ C centroids per N pages are C / (64 N) of the K/V bytes (C=4, N=4: 1/64).
                   the centroids rounded to float8 e4m3 (what an 8-bit store would select); -tail:
                   the last group (the decode token's) forced instead of clustered (the engine's rule);
                   -fp: farthest-point centroids, no Lloyd steps; -l16: 16 Lloyd steps, not 8.
+  kmeans8x4v-fp8-tail-cCxN-sT  coarse to fine: C centroids per N pages score runs of N pages the
+                  same way, the best T tokens' worth of runs shortlist the groups, and the rule
+                  kmeans8x4v-fp8-tail chooses among them (kmeans_selector's `coarse`). Read at T a
+                  few times the budget, C x (context / N) coarse centroids plus 8 per shortlisted
+                  group replace 8 per group: fewer scoring bytes at long contexts.
 """
 from __future__ import annotations
 
@@ -187,8 +192,54 @@ def channel_variance(x: torch.Tensor, w: torch.Tensor, centroids: torch.Tensor, 
     return total.sum(-2, keepdim=True) / counts.sum(-1, keepdim=True).clamp(min=1).unsqueeze(-1)
 
 
+# coarse (C', N', T) -> [pages the fine rule alone keeps that the coarse-to-fine rule also keeps, all of them]
+SHORTLIST_RECALL: dict[tuple[int, int, int], list[int]] = {}
+
+
+def kmeans_group_mass(keys: torch.Tensor, written: torch.Tensor, q: torch.Tensor, scale: float, clusters: int,
+                      steps: int, with_spread: bool, fp8: bool, tail_forced: bool, channels: str = "") -> tuple:
+    """Each group's estimated log-mass per q head from C k-means centroids of its keys (keys [B, G,
+    span, kvh, d] as sq.grouped_keys gives them) -> (mass [B, kvh, g, G], the tail group's mask
+    [B, 1, 1, G] or None): the group holding the row's last token is -inf when tail_forced."""
+    batch, groups, span, kv_heads, head_dim = keys.shape
+    x = keys.permute(0, 1, 3, 2, 4)                                             # [B, G, kvh, span, d]
+    w = written.view(batch, groups, 1, span).expand(batch, groups, kv_heads, span)
+    centroids, counts, spread = ref.kmeans_keys(x, w, clusters, steps)          # [B, G, kvh, C, (d)]
+    if fp8:
+        centroids = fp8_round(centroids)
+    qg = q.float().view(batch, kv_heads, -1, head_dim) * scale                  # [B, kvh, g, d]
+    logits = torch.einsum("bhgd,bnhcd->bhgnc", qg, centroids)
+    if with_spread and channels:
+        var = channel_variance(x, w, centroids, counts, channels == "centroid")  # [B, G, kvh, C|1, d]
+        if channels == "group":
+            shape = var / var.mean(-1, keepdim=True).clamp(min=1e-12)
+            var = spread.unsqueeze(-1) * shape                                   # [B, G, kvh, C, d]
+        if fp8:
+            var = fp8_round(var)
+        logits = logits + 0.5 * torch.einsum("bhgd,bnhcd->bhgnc", qg * qg, var)
+    elif with_spread:
+        logits = logits + 0.5 * (qg * qg).sum(-1)[..., None, None] * spread.permute(0, 2, 1, 3).unsqueeze(2)
+    logits = logits + counts.permute(0, 2, 1, 3).unsqueeze(2).log()             # log 0 = -inf
+    mass = logits.logsumexp(dim=-1)                                             # [B, kvh, g, G]
+    partial = None
+    if tail_forced:
+        # the group holding the row's last token (the decode's own) has no summary yet: the
+        # engine writes a group's after the step that completes it
+        last = (written.view(batch, -1).sum(-1) - 1) // span                    # [B]
+        partial = (torch.arange(groups, device=last.device) == last[:, None]).view(batch, 1, 1, groups)
+        mass = mass.masked_fill(partial, float("-inf"))
+    return mass, partial
+
+
+def group_scores(mass: torch.Tensor, partial: torch.Tensor | None) -> torch.Tensor:
+    """Log-softmax of each q head's group masses over the row, max over the GQA group; the tail
+    group (partial) forced -> [B, kvh, G]."""
+    scores = (mass - mass.logsumexp(dim=-1, keepdim=True)).amax(dim=2)
+    return scores if partial is None else scores.masked_fill(partial.squeeze(1), float("inf"))
+
+
 def kmeans_selector(clusters: int, group_pages: int, with_spread: bool, fp8: bool, cache_layers, steps: int = 8,
-                    tail_forced: bool = False, channels: str = ""):
+                    tail_forced: bool = False, channels: str = "", coarse: tuple[int, int, int] | None = None):
     """tail_forced: as the engine keeps it, a group has centroids from the step after the one that
     completes it; the group holding the row's last token is left out of each head's softmax and
     always attended. channels (with the
@@ -196,41 +247,46 @@ def kmeans_selector(clusters: int, group_pages: int, with_spread: bool, fp8: boo
     d-vector per group: the pooled residual variance per channel, normalised to mean 1), so the
     term is scale^2 s_c^2 sum_d q_d^2 shape_d / 2 instead of scale^2 s_c^2 |q|^2 / 2; "centroid"
     uses each centroid's own per-channel variance (a second d-vector per centroid: twice the
-    bytes, the reference for what anisotropy can give)."""
+    bytes, the reference for what anisotropy can give). coarse (C', N', T): coarse to fine: C'
+    centroids per N' pages (N' a multiple of group_pages, same spread and rounding) score the row's
+    runs of N' pages the same way; the best T tokens' worth of those runs (any run holding a forced
+    page first) shortlist the groups, and the fine centroids choose the budget among the shortlisted
+    groups only (their log-softmax is over the shortlist: a kernel would score nothing else)."""
     def select(q, kmin_layer, kmax_layer, pmin_layer, pmax_layer, plan, scale, fused):
-        keys, written = sq.grouped_keys(cache_layers(kmin_layer), plan, group_pages)   # [B, G, span, kvh, d]
-        batch, groups, span, kv_heads, head_dim = keys.shape
-        x = keys.permute(0, 1, 3, 2, 4)                                             # [B, G, kvh, span, d]
-        w = written.view(batch, groups, 1, span).expand(batch, groups, kv_heads, span)
-        centroids, counts, spread = ref.kmeans_keys(x, w, clusters, steps)          # [B, G, kvh, C, (d)]
-        if fp8:
-            centroids = fp8_round(centroids)
-        qg = q.float().view(batch, kv_heads, -1, head_dim) * scale                  # [B, kvh, g, d]
-        logits = torch.einsum("bhgd,bnhcd->bhgnc", qg, centroids)
-        if with_spread and channels:
-            var = channel_variance(x, w, centroids, counts, channels == "centroid")  # [B, G, kvh, C|1, d]
-            if channels == "group":
-                shape = var / var.mean(-1, keepdim=True).clamp(min=1e-12)
-                var = spread.unsqueeze(-1) * shape                                   # [B, G, kvh, C, d]
-            if fp8:
-                var = fp8_round(var)
-            logits = logits + 0.5 * torch.einsum("bhgd,bnhcd->bhgnc", qg * qg, var)
-        elif with_spread:
-            logits = logits + 0.5 * (qg * qg).sum(-1)[..., None, None] * spread.permute(0, 2, 1, 3).unsqueeze(2)
-        logits = logits + counts.permute(0, 2, 1, 3).unsqueeze(2).log()             # log 0 = -inf
-        mass = logits.logsumexp(dim=-1)                                             # [B, kvh, g, G]
-        if tail_forced:
-            # the group holding the row's last token (the decode's own) has no summary yet: the
-            # engine writes a group's after the step that completes it
-            last = (written.view(batch, -1).sum(-1) - 1) // span                    # [B]
-            partial = (torch.arange(groups, device=last.device) == last[:, None]).view(batch, 1, 1, groups)
-            mass = mass.masked_fill(partial, float("-inf"))
-        scores = (mass - mass.logsumexp(dim=-1, keepdim=True)).amax(dim=2)
-        if tail_forced:
-            scores = scores.masked_fill(partial.squeeze(1), float("inf"))
+        k_layer = cache_layers(kmin_layer)
+        keys, written = sq.grouped_keys(k_layer, plan, group_pages)             # [B, G, span, kvh, d]
+        mass, partial = kmeans_group_mass(keys, written, q, scale, clusters, steps, with_spread, fp8, tail_forced,
+                                          channels)
         width = plan.sparse_pages.shape[1]
-        scores = scores.repeat_interleave(group_pages, dim=-1)[..., :width]
-        return sa.select_pages(scores, plan.bias, plan.budget_pages)
+
+        def pick(group_mass: torch.Tensor) -> torch.Tensor:
+            scores = group_scores(group_mass, partial).repeat_interleave(group_pages, dim=-1)[..., :width]
+            return sa.select_pages(scores, plan.bias, plan.budget_pages)
+
+        if coarse is None:
+            return pick(mass)
+        c_clusters, c_pages, tokens = coarse
+        assert c_pages % group_pages == 0
+        c_keys, c_written = sq.grouped_keys(k_layer, plan, c_pages)
+        c_mass, c_partial = kmeans_group_mass(c_keys, c_written, q, scale, c_clusters, steps, with_spread, fp8,
+                                              tail_forced)
+        c_scores = group_scores(c_mass, c_partial)                              # [B, kvh, G']
+        units = c_scores.shape[-1]
+        bias = torch.nn.functional.pad(plan.bias, (0, units * c_pages - width), value=float("-inf"))
+        bias = bias.view(*bias.shape[:2], units, c_pages).amax(-1)              # forced if any page is
+        page_size = plan.slot.shape[0]
+        keep = min(units, max(tokens // (page_size * c_pages), -(-plan.budget_pages // c_pages)))
+        listed = torch.zeros_like(c_scores, dtype=torch.bool).scatter_(
+            -1, (c_scores + bias).topk(keep, dim=-1, sorted=False).indices, True)
+        listed = listed.repeat_interleave(c_pages // group_pages, dim=-1)[..., :mass.shape[-1]]
+        chosen = pick(mass.masked_fill(~listed.unsqueeze(2), float("-inf")))
+        # recall: how many of the pages the fine rule alone keeps the shortlist lets it keep
+        alone = pick(mass)
+        kept = torch.zeros(*chosen.shape[:2], width, dtype=torch.bool, device=chosen.device).scatter_(-1, chosen, True)
+        counts = SHORTLIST_RECALL.setdefault(coarse, [0, 0])
+        counts[0] += int(kept.gather(-1, alone).sum())
+        counts[1] += alone.numel()
+        return chosen
 
     return select
 
@@ -246,6 +302,13 @@ def register_kmeans() -> None:
         sq.EXTRA_RULES[f"kmeans{clusters}x{group}{v}{q}{tail}{lloyd}"] = (
             lambda cl, c=clusters, n=group, s=spreads[v], f=bool(q), t=bool(tail), k=steps:
             kmeans_selector(c, n, s[0], f, cl, k, t, s[1]))
+    # coarse to fine over the engine's centroid rule (8 per 64 tokens, spread, 8 bits, tail forced):
+    # kmeans8x4v-fp8-tail-cC'xN'-sT, C' centroids per N' pages shortlisting T tokens
+    for coarse_clusters, coarse_pages, tokens in itertools.product((1, 2, 4, 8), (4, 8, 16, 32),
+                                                                    (512, 1024, 3072, 4096, 6144, 8192, 16384)):
+        sq.EXTRA_RULES[f"kmeans8x4v-fp8-tail-c{coarse_clusters}x{coarse_pages}-s{tokens}"] = (
+            lambda cl, c=coarse_clusters, n=coarse_pages, t=tokens:
+            kmeans_selector(8, 4, True, True, cl, 8, True, "", (c, n, t)))
 
 
 def register(factors) -> None:
@@ -284,6 +347,9 @@ def main() -> None:
         passed += ["--threads", str(args.threads)]
     sys.argv = ["bench/sparse_quality.py"] + passed + rest
     sq.main()
+    for (clusters, pages, tokens), (kept, total) in SHORTLIST_RECALL.items():
+        print(f"shortlist recall, {clusters} centroids per {pages} pages shortlisting {tokens} tokens: {kept} of "
+              f"{total} pages the fine rule alone keeps ({kept / total:.2%}; every budget and sparse layer pooled)")
 
 
 if __name__ == "__main__":
