@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import signal
 import sys
 import time
 from pathlib import Path
@@ -346,10 +347,17 @@ def main() -> None:
     if args.threads:
         passed += ["--threads", str(args.threads)]
     sys.argv = ["bench/sparse_quality.py"] + passed + rest
+    # a run cut short (a time limit's SIGTERM) still reports the recall counted so far
+    signal.signal(signal.SIGTERM, lambda *_: (report_recall(), sys.exit(143)))
     sq.main()
+    report_recall()
+
+
+def report_recall() -> None:
     for (clusters, pages, tokens), (kept, total) in SHORTLIST_RECALL.items():
         print(f"shortlist recall, {clusters} centroids per {pages} pages shortlisting {tokens} tokens: {kept} of "
-              f"{total} pages the fine rule alone keeps ({kept / total:.2%}; every budget and sparse layer pooled)")
+              f"{total} pages the fine rule alone keeps ({kept / total:.2%}; every budget and sparse layer pooled)",
+              flush=True)
 
 
 if __name__ == "__main__":
