@@ -13,7 +13,6 @@ import logging
 import secrets
 import time
 from collections import deque
-from dataclasses import dataclass
 
 from backends.base import PENDING_TOKEN, Backend, ForwardBatch, SampleSpec, SequenceChunk
 from backends.sampling_params import SampledToken, draw_uniform
@@ -21,24 +20,9 @@ from gateway.engine.admission import FcfsPolicy, Policy
 from gateway.engine.page_pool import PagePool
 from gateway.engine.radix_cache import RadixCache
 from gateway.engine.request import Request, RequestState, TokenEvent
+from gateway.engine.scheduler_stats import SchedulerStats
 
 log = logging.getLogger("radixgate.scheduler")
-
-
-@dataclass
-class SchedulerStats:
-    """Counters since start-up; read by /health and /metrics through Engine.snapshot()."""
-
-    steps: int = 0
-    prompt_tokens: int = 0
-    cached_prompt_tokens: int = 0
-    generated_tokens: int = 0
-    preemptions: int = 0
-    cancelled: int = 0
-    pages_read: int = 0
-    pages_skipped: int = 0
-    l2_hit_tokens: int = 0       # of cached_prompt_tokens, loaded back from the host tier
-    l3_hit_tokens: int = 0       # of cached_prompt_tokens, loaded back from disk
 
 
 class Scheduler:
@@ -392,13 +376,7 @@ class Scheduler:
     def snapshot(self) -> dict:
         """Counters and cache statistics for /health and /metrics (engine process only)."""
         stats = self.stats
-        cache_stats = dict(self.cache.stats())
-        prompt = stats.prompt_tokens or 1
-        cache_stats["hit_rate"] = stats.cached_prompt_tokens / prompt
-        cache_stats["l1_hit_rate"] = (stats.cached_prompt_tokens - stats.l2_hit_tokens - stats.l3_hit_tokens) / prompt
-        cache_stats["l2_hit_rate"] = stats.l2_hit_tokens / prompt
-        cache_stats["l3_hit_rate"] = stats.l3_hit_tokens / prompt
-        eligible = stats.pages_read + stats.pages_skipped
+        cache_stats = {**self.cache.stats(), **stats.hit_rates()}
         return {
             "scheduler_policy": self.policy.name,
             "running_requests": len(self.running), "waiting_requests": len(self.waiting),
@@ -409,5 +387,5 @@ class Scheduler:
             "generated_tokens_total": stats.generated_tokens, "preemptions_total": stats.preemptions,
             "cancelled_total": stats.cancelled, "steps_total": stats.steps,
             "attention_pages_read_total": stats.pages_read, "attention_pages_skipped_total": stats.pages_skipped,
-            "attention_sparsity_ratio": stats.pages_skipped / eligible if eligible else 0.0,
+            "attention_sparsity_ratio": stats.sparsity(),
         }
