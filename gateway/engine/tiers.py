@@ -26,7 +26,6 @@ Accounting, exact per tier:
 from __future__ import annotations
 
 import heapq
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -35,8 +34,6 @@ from gateway.engine.disk_store import DiskStore
 from gateway.engine.disk_tier import DiskTier, has_copy
 from gateway.engine.page_pool import PagePool
 from gateway.engine.radix_cache import MatchResult, RadixCache, TreeNode
-
-log = logging.getLogger("radixgate.cache")
 
 WRITE_POLICIES = ("write_through", "write_back")
 PREFETCH_POLICIES = ("wait_complete",)
@@ -392,15 +389,3 @@ class TieredRadixCache(DiskTier, RadixCache):
                      write_policy=self.write_policy, **{f"pages_{k}": v for k, v in self.moved.items()})
         return stats
 
-
-def create_cache(pool: PagePool, backend, *, enabled: bool, write_policy: str, disk_cache_dir: str | None,
-                 disk_cache_bytes: int) -> RadixCache:
-    """The cache the settings ask for, chosen once: tiered when the backend has a host tier."""
-    store = getattr(backend, "kv_store", None)
-    if not enabled or store is None:
-        return RadixCache(pool, backend.page_size, enabled=enabled)
-    disk = DiskStore(disk_cache_dir, store.layout, disk_cache_bytes) if disk_cache_dir else None
-    cache = TieredRadixCache(pool, backend.page_size, store, disk, write_policy)
-    log.info("KV tiers: L1 %d pages, L2 %d pages (%s), L3 %s", pool.num_pages, store.num_host_pages, write_policy,
-             f"{disk.capacity_pages} pages in {disk.dir}" if cache.l3_on else "off")
-    return cache

@@ -27,12 +27,12 @@ from dataclasses import dataclass
 from backends.base import Backend
 from gateway.detokenizer import IncrementalDetokenizer, byte_level_table
 from gateway.engine.admission import make_policy
+from gateway.engine.cache_factory import create_cache
 from gateway.engine.page_pool import PagePool
 from gateway.engine.parent_watch import exit_with_parent
 from gateway.engine.request import Request, TokenEvent
 from gateway.engine.sampling import SamplingParams
 from gateway.engine.scheduler import Scheduler
-from gateway.engine.tiers import create_cache
 from gateway.grammar import GrammarError, GrammarSpec, compiler_for
 
 log = logging.getLogger("radixgate.engine")
