@@ -16,11 +16,13 @@ GREEDY = SampleSpec(SamplingParams(temperature=0), 0.5)
 PAGE = 16
 
 
-def make_runner(arch: str, device: str, dtype: str, attention: str, graphs: bool, sparse: SparseSettings | None = None):
+def make_runner(arch: str, device: str, dtype: str, attention: str, graphs: bool, sparse: SparseSettings | None = None,
+                **sizes):
+    """sizes: num_pages, max_sequences, context_length instead of the small defaults."""
+    sizes = dict(num_pages=512, max_sequences=8, context_length=2048) | sizes
     return TorchRunner(RunnerSettings("random", arch, arch, dtype=dtype, device=device, attention=attention,
-                                      cuda_graphs=graphs, num_pages=512, page_size=PAGE, max_sequences=8,
-                                      sparse=sparse or SparseSettings(), context_length=2048,
-                                      validate_batches=True))
+                                      cuda_graphs=graphs, page_size=PAGE, sparse=sparse or SparseSettings(),
+                                      validate_batches=True, **sizes))
 
 
 def prompts(lengths: list[int], vocab: int, seed: int) -> list[list[int]]:
@@ -77,15 +79,21 @@ def test_graphs_equal_eager(batch, sparse):
     settings = SparseSettings(True, token_budget=128, dense_layers=2, sink_tokens=16, recent_tokens=32,
                               summary_tokens=4, shortlist_tokens=256) if sparse else SparseSettings()
     # (a shortlist of 16 pages: the 411-token prompt is scored coarse to fine, the others in one stage)
+    with_graphs, eager = graphs_and_eager(settings, [300, 57, 190, 411][:batch], 64, seed=2)
+    assert with_graphs == eager
+
+
+def graphs_and_eager(sparse: SparseSettings, lengths: list[int], steps: int, seed: int, **sizes):
+    """The greedy tokens of random prompts of these lengths on Llama-3.2-1B shapes, with CUDA
+    graphs and without."""
     runs = []
     for graphs in (True, False):
-        runner = make_runner("llama-3.2-1b", "cuda", "bfloat16", "triton", graphs, settings)
+        runner = make_runner("llama-3.2-1b", "cuda", "bfloat16", "triton", graphs, sparse, **sizes)
         assert (runner.graphs is not None) == graphs
-        ids = prompts([300, 57, 190, 411][:batch], runner.config.vocab_size, 2)
-        runs.append(generate(runner, ids, 64)[0])
+        runs.append(generate(runner, prompts(lengths, runner.config.vocab_size, seed), steps)[0])
         del runner
         torch.cuda.empty_cache()
-    assert runs[0] == runs[1]
+    return runs
 
 
 @pytest.mark.parametrize("selector", [None, "quest", "centroids"])
@@ -95,14 +103,6 @@ def test_graphs_equal_eager_at_long_widths(selector):
     with either sparse selector at the engine's default budget."""
     assert table_width(-(-(30000 + 17) // PAGE), 131072 // PAGE) == 2048
     sparse = SparseSettings(True, selector=selector) if selector else SparseSettings()
-    runs = []
-    for graphs in (True, False):
-        runner = TorchRunner(RunnerSettings("random", "llama-3.2-1b", "llama-3.2-1b", dtype="bfloat16",
-                                            device="cuda", attention="triton", cuda_graphs=graphs, num_pages=2560,
-                                            page_size=PAGE, max_sequences=4, sparse=sparse,
-                                            context_length=131072, validate_batches=True))
-        ids = prompts([30000, 5000], runner.config.vocab_size, 3)
-        runs.append(generate(runner, ids, 16)[0])
-        del runner
-        torch.cuda.empty_cache()
-    assert runs[0] == runs[1]
+    with_graphs, eager = graphs_and_eager(sparse, [30000, 5000], 16, seed=3, num_pages=2560, max_sequences=4,
+                                          context_length=131072)
+    assert with_graphs == eager
