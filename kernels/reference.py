@@ -29,6 +29,7 @@ ceil(recent_tokens / page_size) counted back from the last (possibly partial) pa
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -239,14 +240,80 @@ def centroid_group_scores(q: torch.Tensor, cents: torch.Tensor, stats: torch.Ten
     return (logits - logits.logsumexp(dim=-1, keepdim=True)).amax(dim=1).float()
 
 
+class CentroidShortlist(NamedTuple):
+    """The coarse stage of the centroid selector: C centroids per run of run_pages pages and KV
+    head (cents [num_pages, kv_heads, C, d], stats [num_pages, kv_heads, C, 2], kept like the
+    groups' at the physical id of each complete run's last page), scoring runs as
+    centroid_group_logits scores groups; the best shortlist_tokens worth of runs per KV head are
+    the only groups the fine stage scores and chooses from."""
+    cents: torch.Tensor
+    stats: torch.Tensor
+    run_pages: int
+    shortlist_tokens: int
+
+
+def shortlist_run_counts(page_size: int, group_pages: int, run_pages: int, shortlist_tokens: int,
+                         budget_tokens: int, sink_tokens: int, recent_tokens: int) -> tuple[int, int, int]:
+    """(runs kept, sink runs, recent runs) of the coarse stage: shortlist_tokens // run tokens runs
+    per KV head, and among them the runs that hold the fine stage's forced groups (the sink groups
+    from the start, the recent groups back from the last, possibly partial, group: one run more
+    than they fill when they start inside one), so that those groups keep their places in the
+    shortlist. Raises when the shortlist would not exceed the budget."""
+    assert run_pages % group_pages == 0, "a run is whole groups"
+    span, run_span = page_size * group_pages, page_size * run_pages
+    budget, sink, recent = sparse_page_counts(span, budget_tokens, sink_tokens, recent_tokens)
+    per_run = run_pages // group_pages
+    keep = shortlist_tokens // run_span
+    sink_runs, recent_runs = -(-sink // per_run), 1 + -(-(recent - 1) // per_run)
+    assert keep * per_run > budget and keep > sink_runs + recent_runs, \
+        "the shortlist must hold more groups than the budget, and more runs than it forces"
+    return keep, sink_runs, recent_runs
+
+
+def centroid_shortlist(q: torch.Tensor, shortlist: CentroidShortlist, page_table: torch.Tensor, seq_len: int,
+                       page_size: int, group_pages: int, scale: float, budget_tokens: int, sink_tokens: int,
+                       recent_tokens: int) -> tuple[torch.Tensor, int]:
+    """The coarse stage: each KV head's shortlisted runs [kv_heads, R] ascending (select_pages of
+    centroid_group_scores over runs, counts from shortlist_run_counts; every run when the sequence
+    has at most R) and the shortlist's length in tokens (its last run, the sequence's, partial)."""
+    keep, sink, recent = shortlist_run_counts(page_size, group_pages, shortlist.run_pages, shortlist.shortlist_tokens,
+                                              budget_tokens, sink_tokens, recent_tokens)
+    run_span = page_size * shortlist.run_pages
+    scores = centroid_group_scores(q, shortlist.cents, shortlist.stats, page_table, seq_len, page_size,
+                                   shortlist.run_pages, scale)
+    runs = select_pages(scores, keep, sink, recent)
+    return runs, seq_len - max(-(-seq_len // run_span) - keep, 0) * run_span
+
+
 def centroid_select_pages(q: torch.Tensor, cents: torch.Tensor, stats: torch.Tensor, page_table: torch.Tensor,
                           seq_len: int, page_size: int, group_pages: int, scale: float, budget_tokens: int,
-                          sink_tokens: int, recent_tokens: int) -> torch.Tensor:
+                          sink_tokens: int, recent_tokens: int,
+                          shortlist: CentroidShortlist | None = None) -> torch.Tensor:
     """The centroid selector's logical pages per KV head: groups of page_size * group_pages tokens
     counted as sparse_page_counts counts pages (budget, sink, recent in groups), chosen by
     select_pages from centroid_group_scores, each kept group's pages in order (the last group's
     only up to the sequence's last page) -> [kv_heads, k] ascending (every head keeps the last
-    group, so every row has the same length)."""
+    group, so every row has the same length).
+
+    With a shortlist (coarse to fine): each KV head's shortlisted runs (centroid_shortlist), in
+    order, are a sequence of their own (the shortlist's length, its own page table), and the rule
+    above chooses among its groups alone: each head's softmax over the shortlist, the sink and
+    recent groups counted in it (they are its first and last groups). A sequence of at most the
+    shortlist's runs is its own shortlist, so it selects exactly as without one."""
+    if shortlist is not None:
+        runs, short_len = centroid_shortlist(q, shortlist, page_table, seq_len, page_size, group_pages, scale,
+                                             budget_tokens, sink_tokens, recent_tokens)
+        kv_heads, run_pages = cents.shape[1], shortlist.run_pages
+        group = q.shape[0] // kv_heads
+        padded = torch.cat([page_table, page_table[-1:].expand(run_pages)])       # the last run, whole
+        chosen = []
+        for h in range(kv_heads):
+            logical = (runs[h].unsqueeze(1) * run_pages + torch.arange(run_pages)).flatten()
+            pages = centroid_select_pages(q[h * group:(h + 1) * group], cents[:, h:h + 1], stats[:, h:h + 1],
+                                          padded[logical.clamp(max=len(page_table))], short_len, page_size,
+                                          group_pages, scale, budget_tokens, sink_tokens, recent_tokens)
+            chosen.append(logical[pages[0]])
+        return torch.stack(chosen)
     span = page_size * group_pages
     budget, sink, recent = sparse_page_counts(span, budget_tokens, sink_tokens, recent_tokens)
     scores = centroid_group_scores(q, cents, stats, page_table, seq_len, page_size, group_pages, scale)

@@ -157,3 +157,96 @@ def test_centroid_sparse_decode_writes_out(planned_batch):
                                          x["group_pages"], x["scale"], *x["tokens"])
         expected = ref.attend_pages(x["q"][i], x["k"], x["v"], x["table"][i], n, want, x["scale"])
         torch.testing.assert_close(out[i], expected, rtol=1e-4, atol=1e-4)
+
+
+def _shortlist_inputs():
+    """_pipeline_inputs's rows (budget 8 groups: whole 128-key splits for select_attend) with run
+    summaries from real k-means of each run's keys (runs of 4 pages, 2 groups) and a shortlist of
+    6 runs: rows longer than it (41 and 26 pages), one within it (10 pages), so that the coarse
+    stage both narrows and keeps everything."""
+    x = _pipeline_inputs(budget_groups=8)
+    run_pages = 2 * x["group_pages"]
+    cents, stats = torch.zeros_like(x["cents"]), torch.zeros_like(x["stats"])
+    for i, n in enumerate(x["lens"]):
+        ref.centroid_group_summaries(x["k"], cents, stats, x["table"][i], n, x["page_size"], run_pages)
+    shortlist = ref.CentroidShortlist(cents, stats, run_pages, 6 * run_pages * x["page_size"])
+    return x, shortlist
+
+
+def _reference_rows(x, shortlist):
+    """Each row's pages and attention by reference.centroid_select_pages with the shortlist."""
+    rows = []
+    for i, n in enumerate(x["lens"]):
+        want = ref.centroid_select_pages(x["q"][i], x["cents"], x["stats"], x["table"][i], n, x["page_size"],
+                                         x["group_pages"], x["scale"], *x["tokens"], shortlist=shortlist)
+        rows.append((want, ref.attend_pages(x["q"][i], x["k"], x["v"], x["table"][i], n, want, x["scale"])))
+    return rows
+
+
+def test_reference_shortlist_narrows_only_long_rows():
+    """The reference's coarse stage: a row within the shortlist selects exactly as without one; a
+    longer row chooses only pages of its shortlisted runs, keeps its sink and recent groups, and
+    differs from the one-stage choice somewhere (else the test would not tell the stages apart)."""
+    x, shortlist = _shortlist_inputs()
+    differs = False
+    for i, n in enumerate(x["lens"]):
+        args = (x["q"][i], x["cents"], x["stats"], x["table"][i], n, x["page_size"], x["group_pages"], x["scale"],
+                *x["tokens"])
+        one_stage = ref.centroid_select_pages(*args)
+        two_stage = ref.centroid_select_pages(*args, shortlist=shortlist)
+        runs, short_len = ref.centroid_shortlist(x["q"][i], shortlist, x["table"][i], n, x["page_size"],
+                                                 x["group_pages"], x["scale"], *x["tokens"])
+        n_runs = -(-n // (shortlist.run_pages * x["page_size"]))
+        if n_runs <= runs.shape[1]:
+            assert torch.equal(one_stage, two_stage) and short_len == n
+            continue
+        assert short_len == n - (n_runs - runs.shape[1]) * shortlist.run_pages * x["page_size"]
+        for h in range(runs.shape[0]):
+            allowed = (runs[h].unsqueeze(1) * shortlist.run_pages + torch.arange(shortlist.run_pages)).flatten()
+            assert bool(torch.isin(two_stage[h], allowed).all()), "a page outside the shortlist was chosen"
+            assert two_stage[h][0] == 0 and two_stage[h][-1] == -(-n // x["page_size"]) - 1, "sink and recent kept"
+        differs |= not torch.equal(one_stage, two_stage)
+    assert differs
+
+
+@pytest.mark.parametrize("selection", ["launch", "fused"])
+def test_shortlist_pipeline_matches_the_reference(selection):
+    """The coarse stage (centroid_shortlist_tables: each KV head's compact table and the
+    shortlist's length), then the fine scores over the compact tables, the selection
+    (combine_select over per-head tables, or inside the attention: select_attend) and the
+    attention give reference.centroid_select_pages(shortlist=...)'s pages and output."""
+    from kernels.triton.centroids import centroid_shortlist_tables
+    from kernels.triton.decode import split_k_decode
+    from kernels.triton.select_attend import select_attend
+    from kernels.triton.selection import combine_select
+    x, shortlist = _shortlist_inputs()
+    q, k, v, table, seq_lens, scale, force = (x[n] for n in ("q", "k", "v", "table", "seq_lens", "scale", "force"))
+    page_size, group_pages, span, kv_heads = x["page_size"], x["group_pages"], x["span"], k.shape[2]
+    compact, short_lens = centroid_shortlist_tables(q, shortlist, table, seq_lens, page_size, group_pages, scale,
+                                                    x["tokens"], rows=64, interpreted=True)
+    assert compact.shape == (len(x["lens"]), kv_heads, 6 * shortlist.run_pages)
+    logits = centroid_group_logits(q, x["cents"], x["stats"], compact, short_lens, page_size, group_pages, scale,
+                                   interpreted=True)
+    if selection == "fused":
+        out = select_attend(q, k, v, logits, compact, short_lens, span, force, scale, split_groups=128 // span)
+    else:
+        _, physical, vlens = combine_select(logits, compact, short_lens, span, kv_heads, force, scale, force[0],
+                                            expand=group_pages)
+        out = split_k_decode(q, k, v, physical, vlens, scale)
+    for i, (want, expected) in enumerate(_reference_rows(x, shortlist)):
+        if selection == "launch":
+            assert torch.equal(physical[i, :, :want.shape[1]], table[i][want])
+        torch.testing.assert_close(out[i], expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("planned_batch", [None, 64])
+def test_centroid_sparse_decode_with_a_shortlist(planned_batch):
+    """The launcher with a shortlist, for few planned rows (select_attend) and many (a selection
+    launch), writes its `out` as the reference's two-stage selection and attention give it."""
+    x, shortlist = _shortlist_inputs()
+    out = torch.full_like(x["q"], float("nan"))
+    centroid_sparse_decode(x["q"], x["k"], x["v"], x["cents"], x["stats"], x["table"], x["seq_lens"], *x["tokens"],
+                           x["group_pages"], x["scale"], interpreted=True, planned_batch=planned_batch, out=out,
+                           shortlist=shortlist)
+    for i, (_, expected) in enumerate(_reference_rows(x, shortlist)):
+        torch.testing.assert_close(out[i], expected, rtol=1e-4, atol=1e-4)

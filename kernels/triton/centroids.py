@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.reference import default_scale, sparse_page_counts
+from kernels.reference import CentroidShortlist, default_scale, shortlist_run_counts, sparse_page_counts
 from kernels.triton.decode import check_kv, default_num_splits, num_sms, paged_decode, split_k_decode
 from kernels.triton.select_attend import select_attend
 from kernels.triton.selection import combine_select, prefers_top_k
@@ -128,20 +128,21 @@ def _tile_epilogue(dots, q_sq, log_count, spread, Out, b, kvh, offs_n, full, s_o
 
 @triton.jit
 def _centroid_group_logits(Q, Cents, Stats, PT, SeqLens, Out, s_qb, s_qh, s_cp, s_ch, s_cc, s_sp, s_sh, s_sc,
-                           s_pb, s_ob, s_oh, max_groups, scale,
+                           s_pb, s_ph, s_ob, s_oh, max_groups, scale,
                            GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr,
                            C: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_PAGES: tl.constexpr,
                            PAGE_SIZE: tl.constexpr, DOT_F32: tl.constexpr, ROW_TILE: tl.constexpr):
     """One program per (sequence, KV head, BLOCK_N groups): the physical id of each group's last
     page (where its summary is kept; only complete groups have one), then _score_tile (or with
-    ROW_TILE, _score_tile_rows)."""
+    ROW_TILE, _score_tile_rows). The table is the sequence's, or its KV head's where s_ph is not 0
+    (a shortlist's compact table per head)."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     first = tl.program_id(2) * BLOCK_N
     offs_n = first + tl.arange(0, BLOCK_N)
     # the page ids are loaded with the length, not after it (one dependent memory trip fewer);
     # those past the sequence are never used
-    last_pages = PT + b.to(tl.int64) * s_pb + GROUP_PAGES - 1
+    last_pages = PT + b.to(tl.int64) * s_pb + kvh * s_ph + GROUP_PAGES - 1
     page = tl.load(last_pages + offs_n * GROUP_PAGES, mask=offs_n < max_groups, other=0)
     if ROW_TILE:         # and each row's, for the 2D tile
         n_r = first + tl.arange(0, C * BLOCK_N) % BLOCK_N
@@ -165,15 +166,18 @@ def centroid_group_logits(q: torch.Tensor, cents: torch.Tensor, stats: torch.Ten
                           interpreted: bool = False, row_tile: bool = False) -> torch.Tensor:
     """q [batch, q_heads, d]; cents [num_pages, kv_heads, C, d] (fp8/bf16, at each complete group's
     last page); stats fp32 [num_pages, kv_heads, C, 2] (log count, spread); page_tables int32
-    [batch, width] -> fp32 [batch, q_heads, width // group_pages]: each group's L_h(n) / scale
+    [batch, width], or per KV head [batch, kv_heads, width] (a shortlist's compact tables, its
+    groups in order) -> fp32 [batch, q_heads, width // group_pages]: each group's L_h(n) / scale
     (-inf for the last group; garbage past a sequence, never read by combine_select).
     One program per (sequence, KV head, block_n groups); row_tile: the 2D tile (_score_tile_rows)."""
     batch, q_heads, head_dim = q.shape
     kv_heads, clusters = cents.shape[1:3]
     assert cents.shape[3] == head_dim and stats.shape == (*cents.shape[:3], 2) and q_heads % kv_heads == 0
-    assert q.stride(2) == 1 and cents.stride(3) == 1 and stats.stride(3) == 1 and page_tables.stride(1) == 1
+    assert q.stride(2) == 1 and cents.stride(3) == 1 and stats.stride(3) == 1 and page_tables.stride(-1) == 1
     assert page_tables.dtype == seq_lens.dtype == torch.int32 and stats.dtype == torch.float32
-    max_groups = page_tables.shape[1] // group_pages
+    assert page_tables.dim() == 2 or page_tables.shape[1] == kv_heads
+    max_groups = page_tables.shape[-1] // group_pages
+    per_head = page_tables.stride(1) if page_tables.dim() == 3 else 0
     out = torch.empty(batch, q_heads, max_groups, device=q.device, dtype=torch.float32)
     group = q_heads // kv_heads
     # 64 centroid rows and one warp per program: H200, 8 fp8 centroids per group, centroid-major
@@ -186,7 +190,7 @@ def centroid_group_logits(q: torch.Tensor, cents: torch.Tensor, stats: torch.Ten
     block_n = block_n or max(1, 64 // clusters)
     _centroid_group_logits[(batch, kv_heads, triton.cdiv(max_groups, block_n))](
         q, cents, stats, page_tables, seq_lens, out, q.stride(0), q.stride(1), *cents.stride()[:3],
-        *stats.stride()[:3], page_tables.stride(0), out.stride(0), out.stride(1), max_groups, scale,
+        *stats.stride()[:3], page_tables.stride(0), per_head, out.stride(0), out.stride(1), max_groups, scale,
         GROUP=group, GROUP_P=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, C=clusters,
         BLOCK_N=block_n, GROUP_PAGES=group_pages, PAGE_SIZE=page_size, DOT_F32=interpreted,
         ROW_TILE=row_tile, num_warps=num_warps or 1)
@@ -242,12 +246,36 @@ def attend_tuning(rows: int, budget_tokens: int, device: torch.device) -> dict:
     return dict(tuning, fixed_splits=True)
 
 
+def centroid_shortlist_tables(q: torch.Tensor, shortlist: CentroidShortlist, page_tables: torch.Tensor,
+                              seq_lens: torch.Tensor, page_size: int, group_pages: int, scale: float,
+                              tokens: tuple[int, int, int], rows: int, interpreted: bool = False
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The coarse stage, reference.centroid_shortlist batched: every run scored from its
+    centroids (centroid_group_logits over runs of shortlist.run_pages), combine_select keeping
+    each KV head's best runs (shortlist_run_counts) and writing their pages in order -> (compact
+    tables int32 [batch, kv_heads, runs * run_pages], the shortlists' lengths int32 [batch]). The
+    fine stage reads them as each KV head's own sequence. tokens: (budget, sink, recent)."""
+    run_pages = shortlist.run_pages
+    keep, sink, recent = shortlist_run_counts(page_size, group_pages, run_pages, shortlist.shortlist_tokens, *tokens)
+    if page_tables.shape[1] % run_pages:    # whole runs: the last one's missing pages are never attended
+        page_tables = torch.nn.functional.pad(page_tables, (0, run_pages - page_tables.shape[1] % run_pages))
+    logits = centroid_group_logits(q, shortlist.cents, shortlist.stats, page_tables, seq_lens, page_size, run_pages,
+                                   scale, interpreted=interpreted, **score_tuning(rows, q.device))
+    runs = logits.shape[2]
+    sort = "topk" if prefers_top_k(runs, keep) else None
+    kv_heads = shortlist.cents.shape[1]
+    _, compact, short_lens = combine_select(logits, page_tables, seq_lens, page_size * run_pages, kv_heads,
+                                            (keep, sink, recent), scale, keep, expand=run_pages, sort=sort,
+                                            num_warps=selection_warps(rows, runs, sort, q.device))
+    return compact, short_lens
+
+
 def centroid_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cents: torch.Tensor,
                            stats: torch.Tensor, page_tables: torch.Tensor, seq_lens: torch.Tensor,
                            budget_tokens: int, sink_tokens: int, recent_tokens: int, group_pages: int,
                            scale: float | None = None, interpreted: bool = False,
                            planned_batch: int | None = None, out: torch.Tensor | None = None,
-                           **tuning) -> torch.Tensor:
+                           shortlist: CentroidShortlist | None = None, **tuning) -> torch.Tensor:
     """Batched reference.centroid_select_pages + attend_pages: the group scores
     (centroid_group_logits), combine_select keeping the budget's groups (sink and recent forced,
     counted in groups as reference.sparse_page_counts counts pages) and writing their pages'
@@ -259,7 +287,9 @@ def centroid_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     (score_tuning), and for up to an eighth of a wave of rows the selection inside the attention
     (select_attend; tuning then unused), else a selection launch (selection_warps); planned_batch
     (default: q's) is the batch they are chosen for (the engine's graph bucket, so that a row is
-    served alike replayed or eager)."""
+    served alike replayed or eager). shortlist: coarse to fine (reference.centroid_select_pages):
+    rows longer than the shortlist choose among their shortlisted runs' groups only
+    (centroid_shortlist_tables), each KV head's compact table standing in for the sequence's."""
     check_kv(q, k_cache, v_cache)
     page_size, kv_heads = k_cache.shape[1:3]
     span = page_size * group_pages
@@ -271,6 +301,12 @@ def centroid_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         page_tables = torch.nn.functional.pad(page_tables, (0, group_pages - width % group_pages))
     scale = default_scale(q.shape[2]) if scale is None else scale
     rows = (planned_batch or q.shape[0]) * kv_heads
+    if shortlist is not None and -(-width // shortlist.run_pages) > shortlist.shortlist_tokens // (
+            page_size * shortlist.run_pages):
+        # (a table within the shortlist is every row's own shortlist: the same selection without it)
+        page_tables, seq_lens = centroid_shortlist_tables(q, shortlist, page_tables, seq_lens, page_size, group_pages,
+                                                          scale, (budget_tokens, sink_tokens, recent_tokens), rows,
+                                                          interpreted)
     logits = centroid_group_logits(q, cents, stats, page_tables, seq_lens, page_size, group_pages, scale,
                                    interpreted=interpreted, **score_tuning(rows, q.device))
     groups = logits.shape[2]

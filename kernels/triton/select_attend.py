@@ -25,7 +25,7 @@ from kernels.triton.selection import group_scores, keep_top_k, sort_width
 
 @triton.jit
 def _select_attend(Q, K, V, Logits, PT, SeqLens, MidO, MidL, qk_scale, scale, budget, sink, recent, max_groups,
-                   s_qb, s_qh, s_kp, s_ks, s_kh, s_vp, s_vs, s_vh, s_lb, s_lh, s_pb, s_ob, s_oh, s_os, s_mb, s_mh,
+                   s_qb, s_qh, s_kp, s_ks, s_kh, s_vp, s_vs, s_vh, s_lb, s_lh, s_pb, s_ph, s_ob, s_oh, s_os, s_mb, s_mh,
                    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_P: tl.constexpr, SPAN: tl.constexpr, PAGE_SIZE: tl.constexpr,
                    SPLIT_GROUPS: tl.constexpr, UPCAST: tl.constexpr, SORT: tl.constexpr):
@@ -57,8 +57,9 @@ def _select_attend(Q, K, V, Logits, PT, SeqLens, MidO, MidL, qk_scale, scale, bu
         entry = tl.sum(tl.where(take & (pos == slot), offs, 0), 0)
         entry_t = tl.where(slot_t == slot, entry, entry_t)
     mask_t = offs_t < vlen
-    page = tl.load(PT + b.to(tl.int64) * s_pb + entry_t * (SPAN // PAGE_SIZE) + (offs_t % SPAN) // PAGE_SIZE,
-                   mask=mask_t, other=0).to(tl.int64)
+    table = PT + b.to(tl.int64) * s_pb + kvh * s_ph        # the sequence's table, or its KV head's
+    page = tl.load(table + entry_t * (SPAN // PAGE_SIZE) + (offs_t % SPAN) // PAGE_SIZE, mask=mask_t,
+                   other=0).to(tl.int64)
     slot_in = offs_t % PAGE_SIZE
     k = tl.load(K + kvh * s_kh + (page * s_kp + slot_in * s_ks)[:, None] + offs_d[None, :], mask=mask_t[:, None],
                 other=0.0)
@@ -94,9 +95,10 @@ def select_attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     page_size, kv_heads = k_cache.shape[1:3]
     max_groups = logits.shape[2]
     budget, sink, recent = force
-    assert span % page_size == 0 and page_tables.shape[1] >= max_groups * (span // page_size)
+    assert span % page_size == 0 and page_tables.shape[-1] >= max_groups * (span // page_size)
+    assert page_tables.dim() == 2 or page_tables.shape[1] == kv_heads, "the sequence's table or each KV head's"
     assert budget > sink + recent and budget % split_groups == 0, "whole splits of kept groups"
-    assert logits.stride(2) == 1 and page_tables.stride(1) == 1
+    assert logits.stride(2) == 1 and page_tables.stride(-1) == 1
     assert page_tables.dtype == seq_lens.dtype == torch.int32
     group = q_heads // kv_heads
     splits = budget // split_groups
@@ -106,7 +108,8 @@ def select_attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     _select_attend[(kv_heads, batch, splits)](
         q, k_cache, v_cache, logits, page_tables, seq_lens, mid_o, mid_l, scale * LOG2E, scale, budget, sink,
         recent, max_groups, q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
-        logits.stride(0), logits.stride(1), page_tables.stride(0), *mid_o.stride()[:3], *mid_l.stride()[:2],
+        logits.stride(0), logits.stride(1), page_tables.stride(0),
+        page_tables.stride(1) if page_tables.dim() == 3 else 0, *mid_o.stride()[:3], *mid_l.stride()[:2],
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_G=triton.next_power_of_2(group),
         HEAD_DIM=head_dim, BLOCK_P=block_p, SPAN=span, PAGE_SIZE=page_size, SPLIT_GROUPS=split_groups,
         UPCAST=dot_upcast(q.dtype), num_warps=num_warps, SORT=sort_width(sort, budget, block_p))

@@ -167,12 +167,13 @@ def keep_top_k(score, k, EARLY_EXIT: tl.constexpr, SORT: tl.constexpr = 0):
 
 
 @triton.jit
-def _group_pages(PT, b, s_pb, width, BLOCK_P: tl.constexpr, EXPAND: tl.constexpr):
-    """The pages of each of a row's group entries [BLOCK_P, EXPAND] (a sequence's own table, entry
-    i = pages i * EXPAND ...), loaded before the row's length is known (one dependent memory trip
-    fewer than loading the kept ones after the top k); entries past the sequence are never stored."""
+def _group_pages(PT, b, kvh, s_pb, s_ph, width, BLOCK_P: tl.constexpr, EXPAND: tl.constexpr):
+    """The pages of each of a row's group entries [BLOCK_P, EXPAND] (a sequence's own table, or its
+    KV head's compact one where s_ph is not 0; entry i = pages i * EXPAND ...), loaded before the
+    row's length is known (one dependent memory trip fewer than loading the kept ones after the top
+    k); entries past the sequence are never stored."""
     offs = tl.arange(0, BLOCK_P)
-    return tl.load(PT + b.to(tl.int64) * s_pb + offs[:, None] * EXPAND + tl.arange(0, EXPAND)[None, :],
+    return tl.load(PT + b.to(tl.int64) * s_pb + kvh * s_ph + offs[:, None] * EXPAND + tl.arange(0, EXPAND)[None, :],
                    mask=(offs < width)[:, None], other=0)
 
 
@@ -241,7 +242,7 @@ def _combine_select(Bounds, PT, SeqLens, Logical, Physical, VLens, Listed, s_bb,
     kvh = tl.program_id(1)
     groups = None
     if EXPAND > 1:
-        groups = _group_pages(PT, b, s_pb, max_pages, BLOCK_P, EXPAND)
+        groups = _group_pages(PT, b, kvh, s_pb, s_ph, max_pages, BLOCK_P, EXPAND)
     seq_len = tl.load(SeqLens + b)
     n_pages = tl.cdiv(seq_len, PAGE_SIZE)
     logical, valid = _row_entries(Listed, b, kvh, s_ib, s_ih, n_pages, max_pages, BLOCK_P, LISTED)
@@ -269,7 +270,7 @@ def _combine_select_streamed(Bounds, PT, SeqLens, Logical, Physical, VLens, List
     kvh = tl.program_id(1)
     groups = None
     if EXPAND > 1:
-        groups = _group_pages(PT, b, s_pb, max_pages, BLOCK_P, EXPAND)
+        groups = _group_pages(PT, b, kvh, s_pb, s_ph, max_pages, BLOCK_P, EXPAND)
     seq_len = tl.load(SeqLens + b)
     n_pages = tl.cdiv(seq_len, PAGE_SIZE)
     end = max_pages if LISTED else tl.minimum(n_pages, max_pages)
@@ -328,10 +329,12 @@ def selection_outputs(batch: int, kv_heads: int, max_pages: int, budget_pages: i
     map or a stand-in), the table/output strides after the row strides, BLOCK_P and k_sel."""
     assert page_tables.stride(-1) == 1
     per_head = page_tables.dim() == 3
-    assert per_head == (listed is not None), "a shortlist comes with its per-head physical pages"
+    # per-head tables: a Quest shortlist (listed: each entry's logical page) or, for groups, each KV
+    # head's compact table of its shortlisted runs (entry i its i-th group)
+    assert per_head == (listed is not None) or expand > 1, "a shortlist comes with its per-head physical pages"
     assert expand & (expand - 1) == 0, "a group's pages are loaded as one power-of-two run"
-    assert expand == 1 or (not per_head and page_tables.shape[1] >= expand * max_pages), \
-        "groups expand through the sequences' own page tables, wide enough for every group"
+    assert expand == 1 or (listed is None and page_tables.shape[-1] >= expand * max_pages), \
+        "groups expand through page tables wide enough for every group"
     k_sel = min(budget_pages, max_pages)
     logical = torch.empty(batch, kv_heads, k_sel, device=page_tables.device, dtype=torch.int32)
     physical = torch.empty(batch, kv_heads, k_sel * expand, device=page_tables.device, dtype=torch.int32)
