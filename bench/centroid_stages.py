@@ -3,7 +3,7 @@ the engine's coarse-to-fine Quest decode, kernels alone, in one run.
 
     python3 -m bench.centroid_stages [--batch 16] [--context 32768] [--width PAGES] [--clusters 8]
         [--dtypes bf16 fp8] [--tune [select attend fused]] [--kv-layout token-major|head-major] [--launch-floor]
-        [--quick]
+        [--quick] [--shortlist TOKENS [--run-pages 16]]
 
 What it prototypes (bench/sparse_estimators.py, rule kmeansCxNv, measures the quality): each run of
 4 pages (64 tokens) per KV head is summarised by C centroids; kernels/triton/centroids.py scores
@@ -13,6 +13,11 @@ decode kernel attends to them. Llama-3-8B attention shapes (32 q heads, 8 KV hea
 K/V on shuffled pages; the centroids here are simply each group's first C keys (their values do
 not change the time). Checked first: the group scores against kernels/reference.centroid_group_logits, the
 selection against float64 scores, the output against torch attention over the chosen pages.
+
+--shortlist adds coarse to fine (reference.centroid_select_pages(shortlist=...)): C centroids per
+run of --run-pages pages (again the run's first C keys) score every run, each KV head keeps the
+best TOKENS worth of runs, and the group selection above runs over those runs' groups only
+(centroid_sparse_decode(shortlist=...)); its row is checked against the reference on one sequence.
 
 Every stage is timed in a CUDA graph (bench/gemv.graph_us) over `--copies` distinct copies of the
 inputs in turn, so that a small working set (batch 1) is not served from the 50 MB L2 cache call
@@ -82,6 +87,39 @@ def make_inputs(batch: int, context: int, width: int, clusters: int, cent_dtype,
                 pmin=pmin, pmax=pmax)
 
 
+def add_run_summaries(x: dict, clusters: int, run_pages: int) -> None:
+    """Run summaries at each complete run's last page, as make_inputs makes the groups' (the run's
+    first C keys, log count log(run tokens / C), a small random spread): x["runs"]."""
+    table, k, dtype = x["table"], x["k"], x["cents"].dtype
+    cents, stats = torch.zeros_like(x["cents"]), torch.zeros_like(x["stats"])
+    full = int(x["lens"][0]) // (PAGE * run_pages)
+    first = table[:, 0:full * run_pages:run_pages].long()
+    last = table[:, run_pages - 1:full * run_pages:run_pages].long()
+    cents[last.flatten()] = k[first.flatten(), :clusters].transpose(1, 2).to(dtype)
+    stats[last.flatten(), ..., 0] = math.log(PAGE * run_pages / clusters)
+    stats[last.flatten(), ..., 1] = 0.1 + 0.05 * torch.rand(last.numel(), HKV, clusters, device=k.device)
+    x["runs"] = (cents, stats)
+
+
+def check_shortlist(x: dict, scale: float, shortlist: ref.CentroidShortlist) -> None:
+    """The launcher with a shortlist against reference.centroid_select_pages(shortlist=...) and
+    attend_pages on the first sequence (its pages copied out, on the CPU)."""
+    pages = x["table"][0, :-(-int(x["lens"][0]) // PAGE)].long()
+    cpu = {n: x[n][pages].float().cpu() for n in ("k", "v", "cents", "stats")}
+    runs = tuple(t[pages].float().cpu() for t in x["runs"])
+    table = torch.arange(len(pages), dtype=torch.int32)
+    short = ref.CentroidShortlist(*runs, shortlist.run_pages, shortlist.shortlist_tokens)
+    q = x["q"][0].float().cpu()
+    args = (PAGE, GROUP_PAGES, scale, BUDGET, 16, 64)
+    want = ref.centroid_select_pages(q, cpu["cents"], cpu["stats"], table, int(x["lens"][0]), *args, shortlist=short)
+    expected = ref.attend_pages(q, cpu["k"], cpu["v"], table, int(x["lens"][0]), want, scale)
+    got = engine_decode(x, scale, shortlist)[0].float().cpu()
+    err = (got - expected).abs().max().item()
+    print(f"centroid_sparse_decode with a shortlist vs the reference's two stages: max abs difference {err:.2e}",
+          flush=True)
+    assert err < 2e-2, "coarse-to-fine centroid decode wrong"
+
+
 def centroid_decode(x: dict, scale: float, force: tuple, stages: dict | None = None, **attend) -> torch.Tensor:
     """Three launches: group scores, the selection (its output already the chosen groups' pages),
     split-K attention over those pages."""
@@ -137,11 +175,14 @@ def check(x: dict, scale: float, force: tuple) -> None:
     assert err < 2e-2
 
 
-def engine_decode(x: dict, scale: float) -> torch.Tensor:
+def engine_decode(x: dict, scale: float, shortlist: ref.CentroidShortlist | None = None) -> torch.Tensor:
     """The launcher the engine calls: its own choice of selection (select_attend for few rows, else
-    combine_select with selection_warps) and attention tuning (attend_tuning)."""
+    combine_select with selection_warps) and attention tuning (attend_tuning); shortlist: its
+    run_pages and tokens, the summaries x["runs"]."""
+    if shortlist is not None:
+        shortlist = ref.CentroidShortlist(*x["runs"], shortlist.run_pages, shortlist.shortlist_tokens)
     return centroid_sparse_decode(x["q"], x["k"], x["v"], x["cents"], x["stats"], x["table"], x["lens"], BUDGET,
-                                  16, 64, GROUP_PAGES, scale, interpreted=DEVICE == "cpu")
+                                  16, 64, GROUP_PAGES, scale, interpreted=DEVICE == "cpu", shortlist=shortlist)
 
 
 @triton.jit
@@ -223,6 +264,32 @@ def tune_stages(xs: list, scale: float, force: tuple, stages: list[str]) -> None
         print(f"{label} tunings, best first: " + ", ".join(f"{cfg} {us:.1f}" for us, cfg in timed), flush=True)
 
 
+def time_shortlist(xs: list, scale: float, shortlist: ref.CentroidShortlist) -> dict:
+    """Graph-replayed us of coarse to fine: the launcher, and its stages (run scores, the run
+    selection writing the compact tables, the group scores over them) as labelled strings."""
+    from kernels.triton.centroids import centroid_shortlist_tables
+    rows = xs[0]["q"].shape[0] * HKV
+    tile = score_tuning(rows, xs[0]["q"].device)
+    tokens = (BUDGET, 16, 64)
+
+    def stages(x):
+        short = ref.CentroidShortlist(*x["runs"], shortlist.run_pages, shortlist.shortlist_tokens)
+        return centroid_shortlist_tables(x["q"], short, x["table"], x["lens"], PAGE, GROUP_PAGES, scale, tokens, rows)
+    for x in xs:
+        x["compact"], x["short_lens"] = stages(x)
+    runs = graph_us(rotating([partial(lambda x: centroid_group_logits(
+        x["q"], *x["runs"], x["table"], x["lens"], PAGE, shortlist.run_pages, scale, **tile), x) for x in xs]))
+    coarse = graph_us(rotating([partial(stages, x) for x in xs]))
+    fine = graph_us(rotating([partial(lambda x: centroid_group_logits(
+        x["q"], x["cents"], x["stats"], x["compact"], x["short_lens"], PAGE, GROUP_PAGES, scale, **tile), x)
+        for x in xs]))
+    whole = graph_us(rotating([partial(engine_decode, x, scale, shortlist) for x in xs]))
+    print(f"coarse to fine: run scores {runs:.1f} us, runs scored and selected {coarse:.1f}, group scores over the "
+          f"shortlist {fine:.1f}, the launcher {whole:.1f}", flush=True)
+    return dict(runs=runs, scores=f"{runs:.1f} + {fine:.1f}", select=f"{coarse - runs:.1f} (runs) + groups",
+                whole=whole)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=16)
@@ -244,6 +311,9 @@ def main() -> None:
     parser.add_argument("--launch-floor", action="store_true", help="also time 1-4 trivial launches")
     parser.add_argument("--quick", action="store_true", help="time only the scorer's default and score_tuning "
                         "tiles (not the other candidate tilings)")
+    parser.add_argument("--shortlist", type=int, default=0, help="also time coarse to fine with this many tokens' "
+                        "worth of runs shortlisted per KV head (with the last dtype)")
+    parser.add_argument("--run-pages", type=int, default=16, help="pages per run of the coarse stage")
     args = parser.parse_args()
     if args.launch_floor:
         launch_floor()
@@ -310,6 +380,15 @@ def main() -> None:
         scores, select, select_tuned, attend, attend_tuned, whole, launches, engine = (
             graph_us(rotating([partial(fn, x) for x in xs])) for fn in stage_fns.values())
         print(f"three launches, each tuned as the launcher tunes it: {launches:.1f} us", flush=True)
+        if args.shortlist and i == len(args.dtypes) - 1:
+            shortlist = ref.CentroidShortlist(None, None, args.run_pages, args.shortlist)
+            for x in xs:
+                add_run_summaries(x, args.clusters, args.run_pages)
+            check_shortlist(xs[0], scale, shortlist)
+            coarse = time_shortlist(xs, scale, shortlist)
+            rows.append((f"centroids {name}, coarse to fine ({args.shortlist} tokens of {args.run_pages}-page runs)",
+                         coarse["scores"], (coarse["runs"], "runs"), coarse["select"], "-", coarse["whole"],
+                         coarse["whole"]))
         best = min(timed, key=lambda t: t[0])
         rows.append((f"centroids {name}", f"{timed[0][0]:.1f} / {scores:.1f}", best,
                      f"{select:.1f} / {select_tuned:.1f}", f"{attend:.1f} / {attend_tuned:.1f}", whole, engine))
