@@ -145,7 +145,9 @@ class SparseSettings:
     selector: "quest" (the above: key min/max bounds) or "centroids": each complete run of
     group_tokens tokens per KV head keeps `centroids` k-means centroids in 8 bits with their counts
     and spreads, which estimate its attention mass; whole groups are selected
-    (kernels/reference.centroid_select_pages). summary_tokens and shortlist_tokens are Quest's only.
+    (kernels/reference.centroid_select_pages). summary_tokens is Quest's only. With centroids,
+    shortlist_tokens shortlists runs of run_tokens tokens (each with its own `centroids` centroids)
+    and the groups are chosen among the shortlisted runs' (reference.CentroidShortlist).
     """
 
     enabled: bool = False
@@ -158,6 +160,7 @@ class SparseSettings:
     selector: str = "quest"
     centroids: int = 8
     group_tokens: int = 64
+    run_tokens: int = 256
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ profiled kernel by kernel (torch.profiler over several replays), next to the ste
     python3 -m bench.profile_step --batch 1 --context 512
     python3 -m bench.profile_step --batch 16 --context 32768 --sparse     # Quest decode, engine defaults
     python3 -m bench.profile_step --batch 16 --context 32768 --sparse --selector centroids
+    python3 -m bench.profile_step --batch 16 --context 32768 --sparse --selector centroids --shortlist-tokens 0
     python3 -m bench.profile_step --batch 1 --tp 2                        # rank 0 of tensor parallel
 
 Prints per kernel name: launches per step, mean us per launch, us per step, share of the step; then
@@ -39,12 +40,15 @@ def main() -> None:
                         "(budget 2048, 2 dense layers, sink 16, recent 64, 4-token summaries)")
     parser.add_argument("--selector", default="quest", choices=["quest", "centroids"],
                         help="with --sparse: sparse_attention.selector (centroids: 8 per 64 tokens)")
+    parser.add_argument("--shortlist-tokens", type=int, default=8192, help="with --sparse: "
+                        "sparse_attention.shortlist_tokens (the default; 0: one stage)")
     args = parser.parse_args()
     device = torch.device("cuda")
     bw = copy_bandwidth(device)
     page_size = 16
     pages = -(-(args.context + 4 * args.steps + 64) // page_size)
-    sparse = SparseSettings(enabled=True, selector=args.selector) if args.sparse else SparseSettings()
+    sparse = (SparseSettings(enabled=True, selector=args.selector, shortlist_tokens=args.shortlist_tokens)
+              if args.sparse else SparseSettings())
     runner = TorchRunner(RunnerSettings("random", args.model, args.model, dtype="bfloat16", device="cuda",
                                         cuda_graphs=True, num_pages=args.batch * pages + 64,
                                         max_sequences=max(64, args.batch),
@@ -85,7 +89,8 @@ def main() -> None:
         if event.device_type == torch.autograd.DeviceType.CUDA:
             per_name[event.name].append(event.device_time)
     total = sum(sum(v) for v in per_name.values()) / args.steps
-    print(f"TP={args.tp} (rank 0), batch {args.batch}, context {args.context}, sparse {args.sparse}: "
+    print(f"TP={args.tp} (rank 0), batch {args.batch}, context {args.context}, sparse {args.sparse} "
+          f"({args.selector}, shortlist {args.shortlist_tokens}): "
           f"step {wall_us:.0f} us "
           f"(median of {args.steps}), kernels {total:.0f} us per step, gaps {wall_us - total:.0f} us; "
           f"copy bandwidth {bw / 1e9:.0f} GB/s")

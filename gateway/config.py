@@ -155,10 +155,11 @@ class SparseAttentionConfig(Strict):
     recent_tokens: int = Field(64, ge=1, description="always kept from the end of the sequence")
     summary_tokens: int = Field(4, ge=1, description="tokens per key min/max summary (several per page: "
                                 "tighter page scores); must divide kv_cache.page_size")
-    shortlist_tokens: int = Field(8192, ge=0, description="past this many tokens (and twice the budget), pages are "
-                                  "scored coarse to fine: one summary per page shortlists that many tokens' worth of "
-                                  "pages, only those are scored by their block summaries (less to read per step); "
-                                  "0: every page by its blocks")
+    shortlist_tokens: int = Field(8192, ge=0, description="past this many tokens (and, for quest, twice the budget) "
+                                  "decode is scored coarse to fine: quest: one summary per page shortlists that many "
+                                  "tokens' worth of pages, only those are scored by their block summaries; centroids: "
+                                  "runs of run_tokens, scored by their own centroids, shortlist that many tokens, and "
+                                  "the groups are chosen among theirs (less to read per step); 0: one stage")
     selector: Literal["quest", "centroids"] = Field(
         "quest", description="quest: pages scored by key min/max bounds (summary_tokens, shortlist_tokens); "
         "centroids: each group_tokens run of keys keeps `centroids` 8-bit k-means centroids that estimate its "
@@ -166,6 +167,10 @@ class SparseAttentionConfig(Strict):
     centroids: int = Field(8, ge=1, le=64, description="centroids: k-means centroids per group and KV head "
                            "(a power of two)")
     group_tokens: int = Field(64, ge=1, description="centroids: tokens per group (a multiple of kv_cache.page_size)")
+    run_tokens: int = Field(256, ge=1, description="centroids with shortlist_tokens > 0: tokens per run of the coarse "
+                            "stage, which keeps its own centroids and shortlists that many tokens' worth of runs "
+                            "before groups are chosen among them (a multiple of group_tokens, a power-of-two number "
+                            "of pages)")
 
 
 class SchedulerConfig(Strict):
@@ -269,6 +274,11 @@ class ModelConfig(Strict):
                 if sparse.centroids & (sparse.centroids - 1):
                     raise ValueError(f"sparse_attention.centroids {sparse.centroids} must be a power of two")
                 unit, name = sparse.group_tokens, "groups"
+                run_pages = sparse.run_tokens // page
+                if sparse.shortlist_tokens and (sparse.run_tokens % sparse.group_tokens or run_pages & (run_pages - 1)):
+                    raise ValueError(f"sparse_attention.run_tokens {sparse.run_tokens} must be a multiple of "
+                                     f"group_tokens {sparse.group_tokens} and a power-of-two number of "
+                                     f"kv_cache.page_size {page} pages")
             budget, sink, recent = sparse_unit_counts(unit, sparse.token_budget, sparse.sink_tokens,
                                                       sparse.recent_tokens)
             fixed = sink + recent

@@ -49,7 +49,8 @@ def runner_settings(cfg: ModelConfig, backend: str, validate_batches: bool = Fal
             enabled=sparse.enabled, token_budget=sparse.token_budget, dense_layers=sparse.dense_layers,
             sink_tokens=sparse.sink_tokens, recent_tokens=sparse.recent_tokens,
             summary_tokens=sparse.summary_tokens, shortlist_tokens=sparse.shortlist_tokens,
-            selector=sparse.selector, centroids=sparse.centroids, group_tokens=sparse.group_tokens))
+            selector=sparse.selector, centroids=sparse.centroids, group_tokens=sparse.group_tokens,
+            run_tokens=sparse.run_tokens))
 
 
 def load_local_model(cfg: ModelConfig, check_invariants: bool = False) -> LocalModel:

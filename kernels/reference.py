@@ -255,18 +255,17 @@ class CentroidShortlist(NamedTuple):
 def shortlist_run_counts(page_size: int, group_pages: int, run_pages: int, shortlist_tokens: int,
                          budget_tokens: int, sink_tokens: int, recent_tokens: int) -> tuple[int, int, int]:
     """(runs kept, sink runs, recent runs) of the coarse stage: shortlist_tokens // run tokens runs
-    per KV head, and among them the runs that hold the fine stage's forced groups (the sink groups
-    from the start, the recent groups back from the last, possibly partial, group: one run more
-    than they fill when they start inside one), so that those groups keep their places in the
-    shortlist. Raises when the shortlist would not exceed the budget."""
+    per KV head, and at least twice the budget's groups' worth (as shortlist_pages for Quest) and
+    one more than it forces; among them the runs that hold the fine stage's forced groups (the sink
+    groups from the start, the recent groups back from the last, possibly partial, group: one run
+    more than they fill when they start inside one), so that those groups keep their places in the
+    shortlist."""
     assert run_pages % group_pages == 0, "a run is whole groups"
     span, run_span = page_size * group_pages, page_size * run_pages
     budget, sink, recent = sparse_page_counts(span, budget_tokens, sink_tokens, recent_tokens)
     per_run = run_pages // group_pages
-    keep = shortlist_tokens // run_span
     sink_runs, recent_runs = -(-sink // per_run), 1 + -(-(recent - 1) // per_run)
-    assert keep * per_run > budget and keep > sink_runs + recent_runs, \
-        "the shortlist must hold more groups than the budget, and more runs than it forces"
+    keep = max(shortlist_tokens // run_span, -(-2 * budget // per_run), sink_runs + recent_runs + 1)
     return keep, sink_runs, recent_runs
 
 

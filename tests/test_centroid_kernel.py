@@ -79,13 +79,13 @@ def test_combine_select_expands_groups_to_pages(streamed):
             assert bool((physical[b, h, kept * group_pages:] == 0).all())
 
 
-def _pipeline_inputs(budget_groups: int = 6):
+def _pipeline_inputs(budget_groups: int = 6, groups: tuple[int, ...] = (20, 5, 13)):
     """Summaries from real k-means of the keys; rows of several lengths (one within the budget, one
     ending inside a group, one on a group boundary)."""
     page_size, group_pages, kv_heads, group, head_dim, clusters = 8, 2, 2, 2, 64, 4
     span = page_size * group_pages
     budget_tokens, sink_tokens, recent_tokens = budget_groups * span, span, span
-    lens = [20 * span + 5, 5 * span, 13 * span]
+    lens = [groups[0] * span + 5, *(g * span for g in groups[1:])]
     gen = torch.Generator().manual_seed(5)
     used = [-(-n // page_size) for n in lens]
     num_pages = sum(used) + 1
@@ -162,14 +162,15 @@ def test_centroid_sparse_decode_writes_out(planned_batch):
 def _shortlist_inputs():
     """_pipeline_inputs's rows (budget 8 groups: whole 128-key splits for select_attend) with run
     summaries from real k-means of each run's keys (runs of 4 pages, 2 groups) and a shortlist of
-    6 runs: rows longer than it (41 and 26 pages), one within it (10 pages), so that the coarse
-    stage both narrows and keeps everything."""
-    x = _pipeline_inputs(budget_groups=8)
+    8 runs (twice the budget, the least there is): rows longer than it (41 and 38 pages, one ending
+    inside a group, one on a group boundary) and one within it (10 pages), so that the coarse stage
+    both narrows and keeps everything."""
+    x = _pipeline_inputs(budget_groups=8, groups=(20, 5, 19))
     run_pages = 2 * x["group_pages"]
     cents, stats = torch.zeros_like(x["cents"]), torch.zeros_like(x["stats"])
     for i, n in enumerate(x["lens"]):
         ref.centroid_group_summaries(x["k"], cents, stats, x["table"][i], n, x["page_size"], run_pages)
-    shortlist = ref.CentroidShortlist(cents, stats, run_pages, 6 * run_pages * x["page_size"])
+    shortlist = ref.CentroidShortlist(cents, stats, run_pages, 8 * run_pages * x["page_size"])
     return x, shortlist
 
 
@@ -224,7 +225,7 @@ def test_shortlist_pipeline_matches_the_reference(selection):
     page_size, group_pages, span, kv_heads = x["page_size"], x["group_pages"], x["span"], k.shape[2]
     compact, short_lens = centroid_shortlist_tables(q, shortlist, table, seq_lens, page_size, group_pages, scale,
                                                     x["tokens"], rows=64, interpreted=True)
-    assert compact.shape == (len(x["lens"]), kv_heads, 6 * shortlist.run_pages)
+    assert compact.shape == (len(x["lens"]), kv_heads, 8 * shortlist.run_pages)
     logits = centroid_group_logits(q, x["cents"], x["stats"], compact, short_lens, page_size, group_pages, scale,
                                    interpreted=True)
     if selection == "fused":

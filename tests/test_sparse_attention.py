@@ -419,6 +419,10 @@ def test_disabled_settings_not_checked():
     ({"centroids": 128}, 16, "models.0.sparse_attention.centroids", "less than or equal"),
     ({"enabled": True, "selector": "centroids", "token_budget": 128}, 16, "models.0",
      "token_budget 128 is 2 groups of 64 tokens; it must exceed the sink + recent groups (2)"),
+    ({"enabled": True, "selector": "centroids", "run_tokens": 96}, 16, "models.0",
+     "sparse_attention.run_tokens 96 must be a multiple of group_tokens 64"),
+    ({"enabled": True, "selector": "centroids", "run_tokens": 192, "group_tokens": 64}, 16, "models.0",
+     "power-of-two number of kv_cache.page_size 16 pages"),
 ])
 def test_bad_config_rejected_with_clear_message(sparse, page_size, key, words):
     data = {"models": [{"name": "m", "kv_cache": {"page_size": page_size}, "sparse_attention": sparse}]}
@@ -444,7 +448,7 @@ def test_config_defaults_match_runner_defaults():
     sparse = parse_config({}).models[0].sparse_attention
     assert SparseSettings(sparse.enabled, sparse.token_budget, sparse.dense_layers, sparse.sink_tokens,
                           sparse.recent_tokens, sparse.summary_tokens, sparse.shortlist_tokens, sparse.selector,
-                          sparse.centroids, sparse.group_tokens) == SparseSettings()
+                          sparse.centroids, sparse.group_tokens, sparse.run_tokens) == SparseSettings()
 
 
 @pytest.mark.parametrize("settings, words", [
@@ -457,6 +461,26 @@ def test_bad_centroid_settings_rejected(settings, words):
     from backends.cuda.attention.centroids import group_counts
     with pytest.raises(ValueError, match=words):
         group_counts(settings, 16)
+
+
+@pytest.mark.parametrize("run_tokens", [96, 192])
+def test_bad_run_tokens_rejected_at_start_up(run_tokens):
+    """What the runner checks at start-up (attention/centroids.shortlist_counts), as config does."""
+    from backends.cuda.attention.centroids import shortlist_counts
+    with pytest.raises(ValueError, match=f"sparse_attention.run_tokens {run_tokens} must be a multiple"):
+        shortlist_counts(SparseSettings(True, selector="centroids", run_tokens=run_tokens), 16)
+    assert shortlist_counts(SparseSettings(True, selector="centroids", run_tokens=run_tokens, shortlist_tokens=0),
+                            16) is None
+
+
+def test_centroid_shortlist_rounding():
+    """Runs kept: shortlist_tokens' worth, at least twice the budget's groups and one more than
+    forced; the recent groups' runs (one more when they may start in the run before)."""
+    from backends.cuda.attention.centroids import shortlist_counts
+    assert shortlist_counts(SparseSettings(True, selector="centroids"), 16) == (16, 32, 1, 1)
+    assert shortlist_counts(SparseSettings(True, 8192, selector="centroids"), 16) == (16, 64, 1, 1)
+    assert shortlist_counts(SparseSettings(True, 2048, recent_tokens=256, selector="centroids", run_tokens=512),
+                            16) == (32, 16, 1, 2)
 
 
 def test_centroid_group_rounding():

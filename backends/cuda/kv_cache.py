@@ -21,7 +21,9 @@ class PagedKVCache:
     (kernels/reference.centroid_group_summaries): cents [num_layers, num_pages + 1, kv_heads, C,
     head_dim] in 8 bits and cstats [num_layers, num_pages + 1, kv_heads, C, 2] (log count, spread),
     written at the physical id of each complete group's last page (so a page carries at most one
-    group's summary, and it travels with the page between tiers).
+    group's summary, and it travels with the page between tiers). With run_pages as well (coarse
+    to fine), run_cents and run_cstats of the same shapes hold each complete run's summary (C
+    centroids of its run_pages pages' keys) at the run's last page.
 
     The last page (`scratch_page`) belongs to no sequence: the padding rows of a CUDA-graph batch
     write their K/V there, so padding never touches a page the engine handed out.
@@ -31,7 +33,7 @@ class PagedKVCache:
 
     def __init__(self, num_layers: int, num_pages: int, page_size: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str, summary_tokens: int | None = None,
-                 centroids: tuple[int, int] | None = None):
+                 centroids: tuple[int, int] | tuple[int, int, int | None] | None = None):
         shape = (num_layers, num_pages + 1, page_size, kv_heads, head_dim)
         self.page_size, self.num_pages, self.summary_tokens = page_size, num_pages, summary_tokens
         self.scratch_page = num_pages
@@ -46,7 +48,10 @@ class PagedKVCache:
         self.pmax: torch.Tensor | None = None
         self.cents: torch.Tensor | None = None
         self.cstats: torch.Tensor | None = None
+        self.run_cents: torch.Tensor | None = None
+        self.run_cstats: torch.Tensor | None = None
         self.group_pages: int | None = None
+        self.run_pages: int | None = None
         assert summary_tokens is None or centroids is None, "one selector's summaries"
         if summary_tokens is not None:
             assert summary_tokens >= 1 and page_size % summary_tokens == 0, \
@@ -59,26 +64,38 @@ class PagedKVCache:
             self.pmin = torch.zeros(num_layers, num_pages + 1, kv_heads, head_dim, dtype=dtype, device=device)
             self.pmax = torch.zeros_like(self.pmin)
         if centroids is not None:
-            clusters, self.group_pages = centroids
+            clusters, self.group_pages, self.run_pages = (*centroids, None)[:3]
             assert clusters >= 1 and self.group_pages >= 1, centroids
-            self.cents = torch.zeros(num_layers, num_pages + 1, kv_heads, clusters, head_dim, dtype=CENTROID_DTYPE,
-                                     device=device)
-            self.cstats = torch.zeros(num_layers, num_pages + 1, kv_heads, clusters, CENTROID_STATS,
-                                      dtype=torch.float32, device=device)
+            self.cents, self.cstats = self._centroid_store(num_layers, num_pages, kv_heads, clusters, head_dim, device)
+            if self.run_pages is not None:
+                assert self.run_pages % self.group_pages == 0, centroids
+                self.run_cents, self.run_cstats = self._centroid_store(num_layers, num_pages, kv_heads, clusters,
+                                                                       head_dim, device)
+
+    @staticmethod
+    def _centroid_store(num_layers: int, num_pages: int, kv_heads: int, clusters: int, head_dim: int,
+                        device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.zeros(num_layers, num_pages + 1, kv_heads, clusters, head_dim, dtype=CENTROID_DTYPE,
+                            device=device),
+                torch.zeros(num_layers, num_pages + 1, kv_heads, clusters, CENTROID_STATS, dtype=torch.float32,
+                            device=device))
 
     def page_parts(self) -> list[torch.Tensor]:
         """Every tensor a page owns a slice of ([layers, pages + 1, ...]): what moves with a page."""
-        return [t for t in (self.k, self.v, self.kmin, self.kmax, self.pmin, self.pmax, self.cents, self.cstats)
-                if t is not None]
+        return [t for t in (self.k, self.v, self.kmin, self.kmax, self.pmin, self.pmax, self.cents, self.cstats,
+                            self.run_cents, self.run_cstats) if t is not None]
 
     @staticmethod
     def bytes_per_page(num_layers: int, page_size: int, kv_heads: int, head_dim: int,
-                       element_size: int, summary_tokens: int | None = None, centroids: int | None = None) -> int:
+                       element_size: int, summary_tokens: int | None = None, centroids: int | None = None,
+                       runs: bool = False) -> int:
         """K + V slots of one page over all layers, plus both summaries of each of its blocks and of
         the page when summary_tokens is given (Quest), or one group's centroid summary (centroids
-        per group: each page has room for one, used when it is a group's last page)."""
+        per group: each page has room for one, used when it is a group's last page), and with runs
+        one run's as well."""
         rows = 2 * page_size + (2 * (page_size // summary_tokens) + 2 if summary_tokens else 0)
         per_layer = kv_heads * head_dim * element_size * rows
         if centroids:
-            per_layer += kv_heads * centroids * (head_dim * CENTROID_DTYPE.itemsize + CENTROID_STATS * 4)
+            stores = 2 if runs else 1
+            per_layer += stores * kv_heads * centroids * (head_dim * CENTROID_DTYPE.itemsize + CENTROID_STATS * 4)
         return num_layers * per_layer

@@ -146,5 +146,6 @@ def create_kv_store(settings: RunnerSettings, cache: PagedKVCache, weights: str,
         kv_dtype=str(cache.k.dtype).removeprefix("torch."), device=cache.k.device.type, page_size=cache.page_size,
         num_layers=cache.k.shape[0], kv_heads=cache.k.shape[3], head_dim=cache.k.shape[4],
         summary_tokens=cache.summary_tokens,
-        centroids=None if cache.cents is None else f"{cache.cents.shape[3]}x{cache.group_pages}")
+        centroids=None if cache.cents is None else f"{cache.cents.shape[3]}x{cache.group_pages}"
+        + ("" if cache.run_pages is None else f"+runs{cache.run_pages}"))
     return TorchKVStore(cache, num_host_pages, layout)

@@ -25,7 +25,13 @@ from backends.base import (
     SequenceChunk,
 )
 from backends.cuda.attention.base import AttentionShape
-from backends.cuda.attention.centroids import completed_groups, count_group_pages, group_counts, write_group_summaries
+from backends.cuda.attention.centroids import (
+    completed_groups,
+    count_group_pages,
+    group_counts,
+    shortlist_counts,
+    write_group_summaries,
+)
 from backends.cuda.attention.factory import choose_attention, create_attention, deterministic_attention
 from backends.cuda.attention.sparse import check_sparse_settings, count_pages, page_counts
 from backends.cuda.graphs import DecodeGraphs
@@ -125,6 +131,9 @@ class TorchRunner:
         # step's forward (centroids.write_group_summaries), outside any CUDA graph
         self.group_pages = (group_counts(self.sparse, settings.page_size)[0]
                             if self.sparse is not None and self.sparse.selector == "centroids" else None)
+        # ... and per run of the coarse stage (None: one stage), summarised the same way
+        shortlist = shortlist_counts(self.sparse, settings.page_size) if self.group_pages else None
+        self.run_pages = shortlist[0] if shortlist is not None else None
 
         self.page_size = page_size = settings.page_size
         self.context_length = settings.context_length or config.context_length
@@ -132,7 +141,8 @@ class TorchRunner:
         self.num_pages = tp.agree_min(self._size_pool())     # every rank holds the same pages
         self.cache = PagedKVCache(config.num_layers, self.num_pages, page_size, shard.num_kv_heads,
                                   config.head_dim, self.dtype, device, self._summary_tokens(),
-                                  (self.sparse.centroids, self.group_pages) if self.group_pages else None)
+                                  (self.sparse.centroids, self.group_pages, self.run_pages)
+                                  if self.group_pages else None)
         max_pages = -(-self.context_length // page_size)
         self.tables = PageTableStore(self.max_sequences, max_pages, self.cache.scratch_page, device)
         cos, sin = self.model.rotary_tables(max_pages * page_size)
@@ -174,7 +184,8 @@ class TorchRunner:
         cfg, settings = self.shard, self.settings
         per_page = PagedKVCache.bytes_per_page(cfg.num_layers, self.page_size, cfg.num_kv_heads, cfg.head_dim,
                                                self.dtype.itemsize, self._summary_tokens(),
-                                               self.sparse.centroids if self.group_pages else None)
+                                               self.sparse.centroids if self.group_pages else None,
+                                               runs=self.run_pages is not None)
         if settings.num_pages:
             return settings.num_pages
         if self.device.type == "cuda":
@@ -258,10 +269,11 @@ class TorchRunner:
             layout = build_layout(chunks, self.tables, self.page_size, self.device, self.next_tokens)
             self.attention.plan(layout)
             result = self.model(layout.token_ids, self.attention, layout.logits_rows), layout.sample_slots
-        if self.group_pages is not None:     # the groups this step completed, summarised for the next ones
-            write_group_summaries(self.cache, completed_groups(
-                [(c.start_position, len(c.token_ids), c.page_table) for c in chunks], self.page_size,
-                self.group_pages))
+        if self.group_pages is not None:     # the groups (runs) this step completed, summarised for the next ones
+            written = [(c.start_position, len(c.token_ids), c.page_table) for c in chunks]
+            write_group_summaries(self.cache, completed_groups(written, self.page_size, self.group_pages))
+            if self.run_pages is not None:
+                write_group_summaries(self.cache, completed_groups(written, self.page_size, self.run_pages), runs=True)
         return result
 
     def close(self) -> None:

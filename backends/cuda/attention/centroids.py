@@ -12,6 +12,11 @@ Per decode row past the budget: each q head's estimated log-mass of every summar
 a log-softmax over them, the max over the GQA group; sink, recent and the best groups fill the
 budget; attention reads the chosen groups' pages straight from the cache (sparse_rows.attend_pages, or
 the CPU kernel over each head's page list).
+
+Coarse to fine (shortlist_tokens > 0): runs of run_tokens keep their own centroids (at each
+complete run's last page, written like the groups'); a row longer than the shortlist first scores
+its runs the same way and keeps each KV head's best shortlist_tokens worth of them, and the groups
+are then scored and chosen among those runs only (reference.centroid_select_pages(shortlist=...)).
 """
 from __future__ import annotations
 
@@ -48,6 +53,20 @@ def group_counts(sparse: SparseSettings, page_size: int) -> tuple[int, int, int,
     return span // page_size, budget, sink, recent
 
 
+def shortlist_counts(sparse: SparseSettings, page_size: int) -> tuple[int, int, int, int] | None:
+    """(run_pages, runs kept, sink runs, recent runs) of the coarse stage (reference.shortlist_run_counts),
+    or None when shortlist_tokens is 0. Raises ValueError naming the setting."""
+    if sparse.shortlist_tokens <= 0:
+        return None
+    group_pages = group_counts(sparse, page_size)[0]
+    run_pages = sparse.run_tokens // page_size
+    if sparse.run_tokens % sparse.group_tokens or run_pages & (run_pages - 1):
+        raise ValueError(f"sparse_attention.run_tokens {sparse.run_tokens} must be a multiple of group_tokens "
+                         f"{sparse.group_tokens} and a power-of-two number of kv_cache.page_size {page_size} pages")
+    return (run_pages, *ref.shortlist_run_counts(page_size, group_pages, run_pages, sparse.shortlist_tokens,
+                                                 sparse.token_budget, sparse.sink_tokens, sparse.recent_tokens))
+
+
 def completed_groups(chunks: list[tuple[int, int, list[int]]], page_size: int, group_pages: int) -> list[list[int]]:
     """The page ids of every group whose last token a step writes: chunks are (tokens cached before
     the step, new tokens, page table) per sequence."""
@@ -57,25 +76,41 @@ def completed_groups(chunks: list[tuple[int, int, list[int]]], page_size: int, g
 
 
 @torch.inference_mode()
-def write_group_summaries(cache: PagedKVCache, groups: list[list[int]]) -> None:
+def write_group_summaries(cache: PagedKVCache, groups: list[list[int]], runs: bool = False) -> None:
     """k-means of each group's keys per layer and KV head (reference.kmeans_keys), stored at the
-    group's last page in every layer at once. groups: page ids [G][group_pages]."""
+    group's last page in every layer at once. groups: page ids [G][group_pages]; runs: they are the
+    coarse stage's runs [R][run_pages], summarised into run_cents and run_cstats."""
     if not groups:
         return
-    assert cache.cents is not None and all(len(g) == cache.group_pages for g in groups)
+    cents, cstats, pages_each = ((cache.run_cents, cache.run_cstats, cache.run_pages) if runs
+                                 else (cache.cents, cache.cstats, cache.group_pages))
+    assert cents is not None and all(len(g) == pages_each for g in groups)
     pages = torch.tensor(groups, dtype=torch.long)                                      # [G, gp]
     if cache.k.device.type == "cuda":   # queued behind the step, no wait for it (the runner overlaps steps)
         pages = pages.pin_memory().to(cache.k.device, non_blocking=True)
     layers, _, page_size, kv_heads, head_dim = cache.k.shape
-    span = page_size * cache.group_pages
+    span = page_size * pages_each
     keys = cache.k.index_select(1, pages.flatten()).float()                            # [L, G*gp, page, kvh, d]
     keys = keys.view(layers, len(groups), span, kv_heads, head_dim).transpose(2, 3)      # [L, G, kvh, span, d]
     written = torch.ones(keys.shape[:4], dtype=torch.bool, device=keys.device)
-    centroids, counts, spread = ref.kmeans_keys(keys, written, cache.cents.shape[3], KMEANS_STEPS)
+    centroids, counts, spread = ref.kmeans_keys(keys, written, cents.shape[3], KMEANS_STEPS)
     last = pages[:, -1]
     # 8-bit floats stored as their bytes: indexing kernels cover uint8 on every device
-    cache.cents.view(torch.uint8)[:, last] = centroids.to(cache.cents.dtype).view(torch.uint8)
-    cache.cstats[:, last] = torch.stack((counts.log(), spread), dim=-1)
+    cents.view(torch.uint8)[:, last] = centroids.to(cents.dtype).view(torch.uint8)
+    cstats[:, last] = torch.stack((counts.log(), spread), dim=-1)
+
+
+@dataclass
+class ShortlistPlan:
+    """The coarse stage's per-forward layout of the sparse rows (every layer's)."""
+
+    run_pages: int
+    keep: int                       # runs kept per row and KV head
+    run_last: torch.Tensor          # [Bs, R] physical id of each run's last page
+    run_scored: torch.Tensor        # [Bs, 1, 1, R] runs with a summary (complete before the row's token)
+    run_bias: torch.Tensor          # [Bs, 1, R] +inf forced (sink, recent runs), -inf past the sequence
+    scored: torch.Tensor            # [Bs, 1, 1, keep * groups a run] shortlisted groups with a summary
+    bias: torch.Tensor              # [Bs, 1, keep * groups a run] the fine stage's, over the shortlist
 
 
 @dataclass
@@ -86,7 +121,7 @@ class CentroidPlan:
     group_pages: int
     budget_groups: int
     rows: RowSplit
-    sparse_pages: torch.Tensor      # [Bs, G * group_pages] page tables, padded to whole groups
+    sparse_pages: torch.Tensor      # [Bs, G * group_pages] page tables, padded to whole groups (runs)
     sparse_lengths: torch.Tensor    # [Bs, 1, 1]
     last_pages: torch.Tensor        # [Bs, G] physical id of each group's last page
     scored: torch.Tensor            # [Bs, 1, 1, G] groups with a summary (complete before the row's token)
@@ -94,6 +129,7 @@ class CentroidPlan:
     virtual_lengths: torch.Tensor   # [Bs] tokens of the chosen groups, the last one's only up to the end
     pages_read: int
     pages_skipped: int
+    shortlist: ShortlistPlan | None = None      # coarse to fine (some row is longer than the shortlist)
 
     @property
     def all_dense(self) -> bool:
@@ -124,59 +160,101 @@ def count_group_pages(seq_lens: list[int], page_size: int, group_pages: int, bud
     return read, skipped
 
 
+def unit_layout(lengths: torch.Tensor, units: int, span: int, sink: int, recent: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scored [Bs, 1, 1, units], bias [Bs, 1, units]) of rows of `lengths` tokens cut into units
+    (groups or runs) of span tokens: a unit has a summary when it is complete before the row's
+    last token; the bias is +inf for the forced sink and recent units, -inf past the row."""
+    logical = torch.arange(units, device=lengths.device).unsqueeze(0)           # [1, U]
+    n_units = ((lengths + span - 1) // span).unsqueeze(1)                       # [Bs, 1]
+    forced = (logical < sink) | ((logical >= n_units - recent) & (logical < n_units))
+    bias = torch.zeros(len(lengths), units, dtype=torch.float32, device=lengths.device)
+    bias = bias.masked_fill(logical >= n_units, float("-inf")).masked_fill(forced, float("inf"))
+    scored = logical < ((lengths - 1) // span).unsqueeze(1)                     # summaries written
+    return scored.view(-1, 1, 1, units), bias.unsqueeze(1)
+
+
 def make_plan(meta: AttentionMetadata, page_size: int, kv_heads: int) -> CentroidPlan:
     group_pages, budget, sink, recent = group_counts(meta.sparse, page_size)
-    device = meta.decode_pages.device
     lengths = meta.decode_lengths
     rows = split_rows(meta, page_size, kv_heads, budget * group_pages)
     read, skipped = count_group_pages(lengths.tolist(), page_size, group_pages, budget)
     span = page_size * group_pages
     sparse_lengths = lengths[rows.sparse_rows]
     width = rows.sparse_pages.shape[1]
-    groups = -(-width // group_pages)
-    pages = torch.nn.functional.pad(rows.sparse_pages, (0, groups * group_pages - width))
-    logical = torch.arange(groups, device=device).unsqueeze(0)                   # [1, G]
-    n_groups = ((sparse_lengths + span - 1) // span).unsqueeze(1)                # [Bs, 1]
-    forced = (logical < sink) | ((logical >= n_groups - recent) & (logical < n_groups))
-    bias = torch.zeros(pages.shape[0], groups, dtype=torch.float32, device=device)
-    bias = bias.masked_fill(logical >= n_groups, float("-inf")).masked_fill(forced, float("inf"))
-    scored = logical < ((sparse_lengths - 1) // span).unsqueeze(1)               # summaries written
-    dropped = (n_groups.squeeze(1) - budget).clamp(min=0) * span
+    coarse = shortlist_counts(meta.sparse, page_size)
+    if coarse is not None and -(-width // coarse[0]) <= coarse[1]:
+        coarse = None           # every row within the shortlist: its own shortlist, the same choice
+    whole = coarse[0] if coarse is not None else group_pages
+    pages = torch.nn.functional.pad(rows.sparse_pages, (0, -(-width // whole) * whole - width))
+    groups = pages.shape[1] // group_pages
+    scored, bias = unit_layout(sparse_lengths, groups, span, sink, recent)
+    shortlist = None
+    if coarse is not None:
+        run_pages, keep, sink_runs, recent_runs = coarse
+        run_span = page_size * run_pages
+        run_scored, run_bias = unit_layout(sparse_lengths, pages.shape[1] // run_pages, run_span, sink_runs,
+                                           recent_runs)
+        short_lengths = sparse_lengths - (-(-sparse_lengths // run_span) - keep).clamp(min=0) * run_span
+        short_scored, short_bias = unit_layout(short_lengths, keep * run_pages // group_pages, span, sink, recent)
+        shortlist = ShortlistPlan(run_pages=run_pages, keep=keep, run_last=pages[:, run_pages - 1::run_pages],
+                                  run_scored=run_scored, run_bias=run_bias, scored=short_scored, bias=short_bias)
+        sparse_shortlisted = short_lengths
+    else:
+        sparse_shortlisted = sparse_lengths
+    dropped = (-(-sparse_shortlisted // span) - budget).clamp(min=0) * span
     return CentroidPlan(
         group_pages=group_pages, budget_groups=budget, rows=rows, sparse_pages=pages,
         sparse_lengths=sparse_lengths.view(-1, 1, 1), last_pages=pages[:, group_pages - 1::group_pages],
-        scored=scored.view(-1, 1, 1, groups), bias=bias.unsqueeze(1),
-        virtual_lengths=(sparse_lengths - dropped).int(), pages_read=read * kv_heads,
-        pages_skipped=skipped * kv_heads)
+        scored=scored, bias=bias, virtual_lengths=(sparse_shortlisted - dropped).int(), pages_read=read * kv_heads,
+        pages_skipped=skipped * kv_heads, shortlist=shortlist)
 
 
-def group_scores(q: torch.Tensor, cents_layer: torch.Tensor, cstats_layer: torch.Tensor, plan: CentroidPlan,
-                 scale: float) -> torch.Tensor:
-    """reference.centroid_group_scores batched: q [Bs, H, d] -> [Bs, kv_heads, G] float32 (-inf for
-    groups without a summary)."""
+def group_scores(q: torch.Tensor, cents_layer: torch.Tensor, cstats_layer: torch.Tensor, last_pages: torch.Tensor,
+                 scored: torch.Tensor, scale: float) -> torch.Tensor:
+    """reference.centroid_group_scores batched: q [Bs, H, d], the units' last pages [Bs, G] (every
+    KV head's) or [Bs, kv_heads, G] (each head's own, a shortlist), scored [Bs, 1, 1, G] -> [Bs,
+    kv_heads, G] float32 (-inf for units without a summary)."""
     batch, heads, head_dim = q.shape
-    groups = plan.last_pages.shape[1]
     kv_heads, clusters = cents_layer.shape[1:3]
-    flat = plan.last_pages.flatten()
-    c = cents_layer.view(torch.uint8).index_select(0, flat).view(cents_layer.dtype).float()
-    c = c.view(batch, groups, kv_heads, clusters, head_dim)
-    st = cstats_layer.index_select(0, flat).view(batch, groups, kv_heads, clusters, 2).permute(0, 2, 1, 3, 4)
+    if last_pages.dim() == 2:
+        last_pages = last_pages.unsqueeze(1).expand(batch, kv_heads, last_pages.shape[1])
+    units = last_pages.shape[2]
+    # row page * kv_heads + head of the summaries viewed as [pages * kv_heads, C, ...]
+    flat = (last_pages * kv_heads + torch.arange(kv_heads, device=q.device).view(1, kv_heads, 1)).flatten()
+    c = cents_layer.view(torch.uint8).reshape(-1, clusters, head_dim).index_select(0, flat)
+    c = c.view(cents_layer.dtype).float().view(batch, kv_heads, units, clusters, head_dim)
+    st = cstats_layer.reshape(-1, clusters, 2).index_select(0, flat).view(batch, kv_heads, units, clusters, 2)
     qg = (q.float() * scale).view(batch, kv_heads, heads // kv_heads, head_dim)       # [Bs, kvh, g, d]
-    logits = torch.einsum("bhgd,bnhcd->bhgnc", qg, c) + st[..., 0].unsqueeze(2) \
+    logits = torch.einsum("bhgd,bhncd->bhgnc", qg, c) + st[..., 0].unsqueeze(2) \
         + 0.5 * (qg * qg).sum(-1)[..., None, None] * st[..., 1].unsqueeze(2)         # [Bs, kvh, g, G, C]
-    mass = logits.logsumexp(dim=-1).masked_fill(~plan.scored, float("-inf"))        # [Bs, kvh, g, G]
+    mass = logits.logsumexp(dim=-1).masked_fill(~scored, float("-inf"))             # [Bs, kvh, g, G]
     return (mass - mass.logsumexp(dim=-1, keepdim=True)).amax(dim=2)
 
 
-def choose_pages(q: torch.Tensor, cents_layer: torch.Tensor, cstats_layer: torch.Tensor, plan: CentroidPlan,
-                 scale: float) -> torch.Tensor:
+def best_units(scores: torch.Tensor, keep: int, unit_pages: int) -> torch.Tensor:
+    """The best `keep` units per row and KV head, ascending, as their pages [Bs, kv_heads, keep *
+    unit_pages] (indices into whatever the scores were over)."""
+    units = scores.topk(keep, dim=-1, sorted=False).indices.sort(dim=-1).values
+    return (units.unsqueeze(-1) * unit_pages + torch.arange(unit_pages, device=scores.device)).flatten(2)
+
+
+def choose_pages(q: torch.Tensor, cache: PagedKVCache, layer: int, plan: CentroidPlan, scale: float) -> torch.Tensor:
     """Logical pages of the chosen groups per row and KV head, ascending -> [Bs, kv_heads,
     budget_groups * group_pages] (the last group's pages past the sequence included: attention
-    masks or stops before them)."""
-    scores = group_scores(q, cents_layer, cstats_layer, plan, scale) + plan.bias
-    groups = scores.topk(plan.budget_groups, dim=-1, sorted=False).indices.sort(dim=-1).values
-    offsets = torch.arange(plan.group_pages, device=q.device)
-    return (groups.unsqueeze(-1) * plan.group_pages + offsets).flatten(2)
+    masks or stops before them). With a shortlist, the groups are chosen among the best runs'
+    (their pages in order, as one sequence: the fine stage's last pages per KV head)."""
+    cents, cstats = cache.cents[layer], cache.cstats[layer]
+    short = plan.shortlist
+    if short is None:
+        scores = group_scores(q, cents, cstats, plan.last_pages, plan.scored, scale) + plan.bias
+        return best_units(scores, plan.budget_groups, plan.group_pages)
+    runs = group_scores(q, cache.run_cents[layer], cache.run_cstats[layer], short.run_last, short.run_scored, scale)
+    logical = best_units(runs + short.run_bias, short.keep, short.run_pages)     # [Bs, kvh, keep * run_pages]
+    physical = plan.sparse_pages.gather(1, logical.flatten(1)).view_as(logical)
+    scores = group_scores(q, cents, cstats, physical[..., plan.group_pages - 1::plan.group_pages], short.scored,
+                          scale) + short.bias
+    return logical.gather(2, best_units(scores, plan.budget_groups, plan.group_pages))
 
 
 def attend_fused(q: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor, chosen: torch.Tensor,
@@ -211,7 +289,7 @@ def centroid_decode_attention(q: torch.Tensor, cache: PagedKVCache, layer: int, 
         return dense_decode(q, cache, layer, meta, scale)
     k_layer, v_layer = cache.k[layer], cache.v[layer]
     q_sparse = q[plan.sparse_rows]
-    chosen = choose_pages(q_sparse, cache.cents[layer], cache.cstats[layer], plan, scale)
+    chosen = choose_pages(q_sparse, cache, layer, plan, scale)
     attend = attend_fused if fused else attend_pages
     sparse_out = attend(q_sparse, k_layer, v_layer, chosen, plan, scale)
     return merge_dense_rows(q, sparse_out, cache, layer, meta, plan.rows, scale, fused)

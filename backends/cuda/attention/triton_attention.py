@@ -14,7 +14,7 @@ import torch
 
 from backends.cuda.attention.base import AttentionBackend
 from backends.cuda.layout import StepLayout, graph_batch
-from kernels.reference import sparse_page_counts
+from kernels.reference import CentroidShortlist, sparse_page_counts
 from kernels.triton import extend_attention, paged_decode, sparse_decode, update_page_summaries
 from kernels.triton.centroids import centroid_sparse_decode
 from kernels.triton.decode import default_num_splits, interpreting
@@ -85,7 +85,9 @@ class TritonAttention(AttentionBackend):
         """The same by the centroid selector (kernels/triton/centroids.py); its summaries are
         written by the runner after each step (attention/centroids.write_group_summaries)."""
         s, cache = self.sparse, self.cache
+        shortlist = None if cache.run_cents is None else CentroidShortlist(
+            cache.run_cents[layer], cache.run_cstats[layer], cache.run_pages, s.shortlist_tokens)
         centroid_sparse_decode(q, cache.k[layer], cache.v[layer], cache.cents[layer], cache.cstats[layer],
                                self.decode_tables, self.decode_lens, s.token_budget, s.sink_tokens,
                                s.recent_tokens, cache.group_pages, self.shape.scale, interpreted=interpreting(),
-                               out=out, **self.centroid_tuning)
+                               out=out, shortlist=shortlist, **self.centroid_tuning)
