@@ -94,6 +94,7 @@ class CountingRunner:
         self.page_size, self.num_pages, self.info = runner.page_size, runner.num_pages, runner.info
         self.max_sequences, self.overlap = runner.max_sequences, runner.overlap
         self.skipped = 0
+        self.longest_decode = 0     # tokens of the longest decode row (does the shortlist engage?)
         self.errors: list[BaseException] = []
 
     def launch(self, batch: ForwardBatch) -> CountedStep:
@@ -115,6 +116,7 @@ class CountingRunner:
         read = skipped = 0
         for seq in batch.sequences:
             if len(seq.token_ids) == 1:
+                self.longest_decode = max(self.longest_decode, seq.end_position)
                 pages = -(-seq.end_position // PAGE)
                 dropped = max(0, -(-pages // group_pages) - budget) * group_pages
                 read += (pages - dropped) * kv_heads * layers
@@ -187,9 +189,11 @@ def make_request(rid: str, prompt: list[int], max_new: int) -> Request:
                    emit=lambda event: None)
 
 
-# The centroid selector (selector: centroids) on the same tiny model: groups of 2 pages, 3 in the budget.
+# The centroid selector (selector: centroids) on the same tiny model: groups of 2 pages, 3 in the budget;
+# coarse to fine past 3 runs of 2 groups (48 tokens), so that long rows choose among shortlisted runs.
 TINY_CENTROIDS = SparseSettings(enabled=True, token_budget=24, dense_layers=1, sink_tokens=4, recent_tokens=4,
-                                selector="centroids", centroids=2, group_tokens=8)
+                                shortlist_tokens=48, selector="centroids", centroids=2, group_tokens=8,
+                                run_tokens=16)
 
 
 @pytest.fixture(scope="module")
@@ -199,21 +203,24 @@ def centroid_runner(tiny_folder):
 
 
 def check_groups(runner: TorchRunner, sequences: list[tuple[list[int], list[int]]]) -> None:
-    """Every group a live sequence has completed holds the summary of its own keys (as
-    reference.centroid_group_summaries computes it from the cache), whoever owned its pages before."""
-    cache, span = runner.cache, TINY_CENTROIDS.group_tokens
-    group_pages = span // PAGE
-    for tokens, pages in sequences:
-        full = len(tokens) // span
-        if not full:
-            continue
-        table = torch.tensor(pages[:full * group_pages])
-        lasts = table[group_pages - 1::group_pages]
-        for layer in range(runner.config.num_layers):
-            cents, stats = torch.zeros_like(cache.cents[layer]), torch.zeros_like(cache.cstats[layer])
-            reference.centroid_group_summaries(cache.k[layer], cents, stats, table, full * span, PAGE, group_pages)
-            assert torch.equal(cache.cents[layer][lasts].view(torch.uint8), cents[lasts].view(torch.uint8))
-            assert torch.equal(cache.cstats[layer][lasts], stats[lasts])
+    """Every group (and run of the coarse stage) a live sequence has completed holds the summary of
+    its own keys (as reference.centroid_group_summaries computes it from the cache), whoever owned
+    its pages before."""
+    cache = runner.cache
+    for span, cents_all, stats_all in ((TINY_CENTROIDS.group_tokens, cache.cents, cache.cstats),
+                                       (TINY_CENTROIDS.run_tokens, cache.run_cents, cache.run_cstats)):
+        unit_pages = span // PAGE
+        for tokens, pages in sequences:
+            full = len(tokens) // span
+            if not full:
+                continue
+            table = torch.tensor(pages[:full * unit_pages])
+            lasts = table[unit_pages - 1::unit_pages]
+            for layer in range(runner.config.num_layers):
+                cents, stats = torch.zeros_like(cents_all[layer]), torch.zeros_like(stats_all[layer])
+                reference.centroid_group_summaries(cache.k[layer], cents, stats, table, full * span, PAGE, unit_pages)
+                assert torch.equal(cents_all[layer][lasts].view(torch.uint8), cents[lasts].view(torch.uint8))
+                assert torch.equal(stats_all[layer][lasts], stats[lasts])
 
 
 @pytest.fixture(params=["quest", "centroids"])
@@ -226,6 +233,7 @@ def sparse_case(request, tiny_runners, centroid_runner):
         return runner, lambda sequences: check_pages(runner, oracle, sequences)
     runner = centroid_runner
     assert runner.cache.kmin is None and runner.cache.cents.shape == (3, runner.num_pages + 1, 2, 2, 8)
+    assert runner.cache.run_cents.shape == runner.cache.cents.shape and runner.cache.run_pages == 4
     return runner, lambda sequences: check_groups(runner, sequences)
 
 
@@ -268,7 +276,7 @@ def test_property_run_covers_sparse_decode_and_recycling(sparse_case):
     rng = np.random.default_rng(4)
     for i in range(6):
         prompt = PREFIXES[i % 2] + rng.integers(1, VOCAB, 6 + 3 * i).tolist()
-        scheduler.add(make_request(f"f{i}", prompt, 10 + i))
+        scheduler.add(make_request(f"f{i}", prompt, 12 + 2 * i))
     while scheduler.has_work:
         scheduler.step()
         check([(r.all_ids[:r.num_computed], r.page_table) for r in scheduler.running])
@@ -276,6 +284,8 @@ def test_property_run_covers_sparse_decode_and_recycling(sparse_case):
     assert not counting.errors, counting.errors
     assert counting.skipped > 0 and cache.evictions > 0 and scheduler.stats.preemptions > 0
     assert scheduler.stats.cached_prompt_tokens > 0
+    # the centroid selector's coarse stage served rows longer than its shortlist (3 runs, 48 tokens)
+    assert counting.longest_decode > TINY_CENTROIDS.shortlist_tokens
 
 
 # ---- 2. the embedded model -------------------------------------------------------------------
