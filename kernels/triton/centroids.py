@@ -197,15 +197,17 @@ def centroid_group_logits(q: torch.Tensor, cents: torch.Tensor, stats: torch.Ten
     return out
 
 
-def score_tuning(rows: int, device: torch.device) -> dict:
+def score_tuning(rows: int, device: torch.device, groups: int = 512) -> dict:
     """The scorer's tile: for at least half a wave of rows (sequence, KV head), the 2D tile
     (_score_tile_rows), 8 groups a program up to two waves of rows and 16
     beyond (H200, bench/centroid_stages.py: b16 27.9 us with 8, 28.6 with 16, 29.4 for the
-    reshaped tile; b64 98.1 with 16, 100.2 with 8, 107.1 reshaped); fewer rows keep the reshaped
-    8-group tile (b4: 10.3 against 10.7 for the 2D tile; b1 x 32k 4.5, 16 groups 6.0-6.6)."""
+    reshaped tile; b64 98.1 with 16, 100.2 with 8, 107.1 reshaped) unless the rows are short (the
+    shortlist's 128 groups, or 128 runs at 32k: b64 24.4-24.5 us with 8 against 25.9-26.8 with
+    16); fewer rows keep the reshaped 8-group tile (b4: 10.3 against 10.7 for the 2D tile; b1 x
+    32k 4.5, 16 groups 6.0-6.6)."""
     sms = num_sms(device)
     if rows >= sms // 2:
-        return dict(block_n=16 if rows >= 2 * sms else 8, row_tile=True)
+        return dict(block_n=16 if rows >= 2 * sms and groups > 128 else 8, row_tile=True)
     return {}
 
 
@@ -217,6 +219,8 @@ def selection_warps(rows: int, groups: int, sort: str | None, device: torch.devi
     (b16 x 1024: 6.1 against 7.4 with 4); the radix search's default otherwise. Selection by rank
     over many programs (each group's rank against its whole row, kept for few rows before the
     top-k came) lost to this at every batch: b2 7.0 against 4.2, b16 28.7 against 4.4 (512 groups)."""
+    if sort and groups <= 128:      # the shortlist's groups, runs at 32k (b16: 3.0-3.3 us against 3.1-3.5 with
+        return 1 if rows >= 2 * num_sms(device) else 2      # 4 warps; b64: 3.4-3.9 against 5.5-6.2)
     if sort and groups <= 512:
         return 4
     if rows >= 2 * num_sms(device):
@@ -259,9 +263,9 @@ def centroid_shortlist_tables(q: torch.Tensor, shortlist: CentroidShortlist, pag
     keep, sink, recent = shortlist_run_counts(page_size, group_pages, run_pages, shortlist.shortlist_tokens, *tokens)
     if page_tables.shape[1] % run_pages:    # whole runs: the last one's missing pages are never attended
         page_tables = torch.nn.functional.pad(page_tables, (0, run_pages - page_tables.shape[1] % run_pages))
+    runs = page_tables.shape[1] // run_pages
     logits = centroid_group_logits(q, shortlist.cents, shortlist.stats, page_tables, seq_lens, page_size, run_pages,
-                                   scale, interpreted=interpreted, **score_tuning(rows, q.device))
-    runs = logits.shape[2]
+                                   scale, interpreted=interpreted, **score_tuning(rows, q.device, runs))
     sort = "topk" if prefers_top_k(runs, keep) else None
     kv_heads = shortlist.cents.shape[1]
     _, compact, short_lens = combine_select(logits, page_tables, seq_lens, page_size * run_pages, kv_heads,
@@ -308,7 +312,8 @@ def centroid_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                                                           scale, (budget_tokens, sink_tokens, recent_tokens), rows,
                                                           interpreted)
     logits = centroid_group_logits(q, cents, stats, page_tables, seq_lens, page_size, group_pages, scale,
-                                   interpreted=interpreted, **score_tuning(rows, q.device))
+                                   interpreted=interpreted,
+                                   **score_tuning(rows, q.device, page_tables.shape[-1] // group_pages))
     groups = logits.shape[2]
     # the k-th score from a bitonic top-k of the budget instead of the 32-step radix search where
     # that is faster (selection.prefers_top_k; H200, 1024 groups: combine_select b64 13.9 us
