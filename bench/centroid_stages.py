@@ -269,7 +269,7 @@ def time_shortlist(xs: list, scale: float, shortlist: ref.CentroidShortlist) -> 
     selection writing the compact tables, the group scores over them) as labelled strings."""
     from kernels.triton.centroids import centroid_shortlist_tables
     rows = xs[0]["q"].shape[0] * HKV
-    tile = score_tuning(rows, xs[0]["q"].device)
+    device = xs[0]["q"].device
     tokens = (BUDGET, 16, 64)
 
     def stages(x):
@@ -277,11 +277,14 @@ def time_shortlist(xs: list, scale: float, shortlist: ref.CentroidShortlist) -> 
         return centroid_shortlist_tables(x["q"], short, x["table"], x["lens"], PAGE, GROUP_PAGES, scale, tokens, rows)
     for x in xs:
         x["compact"], x["short_lens"] = stages(x)
+    # each scorer with the launcher's tile for its rows' width
+    run_tile = score_tuning(rows, device, xs[0]["table"].shape[1] // shortlist.run_pages)
+    group_tile = score_tuning(rows, device, xs[0]["compact"].shape[-1] // GROUP_PAGES)
     runs = graph_us(rotating([partial(lambda x: centroid_group_logits(
-        x["q"], *x["runs"], x["table"], x["lens"], PAGE, shortlist.run_pages, scale, **tile), x) for x in xs]))
+        x["q"], *x["runs"], x["table"], x["lens"], PAGE, shortlist.run_pages, scale, **run_tile), x) for x in xs]))
     coarse = graph_us(rotating([partial(stages, x) for x in xs]))
     fine = graph_us(rotating([partial(lambda x: centroid_group_logits(
-        x["q"], x["cents"], x["stats"], x["compact"], x["short_lens"], PAGE, GROUP_PAGES, scale, **tile), x)
+        x["q"], x["cents"], x["stats"], x["compact"], x["short_lens"], PAGE, GROUP_PAGES, scale, **group_tile), x)
         for x in xs]))
     whole = graph_us(rotating([partial(engine_decode, x, scale, shortlist) for x in xs]))
     print(f"coarse to fine: run scores {runs:.1f} us, runs scored and selected {coarse:.1f}, group scores over the "
