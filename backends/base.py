@@ -145,9 +145,9 @@ class SparseSettings:
     selector: "quest" (the above: key min/max bounds) or "centroids": each complete run of
     group_tokens tokens per KV head keeps `centroids` k-means centroids in 8 bits with their counts
     and spreads, which estimate its attention mass; whole groups are selected
-    (kernels/reference.centroid_select_pages). summary_tokens is Quest's only. With centroids,
+    (kernels/centroid_reference.centroid_select_pages). summary_tokens is Quest's only. With centroids,
     shortlist_tokens shortlists runs of run_tokens tokens (each with its own `centroids` centroids)
-    and the groups are chosen among the shortlisted runs' (reference.CentroidShortlist).
+    and the groups are chosen among the shortlisted runs' (centroid_reference.CentroidShortlist).
     """
 
     enabled: bool = False

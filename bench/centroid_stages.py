@@ -11,10 +11,10 @@ every group from them, kernels/triton/selection.combine_select keeps the budget'
 (sink and the last group forced) and writes their pages' physical ids (expand=4), and the split-K
 decode kernel attends to them. Llama-3-8B attention shapes (32 q heads, 8 KV heads, d 128, bf16), random
 K/V on shuffled pages; the centroids here are simply each group's first C keys (their values do
-not change the time). Checked first: the group scores against kernels/reference.centroid_group_logits, the
+not change the time). Checked first: the group scores against kernels/centroid_reference.centroid_group_logits, the
 selection against float64 scores, the output against torch attention over the chosen pages.
 
---shortlist adds coarse to fine (reference.centroid_select_pages(shortlist=...)): C centroids per
+--shortlist adds coarse to fine (centroid_reference.centroid_select_pages(shortlist=...)): C centroids per
 run of --run-pages pages (again the run's first C keys) score every run, each KV head keeps the
 best TOKENS worth of runs, and the group selection above runs over those runs' groups only
 (centroid_sparse_decode(shortlist=...)); its row is checked against the reference on one sequence.
@@ -37,6 +37,7 @@ import triton.language as tl
 from backends.cuda.layout import table_width
 from bench.gemv import graph_us
 from bench.sparse_stages import HKV, HQ, PAGE, D, sparse_inputs
+from kernels import centroid_reference as cref
 from kernels import reference as ref
 from kernels.triton.centroids import (
     attend_tuning,
@@ -101,17 +102,17 @@ def add_run_summaries(x: dict, clusters: int, run_pages: int) -> None:
     x["runs"] = (cents, stats)
 
 
-def check_shortlist(x: dict, scale: float, shortlist: ref.CentroidShortlist) -> None:
-    """The launcher with a shortlist against reference.centroid_select_pages(shortlist=...) and
+def check_shortlist(x: dict, scale: float, shortlist: cref.CentroidShortlist) -> None:
+    """The launcher with a shortlist against centroid_reference.centroid_select_pages(shortlist=...) and
     attend_pages on the first sequence (its pages copied out, on the CPU)."""
     pages = x["table"][0, :-(-int(x["lens"][0]) // PAGE)].long()
     cpu = {n: x[n][pages].float().cpu() for n in ("k", "v", "cents", "stats")}
     runs = tuple(t[pages].float().cpu() for t in x["runs"])
     table = torch.arange(len(pages), dtype=torch.int32)
-    short = ref.CentroidShortlist(*runs, shortlist.run_pages, shortlist.shortlist_tokens)
+    short = cref.CentroidShortlist(*runs, shortlist.run_pages, shortlist.shortlist_tokens)
     q = x["q"][0].float().cpu()
     args = (PAGE, GROUP_PAGES, scale, BUDGET, 16, 64)
-    want = ref.centroid_select_pages(q, cpu["cents"], cpu["stats"], table, int(x["lens"][0]), *args, shortlist=short)
+    want = cref.centroid_select_pages(q, cpu["cents"], cpu["stats"], table, int(x["lens"][0]), *args, shortlist=short)
     expected = ref.attend_pages(q, cpu["k"], cpu["v"], table, int(x["lens"][0]), want, scale)
     got = engine_decode(x, scale, shortlist)[0].float().cpu()
     err = (got - expected).abs().max().item()
@@ -136,8 +137,8 @@ def check(x: dict, scale: float, force: tuple) -> None:
     got = centroid_group_logits(x["q"], x["cents"], x["stats"], x["table"], x["lens"], PAGE, GROUP_PAGES, scale,
                                 interpreted=DEVICE == "cpu")
     n_groups = -(-int(x["lens"][0]) // SPAN)
-    want = torch.stack([ref.centroid_group_logits(x["q"][i], x["cents"], x["stats"], x["table"][i], int(x["lens"][i]),
-                                                  PAGE, GROUP_PAGES, scale).flatten(0, 1).to(got.device)
+    want = torch.stack([cref.centroid_group_logits(x["q"][i], x["cents"], x["stats"], x["table"][i], int(x["lens"][i]),
+                                                   PAGE, GROUP_PAGES, scale).flatten(0, 1).to(got.device)
                         for i in range(got.shape[0])])
     full = (int(x["lens"].min()) - 1) // SPAN    # every row's scored groups (the rows share a length)
     err = (got[..., :full] - want[..., :full]).abs().max().item()
@@ -175,12 +176,12 @@ def check(x: dict, scale: float, force: tuple) -> None:
     assert err < 2e-2
 
 
-def engine_decode(x: dict, scale: float, shortlist: ref.CentroidShortlist | None = None) -> torch.Tensor:
+def engine_decode(x: dict, scale: float, shortlist: cref.CentroidShortlist | None = None) -> torch.Tensor:
     """The launcher the engine calls: its own choice of selection (select_attend for few rows, else
     combine_select with selection_warps) and attention tuning (attend_tuning); shortlist: its
     run_pages and tokens, the summaries x["runs"]."""
     if shortlist is not None:
-        shortlist = ref.CentroidShortlist(*x["runs"], shortlist.run_pages, shortlist.shortlist_tokens)
+        shortlist = cref.CentroidShortlist(*x["runs"], shortlist.run_pages, shortlist.shortlist_tokens)
     return centroid_sparse_decode(x["q"], x["k"], x["v"], x["cents"], x["stats"], x["table"], x["lens"], BUDGET,
                                   16, 64, GROUP_PAGES, scale, interpreted=DEVICE == "cpu", shortlist=shortlist)
 
@@ -264,7 +265,7 @@ def tune_stages(xs: list, scale: float, force: tuple, stages: list[str]) -> None
         print(f"{label} tunings, best first: " + ", ".join(f"{cfg} {us:.1f}" for us, cfg in timed), flush=True)
 
 
-def time_shortlist(xs: list, scale: float, shortlist: ref.CentroidShortlist) -> dict:
+def time_shortlist(xs: list, scale: float, shortlist: cref.CentroidShortlist) -> dict:
     """Graph-replayed us of coarse to fine: the launcher, and its stages (run scores, the run
     selection writing the compact tables, the group scores over them) as labelled strings."""
     from kernels.triton.centroids import centroid_shortlist_tables
@@ -273,7 +274,7 @@ def time_shortlist(xs: list, scale: float, shortlist: ref.CentroidShortlist) -> 
     tokens = (BUDGET, 16, 64)
 
     def stages(x):
-        short = ref.CentroidShortlist(*x["runs"], shortlist.run_pages, shortlist.shortlist_tokens)
+        short = cref.CentroidShortlist(*x["runs"], shortlist.run_pages, shortlist.shortlist_tokens)
         return centroid_shortlist_tables(x["q"], short, x["table"], x["lens"], PAGE, GROUP_PAGES, scale, tokens, rows)
     for x in xs:
         x["compact"], x["short_lens"] = stages(x)
@@ -384,7 +385,7 @@ def main() -> None:
             graph_us(rotating([partial(fn, x) for x in xs])) for fn in stage_fns.values())
         print(f"three launches, each tuned as the launcher tunes it: {launches:.1f} us", flush=True)
         if args.shortlist and i == len(args.dtypes) - 1:
-            shortlist = ref.CentroidShortlist(None, None, args.run_pages, args.shortlist)
+            shortlist = cref.CentroidShortlist(None, None, args.run_pages, args.shortlist)
             for x in xs:
                 add_run_summaries(x, args.clusters, args.run_pages)
             check_shortlist(xs[0], scale, shortlist)

@@ -62,7 +62,7 @@ from backends.cuda.attention import sparse as sa  # noqa: E402
 from backends.cuda.runner import TorchRunner  # noqa: E402
 from backends.source import resolve_source  # noqa: E402
 from bench import sparse_quality as sq  # noqa: E402
-from kernels import reference as ref  # noqa: E402
+from kernels import centroid_reference as cref  # noqa: E402
 
 
 def inverse_sqrt_and_sqrt(m: torch.Tensor, eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,7 +205,7 @@ def kmeans_group_mass(keys: torch.Tensor, written: torch.Tensor, q: torch.Tensor
     batch, groups, span, kv_heads, head_dim = keys.shape
     x = keys.permute(0, 1, 3, 2, 4)                                             # [B, G, kvh, span, d]
     w = written.view(batch, groups, 1, span).expand(batch, groups, kv_heads, span)
-    centroids, counts, spread = ref.kmeans_keys(x, w, clusters, steps)          # [B, G, kvh, C, (d)]
+    centroids, counts, spread = cref.kmeans_keys(x, w, clusters, steps)          # [B, G, kvh, C, (d)]
     if fp8:
         centroids = fp8_round(centroids)
     qg = q.float().view(batch, kv_heads, -1, head_dim) * scale                  # [B, kvh, g, d]

@@ -11,6 +11,7 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")
 
+from kernels import centroid_reference as cref  # noqa: E402
 from kernels import reference as ref  # noqa: E402
 from kernels.triton.centroids import centroid_group_logits, centroid_sparse_decode  # noqa: E402
 
@@ -44,7 +45,7 @@ def test_centroid_group_logits(clusters, group, group_pages, block_n, row_tile):
     out = centroid_group_logits(q, cents, stats, table, torch.tensor(lens, dtype=torch.int32), page_size,
                                 group_pages, scale, block_n=block_n, interpreted=True, row_tile=row_tile)
     for i, n in enumerate(lens):
-        want = ref.centroid_group_logits(q[i], cents, stats, table[i], n, page_size, group_pages, scale)
+        want = cref.centroid_group_logits(q[i], cents, stats, table[i], n, page_size, group_pages, scale)
         got = out[i, :, :want.shape[-1]].view(want.shape)
         scored = (n - 1) // span                     # the groups complete before the row's last token
         assert torch.isfinite(got[..., :scored]).all(), "a wrong page was read or a group left unwritten"
@@ -99,7 +100,7 @@ def _pipeline_inputs(budget_groups: int = 6, groups: tuple[int, ...] = (20, 5, 1
     for i, n in enumerate(lens):
         table[i, :used[i]] = perm[at:at + used[i]].int()
         at += used[i]
-        ref.centroid_group_summaries(k, cents, stats, table[i], n, page_size, group_pages)
+        cref.centroid_group_summaries(k, cents, stats, table[i], n, page_size, group_pages)
     q = torch.randn(len(lens), kv_heads * group, head_dim, generator=gen)
     seq_lens = torch.tensor(lens, dtype=torch.int32)
     scale = head_dim ** -0.5
@@ -113,7 +114,7 @@ def _pipeline_inputs(budget_groups: int = 6, groups: tuple[int, ...] = (20, 5, 1
 def test_centroid_pipeline_matches_the_reference_selector_and_decode(selection):
     """Scores (centroid_group_logits), the selection (combine_select(expand=group_pages), in
     registers, by the bitonic top-k or streamed) and the split-K decode over the chosen pages
-    give reference.centroid_select_pages's pages and reference.attend_pages's output: summaries
+    give centroid_reference.centroid_select_pages's pages and reference.attend_pages's output: summaries
     from real k-means of the keys, rows of several lengths (one within the budget, one ending
     inside a group, one on a group boundary)."""
     from kernels.triton.decode import split_k_decode
@@ -129,8 +130,8 @@ def test_centroid_pipeline_matches_the_reference_selector_and_decode(selection):
                                               sort="topk" if selection == "radix top-k" else None)
     out = split_k_decode(q, k, v, physical, vlens, scale)
     for i, n in enumerate(lens):
-        want = ref.centroid_select_pages(q[i], cents, stats, table[i], n, page_size, group_pages, scale,
-                                         budget_tokens, sink_tokens, recent_tokens)
+        want = cref.centroid_select_pages(q[i], cents, stats, table[i], n, page_size, group_pages, scale,
+                                          budget_tokens, sink_tokens, recent_tokens)
         kept = min(-(-n // span), force[0])
         chosen = logical[i, :, :kept].long()
         pages = (chosen[..., None] * group_pages + torch.arange(group_pages)).flatten(1)
@@ -153,8 +154,8 @@ def test_centroid_sparse_decode_writes_out(planned_batch):
                                  planned_batch=planned_batch, out=out)
     assert got is out
     for i, n in enumerate(x["lens"]):
-        want = ref.centroid_select_pages(x["q"][i], x["cents"], x["stats"], x["table"][i], n, x["page_size"],
-                                         x["group_pages"], x["scale"], *x["tokens"])
+        want = cref.centroid_select_pages(x["q"][i], x["cents"], x["stats"], x["table"][i], n, x["page_size"],
+                                          x["group_pages"], x["scale"], *x["tokens"])
         expected = ref.attend_pages(x["q"][i], x["k"], x["v"], x["table"][i], n, want, x["scale"])
         torch.testing.assert_close(out[i], expected, rtol=1e-4, atol=1e-4)
 
@@ -169,17 +170,17 @@ def _shortlist_inputs():
     run_pages = 2 * x["group_pages"]
     cents, stats = torch.zeros_like(x["cents"]), torch.zeros_like(x["stats"])
     for i, n in enumerate(x["lens"]):
-        ref.centroid_group_summaries(x["k"], cents, stats, x["table"][i], n, x["page_size"], run_pages)
-    shortlist = ref.CentroidShortlist(cents, stats, run_pages, 8 * run_pages * x["page_size"])
+        cref.centroid_group_summaries(x["k"], cents, stats, x["table"][i], n, x["page_size"], run_pages)
+    shortlist = cref.CentroidShortlist(cents, stats, run_pages, 8 * run_pages * x["page_size"])
     return x, shortlist
 
 
 def _reference_rows(x, shortlist):
-    """Each row's pages and attention by reference.centroid_select_pages with the shortlist."""
+    """Each row's pages and attention by centroid_reference.centroid_select_pages with the shortlist."""
     rows = []
     for i, n in enumerate(x["lens"]):
-        want = ref.centroid_select_pages(x["q"][i], x["cents"], x["stats"], x["table"][i], n, x["page_size"],
-                                         x["group_pages"], x["scale"], *x["tokens"], shortlist=shortlist)
+        want = cref.centroid_select_pages(x["q"][i], x["cents"], x["stats"], x["table"][i], n, x["page_size"],
+                                          x["group_pages"], x["scale"], *x["tokens"], shortlist=shortlist)
         rows.append((want, ref.attend_pages(x["q"][i], x["k"], x["v"], x["table"][i], n, want, x["scale"])))
     return rows
 
@@ -193,10 +194,10 @@ def test_reference_shortlist_narrows_only_long_rows():
     for i, n in enumerate(x["lens"]):
         args = (x["q"][i], x["cents"], x["stats"], x["table"][i], n, x["page_size"], x["group_pages"], x["scale"],
                 *x["tokens"])
-        one_stage = ref.centroid_select_pages(*args)
-        two_stage = ref.centroid_select_pages(*args, shortlist=shortlist)
-        runs, short_len = ref.centroid_shortlist(x["q"][i], shortlist, x["table"][i], n, x["page_size"],
-                                                 x["group_pages"], x["scale"], *x["tokens"])
+        one_stage = cref.centroid_select_pages(*args)
+        two_stage = cref.centroid_select_pages(*args, shortlist=shortlist)
+        runs, short_len = cref.centroid_shortlist(x["q"][i], shortlist, x["table"][i], n, x["page_size"],
+                                                  x["group_pages"], x["scale"], *x["tokens"])
         n_runs = -(-n // (shortlist.run_pages * x["page_size"]))
         if n_runs <= runs.shape[1]:
             assert torch.equal(one_stage, two_stage) and short_len == n
@@ -215,7 +216,7 @@ def test_shortlist_pipeline_matches_the_reference(selection):
     """The coarse stage (centroid_shortlist_tables: each KV head's compact table and the
     shortlist's length), then the fine scores over the compact tables, the selection
     (combine_select over per-head tables, or inside the attention: select_attend) and the
-    attention give reference.centroid_select_pages(shortlist=...)'s pages and output."""
+    attention give centroid_reference.centroid_select_pages(shortlist=...)'s pages and output."""
     from kernels.triton.centroids import centroid_shortlist_tables
     from kernels.triton.decode import split_k_decode
     from kernels.triton.select_attend import select_attend

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from kernels import reference as ref
+from kernels import centroid_reference as cref
 
 
 def test_an_outlying_key_gets_a_centroid_of_its_own():
@@ -14,7 +14,7 @@ def test_an_outlying_key_gets_a_centroid_of_its_own():
     keys = centres[torch.arange(64) % 3] + 0.1 * torch.randn(64, 16, generator=gen)
     needle = torch.full((16,), 25.0)
     keys[37] = needle
-    cents, counts, spread = ref.kmeans_keys(keys, torch.ones(64, dtype=torch.bool), clusters=4)
+    cents, counts, spread = cref.kmeans_keys(keys, torch.ones(64, dtype=torch.bool), clusters=4)
     alone = [c for c in range(4) if torch.equal(cents[c], needle)]
     assert len(alone) == 1, "the needle must be a centroid of its own"
     assert counts[alone[0]] == 1 and spread[alone[0]] == 0
@@ -32,10 +32,10 @@ def test_one_centroid_per_key_gives_the_true_log_mass():
     seq_len = 4 * span + 3
     cents = torch.full((12, kv_heads, span, d), float("nan"), dtype=torch.float64)
     stats = torch.full((12, kv_heads, span, 2), float("nan"), dtype=torch.float64)
-    ref.centroid_group_summaries(k_cache, cents, stats, table, seq_len, page_size, group_pages)
+    cref.centroid_group_summaries(k_cache, cents, stats, table, seq_len, page_size, group_pages)
     q = torch.randn(kv_heads * group, d, generator=gen, dtype=torch.float64)
     scale = 0.7
-    got = ref.centroid_group_logits(q, cents, stats, table, seq_len, page_size, group_pages, scale)
+    got = cref.centroid_group_logits(q, cents, stats, table, seq_len, page_size, group_pages, scale)
     keys = k_cache[table.long()].reshape(-1, kv_heads, d)[:seq_len]                 # [T, kvh, d]
     logits = torch.einsum("hgd,thd->hgt", q.view(kv_heads, group, d), keys) * scale
     for n in range(4):
@@ -53,7 +53,7 @@ def test_summaries_sit_at_complete_groups_last_pages_only():
     seq_len = 2 * span + 5                                     # groups 0, 1 complete; group 2 not
     cents = torch.full((20, kv_heads, clusters, d), float("nan"))
     stats = torch.full((20, kv_heads, clusters, 2), float("nan"))
-    ref.centroid_group_summaries(k_cache, cents, stats, table, seq_len, page_size, group_pages)
+    cref.centroid_group_summaries(k_cache, cents, stats, table, seq_len, page_size, group_pages)
     written = {int(table[3]), int(table[7])}
     for page in range(20):
         assert bool(torch.isfinite(cents[page]).all()) == (page in written)

@@ -4,7 +4,7 @@ paths against kernels/reference.py, and its write path.
 Random paged caches with ragged lengths (rows within the budget, rows ending on a group boundary,
 inside a group and inside a page), shuffled page tables, summaries written the engine's way
 (attention/centroids.write_group_summaries, for the groups complete before each row's token); every
-path must choose reference.centroid_select_pages's pages and give reference.attend_pages's output,
+path must choose centroid_reference.centroid_select_pages's pages and give reference.attend_pages's output,
 in one stage and coarse to fine (SHORTLIST: runs of two groups, rows longer and shorter than the
 shortlist).
 """
@@ -20,6 +20,7 @@ from backends.cuda.attention.torch_attention import decode_attention
 from backends.cuda.attention.torch_metadata import build_metadata
 from backends.cuda.kv_cache import PagedKVCache
 from backends.cuda.kv_store import TorchKVStore
+from kernels import centroid_reference as cref
 from kernels import reference
 from kernels.cpu import build as cpu_kernels
 
@@ -64,14 +65,14 @@ def random_cache(lengths: list[int], kv_heads: int, head_dim: int, seed: int, la
 
 
 def chosen_pages(q, cache, layer, n, table, scale, settings=SETTINGS):
-    """reference.centroid_select_pages of one row, coarse to fine when the settings say so."""
+    """centroid_reference.centroid_select_pages of one row, coarse to fine when the settings say so."""
     shortlist = None
     if settings.shortlist_tokens:
-        shortlist = reference.CentroidShortlist(cache.run_cents[layer], cache.run_cstats[layer], RUN_PAGES,
-                                                settings.shortlist_tokens)
-    return reference.centroid_select_pages(q, cache.cents[layer], cache.cstats[layer], table, n, PAGE, GROUP_PAGES,
-                                           scale, settings.token_budget, settings.sink_tokens,
-                                           settings.recent_tokens, shortlist=shortlist)
+        shortlist = cref.CentroidShortlist(cache.run_cents[layer], cache.run_cstats[layer], RUN_PAGES,
+                                           settings.shortlist_tokens)
+    return cref.centroid_select_pages(q, cache.cents[layer], cache.cstats[layer], table, n, PAGE, GROUP_PAGES,
+                                      scale, settings.token_budget, settings.sink_tokens,
+                                      settings.recent_tokens, shortlist=shortlist)
 
 
 def expected(q, cache, layer, lengths, tables, scale, settings=SETTINGS):
@@ -130,9 +131,9 @@ def test_reads_only_the_chosen_groups():
     q = torch.randn(1, kv_heads * 2, head_dim)
     meta = build_metadata([(lengths[0] - 1, 1, tables[0])], PAGE, "cpu", SETTINGS)
     before = ca.centroid_decode_attention(q, cache, 0, meta, 0.3, decode_attention)
-    chosen = reference.centroid_select_pages(q[0], cache.cents[0], cache.cstats[0], torch.tensor(tables[0]),
-                                             lengths[0], PAGE, GROUP_PAGES, 0.3, SETTINGS.token_budget,
-                                             SETTINGS.sink_tokens, SETTINGS.recent_tokens)
+    chosen = cref.centroid_select_pages(q[0], cache.cents[0], cache.cstats[0], torch.tensor(tables[0]),
+                                        lengths[0], PAGE, GROUP_PAGES, 0.3, SETTINGS.token_budget,
+                                        SETTINGS.sink_tokens, SETTINGS.recent_tokens)
     table = torch.tensor(tables[0])
     for head in range(kv_heads):
         skipped = torch.ones(len(table), dtype=torch.bool)
@@ -161,7 +162,7 @@ def test_triton_path_matches_the_reference(planned_batch, settings):
     assert width % GROUP_PAGES
     table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
     q = torch.randn(len(LENGTHS), kv_heads * group, head_dim)
-    shortlist = None if cache.run_cents is None else reference.CentroidShortlist(
+    shortlist = None if cache.run_cents is None else cref.CentroidShortlist(
         cache.run_cents[0], cache.run_cstats[0], RUN_PAGES, settings.shortlist_tokens)
     got = centroid_sparse_decode(q, cache.k[0], cache.v[0], cache.cents[0], cache.cstats[0], table,
                                  torch.tensor(LENGTHS, dtype=torch.int32), settings.token_budget,
@@ -173,7 +174,7 @@ def test_triton_path_matches_the_reference(planned_batch, settings):
 @pytest.mark.parametrize("runs", [False, True])
 def test_write_path_summarises_each_completed_group_as_the_reference(runs):
     """Prefill chunks of several sizes and decodes: after each step every group the sequence has
-    completed holds the reference's summary of its keys (kernels/reference.centroid_group_summaries),
+    completed holds the reference's summary of its keys (kernels/centroid_reference.centroid_group_summaries),
     and no other page holds one; the page table is shuffled, so a summary at a wrong page shows.
     runs: the coarse stage's runs too, each in its own store at its last page."""
     kv_heads, head_dim, layers = 2, 8, 2
@@ -195,15 +196,15 @@ def test_write_path_summarises_each_completed_group_as_the_reference(runs):
         for layer in range(layers):
             cents = torch.zeros_like(cache.cents[layer])
             stats = torch.zeros_like(cache.cstats[layer])
-            reference.centroid_group_summaries(cache.k[layer], cents, stats, torch.tensor(table), written, PAGE,
-                                               GROUP_PAGES)
+            cref.centroid_group_summaries(cache.k[layer], cents, stats, torch.tensor(table), written, PAGE,
+                                          GROUP_PAGES)
             assert torch.equal(cache.cents[layer].view(torch.uint8), cents.view(torch.uint8))
             assert torch.equal(cache.cstats[layer], stats)
             assert bool((cache.cstats[layer, lasts, :, :, 0] > -1).all())        # log counts: written
             if runs:
                 cents.zero_(), stats.zero_()
-                reference.centroid_group_summaries(cache.k[layer], cents, stats, torch.tensor(table), written, PAGE,
-                                                   RUN_PAGES)
+                cref.centroid_group_summaries(cache.k[layer], cents, stats, torch.tensor(table), written, PAGE,
+                                              RUN_PAGES)
                 assert torch.equal(cache.run_cents[layer].view(torch.uint8), cents.view(torch.uint8))
                 assert torch.equal(cache.run_cstats[layer], stats)
     assert written // SPAN >= 6

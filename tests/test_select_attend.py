@@ -7,6 +7,7 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")
 
+from kernels import centroid_reference as cref  # noqa: E402
 from kernels import reference as ref  # noqa: E402
 from kernels.triton.centroids import centroid_group_logits  # noqa: E402
 from kernels.triton.decode import split_k_decode  # noqa: E402
@@ -37,7 +38,7 @@ def test_select_attend_matches_the_three_launches_and_the_reference(split_groups
     for i, n in enumerate(lens):
         table[i, :used[i]] = perm[at:at + used[i]].int()
         at += used[i]
-        ref.centroid_group_summaries(k, cents, stats, table[i], n, page_size, group_pages)
+        cref.centroid_group_summaries(k, cents, stats, table[i], n, page_size, group_pages)
     q = torch.randn(len(lens), kv_heads * group, head_dim, generator=gen)
     seq_lens = torch.tensor(lens, dtype=torch.int32)
     scale = head_dim ** -0.5
@@ -51,7 +52,7 @@ def test_select_attend_matches_the_three_launches_and_the_reference(split_groups
                            block_n=span * split_groups, fixed_splits=True)
     assert torch.equal(got, three)
     for i, n in enumerate(lens):
-        want = ref.centroid_select_pages(q[i], cents, stats, table[i], n, page_size, group_pages, scale,
-                                         budget_tokens, sink_tokens, recent_tokens)
+        want = cref.centroid_select_pages(q[i], cents, stats, table[i], n, page_size, group_pages, scale,
+                                          budget_tokens, sink_tokens, recent_tokens)
         torch.testing.assert_close(got[i], ref.attend_pages(q[i], k, v, table[i], n, want, scale),
                                    rtol=1e-4, atol=1e-4)

@@ -37,6 +37,7 @@ from gateway.engine.page_pool import PagePool
 from gateway.engine.radix_cache import RadixCache
 from gateway.engine.request import Request
 from gateway.engine.scheduler import Scheduler
+from kernels import centroid_reference as cref
 from kernels import reference
 from tests.conftest import MODEL, model_config, start_server, tiny_llama_folder
 
@@ -204,7 +205,7 @@ def centroid_runner(tiny_folder):
 
 def check_groups(runner: TorchRunner, sequences: list[tuple[list[int], list[int]]]) -> None:
     """Every group (and run of the coarse stage) a live sequence has completed holds the summary of
-    its own keys (as reference.centroid_group_summaries computes it from the cache), whoever owned
+    its own keys (as centroid_reference.centroid_group_summaries computes it from the cache), whoever owned
     its pages before."""
     cache = runner.cache
     for span, cents_all, stats_all in ((TINY_CENTROIDS.group_tokens, cache.cents, cache.cstats),
@@ -218,7 +219,7 @@ def check_groups(runner: TorchRunner, sequences: list[tuple[list[int], list[int]
             lasts = table[unit_pages - 1::unit_pages]
             for layer in range(runner.config.num_layers):
                 cents, stats = torch.zeros_like(cents_all[layer]), torch.zeros_like(stats_all[layer])
-                reference.centroid_group_summaries(cache.k[layer], cents, stats, table, full * span, PAGE, unit_pages)
+                cref.centroid_group_summaries(cache.k[layer], cents, stats, table, full * span, PAGE, unit_pages)
                 assert torch.equal(cents_all[layer][lasts].view(torch.uint8), cents[lasts].view(torch.uint8))
                 assert torch.equal(stats_all[layer][lasts], stats[lasts])
 

@@ -18,7 +18,7 @@ class PagedKVCache:
     page: the coarse level that shortlists pages before their blocks are read).
 
     With centroids = (C, group_pages) instead, the centroid selector's summaries
-    (kernels/reference.centroid_group_summaries): cents [num_layers, num_pages + 1, kv_heads, C,
+    (kernels/centroid_reference.centroid_group_summaries): cents [num_layers, num_pages + 1, kv_heads, C,
     head_dim] in 8 bits and cstats [num_layers, num_pages + 1, kv_heads, C, 2] (log count, spread),
     written at the physical id of each complete group's last page (so a page carries at most one
     group's summary, and it travels with the page between tiers). With run_pages as well (coarse

@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.reference import CentroidShortlist, default_scale, shortlist_run_counts, sparse_page_counts
+from kernels.centroid_reference import CentroidShortlist, shortlist_run_counts
+from kernels.reference import default_scale, sparse_page_counts
 from kernels.triton.decode import check_kv, default_num_splits, num_sms, paged_decode, split_k_decode
 from kernels.triton.select_attend import select_attend
 from kernels.triton.selection import combine_select, prefers_top_k
@@ -254,7 +255,7 @@ def centroid_shortlist_tables(q: torch.Tensor, shortlist: CentroidShortlist, pag
                               seq_lens: torch.Tensor, page_size: int, group_pages: int, scale: float,
                               tokens: tuple[int, int, int], rows: int, interpreted: bool = False
                               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The coarse stage, reference.centroid_shortlist batched: every run scored from its
+    """The coarse stage, centroid_reference.centroid_shortlist batched: every run scored from its
     centroids (centroid_group_logits over runs of shortlist.run_pages), combine_select keeping
     each KV head's best runs (shortlist_run_counts) and writing their pages in order -> (compact
     tables int32 [batch, kv_heads, runs * run_pages], the shortlists' lengths int32 [batch]). The
@@ -280,7 +281,7 @@ def centroid_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            scale: float | None = None, interpreted: bool = False,
                            planned_batch: int | None = None, out: torch.Tensor | None = None,
                            shortlist: CentroidShortlist | None = None, **tuning) -> torch.Tensor:
-    """Batched reference.centroid_select_pages + attend_pages: the group scores
+    """Batched centroid_reference.centroid_select_pages + attend_pages: the group scores
     (centroid_group_logits), combine_select keeping the budget's groups (sink and recent forced,
     counted in groups as reference.sparse_page_counts counts pages) and writing their pages'
     physical ids, then split-K attention over them. q [batch, q_heads, d]; caches [num_pages,
@@ -291,7 +292,7 @@ def centroid_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     (score_tuning), and for up to an eighth of a wave of rows the selection inside the attention
     (select_attend; tuning then unused), else a selection launch (selection_warps); planned_batch
     (default: q's) is the batch they are chosen for (the engine's graph bucket, so that a row is
-    served alike replayed or eager). shortlist: coarse to fine (reference.centroid_select_pages):
+    served alike replayed or eager). shortlist: coarse to fine (centroid_reference.centroid_select_pages):
     rows longer than the shortlist choose among their shortlisted runs' groups only
     (centroid_shortlist_tables), each KV head's compact table standing in for the sequence's."""
     check_kv(q, k_cache, v_cache)
@@ -305,12 +306,12 @@ def centroid_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         page_tables = torch.nn.functional.pad(page_tables, (0, group_pages - width % group_pages))
     scale = default_scale(q.shape[2]) if scale is None else scale
     rows = (planned_batch or q.shape[0]) * kv_heads
-    if shortlist is not None and -(-width // shortlist.run_pages) > shortlist.shortlist_tokens // (
-            page_size * shortlist.run_pages):
+    tokens = (budget_tokens, sink_tokens, recent_tokens)
+    if shortlist is not None and -(-width // shortlist.run_pages) > shortlist_run_counts(
+            page_size, group_pages, shortlist.run_pages, shortlist.shortlist_tokens, *tokens)[0]:
         # (a table within the shortlist is every row's own shortlist: the same selection without it)
         page_tables, seq_lens = centroid_shortlist_tables(q, shortlist, page_tables, seq_lens, page_size, group_pages,
-                                                          scale, (budget_tokens, sink_tokens, recent_tokens), rows,
-                                                          interpreted)
+                                                          scale, tokens, rows, interpreted)
     logits = centroid_group_logits(q, cents, stats, page_tables, seq_lens, page_size, group_pages, scale,
                                    interpreted=interpreted,
                                    **score_tuning(rows, q.device, page_tables.shape[-1] // group_pages))

@@ -1,5 +1,5 @@
 """The centroid selector for the torch and CPU attention backends (sparse_attention.selector:
-centroids), kernels/reference.py's centroid_select_pages batched.
+centroids), kernels/centroid_reference.py's centroid_select_pages batched.
 
 Each complete run of group_pages pages (a group of group_tokens keys) per KV head is summarised by C
 k-means centroids in 8 bits with a log count and a spread each, kept at the physical id of the
@@ -16,7 +16,7 @@ the CPU kernel over each head's page list).
 Coarse to fine (shortlist_tokens > 0): runs of run_tokens keep their own centroids (at each
 complete run's last page, written like the groups'); a row longer than the shortlist first scores
 its runs the same way and keeps each KV head's best shortlist_tokens worth of them, and the groups
-are then scored and chosen among those runs only (reference.centroid_select_pages(shortlist=...)).
+are then scored and chosen among those runs only (centroid_reference.centroid_select_pages(shortlist=...)).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import torch
 
 from backends.base import SparseSettings, sparse_unit_counts
 from backends.cuda.attention.sparse_rows import RowSplit, attend_pages, counted_all_dense, merge_dense_rows, split_rows
-from kernels import reference as ref
+from kernels import centroid_reference as cref
 
 if TYPE_CHECKING:
     from backends.cuda.attention.torch_metadata import AttentionMetadata
@@ -54,7 +54,7 @@ def group_counts(sparse: SparseSettings, page_size: int) -> tuple[int, int, int,
 
 
 def shortlist_counts(sparse: SparseSettings, page_size: int) -> tuple[int, int, int, int] | None:
-    """(run_pages, runs kept, sink runs, recent runs) of the coarse stage (reference.shortlist_run_counts),
+    """(run_pages, runs kept, sink runs, recent runs) of the coarse stage (centroid_reference.shortlist_run_counts),
     or None when shortlist_tokens is 0. Raises ValueError naming the setting."""
     if sparse.shortlist_tokens <= 0:
         return None
@@ -63,8 +63,8 @@ def shortlist_counts(sparse: SparseSettings, page_size: int) -> tuple[int, int, 
     if sparse.run_tokens % sparse.group_tokens or run_pages & (run_pages - 1):
         raise ValueError(f"sparse_attention.run_tokens {sparse.run_tokens} must be a multiple of group_tokens "
                          f"{sparse.group_tokens} and a power-of-two number of kv_cache.page_size {page_size} pages")
-    return (run_pages, *ref.shortlist_run_counts(page_size, group_pages, run_pages, sparse.shortlist_tokens,
-                                                 sparse.token_budget, sparse.sink_tokens, sparse.recent_tokens))
+    return (run_pages, *cref.shortlist_run_counts(page_size, group_pages, run_pages, sparse.shortlist_tokens,
+                                                  sparse.token_budget, sparse.sink_tokens, sparse.recent_tokens))
 
 
 def completed_groups(chunks: list[tuple[int, int, list[int]]], page_size: int, group_pages: int) -> list[list[int]]:
@@ -77,7 +77,7 @@ def completed_groups(chunks: list[tuple[int, int, list[int]]], page_size: int, g
 
 @torch.inference_mode()
 def write_group_summaries(cache: PagedKVCache, groups: list[list[int]], runs: bool = False) -> None:
-    """k-means of each group's keys per layer and KV head (reference.kmeans_keys), stored at the
+    """k-means of each group's keys per layer and KV head (centroid_reference.kmeans_keys), stored at the
     group's last page in every layer at once. groups: page ids [G][group_pages]; runs: they are the
     coarse stage's runs [R][run_pages], summarised into run_cents and run_cstats."""
     if not groups:
@@ -93,7 +93,7 @@ def write_group_summaries(cache: PagedKVCache, groups: list[list[int]], runs: bo
     keys = cache.k.index_select(1, pages.flatten()).float()                            # [L, G*gp, page, kvh, d]
     keys = keys.view(layers, len(groups), span, kv_heads, head_dim).transpose(2, 3)      # [L, G, kvh, span, d]
     written = torch.ones(keys.shape[:4], dtype=torch.bool, device=keys.device)
-    centroids, counts, spread = ref.kmeans_keys(keys, written, cents.shape[3], KMEANS_STEPS)
+    centroids, counts, spread = cref.kmeans_keys(keys, written, cents.shape[3], KMEANS_STEPS)
     last = pages[:, -1]
     # 8-bit floats stored as their bytes: indexing kernels cover uint8 on every device
     cents.view(torch.uint8)[:, last] = centroids.to(cents.dtype).view(torch.uint8)
@@ -212,7 +212,7 @@ def make_plan(meta: AttentionMetadata, page_size: int, kv_heads: int) -> Centroi
 
 def group_scores(q: torch.Tensor, cents_layer: torch.Tensor, cstats_layer: torch.Tensor, last_pages: torch.Tensor,
                  scored: torch.Tensor, scale: float) -> torch.Tensor:
-    """reference.centroid_group_scores batched: q [Bs, H, d], the units' last pages [Bs, G] (every
+    """centroid_reference.centroid_group_scores batched: q [Bs, H, d], the units' last pages [Bs, G] (every
     KV head's) or [Bs, kv_heads, G] (each head's own, a shortlist), scored [Bs, 1, 1, G] -> [Bs,
     kv_heads, G] float32 (-inf for units without a summary)."""
     batch, heads, head_dim = q.shape

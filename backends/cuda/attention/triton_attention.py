@@ -14,7 +14,8 @@ import torch
 
 from backends.cuda.attention.base import AttentionBackend
 from backends.cuda.layout import StepLayout, graph_batch
-from kernels.reference import CentroidShortlist, sparse_page_counts
+from kernels.centroid_reference import CentroidShortlist
+from kernels.reference import sparse_page_counts
 from kernels.triton import extend_attention, paged_decode, sparse_decode, update_page_summaries
 from kernels.triton.centroids import centroid_sparse_decode
 from kernels.triton.decode import default_num_splits, interpreting
