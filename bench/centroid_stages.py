@@ -39,16 +39,12 @@ from bench.gemv import graph_us
 from bench.sparse_stages import HKV, HQ, PAGE, D, sparse_inputs
 from kernels import centroid_reference as cref
 from kernels import reference as ref
-from kernels.triton.centroids import (
-    attend_tuning,
-    centroid_group_logits,
-    centroid_sparse_decode,
-    score_tuning,
-    selection_warps,
-)
+from kernels.triton.centroid_scores import centroid_group_logits, score_tuning
+from kernels.triton.centroids import attend_tuning, centroid_sparse_decode, selection_warps
 from kernels.triton.decode import paged_decode, split_k_decode
 from kernels.triton.select_attend import select_attend
 from kernels.triton.selection import combine_select, prefers_top_k
+from kernels.triton.shortlist_scores import shortlisted_group_logits
 from kernels.triton.sparse import sparse_decode
 
 GROUP_PAGES = 4
@@ -266,32 +262,48 @@ def tune_stages(xs: list, scale: float, force: tuple, stages: list[str]) -> None
 
 
 def time_shortlist(xs: list, scale: float, shortlist: cref.CentroidShortlist) -> dict:
-    """Graph-replayed us of coarse to fine: the launcher, and its stages (run scores, the run
-    selection writing the compact tables, the group scores over them) as labelled strings."""
-    from kernels.triton.centroids import centroid_shortlist_tables
+    """Graph-replayed us of coarse to fine: the launcher, and its stages (run scores; the run
+    selection and the group scores over the shortlist, fused as the launcher runs them and as the
+    two launches they replace: combine_select writing the compact tables, the scorer reading
+    them), as labelled strings."""
     rows = xs[0]["q"].shape[0] * HKV
     device = xs[0]["q"].device
-    tokens = (BUDGET, 16, 64)
+    run_pages = shortlist.run_pages
+    counts = cref.shortlist_run_counts(PAGE, GROUP_PAGES, run_pages, shortlist.shortlist_tokens, BUDGET, 16, 64)
+    runs = xs[0]["table"].shape[1] // run_pages
+    groups = counts[0] * run_pages // GROUP_PAGES
+    # each scorer with the launcher's tile for its rows' width, the run top-k as the launcher sorts it
+    run_tile, group_tile = score_tuning(rows, device, runs), score_tuning(rows, device, groups)
+    sort = "topk" if prefers_top_k(runs, counts[0]) else None
 
-    def stages(x):
-        short = cref.CentroidShortlist(*x["runs"], shortlist.run_pages, shortlist.shortlist_tokens)
-        return centroid_shortlist_tables(x["q"], short, x["table"], x["lens"], PAGE, GROUP_PAGES, scale, tokens, rows)
+    def run_scores(x):
+        return centroid_group_logits(x["q"], *x["runs"], x["table"], x["lens"], PAGE, run_pages, scale, **run_tile)
+
+    def fused(x):
+        return shortlisted_group_logits(x["q"], x["run_logits"], x["cents"], x["stats"], x["table"], x["lens"], PAGE,
+                                        GROUP_PAGES, run_pages, counts, scale, sort=sort, **group_tile)
+
+    def two_launches(x):
+        _, compact, short_lens = combine_select(x["run_logits"], x["table"], x["lens"], PAGE * run_pages, HKV, counts,
+                                                scale, counts[0], expand=run_pages, sort=sort,
+                                                num_warps=selection_warps(rows, runs, sort, device))
+        return centroid_group_logits(x["q"], x["cents"], x["stats"], compact, short_lens, PAGE, GROUP_PAGES, scale,
+                                     **group_tile), compact, short_lens
     for x in xs:
-        x["compact"], x["short_lens"] = stages(x)
-    # each scorer with the launcher's tile for its rows' width
-    run_tile = score_tuning(rows, device, xs[0]["table"].shape[1] // shortlist.run_pages)
-    group_tile = score_tuning(rows, device, xs[0]["compact"].shape[-1] // GROUP_PAGES)
-    runs = graph_us(rotating([partial(lambda x: centroid_group_logits(
-        x["q"], *x["runs"], x["table"], x["lens"], PAGE, shortlist.run_pages, scale, **run_tile), x) for x in xs]))
-    coarse = graph_us(rotating([partial(stages, x) for x in xs]))
-    fine = graph_us(rotating([partial(lambda x: centroid_group_logits(
-        x["q"], x["cents"], x["stats"], x["compact"], x["short_lens"], PAGE, GROUP_PAGES, scale, **group_tile), x)
-        for x in xs]))
+        x["run_logits"] = run_scores(x)
+    got, want = fused(xs[0]), two_launches(xs[0])
+    lens = want[2]
+    short_pages, short_groups = -(-int(lens.min()) // PAGE), int(lens.min()) // SPAN    # within every row's shortlist
+    assert torch.equal(got[2], lens) and torch.equal(got[1][..., :short_pages], want[1][..., :short_pages])
+    torch.testing.assert_close(got[0][..., :short_groups], want[0][..., :short_groups], rtol=1e-5, atol=1e-5)
+    t_runs = graph_us(rotating([partial(run_scores, x) for x in xs]))
+    t_fused = graph_us(rotating([partial(fused, x) for x in xs]))
+    t_two = graph_us(rotating([partial(two_launches, x) for x in xs]))
     whole = graph_us(rotating([partial(engine_decode, x, scale, shortlist) for x in xs]))
-    print(f"coarse to fine: run scores {runs:.1f} us, runs scored and selected {coarse:.1f}, group scores over the "
-          f"shortlist {fine:.1f}, the launcher {whole:.1f}", flush=True)
-    return dict(runs=runs, scores=f"{runs:.1f} + {fine:.1f}", select=f"{coarse - runs:.1f} (runs) + groups",
-                whole=whole)
+    print(f"coarse to fine: run scores {t_runs:.1f} us, run selection + group scores fused {t_fused:.1f} "
+          f"(as two launches {t_two:.1f}), the launcher {whole:.1f}", flush=True)
+    return dict(runs=t_runs, scores=f"{t_runs:.1f} + {t_fused:.1f} (runs; runs selected + groups scored, "
+                f"two launches: {t_two:.1f})", select="groups", whole=whole)
 
 
 def main() -> None:

@@ -121,7 +121,8 @@ def live_server():
 TRITON_JIT_MODULES = ("triton.language.standard", "triton.language.random", "triton.language",
                       "kernels.triton.decode", "kernels.triton.extend", "kernels.triton.summaries",
                       "kernels.triton.selection", "kernels.triton.sparse",
-                      "kernels.triton.select_attend", "kernels.triton.centroids",
+                      "kernels.triton.select_attend", "kernels.triton.centroid_scores",
+                      "kernels.triton.shortlist_scores", "kernels.triton.centroids",
                       "kernels.triton.layer_ops",
                       "kernels.triton.gemv", "kernels.triton")
 

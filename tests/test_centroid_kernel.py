@@ -13,7 +13,8 @@ pytest.importorskip("triton", reason="triton is not installed: the Triton kernel
 
 from kernels import centroid_reference as cref  # noqa: E402
 from kernels import reference as ref  # noqa: E402
-from kernels.triton.centroids import centroid_group_logits, centroid_sparse_decode  # noqa: E402
+from kernels.triton.centroid_scores import centroid_group_logits  # noqa: E402
+from kernels.triton.centroids import centroid_sparse_decode  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("triton_interpreter")
 
@@ -211,24 +212,56 @@ def test_reference_shortlist_narrows_only_long_rows():
     assert differs
 
 
+@pytest.mark.parametrize("row_tile", [False, True])
+def test_shortlisted_scores_equal_the_two_launches(row_tile):
+    """shortlisted_group_logits (the run selection recomputed in every scorer program) writes the
+    compact tables, shortlist lengths and group logits that combine_select(expand=run_pages) over
+    the run logits and then centroid_group_logits over its tables give, for rows longer and
+    shorter than the shortlist and tiles of fewer groups than a run holds."""
+    from kernels.triton.selection import combine_select
+    from kernels.triton.shortlist_scores import shortlisted_group_logits
+    x, shortlist = _shortlist_inputs()
+    q, table, seq_lens, scale = x["q"], x["table"], x["seq_lens"], x["scale"]
+    page_size, group_pages, run_pages, kv_heads = x["page_size"], x["group_pages"], shortlist.run_pages, x["k"].shape[2]
+    counts = cref.shortlist_run_counts(page_size, group_pages, run_pages, shortlist.shortlist_tokens, *x["tokens"])
+    table = torch.nn.functional.pad(table, (0, -table.shape[1] % run_pages))
+    run_logits = centroid_group_logits(q, shortlist.cents, shortlist.stats, table, seq_lens, page_size, run_pages,
+                                       scale, interpreted=True)
+    _, compact, short_lens = combine_select(run_logits, table, seq_lens, page_size * run_pages, kv_heads, counts,
+                                            scale, counts[0], expand=run_pages)
+    want = centroid_group_logits(q, x["cents"], x["stats"], compact, short_lens, page_size, group_pages, scale,
+                                 interpreted=True)
+    for block_n in (1, 4, None):    # a run is 2 groups: tiles within one run, across runs, the whole row
+        logits, got_compact, got_lens = shortlisted_group_logits(
+            q, run_logits, x["cents"], x["stats"], table, seq_lens, page_size, group_pages, run_pages, counts, scale,
+            block_n=block_n, interpreted=True, row_tile=row_tile)
+        assert torch.equal(got_lens, short_lens)
+        for i, n in enumerate(short_lens.tolist()):
+            pages, groups = -(-n // page_size), -(-n // (page_size * group_pages))
+            assert torch.equal(got_compact[i, :, :pages], compact[i, :, :pages])
+            torch.testing.assert_close(logits[i, :, :groups], want[i, :, :groups], rtol=1e-5, atol=1e-5)
+            assert bool((logits[i, :, groups - 1] == float("-inf")).all()), "the shortlist's last group scores -inf"
+
+
+@pytest.mark.parametrize("rows", [8, 1024])
 @pytest.mark.parametrize("selection", ["launch", "fused"])
-def test_shortlist_pipeline_matches_the_reference(selection):
-    """The coarse stage (centroid_shortlist_tables: each KV head's compact table and the
-    shortlist's length), then the fine scores over the compact tables, the selection
+def test_shortlist_pipeline_matches_the_reference(selection, rows):
+    """The coarse stage and the fine scores (centroid_shortlist_scores: each KV head's group
+    logits over its shortlist, compact table and the shortlist's length; the run selection inside
+    the scorer for few rows, a launch of its own for many), then the selection
     (combine_select over per-head tables, or inside the attention: select_attend) and the
     attention give centroid_reference.centroid_select_pages(shortlist=...)'s pages and output."""
-    from kernels.triton.centroids import centroid_shortlist_tables
+    from kernels.triton.centroids import centroid_shortlist_scores
     from kernels.triton.decode import split_k_decode
     from kernels.triton.select_attend import select_attend
     from kernels.triton.selection import combine_select
     x, shortlist = _shortlist_inputs()
     q, k, v, table, seq_lens, scale, force = (x[n] for n in ("q", "k", "v", "table", "seq_lens", "scale", "force"))
     page_size, group_pages, span, kv_heads = x["page_size"], x["group_pages"], x["span"], k.shape[2]
-    compact, short_lens = centroid_shortlist_tables(q, shortlist, table, seq_lens, page_size, group_pages, scale,
-                                                    x["tokens"], rows=64, interpreted=True)
+    logits, compact, short_lens = centroid_shortlist_scores(q, shortlist, x["cents"], x["stats"], table, seq_lens,
+                                                            page_size, group_pages, scale, x["tokens"], rows=rows,
+                                                            interpreted=True)
     assert compact.shape == (len(x["lens"]), kv_heads, 8 * shortlist.run_pages)
-    logits = centroid_group_logits(q, x["cents"], x["stats"], compact, short_lens, page_size, group_pages, scale,
-                                   interpreted=True)
     if selection == "fused":
         out = select_attend(q, k, v, logits, compact, short_lens, span, force, scale, split_groups=128 // span)
     else:
@@ -241,10 +274,11 @@ def test_shortlist_pipeline_matches_the_reference(selection):
         torch.testing.assert_close(out[i], expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("planned_batch", [None, 64])
+@pytest.mark.parametrize("planned_batch", [None, 64, 600])
 def test_centroid_sparse_decode_with_a_shortlist(planned_batch):
-    """The launcher with a shortlist, for few planned rows (select_attend) and many (a selection
-    launch), writes its `out` as the reference's two-stage selection and attention give it."""
+    """The launcher with a shortlist, for few planned rows (select_attend), more (a selection
+    launch) and more than a wave (the run selection a launch of its own too), writes its `out` as
+    the reference's two-stage selection and attention give it."""
     x, shortlist = _shortlist_inputs()
     out = torch.full_like(x["q"], float("nan"))
     centroid_sparse_decode(x["q"], x["k"], x["v"], x["cents"], x["stats"], x["table"], x["seq_lens"], *x["tokens"],

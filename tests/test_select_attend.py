@@ -9,7 +9,7 @@ pytest.importorskip("triton", reason="triton is not installed: the Triton kernel
 
 from kernels import centroid_reference as cref  # noqa: E402
 from kernels import reference as ref  # noqa: E402
-from kernels.triton.centroids import centroid_group_logits  # noqa: E402
+from kernels.triton.centroid_scores import centroid_group_logits  # noqa: E402
 from kernels.triton.decode import split_k_decode  # noqa: E402
 from kernels.triton.select_attend import select_attend  # noqa: E402
 from kernels.triton.selection import combine_select  # noqa: E402
