@@ -40,7 +40,7 @@ from bench.sparse_stages import HKV, HQ, PAGE, D, sparse_inputs
 from kernels import centroid_reference as cref
 from kernels import reference as ref
 from kernels.triton.centroid_scores import centroid_group_logits, score_tuning
-from kernels.triton.centroids import attend_tuning, centroid_sparse_decode, selection_warps
+from kernels.triton.centroids import attend_tuning, centroid_sparse_decode, fused_tile, selection_warps
 from kernels.triton.decode import paged_decode, split_k_decode
 from kernels.triton.select_attend import select_attend
 from kernels.triton.selection import combine_select, prefers_top_k
@@ -281,7 +281,7 @@ def time_shortlist(xs: list, scale: float, shortlist: cref.CentroidShortlist) ->
 
     def fused(x):
         return shortlisted_group_logits(x["q"], x["run_logits"], x["cents"], x["stats"], x["table"], x["lens"], PAGE,
-                                        GROUP_PAGES, run_pages, counts, scale, sort=sort, **group_tile)
+                                        GROUP_PAGES, run_pages, counts, scale, sort=sort, **fused_tile(rows, device))
 
     def two_launches(x):
         _, compact, short_lens = combine_select(x["run_logits"], x["table"], x["lens"], PAGE * run_pages, HKV, counts,

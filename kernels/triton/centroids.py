@@ -11,7 +11,7 @@ from kernels.centroid_reference import CentroidShortlist, shortlist_run_counts
 from kernels.reference import default_scale, sparse_page_counts
 from kernels.triton.centroid_scores import centroid_group_logits, score_tuning
 from kernels.triton.decode import check_kv, default_num_splits, num_sms, paged_decode, split_k_decode
-from kernels.triton.select_attend import select_attend
+from kernels.triton.select_attend import select_attend, select_then_attend
 from kernels.triton.selection import combine_select, prefers_top_k
 from kernels.triton.shortlist_scores import shortlisted_group_logits
 
@@ -53,6 +53,15 @@ def attend_tuning(rows: int, budget_tokens: int, device: torch.device) -> dict:
         tuning = dict(num_splits=default_num_splits(rows, 1, budget_tokens, device, min_blocks=2))
     # every row's chosen pages nearly fill the table: splits over its capacity (split_k_decode)
     return dict(tuning, fixed_splits=True)
+
+
+def selects_before_attending(groups: int) -> bool:
+    """Whether a row that attends in one split selects its groups in the attention program
+    (select_then_attend) rather than in a launch of its own: for rows of up to 512 groups, where
+    it was measured (H200, the launcher, select_then_attend on / off: b64 x 32k 181.0 / 183.4 us
+    coarse to fine and 215.3 / 219.5 in one stage; b16 x 32k 61.6 / 62.0 and 66.3 / 66.4).
+    Wider rows (past 32k tokens in one stage) keep the selection launch."""
+    return groups <= 512
 
 
 def fuses_run_selection(rows: int, runs: int, device: torch.device) -> bool:
@@ -119,7 +128,9 @@ def centroid_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     (CUDA-graph safe); when no row can exceed the budget this is paged_decode. tuning:
     split_k_decode's, over attend_tuning's defaults. Chosen from the shapes: the scorer's tile
     (score_tuning), and for up to an eighth of a wave of rows the selection inside the attention
-    (select_attend; tuning then unused), else a selection launch (selection_warps); planned_batch
+    (select_attend; tuning then unused), for rows that attend in one split the selection at the
+    start of each row's attention program (select_then_attend), else a selection launch
+    (selection_warps); planned_batch
     (default: q's) is the batch they are chosen for (the engine's graph bucket, so that a row is
     served alike replayed or eager). shortlist: coarse to fine (centroid_reference.centroid_select_pages):
     rows longer than the shortlist choose among their shortlisted runs' groups only
@@ -159,8 +170,14 @@ def centroid_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         # rows; 4 warps for rows of up to 512 groups: H200 b1 x 32k 11.9 us against 12.6 with 8)
         return select_attend(q, k_cache, v_cache, logits, page_tables, seq_lens, span, force, scale,
                              split_groups=split_groups, out=out, sort=sort, num_warps=4 if groups <= 512 else 8)
+    tuning = {**attend_tuning(rows, force[0] * span, q.device), **tuning}
+    if tuning["num_splits"] == 1 and selects_before_attending(groups):
+        # about a wave of rows attending in one split each: the selection at the start of each
+        # row's attention program (select_then_attend), one launch fewer
+        return select_then_attend(q, k_cache, v_cache, logits, page_tables, seq_lens, span, force, scale, out=out,
+                                  sort=sort, **{name: value for name, value in tuning.items()
+                                                if name in ("block_n", "num_warps", "num_stages")})
     _, physical, vlens = combine_select(logits, page_tables, seq_lens, span, kv_heads, force, scale, force[0],
                                         expand=group_pages, num_warps=selection_warps(rows, groups, sort, q.device),
                                         sort=sort)
-    tuning = {**attend_tuning(rows, force[0] * span, q.device), **tuning}
     return split_k_decode(q, k_cache, v_cache, physical, vlens, scale, out=out, **tuning)

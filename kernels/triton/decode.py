@@ -88,13 +88,27 @@ def _decode_stage1(Q, K, V, PT, SeqLens, MidO, MidL, qk_scale, num_splits, split
     else:  # grid (batch, kv_heads, splits)
         b = tl.program_id(0)
         kvh = tl.program_id(1)
-    split = tl.program_id(2)
+    attend_split(Q, K, V, PT + b.to(tl.int64) * s_pb + kvh * s_ph, tl.load(SeqLens + b), b, kvh, tl.program_id(2),
+                 MidO, MidL, qk_scale, num_splits, split_tokens, max_tokens, s_qb, s_qh, s_kp, s_ks, s_kh, s_vp,
+                 s_vs, s_vh, s_pp, s_ob, s_oh, s_os, s_lb, s_lh, GROUP, BLOCK_H, HEAD_DIM, BLOCK_N, PAGE_SIZE,
+                 UPCAST, EVICT, DIRECT, PER_PAGE, ORDERED, FIXED)
+
+
+@triton.jit
+def attend_split(Q, K, V, pt, seq_len, b, kvh, split, MidO, MidL, qk_scale, num_splits, split_tokens, max_tokens,
+                 s_qb, s_qh, s_kp, s_ks, s_kh, s_vp, s_vs, s_vh, s_pp, s_ob, s_oh, s_os, s_lb, s_lh,
+                 GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                 PAGE_SIZE: tl.constexpr, UPCAST: tl.constexpr, EVICT: tl.constexpr, DIRECT: tl.constexpr,
+                 PER_PAGE: tl.constexpr, ORDERED: tl.constexpr, FIXED: tl.constexpr):
+    """Stage 1 of one (sequence b, KV head kvh, split): the online softmax of the GQA group's q heads
+    over the split's keys, whose pages are listed at `pt` (stride s_pp) for a row of seq_len keys;
+    the partial (or with DIRECT the output) stored. Also called by a kernel that chooses the pages
+    in the same program (select_attend.select_then_attend)."""
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, HEAD_DIM)
     mask_h = offs_h < GROUP
     heads = kvh * GROUP + offs_h
 
-    seq_len = tl.load(SeqLens + b)
     if ORDERED or FIXED:  # fixed-size splits from key 0: a row's splits do not depend on its length
         split_len = split_tokens
     else:
@@ -110,7 +124,6 @@ def _decode_stage1(Q, K, V, PT, SeqLens, MidO, MidL, qk_scale, num_splits, split
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
-    pt = PT + b.to(tl.int64) * s_pb + kvh * s_ph
     k_base = K + kvh * s_kh
     v_base = V + kvh * s_vh
     for n0 in range(start, stop, BLOCK_N):

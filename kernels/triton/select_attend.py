@@ -12,6 +12,12 @@ pages in the sequence's own table and attends to them in one block; decode.merge
 splits. The selection is repeated by every split of a row: that costs no time while the rows are
 few (its latency is paid once either way), and for many rows the three-launch path stays
 (kernels/triton/centroids.centroid_sparse_decode chooses).
+
+About a wave of rows of few groups (select_then_attend, the coarse-to-fine shortlist's 128): one
+program per (sequence, KV head) does what combine_select(expand=...) does for its row, stores the
+chosen pages, and after a barrier attends to them as split_k_decode's single split does
+(decode.attend_split, the output written directly): the selection's launch and the attention's
+wait for it are gone, and every step of the arithmetic is the two kernels' own.
 """
 from __future__ import annotations
 
@@ -19,8 +25,15 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton.decode import LOG2E, check_kv, dot_upcast, merge_splits, mma
-from kernels.triton.selection import group_scores, keep_top_k, sort_width
+from kernels.triton.decode import LOG2E, attend_split, check_kv, dot_upcast, merge_splits, mma
+from kernels.triton.selection import (
+    _group_pages,
+    _store_selection,
+    group_scores,
+    keep_top_k,
+    selection_outputs,
+    sort_width,
+)
 
 
 @triton.jit
@@ -114,3 +127,70 @@ def select_attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         HEAD_DIM=head_dim, BLOCK_P=block_p, SPAN=span, PAGE_SIZE=page_size, SPLIT_GROUPS=split_groups,
         UPCAST=dot_upcast(q.dtype), num_warps=num_warps, SORT=sort_width(sort, budget, block_p))
     return merge_splits(mid_o, mid_l, torch.empty_like(q) if out is None else out)
+
+
+@triton.jit
+def _select_then_attend(Q, K, V, Logits, PT, SeqLens, Logical, Physical, VLens, Out, qk_scale, scale, budget, sink,
+                        recent, max_groups, k_sel, s_qb, s_qh, s_kp, s_ks, s_kh, s_vp, s_vs, s_vh, s_lb, s_lh,
+                        s_pb, s_ph, s_xb, s_xh, s_yb, s_yh, s_ob, s_oh,
+                        GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_G: tl.constexpr,
+                        HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr, SPAN: tl.constexpr,
+                        PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+                        SORT: tl.constexpr):
+    """One program per (KV head, sequence): combine_select's row (_combine_select with EXPAND), then
+    the chosen pages' attention (split_k_decode's one fixed split, DIRECT)."""
+    GROUP_PAGES: tl.constexpr = SPAN // PAGE_SIZE
+    kvh = tl.program_id(0)
+    b = tl.program_id(1)
+    groups = _group_pages(PT, b, kvh, s_pb, s_ph, max_groups, BLOCK_P, GROUP_PAGES)
+    seq_len = tl.load(SeqLens + b)
+    n = tl.cdiv(seq_len, SPAN)
+    offs = tl.arange(0, BLOCK_P)
+    score = group_scores(Logits, b, kvh, offs, offs < n, n, s_lb, s_lh, scale, budget, sink, recent, GROUP,
+                         BLOCK_G, BLOCK_P, True, max_groups)
+    k = tl.minimum(n, budget)
+    take = keep_top_k(score, k, True, SORT)
+    _store_selection(take, offs, b, kvh, seq_len, n, k, PT, Logical, Physical, VLens, s_pb, s_ph, s_xb, s_xh, s_yb,
+                     s_yh, budget, k_sel, BLOCK_P, SPAN, GROUP_PAGES, groups)
+    tl.debug_barrier()      # the chosen pages are read back below by other threads of this program
+    vlen = seq_len - tl.maximum(n - budget, 0) * SPAN
+    tokens = k_sel * SPAN
+    attend_split(Q, K, V, Physical + b * s_yb + kvh * s_yh, vlen, b, kvh, 0, Out, Out, qk_scale, 1,
+                 tl.cdiv(tokens, BLOCK_N) * BLOCK_N, tokens, s_qb, s_qh, s_kp, s_ks, s_kh, s_vp, s_vs, s_vh, 1,
+                 s_ob, s_oh, 0, 0, 0, GROUP, BLOCK_H, HEAD_DIM, BLOCK_N, PAGE_SIZE, UPCAST, True, True, False,
+                 False, True)
+
+
+def select_then_attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, logits: torch.Tensor,
+                       page_tables: torch.Tensor, seq_lens: torch.Tensor, span: int, force: tuple[int, int, int],
+                       scale: float, out: torch.Tensor | None = None, sort: str | None = None, block_n: int = 64,
+                       num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+    """combine_select(logits, ..., force[0], expand=span // page_size, sort=sort) then
+    split_k_decode(..., num_splits=1, fixed_splits=True, block_n, num_warps, num_stages; the same
+    defaults) over its pages, in one launch of one program per (sequence, KV head). logits [batch, q_heads, G]
+    (centroid_scores.centroid_group_logits, / scale); q [batch, q_heads, d]; caches [num_pages,
+    page_size, kv_heads, d]; page_tables int32 [batch, >= G * span / page_size], or per KV head
+    [batch, kv_heads, ...] (a shortlist's compact tables); force (budget, sink, recent) in groups
+    -> out [batch, q_heads, d] (written and returned)."""
+    check_kv(q, k_cache, v_cache)
+    batch, q_heads, head_dim = q.shape
+    page_size, kv_heads = k_cache.shape[1:3]
+    max_groups = logits.shape[2]
+    budget, sink, recent = force
+    assert span % page_size == 0 and page_tables.shape[-1] >= max_groups * (span // page_size)
+    assert page_tables.dim() == 2 or page_tables.shape[1] == kv_heads, "the sequence's table or each KV head's"
+    assert logits.stride(2) == 1 and q.stride(2) == 1
+    assert page_tables.dtype == seq_lens.dtype == torch.int32
+    group = q_heads // kv_heads
+    (logical, physical, vlens, _), strides, block_p, k_sel = selection_outputs(
+        batch, kv_heads, max_groups, budget, page_tables, None, span // page_size)
+    out = torch.empty_like(q) if out is None else out
+    _select_then_attend[(kv_heads, batch)](
+        q, k_cache, v_cache, logits, page_tables, seq_lens, logical, physical, vlens, out, scale * LOG2E, scale,
+        budget, sink, recent, max_groups, k_sel, q.stride(0), q.stride(1), *k_cache.stride()[:3],
+        *v_cache.stride()[:3], logits.stride(0), logits.stride(1), *strides[:6], out.stride(0),
+        out.stride(1), GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)),
+        BLOCK_G=triton.next_power_of_2(group), HEAD_DIM=head_dim, BLOCK_P=block_p, SPAN=span, PAGE_SIZE=page_size,
+        BLOCK_N=block_n, UPCAST=dot_upcast(q.dtype), SORT=sort_width(sort, budget, block_p), num_warps=num_warps,
+        num_stages=num_stages)
+    return out
