@@ -60,6 +60,8 @@ def _shortlist_group_logits(Q, Cents, Stats, RunLogits, PT, SeqLens, Out, Compac
     score = group_scores(RunLogits, b, kvh, offs_r, offs_r < n_runs, n_runs, s_rb, s_rh, scale, keep, sink_runs,
                          recent_runs, GROUP, BLOCK_G, BLOCK_R, True, max_runs)
     short_len = seq_len - tl.maximum(n_runs - keep, 0) * RUN_SPAN   # the kept runs' tokens, the last partial
+    if kvh == 0 and first == 0:     # (before any return: a padding row of no tokens has no group to score)
+        tl.store(ShortLens + b, short_len)
     if first >= tl.cdiv(short_len, SPAN):
         return      # past the shortlist
     take = keep_top_k(score, tl.minimum(n_runs, keep), True, SORT)
@@ -70,19 +72,21 @@ def _shortlist_group_logits(Q, Cents, Stats, RunLogits, PT, SeqLens, Out, Compac
     logical_n = run_n * RUN_PAGES + (offs_n % PER_RUN) * GROUP_PAGES        # each slot's first page
     table = PT + b.to(tl.int64) * s_pb
     in_table = offs_n < max_groups
+    # pages are read within the row's table (page 0 past it, as combine_select's _group_pages does:
+    # a row claiming more tokens than its table holds reads nothing outside it)
+    listed = in_table & (logical_n < max_runs * RUN_PAGES)
     offs_p = tl.arange(0, GROUP_PAGES)
-    pages = tl.load(table + logical_n[:, None] + offs_p[None, :], mask=in_table[:, None], other=0)
+    pages = tl.load(table + logical_n[:, None] + offs_p[None, :], mask=listed[:, None], other=0)
     tl.store(Compact + b * s_yb + kvh * s_yh + offs_n[:, None] * GROUP_PAGES + offs_p[None, :], pages,
              mask=in_table[:, None])
-    if kvh == 0 and first == 0:
-        tl.store(ShortLens + b, short_len)
-    page = tl.load(table + logical_n + GROUP_PAGES - 1, mask=in_table, other=0).to(tl.int64)   # summaries' page
+    page = tl.load(table + logical_n + GROUP_PAGES - 1, mask=listed, other=0).to(tl.int64)   # summaries' page
     full_groups = (short_len - 1) // SPAN       # summarised before the row's last token
     if ROW_TILE:
         n_r = first + tl.arange(0, C * BLOCK_N) % BLOCK_N
         run_r = _slot_runs(take, pos, offs_r, n_r // PER_RUN, first // PER_RUN, RUNS_SPANNED)
-        page_r = tl.load(table + run_r * RUN_PAGES + (n_r % PER_RUN) * GROUP_PAGES + GROUP_PAGES - 1,
-                         mask=n_r < max_groups, other=0).to(tl.int64)
+        logical_r = run_r * RUN_PAGES + (n_r % PER_RUN) * GROUP_PAGES
+        listed_r = (n_r < max_groups) & (logical_r < max_runs * RUN_PAGES)
+        page_r = tl.load(table + logical_r + GROUP_PAGES - 1, mask=listed_r, other=0).to(tl.int64)
         _score_tile_rows(Q, Cents, Stats, Out, page, page_r, b, kvh, first, full_groups, s_qb, s_qh, s_cp, s_ch,
                          s_cc, s_sp, s_sh, s_sc, s_ob, s_oh, max_groups, scale, GROUP, GROUP_P, HEAD_DIM, C, BLOCK_N,
                          DOT_F32)
