@@ -2,7 +2,8 @@
 shortlist first the coarse stage over runs (shortlist_scores.py), the selection of the budget's
 groups (selection.combine_select, or inside the attention for few rows and for rows attending in
 one split: select_attend.py) and split-K attention over the chosen pages;
-centroid_reference.centroid_select_pages is the rule every path follows. Each stage's tuning is chosen here from the shapes, once per launch."""
+centroid_reference.centroid_select_pages is the rule every path follows. Each stage's tuning is
+chosen here from the shapes, once per launch."""
 from __future__ import annotations
 
 import torch
