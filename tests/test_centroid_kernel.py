@@ -142,11 +142,12 @@ def test_centroid_pipeline_matches_the_reference_selector_and_decode(selection):
         torch.testing.assert_close(out[i], expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("planned_batch", [None, 64])
+@pytest.mark.parametrize("planned_batch", [None, 12, 64])
 def test_centroid_sparse_decode_writes_out(planned_batch):
     """The launcher the engine calls writes its `out` (the engine reads nothing else), for few
-    planned rows (the selection inside the attention, select_attend) and for many (a selection
-    launch, then the split-K decode), and matches the reference selector and attention (a budget of
+    planned rows (the selection inside the attention, select_attend), more (a selection launch,
+    then the split-K decode) and a wave (the selection at the start of each row's one-split
+    attention, select_then_attend), and matches the reference selector and attention (a budget of
     8 groups: whole 128-key splits of 16-token groups, as select_attend takes them)."""
     x = _pipeline_inputs(budget_groups=8)
     out = torch.full_like(x["q"], float("nan"))
@@ -280,10 +281,11 @@ def test_shortlist_pipeline_matches_the_reference(selection, rows):
         torch.testing.assert_close(out[i], expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("planned_batch", [None, 64, 600])
+@pytest.mark.parametrize("planned_batch", [None, 12, 64, 600])
 def test_centroid_sparse_decode_with_a_shortlist(planned_batch):
     """The launcher with a shortlist, for few planned rows (select_attend), more (a selection
-    launch) and more than a wave (the run selection a launch of its own too), writes its `out` as
+    launch), a wave (the run selection inside the fine scorer, select_then_attend) and more than
+    a wave (the run selection a launch of its own), writes its `out` as
     the reference's two-stage selection and attention give it."""
     x, shortlist = _shortlist_inputs()
     out = torch.full_like(x["q"], float("nan"))

@@ -147,13 +147,15 @@ def test_reads_only_the_chosen_groups():
 
 @pytest.mark.usefixtures("triton_interpreter")
 @pytest.mark.parametrize("settings", [SETTINGS, SHORTLIST], ids=["one stage", "coarse to fine"])
-@pytest.mark.parametrize("planned_batch", [None, 40, 300])
+@pytest.mark.parametrize("planned_batch", [None, 12, 40, 300])
 def test_triton_path_matches_the_reference(planned_batch, settings):
     """kernels/triton/centroids.centroid_sparse_decode (the Triton backend's) under the interpreter,
     with a page-table width that is not a whole number of groups, along each path its shape
     choices take: few rows (the reshaped scoring tile, the selection inside one-block attention
-    splits: select_attend), a wave of rows planned (the 2D tile, a selection launch, one split),
-    and many (16-group 2D tiles, 2-warp selection, the dense decode's splits)."""
+    splits: select_attend), a fifth of a wave (a selection launch, then split-K attention), a
+    wave of rows planned (the 2D tile, the run selection inside the fine scorer, the selection at
+    the start of each row's one-split attention: select_then_attend), and many (16-group 2D tiles,
+    the run selection a launch of its own, select_then_attend)."""
     pytest.importorskip("triton")
     from kernels.triton.centroids import centroid_sparse_decode
     kv_heads, group, head_dim, scale = 2, 2, 64, 0.125
