@@ -162,13 +162,13 @@ def test_centroid_sparse_decode_writes_out(planned_batch):
         torch.testing.assert_close(out[i], expected, rtol=1e-4, atol=1e-4)
 
 
-def _shortlist_inputs():
+def _shortlist_inputs(groups: tuple[int, ...] = (20, 5, 19)):
     """_pipeline_inputs's rows (budget 8 groups: whole 128-key splits for select_attend) with run
     summaries from real k-means of each run's keys (runs of 4 pages, 2 groups) and a shortlist of
     8 runs (twice the budget, the least there is): rows longer than it (41 and 38 pages, one ending
     inside a group, one on a group boundary) and one within it (10 pages), so that the coarse stage
     both narrows and keeps everything."""
-    x = _pipeline_inputs(budget_groups=8, groups=(20, 5, 19))
+    x = _pipeline_inputs(budget_groups=8, groups=groups)
     run_pages = 2 * x["group_pages"]
     cents, stats = torch.zeros_like(x["cents"]), torch.zeros_like(x["stats"])
     for i, n in enumerate(x["lens"]):
@@ -213,17 +213,21 @@ def test_reference_shortlist_narrows_only_long_rows():
     assert differs
 
 
-@pytest.mark.filterwarnings("ignore:invalid value encountered in subtract")   # the padding row's -inf - -inf,
-@pytest.mark.parametrize("row_tile", [False, True])                          # never kept nor stored
-def test_shortlisted_scores_equal_the_two_launches(row_tile):
+# a row with no scored group (the padding row, a row of one group): -inf - -inf, never kept nor stored
+@pytest.mark.filterwarnings("ignore:invalid value encountered in subtract")
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered")
+@pytest.mark.parametrize("row_tile", [False, True])
+@pytest.mark.parametrize("groups", [(20, 5, 19), (16, 16, 18, 1)])
+def test_shortlisted_scores_equal_the_two_launches(row_tile, groups):
     """shortlisted_group_logits (the run selection recomputed in every scorer program) writes the
     compact tables, shortlist lengths and group logits that combine_select(expand=run_pages) over
     the run logits and then centroid_group_logits over its tables give, for rows longer and
     shorter than the shortlist, a padding row of no tokens and tiles of fewer groups than a run
-    holds."""
+    holds. groups: the rows' lengths in groups (_pipeline_inputs; runs are 2 groups, 8 kept): rows
+    past, within and exactly at the shortlist, one a run and 5 tokens past it, one of one group."""
     from kernels.triton.selection import combine_select
     from kernels.triton.shortlist_scores import shortlisted_group_logits
-    x, shortlist = _shortlist_inputs()
+    x, shortlist = _shortlist_inputs(groups)
     # and a padding row (no tokens, a table of page 0: what the engine's graphs run for empty slots)
     q = torch.cat([x["q"], x["q"][:1]])
     table = torch.cat([x["table"], torch.zeros_like(x["table"][:1])])
