@@ -6,7 +6,7 @@ the engine's coarse-to-fine Quest decode, kernels alone, in one run.
         [--quick] [--shortlist TOKENS [--run-pages 16]]
 
 What it prototypes (bench/sparse_estimators.py, rule kmeansCxNv, measures the quality): each run of
-4 pages (64 tokens) per KV head is summarised by C centroids; kernels/triton/centroids.py scores
+4 pages (64 tokens) per KV head is summarised by C centroids; kernels/triton/centroid_scores.py scores
 every group from them, kernels/triton/selection.combine_select keeps the budget's best groups
 (sink and the last group forced) and writes their pages' physical ids (expand=4), and the split-K
 decode kernel attends to them. Llama-3-8B attention shapes (32 q heads, 8 KV heads, d 128, bf16), random

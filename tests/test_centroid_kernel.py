@@ -1,5 +1,6 @@
-"""The k-means centroid group scores (kernels/triton/centroids.py) vs kernels/reference.py, on CPU
-under the Triton interpreter (the triton_interpreter fixture, tests/conftest.py).
+"""The k-means centroid group scores (kernels/triton/centroid_scores.py), the coarse stage
+(shortlist_scores.py) and the launcher (centroids.py) vs kernels/centroid_reference.py, on CPU under
+the Triton interpreter (the triton_interpreter fixture, tests/conftest.py).
 
 Ragged lengths: some end on a group boundary, some inside the last group (which, holding the
 row's last token, must score -inf) and inside its last page. Every page that holds no complete

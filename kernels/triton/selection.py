@@ -365,7 +365,7 @@ def combine_select(bounds: torch.Tensor, page_tables: torch.Tensor, seq_lens: to
     force: the forced-page rule's (budget, sink, recent) pages; budget_pages: how many to keep.
     expand > 1: each entry is a group of `expand` consecutive pages of page_tables (page_size is
     the group's tokens); the physical output lists every page of the kept groups [batch,
-    kv_heads, k * expand] (kernels/triton/centroids.py)."""
+    kv_heads, k * expand] (kernels/triton/centroids.py, the centroid selector's launcher)."""
     batch, q_heads, max_pages = bounds.shape
     assert bounds.stride(2) == 1
     group = q_heads // kv_heads
