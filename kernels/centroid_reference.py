@@ -2,10 +2,10 @@
 slow, obviously-right statement that the engine's torch path (backends/cuda/attention/centroids.py)
 and the Triton kernels (kernels/triton/centroid_scores.py, shortlist_scores.py, centroids.py) must
 match. Paged layout, page tables and the rounding of the budget, sink and recent tokens are
-kernels/reference.py's; a group is a run of group_pages pages, and its summary (C k-means centroids of its keys per KV head, with their log
-counts and spreads) sits at the physical id of its last page. Coarse to fine adds runs of
-run_pages pages with summaries of their own (CentroidShortlist). All arithmetic is float64 or
-float32.
+kernels/reference.py's; a group is a run of group_pages pages, and its summary (C k-means
+centroids of its keys per KV head, with their log counts and spreads) sits at the physical id of
+its last page. Coarse to fine adds runs of run_pages pages with summaries of their own
+(CentroidShortlist). All arithmetic is float64 or float32.
 """
 from __future__ import annotations
 
