@@ -172,14 +172,16 @@ def check(x: dict, scale: float, force: tuple) -> None:
     assert err < 2e-2
 
 
-def engine_decode(x: dict, scale: float, shortlist: cref.CentroidShortlist | None = None) -> torch.Tensor:
+def engine_decode(x: dict, scale: float, shortlist: cref.CentroidShortlist | None = None, **choices) -> torch.Tensor:
     """The launcher the engine calls: its own choice of selection (select_attend for few rows, else
     combine_select with selection_warps) and attention tuning (attend_tuning); shortlist: its
-    run_pages and tokens, the summaries x["runs"]."""
+    run_pages and tokens, the summaries x["runs"]; choices: centroid_sparse_decode's fuse_runs and
+    select_first, forced."""
     if shortlist is not None:
         shortlist = cref.CentroidShortlist(*x["runs"], shortlist.run_pages, shortlist.shortlist_tokens)
     return centroid_sparse_decode(x["q"], x["k"], x["v"], x["cents"], x["stats"], x["table"], x["lens"], BUDGET,
-                                  16, 64, GROUP_PAGES, scale, interpreted=DEVICE == "cpu", shortlist=shortlist)
+                                  16, 64, GROUP_PAGES, scale, interpreted=DEVICE == "cpu", shortlist=shortlist,
+                                  **choices)
 
 
 @triton.jit
@@ -302,6 +304,14 @@ def time_shortlist(xs: list, scale: float, shortlist: cref.CentroidShortlist) ->
     whole = graph_us(rotating([partial(engine_decode, x, scale, shortlist) for x in xs]))
     print(f"coarse to fine: run scores {t_runs:.1f} us, run selection + group scores fused {t_fused:.1f} "
           f"(as two launches {t_two:.1f}), the launcher {whole:.1f}", flush=True)
+    # the launcher's two launch-saving choices forced each way (the same output, checked first)
+    forced = [dict(fuse_runs=f, select_first=s) for f in (False, True) for s in (False, True)]
+    base = engine_decode(xs[0], scale, shortlist, **forced[0])
+    assert all(torch.equal(engine_decode(xs[0], scale, shortlist, **c), base) for c in forced[1:])
+    print("the launcher, coarse to fine, choices forced: " + ", ".join(
+        f"fuse_runs={c['fuse_runs']} select_first={c['select_first']} "
+        f"{graph_us(rotating([partial(engine_decode, x, scale, shortlist, **c) for x in xs])):.1f} us"
+        for c in forced), flush=True)
     return dict(runs=t_runs, scores=f"{t_runs:.1f} + {t_fused:.1f} (runs; runs selected + groups scored, "
                 f"two launches: {t_two:.1f})", select="groups", whole=whole)
 

@@ -299,3 +299,20 @@ def test_centroid_sparse_decode_with_a_shortlist(planned_batch):
                            shortlist=shortlist)
     for i, (_, expected) in enumerate(_reference_rows(x, shortlist)):
         torch.testing.assert_close(out[i], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_the_launchers_forced_choices_give_the_same_output():
+    """fuse_runs and select_first force the launcher's two launch-saving choices on or off (for
+    benches that compare them): every combination writes the same output, bit for bit, and the
+    reference's."""
+    x, shortlist = _shortlist_inputs()
+    outs = []
+    for fuse_runs in (False, True):
+        for select_first in (False, True):
+            outs.append(centroid_sparse_decode(x["q"], x["k"], x["v"], x["cents"], x["stats"], x["table"],
+                                               x["seq_lens"], *x["tokens"], x["group_pages"], x["scale"],
+                                               interpreted=True, planned_batch=64, shortlist=shortlist,
+                                               fuse_runs=fuse_runs, select_first=select_first))
+    assert all(torch.equal(out, outs[0]) for out in outs[1:])
+    for i, (_, expected) in enumerate(_reference_rows(x, shortlist)):
+        torch.testing.assert_close(outs[0][i], expected, rtol=1e-4, atol=1e-4)

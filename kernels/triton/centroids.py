@@ -84,7 +84,8 @@ def fused_tile(rows: int, device: torch.device) -> dict:
 def centroid_shortlist_scores(q: torch.Tensor, shortlist: CentroidShortlist, cents: torch.Tensor,
                               stats: torch.Tensor, page_tables: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
                               group_pages: int, scale: float, tokens: tuple[int, int, int], rows: int,
-                              interpreted: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                              interpreted: bool = False, fuse: bool | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Coarse to fine up to the group scores (centroid_reference.centroid_shortlist, then
     centroid_group_logits over each KV head's shortlist): every run scored from its centroids
     (centroid_group_logits over runs of shortlist.run_pages), each KV head's best runs kept
@@ -92,7 +93,8 @@ def centroid_shortlist_scores(q: torch.Tensor, shortlist: CentroidShortlist, cen
     combine_select writing the compact tables and the scorer reading them (fuses_run_selection) ->
     (group logits [batch, q_heads, shortlisted groups], compact tables int32 [batch, kv_heads,
     runs * run_pages], the shortlists' lengths int32 [batch]). The fine selection reads the tables
-    as each KV head's own sequence. tokens: (budget, sink, recent)."""
+    as each KV head's own sequence. tokens: (budget, sink, recent); fuse: the choice made
+    (default: fuses_run_selection's)."""
     run_pages = shortlist.run_pages
     counts = shortlist_run_counts(page_size, group_pages, run_pages, shortlist.shortlist_tokens, *tokens)
     if page_tables.shape[1] % run_pages:    # whole runs: the last one's missing pages are never attended
@@ -101,7 +103,7 @@ def centroid_shortlist_scores(q: torch.Tensor, shortlist: CentroidShortlist, cen
     run_logits = centroid_group_logits(q, shortlist.cents, shortlist.stats, page_tables, seq_lens, page_size,
                                        run_pages, scale, interpreted=interpreted, **score_tuning(rows, q.device, runs))
     sort = "topk" if prefers_top_k(runs, counts[0]) else None
-    if fuses_run_selection(rows, runs, q.device):
+    if fuses_run_selection(rows, runs, q.device) if fuse is None else fuse:
         return shortlisted_group_logits(q, run_logits, cents, stats, page_tables, seq_lens, page_size, group_pages,
                                         run_pages, counts, scale, sort=sort, interpreted=interpreted,
                                         **fused_tile(rows, q.device))
@@ -119,7 +121,8 @@ def centroid_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            budget_tokens: int, sink_tokens: int, recent_tokens: int, group_pages: int,
                            scale: float | None = None, interpreted: bool = False,
                            planned_batch: int | None = None, out: torch.Tensor | None = None,
-                           shortlist: CentroidShortlist | None = None, **tuning) -> torch.Tensor:
+                           shortlist: CentroidShortlist | None = None, fuse_runs: bool | None = None,
+                           select_first: bool | None = None, **tuning) -> torch.Tensor:
     """Batched centroid_reference.centroid_select_pages + attend_pages: the group scores
     (centroid_group_logits), combine_select keeping the budget's groups (sink and recent forced,
     counted in groups as reference.sparse_page_counts counts pages) and writing their pages'
@@ -135,7 +138,10 @@ def centroid_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     (default: q's) is the batch they are chosen for (the engine's graph bucket, so that a row is
     served alike replayed or eager). shortlist: coarse to fine (centroid_reference.centroid_select_pages):
     rows longer than the shortlist choose among their shortlisted runs' groups only
-    (centroid_shortlist_scores), each KV head's compact table standing in for the sequence's."""
+    (centroid_shortlist_scores), each KV head's compact table standing in for the sequence's.
+    fuse_runs, select_first: force the run selection inside the fine scorer (fuses_run_selection)
+    and, for rows attending in one split, the selection inside the attention
+    (selects_before_attending) on or off, for benches that compare them (the same output)."""
     check_kv(q, k_cache, v_cache)
     page_size, kv_heads = k_cache.shape[1:3]
     span = page_size * group_pages
@@ -153,7 +159,7 @@ def centroid_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         # (a table within the shortlist is every row's own shortlist: the same selection without it)
         logits, page_tables, seq_lens = centroid_shortlist_scores(q, shortlist, cents, stats, page_tables, seq_lens,
                                                                   page_size, group_pages, scale, tokens, rows,
-                                                                  interpreted)
+                                                                  interpreted, fuse_runs)
     else:
         logits = centroid_group_logits(q, cents, stats, page_tables, seq_lens, page_size, group_pages, scale,
                                        interpreted=interpreted,
@@ -172,7 +178,7 @@ def centroid_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         return select_attend(q, k_cache, v_cache, logits, page_tables, seq_lens, span, force, scale,
                              split_groups=split_groups, out=out, sort=sort, num_warps=4 if groups <= 512 else 8)
     tuning = {**attend_tuning(rows, force[0] * span, q.device), **tuning}
-    if tuning["num_splits"] == 1 and selects_before_attending(groups):
+    if tuning["num_splits"] == 1 and (selects_before_attending(groups) if select_first is None else select_first):
         # about a wave of rows attending in one split each: the selection at the start of each
         # row's attention program (select_then_attend), one launch fewer
         return select_then_attend(q, k_cache, v_cache, logits, page_tables, seq_lens, span, force, scale, out=out,
