@@ -270,8 +270,10 @@ def test_shortlist_pipeline_matches_the_reference(selection, rows):
     x, shortlist = _shortlist_inputs()
     q, k, v, table, seq_lens, scale, force = (x[n] for n in ("q", "k", "v", "table", "seq_lens", "scale", "force"))
     page_size, group_pages, span, kv_heads = x["page_size"], x["group_pages"], x["span"], k.shape[2]
+    counts = cref.shortlist_run_counts(page_size, group_pages, shortlist.run_pages, shortlist.shortlist_tokens,
+                                       *x["tokens"])
     logits, compact, short_lens = centroid_shortlist_scores(q, shortlist, x["cents"], x["stats"], table, seq_lens,
-                                                            page_size, group_pages, scale, x["tokens"], rows=rows,
+                                                            page_size, group_pages, scale, counts, rows=rows,
                                                             interpreted=True)
     assert compact.shape == (len(x["lens"]), kv_heads, 8 * shortlist.run_pages)
     if selection == "fused":

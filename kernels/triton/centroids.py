@@ -83,7 +83,7 @@ def fused_tile(rows: int, device: torch.device) -> dict:
 
 def centroid_shortlist_scores(q: torch.Tensor, shortlist: CentroidShortlist, cents: torch.Tensor,
                               stats: torch.Tensor, page_tables: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
-                              group_pages: int, scale: float, tokens: tuple[int, int, int], rows: int,
+                              group_pages: int, scale: float, counts: tuple[int, int, int], rows: int,
                               interpreted: bool = False, fuse: bool | None = None
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Coarse to fine up to the group scores (centroid_reference.centroid_shortlist, then
@@ -93,10 +93,9 @@ def centroid_shortlist_scores(q: torch.Tensor, shortlist: CentroidShortlist, cen
     combine_select writing the compact tables and the scorer reading them (fuses_run_selection) ->
     (group logits [batch, q_heads, shortlisted groups], compact tables int32 [batch, kv_heads,
     runs * run_pages], the shortlists' lengths int32 [batch]). The fine selection reads the tables
-    as each KV head's own sequence. tokens: (budget, sink, recent); fuse: the choice made
-    (default: fuses_run_selection's)."""
+    as each KV head's own sequence. counts: shortlist_run_counts's (kept, sink, recent) runs; fuse:
+    the choice made (default: fuses_run_selection's)."""
     run_pages = shortlist.run_pages
-    counts = shortlist_run_counts(page_size, group_pages, run_pages, shortlist.shortlist_tokens, *tokens)
     if page_tables.shape[1] % run_pages:    # whole runs: the last one's missing pages are never attended
         page_tables = torch.nn.functional.pad(page_tables, (0, run_pages - page_tables.shape[1] % run_pages))
     runs = page_tables.shape[1] // run_pages
@@ -153,12 +152,13 @@ def centroid_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         page_tables = torch.nn.functional.pad(page_tables, (0, group_pages - width % group_pages))
     scale = default_scale(q.shape[2]) if scale is None else scale
     rows = (planned_batch or q.shape[0]) * kv_heads
-    tokens = (budget_tokens, sink_tokens, recent_tokens)
-    if shortlist is not None and -(-width // shortlist.run_pages) > shortlist_run_counts(
-            page_size, group_pages, shortlist.run_pages, shortlist.shortlist_tokens, *tokens)[0]:
+    counts = None if shortlist is None else shortlist_run_counts(
+        page_size, group_pages, shortlist.run_pages, shortlist.shortlist_tokens, budget_tokens, sink_tokens,
+        recent_tokens)
+    if counts is not None and -(-width // shortlist.run_pages) > counts[0]:
         # (a table within the shortlist is every row's own shortlist: the same selection without it)
         logits, page_tables, seq_lens = centroid_shortlist_scores(q, shortlist, cents, stats, page_tables, seq_lens,
-                                                                  page_size, group_pages, scale, tokens, rows,
+                                                                  page_size, group_pages, scale, counts, rows,
                                                                   interpreted, fuse_runs)
     else:
         logits = centroid_group_logits(q, cents, stats, page_tables, seq_lens, page_size, group_pages, scale,

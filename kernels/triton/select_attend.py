@@ -93,6 +93,19 @@ def _select_attend(Q, K, V, Logits, PT, SeqLens, MidO, MidL, qk_scale, scale, bu
     tl.store(MidL + b * s_mb + heads * s_mh + split, lse, mask=mask_h)
 
 
+def _check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, logits: torch.Tensor,
+                  page_tables: torch.Tensor, seq_lens: torch.Tensor, span: int) -> tuple[int, ...]:
+    """What both launchers take, checked -> (batch, q_heads, head_dim, page_size, kv_heads, groups)."""
+    check_kv(q, k_cache, v_cache)
+    page_size, kv_heads = k_cache.shape[1:3]
+    max_groups = logits.shape[2]
+    assert span % page_size == 0 and page_tables.shape[-1] >= max_groups * (span // page_size)
+    assert page_tables.dim() == 2 or page_tables.shape[1] == kv_heads, "the sequence's table or each KV head's"
+    assert logits.stride(2) == 1 and page_tables.stride(-1) == 1 and q.stride(2) == 1
+    assert page_tables.dtype == seq_lens.dtype == torch.int32
+    return (*q.shape, page_size, kv_heads, max_groups)
+
+
 def select_attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, logits: torch.Tensor,
                   page_tables: torch.Tensor, seq_lens: torch.Tensor, span: int, force: tuple[int, int, int],
                   scale: float, split_groups: int = 2, num_warps: int = 8,
@@ -103,16 +116,10 @@ def select_attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     q_heads, d]; caches [num_pages, page_size, kv_heads, d]; page_tables int32 [batch, >= G *
     span / page_size]; force (budget, sink, recent) in groups -> out [batch, q_heads, d] (written
     and returned)."""
-    check_kv(q, k_cache, v_cache)
-    batch, q_heads, head_dim = q.shape
-    page_size, kv_heads = k_cache.shape[1:3]
-    max_groups = logits.shape[2]
+    batch, q_heads, head_dim, page_size, kv_heads, max_groups = _check_inputs(q, k_cache, v_cache, logits,
+                                                                              page_tables, seq_lens, span)
     budget, sink, recent = force
-    assert span % page_size == 0 and page_tables.shape[-1] >= max_groups * (span // page_size)
-    assert page_tables.dim() == 2 or page_tables.shape[1] == kv_heads, "the sequence's table or each KV head's"
     assert budget > sink + recent and budget % split_groups == 0, "whole splits of kept groups"
-    assert logits.stride(2) == 1 and page_tables.stride(-1) == 1
-    assert page_tables.dtype == seq_lens.dtype == torch.int32
     group = q_heads // kv_heads
     splits = budget // split_groups
     block_p = max(16, triton.next_power_of_2(max_groups))
@@ -172,15 +179,9 @@ def select_then_attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     page_size, kv_heads, d]; page_tables int32 [batch, >= G * span / page_size], or per KV head
     [batch, kv_heads, ...] (a shortlist's compact tables); force (budget, sink, recent) in groups
     -> out [batch, q_heads, d] (written and returned)."""
-    check_kv(q, k_cache, v_cache)
-    batch, q_heads, head_dim = q.shape
-    page_size, kv_heads = k_cache.shape[1:3]
-    max_groups = logits.shape[2]
+    batch, q_heads, head_dim, page_size, kv_heads, max_groups = _check_inputs(q, k_cache, v_cache, logits,
+                                                                              page_tables, seq_lens, span)
     budget, sink, recent = force
-    assert span % page_size == 0 and page_tables.shape[-1] >= max_groups * (span // page_size)
-    assert page_tables.dim() == 2 or page_tables.shape[1] == kv_heads, "the sequence's table or each KV head's"
-    assert logits.stride(2) == 1 and q.stride(2) == 1
-    assert page_tables.dtype == seq_lens.dtype == torch.int32
     group = q_heads // kv_heads
     (logical, physical, vlens, _), strides, block_p, k_sel = selection_outputs(
         batch, kv_heads, max_groups, budget, page_tables, None, span // page_size)
