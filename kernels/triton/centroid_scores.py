@@ -30,7 +30,7 @@ from kernels.triton.decode import num_sms
 
 
 @triton.jit
-def _score_tile(Q, Cents, Stats, Out, b, kvh, page, offs_n, full, s_qb, s_qh, s_cp, s_ch, s_cc, s_sp, s_sh,
+def score_tile(Q, Cents, Stats, Out, b, kvh, page, offs_n, full, s_qb, s_qh, s_cp, s_ch, s_cc, s_sp, s_sh,
                 s_sc, s_ob, s_oh, max_groups, scale, GROUP: tl.constexpr, GROUP_P: tl.constexpr,
                 HEAD_DIM: tl.constexpr, C: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr):
     """One KV head's scores of BLOCK_N groups (physical ids `page`, complete where `full`):
@@ -64,7 +64,7 @@ def _score_tile(Q, Cents, Stats, Out, b, kvh, page, offs_n, full, s_qb, s_qh, s_
 
 @triton.jit
 def _dot_rows(rows, q, DOT_F32: tl.constexpr):
-    """Centroid rows in the dtype they meet q in (_score_tile's docstring)."""
+    """Centroid rows in the dtype they meet q in (score_tile's docstring)."""
     if DOT_F32 or q.dtype == tl.float32:   # the interpreter's 16-bit dots are wrong (decode.dot_upcast);
         rows = rows.to(tl.float32)         # a float32 q (float32 serving) keeps its bits
     elif rows.dtype.primitive_bitwidth == 8:
@@ -73,11 +73,11 @@ def _dot_rows(rows, q, DOT_F32: tl.constexpr):
 
 
 @triton.jit
-def _score_tile_rows(Q, Cents, Stats, Out, page, page_r, b, kvh, first, full_groups, s_qb, s_qh, s_cp, s_ch,
+def score_tile_rows(Q, Cents, Stats, Out, page, page_r, b, kvh, first, full_groups, s_qb, s_qh, s_cp, s_ch,
                      s_cc, s_sp, s_sh, s_sc, s_ob, s_oh, max_groups, scale, GROUP: tl.constexpr,
                      GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, C: tl.constexpr, BLOCK_N: tl.constexpr,
                      DOT_F32: tl.constexpr):
-    """_score_tile built as one 2D tile [C * BLOCK_N, d], each row's page id loaded for that row
+    """score_tile built as one 2D tile [C * BLOCK_N, d], each row's page id loaded for that row
     (page_r), no reshape: what pays for many rows (score_tuning). The dot split along d into
     pipelined chunks was slower at every batch (32- or 64-channel chunks, 2-4 stages: H200 b16
     29.6-35.5 us against 28.8, b64 100.2-140.6 against 99.3; docs/benchmarks.md)."""
@@ -130,8 +130,8 @@ def _centroid_group_logits(Q, Cents, Stats, PT, SeqLens, Out, s_qb, s_qh, s_cp, 
                            C: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_PAGES: tl.constexpr,
                            PAGE_SIZE: tl.constexpr, DOT_F32: tl.constexpr, ROW_TILE: tl.constexpr):
     """One program per (sequence, KV head, BLOCK_N groups): the physical id of each group's last
-    page (where its summary is kept; only complete groups have one), then _score_tile (or with
-    ROW_TILE, _score_tile_rows). The table is the sequence's, or its KV head's where s_ph is not 0
+    page (where its summary is kept; only complete groups have one), then score_tile (or with
+    ROW_TILE, score_tile_rows). The table is the sequence's, or its KV head's where s_ph is not 0
     (a shortlist's compact table per head)."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -149,11 +149,11 @@ def _centroid_group_logits(Q, Cents, Stats, PT, SeqLens, Out, s_qb, s_qh, s_cp, 
         return      # past the sequence
     full = offs_n < (seq_len - 1) // (GROUP_PAGES * PAGE_SIZE)     # summarised before this token
     if ROW_TILE:
-        _score_tile_rows(Q, Cents, Stats, Out, page.to(tl.int64), page_r.to(tl.int64), b, kvh, first,
+        score_tile_rows(Q, Cents, Stats, Out, page.to(tl.int64), page_r.to(tl.int64), b, kvh, first,
                          (seq_len - 1) // (GROUP_PAGES * PAGE_SIZE), s_qb, s_qh, s_cp, s_ch, s_cc, s_sp, s_sh,
                          s_sc, s_ob, s_oh, max_groups, scale, GROUP, GROUP_P, HEAD_DIM, C, BLOCK_N, DOT_F32)
         return
-    _score_tile(Q, Cents, Stats, Out, b, kvh, page.to(tl.int64), offs_n, full, s_qb, s_qh, s_cp, s_ch, s_cc,
+    score_tile(Q, Cents, Stats, Out, b, kvh, page.to(tl.int64), offs_n, full, s_qb, s_qh, s_cp, s_ch, s_cc,
                 s_sp, s_sh, s_sc, s_ob, s_oh, max_groups, scale, GROUP, GROUP_P, HEAD_DIM, C, BLOCK_N, DOT_F32)
 
 
@@ -166,7 +166,7 @@ def centroid_group_logits(q: torch.Tensor, cents: torch.Tensor, stats: torch.Ten
     [batch, width], or per KV head [batch, kv_heads, width] (a shortlist's compact tables, its
     groups in order) -> fp32 [batch, q_heads, width // group_pages]: each group's L_h(n) / scale
     (-inf for the last group; garbage past a sequence, never read by combine_select).
-    One program per (sequence, KV head, block_n groups); row_tile: the 2D tile (_score_tile_rows)."""
+    One program per (sequence, KV head, block_n groups); row_tile: the 2D tile (score_tile_rows)."""
     batch, q_heads, head_dim = q.shape
     kv_heads, clusters = cents.shape[1:3]
     assert cents.shape[3] == head_dim and stats.shape == (*cents.shape[:3], 2) and q_heads % kv_heads == 0
@@ -196,7 +196,7 @@ def centroid_group_logits(q: torch.Tensor, cents: torch.Tensor, stats: torch.Ten
 
 def score_tuning(rows: int, device: torch.device, groups: int = 512) -> dict:
     """The scorer's tile: for at least half a wave of rows (sequence, KV head), the 2D tile
-    (_score_tile_rows), 8 groups a program up to two waves of rows and 16
+    (score_tile_rows), 8 groups a program up to two waves of rows and 16
     beyond (H200, bench/centroid_stages.py: b16 27.9 us with 8, 28.6 with 16, 29.4 for the
     reshaped tile; b64 98.1 with 16, 100.2 with 8, 107.1 reshaped) unless the rows are short (the
     shortlist's 128 groups, or 128 runs at 32k: b64 24.4-24.5 us with 8 against 25.9-26.8 with

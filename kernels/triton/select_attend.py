@@ -27,12 +27,12 @@ import triton.language as tl
 
 from kernels.triton.decode import LOG2E, attend_split, check_kv, dot_upcast, merge_splits, mma
 from kernels.triton.selection import (
-    _group_pages,
-    _store_selection,
     group_scores,
     keep_top_k,
+    row_group_pages,
     selection_outputs,
     sort_width,
+    store_selection,
 )
 
 
@@ -149,7 +149,7 @@ def _select_then_attend(Q, K, V, Logits, PT, SeqLens, Logical, Physical, VLens, 
     GROUP_PAGES: tl.constexpr = SPAN // PAGE_SIZE
     kvh = tl.program_id(0)
     b = tl.program_id(1)
-    groups = _group_pages(PT, b, kvh, s_pb, s_ph, max_groups, BLOCK_P, GROUP_PAGES)
+    groups = row_group_pages(PT, b, kvh, s_pb, s_ph, max_groups, BLOCK_P, GROUP_PAGES)
     seq_len = tl.load(SeqLens + b)
     n = tl.cdiv(seq_len, SPAN)
     offs = tl.arange(0, BLOCK_P)
@@ -157,7 +157,7 @@ def _select_then_attend(Q, K, V, Logits, PT, SeqLens, Logical, Physical, VLens, 
                          BLOCK_G, BLOCK_P, True, max_groups)
     k = tl.minimum(n, budget)
     take = keep_top_k(score, k, True, SORT)
-    _store_selection(take, offs, b, kvh, seq_len, n, k, PT, Logical, Physical, VLens, s_pb, s_ph, s_xb, s_xh, s_yb,
+    store_selection(take, offs, b, kvh, seq_len, n, k, PT, Logical, Physical, VLens, s_pb, s_ph, s_xb, s_xh, s_yb,
                      s_yh, budget, k_sel, BLOCK_P, SPAN, GROUP_PAGES, groups)
     tl.debug_barrier()      # the chosen pages are read back below by other threads of this program
     vlen = seq_len - tl.maximum(n - budget, 0) * SPAN

@@ -167,7 +167,7 @@ def keep_top_k(score, k, EARLY_EXIT: tl.constexpr, SORT: tl.constexpr = 0):
 
 
 @triton.jit
-def _group_pages(PT, b, kvh, s_pb, s_ph, width, BLOCK_P: tl.constexpr, EXPAND: tl.constexpr):
+def row_group_pages(PT, b, kvh, s_pb, s_ph, width, BLOCK_P: tl.constexpr, EXPAND: tl.constexpr):
     """The pages of each of a row's group entries [BLOCK_P, EXPAND] (a sequence's own table, or its
     KV head's compact one where s_ph is not 0; entry i = pages i * EXPAND ...), loaded before the
     row's length is known (one dependent memory trip fewer than loading the kept ones after the top
@@ -178,14 +178,14 @@ def _group_pages(PT, b, kvh, s_pb, s_ph, width, BLOCK_P: tl.constexpr, EXPAND: t
 
 
 @triton.jit
-def _store_selection(take, logical, b, kvh, seq_len, n_pages, k, PT, Logical, Physical, VLens,
+def store_selection(take, logical, b, kvh, seq_len, n_pages, k, PT, Logical, Physical, VLens,
                      s_pb, s_ph, s_lb, s_lh, s_yb, s_yh, budget_pages, k_sel,
                      BLOCK_P: tl.constexpr, PAGE_SIZE: tl.constexpr, EXPAND: tl.constexpr = 1, groups=None):
     """The kept entries, compacted in row order (ascending pages), as logical and physical pages;
     padding past k; the virtual length of a sequence that keeps budget_pages of its pages.
     EXPAND > 1: an entry is a run of EXPAND pages (a group; PAGE_SIZE is the group's tokens), and
     Physical gets the physical ids of all of its pages, EXPAND per entry: `groups` [BLOCK_P,
-    EXPAND], entry i's pages from the sequence's page table (_group_pages, loaded at the program's
+    EXPAND], entry i's pages from the sequence's page table (row_group_pages, loaded at the program's
     start), so the attention reads them as a list of pages."""
     offs = tl.arange(0, BLOCK_P)
     pos = tl.cumsum(take.to(tl.int32), 0) - 1
@@ -211,7 +211,7 @@ def _select_pages(Scores, PT, SeqLens, Logical, Physical, VLens, Listed, s_sb, s
                   BLOCK_P: tl.constexpr, PAGE_SIZE: tl.constexpr, EARLY_EXIT: tl.constexpr,
                   LISTED: tl.constexpr):
     """One program per (sequence, KV head): the best budget_pages entries of its score row
-    (keep_top_k), stored by _store_selection. LISTED: the row is a shortlist, entry i being
+    (keep_top_k), stored by store_selection. LISTED: the row is a shortlist, entry i being
     logical page Listed[b, kvh, i] (ascending) with its physical id at PT[b, kvh, i]; else entry i
     is page i of the sequence's table."""
     b = tl.program_id(0)
@@ -226,7 +226,7 @@ def _select_pages(Scores, PT, SeqLens, Logical, Physical, VLens, Listed, s_sb, s
         logical = tl.load(Listed + b * s_ib + kvh * s_ih + offs, mask=take, other=0)
     else:
         logical = offs
-    _store_selection(take, logical, b, kvh, seq_len, n_pages, k, PT, Logical, Physical, VLens,
+    store_selection(take, logical, b, kvh, seq_len, n_pages, k, PT, Logical, Physical, VLens,
                      s_pb, s_ph, s_lb, s_lh, s_yb, s_yh, budget_pages, k_sel, BLOCK_P, PAGE_SIZE)
 
 
@@ -242,7 +242,7 @@ def _combine_select(Bounds, PT, SeqLens, Logical, Physical, VLens, Listed, s_bb,
     kvh = tl.program_id(1)
     groups = None
     if EXPAND > 1:
-        groups = _group_pages(PT, b, kvh, s_pb, s_ph, max_pages, BLOCK_P, EXPAND)
+        groups = row_group_pages(PT, b, kvh, s_pb, s_ph, max_pages, BLOCK_P, EXPAND)
     seq_len = tl.load(SeqLens + b)
     n_pages = tl.cdiv(seq_len, PAGE_SIZE)
     logical, valid = _row_entries(Listed, b, kvh, s_ib, s_ih, n_pages, max_pages, BLOCK_P, LISTED)
@@ -250,7 +250,7 @@ def _combine_select(Bounds, PT, SeqLens, Logical, Physical, VLens, Listed, s_bb,
                           recent_pages, GROUP, BLOCK_G, BLOCK_P, True, max_pages)
     k = tl.minimum(n_pages, budget_pages)
     take = keep_top_k(score, k, EARLY_EXIT, SORT)
-    _store_selection(take, logical, b, kvh, seq_len, n_pages, k, PT, Logical, Physical, VLens,
+    store_selection(take, logical, b, kvh, seq_len, n_pages, k, PT, Logical, Physical, VLens,
                      s_pb, s_ph, s_lb, s_lh, s_yb, s_yh, budget_pages, k_sel, BLOCK_P, PAGE_SIZE, EXPAND, groups)
 
 
@@ -264,13 +264,13 @@ def _combine_select_streamed(Bounds, PT, SeqLens, Logical, Physical, VLens, List
     registers, so one program per (sequence, KV head) streams them in chunks of CHUNK entries.
     Pass 1: each q head's log-sum-exp over the row (online max and sum). Pass 2: the scores, as
     group_scores gives them, into a row of Scores. Then the whole row of scores (one value per
-    entry) is loaded at once for the top k and compacted (keep_top_k, _store_selection). A row of
+    entry) is loaded at once for the top k and compacted (keep_top_k, store_selection). A row of
     a sequence's own pages stops at its last page: the entries past it are -inf, never kept."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     groups = None
     if EXPAND > 1:
-        groups = _group_pages(PT, b, kvh, s_pb, s_ph, max_pages, BLOCK_P, EXPAND)
+        groups = row_group_pages(PT, b, kvh, s_pb, s_ph, max_pages, BLOCK_P, EXPAND)
     seq_len = tl.load(SeqLens + b)
     n_pages = tl.cdiv(seq_len, PAGE_SIZE)
     end = max_pages if LISTED else tl.minimum(n_pages, max_pages)
@@ -301,7 +301,7 @@ def _combine_select_streamed(Bounds, PT, SeqLens, Logical, Physical, VLens, List
     k = tl.minimum(n_pages, budget_pages)
     take = keep_top_k(tl.load(row + offs, mask=offs < end, other=float("-inf")), k, True)
     logical, _ = _chunk_entries(Listed, b, kvh, s_ib, s_ih, offs, n_pages, max_pages, LISTED)
-    _store_selection(take, logical, b, kvh, seq_len, n_pages, k, PT, Logical, Physical, VLens,
+    store_selection(take, logical, b, kvh, seq_len, n_pages, k, PT, Logical, Physical, VLens,
                      s_pb, s_ph, s_lb, s_lh, s_yb, s_yh, budget_pages, k_sel, BLOCK_P, PAGE_SIZE, EXPAND, groups)
 
 

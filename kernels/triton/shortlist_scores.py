@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton.centroid_scores import _score_tile, _score_tile_rows
+from kernels.triton.centroid_scores import score_tile, score_tile_rows
 from kernels.triton.selection import group_scores, keep_top_k, sort_width
 
 
@@ -87,11 +87,11 @@ def _shortlist_group_logits(Q, Cents, Stats, RunLogits, PT, SeqLens, Out, Compac
         logical_r = run_r * RUN_PAGES + (n_r % PER_RUN) * GROUP_PAGES
         listed_r = (n_r < max_groups) & (logical_r < max_runs * RUN_PAGES)
         page_r = tl.load(table + logical_r + GROUP_PAGES - 1, mask=listed_r, other=0).to(tl.int64)
-        _score_tile_rows(Q, Cents, Stats, Out, page, page_r, b, kvh, first, full_groups, s_qb, s_qh, s_cp, s_ch,
+        score_tile_rows(Q, Cents, Stats, Out, page, page_r, b, kvh, first, full_groups, s_qb, s_qh, s_cp, s_ch,
                          s_cc, s_sp, s_sh, s_sc, s_ob, s_oh, max_groups, scale, GROUP, GROUP_P, HEAD_DIM, C, BLOCK_N,
                          DOT_F32)
         return
-    _score_tile(Q, Cents, Stats, Out, b, kvh, page, offs_n, offs_n < full_groups, s_qb, s_qh, s_cp, s_ch, s_cc,
+    score_tile(Q, Cents, Stats, Out, b, kvh, page, offs_n, offs_n < full_groups, s_qb, s_qh, s_cp, s_ch, s_cc,
                 s_sp, s_sh, s_sc, s_ob, s_oh, max_groups, scale, GROUP, GROUP_P, HEAD_DIM, C, BLOCK_N, DOT_F32)
 
 
