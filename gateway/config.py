@@ -163,7 +163,7 @@ class SparseAttentionConfig(Strict):
     selector: Literal["quest", "centroids"] = Field(
         "quest", description="quest: pages scored by key min/max bounds (summary_tokens, shortlist_tokens); "
         "centroids: each group_tokens run of keys keeps `centroids` 8-bit k-means centroids that estimate its "
-        "attention mass, and whole groups are selected (fewer bytes read per step; CUDA and CPU backends)")
+        "attention mass, and whole groups are selected (fewer bytes read per step; every backend)")
     centroids: int = Field(8, ge=1, le=64, description="centroids: k-means centroids per group and KV head "
                            "(a power of two)")
     group_tokens: int = Field(64, ge=1, description="centroids: tokens per group (a multiple of kv_cache.page_size)")

@@ -194,16 +194,3 @@ def test_sparse_decode_matches_torch(tmp_path):
         assert (m_result.attention.pages_read, m_result.attention.pages_skipped) == \
             (t_result.attention.pages_read, t_result.attention.pages_skipped)
 
-
-def test_centroid_selector_refused_with_a_clear_error(tmp_path):
-    """selector: centroids is built for the torch and Triton backends only: the MLX runner says so
-    at start-up instead of serving Quest under another name."""
-    from backends.base import SparseSettings
-
-    folder = tmp_path / "tiny"
-    folder.mkdir()
-    tiny_folder(folder, quantized=False)
-    sparse = SparseSettings(enabled=True, token_budget=48, dense_layers=1, sink_tokens=4, recent_tokens=4,
-                            selector="centroids", group_tokens=8)
-    with pytest.raises(ValueError, match="selector 'centroids' is not built for the mlx backend"):
-        MlxRunner(RunnerSettings("hf", str(folder), "tiny", device="mlx", page_size=4, num_pages=16, sparse=sparse))

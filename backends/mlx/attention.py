@@ -2,10 +2,11 @@
 
 The plan is built once per step on the host (NumPy) from the engine's chunks and page tables: the
 leading single-token chunks are decode rows, the rest are extends (prefill chunks). Per layer:
-write the new K/V into their slots (and bring the touched pages' key summaries, block and page,
-up to date when sparse decode is on), then decode rows go through the paged decode chosen at
-start-up (the Metal kernel on a Metal GPU, its MLX-ops mirror elsewhere:
-kernels/metal/paged_decode.py), sparse layers through Quest (backends/mlx/sparse.py), and each
+write the new K/V into their slots (and, with Quest, bring the touched pages' key summaries, block
+and page, up to date), then decode rows go through the paged decode chosen at start-up (the Metal
+kernel on a Metal GPU, its MLX-ops mirror elsewhere: kernels/metal/paged_decode.py), sparse layers
+through the page selector chosen at start-up (Quest: backends/mlx/sparse.py; the centroid selector:
+backends/mlx/centroids.py, whose summaries the runner writes after each step's forward), and each
 extend attends causally over its pages.
 """
 from __future__ import annotations
@@ -16,8 +17,11 @@ import mlx.core as mx
 import numpy as np
 
 from backends.base import SequenceChunk, SparseSettings
+from backends.mlx import centroids as centroid_selector
+from backends.mlx import sparse as quest_selector
+from backends.mlx.centroids import CentroidPlan, make_centroid_plan
 from backends.mlx.kv_cache import PagedKVCache
-from backends.mlx.sparse import QuestPlan, choose_pages, chosen_lists, make_quest_plan
+from backends.mlx.sparse import QuestPlan, make_quest_plan
 from kernels.metal.paged_decode import PagedDecode
 
 
@@ -37,9 +41,15 @@ class StepPlan:
     decode_pages: mx.array          # int32 [num_decode, W] page tables (padded with the scratch page)
     decode_lengths: mx.array        # int32 [num_decode] tokens after this step
     extends: list[Extend]
-    summary_pages: mx.array | None  # [S] pages whose summaries this step changes (sparse on)
+    summary_pages: mx.array | None  # [S] pages whose Quest summaries this step changes (Quest on)
     summary_unwritten: mx.array | None   # bool [S, blocks, summary_tokens, 1, 1]
-    quest: QuestPlan | None         # decode rows past the budget (None: every layer dense)
+    quest: QuestPlan | None         # Quest: decode rows past the budget (None: every layer dense)
+    centroids: CentroidPlan | None = None   # the centroid selector's: rows past the budget in groups
+
+    @property
+    def sparse(self) -> QuestPlan | CentroidPlan | None:
+        """The selector's plan of the decode rows (None: sparse off, or no row past the budget)."""
+        return self.quest if self.quest is not None else self.centroids
 
 
 def plan_step(chunks: list[SequenceChunk], tables: np.ndarray, page_size: int, scratch_page: int,
@@ -61,8 +71,13 @@ def plan_step(chunks: list[SequenceChunk], tables: np.ndarray, page_size: int, s
     cu = np.concatenate([[0], np.cumsum(lengths)])
     extends = [Extend(int(cu[i]), int(lengths[i]), int(starts[i]), mx.array(tables[i, :used[i]]))
                for i in range(num_decode, len(chunks))]
-    summary_pages = summary_unwritten = quest = None
-    if sparse is not None:
+    summary_pages = summary_unwritten = quest = centroid_plan = None
+    if sparse is not None and sparse.selector == "centroids":
+        # no per-write upkeep: the runner summarises the groups a step completes after its forward
+        if num_decode:
+            centroid_plan = make_centroid_plan(sparse, tables[:num_decode], ends[:num_decode], page_size,
+                                               scratch_page)
+    elif sparse is not None:
         # every page this step writes into: its blocks are recomputed over slots [0, filled)
         touched = [(i, p) for i in range(len(chunks)) for p in range(starts[i] // page_size, used[i])]
         filled = np.array([min(page_size, ends[i] - p * page_size) for i, p in touched])
@@ -76,7 +91,7 @@ def plan_step(chunks: list[SequenceChunk], tables: np.ndarray, page_size: int, s
         positions=mx.array(positions.astype(np.int32)), slots=mx.array(slots.astype(np.int32)),
         num_decode=num_decode, decode_pages=mx.array(decode_tables.astype(np.int32)),
         decode_lengths=mx.array(ends[:num_decode].astype(np.int32)), extends=extends,
-        summary_pages=summary_pages, summary_unwritten=summary_unwritten, quest=quest)
+        summary_pages=summary_pages, summary_unwritten=summary_unwritten, quest=quest, centroids=centroid_plan)
 
 
 def extend_attention(q: mx.array, k_cache: mx.array, v_cache: mx.array, ext: Extend, page_size: int,
@@ -103,6 +118,9 @@ class PagedAttention:
         self.scale = head_dim ** -0.5
         self.decode, self.sparse = decode, sparse
         self.step: StepPlan | None = None
+        # the page selector, chosen once: (sparse rows' q, layer) -> (physical pages, lengths) per KV head
+        self.chosen_pages = (self.centroid_pages if sparse is not None and sparse.selector == "centroids"
+                             else self.quest_pages)
 
     def plan(self, step: StepPlan) -> None:
         self.step = step
@@ -118,12 +136,23 @@ class PagedAttention:
         return self.decode(q, self.cache.k[layer], self.cache.v[layer], per_head, per_head_lengths,
                            self.cache.page_size, self.scale)
 
-    def sparse_decode(self, layer: int, q: mx.array) -> mx.array:
+    def quest_pages(self, layer: int, qs: mx.array) -> tuple[mx.array, mx.array]:
         plan, cache = self.step.quest, self.cache
+        chosen = quest_selector.choose_pages(qs, cache.kmin[layer], cache.kmax[layer], cache.pmin[layer],
+                                             cache.pmax[layer], plan, self.scale)
+        return quest_selector.chosen_lists(plan, chosen, cache.page_size)
+
+    def centroid_pages(self, layer: int, qs: mx.array) -> tuple[mx.array, mx.array]:
+        plan = self.step.centroids
+        chosen = centroid_selector.choose_pages(qs, self.cache, layer, plan, self.scale)
+        return centroid_selector.chosen_lists(plan, chosen)
+
+    def sparse_decode(self, layer: int, q: mx.array) -> mx.array:
+        """The decode rows of a sparse layer: rows past the budget read their selector's pages, the
+        others their whole tables (exactly dense decode)."""
+        plan, cache = self.step.sparse, self.cache
         qs = q[plan.sparse_rows]
-        chosen = choose_pages(qs, cache.kmin[layer], cache.kmax[layer], cache.pmin[layer], cache.pmax[layer],
-                              plan, self.scale)
-        pages, lengths = chosen_lists(plan, chosen, cache.page_size)
+        pages, lengths = self.chosen_pages(layer, qs)
         out = self.decode(qs, cache.k[layer], cache.v[layer], pages, lengths, cache.page_size, self.scale)
         if plan.dense_rows.shape[0]:
             dense = self.dense_decode(layer, q[plan.dense_rows], plan.dense_pages, plan.dense_lengths)
@@ -139,7 +168,7 @@ class PagedAttention:
         parts = []
         nd = step.num_decode
         if nd:
-            if step.quest is not None and self.sparse_layer(layer):
+            if step.sparse is not None and self.sparse_layer(layer):
                 parts.append(self.sparse_decode(layer, q[:nd]))
             else:
                 parts.append(self.dense_decode(layer, q[:nd], step.decode_pages, step.decode_lengths))

@@ -2,10 +2,11 @@
 
 Chosen once at start-up: the activation dtype, the weights (quantised sources stay packed on a GPU;
 the CPU serves float32 linears, backends/mlx/cpu_linear.py), the paged decode (the Metal kernel or
-its MLX-ops mirror) and the KV pool size. A step syncs the page tables (appends only, host side: MLX
-shares memory with the GPU on Apple silicon), builds the step's plan, runs the model lazily,
-samples, and hands the whole step to MLX with async_eval: launch() returns at once, and the engine
-builds the next step while this one runs (overlap).
+its MLX-ops mirror), the sparse page selector (Quest or centroids) and the KV pool size. A step
+syncs the page tables (appends only, host side: MLX shares memory with the GPU on Apple silicon),
+builds the step's plan, runs the model lazily, summarises the groups it completes (centroid
+selector), samples, and hands the whole step to MLX with async_eval: launch() returns at once, and
+the engine builds the next step while this one runs (overlap).
 """
 from __future__ import annotations
 
@@ -19,9 +20,11 @@ import numpy as np
 import torch
 
 from backends.base import PENDING_TOKEN, AttentionStats, BackendInfo, ForwardBatch, ForwardResult, RunnerSettings
+from backends.cuda.attention.centroids import completed_groups, group_counts, shortlist_counts
 from backends.cuda.attention.sparse import check_sparse_settings
 from backends.cuda.page_tables import PageTableStore
 from backends.mlx.attention import PagedAttention, plan_step
+from backends.mlx.centroids import write_group_summaries
 from backends.mlx.cpu_linear import cpu_streams, use_cpu_linears
 from backends.mlx.kv_cache import PagedKVCache
 from backends.mlx.kv_store import create_kv_store
@@ -93,22 +96,28 @@ class MlxRunner:
         self.model, served = build_model(settings)
         config = self.config = self.model.config
         check_sparse_settings(settings.sparse, settings.page_size, config.num_layers)
-        if settings.sparse.enabled and settings.sparse.selector != "quest":
-            raise ValueError(f"sparse_attention.selector {settings.sparse.selector!r} is not built for the mlx "
-                             f"backend (it has Quest's: selector: quest)")
         self.sparse = settings.sparse if settings.sparse.enabled else None
+        # the centroid selector's pages per group (None: not on) and per run of its coarse stage (None:
+        # one stage); their summaries are written after each step's forward (write_group_summaries)
+        centroid_selector = self.sparse is not None and self.sparse.selector == "centroids"
+        self.group_pages = group_counts(self.sparse, settings.page_size)[0] if centroid_selector else None
+        shortlist = shortlist_counts(self.sparse, settings.page_size) if centroid_selector else None
+        self.run_pages = shortlist[0] if shortlist is not None else None
         self.page_size = page_size = settings.page_size
         self.context_length = settings.context_length or config.context_length
         self.max_sequences = settings.max_sequences
-        summary_tokens = self.sparse.summary_tokens if self.sparse else None
+        summary_tokens = self.sparse.summary_tokens if self.sparse and not centroid_selector else None
+        centroids = (self.sparse.centroids, self.group_pages, self.run_pages) if centroid_selector else None
         dtype = self.model.norm.weight.dtype
         per_page = PagedKVCache.bytes_per_page(config.num_layers, page_size, config.num_kv_heads, config.head_dim,
-                                               dtype.size, summary_tokens)
+                                               dtype.size, summary_tokens,
+                                               self.sparse.centroids if centroid_selector else None,
+                                               runs=self.run_pages is not None)
         self.num_pages = settings.num_pages or settings.kv_memory_bytes // per_page - 1
         if self.num_pages < 1:
             raise ValueError(f"KV memory {settings.kv_memory_bytes} bytes holds no page ({per_page} bytes each)")
         self.cache = PagedKVCache(config.num_layers, self.num_pages, page_size, config.num_kv_heads,
-                                  config.head_dim, dtype, summary_tokens)
+                                  config.head_dim, dtype, summary_tokens, centroids)
         max_pages = -(-self.context_length // page_size)
         # the host mirror of the page tables (backends/cuda/page_tables.py, on the CPU): appended, not rebuilt
         self.tables = PageTableStore(self.max_sequences, max_pages, self.cache.scratch_page, torch.device("cpu"))
@@ -149,10 +158,10 @@ class MlxRunner:
         assert len(np.unique(flat)) == len(flat), "two sequences write the same KV slot"
 
     def _stats(self, step) -> AttentionStats:
-        if step.quest is None:
+        if step.sparse is None:
             return AttentionStats()     # no row past the budget: nothing skipped (dense reads uncounted)
         per_step = self.config.num_kv_heads * (self.config.num_layers - self.sparse.dense_layers)
-        return AttentionStats(step.quest.pages_read * per_step, step.quest.pages_skipped * per_step)
+        return AttentionStats(step.sparse.pages_read * per_step, step.sparse.pages_skipped * per_step)
 
     def forward(self, batch: ForwardBatch) -> ForwardResult:
         """Run every chunk's new tokens, write their K/V, sample where a chunk asks."""
@@ -181,6 +190,11 @@ class MlxRunner:
         sampled = [i for i, c in enumerate(chunks) if c.sample is not None]
         self.attention.plan(step)
         logits = self.model(token_ids, self.attention, mx.array(ends[sampled].astype(np.int32)))
+        if self.group_pages is not None:     # the groups (runs) this step completed, summarised for the next ones
+            written = [(c.start_position, len(c.token_ids), c.page_table) for c in chunks]
+            write_group_summaries(self.cache, completed_groups(written, self.page_size, self.group_pages))
+            if self.run_pages is not None:
+                write_group_summaries(self.cache, completed_groups(written, self.page_size, self.run_pages), runs=True)
         drawn = None
         if sampled:
             drawn = self.sampler.draw(logits, [chunks[i].sample for i in sampled])
