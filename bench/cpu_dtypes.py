@@ -1,6 +1,6 @@
 """Each CPU serving dtype of the embedded model in process (the runner alone, no HTTP): tok/s of
 one decode stream and of 8, and of a prefill of 8 x 64-token prompts, side by side with the host's
-capabilities (AVX-512 BF16 quant kernels, oneDNN bf16), which decide what the modes run on.
+capabilities (the quant kernels: AVX-512 BF16 or AVX2; oneDNN bf16), which decide what the modes run on.
 
     .venv/bin/python -m bench.cpu_dtypes [--threads 2] [--dtypes auto float32 int8 bfloat16]
 """
@@ -46,7 +46,7 @@ def main() -> None:
     args = parser.parse_args()
     source = resolve_source("packaged:smollm2-135m-instruct")
     print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"quant kernels (AVX-512 BF16) {quant_linear.available()}, oneDNN bf16 {onednn_bf16_available()}, "
+          f"quant kernels {quant_linear.available()}, oneDNN bf16 {onednn_bf16_available()}, "
           f"{args.threads} threads", flush=True)
     print("| dtype | mode | decode 1 stream tok/s | decode 8 streams tok/s | prefill 8 x 64 tok/s |\n"
           "| --- | --- | --- | --- | --- |")

@@ -31,7 +31,7 @@ from kernels.cpu import quant_linear
 from tests.conftest import MODEL, model_config, start_server
 
 needs_quant = pytest.mark.skipif(not quant_linear.available(),
-                                 reason="quant_linear needs the CPU kernels with AVX-512 BF16")
+                                 reason="quant_linear needs the CPU kernels (AVX-512 BF16, or AVX2 and FMA)")
 GREEDY = SampleSpec(SamplingParams(temperature=0), 0.0)
 
 

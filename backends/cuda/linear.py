@@ -19,13 +19,14 @@ Measured on a 2-core Zen 4 (AVX-512 BF16/VNNI), torch 2.13 CPU, SmolLM2-135M sha
     16 streams 186 vs 217; so int4pack up to 8 rows. int4pack is also bitwise row-invariant (a
     row's result does not depend on the others), so up to 8 concurrent decodes a stream gets
     exactly what it gets alone.
-  * Where the CPU kernels build with AVX-512 BF16, int4 and int8 (the default dtype and its head)
-    run kernels/cpu/quant_linear.cpp instead, for every row count: bf16 dot products of x with the
-    integer weights in a fixed order, scales and zeros applied per group, so a row's result is the
-    same alone, batched or in any prefill chunk (the same request gives the same answer,
-    docs/cpu.md). In the model (1 thread, decode steps interleaved with the kernels above): 1
-    stream 1.07x, 8 streams 1.15x, 16 streams 0.98x, a 645-token prefill 0.99x; the int8 head
-    alone at 1 row 2.4 vs 3.8 ms (int8pack).
+  * Where the CPU kernels build (AVX-512 BF16, or AVX2 and FMA), int4 and int8 (the default dtype
+    and its head) run kernels/cpu/quant_linear.cpp instead, for every row count: dot products of x
+    with the integer weights in a fixed order, scales and zeros applied per group, so a row's result
+    is the same alone, batched or in any prefill chunk (the same request gives the same answer,
+    docs/cpu.md). In the model (AVX-512, 1 thread, decode steps interleaved with the kernels above):
+    1 stream 1.07x, 8 streams 1.15x, 16 streams 0.98x, a 645-token prefill 0.99x; the int8 head
+    alone at 1 row 2.4 vs 3.8 ms (int8pack). On an AVX2-only host the torch kernels it replaces are
+    int4pack up to 8 rows and widened float32 above (no oneDNN bf16 there): docs/cpu.md has both.
 """
 from __future__ import annotations
 
@@ -54,7 +55,8 @@ def onednn_bf16_available() -> bool:
 
 def _quant_kernel(shape: torch.Size) -> bool:
     """Whether a CPU int4 / int8 weight of this [N, K] runs kernels/cpu/quant_linear.cpp: when the
-    CPU kernels build here with AVX-512 BF16 (RADIXGATE_CPU_KERNELS=0 keeps the torch kernels)."""
+    CPU kernels build here with AVX-512 BF16 or AVX2 and FMA (RADIXGATE_CPU_KERNELS=0 keeps the
+    torch kernels)."""
     return quant_linear.supported(*shape) and quant_linear.available()
 
 

@@ -15,6 +15,14 @@
 // once. That is x . ((q - 8) * scale + zero) without ever rounding a weight, and it needs no
 // floating-point dequantisation per weight: int4 nibbles become bf16 through a 16-entry table.
 //
+// On a CPU with AVX2 and FMA but no AVX-512 BF16 (many AMD and client Intel hosts) the same packed
+// weights run a second implementation, chosen when the library is compiled for the host: acc is a
+// chain of float32 FMAs in k order from zero of the row's x (bf16 widened: exact) with the group's
+// integer weights (exact in float32), then the same scale and zero steps and one rounding to bf16
+// (round to nearest even, as vcvtneps2bf16). Its sums round differently from vdpbf16ps, so the two
+// hosts' outputs differ in the last bits, but on each host a row's result is one fixed sequence of
+// operations: the same alone, batched or chunked.
+//
 // Packed layout (kernels/cpu/quant_linear.py packs it once at start-up), per block of 16 output
 // columns and per pair of k (2p, 2p + 1), so that lane L of a zmm holds column L's pair, the
 // operand vdpbf16ps wants: int4: byte L = q[2p, L] | q[2p + 1, L] << 4 (16 bytes); int8: 16 lanes
@@ -31,7 +39,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512BF16__)
+#if defined(__AVX512BF16__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
@@ -44,7 +52,7 @@ constexpr int64_t kGroup = 32;       // int4 group size along K
 constexpr int64_t kRowChunk = 128;   // rows per task: their activations stay in L2 across blocks
 
 bool quant_linear_available() {
-#if defined(__AVX512BF16__)
+#if defined(__AVX512BF16__) || (defined(__AVX2__) && defined(__FMA__))
   return true;
 #else
   return false;
@@ -170,12 +178,186 @@ void run_task(const uint16_t* x, int64_t x_stride, const float* xsum, int64_t gr
 }
 #endif
 
+#if !defined(__AVX512BF16__) && defined(__AVX2__) && defined(__FMA__)
+// ---- AVX2 + FMA: 16 output columns as two ymm of float32, one k at a time ----
+
+inline __m256 bf16x8(const uint16_t* p) {       // 8 bf16 -> float32: the bits shifted up by 16
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+
+// float32 -> bf16 bits, round to nearest even (NaN stays a quiet NaN), 8 lanes as int32
+inline __m256i bf16_bits(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+  const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(0x40));
+  const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+  return _mm256_blendv_epi8(rounded, quiet, _mm256_castps_si256(nan));
+}
+
+inline void store_bf16x16(uint16_t* y, __m256 lo, __m256 hi) {
+  // packus interleaves 128-bit lanes: [lo 0-3, hi 0-3, lo 4-7, hi 4-7] -> reorder the quadwords
+  const __m256i packed = _mm256_packus_epi32(bf16_bits(lo), bf16_bits(hi));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), _mm256_permute4x64_epi64(packed, 0xD8));
+}
+
+// A column block's integer weights at k pair p as float32: w[0], w[1] columns 0-7 at k = 2p, 2p + 1;
+// w[2], w[3] columns 8-15.
+template <int Bits>
+inline void pair_weights(const uint8_t* packed, int64_t p, __m256* w) {
+  if constexpr (Bits == 4) {
+    const uint8_t* bytes = packed + p * 16;       // byte L: column L's (k0 | k1 << 4)
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+      const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + 8 * h)));
+      const __m256i eight = _mm256_set1_epi32(8);
+      w[2 * h] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(v, _mm256_set1_epi32(0xF)), eight));
+      w[2 * h + 1] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(v, 4), eight));
+    }
+  } else {
+    const uint8_t* bytes = packed + p * 32;       // lo then hi: lane 2i + e holds column i (8 + i) at k 2p + e
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+      const __m256i v = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + 16 * h)));
+      w[2 * h] = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 16), 16));   // the even words: k0
+      w[2 * h + 1] = _mm256_cvtepi32_ps(_mm256_srai_epi32(v, 16));                       // the odd: k1
+    }
+  }
+}
+
+// MR rows of NB column blocks, group by group (the header's arithmetic): a column's group sum is one
+// FMA chain in k order from zero, then the scale and zero steps. weights(b, p, e, w) gives block b's
+// two weight vectors (columns 0-7, 8-15) at k = 2p + e, from a dequantised panel or on the spot.
+// Every accumulator lane sees the same operations in the same order whatever MR and NB are, so a
+// row's result does not depend on the tile it falls in. The per-group totals live in memory (one
+// update a group), so the 16 ymm registers hold the 2 MR NB accumulators, the weights and a
+// broadcast.
+template <int Bits, int MR, int NB, typename Weights>
+void tile_avx2(const float* x, int64_t x_stride, const float* xsum, int64_t groups, const uint16_t* const* scales,
+               const uint16_t* const* zeros, Weights weights, int64_t pairs, uint16_t* y, int64_t y_stride) {
+  alignas(32) float out[MR][NB * kBlock] = {};
+  const int64_t per_group = Bits == 4 ? kGroup / 2 : pairs;
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256 acc[MR][2 * NB];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < 2 * NB; ++v) acc[r][v] = _mm256_setzero_ps();
+    for (int64_t p = g * per_group; p < (g + 1) * per_group; ++p) {
+#pragma GCC unroll 2
+      for (int e = 0; e < 2; ++e) {      // k = 2p, then 2p + 1
+        __m256 w[2 * NB];
+#pragma GCC unroll 2
+        for (int b = 0; b < NB; ++b) weights(b, p, e, w + 2 * b);
+#pragma GCC unroll 8
+        for (int r = 0; r < MR; ++r) {
+          const __m256 xb = _mm256_broadcast_ss(x + r * x_stride + 2 * p + e);
+#pragma GCC unroll 4
+          for (int v = 0; v < 2 * NB; ++v) acc[r][v] = _mm256_fmadd_ps(xb, w[v], acc[r][v]);
+        }
+      }
+    }
+#pragma GCC unroll 4
+    for (int v = 0; v < 2 * NB; ++v) {
+      const int b = v / 2, h = v % 2;
+      const __m256 scale = bf16x8(scales[b] + g * kBlock + 8 * h);
+      const __m256 zero = Bits == 4 ? bf16x8(zeros[b] + g * kBlock + 8 * h) : _mm256_setzero_ps();
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        __m256 o = _mm256_fmadd_ps(acc[r][v], scale, _mm256_load_ps(out[r] + 8 * v));
+        if constexpr (Bits == 4) o = _mm256_fmadd_ps(zero, _mm256_set1_ps(xsum[r * groups + g]), o);
+        _mm256_store_ps(out[r] + 8 * v, o);
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int b = 0; b < NB; ++b)
+      store_bf16x16(y + r * y_stride + b * kBlock, _mm256_load_ps(out[r] + 16 * b), _mm256_load_ps(out[r] + 16 * b + 8));
+}
+
+constexpr int kTileRowsAvx2 = 6;        // a panel tile: 6 rows x 2 accumulators + 2 weights + a broadcast
+constexpr int64_t kDirectRowsAvx2 = 4;  // up to this many rows, weights are dequantised in the loop
+
+// `count` rows of NB column blocks (a task), tile by tile: MR rows a tile, the rest one smaller tile.
+template <int Bits, int NB, int MR, typename Weights>
+void task_rows_avx2(const float* x, int64_t x_stride, const float* xsum, int64_t groups, int64_t count,
+                    const uint16_t* const* scales, const uint16_t* const* zeros, Weights weights, int64_t pairs,
+                    uint16_t* y, int64_t y_stride) {
+  int64_t r = 0;
+  for (; r + MR <= count; r += MR)
+    tile_avx2<Bits, MR, NB>(x + r * x_stride, x_stride, xsum + r * groups, groups, scales, zeros, weights, pairs,
+                            y + r * y_stride, y_stride);
+  const float* xr = x + r * x_stride;
+  const float* sr = xsum + r * groups;
+  uint16_t* yr = y + r * y_stride;
+  switch (count - r) {
+#define RG_REST(R) \
+  case R: if constexpr (R < MR) tile_avx2<Bits, R, NB>(xr, x_stride, sr, groups, scales, zeros, weights, pairs, yr, y_stride); break;
+    RG_REST(5) RG_REST(4) RG_REST(3) RG_REST(2) RG_REST(1)
+#undef RG_REST
+    default: break;
+  }
+}
+
+// One task: `count` rows (a row chunk) of the column blocks at packed[0..NB). Decode rows (few)
+// dequantise each weight pair where it is used, one row two blocks at a time (four FMA chains, so
+// the row does not wait on one chain's latency); more rows first dequantise the task's block into a
+// panel of float32 that every tile of the chunk reads.
+template <int Bits, int NB>
+void run_task_avx2(const float* x, int64_t x_stride, const float* xsum, int64_t groups, int64_t count,
+                   const uint8_t* const* packed, const uint16_t* const* scales, const uint16_t* const* zeros,
+                   int64_t pairs, float* panel, uint16_t* y, int64_t y_stride) {
+  if (count <= kDirectRowsAvx2) {
+    auto direct = [packed](int b, int64_t p, int e, __m256* w) {
+      __m256 four[4];
+      pair_weights<Bits>(packed[b], p, four);
+      w[0] = four[e];
+      w[1] = four[2 + e];
+    };
+    if constexpr (NB == 2) {
+      if (count == 1) {
+        tile_avx2<Bits, 1, 2>(x, x_stride, xsum, groups, scales, zeros, direct, pairs, y, y_stride);
+        return;
+      }
+    }
+    for (int b = 0; b < NB; ++b) {    // 2-4 rows: enough chains in one block
+      const uint8_t* const pk[1] = {packed[b]};
+      auto one = [pk](int, int64_t p, int e, __m256* w) {
+        __m256 four[4];
+        pair_weights<Bits>(pk[0], p, four);
+        w[0] = four[e];
+        w[1] = four[2 + e];
+      };
+      task_rows_avx2<Bits, 1, 4>(x, x_stride, xsum, groups, count, scales + b, zeros + b, one, pairs,
+                                 y + b * kBlock, y_stride);
+    }
+    return;
+  }
+  for (int b = 0; b < NB; ++b) {
+    for (int64_t p = 0; p < pairs; ++p) {   // pair p: [columns 0-7 k0, k1, columns 8-15 k0, k1] x 8 floats
+      __m256 four[4];
+      pair_weights<Bits>(packed[b], p, four);
+      for (int i = 0; i < 4; ++i) _mm256_storeu_ps(panel + 32 * p + 8 * i, four[i]);
+    }
+    auto from_panel = [panel](int, int64_t p, int e, __m256* w) {
+      w[0] = _mm256_loadu_ps(panel + 32 * p + 8 * e);
+      w[1] = _mm256_loadu_ps(panel + 32 * p + 8 * (2 + e));
+      // kept in registers: folded into the FMAs as memory operands, each would load once per row
+      asm("" : "+x"(w[0]), "+x"(w[1]));
+    };
+    task_rows_avx2<Bits, 1, kTileRowsAvx2>(x, x_stride, xsum, groups, count, scales + b, zeros + b, from_panel,
+                                           pairs, y + b * kBlock, y_stride);
+  }
+}
+#endif
+
 inline float bf16_value(uint16_t bits) { return std::bit_cast<float>(static_cast<uint32_t>(bits) << 16); }
 
 // x: bf16 [M, K] (contiguous features, any row stride); packed: uint8 [N / 16, K / 2, 16 or 32];
 // scales (and zeros for int4): bf16 [N / 16, groups, 16]. Returns bf16 [M, N].
 Tensor quant_linear(const Tensor& x, const Tensor& packed, const Tensor& scales, const Tensor& zeros, int64_t bits) {
-  TORCH_CHECK(quant_linear_available(), "quant_linear needs AVX-512 BF16 (this build has none)");
+  TORCH_CHECK(quant_linear_available(), "quant_linear needs AVX-512 BF16 or AVX2 + FMA (this build has neither)");
   TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.scalar_type() == at::kBFloat16,
               "x must be bf16 [rows, features] with contiguous features");
@@ -195,7 +377,7 @@ Tensor quant_linear(const Tensor& x, const Tensor& packed, const Tensor& scales,
   const int64_t n = blocks * kBlock;
   Tensor y = at::empty({rows_total, n}, x.options());
   if (rows_total == 0) return y;
-#if defined(__AVX512BF16__)
+#if defined(__AVX512BF16__) || (defined(__AVX2__) && defined(__FMA__))
   const uint16_t* xp = static_cast<const uint16_t*>(x.data_ptr());
   uint16_t* yp = static_cast<uint16_t*>(y.data_ptr());
   const uint8_t* wp = packed.const_data_ptr<uint8_t>();
@@ -214,6 +396,7 @@ Tensor quant_linear(const Tensor& x, const Tensor& packed, const Tensor& scales,
         }
     });
   }
+#if defined(__AVX512BF16__)
   const int64_t pair_blocks = (blocks + 1) / 2, chunks = (rows_total + kRowChunk - 1) / kRowChunk;
   // Tasks: (row chunk, pair of column blocks). Which rows share a task changes nothing per row.
   at::parallel_for(0, chunks * pair_blocks, 1, [&](int64_t first, int64_t last) {
@@ -238,6 +421,37 @@ Tensor quant_linear(const Tensor& x, const Tensor& packed, const Tensor& scales,
       else run(std::integral_constant<int, 8>{});
     }
   });
+#else
+  // x widened to float32 once (exact), so the inner loop broadcasts a loaded float per k
+  std::vector<float> xf(rows_total * k);
+  at::parallel_for(0, rows_total, 64, [&](int64_t first, int64_t last) {
+    for (int64_t r = first; r < last; ++r)
+      for (int64_t i = 0; i < k; ++i) xf[r * k + i] = bf16_value(xp[r * x_stride + i]);
+  });
+  const int64_t pair_blocks = (blocks + 1) / 2, chunks = (rows_total + kRowChunk - 1) / kRowChunk;
+  // Tasks: (row chunk, pair of column blocks). Which rows share a task changes nothing per row.
+  at::parallel_for(0, chunks * pair_blocks, 1, [&](int64_t first, int64_t last) {
+    std::vector<float> panel(pairs * 32);   // a task's column block as float32 weights (row chunks)
+    for (int64_t task = first; task < last; ++task) {
+      const int64_t chunk = task / pair_blocks, b0 = (task % pair_blocks) * 2;
+      const int64_t nb = std::min<int64_t>(2, blocks - b0);
+      const int64_t r0 = chunk * kRowChunk, count = std::min(kRowChunk, rows_total - r0);
+      const float* xr = xf.data() + r0 * k;
+      const float* sr = bits == 4 ? xsum.data() + r0 * groups : nullptr;
+      uint16_t* yr = yp + r0 * n + b0 * kBlock;
+      const uint8_t* wb[2] = {wp + b0 * block_bytes, wp + (b0 + nb - 1) * block_bytes};
+      const uint16_t* sb[2] = {sp + b0 * block_scales, sp + (b0 + nb - 1) * block_scales};
+      const uint16_t* zb[2] = {zp ? zp + b0 * block_scales : nullptr, zp ? zp + (b0 + nb - 1) * block_scales : nullptr};
+      auto run = [&](auto bits_tag) {
+        constexpr int Bits = decltype(bits_tag)::value;
+        if (nb == 2) run_task_avx2<Bits, 2>(xr, k, sr, groups, count, wb, sb, zb, pairs, panel.data(), yr, n);
+        else run_task_avx2<Bits, 1>(xr, k, sr, groups, count, wb, sb, zb, pairs, panel.data(), yr, n);
+      };
+      if (bits == 4) run(std::integral_constant<int, 4>{});
+      else run(std::integral_constant<int, 8>{});
+    }
+  });
+#endif
 #endif
   return y;
 }

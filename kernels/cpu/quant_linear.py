@@ -31,7 +31,7 @@ class PackedWeight:
 
 def available() -> bool:
     """Whether the CPU kernels build (or are built) here with quant_linear, which needs AVX-512 BF16
-    (RADIXGATE_CPU_KERNELS=0: no)."""
+    or AVX2 and FMA (RADIXGATE_CPU_KERNELS=0: no)."""
     return build.load().available and bool(torch.ops.radixgate_cpu.quant_linear_available())
 
 

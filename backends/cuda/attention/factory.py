@@ -35,7 +35,8 @@ def deterministic_attention(name: str, mode: str) -> str:
     if name == "cpu_fused" and mode in ("int4", "int8") and quant_linear.available():
         return name
     raise ValueError(f"deterministic: true needs the triton attention backend (CUDA) or, on CPU, the fused "
-                     f"kernels with AVX-512 BF16 and dtype int4 / int8 (here: attention {name}, dtype {mode})")
+                     f"kernels' quant_linear (AVX-512 BF16, or AVX2 and FMA) and dtype int4 / int8 (here: "
+                     f"attention {name}, dtype {mode})")
 
 
 def create_attention(name: str, cache: PagedKVCache, shape: AttentionShape, cos: torch.Tensor,
