@@ -42,6 +42,19 @@ class ChatMessage(_Lenient):
     tool_calls: list[ToolCall] | None = None      # an assistant's earlier calls (follow-up turns)
     tool_call_id: str | None = None               # a tool message: the call it answers
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, value):
+        # an image, audio or file part would otherwise fail as "should be a valid string" (the
+        # union's first member): say what is not supported instead
+        if isinstance(value, list):
+            for part in value:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if isinstance(kind, str) and kind != "text":
+                    raise ValueError(f"content parts of type '{kind}' are not supported: the models served "
+                                     f"here take text parts only")
+        return value
+
     @model_validator(mode="after")
     def _content_needed(self) -> ChatMessage:
         if self.content is None and self.role != "assistant":

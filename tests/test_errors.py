@@ -146,7 +146,8 @@ def test_api_keys_enforced():
 
 def test_image_parts_rejected_and_nulls_accepted(http):
     image = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}
-    assert_error(http.post(CHAT, json={**GOOD, "messages": [image]}), 400)
+    error = assert_error(http.post(CHAT, json={**GOOD, "messages": [image]}), 400)
+    assert "'image_url' are not supported" in error["message"] and error["param"] == "messages.0.content"
     nulls = {**GOOD, "temperature": None, "top_p": None, "n": None, "presence_penalty": None,
              "frequency_penalty": None, "stop": None, "seed": None, "logit_bias": None, "max_tokens": None}
     nulls["max_tokens"] = 2
