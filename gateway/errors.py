@@ -47,7 +47,7 @@ def _validation_message(error: RequestValidationError) -> tuple[str, str | None]
 _ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                     404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
                     500: "api_error", 501: "api_error", 503: "overloaded_error"}
-ANTHROPIC_PATHS = ("/v1/messages",)
+ANTHROPIC_PATHS = ("/v1/messages", "/v1/messages/count_tokens")
 
 
 def _respond(request: Request, status: int, message: str, type: str, param: str | None = None,

@@ -27,7 +27,7 @@ from gateway.auth import Access, KeyRing, access_of
 from gateway.config import RequestLimits
 from gateway.errors import APIError, error_response
 from gateway.idle_timeout import IdleTimeoutStream
-from gateway.input_limits import GENERATION_PATHS, JsonShape, body_too_large, check_fields, parse_body
+from gateway.input_limits import GENERATION_PATHS, PARSED_PATHS, JsonShape, body_too_large, check_fields, parse_body
 from gateway.rate_limits import RateLimited, budgets_of
 from gateway.services.base import DeltaStream
 
@@ -72,7 +72,8 @@ class Gate:
             return await self.app(scope, receive, send)
         path = scope["path"]
         headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
-        generation = scope["method"] == "POST" and path in GENERATION_PATHS
+        parsed = scope["method"] == "POST" and path in PARSED_PATHS
+        generation = parsed and path in GENERATION_PATHS
         budget = None
         try:
             caller = self.keys.authorize(path, headers)
@@ -88,11 +89,11 @@ class Gate:
         ticket = Ticket(self.limits.stream_idle_timeout_s)
         try:
             try:
-                shape = JsonShape() if generation else None
+                shape = JsonShape() if parsed else None
                 body = await self._read_body(receive, headers.get("content-length"), shape)
                 if body is None:
                     return                                     # the client left before sending it all
-                if generation and body:
+                if parsed and body:
                     scope[PARSED_KEY] = await self._examine(path, body)
             except APIError as error:
                 return await _refuse(scope, receive, send, error)

@@ -137,8 +137,13 @@ _SURFACES = {
                       "max_tokens": ("max_output_tokens",), "stop": None, "n": False},
     "/v1/messages": {"messages": "messages", "text": ("messages", "system", "tools"), "max_tokens": ("max_tokens",),
                      "stop": "stop_sequences", "n": False},
+    "/v1/messages/count_tokens": {"messages": "messages", "text": ("messages", "system", "tools"), "max_tokens": (),
+                                  "stop": None, "n": False},
 }
-GENERATION_PATHS = frozenset(_SURFACES)
+# Bodies the gate parses and checks off the event loop: every surface above; the ones that generate
+# (and so count against a caller's budget) are all but the token count.
+PARSED_PATHS = frozenset(_SURFACES)
+GENERATION_PATHS = PARSED_PATHS - {"/v1/messages/count_tokens"}
 
 
 def _as_number(value) -> int | float | None:

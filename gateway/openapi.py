@@ -132,6 +132,11 @@ class AnthropicMessage(BaseModel):
     usage: dict[str, int]
 
 
+class InputTokens(BaseModel):
+    """POST /v1/messages/count_tokens: the prompt's tokens as the model counts them."""
+    input_tokens: int
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"]
@@ -184,6 +189,7 @@ ROUTES: dict[tuple[str, str], dict] = {
     ("post", "/v1/completions"): {**GENERATE, "model": TextCompletion},
     ("post", "/v1/responses"): {**GENERATE, "model": ResponseObject},
     ("post", "/v1/messages"): {**GENERATE, "model": AnthropicMessage},
+    ("post", "/v1/messages/count_tokens"): {"model": InputTokens, "errors": [400, 401, 404, 413, 502, 503, 504]},
     ("get", "/v1/models"): {"model": ModelList, "errors": [401, 503]},
     ("get", "/v1/models/{name}"): {"model": ModelCard, "errors": [401, 404, 503]},
     ("post", "/clear_radix_cache"): {"model": CacheCleared, "errors": [401, 503]},

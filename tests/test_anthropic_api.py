@@ -2,6 +2,8 @@
 usage and Anthropic-shaped errors."""
 from __future__ import annotations
 
+import uuid
+
 import anthropic
 import httpx
 import jsonschema
@@ -91,3 +93,30 @@ def test_errors_in_anthropic_shape(client, live_server):
     bad = httpx.post(f"{live_server.url}/v1/messages", content=b"{not json", timeout=30,
                      headers={"content-type": "application/json"})
     assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_count_tokens_is_what_a_request_uses(client):
+    """messages.count_tokens gives the input a create with the same system, messages and tools
+    computes (input plus cache-read tokens), and tools count."""
+    system = f"[{uuid.uuid4().hex[:8]}] You answer in one word."
+    counted = client.messages.count_tokens(model=MODEL, system=system, messages=QUESTION)
+    used = client.messages.create(model=MODEL, max_tokens=2, system=system, messages=QUESTION,
+                                  extra_body={"temperature": 0}).usage
+    assert counted.input_tokens == used.input_tokens + used.cache_read_input_tokens > 10
+    with_tools = client.messages.count_tokens(model=MODEL, system=system, messages=QUESTION, tools=[WEATHER])
+    used = client.messages.create(model=MODEL, max_tokens=2, system=system, messages=QUESTION, tools=[WEATHER],
+                                  extra_body={"temperature": 0}).usage
+    assert with_tools.input_tokens == used.input_tokens + used.cache_read_input_tokens > counted.input_tokens
+
+
+def test_count_tokens_errors_in_anthropic_shape(client, live_server):
+    with pytest.raises(anthropic.NotFoundError) as info:
+        client.messages.count_tokens(model="no-such-model", messages=QUESTION)
+    assert info.value.body["error"]["type"] == "not_found_error"
+    raw = httpx.post(f"{live_server.url}/v1/messages/count_tokens", json={"model": MODEL, "messages": []},
+                     timeout=30)
+    assert raw.status_code == 400 and raw.json()["error"]["type"] == "invalid_request_error"
+    image = [{"role": "user", "content": [{"type": "image", "source": {"type": "base64", "data": ""}}]}]
+    raw = httpx.post(f"{live_server.url}/v1/messages/count_tokens", json={"model": MODEL, "messages": image},
+                     timeout=30)
+    assert raw.status_code == 400 and "'image' is not supported" in raw.json()["error"]["message"]

@@ -92,6 +92,7 @@ def fleet():
                 {"name": "unreachable", "backend": "litellm",
                  "litellm_params": {"model": "openai/x", "api_base": closed, "api_key": "unused"}},
                 {"name": "unreachable-workers", "workers": [closed]},
+                {"name": "workers-with-fallback", "workers": [closed], "fallbacks": ["fleet"]},
                 {"name": "with-fallback", "backend": "litellm", "fallbacks": ["fleet"],
                  "litellm_params": {"model": "openai/x", "api_base": closed, "api_key": "unused"}}]})
             yield gateway, workers
@@ -206,6 +207,32 @@ def test_responses_and_messages_through_the_pool(fleet):
     answer = httpx.post(f"{gateway.base_url}/messages", timeout=60, json={
         "model": "fleet", "max_tokens": 8, "messages": [{"role": "user", "content": "Say hello."}]})
     assert answer.status_code == 200 and answer.json()["content"][0]["text"]
+
+
+def test_count_tokens_through_the_pool_litellm_and_fallback(fleet):
+    """/v1/messages/count_tokens: a pool asks the worker the request would go to (a one-token
+    completion there: its count is the worker's own, which a worker's direct count equals), litellm
+    estimates, a fallback answers when its model cannot, and an unreachable pool is a 502."""
+    gateway, workers = fleet
+    body = {"messages": [{"role": "user", "content": "How many tokens is this question about counting?"}],
+            "system": "You are terse."}
+
+    def count(url: str, model: str) -> httpx.Response:
+        return httpx.post(f"{url}/v1/messages/count_tokens", json={"model": model, **body}, timeout=120)
+
+    direct = count(workers[0].url, MODEL).json()["input_tokens"]
+    before = sum(w.prompt_tokens() for w in workers)
+    assert count(gateway.url, "fleet").json() == {"input_tokens": direct}
+    assert sum(w.prompt_tokens() for w in workers) - before == direct       # one worker prefilled it once
+    assert count(gateway.url, "workers-with-fallback").json() == {"input_tokens": direct}
+    estimate = count(gateway.url, "remote").json()["input_tokens"]
+    assert isinstance(estimate, int) and estimate > 5
+    # litellm counts without the provider: a model it cannot reach is still counted (no fallback)
+    assert count(gateway.url, "with-fallback").json() == {"input_tokens": estimate}
+    body["messages"][0]["content"] *= 3
+    assert count(gateway.url, "remote").json()["input_tokens"] > estimate
+    down = count(gateway.url, "unreachable-workers")
+    assert down.status_code == 502 and down.json()["type"] == "error"
 
 
 def test_killed_worker_loses_no_unstarted_request_and_comes_back(fleet):

@@ -1,5 +1,8 @@
 """POST /v1/messages: Anthropic's Messages API on the same engine (system, content blocks, tools with
-tool_use / tool_result blocks, streaming events). Errors leave in Anthropic's shape (gateway/errors.py).
+tool_use / tool_result blocks, streaming events), and POST /v1/messages/count_tokens: the input tokens
+of such a request, counted as the model would count them (services' count_tokens: a local model
+renders and tokenises, a worker pool asks the worker the request would go to, litellm estimates).
+Errors leave in Anthropic's shape (gateway/errors.py).
 """
 from __future__ import annotations
 
@@ -18,20 +21,25 @@ from gateway.sse import Batch, DeltaEventResponse
 from gateway.tools import parse_tools
 
 ANTHROPIC_PATH = "/v1/messages"
+COUNT_PATH = "/v1/messages/count_tokens"
 
 
-class MessagesRequest(_Lenient):
+class CountTokensRequest(_Lenient):
+    """What a Messages request's input is: its model, system, messages and tools."""
     model: str = Field(min_length=1)
-    max_tokens: int = Field(ge=1)
     messages: list[dict] = Field(min_length=1)
     system: str | list[dict] | None = None
+    tools: list[dict] | None = None
+    tool_choice: dict | None = None
+
+
+class MessagesRequest(CountTokensRequest):
+    max_tokens: int = Field(ge=1)
     stop_sequences: list[str] | None = None          # how many, how long: server.limits
     temperature: float | None = Field(None, ge=0, le=1)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)
     stream: bool = False
-    tools: list[dict] | None = None
-    tool_choice: dict | None = None
     metadata: dict | None = None
 
     @field_validator("stop_sequences")
@@ -59,7 +67,7 @@ def _text(blocks, where: str) -> str:
     return "\n".join(texts)
 
 
-def to_messages(body: MessagesRequest) -> list[dict]:
+def to_messages(body: CountTokensRequest) -> list[dict]:
     """Anthropic system + messages -> chat messages: tool_use blocks become an assistant's tool_calls,
     tool_result blocks become tool messages."""
     messages = [{"role": "system", "content": _text(body.system, "system")}] if body.system else []
@@ -90,7 +98,7 @@ def to_messages(body: MessagesRequest) -> list[dict]:
     return messages
 
 
-def _tools(body: MessagesRequest):
+def _tools(body: CountTokensRequest):
     tools = [{"type": "function", "function": {"name": t.get("name"), "description": t.get("description"),
                                                "parameters": t.get("input_schema")}} for t in body.tools or []]
     choice = body.tool_choice or {"type": "auto"}
@@ -147,6 +155,11 @@ class MessagesService:
         return {"id": mid, "type": "message", "role": "assistant", "model": body.model, "content": content,
                 "stop_reason": reason, "stop_sequence": sequence, "usage": _usage(stream.usage)}
 
+    async def count_tokens(self, body: CountTokensRequest, request: Request):
+        service = self.router.service(body.model)
+        call = ChatCall(to_messages(body), SamplingFields(model=body.model), None, _tools(body))
+        return {"input_tokens": await service.count_tokens(call)}
+
     async def stream(self, deltas, body: MessagesRequest, mid: str):
         """The Messages events, one write per delta (gateway/sse.py Batch): message_start goes out with
         the first content, and the closing events end the body in the last write."""
@@ -196,3 +209,4 @@ class MessagesService:
 def register(app: FastAPI, router: Router) -> None:
     service = MessagesService(router)
     app.post(ANTHROPIC_PATH)(service.create)
+    app.post(COUNT_PATH)(service.count_tokens)

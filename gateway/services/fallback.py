@@ -24,11 +24,15 @@ class FallbackService:
     async def complete(self, call: TextCall) -> PeekedStream:
         return await self._first(lambda service: service.complete(call))
 
-    async def _first(self, start: Callable[[object], Awaitable]) -> PeekedStream:
+    async def count_tokens(self, call: ChatCall) -> int:
+        return await self._first(lambda service: service.count_tokens(call), stream=False)
+
+    async def _first(self, start: Callable[[object], Awaitable], stream: bool = True):
         chain = [(self.name, self.primary), *self.fallbacks]
         for position, (name, service) in enumerate(chain):
             try:
-                return await PeekedStream.open(await start(service))
+                answer = await start(service)
+                return await PeekedStream.open(answer) if stream else answer
             except UpstreamError as error:
                 if not error.retryable or position == len(chain) - 1:
                     raise

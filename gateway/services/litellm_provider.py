@@ -149,6 +149,16 @@ class LiteLLMDeployment:
         body = text_body(call, self.model)
         return await self._send(litellm.atext_completion, body, call.stream, False)
 
+    async def count_tokens(self, call: ChatCall) -> int:
+        """litellm.token_counter: the provider's tokenizer where litellm knows the model, else its
+        default (an estimate). Not a generation: a paid provider would bill the whole prompt."""
+        tools = [{"type": "function", "function": f} for f in call.tools.functions] if call.tools else None
+        try:
+            return int(await asyncio.to_thread(litellm.token_counter, model=self.model, messages=call.messages,
+                                               tools=tools))
+        except Exception as error:
+            raise upstream_error(error) from None
+
     async def _send(self, function, body: dict, stream: bool, chat: bool):
         self.window.admit()
         try:

@@ -107,6 +107,11 @@ class LocalService:
         return LocalStream(handle, model.tokenizer, call.sampling.n, plan.tools, call.sampling.stop_list(),
                            len(plan.prompt))
 
+    async def count_tokens(self, call: ChatCall) -> int:
+        """The chat template rendered with the tools and tokenised, as chat() plans it (off the loop)."""
+        plan = await plan_chat(self.model, call.messages, call.tools)
+        return len(plan.prompt)
+
     async def complete(self, call: TextCall) -> LocalStream:
         model = self.model
         if call.echo and call.logprobs is not None:

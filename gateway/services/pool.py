@@ -66,7 +66,14 @@ class PoolService:
     async def complete(self, call: TextCall) -> PooledStream:
         return await self._open(text_key(call.prompt), lambda service: service.complete(call))
 
-    async def _open(self, key: str, start: Callable[[object], Awaitable]) -> PooledStream:
+    async def count_tokens(self, call: ChatCall) -> int:
+        """Counted by the replica the chat itself would go to (a worker counts by a one-token
+        completion, which leaves the prompt in that worker's cache), failing over as a chat does."""
+        tools = sorted(f["name"] for f in call.tools.functions) if call.tools else []
+        return await self._open(chat_key(call.messages, tools), lambda service: service.count_tokens(call),
+                                stream=False)
+
+    async def _open(self, key: str, start: Callable[[object], Awaitable], stream: bool = True):
         """Another replica is tried at once after a failure; trying one that failed already is a
         retry (num_retries of them, with exponential backoff)."""
         failed: set[int] = set()
@@ -92,7 +99,11 @@ class PoolService:
             replica.tree.insert(key)                   # later requests with this prefix follow it here
             replica.in_flight += 1
             try:
-                stream = await PeekedStream.open(await start(replica.service))
+                answer = await start(replica.service)
+                if not stream:
+                    self._done(replica)
+                    return answer
+                opened = await PeekedStream.open(answer)
             except UpstreamError as error:
                 replica.in_flight -= 1
                 if not error.retryable:
@@ -106,7 +117,7 @@ class PoolService:
             except BaseException:
                 replica.in_flight -= 1
                 raise
-            return PooledStream(stream, lambda r=replica: self._done(r))
+            return PooledStream(opened, lambda r=replica: self._done(r))
 
     def _done(self, replica: Replica) -> None:
         replica.in_flight -= 1

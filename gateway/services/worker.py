@@ -9,7 +9,7 @@ import json
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
-from gateway.services.base import ChatCall, Delta, ListStream, TextCall, UpstreamError, Usage
+from gateway.services.base import ChatCall, Delta, ListStream, TextCall, UpstreamError, Usage, count_by_generating
 from gateway.services.http1 import HTTPClient, Response, Timeout, TransportError
 from gateway.services.openai_wire import ChunkReader, chat_body, error_of, response_deltas, text_body
 
@@ -102,6 +102,9 @@ class WorkerClient:
 
     async def complete(self, call: TextCall):
         return await self._send("/completions", text_body(call, self.model), call.stream, False)
+
+    async def count_tokens(self, call: ChatCall) -> int:
+        return await count_by_generating(self, call)
 
     async def _send(self, path: str, body: dict, stream: bool, chat: bool):
         assert self.client is not None, "attach() first"
