@@ -36,6 +36,7 @@ from backends.cuda.attention.centroids import (
     shortlist_counts,
     unit_layout,
 )
+from backends.mlx.sparse import DecodeRows, decode_rows
 
 if TYPE_CHECKING:
     from backends.mlx.kv_cache import PagedKVCache
@@ -135,17 +136,11 @@ class ShortlistPlan:
 
 
 @dataclass
-class CentroidPlan:
-    """Per-step layout of the decode rows, shared by every sparse layer (built on the host once);
-    the row fields are named as QuestPlan's (backends/mlx/sparse.py), which attention.py reads."""
+class CentroidPlan(DecodeRows):
+    """Per-step layout of the decode rows, shared by every sparse layer (built on the host once)."""
 
     group_pages: int
     budget_groups: int
-    dense_rows: mx.array            # [Bd] decode rows within the budget
-    sparse_rows: mx.array           # [Bs] decode rows past it
-    inverse: mx.array               # [B] where each decode row is in concat(dense rows, sparse rows)
-    dense_pages: mx.array           # [Bd, Wd] their page tables, trimmed to the longest
-    dense_lengths: mx.array         # [Bd]
     sparse_pages: mx.array          # [Bs, P] page tables, padded with the scratch page to whole groups (runs)
     last_pages: mx.array            # [Bs, G] physical id of each group's last page
     scored: mx.array                # [Bs, 1, 1, G] groups with a summary (complete before the row's token)
@@ -171,7 +166,7 @@ def make_centroid_plan(sparse: SparseSettings, tables: np.ndarray, lengths: np.n
     if not is_sparse.any():
         return None
     read, skipped = count_group_pages(lengths.tolist(), page_size, group_pages, budget)
-    dense_rows, sparse_rows = np.flatnonzero(~is_sparse), np.flatnonzero(is_sparse)
+    sparse_rows = np.flatnonzero(is_sparse)
     width = int(used[sparse_rows].max())
     coarse = shortlist_counts(sparse, page_size)
     if coarse is not None and -(-width // coarse[0]) <= coarse[1]:
@@ -197,11 +192,8 @@ def make_centroid_plan(sparse: SparseSettings, tables: np.ndarray, lengths: np.n
                                   run_scored=as_mx(run_scored), run_bias=as_mx(run_bias), scored=as_mx(short_scored),
                                   bias=as_mx(short_bias))
     dropped = (-(-shortlisted // span) - budget).clamp(min=0) * span
-    dense_width = int(used[dense_rows].max()) if len(dense_rows) else 0
     return CentroidPlan(
-        group_pages=group_pages, budget_groups=budget, dense_rows=mx.array(dense_rows),
-        sparse_rows=mx.array(sparse_rows), inverse=mx.array(np.argsort(np.concatenate([dense_rows, sparse_rows]))),
-        dense_pages=mx.array(tables[dense_rows, :dense_width]), dense_lengths=mx.array(lengths[dense_rows]),
+        group_pages=group_pages, budget_groups=budget, **decode_rows(tables, lengths, used, is_sparse),
         sparse_pages=mx.array(pages), last_pages=mx.array(pages[:, group_pages - 1::group_pages]),
         scored=as_mx(scored), bias=as_mx(bias), virtual_lengths=as_mx((shortlisted - dropped).int()),
         pages_read=read, pages_skipped=skipped, shortlist=shortlist)

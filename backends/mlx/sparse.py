@@ -29,17 +29,34 @@ from kernels.reference import shortlist_pages
 
 
 @dataclass
-class QuestPlan:
-    """Per-step layout of the decode rows, shared by every sparse layer (built on the host once)."""
+class DecodeRows:
+    """A step's decode rows split into those within the budget (attended densely) and those past it,
+    as attention.py reads them; both page selectors' plans (Quest's here, the centroid selector's in
+    centroids.py) start with it."""
 
-    budget_pages: int
-    shortlist_pages: int        # 0: every page scored by its block summaries (no row is that long)
-    page_size: int
     dense_rows: mx.array        # [Bd] decode rows within the budget
     sparse_rows: mx.array       # [Bs] decode rows past it
     inverse: mx.array           # [B] where each decode row is in concat(dense rows, sparse rows)
     dense_pages: mx.array       # [Bd, Wd] their page tables, trimmed to the longest
     dense_lengths: mx.array     # [Bd]
+
+
+def decode_rows(tables: np.ndarray, lengths: np.ndarray, used: np.ndarray, is_sparse: np.ndarray) -> dict:
+    """DecodeRows' fields for the rows marked is_sparse (tables [B, W], lengths and used pages [B])."""
+    dense_rows, sparse_rows = np.flatnonzero(~is_sparse), np.flatnonzero(is_sparse)
+    dense_width = int(used[dense_rows].max()) if len(dense_rows) else 0
+    return dict(dense_rows=mx.array(dense_rows), sparse_rows=mx.array(sparse_rows),
+                inverse=mx.array(np.argsort(np.concatenate([dense_rows, sparse_rows]))),
+                dense_pages=mx.array(tables[dense_rows, :dense_width]), dense_lengths=mx.array(lengths[dense_rows]))
+
+
+@dataclass
+class QuestPlan(DecodeRows):
+    """Per-step layout of the decode rows, shared by every sparse layer (built on the host once)."""
+
+    budget_pages: int
+    shortlist_pages: int        # 0: every page scored by its block summaries (no row is that long)
+    page_size: int
     sparse_pages: mx.array      # [Bs, P] page tables of the sparse rows (padded with the scratch page)
     sparse_lengths: mx.array    # [Bs] tokens, including the new one
     bias: mx.array              # [Bs, 1, P] +inf forced (sink, recent), -inf padding, else 0
@@ -59,7 +76,7 @@ def make_quest_plan(sparse: SparseSettings, tables: np.ndarray, lengths: np.ndar
     if not is_sparse.any():
         return None
     read, skipped = count_pages(lengths.tolist(), page_size, budget_pages)
-    dense_rows, sparse_rows = np.flatnonzero(~is_sparse), np.flatnonzero(is_sparse)
+    sparse_rows = np.flatnonzero(is_sparse)
     width = int(used[sparse_rows].max())
     pages = tables[sparse_rows, :width].copy()
     logical = np.arange(width)[None, :]
@@ -69,14 +86,11 @@ def make_quest_plan(sparse: SparseSettings, tables: np.ndarray, lengths: np.ndar
     bias = np.where(forced, np.inf, np.where(beyond, -np.inf, 0.0)).astype(np.float32)
     first = np.arange(0, width * page_size, sparse.summary_tokens)[None, :]
     unwritten = first >= lengths[sparse_rows, None]
-    dense_width = int(used[dense_rows].max()) if len(dense_rows) else 0
     shortlist = shortlist_pages(page_size, budget_pages, sparse.shortlist_tokens)
     return QuestPlan(
         budget_pages=budget_pages, shortlist_pages=shortlist if 0 < shortlist < width else 0,
-        page_size=page_size, dense_rows=mx.array(dense_rows), sparse_rows=mx.array(sparse_rows),
-        inverse=mx.array(np.argsort(np.concatenate([dense_rows, sparse_rows]))),
-        dense_pages=mx.array(tables[dense_rows, :dense_width]), dense_lengths=mx.array(lengths[dense_rows]),
-        sparse_pages=mx.array(pages), sparse_lengths=mx.array(lengths[sparse_rows]),
+        page_size=page_size, **decode_rows(tables, lengths, used, is_sparse), sparse_pages=mx.array(pages),
+        sparse_lengths=mx.array(lengths[sparse_rows]),
         bias=mx.array(bias[:, None, :]), unwritten=mx.array(unwritten[:, None, None, :]),
         page_unwritten=mx.array(beyond[:, None, None, :]),
         pages_read=read, pages_skipped=skipped)

@@ -103,19 +103,6 @@ class UpstreamError(APIError):
         return self.status == 429 or self.status >= 500
 
 
-async def count_by_generating(service, call: ChatCall) -> int:
-    """The prompt tokens of `call` as `service` counts them, by a one-token completion of it (its
-    usage): for OpenAI-compatible workers, which have no counting endpoint of their own. It costs the
-    worker one prefill, which its prefix cache keeps for the request that usually follows."""
-    sampling = call.sampling.model_copy(update={"n": 1, "stream": False, "stream_options": None, "stop": None})
-    one = ChatCall(call.messages, sampling, max_tokens=1, tools=call.tools)
-    stream = await service.chat(one)
-    async for delta in stream:
-        if delta.error:
-            raise UpstreamError(502, delta.error)
-    return stream.usage.prompt_tokens
-
-
 class ListStream:
     """Deltas that arrived whole (a non-streamed upstream answer)."""
 

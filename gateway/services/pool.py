@@ -60,8 +60,7 @@ class PoolService:
         self._watch: asyncio.Task | None = None
 
     async def chat(self, call: ChatCall) -> PooledStream:
-        tools = sorted(f["name"] for f in call.tools.functions) if call.tools else []
-        return await self._open(chat_key(call.messages, tools), lambda service: service.chat(call))
+        return await self._open(_chat_key(call), lambda service: service.chat(call))
 
     async def complete(self, call: TextCall) -> PooledStream:
         return await self._open(text_key(call.prompt), lambda service: service.complete(call))
@@ -69,9 +68,7 @@ class PoolService:
     async def count_tokens(self, call: ChatCall) -> int:
         """Counted by the replica the chat itself would go to (a worker counts by a one-token
         completion, which leaves the prompt in that worker's cache), failing over as a chat does."""
-        tools = sorted(f["name"] for f in call.tools.functions) if call.tools else []
-        return await self._open(chat_key(call.messages, tools), lambda service: service.count_tokens(call),
-                                stream=False)
+        return await self._open(_chat_key(call), lambda service: service.count_tokens(call), stream=False)
 
     async def _open(self, key: str, start: Callable[[object], Awaitable], stream: bool = True):
         """Another replica is tried at once after a failure; trying one that failed already is a
@@ -171,6 +168,11 @@ class PoolService:
         return {"kind": self.kind, "policy": self.cfg.policy, "replicas": [
             {"name": r.name, "healthy": r.healthy, "cooling_down": now < r.cooldown_until,
              "in_flight": r.in_flight, "tree_chars": r.tree.chars} for r in self.replicas]}
+
+
+def _chat_key(call: ChatCall) -> str:
+    """The routing key of a chat: its messages and the names of the tools it offers."""
+    return chat_key(call.messages, sorted(f["name"] for f in call.tools.functions) if call.tools else [])
 
 
 def replica(name: str, service, cfg: RoutingConfig) -> Replica:

@@ -9,7 +9,7 @@ import json
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
-from gateway.services.base import ChatCall, Delta, ListStream, TextCall, UpstreamError, Usage, count_by_generating
+from gateway.services.base import ChatCall, Delta, ListStream, TextCall, UpstreamError, Usage
 from gateway.services.http1 import HTTPClient, Response, Timeout, TransportError
 from gateway.services.openai_wire import ChunkReader, chat_body, error_of, response_deltas, text_body
 
@@ -73,6 +73,19 @@ class WorkerStream:
 
     def cancel(self) -> None:
         self.response.close()       # drops the connection: the worker sees the client gone and stops
+
+
+async def count_by_generating(service, call: ChatCall) -> int:
+    """The prompt tokens of `call` as `service` counts them, by a one-token completion of it (its
+    usage): for OpenAI-compatible workers, which have no counting endpoint of their own. It costs the
+    worker one prefill, which its prefix cache keeps for the request that usually follows."""
+    sampling = call.sampling.model_copy(update={"n": 1, "stream": False, "stream_options": None, "stop": None})
+    one = ChatCall(call.messages, sampling, max_tokens=1, tools=call.tools)
+    stream = await service.chat(one)
+    async for delta in stream:
+        if delta.error:
+            raise UpstreamError(502, delta.error)
+    return stream.usage.prompt_tokens
 
 
 class WorkerClient:

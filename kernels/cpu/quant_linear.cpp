@@ -309,29 +309,24 @@ void run_task_avx2(const float* x, int64_t x_stride, const float* xsum, int64_t 
                    const uint8_t* const* packed, const uint16_t* const* scales, const uint16_t* const* zeros,
                    int64_t pairs, float* panel, uint16_t* y, int64_t y_stride) {
   if (count <= kDirectRowsAvx2) {
-    auto direct = [packed](int b, int64_t p, int e, __m256* w) {
-      __m256 four[4];
-      pair_weights<Bits>(packed[b], p, four);
-      w[0] = four[e];
-      w[1] = four[2 + e];
-    };
-    if constexpr (NB == 2) {
-      if (count == 1) {
-        tile_avx2<Bits, 1, 2>(x, x_stride, xsum, groups, scales, zeros, direct, pairs, y, y_stride);
-        return;
-      }
-    }
-    for (int b = 0; b < NB; ++b) {    // 2-4 rows: enough chains in one block
-      const uint8_t* const pk[1] = {packed[b]};
-      auto one = [pk](int, int64_t p, int e, __m256* w) {
+    // tiles index `blocks` from their own first block: column block b of this task is blocks[b]
+    auto direct = [](const uint8_t* const* blocks) {
+      return [blocks](int b, int64_t p, int e, __m256* w) {
         __m256 four[4];
-        pair_weights<Bits>(pk[0], p, four);
+        pair_weights<Bits>(blocks[b], p, four);
         w[0] = four[e];
         w[1] = four[2 + e];
       };
-      task_rows_avx2<Bits, 1, 4>(x, x_stride, xsum, groups, count, scales + b, zeros + b, one, pairs,
-                                 y + b * kBlock, y_stride);
+    };
+    if constexpr (NB == 2) {
+      if (count == 1) {
+        tile_avx2<Bits, 1, 2>(x, x_stride, xsum, groups, scales, zeros, direct(packed), pairs, y, y_stride);
+        return;
+      }
     }
+    for (int b = 0; b < NB; ++b)      // 2-4 rows: enough chains in one block
+      task_rows_avx2<Bits, 1, 4>(x, x_stride, xsum, groups, count, scales + b, zeros + b, direct(packed + b), pairs,
+                                 y + b * kBlock, y_stride);
     return;
   }
   for (int b = 0; b < NB; ++b) {
