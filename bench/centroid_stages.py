@@ -3,7 +3,7 @@ the engine's coarse-to-fine Quest decode, kernels alone, in one run.
 
     python3 -m bench.centroid_stages [--batch 16] [--context 32768] [--width PAGES] [--clusters 8]
         [--dtypes bf16 fp8] [--tune [select attend fused]] [--kv-layout token-major|head-major] [--launch-floor]
-        [--quick] [--shortlist TOKENS [--run-pages 16]]
+        [--quick] [--shortlist TOKENS [--run-pages 16 [64 ...]]]
 
 What it prototypes (bench/sparse_estimators.py, rule kmeansCxNv, measures the quality): each run of
 4 pages (64 tokens) per KV head is summarised by C centroids; kernels/triton/centroid_scores.py scores
@@ -86,13 +86,16 @@ def make_inputs(batch: int, context: int, width: int, clusters: int, cent_dtype,
 
 def add_run_summaries(x: dict, clusters: int, run_pages: int) -> None:
     """Run summaries at each complete run's last page, as make_inputs makes the groups' (the run's
-    first C keys, log count log(run tokens / C), a small random spread): x["runs"]."""
+    first C keys, log count log(run tokens / C), a small random spread): x["runs"]. C may differ
+    from the groups' (--run-clusters)."""
     table, k, dtype = x["table"], x["k"], x["cents"].dtype
-    cents, stats = torch.zeros_like(x["cents"]), torch.zeros_like(x["stats"])
+    cents = torch.zeros(x["cents"].shape[0], HKV, clusters, D, dtype=dtype, device=k.device)
+    stats = torch.zeros(x["stats"].shape[0], HKV, clusters, 2, device=k.device)
     full = int(x["lens"][0]) // (PAGE * run_pages)
-    first = table[:, 0:full * run_pages:run_pages].long()
-    last = table[:, run_pages - 1:full * run_pages:run_pages].long()
-    cents[last.flatten()] = k[first.flatten(), :clusters].transpose(1, 2).to(dtype)
+    runs = table[:, :full * run_pages].view(table.shape[0], full, run_pages).long()
+    last = runs[..., -1]
+    first_keys = k[runs[..., :-(-clusters // PAGE)].flatten()].view(-1, -(-clusters // PAGE) * PAGE, HKV, D)
+    cents[last.flatten()] = first_keys[:, :clusters].transpose(1, 2).to(dtype)
     stats[last.flatten(), ..., 0] = math.log(PAGE * run_pages / clusters)
     stats[last.flatten(), ..., 1] = 0.1 + 0.05 * torch.rand(last.numel(), HKV, clusters, device=k.device)
     x["runs"] = (cents, stats)
@@ -339,7 +342,10 @@ def main() -> None:
                         "tiles (not the other candidate tilings)")
     parser.add_argument("--shortlist", type=int, default=0, help="also time coarse to fine with this many tokens' "
                         "worth of runs shortlisted per KV head (with the last dtype)")
-    parser.add_argument("--run-pages", type=int, default=16, help="pages per run of the coarse stage")
+    parser.add_argument("--run-clusters", type=int, default=0,
+                        help="centroids per run of the coarse stage (default: --clusters, as the engine keeps)")
+    parser.add_argument("--run-pages", type=int, nargs="+", default=[16],
+                        help="pages per run of the coarse stage (several: coarse to fine timed with each)")
     args = parser.parse_args()
     if args.launch_floor:
         launch_floor()
@@ -407,14 +413,16 @@ def main() -> None:
             graph_us(rotating([partial(fn, x) for x in xs])) for fn in stage_fns.values())
         print(f"three launches, each tuned as the launcher tunes it: {launches:.1f} us", flush=True)
         if args.shortlist and i == len(args.dtypes) - 1:
-            shortlist = cref.CentroidShortlist(None, None, args.run_pages, args.shortlist)
-            for x in xs:
-                add_run_summaries(x, args.clusters, args.run_pages)
-            check_shortlist(xs[0], scale, shortlist)
-            coarse = time_shortlist(xs, scale, shortlist)
-            rows.append((f"centroids {name}, coarse to fine ({args.shortlist} tokens of {args.run_pages}-page runs)",
-                         coarse["scores"], (coarse["runs"], "runs"), coarse["select"], "-", coarse["whole"],
-                         coarse["whole"]))
+            for run_pages in args.run_pages:
+                shortlist = cref.CentroidShortlist(None, None, run_pages, args.shortlist)
+                for x in xs:
+                    add_run_summaries(x, args.run_clusters or args.clusters, run_pages)
+                check_shortlist(xs[0], scale, shortlist)
+                coarse = time_shortlist(xs, scale, shortlist)
+                rows.append((f"centroids {name}, coarse to fine ({args.shortlist} tokens of {run_pages}-page runs, "
+                             f"{args.run_clusters or args.clusters} centroids a run)",
+                             coarse["scores"], (coarse["runs"], "runs"), coarse["select"], "-", coarse["whole"],
+                             coarse["whole"]))
         best = min(timed, key=lambda t: t[0])
         rows.append((f"centroids {name}", f"{timed[0][0]:.1f} / {scores:.1f}", best,
                      f"{select:.1f} / {select_tuned:.1f}", f"{attend:.1f} / {attend_tuned:.1f}", whole, engine))

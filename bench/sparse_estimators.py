@@ -305,7 +305,7 @@ def register_kmeans() -> None:
             kmeans_selector(c, n, s[0], f, cl, k, t, s[1]))
     # coarse to fine over the engine's centroid rule (8 per 64 tokens, spread, 8 bits, tail forced):
     # kmeans8x4v-fp8-tail-cC'xN'-sT, C' centroids per N' pages shortlisting T tokens
-    for coarse_clusters, coarse_pages, tokens in itertools.product((1, 2, 4, 8), (4, 8, 16, 32),
+    for coarse_clusters, coarse_pages, tokens in itertools.product((1, 2, 4, 8, 16, 32), (4, 8, 16, 32, 64),
                                                                     (512, 1024, 3072, 4096, 6144, 8192, 16384)):
         sq.EXTRA_RULES[f"kmeans8x4v-fp8-tail-c{coarse_clusters}x{coarse_pages}-s{tokens}"] = (
             lambda cl, c=coarse_clusters, n=coarse_pages, t=tokens:

@@ -368,7 +368,8 @@ def configs(budgets: list[int], args) -> list[Config]:
                 raise SystemExit("--sweep rule=... replaces Quest's page selector: run it with --selector quest")
         for budget in budgets:
             sparse = SparseSettings(True, budget, opts["dense"], opts["sink"], opts["recent"], args.summary_tokens,
-                                    opts["shortlist"], args.selector, args.centroids, args.group_tokens)
+                                    opts["shortlist"], args.selector, args.centroids, args.group_tokens,
+                                    args.run_tokens)
             out.append(Config(f"sparse {budget}" + (f" [{spec}]" if spec else ""), sparse, opts["rule"],
                               timed=opts["rule"] not in EXTRA_RULES
                               and not opts["rule"].startswith(("sub", "oracle", "gauss"))))
@@ -426,7 +427,7 @@ def runner_sparse(args) -> SparseSettings:
     """Settings that the runners are built with: sparse on, so that their caches keep summaries
     (--selector's: Quest's bounds, or centroids written by the runner after each step)."""
     return SparseSettings(True, max(args.budgets), args.dense_layers, args.sink, args.recent, args.summary_tokens,
-                          args.shortlist_tokens, args.selector, args.centroids, args.group_tokens)
+                          args.shortlist_tokens, args.selector, args.centroids, args.group_tokens, args.run_tokens)
 
 
 @contextlib.contextmanager
@@ -501,6 +502,9 @@ def teacher_forced(runner, tok, cfgs, args) -> dict[str, dict]:
         s.update(agree=s["agree"] / count, kl=s["kl"] / count, ppl=math.exp(s["nll"] / count),
                  ratio=s["skipped"] / max(1, s["read"] + s["skipped"]), positions=count)
         d = stats["dense"]
+        if s["skipped"] and s["kl"] == 0.0 and s["nll"] == d["nll"]:
+            raise SystemExit(f"{cfg.name}: pages were skipped, yet every logit equals dense's: the config's "
+                             f"settings did not reach the attention (a replayed graph?)")
         say(f"  tf {cfg.name:40s} top-1 {s['agree'] * 100:6.2f}%  KL {s['kl']:.4f}  ppl {s['ppl']:.3f} "
             f"({(s['ppl'] / d['ppl'] - 1) * 100:+.2f}%)  sparsity {s['ratio']:.3f}  "
             f"({time.perf_counter() - t0:.0f} s)")
@@ -645,10 +649,13 @@ def main() -> None:
     parser.add_argument("--prefill-chunk", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip", nargs="*", default=[], choices=["quality", "passkey", "timing"])
-    parser.add_argument("--selector", default="quest", choices=["quest", "centroids"],
+    parser.add_argument("--selector", default=SparseSettings.selector, choices=["quest", "centroids"],
                         help="the engine's page selector every sparse config runs (sparse_attention.selector)")
     parser.add_argument("--centroids", type=int, default=8, help="--selector centroids: centroids per group")
     parser.add_argument("--group-tokens", type=int, default=64, help="--selector centroids: tokens per group")
+    parser.add_argument("--run-tokens", type=int, default=SparseSettings.run_tokens,
+                        help="--selector centroids: tokens per run of the coarse stage (the runners keep one "
+                             "run size, so one run of the bench measures one)")
     parser.add_argument("--sweep", nargs="*", default=[], metavar="SPEC",
                         help="extra configs at every budget, e.g. rule=lse-max,recent=64 (keys: rule, sink, "
                              "recent, dense, shortlist; rules: [fp8-|subN-]sum|max|lse-max|softmax-sum)")
@@ -669,8 +676,8 @@ def main() -> None:
     say(f"python {platform.python_version()}, torch {torch.__version__}, model {source.path.rsplit('/', 1)[-1]}, "
         f"float32, page {args.page_size}, sink {args.sink}, recent {args.recent}, dense_layers {args.dense_layers}, "
         f"summary_tokens {args.summary_tokens}, shortlist_tokens {args.shortlist_tokens}, "
-        f"selector {args.selector}" + (f" ({args.centroids} per {args.group_tokens} tokens)"
-                                       if args.selector == "centroids" else "")
+        f"selector {args.selector}" + (f" ({args.centroids} per {args.group_tokens} tokens, "
+                                          f"runs of {args.run_tokens})" if args.selector == "centroids" else "")
         + f", context_length {args.context_length}, rope scaling {args.rope}")
     quality = keys = timing = None
     if not {"quality", "passkey"} <= set(args.skip):
@@ -683,7 +690,10 @@ def main() -> None:
             num_pages=needed // args.page_size + 16, context_length=args.context_length, threads=args.threads,
             sparse=runner_sparse(args),
             # rule sweeps swap the page selector of the torch backends (the Triton kernels have one rule)
-            attention="torch" if any(cfg.rule != "engine" for cfg in cfgs) else "auto"))
+            attention="torch" if any(cfg.rule != "engine" for cfg in cfgs) else "auto",
+            # a captured decode graph would replay the settings of the config it was captured under:
+            # configs swap them between forwards, so every forward runs eagerly
+            cuda_graphs=False))
         stretch_positions(runner, args.rope)
         say(f"quality runs on {runner.info.device}")
         if "passkey" not in args.skip:

@@ -163,18 +163,18 @@ def test_centroid_sparse_decode_writes_out(planned_batch):
         torch.testing.assert_close(out[i], expected, rtol=1e-4, atol=1e-4)
 
 
-def _shortlist_inputs(groups: tuple[int, ...] = (20, 5, 19)):
+def _shortlist_inputs(groups: tuple[int, ...] = (20, 5, 19), run_groups: int = 2):
     """_pipeline_inputs's rows (budget 8 groups: whole 128-key splits for select_attend) with run
-    summaries from real k-means of each run's keys (runs of 4 pages, 2 groups) and a shortlist of
-    8 runs (twice the budget, the least there is): rows longer than it (41 and 38 pages, one ending
-    inside a group, one on a group boundary) and one within it (10 pages), so that the coarse stage
-    both narrows and keeps everything."""
+    summaries from real k-means of each run's keys (runs of run_groups groups: 4 pages by default)
+    and a shortlist of 16 groups' worth of runs (twice the budget, the least there is): rows longer
+    than it (41 and 38 pages, one ending inside a group, one on a group boundary) and one within
+    it (10 pages), so that the coarse stage both narrows and keeps everything."""
     x = _pipeline_inputs(budget_groups=8, groups=groups)
-    run_pages = 2 * x["group_pages"]
+    run_pages = run_groups * x["group_pages"]
     cents, stats = torch.zeros_like(x["cents"]), torch.zeros_like(x["stats"])
     for i, n in enumerate(x["lens"]):
         cref.centroid_group_summaries(x["k"], cents, stats, x["table"][i], n, x["page_size"], run_pages)
-    shortlist = cref.CentroidShortlist(cents, stats, run_pages, 8 * run_pages * x["page_size"])
+    shortlist = cref.CentroidShortlist(cents, stats, run_pages, 16 * x["group_pages"] * x["page_size"])
     return x, shortlist
 
 
@@ -288,13 +288,15 @@ def test_shortlist_pipeline_matches_the_reference(selection, rows):
         torch.testing.assert_close(out[i], expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("run_groups", [2, 4])
 @pytest.mark.parametrize("planned_batch", [None, 12, 64, 600])
-def test_centroid_sparse_decode_with_a_shortlist(planned_batch):
+def test_centroid_sparse_decode_with_a_shortlist(planned_batch, run_groups):
     """The launcher with a shortlist, for few planned rows (select_attend), more (a selection
     launch), a wave (the run selection inside the fine scorer, select_then_attend) and more than
     a wave (the run selection a launch of its own), writes its `out` as
-    the reference's two-stage selection and attention give it."""
-    x, shortlist = _shortlist_inputs()
+    the reference's two-stage selection and attention give it, with runs of 2 and 4 groups (the
+    shortlist 8 runs or 4)."""
+    x, shortlist = _shortlist_inputs(run_groups=run_groups)
     out = torch.full_like(x["q"], float("nan"))
     centroid_sparse_decode(x["q"], x["k"], x["v"], x["cents"], x["stats"], x["table"], x["seq_lens"], *x["tokens"],
                            x["group_pages"], x["scale"], interpreted=True, planned_batch=planned_batch, out=out,
