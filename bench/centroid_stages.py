@@ -94,7 +94,8 @@ def add_run_summaries(x: dict, clusters: int, run_pages: int) -> None:
     full = int(x["lens"][0]) // (PAGE * run_pages)
     runs = table[:, :full * run_pages].view(table.shape[0], full, run_pages).long()
     last = runs[..., -1]
-    first_keys = k[runs[..., :-(-clusters // PAGE)].flatten()].view(-1, -(-clusters // PAGE) * PAGE, HKV, D)
+    pages = -(-clusters // PAGE)                # the run's first pages that hold its first C keys
+    first_keys = k[runs[..., :pages].flatten()].view(-1, pages * PAGE, HKV, D)
     cents[last.flatten()] = first_keys[:, :clusters].transpose(1, 2).to(dtype)
     stats[last.flatten(), ..., 0] = math.log(PAGE * run_pages / clusters)
     stats[last.flatten(), ..., 1] = 0.1 + 0.05 * torch.rand(last.numel(), HKV, clusters, device=k.device)
@@ -413,14 +414,15 @@ def main() -> None:
             graph_us(rotating([partial(fn, x) for x in xs])) for fn in stage_fns.values())
         print(f"three launches, each tuned as the launcher tunes it: {launches:.1f} us", flush=True)
         if args.shortlist and i == len(args.dtypes) - 1:
+            run_clusters = args.run_clusters or args.clusters
             for run_pages in args.run_pages:
                 shortlist = cref.CentroidShortlist(None, None, run_pages, args.shortlist)
                 for x in xs:
-                    add_run_summaries(x, args.run_clusters or args.clusters, run_pages)
+                    add_run_summaries(x, run_clusters, run_pages)
                 check_shortlist(xs[0], scale, shortlist)
                 coarse = time_shortlist(xs, scale, shortlist)
                 rows.append((f"centroids {name}, coarse to fine ({args.shortlist} tokens of {run_pages}-page runs, "
-                             f"{args.run_clusters or args.clusters} centroids a run)",
+                             f"{run_clusters} centroids a run)",
                              coarse["scores"], (coarse["runs"], "runs"), coarse["select"], "-", coarse["whole"],
                              coarse["whole"]))
         best = min(timed, key=lambda t: t[0])

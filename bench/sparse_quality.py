@@ -367,9 +367,9 @@ def configs(budgets: list[int], args) -> list[Config]:
             if args.selector != "quest":
                 raise SystemExit("--sweep rule=... replaces Quest's page selector: run it with --selector quest")
         for budget in budgets:
-            sparse = SparseSettings(True, budget, opts["dense"], opts["sink"], opts["recent"], args.summary_tokens,
-                                    opts["shortlist"], args.selector, args.centroids, args.group_tokens,
-                                    args.run_tokens)
+            sparse = dataclasses.replace(runner_sparse(args), token_budget=budget, dense_layers=opts["dense"],
+                                         sink_tokens=opts["sink"], recent_tokens=opts["recent"],
+                                         shortlist_tokens=opts["shortlist"])
             out.append(Config(f"sparse {budget}" + (f" [{spec}]" if spec else ""), sparse, opts["rule"],
                               timed=opts["rule"] not in EXTRA_RULES
                               and not opts["rule"].startswith(("sub", "oracle", "gauss"))))
@@ -651,8 +651,10 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[], choices=["quality", "passkey", "timing"])
     parser.add_argument("--selector", default=SparseSettings.selector, choices=["quest", "centroids"],
                         help="the engine's page selector every sparse config runs (sparse_attention.selector)")
-    parser.add_argument("--centroids", type=int, default=8, help="--selector centroids: centroids per group")
-    parser.add_argument("--group-tokens", type=int, default=64, help="--selector centroids: tokens per group")
+    parser.add_argument("--centroids", type=int, default=SparseSettings.centroids,
+                        help="--selector centroids: centroids per group")
+    parser.add_argument("--group-tokens", type=int, default=SparseSettings.group_tokens,
+                        help="--selector centroids: tokens per group")
     parser.add_argument("--run-tokens", type=int, default=SparseSettings.run_tokens,
                         help="--selector centroids: tokens per run of the coarse stage (the runners keep one "
                              "run size, so one run of the bench measures one)")
