@@ -38,6 +38,9 @@ C centroids per N pages are C / (64 N) of the K/V bytes (C=4, N=4: 1/64).
                   the centroids rounded to float8 e4m3 (what an 8-bit store would select); -tail:
                   the last group (the decode token's) forced instead of clustered (the engine's rule);
                   -fp: farthest-point centroids, no Lloyd steps; -l16: 16 Lloyd steps, not 8.
+  kmeansCx4v-fp8-tail-qw[s|m]  the engine's rule (C 8 or 16) with the k-means distance weighing
+                  each channel by the queries' energy in it (query_energy): qw the step's own
+                  query (an upper bound), qws every query seen so far, qwm the layer's weights.
   kmeans8x4v-fp8-tail-cCxN-sT  coarse to fine: C centroids per N pages score runs of N pages the
                   same way, the best T tokens' worth of runs shortlist the groups, and the rule
                   kmeans8x4v-fp8-tail chooses among them (kmeans_selector's `coarse`). Read at T a
@@ -197,15 +200,71 @@ def channel_variance(x: torch.Tensor, w: torch.Tensor, centroids: torch.Tensor, 
 SHORTLIST_RECALL: dict[tuple[int, int, int], list[int]] = {}
 
 
+def weighted_kmeans(x: torch.Tensor, written: torch.Tensor, clusters: int, steps: int, weight: torch.Tensor):
+    """cref.kmeans_keys under the distance sum_c weight_c (x_c - y_c)^2 (weight broadcast against
+    x[..., 0, :]): k-means of x scaled by sqrt(weight), centroids scaled back (a cluster's mean
+    commutes with the scaling), spread measured unweighted about them as kmeans_keys measures it."""
+    root = weight.clamp(min=1e-6).sqrt().unsqueeze(-2)
+    scaled, counts, _ = cref.kmeans_keys(x * root, written, clusters, steps)
+    centroids = scaled / root
+    onehot = torch.nn.functional.one_hot((torch.cdist(x * root, scaled) ** 2).argmin(-1), clusters).float()
+    onehot = onehot * written.float().unsqueeze(-1)
+    d2 = ((x.unsqueeze(-2) - centroids.unsqueeze(-3)) ** 2).sum(-1)             # [..., n, C]
+    spread = (onehot * d2).sum(-2) / counts.clamp(min=1) / x.shape[-1]
+    return centroids, counts, spread
+
+
+def pair_mean(energy: torch.Tensor) -> torch.Tensor:
+    """Average each channel's energy with its rotary partner (channel i with i + d/2, the
+    rotate_half convention), so that weighted distances do not change when rope turns a pair."""
+    first, second = energy.chunk(2, dim=-1)
+    half = (first + second) / 2
+    return torch.cat((half, half), dim=-1)
+
+
+def unit_mean(energy: torch.Tensor) -> torch.Tensor:
+    return energy / energy.mean(-1, keepdim=True).clamp(min=1e-12)
+
+
+# layer -> [kv_heads, d] sums of q_c^2 over every query the rule has seen, and their count
+SEEN_ENERGY: dict[int, list] = {}
+
+
+def query_energy(how: str, q: torch.Tensor, kv_heads: int, layer: int, model) -> torch.Tensor:
+    """Channel weights [B or 1, kvh, d] (mean 1) for the k-means distance: "step" the GQA group's
+    mean q_c^2 at this step (an upper bound: a summary is written before its queries); "seen" the
+    mean over every query of this layer so far (what a calibration pass would learn); "model" from
+    the weights alone, E[q_c^2] for a unit-variance normalised input: sum_j (W_q[c, j] g_j)^2 with
+    g the layer's input-norm gain."""
+    batch, head_dim = q.shape[0], q.shape[-1]
+    if how == "step":
+        return unit_mean(q.float().view(batch, kv_heads, -1, head_dim).pow(2).mean(2))
+    if how == "seen":
+        energy = q.float().view(batch, kv_heads, -1, head_dim).pow(2).sum((0, 2))
+        entry = SEEN_ENERGY.setdefault(layer, [torch.zeros_like(energy), 0])
+        entry[0] += energy
+        entry[1] += batch
+        return unit_mean(pair_mean(entry[0] / entry[1])).unsqueeze(0)
+    layer_mod = model.layers[layer]
+    w = layer_mod.self_attn.q_proj.weight.float() * layer_mod.input_layernorm.weight.float()
+    energy = w.pow(2).sum(-1).view(kv_heads, -1, head_dim).mean(1).to(q.device)
+    return unit_mean(pair_mean(energy)).unsqueeze(0)
+
+
 def kmeans_group_mass(keys: torch.Tensor, written: torch.Tensor, q: torch.Tensor, scale: float, clusters: int,
-                      steps: int, with_spread: bool, fp8: bool, tail_forced: bool, channels: str = "") -> tuple:
+                      steps: int, with_spread: bool, fp8: bool, tail_forced: bool, channels: str = "",
+                      energy: torch.Tensor | None = None) -> tuple:
     """Each group's estimated log-mass per q head from C k-means centroids of its keys (keys [B, G,
     span, kvh, d] as sq.grouped_keys gives them) -> (mass [B, kvh, g, G], the tail group's mask
-    [B, 1, 1, G] or None): the group holding the row's last token is -inf when tail_forced."""
+    [B, 1, 1, G] or None): the group holding the row's last token is -inf when tail_forced.
+    energy [B or 1, kvh, d]: the k-means distance weighs each channel by it (query_energy)."""
     batch, groups, span, kv_heads, head_dim = keys.shape
     x = keys.permute(0, 1, 3, 2, 4)                                             # [B, G, kvh, span, d]
     w = written.view(batch, groups, 1, span).expand(batch, groups, kv_heads, span)
-    centroids, counts, spread = cref.kmeans_keys(x, w, clusters, steps)          # [B, G, kvh, C, (d)]
+    if energy is not None:
+        centroids, counts, spread = weighted_kmeans(x, w, clusters, steps, energy.unsqueeze(1))
+    else:
+        centroids, counts, spread = cref.kmeans_keys(x, w, clusters, steps)      # [B, G, kvh, C, (d)]
     if fp8:
         centroids = fp8_round(centroids)
     qg = q.float().view(batch, kv_heads, -1, head_dim) * scale                  # [B, kvh, g, d]
@@ -240,7 +299,8 @@ def group_scores(mass: torch.Tensor, partial: torch.Tensor | None) -> torch.Tens
 
 
 def kmeans_selector(clusters: int, group_pages: int, with_spread: bool, fp8: bool, cache_layers, steps: int = 8,
-                    tail_forced: bool = False, channels: str = "", coarse: tuple[int, int, int] | None = None):
+                    tail_forced: bool = False, channels: str = "", coarse: tuple[int, int, int] | None = None,
+                    query_weighting: str = ""):
     """tail_forced: as the engine keeps it, a group has centroids from the step after the one that
     completes it; the group holding the row's last token is left out of each head's softmax and
     always attended. channels (with the
@@ -256,8 +316,12 @@ def kmeans_selector(clusters: int, group_pages: int, with_spread: bool, fp8: boo
     def select(q, kmin_layer, kmax_layer, pmin_layer, pmax_layer, plan, scale, fused):
         k_layer = cache_layers(kmin_layer)
         keys, written = sq.grouped_keys(k_layer, plan, group_pages)             # [B, G, span, kvh, d]
+        energy = None
+        if query_weighting:
+            energy = query_energy(query_weighting, q, keys.shape[3], cache_layers.index(kmin_layer),
+                                  cache_layers.model)
         mass, partial = kmeans_group_mass(keys, written, q, scale, clusters, steps, with_spread, fp8, tail_forced,
-                                          channels)
+                                          channels, energy)
         width = plan.sparse_pages.shape[1]
 
         def pick(group_mass: torch.Tensor) -> torch.Tensor:
@@ -303,6 +367,10 @@ def register_kmeans() -> None:
         sq.EXTRA_RULES[f"kmeans{clusters}x{group}{v}{q}{tail}{lloyd}"] = (
             lambda cl, c=clusters, n=group, s=spreads[v], f=bool(q), t=bool(tail), k=steps:
             kmeans_selector(c, n, s[0], f, cl, k, t, s[1]))
+    # the engine's rule with the k-means distance weighted by the step's query energy per channel
+    for clusters, (suffix, how) in itertools.product((8, 16), (("qw", "step"), ("qws", "seen"), ("qwm", "model"))):
+        sq.EXTRA_RULES[f"kmeans{clusters}x4v-fp8-tail-{suffix}"] = (
+            lambda cl, c=clusters, h=how: kmeans_selector(c, 4, True, True, cl, 8, True, query_weighting=h))
     # coarse to fine over the engine's centroid rule (8 per 64 tokens, spread, 8 bits, tail forced):
     # kmeans8x4v-fp8-tail-cC'xN'-sT, C' centroids per N' pages shortlisting T tokens
     for coarse_clusters, coarse_pages, tokens in itertools.product((1, 2, 4, 8, 16, 32), (4, 8, 16, 32, 64),

@@ -336,6 +336,7 @@ class CacheLayers:
 
     def __init__(self, runner: TorchRunner):
         self.cache = runner.cache
+        self.model = runner.model
 
     def index(self, kmin_layer: torch.Tensor) -> int:
         kmin = self.cache.kmin
