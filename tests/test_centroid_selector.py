@@ -263,7 +263,8 @@ def test_attention_backends_agree_through_the_runner(request, budget_groups, pro
                             run_tokens=32)
     greedy = SampleSpec(SamplingParams(temperature=0), 0.5)
     prompt = np.random.default_rng(5).integers(0, 200, prompt_len).tolist()
-    table = list(range(1, 1 + (prompt_len + 24) // 8 + 1))
+    steps = 12          # past a group boundary (and a run's, at 160) from either prompt
+    table = list(range(1, 1 + (prompt_len + steps) // 8 + 1))
     results = {}
     for name in names:
         runner = TorchRunner(RunnerSettings("random", "tiny", "tiny", dtype="float32", page_size=8, num_pages=48,
@@ -272,17 +273,17 @@ def test_attention_backends_agree_through_the_runner(request, budget_groups, pro
         assert runner.cache.cents is not None and runner.cache.kmin is None
         assert (runner.cache.run_cents is not None) == (shortlist > 0)
         out, logits, stats = [], [], []
-        for start in range(0, prompt_len, 30):
-            chunk = prompt[start:start + 30]
+        for start in range(0, prompt_len, 50):           # chunks across page and group boundaries
+            chunk = prompt[start:start + 50]
             result = runner.forward(ForwardBatch([SequenceChunk(chunk, start, table, 0, 1, greedy)],
                                                  return_logits=True))
-        for step in range(24):
+        for step in range(steps):
             out.append(result.tokens[0].token_id)
             logits.append(result.logits[0])
             result = runner.forward(ForwardBatch([SequenceChunk([out[-1]], prompt_len + step, table, 0, 1, greedy)],
                                                  return_logits=True))
             stats.append((result.attention.pages_read, result.attention.pages_skipped))
-        length = prompt_len + 24
+        length = prompt_len + steps
         lasts = torch.tensor(table[1:length // 16 * 2:2])
         assert bool((runner.cache.cstats[:, lasts, :, :, 0] > -1).all()), "a completed group has no summary"
         if shortlist:
