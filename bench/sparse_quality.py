@@ -78,8 +78,16 @@ def flush_report(args) -> None:
 
 # ---- text ------------------------------------------------------------------------------------
 
+# --text-file: the text every part of the bench reads instead of this Python's own docs
+TEXT_FILE: str | None = None
+
+
 def english_text() -> str:
-    """The Python language reference topics, then stdlib module docstrings (all ship with Python)."""
+    """The Python language reference topics, then stdlib module docstrings (all ship with Python;
+    they differ between Python versions, so two machines read different samples unless one
+    carries the other's text: --save-text, then --text-file)."""
+    if TEXT_FILE:
+        return Path(TEXT_FILE).read_text(encoding="utf-8")
     import importlib
     import pydoc_data.topics as topics
     parts = [topics.topics[key] for key in sorted(topics.topics)]
@@ -664,7 +672,16 @@ def main() -> None:
                              "recent, dense, shortlist; rules: [fp8-|subN-]sum|max|lse-max|softmax-sum)")
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run of every path")
     parser.add_argument("--out", default=None, help="also write the report to this file")
+    parser.add_argument("--text-file", default=None, help="read the bench's text from this file (written by "
+                                                          "--save-text) instead of this Python's docs")
+    parser.add_argument("--save-text", default=None, help="write the text this Python's docs give to this file "
+                                                          "and stop")
     args = parser.parse_args()
+    if args.save_text:
+        Path(args.save_text).write_text(english_text(), encoding="utf-8")
+        return
+    global TEXT_FILE
+    TEXT_FILE = args.text_file
     if args.quick:
         args.budgets, args.recent, args.texts, args.context, args.positions = [64, 128], 32, 2, 400, 40
         args.passkey_lengths, args.passkey_depths, args.timing_context = [300, 500], [0.2, 0.8], 600
