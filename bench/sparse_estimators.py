@@ -233,9 +233,9 @@ SEEN_ENERGY: dict[int, list] = {}
 def query_energy(how: str, q: torch.Tensor, kv_heads: int, layer: int, model) -> torch.Tensor:
     """Channel weights [B or 1, kvh, d] (mean 1) for the k-means distance: "step" the GQA group's
     mean q_c^2 at this step (an upper bound: a summary is written before its queries); "seen" the
-    mean over every query of this layer so far (what a calibration pass would learn); "model" from
-    the weights alone, E[q_c^2] for a unit-variance normalised input: sum_j (W_q[c, j] g_j)^2 with
-    g the layer's input-norm gain."""
+    mean over every query of this layer so far, this step's included (what a calibration pass
+    would learn); "model" from the weights alone, E[q_c^2] for a unit-variance normalised input:
+    sum_j (W_q[c, j] g_j)^2 with g the layer's input-norm gain."""
     batch, head_dim = q.shape[0], q.shape[-1]
     if how == "step":
         return unit_mean(q.float().view(batch, kv_heads, -1, head_dim).pow(2).mean(2))
@@ -367,7 +367,8 @@ def register_kmeans() -> None:
         sq.EXTRA_RULES[f"kmeans{clusters}x{group}{v}{q}{tail}{lloyd}"] = (
             lambda cl, c=clusters, n=group, s=spreads[v], f=bool(q), t=bool(tail), k=steps:
             kmeans_selector(c, n, s[0], f, cl, k, t, s[1]))
-    # the engine's rule with the k-means distance weighted by the step's query energy per channel
+    # the engine's rule with the k-means distance weighted per channel by the queries' energy
+    # (query_energy: the step's own, every query seen, or the layer's weights')
     for clusters, (suffix, how) in itertools.product((8, 16), (("qw", "step"), ("qws", "seen"), ("qwm", "model"))):
         sq.EXTRA_RULES[f"kmeans{clusters}x4v-fp8-tail-{suffix}"] = (
             lambda cl, c=clusters, h=how: kmeans_selector(c, 4, True, True, cl, 8, True, query_weighting=h))
@@ -404,7 +405,9 @@ def main() -> None:
     parser.add_argument("--rope", default="none")
     parser.add_argument("--context-length", type=int, default=8192)
     parser.add_argument("--dense-layers", type=int, default=2)
+    parser.add_argument("--text-file", default=None)
     args, rest = parser.parse_known_args()
+    sq.TEXT_FILE = args.text_file           # the calibration reads the bench's text too
     register_kmeans()
     if any("lowrank" in item for item in rest):
         register(calibrate(args, args.ranks))
@@ -412,6 +415,8 @@ def main() -> None:
               "--context-length", str(args.context_length), "--dense-layers", str(args.dense_layers)]
     if args.tokenizer_json:
         passed += ["--tokenizer-json", args.tokenizer_json]
+    if args.text_file:
+        passed += ["--text-file", args.text_file]
     if args.threads:
         passed += ["--threads", str(args.threads)]
     sys.argv = ["bench/sparse_quality.py"] + passed + rest
