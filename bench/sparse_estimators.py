@@ -41,6 +41,9 @@ C centroids per N pages are C / (64 N) of the K/V bytes (C=4, N=4: 1/64).
   kmeansCx4v-fp8-tail-qw[s|m]  the engine's rule (C 8 or 16) with the k-means distance weighing
                   each channel by the queries' energy in it (query_energy): qw the step's own
                   query (an upper bound), qws every query seen so far, qwm the layer's weights.
+  kmeans8x4v-fp8-tail-h  the engine's rule, each group scored no lower than the score its exact
+                  mass had among the groups attended at the row's previous step (what the
+                  attention could hand the next step's selection: attention's own history).
   kmeans8x4v-fp8-tail-cCxN-sT  coarse to fine: C centroids per N pages score runs of N pages the
                   same way, the best T tokens' worth of runs shortlist the groups, and the rule
                   kmeans8x4v-fp8-tail chooses among them (kmeans_selector's `coarse`). Read at T a
@@ -298,9 +301,42 @@ def group_scores(mass: torch.Tensor, partial: torch.Tensor | None) -> torch.Tens
     return scores if partial is None else scores.masked_fill(partial.squeeze(1), float("inf"))
 
 
+# layer -> (each row's length at the last step [B], each group's score from its exact attention
+# mass at that step [B, kvh, G], -inf where the group was not attended)
+HISTORY: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def attended_scores(keys: torch.Tensor, written: torch.Tensor, q: torch.Tensor, scale: float, chosen_groups,
+                    ) -> torch.Tensor:
+    """What the attention over the chosen groups knows once it has run: each chosen group's exact
+    log-mass per q head, as a log-softmax over the chosen groups, max over the GQA group; -inf for
+    the groups not chosen -> [B, kvh, G]. chosen_groups: bool [B, kvh, G]."""
+    batch, groups, span, kv_heads, head_dim = keys.shape
+    qg = q.float().view(batch, kv_heads, -1, head_dim) * scale
+    logits = torch.einsum("bhgd,bnshd->bhgns", qg, keys)
+    logits = logits.masked_fill(~written.view(batch, 1, 1, groups, span), float("-inf"))
+    mass = logits.logsumexp(-1).masked_fill(~chosen_groups.unsqueeze(2), float("-inf"))   # [B, kvh, g, G]
+    return (mass - mass.logsumexp(-1, keepdim=True)).amax(2)
+
+
+def with_history(scores: torch.Tensor, layer: int, lengths: torch.Tensor) -> torch.Tensor:
+    """The estimate, or the group's exact score at the row's previous step where that is higher
+    (a row whose length is not one more than at the last call starts without history)."""
+    if layer not in HISTORY:
+        return scores
+    last_lengths, last = HISTORY[layer]
+    if last_lengths.shape != lengths.shape:
+        return scores
+    carried = torch.full_like(scores, float("-inf"))
+    width = min(last.shape[-1], scores.shape[-1])
+    carried[..., :width] = last[..., :width]
+    carried = carried.masked_fill((lengths != last_lengths + 1).view(-1, 1, 1), float("-inf"))
+    return torch.maximum(scores, carried)
+
+
 def kmeans_selector(clusters: int, group_pages: int, with_spread: bool, fp8: bool, cache_layers, steps: int = 8,
                     tail_forced: bool = False, channels: str = "", coarse: tuple[int, int, int] | None = None,
-                    query_weighting: str = ""):
+                    query_weighting: str = "", history: bool = False):
     """tail_forced: as the engine keeps it, a group has centroids from the step after the one that
     completes it; the group holding the row's last token is left out of each head's softmax and
     always attended. channels (with the
@@ -328,6 +364,15 @@ def kmeans_selector(clusters: int, group_pages: int, with_spread: bool, fp8: boo
             scores = group_scores(group_mass, partial).repeat_interleave(group_pages, dim=-1)[..., :width]
             return sa.select_pages(scores, plan.bias, plan.budget_pages)
 
+        if history:
+            layer, lengths = cache_layers.index(kmin_layer), plan.sparse_lengths.clone()
+            scores = with_history(group_scores(mass, partial), layer, lengths)
+            chosen = sa.select_pages(scores.repeat_interleave(group_pages, dim=-1)[..., :width], plan.bias,
+                                     plan.budget_pages)
+            chosen_groups = torch.zeros(*scores.shape, dtype=torch.bool, device=scores.device)
+            chosen_groups.scatter_(-1, chosen // group_pages, True)
+            HISTORY[layer] = lengths, attended_scores(keys, written, q, scale, chosen_groups)
+            return chosen
         if coarse is None:
             return pick(mass)
         c_clusters, c_pages, tokens = coarse
@@ -372,6 +417,9 @@ def register_kmeans() -> None:
     for clusters, (suffix, how) in itertools.product((8, 16), (("qw", "step"), ("qws", "seen"), ("qwm", "model"))):
         sq.EXTRA_RULES[f"kmeans{clusters}x4v-fp8-tail-{suffix}"] = (
             lambda cl, c=clusters, h=how: kmeans_selector(c, 4, True, True, cl, 8, True, query_weighting=h))
+    # the engine's rule, each group scored no lower than its exact mass at the row's previous step
+    sq.EXTRA_RULES["kmeans8x4v-fp8-tail-h"] = (
+        lambda cl: kmeans_selector(8, 4, True, True, cl, 8, True, history=True))
     # coarse to fine over the engine's centroid rule (8 per 64 tokens, spread, 8 bits, tail forced):
     # kmeans8x4v-fp8-tail-cC'xN'-sT, C' centroids per N' pages shortlisting T tokens
     for coarse_clusters, coarse_pages, tokens in itertools.product((1, 2, 4, 8, 16, 32), (4, 8, 16, 32, 64),
