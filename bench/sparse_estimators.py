@@ -306,8 +306,8 @@ def group_scores(mass: torch.Tensor, partial: torch.Tensor | None) -> torch.Tens
 HISTORY: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def attended_scores(keys: torch.Tensor, written: torch.Tensor, q: torch.Tensor, scale: float, chosen_groups,
-                    ) -> torch.Tensor:
+def attended_scores(keys: torch.Tensor, written: torch.Tensor, q: torch.Tensor, scale: float,
+                    chosen_groups: torch.Tensor) -> torch.Tensor:
     """What the attention over the chosen groups knows once it has run: each chosen group's exact
     log-mass per q head, as a log-softmax over the chosen groups, max over the GQA group; -inf for
     the groups not chosen -> [B, kvh, G]. chosen_groups: bool [B, kvh, G]."""
@@ -360,15 +360,18 @@ def kmeans_selector(clusters: int, group_pages: int, with_spread: bool, fp8: boo
                                           channels, energy)
         width = plan.sparse_pages.shape[1]
 
+        def choose(scores: torch.Tensor) -> torch.Tensor:
+            """Group scores [B, kvh, G] -> the pages kept, every page scoring its group's."""
+            return sa.select_pages(scores.repeat_interleave(group_pages, dim=-1)[..., :width], plan.bias,
+                                   plan.budget_pages)
+
         def pick(group_mass: torch.Tensor) -> torch.Tensor:
-            scores = group_scores(group_mass, partial).repeat_interleave(group_pages, dim=-1)[..., :width]
-            return sa.select_pages(scores, plan.bias, plan.budget_pages)
+            return choose(group_scores(group_mass, partial))
 
         if history:
             layer, lengths = cache_layers.index(kmin_layer), plan.sparse_lengths.clone()
             scores = with_history(group_scores(mass, partial), layer, lengths)
-            chosen = sa.select_pages(scores.repeat_interleave(group_pages, dim=-1)[..., :width], plan.bias,
-                                     plan.budget_pages)
+            chosen = choose(scores)
             chosen_groups = torch.zeros(*scores.shape, dtype=torch.bool, device=scores.device)
             chosen_groups.scatter_(-1, chosen // group_pages, True)
             HISTORY[layer] = lengths, attended_scores(keys, written, q, scale, chosen_groups)
