@@ -369,6 +369,7 @@ def kmeans_selector(clusters: int, group_pages: int, with_spread: bool, fp8: boo
             return choose(group_scores(group_mass, partial))
 
         if history:
+            assert coarse is None, "the history prior is measured on the one-stage rule only"
             layer, lengths = cache_layers.index(kmin_layer), plan.sparse_lengths.clone()
             scores = with_history(group_scores(mass, partial), layer, lengths)
             chosen = choose(scores)
