@@ -49,6 +49,11 @@ C centroids per N pages are C / (64 N) of the K/V bytes (C=4, N=4: 1/64).
                   kmeans8x4v-fp8-tail chooses among them (kmeans_selector's `coarse`). Read at T a
                   few times the budget, C x (context / N) coarse centroids plus 8 per shortlisted
                   group replace 8 per group: fewer scoring bytes at long contexts.
+
+Centroid decodes (run with --selector centroids; they replace the torch backend's sparse decode):
+  shared-budget[-capX]  the engine's centroid scores, the budget shared by a layer's KV heads: the
+                  row's best kv_heads x budget groups over every head at once, each head at most
+                  X budgets (cap1: every head exactly its own, the engine's choice; no cap: any).
 """
 from __future__ import annotations
 
@@ -64,7 +69,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from backends.base import ForwardBatch, RunnerSettings, SequenceChunk, SparseSettings  # noqa: E402
+from backends.cuda.attention import centroids as ce  # noqa: E402
 from backends.cuda.attention import sparse as sa  # noqa: E402
+from backends.cuda.attention.sparse_rows import counted_all_dense, merge_dense_rows  # noqa: E402
 from backends.cuda.runner import TorchRunner  # noqa: E402
 from backends.source import resolve_source  # noqa: E402
 from bench import sparse_quality as sq  # noqa: E402
@@ -405,6 +412,46 @@ def kmeans_selector(clusters: int, group_pages: int, with_spread: bool, fp8: boo
     return select
 
 
+def shared_budget_decode(cap: float):
+    """The engine's centroid decode (the torch backend's, centroids.centroid_decode_attention) with
+    the budget shared by a layer's KV heads: the same group scores (each q head's log-softmax over
+    the row's groups, max over the GQA group: a log share of a head's estimated mass, so comparable
+    across heads) keep kv_heads * budget_groups groups of the row over every head at once, forced
+    groups first and each head at most cap * budget_groups (0: no cap). A head whose attention is
+    peaked gives groups to one whose attention is spread. The attention is a masked dense one over
+    the row (the same result as reading the chosen groups' pages); rows within the shortlist only."""
+    def decode(q, cache, layer, meta, scale, dense_decode, fused):
+        plan = ce.get_plan(cache, meta)
+        if counted_all_dense(plan, meta):
+            return dense_decode(q, cache, layer, meta, scale)
+        assert plan.shortlist is None, "shared budgets are measured within the shortlist"
+        q_sparse = q[plan.sparse_rows]
+        scores = ce.group_scores(q_sparse, cache.cents[layer], cache.cstats[layer], plan.last_pages, plan.scored,
+                                 scale) + plan.bias                              # [Bs, kvh, G]
+        batch, kv_heads, groups = scores.shape
+        keep = min(plan.budget_groups, groups)
+        order = scores.flatten(1).argsort(dim=-1, descending=True)               # [Bs, kvh * G]
+        onehot = torch.nn.functional.one_hot(order // groups, kv_heads)          # [Bs, kvh * G, kvh]
+        rank = (onehot.cumsum(1) * onehot).sum(-1)                               # 1-based, within its head
+        taken = rank <= (int(cap * keep) if cap else groups)
+        taken &= taken.cumsum(1) <= kv_heads * keep
+        picked = torch.zeros(batch, kv_heads * groups, dtype=torch.bool, device=q.device)
+        picked = picked.scatter_(1, order, taken).view(batch, kv_heads, groups) & (plan.bias > float("-inf"))
+        heads, head_dim = q.shape[1:]
+        page_size = cache.page_size
+        k = cache.k[layer][plan.sparse_pages].flatten(1, 2).transpose(1, 2)     # [Bs, kvh, T, d]
+        v = cache.v[layer][plan.sparse_pages].flatten(1, 2).transpose(1, 2)
+        tokens = k.shape[2]
+        mask = picked.repeat_interleave(plan.group_pages * page_size, dim=-1)[..., :tokens] & (
+            torch.arange(tokens, device=q.device) < plan.sparse_lengths.view(-1, 1, 1))
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q_sparse.view(batch, kv_heads, heads // kv_heads, head_dim), k.to(q.dtype), v.to(q.dtype),
+            attn_mask=mask.unsqueeze(2), scale=scale).reshape(batch, heads, head_dim)
+        return merge_dense_rows(q, out, cache, layer, meta, plan.rows, scale, fused)
+
+    return decode
+
+
 def register_kmeans() -> None:
     """kmeansCxN[v|vg|vc][-fp8][-tail][-fp|-l16]: -tail as the kernel design (the last, incomplete
     group forced); -fp: farthest-point centroids without Lloyd steps; -l16: 16 Lloyd steps (default
@@ -431,6 +478,14 @@ def register_kmeans() -> None:
         sq.EXTRA_RULES[f"kmeans8x4v-fp8-tail-c{coarse_clusters}x{coarse_pages}-s{tokens}"] = (
             lambda cl, c=coarse_clusters, n=coarse_pages, t=tokens:
             kmeans_selector(8, 4, True, True, cl, 8, True, "", (c, n, t)))
+
+
+def register_decodes() -> None:
+    """shared-budget[-capX]: the engine's centroid selector, its budget shared by a layer's KV
+    heads (shared_budget_decode; X: each head's most, in budgets, e.g. cap1.5)."""
+    sq.EXTRA_DECODES["shared-budget"] = lambda: shared_budget_decode(0.0)
+    for cap in ("1", "1.25", "1.5", "2"):      # cap1: every head its own budget, the engine's choice
+        sq.EXTRA_DECODES[f"shared-budget-cap{cap}"] = lambda c=float(cap): shared_budget_decode(c)
 
 
 def register(factors) -> None:
@@ -461,6 +516,7 @@ def main() -> None:
     args, rest = parser.parse_known_args()
     sq.TEXT_FILE = args.text_file           # the calibration reads the bench's text too
     register_kmeans()
+    register_decodes()
     if any("lowrank" in item for item in rest):
         register(calibrate(args, args.ranks))
     passed = ["--model", args.model, "--device", args.device, "--rope", args.rope,

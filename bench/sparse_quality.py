@@ -357,6 +357,18 @@ class CacheLayers:
 # Selectors that other bench programs add by name (bench/sparse_gate.py: "gate"): name -> a
 # function of a CacheLayers giving a page selector.
 EXTRA_RULES: dict = {}
+# Centroid-selector rules that other bench programs add by name (bench/sparse_estimators.py:
+# "shared-budget"): name -> a function giving a sparse layer's decode, the torch backend's
+# sparse_decode (centroids.centroid_decode_attention's signature), set on the runner's backend.
+EXTRA_DECODES: dict = {}
+# id of an attention backend -> its own sparse_decode, put back for the configs of other rules
+ENGINE_DECODES: dict = {}
+
+
+def use_decode(attention, rule: str) -> None:
+    """The backend decodes a sparse layer with the rule's function, or its own for other rules."""
+    own = ENGINE_DECODES.setdefault(id(attention), attention.sparse_decode)
+    attention.sparse_decode = EXTRA_DECODES[rule]() if rule in EXTRA_DECODES else own
 
 
 def configs(budgets: list[int], args) -> list[Config]:
@@ -371,7 +383,11 @@ def configs(budgets: list[int], args) -> list[Config]:
             if key not in opts:
                 raise SystemExit(f"--sweep {spec!r}: unknown key {key!r} (rule, sink, recent, dense, shortlist)")
             opts[key] = value if key == "rule" else int(value)
-        if opts["rule"] != "engine":
+        if opts["rule"] in EXTRA_DECODES:
+            if args.selector != "centroids":
+                raise SystemExit(f"--sweep rule={opts['rule']} decodes with centroids: run it with --selector "
+                                 "centroids")
+        elif opts["rule"] != "engine":
             rule_selector(opts["rule"], None)       # fail early on a bad name
             if args.selector != "quest":
                 raise SystemExit("--sweep rule=... replaces Quest's page selector: run it with --selector quest")
@@ -380,7 +396,7 @@ def configs(budgets: list[int], args) -> list[Config]:
                                          sink_tokens=opts["sink"], recent_tokens=opts["recent"],
                                          shortlist_tokens=opts["shortlist"])
             out.append(Config(f"sparse {budget}" + (f" [{spec}]" if spec else ""), sparse, opts["rule"],
-                              timed=opts["rule"] not in EXTRA_RULES
+                              timed=opts["rule"] not in EXTRA_RULES and opts["rule"] not in EXTRA_DECODES
                               and not opts["rule"].startswith(("sub", "oracle", "gauss"))))
     return out
 
@@ -395,7 +411,9 @@ def forward(runner: TorchRunner, cfg: Config | SparseSettings, chunks: list[Sequ
     (a greedy draw on every chunk) unless logits is False (prefill)."""
     if isinstance(cfg, SparseSettings):
         cfg = Config("", cfg)
-    if cfg.rule == "engine":
+    if hasattr(runner.attention, "sparse_decode"):
+        use_decode(runner.attention, cfg.rule)
+    if cfg.rule == "engine" or cfg.rule in EXTRA_DECODES:
         runner.attention.__dict__.pop("page_selector", None)        # the class's: the engine's rule
     else:
         assert hasattr(runner.attention, "page_selector"), "rule sweeps run on the torch attention backends"
