@@ -49,6 +49,7 @@ import re
 import statistics
 import sys
 import time
+import weakref
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -361,13 +362,13 @@ EXTRA_RULES: dict = {}
 # "shared-budget"): name -> a function giving a sparse layer's decode, the torch backend's
 # sparse_decode (centroids.centroid_decode_attention's signature), set on the runner's backend.
 EXTRA_DECODES: dict = {}
-# id of an attention backend -> its own sparse_decode, put back for the configs of other rules
-ENGINE_DECODES: dict = {}
+# an attention backend -> its own sparse_decode, put back for the configs of other rules
+ENGINE_DECODES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def use_decode(attention, rule: str) -> None:
     """The backend decodes a sparse layer with the rule's function, or its own for other rules."""
-    own = ENGINE_DECODES.setdefault(id(attention), attention.sparse_decode)
+    own = ENGINE_DECODES.setdefault(attention, attention.sparse_decode)
     attention.sparse_decode = EXTRA_DECODES[rule]() if rule in EXTRA_DECODES else own
 
 
