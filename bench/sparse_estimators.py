@@ -54,6 +54,8 @@ Centroid decodes (run with --selector centroids; they replace the torch backend'
   shared-budget[-capX]  the engine's centroid scores, the budget shared by a layer's KV heads: the
                   row's best kv_heads x budget groups over every head at once, each head at most
                   X budgets (cap1: every head exactly its own, the engine's choice; no cap: any).
+  group-sum, shared-budget-sum  the GQA group's log shares combined by their sum (log-sum-exp)
+                  instead of their max, each head its own budget or the budget shared.
 """
 from __future__ import annotations
 
@@ -412,24 +414,29 @@ def kmeans_selector(clusters: int, group_pages: int, with_spread: bool, fp8: boo
     return select
 
 
-def shared_budget_decode(cap: float):
+def shared_budget_decode(cap: float, combine: str = "max", keep_of=None, observe=None):
     """The engine's centroid decode (the torch backend's, centroids.centroid_decode_attention) with
     the budget shared by a layer's KV heads: the same group scores (each q head's log-softmax over
     the row's groups, max over the GQA group: a log share of a head's estimated mass, so comparable
     across heads) keep kv_heads * budget_groups groups of the row over every head at once, forced
-    groups first and each head at most cap * budget_groups (0: no cap). A head whose attention is
-    peaked gives groups to one whose attention is spread. The attention is a masked dense one over
-    the row (the same result as reading the chosen groups' pages); rows within the shortlist only."""
+    groups first and each head at most cap * budget_groups (0: no cap; 1: each head its own
+    budget, the engine's choice). A head whose attention is peaked gives groups to one whose
+    attention is spread. combine "sum": the GQA group's shares summed (their log-sum-exp) instead
+    of their max. The attention is a masked dense one over the row (the same result as reading the
+    chosen groups' pages); rows within the shortlist only. keep_of(budget_groups, layer): the
+    groups a head keeps in that layer (default: the budget); observe(layer, q, k, scores, plan, scale):
+    called with the row's keys [Bs, kvh, T, d] and the scores before the choice (a recorder)."""
     def decode(q, cache, layer, meta, scale, dense_decode, fused):
         plan = ce.get_plan(cache, meta)
         if counted_all_dense(plan, meta):
             return dense_decode(q, cache, layer, meta, scale)
         assert plan.shortlist is None, "shared budgets are measured within the shortlist"
         q_sparse = q[plan.sparse_rows]
-        scores = ce.group_scores(q_sparse, cache.cents[layer], cache.cstats[layer], plan.last_pages, plan.scored,
-                                 scale) + plan.bias                              # [Bs, kvh, G]
+        shares = ce.head_shares(q_sparse, cache.cents[layer], cache.cstats[layer], plan.last_pages, plan.scored,
+                                scale)                                           # [Bs, kvh, g, G]
+        scores = (shares.amax(2) if combine == "max" else shares.logsumexp(2)) + plan.bias   # [Bs, kvh, G]
         batch, kv_heads, groups = scores.shape
-        keep = min(plan.budget_groups, groups)
+        keep = min(keep_of(plan.budget_groups, layer) if keep_of else plan.budget_groups, groups)
         order = scores.flatten(1).argsort(dim=-1, descending=True)               # [Bs, kvh * G]
         onehot = torch.nn.functional.one_hot(order // groups, kv_heads)          # [Bs, kvh * G, kvh]
         rank = (onehot.cumsum(1) * onehot).sum(-1)                               # 1-based, within its head
@@ -442,6 +449,8 @@ def shared_budget_decode(cap: float):
         k = cache.k[layer][plan.sparse_pages].flatten(1, 2).transpose(1, 2)     # [Bs, kvh, T, d]
         v = cache.v[layer][plan.sparse_pages].flatten(1, 2).transpose(1, 2)
         tokens = k.shape[2]
+        if observe:
+            observe(layer, q_sparse, k, scores, plan, scale)
         mask = picked.repeat_interleave(plan.group_pages * page_size, dim=-1)[..., :tokens] & (
             torch.arange(tokens, device=q.device) < plan.sparse_lengths.view(-1, 1, 1))
         out = torch.nn.functional.scaled_dot_product_attention(
@@ -486,6 +495,9 @@ def register_decodes() -> None:
     sq.EXTRA_DECODES["shared-budget"] = lambda: shared_budget_decode(0.0)
     for cap in ("1", "1.25", "1.5", "2"):      # cap1: every head its own budget, the engine's choice
         sq.EXTRA_DECODES[f"shared-budget-cap{cap}"] = lambda c=float(cap): shared_budget_decode(c)
+    # the GQA group's shares summed, not their max: each head its own budget, or shared
+    sq.EXTRA_DECODES["group-sum"] = lambda: shared_budget_decode(1.0, "sum")
+    sq.EXTRA_DECODES["shared-budget-sum"] = lambda: shared_budget_decode(0.0, "sum")
 
 
 def register(factors) -> None:

@@ -214,7 +214,14 @@ def group_scores(q: torch.Tensor, cents_layer: torch.Tensor, cstats_layer: torch
                  scored: torch.Tensor, scale: float) -> torch.Tensor:
     """centroid_reference.centroid_group_scores batched: q [Bs, H, d], the units' last pages [Bs, G] (every
     KV head's) or [Bs, kv_heads, G] (each head's own, a shortlist), scored [Bs, 1, 1, G] -> [Bs,
-    kv_heads, G] float32 (-inf for units without a summary)."""
+    kv_heads, G] float32 (-inf for units without a summary): head_shares' max over the GQA group."""
+    return head_shares(q, cents_layer, cstats_layer, last_pages, scored, scale).amax(dim=2)
+
+
+def head_shares(q: torch.Tensor, cents_layer: torch.Tensor, cstats_layer: torch.Tensor, last_pages: torch.Tensor,
+                scored: torch.Tensor, scale: float) -> torch.Tensor:
+    """Each q head's estimated log share of its mass per unit (log-softmax over the row's units of
+    the centroids' log-mass estimate) -> [Bs, kv_heads, group, G] float32; arguments as group_scores'."""
     batch, heads, head_dim = q.shape
     kv_heads, clusters = cents_layer.shape[1:3]
     if last_pages.dim() == 2:
@@ -229,7 +236,7 @@ def group_scores(q: torch.Tensor, cents_layer: torch.Tensor, cstats_layer: torch
     logits = torch.einsum("bhgd,bhncd->bhgnc", qg, c) + st[..., 0].unsqueeze(2) \
         + 0.5 * (qg * qg).sum(-1)[..., None, None] * st[..., 1].unsqueeze(2)         # [Bs, kvh, g, G, C]
     mass = logits.logsumexp(dim=-1).masked_fill(~scored, float("-inf"))             # [Bs, kvh, g, G]
-    return (mass - mass.logsumexp(dim=-1, keepdim=True)).amax(dim=2)
+    return mass - mass.logsumexp(dim=-1, keepdim=True)
 
 
 def best_units(scores: torch.Tensor, keep: int, unit_pages: int) -> torch.Tensor:
