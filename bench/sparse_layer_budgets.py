@@ -1,0 +1,160 @@
+"""Per-layer budgets for the centroid selector: layers whose attention is spread get more of the
+step's tokens, layers whose attention is peaked fewer, the mean over the sparse layers kept at the
+configured budget.
+
+    python bench/sparse_layer_budgets.py calibrate --out budgets.json [sparse_quality.py args]
+    python bench/sparse_layer_budgets.py eval budgets.json [sparse_quality.py args] --sweep rule=layer-budget
+
+Why: every layer of the engine attends the same token budget, but the quality bench's misses are
+the attention mass a layer's choice leaves out, and layers differ in how much they leave out at a
+given budget. A layer is its own kernel launch, so unlike a budget shared by a layer's KV heads
+(bench/sparse_estimators.py `shared-budget`) a per-layer budget costs no load balance: every row
+of one launch still attends the same number of tokens, and the step's bytes are the same.
+
+calibrate: on text past the quality bench's first 28k tokens (the bench never reads it), a
+teacher-forced run with the engine's centroid selection records, per sparse layer, the attention
+mass captured by the best k groups in the selector's own order (each q head's exact softmax summed
+per group, the GQA group's mean, averaged over rows, KV heads and steps): a curve over k. Groups are
+then handed out one at a time to the layer whose curve gains most from one more, from a floor of
+--min-groups a layer, until the sparse layers hold as many groups as the uniform budget gives them
+(greedy on the sum of captured mass; the curves are close to concave). The weights written are
+each layer's groups over the uniform count.
+
+eval: registers the decodes `layer-budget` (the engine's centroid decode, each layer keeping
+round(weight x budget) groups a KV head) and `layer-budget-shared-capX` (that layer budget shared
+by the layer's KV heads, each at most X of its own: se.shared_budget_decode) beside
+bench/sparse_estimators.py's centroid decodes, and runs bench/sparse_quality.py.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from backends.source import resolve_source  # noqa: E402
+from bench import sparse_estimators as se  # noqa: E402
+from bench import sparse_quality as sq  # noqa: E402
+
+CURVE_LENGTH = 512          # groups a curve covers (32k of 64-token groups); padded with its last value
+
+
+class MassCurves:
+    """Per layer: the sum over rows and KV heads of the captured-mass curve, and how many were summed."""
+
+    def __init__(self):
+        self.sums: dict[int, torch.Tensor] = {}
+        self.counts: dict[int, int] = {}
+
+    def __call__(self, layer, q, k, scores, plan, scale) -> None:
+        batch, kv_heads, tokens, head_dim = k.shape
+        groups = scores.shape[-1]
+        span = plan.group_pages * (tokens // plan.sparse_pages.shape[1])        # pages x page size
+        assert groups * span >= tokens
+        qg = q.float().view(batch, kv_heads, -1, head_dim)
+        logits = torch.einsum("bhgd,bhtd->bhgt", qg, k.float()) * scale
+        valid = torch.arange(tokens, device=k.device) < plan.sparse_lengths.view(-1, 1, 1, 1)
+        probs = logits.masked_fill(~valid, float("-inf")).softmax(dim=-1).mean(dim=2)       # [Bs, kvh, T]
+        padded = torch.nn.functional.pad(probs, (0, groups * span - tokens))
+        mass = padded.view(batch, kv_heads, groups, span).sum(-1)                            # [Bs, kvh, G]
+        order = scores.argsort(dim=-1, descending=True)
+        curve = torch.nn.functional.pad(mass.gather(-1, order).cumsum(-1), (1, 0))          # [Bs, kvh, G+1]
+        curve = curve[..., :CURVE_LENGTH + 1]
+        curve = torch.cat((curve, curve[..., -1:].expand(*curve.shape[:2], CURVE_LENGTH + 1 - curve.shape[-1])), -1)
+        self.sums[layer] = self.sums.get(layer, 0) + curve.double().sum(dim=(0, 1)).cpu()
+        self.counts[layer] = self.counts.get(layer, 0) + batch * kv_heads
+
+    def curves(self) -> dict[int, torch.Tensor]:
+        return {layer: total / self.counts[layer] for layer, total in sorted(self.sums.items())}
+
+
+def allocate(curves: dict[int, torch.Tensor], uniform: int, floor: int) -> dict[int, int]:
+    """Groups per layer: from `floor` each, one group at a time to the layer whose captured mass
+    grows most, until the layers hold uniform x layers groups."""
+    assert floor <= uniform
+    keep = dict.fromkeys(curves, floor)
+    for _ in range((uniform - floor) * len(curves)):
+        gain = {layer: float(c[keep[layer] + 1] - c[keep[layer]]) if keep[layer] + 1 < len(c) else -1.0
+                for layer, c in curves.items()}
+        best = max(gain, key=gain.get)
+        keep[best] += 1
+    assert sum(keep.values()) == uniform * len(curves)
+    return keep
+
+
+def layer_keep(weights: dict[int, float]):
+    def keep_of(budget_groups: int, layer: int) -> int:
+        return max(1, round(weights.get(layer, 1.0) * budget_groups))
+    return keep_of
+
+
+def calibrate(args, rest: list[str]) -> None:
+    source = resolve_source(args.model)
+    tok = sq.Tokenizer(args.tokenizer_json, source)
+    ids = tok.encode(sq.english_text())[args.skip_tokens:]
+    text_file = Path(args.out).with_suffix(".text")
+    text_file.write_text(tok.decode(ids), encoding="utf-8")
+    recorder = MassCurves()
+    sq.EXTRA_DECODES["layer-calibrate"] = lambda: se.shared_budget_decode(1.0, observe=recorder)
+    run_bench(args, rest + ["--text-file", str(text_file), "--sweep", "rule=layer-calibrate"])
+    curves = recorder.curves()
+    uniform = args.budget // args.group_tokens
+    keep = allocate(curves, uniform, args.min_groups)
+    report = {"budget": args.budget, "group_tokens": args.group_tokens, "min_groups": args.min_groups,
+              "weights": {str(layer): keep[layer] / uniform for layer in keep},
+              "captured_uniform": {str(layer): float(c[uniform]) for layer, c in curves.items()},
+              "captured_allocated": {str(layer): float(c[keep[layer]]) for layer, c in curves.items()}}
+    Path(args.out).write_text(json.dumps(report, indent=1), encoding="utf-8")
+    sq.say(f"layer budgets ({args.budget} tokens, floor {args.min_groups} groups): mean captured mass "
+           f"{sum(report['captured_uniform'].values()) / len(curves):.4f} uniform, "
+           f"{sum(report['captured_allocated'].values()) / len(curves):.4f} allocated")
+    for layer in keep:
+        sq.say(f"  layer {layer:2d}: {keep[layer]:3d} groups, captured {float(curves[layer][uniform]):.4f} -> "
+               f"{float(curves[layer][keep[layer]]):.4f}")
+
+
+def evaluate(args, rest: list[str]) -> None:
+    report = json.loads(Path(args.budgets_file).read_text(encoding="utf-8"))
+    weights = {int(layer): w for layer, w in report["weights"].items()}
+    se.register_decodes()           # the uniform-budget centroid rules too, to compare in one run
+    sq.EXTRA_DECODES["layer-budget"] = lambda: se.shared_budget_decode(1.0, keep_of=layer_keep(weights))
+    for cap in ("1.25", "1.5"):     # and the layer's budget shared by its KV heads, each at most cap x its own
+        sq.EXTRA_DECODES[f"layer-budget-shared-cap{cap}"] = (
+            lambda c=float(cap): se.shared_budget_decode(c, keep_of=layer_keep(weights)))
+    run_bench(args, rest)
+
+
+def run_bench(args, rest: list[str]) -> None:
+    passed = ["--model", args.model, "--selector", "centroids"]
+    if args.tokenizer_json:
+        passed += ["--tokenizer-json", args.tokenizer_json]
+    sys.argv = ["bench/sparse_quality.py"] + passed + rest
+    sq.main()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser.add_argument("--model", default="packaged:smollm2-135m-instruct")
+    parser.add_argument("--tokenizer-json", default=None)
+    sub = parser.add_subparsers(dest="command", required=True)
+    cal = sub.add_parser("calibrate", allow_abbrev=False)
+    cal.add_argument("--out", required=True, help="the budgets' JSON (the calibration text goes beside it)")
+    cal.add_argument("--budget", type=int, default=2048, help="the uniform budget the allocation keeps on average")
+    cal.add_argument("--group-tokens", type=int, default=64)
+    cal.add_argument("--min-groups", type=int, default=8, help="the fewest groups a layer keeps")
+    cal.add_argument("--skip-tokens", type=int, default=28000, help="text the quality bench uses, skipped")
+    ev = sub.add_parser("eval", allow_abbrev=False)
+    ev.add_argument("budgets_file")
+    args, rest = parser.parse_known_args()
+    if args.command == "calibrate":
+        calibrate(args, rest)
+    else:
+        evaluate(args, rest)
+
+
+if __name__ == "__main__":
+    main()
