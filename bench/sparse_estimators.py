@@ -424,8 +424,9 @@ def shared_budget_decode(cap: float, combine: str = "max", keep_of=None, observe
     attention is spread. combine "sum": the GQA group's shares summed (their log-sum-exp) instead
     of their max. The attention is a masked dense one over the row (the same result as reading the
     chosen groups' pages); rows within the shortlist only. keep_of(budget_groups, layer): the
-    groups a head keeps in that layer (default: the budget); observe(layer, q, k, scores, plan, scale):
-    called with the row's keys [Bs, kvh, T, d] and the scores before the choice (a recorder)."""
+    groups a head keeps in that layer, one number or one per KV head (default: the budget);
+    observe(layer, q, k, v, scores, plan, scale): called with the row's keys and values [Bs, kvh,
+    T, d] and the scores before the choice (a recorder)."""
     def decode(q, cache, layer, meta, scale, dense_decode, fused):
         plan = ce.get_plan(cache, meta)
         if counted_all_dense(plan, meta):
@@ -436,12 +437,14 @@ def shared_budget_decode(cap: float, combine: str = "max", keep_of=None, observe
                                 scale)                                           # [Bs, kvh, g, G]
         scores = (shares.amax(2) if combine == "max" else shares.logsumexp(2)) + plan.bias   # [Bs, kvh, G]
         batch, kv_heads, groups = scores.shape
-        keep = min(keep_of(plan.budget_groups, layer) if keep_of else plan.budget_groups, groups)
+        keep = torch.as_tensor(keep_of(plan.budget_groups, layer) if keep_of else plan.budget_groups,
+                               device=q.device).expand(kv_heads).clamp(max=groups)   # [kvh] groups a head
         order = scores.flatten(1).argsort(dim=-1, descending=True)               # [Bs, kvh * G]
         onehot = torch.nn.functional.one_hot(order // groups, kv_heads)          # [Bs, kvh * G, kvh]
         rank = (onehot.cumsum(1) * onehot).sum(-1)                               # 1-based, within its head
-        taken = rank <= (int(cap * keep) if cap else groups)
-        taken &= taken.cumsum(1) <= kv_heads * keep
+        limit = (cap * keep).floor().long() if cap else torch.full_like(keep, groups)
+        taken = rank <= limit[order // groups]
+        taken &= taken.cumsum(1) <= int(keep.sum())
         picked = torch.zeros(batch, kv_heads * groups, dtype=torch.bool, device=q.device)
         picked = picked.scatter_(1, order, taken).view(batch, kv_heads, groups) & (plan.bias > float("-inf"))
         heads, head_dim = q.shape[1:]
@@ -450,7 +453,7 @@ def shared_budget_decode(cap: float, combine: str = "max", keep_of=None, observe
         v = cache.v[layer][plan.sparse_pages].flatten(1, 2).transpose(1, 2)
         tokens = k.shape[2]
         if observe:
-            observe(layer, q_sparse, k, scores, plan, scale)
+            observe(layer, q_sparse, k, v, scores, plan, scale)
         mask = picked.repeat_interleave(plan.group_pages * page_size, dim=-1)[..., :tokens] & (
             torch.arange(tokens, device=q.device) < plan.sparse_lengths.view(-1, 1, 1))
         out = torch.nn.functional.scaled_dot_product_attention(

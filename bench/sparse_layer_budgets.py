@@ -12,13 +12,14 @@ given budget. A layer is its own kernel launch, so unlike a budget shared by a l
 of one launch still attends the same number of tokens, and the step's bytes are the same.
 
 calibrate: on text past the quality bench's first 28k tokens (the bench never reads it), a
-teacher-forced run with the engine's centroid selection records, per sparse layer, the attention
-mass captured by the best k groups in the selector's own order (each q head's exact softmax summed
-per group, the GQA group's mean, averaged over rows, KV heads and steps): a curve over k. Groups are
-then handed out one at a time to the layer whose curve gains most from one more, from a floor of
---min-groups a layer, until the sparse layers hold as many groups as the uniform budget gives them
-(greedy on the sum of captured mass; the curves are close to concave). The weights written are
-each layer's groups over the uniform count.
+teacher-forced run with the engine's centroid selection records, per sparse layer, a curve over k
+of what the best k groups in the selector's own order keep (averaged over rows, KV heads and
+steps): with --metric mass the attention mass they capture, with --metric output minus the
+relative error of the attention output over them (LayerCurves). Groups are then handed out one at
+a time to the layer whose curve gains most from one more, from a floor of --min-groups a layer,
+until the sparse layers hold as many groups as the uniform budget gives them (greedy on the
+curves' sum; they are close to concave). The weights written are each layer's groups over the
+uniform count.
 
 eval: registers the decodes `layer-budget` (the engine's centroid decode, each layer keeping
 round(weight x budget) groups a KV head) and `layer-budget-shared-capX` (that layer budget shared
@@ -43,14 +44,22 @@ from bench import sparse_quality as sq  # noqa: E402
 CURVE_LENGTH = 512          # groups a curve covers (32k of 64-token groups); padded with its last value
 
 
-class MassCurves:
-    """Per layer: the sum over rows and KV heads of the captured-mass curve, and how many were summed."""
+class LayerCurves:
+    """Per layer: the sum over rows and KV heads of a curve over k (the best k groups in the
+    selector's order kept), and how many were summed. metric "mass": the attention mass the k
+    groups capture (each q head's exact softmax summed per group, the GQA group's mean). metric
+    "output": minus the relative error of the attention output over the k groups (each q head's
+    ||o_k - o|| / ||o||, the GQA group's mean; o_0 = 0), which weighs a missed group by how far
+    its values lie from the rest, not only by its mass. Both curves grow with k. per_head: one
+    curve per (layer, KV head) instead of per layer."""
 
-    def __init__(self):
+    def __init__(self, metric: str, per_head: bool = False):
+        assert metric in ("mass", "output")
+        self.metric, self.per_head = metric, per_head
         self.sums: dict[int, torch.Tensor] = {}
         self.counts: dict[int, int] = {}
 
-    def __call__(self, layer, q, k, scores, plan, scale) -> None:
+    def __call__(self, layer, q, k, v, scores, plan, scale) -> None:
         batch, kv_heads, tokens, head_dim = k.shape
         groups = scores.shape[-1]
         span = plan.group_pages * (tokens // plan.sparse_pages.shape[1])        # pages x page size
@@ -58,23 +67,41 @@ class MassCurves:
         qg = q.float().view(batch, kv_heads, -1, head_dim)
         logits = torch.einsum("bhgd,bhtd->bhgt", qg, k.float()) * scale
         valid = torch.arange(tokens, device=k.device) < plan.sparse_lengths.view(-1, 1, 1, 1)
-        probs = logits.masked_fill(~valid, float("-inf")).softmax(dim=-1).mean(dim=2)       # [Bs, kvh, T]
+        probs = logits.masked_fill(~valid, float("-inf")).softmax(dim=-1)                   # [Bs, kvh, g, T]
         padded = torch.nn.functional.pad(probs, (0, groups * span - tokens))
-        mass = padded.view(batch, kv_heads, groups, span).sum(-1)                            # [Bs, kvh, G]
-        order = scores.argsort(dim=-1, descending=True)
-        curve = torch.nn.functional.pad(mass.gather(-1, order).cumsum(-1), (1, 0))          # [Bs, kvh, G+1]
-        curve = curve[..., :CURVE_LENGTH + 1]
+        order = scores.argsort(dim=-1, descending=True)                                     # [Bs, kvh, G]
+        if self.metric == "mass":
+            mass = padded.view(batch, kv_heads, -1, groups, span).sum(-1).mean(2)           # [Bs, kvh, G]
+            curve = mass.gather(-1, order).cumsum(-1)
+        else:
+            values = torch.nn.functional.pad(v.float(), (0, 0, 0, groups * span - tokens))
+            weighted = torch.einsum("bhgnt,bhntd->bhgnd", padded.view(batch, kv_heads, -1, groups, span),
+                                    values.view(batch, kv_heads, groups, span, head_dim))   # [Bs, kvh, g, G, d]
+            mass = padded.view(batch, kv_heads, -1, groups, span).sum(-1)                   # [Bs, kvh, g, G]
+            heads = weighted.shape[2]
+            idx = order.unsqueeze(2).expand(-1, -1, heads, -1)
+            cum_w = weighted.gather(3, idx.unsqueeze(-1).expand(-1, -1, -1, -1, head_dim)).cumsum(3)
+            cum_m = mass.gather(3, idx).cumsum(3).clamp_min(1e-30)
+            full = cum_w[:, :, :, -1:]                                                      # o itself
+            err = (cum_w / cum_m.unsqueeze(-1) - full).norm(dim=-1) / full.norm(dim=-1).clamp_min(1e-30)
+            curve = -err.mean(2)                                                            # [Bs, kvh, G]
+        start = torch.zeros_like(curve[..., :1]) if self.metric == "mass" else -torch.ones_like(curve[..., :1])
+        curve = torch.cat((start, curve), -1)[..., :CURVE_LENGTH + 1]                         # [Bs, kvh, G+1]
         curve = torch.cat((curve, curve[..., -1:].expand(*curve.shape[:2], CURVE_LENGTH + 1 - curve.shape[-1])), -1)
-        self.sums[layer] = self.sums.get(layer, 0) + curve.double().sum(dim=(0, 1)).cpu()
-        self.counts[layer] = self.counts.get(layer, 0) + batch * kv_heads
+        summed = curve.double().sum(dim=0).cpu()                                            # [kvh, G+1]
+        units = [((layer, h), summed[h], batch) for h in range(kv_heads)] if self.per_head else \
+            [(layer, summed.sum(0), batch * kv_heads)]
+        for unit, total, count in units:
+            self.sums[unit] = self.sums.get(unit, 0) + total
+            self.counts[unit] = self.counts.get(unit, 0) + count
 
-    def curves(self) -> dict[int, torch.Tensor]:
+    def curves(self) -> dict:
         return {layer: total / self.counts[layer] for layer, total in sorted(self.sums.items())}
 
 
-def allocate(curves: dict[int, torch.Tensor], uniform: int, floor: int) -> dict[int, int]:
-    """Groups per layer: from `floor` each, one group at a time to the layer whose captured mass
-    grows most, until the layers hold uniform x layers groups."""
+def allocate(curves: dict, uniform: int, floor: int) -> dict:
+    """Groups per unit (a layer, or a layer's KV head): from `floor` each, one group at a time to
+    the unit whose curve grows most, until the units hold uniform x units groups."""
     assert floor <= uniform
     keep = dict.fromkeys(curves, floor)
     for _ in range((uniform - floor) * len(curves)):
@@ -86,9 +113,13 @@ def allocate(curves: dict[int, torch.Tensor], uniform: int, floor: int) -> dict[
     return keep
 
 
-def layer_keep(weights: dict[int, float]):
-    def keep_of(budget_groups: int, layer: int) -> int:
-        return max(1, round(weights.get(layer, 1.0) * budget_groups))
+def layer_keep(weights: dict[int, float | list[float]]):
+    """keep_of for se.shared_budget_decode: a layer's groups, or a list of its KV heads' groups."""
+    def keep_of(budget_groups: int, layer: int) -> int | list[int]:
+        weight = weights.get(layer, 1.0)
+        if isinstance(weight, list):
+            return [max(1, round(w * budget_groups)) for w in weight]
+        return max(1, round(weight * budget_groups))
     return keep_of
 
 
@@ -98,23 +129,29 @@ def calibrate(args, rest: list[str]) -> None:
     ids = tok.encode(sq.english_text())[args.skip_tokens:]
     text_file = Path(args.out).with_suffix(".text")
     text_file.write_text(tok.decode(ids), encoding="utf-8")
-    recorder = MassCurves()
+    recorder = LayerCurves(args.metric, args.per_head)
     sq.EXTRA_DECODES["layer-calibrate"] = lambda: se.shared_budget_decode(1.0, observe=recorder)
     run_bench(args, rest + ["--text-file", str(text_file), "--sweep", "rule=layer-calibrate"])
     curves = recorder.curves()
     uniform = args.budget // args.group_tokens
     keep = allocate(curves, uniform, args.min_groups)
+    layers = sorted({unit[0] if args.per_head else unit for unit in keep})
+
+    def per_layer(value):           # a layer's number, or its heads' in a list
+        return {str(layer): [value(unit) for unit in keep if unit[0] == layer] if args.per_head else value(layer)
+                for layer in layers}
     report = {"budget": args.budget, "group_tokens": args.group_tokens, "min_groups": args.min_groups,
-              "weights": {str(layer): keep[layer] / uniform for layer in keep},
-              "captured_uniform": {str(layer): float(c[uniform]) for layer, c in curves.items()},
-              "captured_allocated": {str(layer): float(c[keep[layer]]) for layer, c in curves.items()}}
+              "metric": args.metric, "per_head": args.per_head,
+              "weights": per_layer(lambda unit: keep[unit] / uniform),
+              "curve_uniform": per_layer(lambda unit: float(curves[unit][uniform])),
+              "curve_allocated": per_layer(lambda unit: float(curves[unit][keep[unit]]))}
     Path(args.out).write_text(json.dumps(report, indent=1), encoding="utf-8")
-    sq.say(f"layer budgets ({args.budget} tokens, floor {args.min_groups} groups): mean captured mass "
-           f"{sum(report['captured_uniform'].values()) / len(curves):.4f} uniform, "
-           f"{sum(report['captured_allocated'].values()) / len(curves):.4f} allocated")
-    for layer in keep:
-        sq.say(f"  layer {layer:2d}: {keep[layer]:3d} groups, captured {float(curves[layer][uniform]):.4f} -> "
-               f"{float(curves[layer][keep[layer]]):.4f}")
+    sq.say(f"layer budgets ({args.budget} tokens, floor {args.min_groups} groups): mean {args.metric} curve "
+           f"{sum(float(c[uniform]) for c in curves.values()) / len(curves):.4f} uniform, "
+           f"{sum(float(curves[unit][keep[unit]]) for unit in keep) / len(curves):.4f} allocated")
+    for unit in keep:
+        sq.say(f"  {unit}: {keep[unit]:3d} groups, curve {float(curves[unit][uniform]):.4f} -> "
+               f"{float(curves[unit][keep[unit]]):.4f}")
 
 
 def evaluate(args, rest: list[str]) -> None:
@@ -146,6 +183,9 @@ def main() -> None:
     cal.add_argument("--budget", type=int, default=2048, help="the uniform budget the allocation keeps on average")
     cal.add_argument("--group-tokens", type=int, default=64)
     cal.add_argument("--min-groups", type=int, default=8, help="the fewest groups a layer keeps")
+    cal.add_argument("--metric", choices=("mass", "output"), default="mass",
+                     help="what the allocation maximises: captured mass, or minus the output's relative error")
+    cal.add_argument("--per-head", action="store_true", help="a budget per (layer, KV head), not per layer")
     cal.add_argument("--skip-tokens", type=int, default=28000, help="text the quality bench uses, skipped")
     ev = sub.add_parser("eval", allow_abbrev=False)
     ev.add_argument("budgets_file")
