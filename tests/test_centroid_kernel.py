@@ -320,3 +320,32 @@ def test_the_launchers_forced_choices_give_the_same_output():
     assert all(torch.equal(out, outs[0]) for out in outs[1:])
     for i, (_, expected) in enumerate(_reference_rows(x, shortlist)):
         torch.testing.assert_close(outs[0][i], expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("choices", [dict(num_splits=1), dict(num_splits=3), dict(num_splits=4, fixed_splits=True),
+                                     dict(split_keys=64), dict(split_keys=32, block_n=32)])
+def test_split_k_decode_with_a_length_per_kv_head(choices):
+    """Rows whose KV heads attend different numbers of chosen keys (a budget per head): seq_lens
+    [batch, kv_heads], each head's keys the first seq_lens[b, h] of its own page table, against
+    plain softmax attention per (row, head); a head of no keys is not part of any row here."""
+    from kernels.triton.decode import split_k_decode
+    page_size, kv_heads, group, head_dim, width = 8, 3, 2, 64, 12
+    gen = torch.Generator().manual_seed(7)
+    num_pages = 64
+    k = torch.randn(num_pages, page_size, kv_heads, head_dim, generator=gen)
+    v = torch.randn(num_pages, page_size, kv_heads, head_dim, generator=gen)
+    lens = torch.tensor([[96, 40, 7], [1, 64, 95], [33, 33, 80]], dtype=torch.int32)
+    tables = torch.stack([torch.randperm(num_pages, generator=gen)[:width] for _ in range(lens.numel())]).view(
+        len(lens), kv_heads, width).int()
+    q = torch.randn(len(lens), kv_heads * group, head_dim, generator=gen)
+    scale = head_dim ** -0.5
+    out = split_k_decode(q, k, v, tables, lens, scale, **choices)
+    for b in range(len(lens)):
+        for h in range(kv_heads):
+            n = int(lens[b, h])
+            pages = tables[b, h].long()
+            keys = k[pages, :, h].flatten(0, 1)[:n]
+            values = v[pages, :, h].flatten(0, 1)[:n]
+            heads = q[b, h * group:(h + 1) * group]
+            want = torch.softmax(heads @ keys.T * scale, dim=-1) @ values
+            torch.testing.assert_close(out[b, h * group:(h + 1) * group], want, rtol=1e-4, atol=1e-4)

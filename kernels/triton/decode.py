@@ -76,7 +76,7 @@ def _load_kv(ptr, mask, EVICT: tl.constexpr):
 
 @triton.jit
 def _decode_stage1(Q, K, V, PT, SeqLens, MidO, MidL, qk_scale, num_splits, split_tokens, max_tokens,
-                   s_qb, s_qh, s_kp, s_ks, s_kh, s_vp, s_vs, s_vh, s_pb, s_ph, s_pp,
+                   s_qb, s_qh, s_kp, s_ks, s_kh, s_vp, s_vs, s_vh, s_pb, s_ph, s_pp, s_nb, s_nh,
                    s_ob, s_oh, s_os, s_lb, s_lh,
                    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, UPCAST: tl.constexpr,
@@ -88,7 +88,8 @@ def _decode_stage1(Q, K, V, PT, SeqLens, MidO, MidL, qk_scale, num_splits, split
     else:  # grid (batch, kv_heads, splits)
         b = tl.program_id(0)
         kvh = tl.program_id(1)
-    attend_split(Q, K, V, PT + b.to(tl.int64) * s_pb + kvh * s_ph, tl.load(SeqLens + b), b, kvh, tl.program_id(2),
+    attend_split(Q, K, V, PT + b.to(tl.int64) * s_pb + kvh * s_ph, tl.load(SeqLens + b * s_nb + kvh * s_nh), b, kvh,
+                 tl.program_id(2),
                  MidO, MidL, qk_scale, num_splits, split_tokens, max_tokens, s_qb, s_qh, s_kp, s_ks, s_kh, s_vp,
                  s_vs, s_vh, s_pp, s_ob, s_oh, s_os, s_lb, s_lh, GROUP, BLOCK_H, HEAD_DIM, BLOCK_N, PAGE_SIZE,
                  UPCAST, EVICT, DIRECT, PER_PAGE, ORDERED, FIXED)
@@ -110,6 +111,8 @@ def attend_split(Q, K, V, pt, seq_len, b, kvh, split, MidO, MidL, qk_scale, num_
     heads = kvh * GROUP + offs_h
 
     if ORDERED or FIXED:  # fixed-size splits from key 0: a row's splits do not depend on its length
+        split_len = split_tokens
+    elif split_tokens > 0:  # split_keys: the same, each split past its row's end empty
         split_len = split_tokens
     else:
         split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
@@ -222,8 +225,10 @@ def split_k_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
                    num_splits: int | None = None, block_n: int = 64, num_warps: int = 4,
                    num_stages: int = 2, evict_first: bool = True, per_page: bool = False,
                    heads_inner: bool = True, out: torch.Tensor | None = None,
-                   split_tokens: int = 0, fixed_splits: bool = False) -> torch.Tensor:
-    """Split-K decode where page_tables is [batch, pages] or per KV head [batch, kv_heads, pages].
+                   split_tokens: int = 0, fixed_splits: bool = False, split_keys: int = 0) -> torch.Tensor:
+    """Split-K decode where page_tables is [batch, pages] or per KV head [batch, kv_heads, pages],
+    and seq_lens [batch] or per KV head [batch, kv_heads] (keys a head attends in its table: rows
+    whose heads keep different numbers of chosen pages; not with split_tokens).
 
     split_tokens > 0 (a multiple of block_n): the batch-invariant mode of the module docstring;
     num_splits then only bounds the grid (default: the table's capacity in splits; a caller that
@@ -237,19 +242,29 @@ def split_k_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     fixed_splits: the splits divide the table's capacity, not each row's length, so a program's
     trip count is known at launch and its first page ids load with the length (one dependent memory
     trip fewer; for tables that rows nearly fill: sparse decode's chosen pages; H200, budget 2048:
-    b1 9.2 -> 8.8 us, b16 38.9 -> 37.6, b64 130.5 -> 129.3)."""
+    b1 9.2 -> 8.8 us, b16 38.9 -> 37.6, b64 130.5 -> 129.3).
+    split_keys > 0 (a multiple of block_n): splits of that many keys from key 0 over the table's
+    capacity, a split past its row's end storing an empty partial at once; for rows of uneven
+    length (a budget per KV head), so that every program attends at most split_keys keys and the
+    programs balance over the SMs whatever the head."""
     group, page_size = check_kv(q, k_cache, v_cache)
     batch, q_heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
     if page_tables.dim() == 2:
         page_tables = page_tables.unsqueeze(1).expand(batch, kv_heads, page_tables.shape[1])
     assert page_tables.shape[:2] == (batch, kv_heads) and page_tables.dtype == torch.int32
-    assert seq_lens.shape == (batch,) and seq_lens.dtype == torch.int32
+    assert seq_lens.shape in ((batch,), (batch, kv_heads)) and seq_lens.dtype == torch.int32
+    len_strides = (seq_lens.stride(0), seq_lens.stride(1) if seq_lens.dim() == 2 else 0)
     assert q.stride(2) == 1
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     ordered = split_tokens > 0
     max_tokens = page_tables.shape[2] * page_size
     assert not (ordered and fixed_splits), "batch-invariant splits are already fixed"
+    assert not (split_keys and (ordered or fixed_splits or num_splits)), "split_keys sets the splits itself"
+    if split_keys:
+        assert split_keys % block_n == 0, "split_keys must be a multiple of block_n"
+        num_splits, split_tokens = -(-max_tokens // split_keys), split_keys
+    assert not (ordered and seq_lens.dim() == 2), "the ordered merge reads one length a row"
     if ordered:
         assert split_tokens % block_n == 0, "split_tokens must be a multiple of block_n"
         num_splits = num_splits or -(-page_tables.shape[2] * page_size // split_tokens)
@@ -271,7 +286,7 @@ def split_k_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     _decode_stage1[grid](
         q, k_cache, v_cache, page_tables, seq_lens, mid_o, mid_l, scale * LOG2E, num_splits, split_tokens,
         max_tokens, q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
-        *page_tables.stride(), *mid_strides, GROUP=group,
+        *page_tables.stride(), *len_strides, *mid_strides, GROUP=group,
         BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_N=block_n, PAGE_SIZE=page_size,
         UPCAST=dot_upcast(q.dtype), EVICT=evict_first, DIRECT=direct, PER_PAGE=per_page, HEADS_INNER=heads_inner,
         ORDERED=ordered, FIXED=fixed_splits, num_warps=num_warps, num_stages=num_stages)
