@@ -126,7 +126,8 @@ def layer_keep(weights: dict[int, float | list[float]]):
 def calibrate(args, rest: list[str]) -> None:
     source = resolve_source(args.model)
     tok = sq.Tokenizer(args.tokenizer_json, source)
-    ids = tok.encode(sq.english_text())[args.skip_tokens:]
+    text = Path(args.source_text).read_text(encoding="utf-8") if args.source_text else sq.english_text()
+    ids = tok.encode(text)[args.skip_tokens:]
     text_file = Path(args.out).with_suffix(".text")
     text_file.write_text(tok.decode(ids), encoding="utf-8")
     recorder = LayerCurves(args.metric, args.per_head)
@@ -186,6 +187,8 @@ def main() -> None:
     cal.add_argument("--metric", choices=("mass", "output"), default="mass",
                      help="what the allocation maximises: captured mass, or minus the output's relative error")
     cal.add_argument("--per-head", action="store_true", help="a budget per (layer, KV head), not per layer")
+    cal.add_argument("--source-text", default=None,
+                     help="calibrate on this text (a sparse_quality --save-text file) instead of this Python's docs")
     cal.add_argument("--skip-tokens", type=int, default=28000, help="text the quality bench uses, skipped")
     ev = sub.add_parser("eval", allow_abbrev=False)
     ev.add_argument("budgets_file")
