@@ -414,6 +414,29 @@ def kmeans_selector(clusters: int, group_pages: int, with_spread: bool, fp8: boo
     return select
 
 
+def row_group_scores(q: torch.Tensor, cache, layer: int, plan, scale: float, combine: str) -> torch.Tensor:
+    """The engine's fine-stage scores of every group of the rows -> [Bs, kvh, G]: the GQA group's
+    log shares (max, or with combine "sum" their log-sum-exp) plus the forcing bias. With a
+    shortlist (coarse to fine), the groups of each head's shortlisted runs hold the fine stage's
+    scores over the shortlist, as centroids.choose_pages computes them, and every other group -inf."""
+    def combined(shares):
+        return shares.amax(2) if combine == "max" else shares.logsumexp(2)
+    short = plan.shortlist
+    if short is None:
+        return combined(ce.head_shares(q, cache.cents[layer], cache.cstats[layer], plan.last_pages, plan.scored,
+                                       scale)) + plan.bias
+    runs = ce.group_scores(q, cache.run_cents[layer], cache.run_cstats[layer], short.run_last, short.run_scored,
+                           scale)
+    logical = ce.best_units(runs + short.run_bias, short.keep, short.run_pages)   # [Bs, kvh, keep * run_pages]
+    physical = plan.sparse_pages.gather(1, logical.flatten(1)).view_as(logical)
+    fine = combined(ce.head_shares(q, cache.cents[layer], cache.cstats[layer],
+                                   physical[..., plan.group_pages - 1::plan.group_pages], short.scored,
+                                   scale)) + short.bias                            # [Bs, kvh, shortlisted]
+    groups = plan.last_pages.shape[1]
+    scores = fine.new_full((*fine.shape[:2], groups), float("-inf"))
+    return scores.scatter_(2, logical[..., ::plan.group_pages] // plan.group_pages, fine)
+
+
 def shared_budget_decode(cap: float, combine: str = "max", keep_of=None, observe=None):
     """The engine's centroid decode (the torch backend's, centroids.centroid_decode_attention) with
     the budget shared by a layer's KV heads: the same group scores (each q head's log-softmax over
@@ -423,7 +446,7 @@ def shared_budget_decode(cap: float, combine: str = "max", keep_of=None, observe
     budget, the engine's choice). A head whose attention is peaked gives groups to one whose
     attention is spread. combine "sum": the GQA group's shares summed (their log-sum-exp) instead
     of their max. The attention is a masked dense one over the row (the same result as reading the
-    chosen groups' pages); rows within the shortlist only. keep_of(budget_groups, layer): the
+    chosen groups' pages); with a shortlist, among its groups (row_group_scores). keep_of(budget_groups, layer): the
     groups a head keeps in that layer, one number or one per KV head (default: the budget);
     observe(layer, q, k, v, scores, plan, scale): called with the row's keys and values [Bs, kvh,
     T, d] and the scores before the choice (a recorder)."""
@@ -431,11 +454,8 @@ def shared_budget_decode(cap: float, combine: str = "max", keep_of=None, observe
         plan = ce.get_plan(cache, meta)
         if counted_all_dense(plan, meta):
             return dense_decode(q, cache, layer, meta, scale)
-        assert plan.shortlist is None, "shared budgets are measured within the shortlist"
         q_sparse = q[plan.sparse_rows]
-        shares = ce.head_shares(q_sparse, cache.cents[layer], cache.cstats[layer], plan.last_pages, plan.scored,
-                                scale)                                           # [Bs, kvh, g, G]
-        scores = (shares.amax(2) if combine == "max" else shares.logsumexp(2)) + plan.bias   # [Bs, kvh, G]
+        scores = row_group_scores(q_sparse, cache, layer, plan, scale, combine)  # [Bs, kvh, G]
         batch, kv_heads, groups = scores.shape
         keep = torch.as_tensor(keep_of(plan.budget_groups, layer) if keep_of else plan.budget_groups,
                                device=q.device).expand(kv_heads).clamp(max=groups)   # [kvh] groups a head
