@@ -3,7 +3,7 @@ KV head)'s chosen keys when a layer's heads keep different numbers of them, agai
 keeping the uniform budget. Llama-3-8B attention shapes (32 q heads, 8 KV heads, d 128, bf16,
 16-token pages), CUDA graphs, chosen pages drawn at random from a pool larger than the L2 cache.
 
-    python bench/head_budget_attention.py --budgets h2048.json [--batches 1 16 64]
+    python bench/head_budget_attention.py --budgets h2048.json [--batches 1 16 64] [--mean 1600]
 
 --budgets: a table from `bench/sparse_layer_budgets.py calibrate --per-head` (groups per (layer,
 KV head) as fractions of the budget). Each of its layers is one pattern: its heads' fractions
@@ -87,6 +87,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--budgets", required=True)
     parser.add_argument("--budget", type=int, default=2048)
+    parser.add_argument("--mean", type=int, default=None,
+                        help="keys a head on average in the per-head patterns (default: --budget)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--splits", type=int, nargs="+", default=[128, 256, 512, 1024],
                         help="keys a split (per-head rows)")
@@ -102,9 +104,11 @@ def main() -> None:
     k = torch.randn(POOL_PAGES, PAGE, HKV, D, generator=gen, dtype=torch.bfloat16).to(dev)
     v = torch.randn(POOL_PAGES, PAGE, HKV, D, generator=gen, dtype=torch.bfloat16).to(dev)
     scale = D ** -0.5
-    layers = patterns(args.budgets, args.budget)[:2 if args.dry else None]
+    mean_keys = args.mean or args.budget
+    layers = patterns(args.budgets, mean_keys)[:2 if args.dry else None]
     print(f"{len(layers)} layer patterns; keys a head: {min(min(p) for p in layers)}-{max(max(p) for p in layers)}, "
-          f"mean of the largest head {sum(max(p) for p in layers) / len(layers):.0f} (uniform {args.budget})")
+          f"mean {mean_keys}, mean of the largest head {sum(max(p) for p in layers) / len(layers):.0f} "
+          f"(uniform {args.budget})")
     rows = []
     for batch in args.batches:
         q = torch.randn(COPIES, batch, HQ, D, generator=gen, dtype=torch.bfloat16).to(dev)
@@ -124,8 +128,8 @@ def main() -> None:
         for name, ts in times.items():
             mean = sum(ts) / len(ts)
             rows.append((batch, name, mean, max(ts), uniform / mean if mean else 0.0))
-    print("\n| batch | attention (2048 keys a head on average) | us (mean over layers) | worst layer | "
-          "uniform / this |")
+    print(f"\n| batch | attention ({mean_keys} keys a head on average; uniform {args.budget}) | "
+          "us (mean over layers) | worst layer | uniform / this |")
     print("| --- | --- | --- | --- | --- |")
     for batch, name, mean, worst, ratio in rows:
         print(f"| {batch} | {name} | {mean:.1f} | {worst:.1f} | {ratio:.2f}x |")
