@@ -40,7 +40,13 @@ from bench.sparse_stages import HKV, HQ, PAGE, D, sparse_inputs
 from kernels import centroid_reference as cref
 from kernels import reference as ref
 from kernels.triton.centroid_scores import centroid_group_logits, score_tuning
-from kernels.triton.centroids import attend_tuning, centroid_sparse_decode, fused_tile, selection_warps
+from kernels.triton.centroids import (
+    HeadBudgets,
+    attend_tuning,
+    centroid_sparse_decode,
+    fused_tile,
+    selection_warps,
+)
 from kernels.triton.decode import paged_decode, split_k_decode
 from kernels.triton.select_attend import select_attend
 from kernels.triton.selection import combine_select, prefers_top_k
@@ -320,6 +326,52 @@ def time_shortlist(xs: list, scale: float, shortlist: cref.CentroidShortlist) ->
                 f"two launches: {t_two:.1f})", select="groups", whole=whole)
 
 
+def time_head_budgets(xs: list, scale: float, shortlist: cref.CentroidShortlist | None, path: str,
+                      mean_tokens: int) -> tuple[float, float, float]:
+    """The launcher with a budget per KV head (HeadBudgets): each layer of a per-head table
+    (bench/sparse_layer_budgets.py calibrate --per-head) a pattern of 8 heads' budgets at
+    mean_tokens on average (bench/head_budget_attention.patterns), the layer's largest head as
+    budget_tokens. Checked first on the first sequence against centroid_select_pages(head_budgets=...)
+    and each head's attention over its own pages. -> (uniform us, mean us over the patterns, worst)."""
+    from bench.head_budget_attention import patterns
+    layers = patterns(path, mean_tokens)
+    if shortlist is not None:
+        shortlist = cref.CentroidShortlist(*xs[0]["runs"], shortlist.run_pages, shortlist.shortlist_tokens)
+
+    budgets = {tuple(lengths): HeadBudgets(torch.tensor([n // SPAN for n in lengths], dtype=torch.int32,
+                                                        device=xs[0]["q"].device), min(lengths) // SPAN)
+               for lengths in layers}        # made once, as the engine would at start-up
+
+    def launcher(x, lengths):
+        short = None if shortlist is None else cref.CentroidShortlist(*x["runs"], shortlist.run_pages,
+                                                                      shortlist.shortlist_tokens)
+        return centroid_sparse_decode(x["q"], x["k"], x["v"], x["cents"], x["stats"], x["table"], x["lens"],
+                                      max(lengths), 16, 64, GROUP_PAGES, scale, shortlist=short,
+                                      interpreted=DEVICE == "cpu", head_budgets=budgets[tuple(lengths)])
+    x = xs[0]
+    lengths = layers[0]
+    pages = x["table"][0, :-(-int(x["lens"][0]) // PAGE)].long()
+    cpu = {n: x[n][pages].float().cpu() for n in ("k", "v", "cents", "stats")}
+    short = None if shortlist is None else cref.CentroidShortlist(
+        *(t[pages].float().cpu() for t in x["runs"]), shortlist.run_pages, shortlist.shortlist_tokens)
+    table = torch.arange(len(pages), dtype=torch.int32)
+    q = x["q"][0].float().cpu()
+    n = int(x["lens"][0])
+    want = cref.centroid_select_pages(q, cpu["cents"], cpu["stats"], table, n, PAGE, GROUP_PAGES, scale,
+                                      max(lengths), 16, 64, shortlist=short, head_budgets=lengths)
+    got = launcher(x, lengths)[0].float().cpu()
+    group = HQ // HKV
+    err = max((got[h * group:(h + 1) * group] - ref.attend_pages(
+        q[h * group:(h + 1) * group], cpu["k"][:, :, h:h + 1], cpu["v"][:, :, h:h + 1], table, n,
+        want[h].unsqueeze(0), scale)).abs().max().item() for h in range(HKV))
+    print(f"head budgets {lengths}: launcher vs the reference's per-head choice and attention, max abs difference "
+          f"{err:.2e}", flush=True)
+    assert err < 2e-2, "per-head centroid decode wrong"
+    uniform = graph_us(rotating([partial(engine_decode, x, scale, shortlist) for x in xs]))
+    times = [graph_us(rotating([partial(launcher, x, lengths) for x in xs])) for lengths in layers]
+    return uniform, sum(times) / len(times), max(times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=16)
@@ -347,6 +399,11 @@ def main() -> None:
                         help="centroids per run of the coarse stage (default: --clusters, as the engine keeps)")
     parser.add_argument("--run-pages", type=int, nargs="+", default=[16],
                         help="pages per run of the coarse stage (several: coarse to fine timed with each)")
+    parser.add_argument("--head-budgets", default=None, help="also time the launcher with a budget per KV head: "
+                        "a per-head table of bench/sparse_layer_budgets.py, each layer a pattern (with the last "
+                        "dtype, coarse to fine with the first --run-pages where --shortlist is given)")
+    parser.add_argument("--head-mean", type=int, default=None,
+                        help="keys a head on average in the --head-budgets patterns (default: --budget)")
     args = parser.parse_args()
     if args.launch_floor:
         launch_floor()
@@ -425,6 +482,17 @@ def main() -> None:
                              f"{run_clusters} centroids a run)",
                              coarse["scores"], (coarse["runs"], "runs"), coarse["select"], "-", coarse["whole"],
                              coarse["whole"]))
+        if args.head_budgets and i == len(args.dtypes) - 1:
+            shortlist = cref.CentroidShortlist(None, None, args.run_pages[0], args.shortlist) if args.shortlist \
+                else None
+            if shortlist is not None:
+                for x in xs:
+                    add_run_summaries(x, args.run_clusters or args.clusters, shortlist.run_pages)
+            uniform, mean, worst = time_head_budgets(xs, scale, shortlist, args.head_budgets,
+                                                     args.head_mean or args.budget)
+            print(f"a budget per KV head (mean {args.head_mean or args.budget} tokens, {args.head_budgets}), "
+                  f"{'coarse to fine' if shortlist else 'one stage'}: the launcher {mean:.1f} us on average over "
+                  f"the layers (worst {worst:.1f}) against {uniform:.1f} with the uniform {args.budget}", flush=True)
         best = min(timed, key=lambda t: t[0])
         rows.append((f"centroids {name}", f"{timed[0][0]:.1f} / {scores:.1f}", best,
                      f"{select:.1f} / {select_tuned:.1f}", f"{attend:.1f} / {attend_tuned:.1f}", whole, engine))

@@ -9,6 +9,7 @@ its last page. Coarse to fine adds runs of run_pages pages with summaries of the
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -153,7 +154,8 @@ def centroid_shortlist(q: torch.Tensor, shortlist: CentroidShortlist, page_table
 def centroid_select_pages(q: torch.Tensor, cents: torch.Tensor, stats: torch.Tensor, page_table: torch.Tensor,
                           seq_len: int, page_size: int, group_pages: int, scale: float, budget_tokens: int,
                           sink_tokens: int, recent_tokens: int,
-                          shortlist: CentroidShortlist | None = None) -> torch.Tensor:
+                          shortlist: CentroidShortlist | None = None,
+                          head_budgets: Sequence[int] | None = None) -> torch.Tensor | list[torch.Tensor]:
     """The centroid selector's logical pages per KV head: groups of page_size * group_pages tokens
     counted as sparse_page_counts counts pages (budget, sink, recent in groups), chosen by
     select_pages from centroid_group_scores, each kept group's pages in order (the last group's
@@ -164,25 +166,34 @@ def centroid_select_pages(q: torch.Tensor, cents: torch.Tensor, stats: torch.Ten
     order, are a sequence of their own (the shortlist's length, its own page table), and the rule
     above chooses among its groups alone: each head's softmax over the shortlist, the sink and
     recent groups counted in it (they are its first and last groups). A sequence of at most the
-    shortlist's runs is its own shortlist, so it selects exactly as without one."""
+    shortlist's runs is its own shortlist, so it selects exactly as without one.
+
+    head_budgets (tokens per KV head, each at most budget_tokens, which is then the layer's
+    largest): each KV head keeps its own budget's groups by the same scores and rule, the
+    shortlist sized by budget_tokens for every head -> a list of each head's pages."""
+    kv_heads = cents.shape[1]
+    budgets = [budget_tokens] * kv_heads if head_budgets is None else list(head_budgets)
+    assert len(budgets) == kv_heads and max(budgets) <= budget_tokens
+    chosen = []
     if shortlist is not None:
         runs, short_len = centroid_shortlist(q, shortlist, page_table, seq_len, page_size, group_pages, scale,
                                              budget_tokens, sink_tokens, recent_tokens)
-        kv_heads, run_pages = cents.shape[1], shortlist.run_pages
+        run_pages = shortlist.run_pages
         group = q.shape[0] // kv_heads
         padded = torch.cat([page_table, page_table[-1:].expand(run_pages)])       # the last run, whole
-        chosen = []
-        for h in range(kv_heads):
+        for h, head_budget in enumerate(budgets):
             logical = (runs[h].unsqueeze(1) * run_pages + torch.arange(run_pages)).flatten()
             pages = centroid_select_pages(q[h * group:(h + 1) * group], cents[:, h:h + 1], stats[:, h:h + 1],
                                           padded[logical.clamp(max=len(page_table))], short_len, page_size,
-                                          group_pages, scale, budget_tokens, sink_tokens, recent_tokens)
+                                          group_pages, scale, head_budget, sink_tokens, recent_tokens)
             chosen.append(logical[pages[0]])
-        return torch.stack(chosen)
-    span = page_size * group_pages
-    budget, sink, recent = sparse_page_counts(span, budget_tokens, sink_tokens, recent_tokens)
-    scores = centroid_group_scores(q, cents, stats, page_table, seq_len, page_size, group_pages, scale)
-    groups = select_pages(scores, budget, sink, recent)                         # [kvh, k]
-    pages = (groups.unsqueeze(-1) * group_pages + torch.arange(group_pages)).flatten(1)
-    n_pages = -(-seq_len // page_size)
-    return pages[:, :int((pages[0] < n_pages).sum())]
+    else:
+        span = page_size * group_pages
+        scores = centroid_group_scores(q, cents, stats, page_table, seq_len, page_size, group_pages, scale)
+        n_pages = -(-seq_len // page_size)
+        for h, head_budget in enumerate(budgets):
+            groups = select_pages(scores[h:h + 1], *sparse_page_counts(span, head_budget, sink_tokens,
+                                                                       recent_tokens))[0]
+            pages = (groups.unsqueeze(-1) * group_pages + torch.arange(group_pages)).flatten()
+            chosen.append(pages[:int((pages < n_pages).sum())])
+    return chosen if head_budgets is not None else torch.stack(chosen)

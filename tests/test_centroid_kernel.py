@@ -349,3 +349,70 @@ def test_split_k_decode_with_a_length_per_kv_head(choices):
             heads = q[b, h * group:(h + 1) * group]
             want = torch.softmax(heads @ keys.T * scale, dim=-1) @ values
             torch.testing.assert_close(out[b, h * group:(h + 1) * group], want, rtol=1e-4, atol=1e-4)
+
+
+def _attend_each_head(x, i: int, chosen: list[torch.Tensor]) -> torch.Tensor:
+    """reference.attend_pages of row i with each KV head's own list of chosen pages (of any length)."""
+    kv_heads = x["k"].shape[2]
+    group = x["q"].shape[1] // kv_heads
+    n = x["lens"][i]
+    return torch.cat([ref.attend_pages(x["q"][i, h * group:(h + 1) * group], x["k"][:, :, h:h + 1],
+                                       x["v"][:, :, h:h + 1], x["table"][i], n, chosen[h].unsqueeze(0), x["scale"])
+                      for h in range(kv_heads)])
+
+
+@pytest.mark.parametrize("selection", ["radix", "radix top-k", "radix streamed"])
+def test_combine_select_with_a_budget_per_kv_head(selection):
+    """combine_select(head_budgets=...): each KV head keeps its own count of groups (here 6 and 3 of
+    rows of 20, 5 and 13 groups: the 5-group row is whole for one head and cut for the other) as
+    centroid_select_pages(head_budgets=...) chooses them, with a virtual length per (row, KV
+    head) that split_k_decode attends as the reference does."""
+    from kernels.triton.decode import split_k_decode
+    from kernels.triton.selection import combine_select
+    x = _pipeline_inputs()
+    q, k, v, table, seq_lens, scale, force = (x[n] for n in ("q", "k", "v", "table", "seq_lens", "scale", "force"))
+    page_size, group_pages, span, kv_heads = x["page_size"], x["group_pages"], x["span"], k.shape[2]
+    budgets = [force[0], 3]
+    logits = centroid_group_logits(q, x["cents"], x["stats"], table, seq_lens, page_size, group_pages, scale,
+                                   interpreted=True)
+    logical, physical, vlens = combine_select(logits, table, seq_lens, span, kv_heads, force, scale, force[0],
+                                              expand=group_pages, streamed=selection == "radix streamed",
+                                              sort="topk" if selection == "radix top-k" else None,
+                                              head_budgets=torch.tensor(budgets, dtype=torch.int32))
+    assert vlens.shape == (len(x["lens"]), kv_heads)
+    out = split_k_decode(q, k, v, physical, vlens, scale)
+    cut = False
+    for i, n in enumerate(x["lens"]):
+        want = cref.centroid_select_pages(q[i], x["cents"], x["stats"], table[i], n, page_size, group_pages, scale,
+                                          *x["tokens"], head_budgets=[b * span for b in budgets])
+        for h, budget in enumerate(budgets):
+            kept = min(-(-n // span), budget)
+            pages = (logical[i, h, :kept].long()[:, None] * group_pages + torch.arange(group_pages)).flatten()
+            assert torch.equal(pages[:len(want[h])], want[h])
+            assert int(vlens[i, h]) == n - max(0, -(-n // span) - budget) * span
+        cut |= len(want[0]) != len(want[1])
+        torch.testing.assert_close(out[i], _attend_each_head(x, i, want), rtol=1e-4, atol=1e-4)
+    assert cut, "no row kept different counts for its heads"
+
+
+@pytest.mark.parametrize("planned_batch", [None, 12, 64])
+@pytest.mark.parametrize("coarse", [False, True])
+def test_centroid_sparse_decode_with_a_budget_per_kv_head(planned_batch, coarse):
+    """The launcher with HeadBudgets (8 and 4 groups), for few planned rows (select_attend: the
+    smaller head's split half empty), more (a selection launch, then split_k_decode over lengths per
+    KV head) and a wave (select_then_attend), in one stage and coarse to fine (the shortlist sized by
+    the larger budget), writes the reference's per-head selection and attention."""
+    from kernels.triton.centroids import HeadBudgets
+    x, shortlist = _shortlist_inputs()
+    budgets = [8, 4]
+    heads = HeadBudgets(torch.tensor(budgets, dtype=torch.int32), min(budgets))
+    out = torch.full_like(x["q"], float("nan"))
+    centroid_sparse_decode(x["q"], x["k"], x["v"], x["cents"], x["stats"], x["table"], x["seq_lens"], *x["tokens"],
+                           x["group_pages"], x["scale"], interpreted=True, planned_batch=planned_batch, out=out,
+                           shortlist=shortlist if coarse else None, head_budgets=heads)
+    for i, n in enumerate(x["lens"]):
+        want = cref.centroid_select_pages(x["q"][i], x["cents"], x["stats"], x["table"][i], n, x["page_size"],
+                                          x["group_pages"], x["scale"], *x["tokens"],
+                                          shortlist=shortlist if coarse else None,
+                                          head_budgets=[b * x["span"] for b in budgets])
+        torch.testing.assert_close(out[i], _attend_each_head(x, i, want), rtol=1e-4, atol=1e-4)

@@ -100,3 +100,55 @@ def test_select_then_attend_matches_the_two_launches_and_the_reference(sort, blo
     two = split_k_decode(q, k, v, physical, vlens, scale, num_splits=1, block_n=block_n, fixed_splits=True)
     assert torch.equal(got, two)
     _check_reference(x, got)
+
+
+def _check_reference_per_head(x, got, budgets):
+    """Each row's output against the reference's choice with a budget per KV head, each head attended
+    over its own pages."""
+    group = x["q"].shape[1] // x["kv_heads"]
+    for i, n in enumerate(x["lens"]):
+        want = cref.centroid_select_pages(x["q"][i], x["cents"], x["stats"], x["table"][i], n, x["page_size"],
+                                          x["group_pages"], x["scale"], *x["tokens"],
+                                          head_budgets=[b * x["span"] for b in budgets])
+        for h in range(x["kv_heads"]):
+            heads = slice(h * group, (h + 1) * group)
+            expected = ref.attend_pages(x["q"][i, heads], x["k"][:, :, h:h + 1], x["v"][:, :, h:h + 1], x["table"][i],
+                                        n, want[h].unsqueeze(0), x["scale"])
+            torch.testing.assert_close(got[i, heads], expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("split_groups,sort", [(1, None), (2, "topk")])
+def test_select_attend_with_a_budget_per_kv_head(split_groups, sort):
+    """Budgets of 6 and 3 groups: the smaller head's later splits are empty (with 2 groups a split,
+    its second split half so) and its choice is the reference's for 3 groups; bit for bit the
+    selection launch with the same budgets then split_k_decode over lengths per KV head."""
+    x = _inputs()
+    q, k, v, table, seq_lens, span, force, scale = (x[n] for n in (
+        "q", "k", "v", "table", "seq_lens", "span", "force", "scale"))
+    budgets = [force[0], 3]
+    each = torch.tensor(budgets, dtype=torch.int32)
+    got = select_attend(q, k, v, x["logits"], table, seq_lens, span, force, scale, split_groups=split_groups,
+                        sort=sort, head_budgets=each)
+    _, physical, vlens = combine_select(x["logits"], table, seq_lens, span, x["kv_heads"], force, scale, force[0],
+                                        expand=x["group_pages"], head_budgets=each)
+    three = split_k_decode(q, k, v, physical, vlens, scale, num_splits=force[0] // split_groups,
+                           block_n=span * split_groups, fixed_splits=True)
+    assert torch.equal(got, three)
+    _check_reference_per_head(x, got, budgets)
+
+
+def test_select_then_attend_with_a_budget_per_kv_head():
+    """The same for one program a row: the smaller head stores and attends 3 groups, its virtual
+    length its own; bit for bit the two launches with the same budgets."""
+    x = _inputs()
+    q, k, v, table, seq_lens, span, force, scale = (x[n] for n in (
+        "q", "k", "v", "table", "seq_lens", "span", "force", "scale"))
+    budgets = [force[0], 3]
+    each = torch.tensor(budgets, dtype=torch.int32)
+    got = select_then_attend(q, k, v, x["logits"], table, seq_lens, span, force, scale, sort="topk", block_n=16,
+                             head_budgets=each)
+    _, physical, vlens = combine_select(x["logits"], table, seq_lens, span, x["kv_heads"], force, scale, force[0],
+                                        expand=x["group_pages"], sort="topk", head_budgets=each)
+    two = split_k_decode(q, k, v, physical, vlens, scale, num_splits=1, block_n=16, fixed_splits=True)
+    assert torch.equal(got, two)
+    _check_reference_per_head(x, got, budgets)

@@ -6,6 +6,8 @@ centroid_reference.centroid_select_pages is the rule every path follows. Each st
 chosen here from the shapes, once per launch."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from kernels.centroid_reference import CentroidShortlist, shortlist_run_counts
@@ -15,6 +17,14 @@ from kernels.triton.decode import check_kv, default_num_splits, num_sms, paged_d
 from kernels.triton.select_attend import select_attend, select_then_attend
 from kernels.triton.selection import combine_select, prefers_top_k
 from kernels.triton.shortlist_scores import shortlisted_group_logits
+
+
+class HeadBudgets(NamedTuple):
+    """A budget per KV head for one layer: groups int32 [kv_heads] on the device (each within the
+    launcher's budget_tokens, which is then the layer's largest head's), and the fewest of them,
+    known on the host (a table no row can outgrow at that count decodes densely)."""
+    groups: torch.Tensor
+    fewest: int
 
 
 def selection_warps(rows: int, groups: int, sort: str | None, device: torch.device) -> int | None:
@@ -121,7 +131,8 @@ def centroid_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            scale: float | None = None, interpreted: bool = False,
                            planned_batch: int | None = None, out: torch.Tensor | None = None,
                            shortlist: CentroidShortlist | None = None, fuse_runs: bool | None = None,
-                           select_first: bool | None = None, **tuning) -> torch.Tensor:
+                           select_first: bool | None = None, head_budgets: HeadBudgets | None = None,
+                           **tuning) -> torch.Tensor:
     """Batched centroid_reference.centroid_select_pages + attend_pages: the group scores
     (centroid_group_logits), combine_select keeping the budget's groups (sink and recent forced,
     counted in groups as reference.sparse_page_counts counts pages) and writing their pages'
@@ -140,13 +151,18 @@ def centroid_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     (centroid_shortlist_scores), each KV head's compact table standing in for the sequence's.
     fuse_runs, select_first: force the run selection inside the fine scorer (fuses_run_selection)
     and, for rows attending in one split, the selection inside the attention
-    (selects_before_attending) on or off, for benches that compare them (the same output)."""
+    (selects_before_attending) on or off, for benches that compare them (the same output).
+    head_budgets: each KV head keeps its own count of groups (centroid_select_pages(head_budgets=...));
+    budget_tokens is then the largest, which sizes the shortlist, the tables and the splits."""
     check_kv(q, k_cache, v_cache)
     page_size, kv_heads = k_cache.shape[1:3]
     span = page_size * group_pages
     force = sparse_page_counts(span, budget_tokens, sink_tokens, recent_tokens)
+    groups_each = None if head_budgets is None else head_budgets.groups
+    assert groups_each is None or (groups_each.shape == (kv_heads,) and groups_each.dtype == torch.int32
+                                   and force[1] + force[2] < head_budgets.fewest <= force[0])
     width = page_tables.shape[1]
-    if -(-width // group_pages) <= force[0]:
+    if -(-width // group_pages) <= (force[0] if head_budgets is None else head_budgets.fewest):
         return paged_decode(q, k_cache, v_cache, page_tables, seq_lens, scale, out=out, **tuning)
     if width % group_pages:         # whole groups: the last one's missing pages are never attended
         page_tables = torch.nn.functional.pad(page_tables, (0, group_pages - width % group_pages))
@@ -176,15 +192,17 @@ def centroid_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         # written out and read back (select_attend; 128-key splits as attend_tuning's for few
         # rows; 4 warps for rows of up to 512 groups: H200 b1 x 32k 11.9 us against 12.6 with 8)
         return select_attend(q, k_cache, v_cache, logits, page_tables, seq_lens, span, force, scale,
-                             split_groups=split_groups, out=out, sort=sort, num_warps=4 if groups <= 512 else 8)
+                             split_groups=split_groups, out=out, sort=sort, num_warps=4 if groups <= 512 else 8,
+                             head_budgets=groups_each)
     tuning = {**attend_tuning(rows, force[0] * span, q.device), **tuning}
     if tuning["num_splits"] == 1 and (selects_before_attending(groups) if select_first is None else select_first):
         # about a wave of rows attending in one split each: the selection at the start of each
         # row's attention program (select_then_attend), one launch fewer
         return select_then_attend(q, k_cache, v_cache, logits, page_tables, seq_lens, span, force, scale, out=out,
-                                  sort=sort, **{name: value for name, value in tuning.items()
-                                                if name in ("block_n", "num_warps", "num_stages")})
+                                  sort=sort, head_budgets=groups_each,
+                                  **{name: value for name, value in tuning.items()
+                                     if name in ("block_n", "num_warps", "num_stages")})
     _, physical, vlens = combine_select(logits, page_tables, seq_lens, span, kv_heads, force, scale, force[0],
                                         expand=group_pages, num_warps=selection_warps(rows, groups, sort, q.device),
-                                        sort=sort)
+                                        sort=sort, head_budgets=groups_each)
     return split_k_decode(q, k_cache, v_cache, physical, vlens, scale, out=out, **tuning)

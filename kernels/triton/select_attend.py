@@ -29,6 +29,7 @@ from kernels.triton.decode import LOG2E, attend_split, check_kv, dot_upcast, mer
 from kernels.triton.selection import (
     group_scores,
     keep_top_k,
+    row_budget,
     row_group_pages,
     selection_outputs,
     sort_width,
@@ -37,15 +38,17 @@ from kernels.triton.selection import (
 
 
 @triton.jit
-def _select_attend(Q, K, V, Logits, PT, SeqLens, MidO, MidL, qk_scale, scale, budget, sink, recent, max_groups,
-                   s_qb, s_qh, s_kp, s_ks, s_kh, s_vp, s_vs, s_vh, s_lb, s_lh, s_pb, s_ph, s_ob, s_oh, s_os, s_mb, s_mh,
-                   GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   BLOCK_P: tl.constexpr, SPAN: tl.constexpr, PAGE_SIZE: tl.constexpr,
-                   SPLIT_GROUPS: tl.constexpr, UPCAST: tl.constexpr, SORT: tl.constexpr):
-    """One program per (KV head, sequence, split): the row's selection, then this split's keys."""
+def _select_attend(Q, K, V, Logits, PT, SeqLens, MidO, MidL, Budgets, qk_scale, scale, budget, sink, recent,
+                   max_groups, s_qb, s_qh, s_kp, s_ks, s_kh, s_vp, s_vs, s_vh, s_lb, s_lh, s_pb, s_ph, s_ob, s_oh,
+                   s_os, s_mb, s_mh, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_G: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr, SPAN: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                   SPLIT_GROUPS: tl.constexpr, UPCAST: tl.constexpr, SORT: tl.constexpr, HEADS: tl.constexpr):
+    """One program per (KV head, sequence, split): the row's selection, then this split's keys
+    (HEADS > 0: each KV head's own budget, Budgets[kvh]; its splits past them are empty)."""
     kvh = tl.program_id(0)
     b = tl.program_id(1)
     split = tl.program_id(2)
+    budget = row_budget(Budgets, kvh, budget, HEADS)
     BLOCK_N: tl.constexpr = SPLIT_GROUPS * SPAN
     offs = tl.arange(0, BLOCK_P)
     offs_h = tl.arange(0, BLOCK_H)
@@ -106,49 +109,62 @@ def _check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     return (*q.shape, page_size, kv_heads, max_groups)
 
 
+def _check_head_budgets(head_budgets: torch.Tensor | None, kv_heads: int) -> None:
+    """A budget per KV head comes as int32 [kv_heads] groups, each within force[0] (not checked here:
+    reading it would wait for the device; the caller validates its table once)."""
+    assert head_budgets is None or (head_budgets.shape == (kv_heads,) and head_budgets.dtype == torch.int32)
+
+
 def select_attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, logits: torch.Tensor,
                   page_tables: torch.Tensor, seq_lens: torch.Tensor, span: int, force: tuple[int, int, int],
                   scale: float, split_groups: int = 2, num_warps: int = 8,
-                  out: torch.Tensor | None = None, sort: str | None = None) -> torch.Tensor:
+                  out: torch.Tensor | None = None, sort: str | None = None,
+                  head_budgets: torch.Tensor | None = None) -> torch.Tensor:
     """combine_select(logits, ..., force[0], expand=span // page_size) then split_k_decode(...,
     fixed_splits=True) over its pages with force[0] / split_groups splits, in one launch plus the
     split merge. logits [batch, q_heads, G] (centroids.centroid_group_logits, / scale); q [batch,
     q_heads, d]; caches [num_pages, page_size, kv_heads, d]; page_tables int32 [batch, >= G *
     span / page_size]; force (budget, sink, recent) in groups -> out [batch, q_heads, d] (written
-    and returned)."""
+    and returned). head_budgets: int32 [kv_heads], each KV head's budget in groups (force[0] the
+    largest: the splits cover it, a smaller head's last ones empty)."""
     batch, q_heads, head_dim, page_size, kv_heads, max_groups = _check_inputs(q, k_cache, v_cache, logits,
                                                                               page_tables, seq_lens, span)
     budget, sink, recent = force
     assert budget > sink + recent and budget % split_groups == 0, "whole splits of kept groups"
+    _check_head_budgets(head_budgets, kv_heads)
     group = q_heads // kv_heads
     splits = budget // split_groups
     block_p = max(16, triton.next_power_of_2(max_groups))
     mid_o = torch.empty(batch, q_heads, splits, head_dim, device=q.device, dtype=torch.float32)
     mid_l = torch.empty(batch, q_heads, splits, device=q.device, dtype=torch.float32)
     _select_attend[(kv_heads, batch, splits)](
-        q, k_cache, v_cache, logits, page_tables, seq_lens, mid_o, mid_l, scale * LOG2E, scale, budget, sink,
+        q, k_cache, v_cache, logits, page_tables, seq_lens, mid_o, mid_l,
+        mid_l if head_budgets is None else head_budgets, scale * LOG2E, scale, budget, sink,
         recent, max_groups, q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
         logits.stride(0), logits.stride(1), page_tables.stride(0),
         page_tables.stride(1) if page_tables.dim() == 3 else 0, *mid_o.stride()[:3], *mid_l.stride()[:2],
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_G=triton.next_power_of_2(group),
         HEAD_DIM=head_dim, BLOCK_P=block_p, SPAN=span, PAGE_SIZE=page_size, SPLIT_GROUPS=split_groups,
-        UPCAST=dot_upcast(q.dtype), num_warps=num_warps, SORT=sort_width(sort, budget, block_p))
+        UPCAST=dot_upcast(q.dtype), num_warps=num_warps, SORT=sort_width(sort, budget, block_p),
+        HEADS=0 if head_budgets is None else kv_heads)
     return merge_splits(mid_o, mid_l, torch.empty_like(q) if out is None else out)
 
 
 @triton.jit
-def _select_then_attend(Q, K, V, Logits, PT, SeqLens, Logical, Physical, VLens, Out, qk_scale, scale, budget, sink,
-                        recent, max_groups, k_sel, s_qb, s_qh, s_kp, s_ks, s_kh, s_vp, s_vs, s_vh, s_lb, s_lh,
-                        s_pb, s_ph, s_xb, s_xh, s_yb, s_yh, s_ob, s_oh,
+def _select_then_attend(Q, K, V, Logits, PT, SeqLens, Logical, Physical, VLens, Out, Budgets, qk_scale, scale,
+                        budget, sink, recent, max_groups, k_sel, s_qb, s_qh, s_kp, s_ks, s_kh, s_vp, s_vs, s_vh,
+                        s_lb, s_lh, s_pb, s_ph, s_xb, s_xh, s_yb, s_yh, s_ob, s_oh,
                         GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_G: tl.constexpr,
                         HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr, SPAN: tl.constexpr,
                         PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-                        SORT: tl.constexpr):
+                        SORT: tl.constexpr, HEADS: tl.constexpr):
     """One program per (KV head, sequence): combine_select's row (_combine_select with EXPAND), then
-    the chosen pages' attention (split_k_decode's one fixed split, DIRECT)."""
+    the chosen pages' attention (split_k_decode's one fixed split, DIRECT). HEADS > 0: each KV
+    head's own budget, Budgets[kvh]."""
     GROUP_PAGES: tl.constexpr = SPAN // PAGE_SIZE
     kvh = tl.program_id(0)
     b = tl.program_id(1)
+    budget = row_budget(Budgets, kvh, budget, HEADS)
     groups = row_group_pages(PT, b, kvh, s_pb, s_ph, max_groups, BLOCK_P, GROUP_PAGES)
     seq_len = tl.load(SeqLens + b)
     n = tl.cdiv(seq_len, SPAN)
@@ -158,7 +174,7 @@ def _select_then_attend(Q, K, V, Logits, PT, SeqLens, Logical, Physical, VLens, 
     k = tl.minimum(n, budget)
     take = keep_top_k(score, k, True, SORT)
     store_selection(take, offs, b, kvh, seq_len, n, k, PT, Logical, Physical, VLens, s_pb, s_ph, s_xb, s_xh, s_yb,
-                     s_yh, budget, k_sel, BLOCK_P, SPAN, GROUP_PAGES, groups)
+                     s_yh, budget, k_sel, BLOCK_P, SPAN, GROUP_PAGES, groups, HEADS)
     tl.debug_barrier()      # the chosen pages are read back below by other threads of this program
     vlen = seq_len - tl.maximum(n - budget, 0) * SPAN
     tokens = k_sel * SPAN
@@ -171,27 +187,30 @@ def _select_then_attend(Q, K, V, Logits, PT, SeqLens, Logical, Physical, VLens, 
 def select_then_attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, logits: torch.Tensor,
                        page_tables: torch.Tensor, seq_lens: torch.Tensor, span: int, force: tuple[int, int, int],
                        scale: float, out: torch.Tensor | None = None, sort: str | None = None, block_n: int = 64,
-                       num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+                       num_warps: int = 4, num_stages: int = 2,
+                       head_budgets: torch.Tensor | None = None) -> torch.Tensor:
     """combine_select(logits, ..., force[0], expand=span // page_size, sort=sort) then
     split_k_decode(..., num_splits=1, fixed_splits=True, block_n, num_warps, num_stages; the same
     defaults) over its pages, in one launch of one program per (sequence, KV head). logits [batch, q_heads, G]
     (centroid_scores.centroid_group_logits, / scale); q [batch, q_heads, d]; caches [num_pages,
     page_size, kv_heads, d]; page_tables int32 [batch, >= G * span / page_size], or per KV head
     [batch, kv_heads, ...] (a shortlist's compact tables); force (budget, sink, recent) in groups
-    -> out [batch, q_heads, d] (written and returned)."""
+    -> out [batch, q_heads, d] (written and returned). head_budgets: as select_attend's."""
     batch, q_heads, head_dim, page_size, kv_heads, max_groups = _check_inputs(q, k_cache, v_cache, logits,
                                                                               page_tables, seq_lens, span)
     budget, sink, recent = force
     group = q_heads // kv_heads
+    _check_head_budgets(head_budgets, kv_heads)
     (logical, physical, vlens, _), strides, block_p, k_sel = selection_outputs(
-        batch, kv_heads, max_groups, budget, page_tables, None, span // page_size)
+        batch, kv_heads, max_groups, budget, page_tables, None, span // page_size, head_vlens=head_budgets is not None)
     out = torch.empty_like(q) if out is None else out
     _select_then_attend[(kv_heads, batch)](
-        q, k_cache, v_cache, logits, page_tables, seq_lens, logical, physical, vlens, out, scale * LOG2E, scale,
+        q, k_cache, v_cache, logits, page_tables, seq_lens, logical, physical, vlens, out,
+        vlens if head_budgets is None else head_budgets, scale * LOG2E, scale,
         budget, sink, recent, max_groups, k_sel, q.stride(0), q.stride(1), *k_cache.stride()[:3],
         *v_cache.stride()[:3], logits.stride(0), logits.stride(1), *strides[:6], out.stride(0),
         out.stride(1), GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)),
         BLOCK_G=triton.next_power_of_2(group), HEAD_DIM=head_dim, BLOCK_P=block_p, SPAN=span, PAGE_SIZE=page_size,
-        BLOCK_N=block_n, UPCAST=dot_upcast(q.dtype), SORT=sort_width(sort, budget, block_p), num_warps=num_warps,
-        num_stages=num_stages)
+        BLOCK_N=block_n, UPCAST=dot_upcast(q.dtype), SORT=sort_width(sort, budget, block_p),
+        HEADS=0 if head_budgets is None else kv_heads, num_warps=num_warps, num_stages=num_stages)
     return out

@@ -25,6 +25,14 @@ def _force_pages(score, logical, n_pages, budget_pages, sink_pages, recent_pages
 
 
 @triton.jit
+def row_budget(Budgets, kvh, budget, HEADS: tl.constexpr):
+    """A row's budget: its KV head's own (Budgets[kvh], HEADS > 0: a budget per KV head) or the layer's."""
+    if HEADS > 0:
+        return tl.load(Budgets + kvh)
+    return budget
+
+
+@triton.jit
 def group_scores(Bounds, b, kvh, logical, valid, n_pages, s_bb, s_bh, scale, budget_pages, sink_pages,
                   recent_pages, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
                   FORCE: tl.constexpr, width=None):
@@ -180,13 +188,15 @@ def row_group_pages(PT, b, kvh, s_pb, s_ph, width, BLOCK_P: tl.constexpr, EXPAND
 @triton.jit
 def store_selection(take, logical, b, kvh, seq_len, n_pages, k, PT, Logical, Physical, VLens,
                      s_pb, s_ph, s_lb, s_lh, s_yb, s_yh, budget_pages, k_sel,
-                     BLOCK_P: tl.constexpr, PAGE_SIZE: tl.constexpr, EXPAND: tl.constexpr = 1, groups=None):
+                     BLOCK_P: tl.constexpr, PAGE_SIZE: tl.constexpr, EXPAND: tl.constexpr = 1, groups=None,
+                     HEAD_VLENS: tl.constexpr = 0):
     """The kept entries, compacted in row order (ascending pages), as logical and physical pages;
     padding past k; the virtual length of a sequence that keeps budget_pages of its pages.
     EXPAND > 1: an entry is a run of EXPAND pages (a group; PAGE_SIZE is the group's tokens), and
     Physical gets the physical ids of all of its pages, EXPAND per entry: `groups` [BLOCK_P,
     EXPAND], entry i's pages from the sequence's page table (row_group_pages, loaded at the program's
-    start), so the attention reads them as a list of pages."""
+    start), so the attention reads them as a list of pages. HEAD_VLENS > 0 (the KV heads, with a
+    budget each): VLens [batch, HEAD_VLENS], each row's own virtual length."""
     offs = tl.arange(0, BLOCK_P)
     pos = tl.cumsum(take.to(tl.int32), 0) - 1
     tl.store(Logical + b * s_lb + kvh * s_lh + pos, logical, mask=take)
@@ -201,8 +211,11 @@ def store_selection(take, logical, b, kvh, seq_len, n_pages, k, PT, Logical, Phy
         row = Physical + b * s_yb + kvh * s_yh
         tl.store(row + pos[:, None] * EXPAND + offs_r[None, :], groups, mask=take[:, None])
         tl.store(row + offs[:, None] * EXPAND + offs_r[None, :], 0, mask=pad[:, None])
-    if kvh == 0:
-        tl.store(VLens + b, seq_len - tl.maximum(n_pages - budget_pages, 0) * PAGE_SIZE)
+    vlen = seq_len - tl.maximum(n_pages - budget_pages, 0) * PAGE_SIZE
+    if HEAD_VLENS > 0:
+        tl.store(VLens + b * HEAD_VLENS + kvh, vlen)
+    elif kvh == 0:
+        tl.store(VLens + b, vlen)
 
 
 @triton.jit
@@ -231,15 +244,18 @@ def _select_pages(Scores, PT, SeqLens, Logical, Physical, VLens, Listed, s_sb, s
 
 
 @triton.jit
-def _combine_select(Bounds, PT, SeqLens, Logical, Physical, VLens, Listed, s_bb, s_bh, s_pb, s_ph, s_lb, s_lh,
-                    s_yb, s_yh, s_ib, s_ih, max_pages, scale, force_budget, sink_pages, recent_pages,
+def _combine_select(Bounds, PT, SeqLens, Logical, Physical, VLens, Listed, Budgets, s_bb, s_bh, s_pb, s_ph, s_lb,
+                    s_lh, s_yb, s_yh, s_ib, s_ih, max_pages, scale, force_budget, sink_pages, recent_pages,
                     budget_pages, k_sel, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
                     PAGE_SIZE: tl.constexpr, EARLY_EXIT: tl.constexpr, LISTED: tl.constexpr,
-                    EXPAND: tl.constexpr, SORT: tl.constexpr):
+                    EXPAND: tl.constexpr, SORT: tl.constexpr, HEADS: tl.constexpr):
     """_combine_heads and _select_pages in one program per (sequence, KV head): the scores never
-    leave registers (two launches and a scores round trip fewer per sparse layer)."""
+    leave registers (two launches and a scores round trip fewer per sparse layer). HEADS > 0: a
+    budget per KV head (Budgets [HEADS], both the forced rule's and the kept count)."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
+    force_budget = row_budget(Budgets, kvh, force_budget, HEADS)
+    budget_pages = row_budget(Budgets, kvh, budget_pages, HEADS)
     groups = None
     if EXPAND > 1:
         groups = row_group_pages(PT, b, kvh, s_pb, s_ph, max_pages, BLOCK_P, EXPAND)
@@ -251,23 +267,28 @@ def _combine_select(Bounds, PT, SeqLens, Logical, Physical, VLens, Listed, s_bb,
     k = tl.minimum(n_pages, budget_pages)
     take = keep_top_k(score, k, EARLY_EXIT, SORT)
     store_selection(take, logical, b, kvh, seq_len, n_pages, k, PT, Logical, Physical, VLens,
-                     s_pb, s_ph, s_lb, s_lh, s_yb, s_yh, budget_pages, k_sel, BLOCK_P, PAGE_SIZE, EXPAND, groups)
+                     s_pb, s_ph, s_lb, s_lh, s_yb, s_yh, budget_pages, k_sel, BLOCK_P, PAGE_SIZE, EXPAND, groups,
+                     HEADS)
 
 
 @triton.jit
-def _combine_select_streamed(Bounds, PT, SeqLens, Logical, Physical, VLens, Listed, Scores, s_bb, s_bh, s_pb,
-                             s_ph, s_lb, s_lh, s_yb, s_yh, s_ib, s_ih, s_sb, s_sh, max_pages, scale, force_budget,
-                             sink_pages, recent_pages, budget_pages, k_sel, GROUP: tl.constexpr,
+def _combine_select_streamed(Bounds, PT, SeqLens, Logical, Physical, VLens, Listed, Budgets, Scores, s_bb, s_bh,
+                             s_pb, s_ph, s_lb, s_lh, s_yb, s_yh, s_ib, s_ih, s_sb, s_sh, max_pages, scale,
+                             force_budget, sink_pages, recent_pages, budget_pages, k_sel, GROUP: tl.constexpr,
                              BLOCK_G: tl.constexpr, CHUNK: tl.constexpr, BLOCK_P: tl.constexpr,
-                             PAGE_SIZE: tl.constexpr, LISTED: tl.constexpr, EXPAND: tl.constexpr):
+                             PAGE_SIZE: tl.constexpr, LISTED: tl.constexpr, EXPAND: tl.constexpr,
+                             HEADS: tl.constexpr):
     """_combine_select for wide rows: the group's bounds [GROUP, BLOCK_P] would not fit one program's
     registers, so one program per (sequence, KV head) streams them in chunks of CHUNK entries.
     Pass 1: each q head's log-sum-exp over the row (online max and sum). Pass 2: the scores, as
     group_scores gives them, into a row of Scores. Then the whole row of scores (one value per
     entry) is loaded at once for the top k and compacted (keep_top_k, store_selection). A row of
-    a sequence's own pages stops at its last page: the entries past it are -inf, never kept."""
+    a sequence's own pages stops at its last page: the entries past it are -inf, never kept.
+    HEADS: as _combine_select's."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
+    force_budget = row_budget(Budgets, kvh, force_budget, HEADS)
+    budget_pages = row_budget(Budgets, kvh, budget_pages, HEADS)
     groups = None
     if EXPAND > 1:
         groups = row_group_pages(PT, b, kvh, s_pb, s_ph, max_pages, BLOCK_P, EXPAND)
@@ -302,7 +323,8 @@ def _combine_select_streamed(Bounds, PT, SeqLens, Logical, Physical, VLens, List
     take = keep_top_k(tl.load(row + offs, mask=offs < end, other=float("-inf")), k, True)
     logical, _ = _chunk_entries(Listed, b, kvh, s_ib, s_ih, offs, n_pages, max_pages, LISTED)
     store_selection(take, logical, b, kvh, seq_len, n_pages, k, PT, Logical, Physical, VLens,
-                     s_pb, s_ph, s_lb, s_lh, s_yb, s_yh, budget_pages, k_sel, BLOCK_P, PAGE_SIZE, EXPAND, groups)
+                     s_pb, s_ph, s_lb, s_lh, s_yb, s_yh, budget_pages, k_sel, BLOCK_P, PAGE_SIZE, EXPAND, groups,
+                     HEADS)
 
 
 def select_pages(scores: torch.Tensor, page_tables: torch.Tensor, seq_lens: torch.Tensor,
@@ -324,9 +346,12 @@ def select_pages(scores: torch.Tensor, page_tables: torch.Tensor, seq_lens: torc
 
 
 def selection_outputs(batch: int, kv_heads: int, max_pages: int, budget_pages: int, page_tables: torch.Tensor,
-                       listed: torch.Tensor | None, expand: int = 1) -> tuple[tuple, tuple, int, int]:
+                       listed: torch.Tensor | None, expand: int = 1, head_vlens: bool = False
+                       ) -> tuple[tuple, tuple, int, int]:
     """What both selection launchers pass: the outputs (logical, physical, vlens, and the listed
-    map or a stand-in), the table/output strides after the row strides, BLOCK_P and k_sel."""
+    map or a stand-in), the table/output strides after the row strides, BLOCK_P and k_sel.
+    head_vlens: a virtual length per (sequence, KV head) [batch, kv_heads] (a budget per KV head),
+    else per sequence [batch]."""
     assert page_tables.stride(-1) == 1
     per_head = page_tables.dim() == 3
     # per-head tables: a Quest shortlist (listed: each entry's logical page) or, for groups, each KV
@@ -338,7 +363,7 @@ def selection_outputs(batch: int, kv_heads: int, max_pages: int, budget_pages: i
     k_sel = min(budget_pages, max_pages)
     logical = torch.empty(batch, kv_heads, k_sel, device=page_tables.device, dtype=torch.int32)
     physical = torch.empty(batch, kv_heads, k_sel * expand, device=page_tables.device, dtype=torch.int32)
-    vlens = torch.empty(batch, device=page_tables.device, dtype=torch.int32)
+    vlens = torch.empty((batch, kv_heads) if head_vlens else (batch,), device=page_tables.device, dtype=torch.int32)
     lst = listed if listed is not None else logical
     strides = (page_tables.stride(0), page_tables.stride(1) if per_head else 0, logical.stride(0),
                logical.stride(1), physical.stride(0), physical.stride(1), lst.stride(0), lst.stride(1))
@@ -358,30 +383,38 @@ def combine_select(bounds: torch.Tensor, page_tables: torch.Tensor, seq_lens: to
                    kv_heads: int, force: tuple[int, int, int], scale: float, budget_pages: int,
                    listed: torch.Tensor | None = None, early_exit: bool = True, streamed: bool | None = None,
                    chunk: int | None = None, num_warps: int | None = None, expand: int = 1,
-                   sort: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   sort: str | None = None, head_budgets: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """select_pages(combine_heads(bounds, ...), ...) in one launch, the scores never written out for
     rows of at most FUSED_MAX_PAGES entries (early_exit: select_pages's); wider rows (or any, with
     streamed=True) by _combine_select_streamed in chunks of `chunk` entries (default STREAM_CHUNK).
     force: the forced-page rule's (budget, sink, recent) pages; budget_pages: how many to keep.
     expand > 1: each entry is a group of `expand` consecutive pages of page_tables (page_size is
     the group's tokens); the physical output lists every page of the kept groups [batch,
-    kv_heads, k * expand] (kernels/triton/centroids.py, the centroid selector's launcher)."""
+    kv_heads, k * expand] (kernels/triton/centroids.py, the centroid selector's launcher).
+    head_budgets: int32 [kv_heads], each KV head's budget in entries (for the forced rule and the
+    count kept; budget_pages and force[0] are then the largest, which sizes the outputs), and the
+    virtual lengths come per (sequence, KV head) [batch, kv_heads]."""
     batch, q_heads, max_pages = bounds.shape
     assert bounds.stride(2) == 1
     group = q_heads // kv_heads
+    heads = 0 if head_budgets is None else kv_heads
+    assert head_budgets is None or (head_budgets.shape == (kv_heads,) and head_budgets.dtype == torch.int32)
     out, tables, block_p, k_sel = selection_outputs(batch, kv_heads, max_pages, budget_pages, page_tables, listed,
-                                                     expand)
+                                                     expand, head_vlens=heads > 0)
+    budgets = head_budgets if head_budgets is not None else out[2]        # (a stand-in, never read)
     if max_pages > FUSED_MAX_PAGES if streamed is None else streamed:
         scores = torch.empty(batch, kv_heads, max_pages, device=bounds.device, dtype=torch.float32)
         _combine_select_streamed[(batch, kv_heads)](
-            bounds, page_tables, seq_lens, *out, scores, bounds.stride(0), bounds.stride(1), *tables,
+            bounds, page_tables, seq_lens, *out, budgets, scores, bounds.stride(0), bounds.stride(1), *tables,
             scores.stride(0), scores.stride(1), max_pages, scale, *force, budget_pages, k_sel, GROUP=group,
             BLOCK_G=triton.next_power_of_2(group), CHUNK=min(chunk or STREAM_CHUNK, block_p), BLOCK_P=block_p,
-            PAGE_SIZE=page_size, LISTED=listed is not None, EXPAND=expand, num_warps=num_warps or 8)
+            PAGE_SIZE=page_size, LISTED=listed is not None, EXPAND=expand, HEADS=heads, num_warps=num_warps or 8)
         return out[:3]
     _combine_select[(batch, kv_heads)](
-        bounds, page_tables, seq_lens, *out, bounds.stride(0), bounds.stride(1), *tables, max_pages, scale,
+        bounds, page_tables, seq_lens, *out, budgets, bounds.stride(0), bounds.stride(1), *tables, max_pages, scale,
         *force, budget_pages, k_sel, GROUP=group, BLOCK_G=triton.next_power_of_2(group), BLOCK_P=block_p,
         PAGE_SIZE=page_size, EARLY_EXIT=early_exit, LISTED=listed is not None, EXPAND=expand,
-        SORT=sort_width(sort, budget_pages, block_p), num_warps=num_warps or (4 if block_p * group <= 4096 else 8))
+        SORT=sort_width(sort, budget_pages, block_p), HEADS=heads,
+        num_warps=num_warps or (4 if block_p * group <= 4096 else 8))
     return out[:3]
