@@ -148,6 +148,8 @@ class SparseSettings:
     (kernels/centroid_reference.centroid_select_pages). summary_tokens is Quest's only. With centroids,
     shortlist_tokens shortlists runs of run_tokens tokens (each with its own `centroids` centroids)
     and the groups are chosen among the shortlisted runs' (centroid_reference.CentroidShortlist).
+    head_budget_weights: with centroids, ((layer, weight per KV head), ...) of a per-head table
+    (backends/head_budgets.py): each KV head keeps its weight times token_budget; () for uniform.
     """
 
     enabled: bool = False
@@ -161,6 +163,7 @@ class SparseSettings:
     centroids: int = 8
     group_tokens: int = 64
     run_tokens: int = 256
+    head_budget_weights: tuple[tuple[int, tuple[float, ...]], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,7 @@ import torch  # noqa: E402
 from backends.base import ForwardBatch, RunnerSettings, SampleSpec, SequenceChunk, SparseSettings  # noqa: E402
 from backends.cuda.attention import sparse as sa  # noqa: E402
 from backends.cuda.runner import TorchRunner  # noqa: E402
+from backends.head_budgets import read_weights  # noqa: E402
 from backends.sampling_params import SamplingParams  # noqa: E402
 from backends.source import resolve_source  # noqa: E402
 
@@ -376,13 +377,14 @@ def configs(budgets: list[int], args) -> list[Config]:
     """dense, then each budget with the defaults, then each budget with every --sweep entry."""
     out = [Config("dense", SparseSettings())]
     base = dict(rule="engine", sink=args.sink, recent=args.recent, dense=args.dense_layers,
-                shortlist=args.shortlist_tokens)
+                shortlist=args.shortlist_tokens, heads=int(args.head_budgets is not None))
     for spec in [""] + list(args.sweep or []):
         opts = dict(base)
         for item in filter(None, spec.split(",")):
             key, _, value = item.partition("=")
             if key not in opts:
-                raise SystemExit(f"--sweep {spec!r}: unknown key {key!r} (rule, sink, recent, dense, shortlist)")
+                raise SystemExit(f"--sweep {spec!r}: unknown key {key!r} (rule, sink, recent, dense, shortlist, "
+                                 "heads)")
             opts[key] = value if key == "rule" else int(value)
         if opts["rule"] in EXTRA_DECODES:
             if args.selector != "centroids":
@@ -395,7 +397,9 @@ def configs(budgets: list[int], args) -> list[Config]:
         for budget in budgets:
             sparse = dataclasses.replace(runner_sparse(args), token_budget=budget, dense_layers=opts["dense"],
                                          sink_tokens=opts["sink"], recent_tokens=opts["recent"],
-                                         shortlist_tokens=opts["shortlist"])
+                                         shortlist_tokens=opts["shortlist"],
+                                         head_budget_weights=runner_sparse(args).head_budget_weights
+                                         if opts["heads"] else ())
             out.append(Config(f"sparse {budget}" + (f" [{spec}]" if spec else ""), sparse, opts["rule"],
                               timed=opts["rule"] not in EXTRA_RULES and opts["rule"] not in EXTRA_DECODES
                               and not opts["rule"].startswith(("sub", "oracle", "gauss"))))
@@ -454,8 +458,10 @@ def stretch_positions(runner: TorchRunner, rope: str) -> None:
 def runner_sparse(args) -> SparseSettings:
     """Settings that the runners are built with: sparse on, so that their caches keep summaries
     (--selector's: Quest's bounds, or centroids written by the runner after each step)."""
+    weights = read_weights(args.head_budgets) if args.head_budgets is not None else ()
     return SparseSettings(True, max(args.budgets), args.dense_layers, args.sink, args.recent, args.summary_tokens,
-                          args.shortlist_tokens, args.selector, args.centroids, args.group_tokens, args.run_tokens)
+                          args.shortlist_tokens, args.selector, args.centroids, args.group_tokens, args.run_tokens,
+                          weights)
 
 
 @contextlib.contextmanager
@@ -683,6 +689,10 @@ def main() -> None:
                         help="--selector centroids: centroids per group")
     parser.add_argument("--group-tokens", type=int, default=SparseSettings.group_tokens,
                         help="--selector centroids: tokens per group")
+    parser.add_argument("--head-budgets", default=None,
+                        help="centroids: a budget per (layer, KV head) from this table (a shipped table's name or "
+                             "a file: sparse_attention.head_budgets), --budgets then the mean per head; "
+                             "--sweep heads=0 adds the uniform budget beside it")
     parser.add_argument("--run-tokens", type=int, default=SparseSettings.run_tokens,
                         help="--selector centroids: tokens per run of the coarse stage (the runners keep one "
                              "run size, so one run of the bench measures one)")

@@ -9,6 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from backends.base import sparse_unit_counts
+from backends.head_budgets import read_weights
 
 DEFAULT_MODEL_SOURCE = "packaged:smollm2-135m-instruct"
 ENV_PREFIX = "os.environ/"
@@ -171,6 +172,11 @@ class SparseAttentionConfig(Strict):
                             "stage, which keeps its own centroids and shortlists that many tokens' worth of runs "
                             "before groups are chosen among them (a multiple of group_tokens, a power-of-two number "
                             "of pages)")
+    head_budgets: str | None = Field(
+        None, description="centroids: a budget per (layer, KV head) from a calibrated table, token_budget then "
+        "being the mean per head: the name of a shipped table (backends/head_budget_tables: "
+        "smollm2-135m-instruct) or a JSON file from bench/sparse_layer_budgets.py calibrate --per-head; "
+        "null: every head keeps token_budget")
 
 
 class SchedulerConfig(Strict):
@@ -279,6 +285,10 @@ class ModelConfig(Strict):
                     raise ValueError(f"sparse_attention.run_tokens {sparse.run_tokens} must be a multiple of "
                                      f"group_tokens {sparse.group_tokens} and a power-of-two number of "
                                      f"kv_cache.page_size {page} pages")
+            if sparse.head_budgets is not None:
+                if sparse.selector != "centroids":
+                    raise ValueError("sparse_attention.head_budgets needs selector: centroids")
+                read_weights(sparse.head_budgets)       # the file's shape; the model's fit is checked at load
             budget, sink, recent = sparse_unit_counts(unit, sparse.token_budget, sparse.sink_tokens,
                                                       sparse.recent_tokens)
             fixed = sink + recent

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from backends.base import BackendInfo, RunnerSettings, SparseSettings
 from backends.factory import choose_device, create_backend
+from backends.head_budgets import read_weights
 from backends.source import resolve_source
 from gateway.config import ModelConfig
 from gateway.engine.engine import Engine, EngineSettings, EngineSpec
@@ -50,7 +51,8 @@ def runner_settings(cfg: ModelConfig, backend: str, validate_batches: bool = Fal
             sink_tokens=sparse.sink_tokens, recent_tokens=sparse.recent_tokens,
             summary_tokens=sparse.summary_tokens, shortlist_tokens=sparse.shortlist_tokens,
             selector=sparse.selector, centroids=sparse.centroids, group_tokens=sparse.group_tokens,
-            run_tokens=sparse.run_tokens))
+            run_tokens=sparse.run_tokens,
+            head_budget_weights=read_weights(sparse.head_budgets) if sparse.head_budgets is not None else ()))
 
 
 def load_local_model(cfg: ModelConfig, check_invariants: bool = False) -> LocalModel:

@@ -300,3 +300,75 @@ def test_attention_backends_agree_through_the_runner(request, budget_groups, pro
         tokens, logits, stats = results[name]
         assert tokens == want_tokens and stats == want_stats, name
         np.testing.assert_allclose(logits, want_logits, rtol=0, atol=1e-4, err_msg=name)
+
+
+# A budget per (layer, KV head) (backends/head_budgets.py): token_budget 5 groups as the mean; layer 0's
+# heads keep 8 and 3 groups (the floor: sink, recent and one), layer 1's 4 and 6, so that a row of 4-8
+# groups is cut for one head and whole for the other; coarse to fine with a shortlist of 4 runs, twice
+# the largest head's budget
+HEAD_WEIGHTS = ((0, (1.6, 0.4)), (1, (0.8, 1.2)))
+HEADS = SparseSettings(True, token_budget=5 * SPAN, dense_layers=0, sink_tokens=SPAN, recent_tokens=SPAN,
+                       shortlist_tokens=0, selector="centroids", centroids=CLUSTERS, group_tokens=SPAN,
+                       head_budget_weights=HEAD_WEIGHTS)
+HEADS_SHORTLIST = SparseSettings(True, token_budget=5 * SPAN, dense_layers=0, sink_tokens=SPAN, recent_tokens=SPAN,
+                                 shortlist_tokens=4 * RUN_PAGES * PAGE, selector="centroids", centroids=CLUSTERS,
+                                 group_tokens=SPAN, run_tokens=RUN_PAGES * PAGE, head_budget_weights=HEAD_WEIGHTS)
+HEAD_GROUPS = {0: (8, 3), 1: (4, 6)}
+
+
+def expected_per_head(q, cache, layer, lengths, tables, scale, settings):
+    """Each row's reference output with each KV head keeping its own groups (attended over its own pages)."""
+    counts = HEAD_GROUPS[layer]
+    kv_heads = cache.k.shape[3]
+    group = q.shape[1] // kv_heads
+    shortlist = None
+    if settings.shortlist_tokens:
+        shortlist = cref.CentroidShortlist(cache.run_cents[layer], cache.run_cstats[layer], RUN_PAGES,
+                                           settings.shortlist_tokens)
+    rows = []
+    for row, (n, table) in enumerate(zip(lengths, tables, strict=True)):
+        t = torch.tensor(table)
+        chosen = cref.centroid_select_pages(q[row], cache.cents[layer], cache.cstats[layer], t, n, PAGE, GROUP_PAGES,
+                                            scale, max(counts) * SPAN, settings.sink_tokens, settings.recent_tokens,
+                                            shortlist=shortlist, head_budgets=[c * SPAN for c in counts])
+        rows.append(torch.cat([reference.attend_pages(
+            q[row, h * group:(h + 1) * group], cache.k[layer][:, :, h:h + 1], cache.v[layer][:, :, h:h + 1], t, n,
+            chosen[h].unsqueeze(0), scale) for h in range(kv_heads)]))
+    return torch.stack(rows)
+
+
+def test_head_groups_from_the_table():
+    from backends.head_budgets import head_groups
+    assert head_groups(HEADS, 2, 2).per_layer == HEAD_GROUPS and head_groups(HEADS, 2, 2).fewest == 3
+    with pytest.raises(ValueError, match="KV heads"):
+        head_groups(HEADS, 2, 4)
+    with pytest.raises(ValueError, match="twice the largest head budget"):
+        head_groups(SHORTLIST.__class__(**{**SHORTLIST.__dict__, "head_budget_weights": HEAD_WEIGHTS}), 2, 2)
+
+
+@pytest.mark.parametrize("settings", [HEADS, HEADS_SHORTLIST], ids=["one stage", "coarse to fine"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_torch_and_cpu_paths_with_a_budget_per_kv_head(fused, settings):
+    """Each layer's heads keep their own counts (HEAD_GROUPS): the reference's per-head choice and
+    attention, rows within the fewest count dense, and the pages read and skipped counted per
+    (layer, KV head) exactly."""
+    if fused and not cpu_kernels.load().available:
+        pytest.skip("the CPU kernels are not built here")
+    kv_heads, group, head_dim, scale = 2, 2, 16, 0.3
+    lengths = [*LENGTHS, 3 * SPAN - 1]         # the last row within every head's budget
+    cache, tables = random_cache(lengths, kv_heads, head_dim, seed=23, runs=settings.shortlist_tokens > 0)
+    q = torch.randn(len(lengths), kv_heads * group, head_dim)
+    for layer in range(2):
+        meta = build_metadata([(n - 1, 1, t) for n, t in zip(lengths, tables, strict=True)], PAGE, "cpu", settings)
+        dense = fused_decode_attention if fused else decode_attention
+        got = ca.centroid_decode_attention(q, cache, layer, meta, scale, dense, fused)
+        assert (meta._centroid_plan.shortlist is not None) == (settings.shortlist_tokens > 0)
+        torch.testing.assert_close(got, expected_per_head(q, cache, layer, lengths, tables, scale, settings),
+                                   atol=1e-5, rtol=1e-5)
+        read = skipped = 0
+        for n in lengths:
+            pages, groups = -(-n // PAGE), -(-n // SPAN)
+            for count in HEAD_GROUPS[layer]:
+                dropped = max(0, groups - count) * GROUP_PAGES
+                read, skipped = read + pages - dropped, skipped + dropped
+        assert (meta.stats.pages_read, meta.stats.pages_skipped) == (read, skipped)

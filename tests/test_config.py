@@ -33,6 +33,11 @@ def test_repository_config_is_valid():
      "models.0", "sparse_attention.summary_tokens 16 must divide kv_cache.page_size 8"),
     ({"models": [{"name": "m", "sparse_attention": {"summary_tokens": 0}}]},
      "models.0.sparse_attention.summary_tokens", "greater than or equal"),
+    ({"models": [{"name": "m", "sparse_attention": {"enabled": True, "head_budgets": "smollm2-135m-instruct"}}]},
+     "models.0", "head_budgets needs selector: centroids"),
+    ({"models": [{"name": "m", "sparse_attention": {"enabled": True, "selector": "centroids",
+                                                     "head_budgets": "no-such-model"}}]},
+     "models.0", "cannot read a per-head table"),
     ({"models": [{"name": "m", "colour": "blue"}]}, "models.0.colour", "Extra inputs"),
     ({"models": [{"name": "a"}, {"name": "a"}]}, "(top level)", "unique"),
     ({"models": [{"name": "g", "backend": "litellm"}]}, "models.0", "litellm_params"),
@@ -65,3 +70,15 @@ def test_cli_refuses_bad_config(tmp_path):
                          capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert run.returncode == 2
     assert "models.0.kv_cache.page_size" in run.stderr
+
+
+def test_head_budgets_table_is_read_into_the_runner_settings():
+    """A shipped table by its name: its weights reach the backend's SparseSettings (the model's fit is
+    checked when the backend starts: tests/test_centroid_selector.py)."""
+    from gateway.local_model import runner_settings
+    config = parse_config({"models": [{"name": "m", "sparse_attention": {
+        "enabled": True, "selector": "centroids", "token_budget": 1600, "head_budgets": "smollm2-135m-instruct"}}]})
+    sparse = config.models[0].sparse_attention
+    assert sparse.head_budgets == "smollm2-135m-instruct"
+    settings = runner_settings(config.models[0], "cpu")
+    assert len(settings.sparse.head_budget_weights) == 28 and settings.sparse.token_budget == 1600

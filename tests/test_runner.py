@@ -394,3 +394,41 @@ def test_overlapped_scheduler_gives_the_same_outputs():
         return [(r.output_ids, r.finish_reason) for r in requests]
 
     assert serve(True) == serve(False)
+
+
+def test_attention_backends_agree_with_a_budget_per_kv_head(request):
+    """The centroid selector with a budget per (layer, KV head) (backends/head_budgets.py) through the
+    runner: every attention backend decodes the same greedy tokens and logits past the budgets (8-token
+    groups, a mean of 4; layer 1's heads keep 5 and 3, layer 2's 4 and 4), and each step reports the
+    pages read and skipped of each (layer, KV head)'s own count."""
+    from backends.base import SparseSettings
+    weights = ((1, (1.25, 0.75)), (2, (1.0, 1.0)))
+    sparse = SparseSettings(True, token_budget=32, dense_layers=1, sink_tokens=8, recent_tokens=8, shortlist_tokens=0,
+                            selector="centroids", centroids=2, group_tokens=8, head_budget_weights=weights)
+    prompts = [tokens(30, 31, TINY_VOCAB), tokens(21, 32, TINY_VOCAB)]
+    tables = [[3, 7, 9, 10, 11, 12, 13, 14], [1, 2, 4, 5, 6, 8, 15, 16]]
+    runs = {}
+    for name in attention_backends(request):
+        runner = TorchRunner(RunnerSettings("random", "tiny", "tiny", page_size=8, num_pages=48, threads=1,
+                                            context_length=256, attention=name, max_sequences=4,
+                                            validate_batches=True, sparse=sparse))
+        batch = [chunk(p, 0, t, slot) for slot, (p, t) in enumerate(zip(prompts, tables, strict=True))]
+        out, logits = [[], []], []
+        for step in range(24):
+            result = runner.forward(ForwardBatch(batch, return_logits=True))
+            logits.append(result.logits)
+            if step:            # decode steps: rows of len(prompt) + step tokens
+                want = [0, 0]
+                for n in (len(p) + step for p in prompts):
+                    for count in (5, 3, 4, 4):
+                        dropped = max(0, -(-n // 8) - count)
+                        want = [want[0] + -(-n // 8) - dropped, want[1] + dropped]
+                assert (result.attention.pages_read, result.attention.pages_skipped) == tuple(want), (name, step)
+            for slot in range(2):
+                out[slot].append(result.tokens[slot].token_id)
+            batch = [chunk([out[slot][-1]], len(prompts[slot]) + step, tables[slot], slot) for slot in range(2)]
+        runs[name] = out, np.stack(logits)
+    want_tokens, want_logits = runs.pop("torch")
+    for name, (got_tokens, got_logits) in runs.items():
+        assert got_tokens == want_tokens, name
+        np.testing.assert_allclose(got_logits, want_logits, rtol=0, atol=1e-4, err_msg=name)

@@ -389,6 +389,37 @@ def test_real_model_centroid_selector(smollm):
     assert np.isfinite(logits).all()
 
 
+def test_real_model_centroid_head_budgets(smollm):
+    """With the shipped per-(layer, KV head) table (backends/head_budget_tables) each head keeps its
+    own count of groups: a prompt within the fewest count is dense to the bit, a longer one differs
+    from the uniform budget and counts each (layer, KV head)'s reads and skips exactly."""
+    from backends.head_budgets import head_groups, read_weights
+    make, tokenizer = smollm
+    heads = SparseSettings(True, 256, 2, 16, 64, selector="centroids",
+                           head_budget_weights=read_weights("smollm2-135m-instruct"))
+    runner = make(heads)
+    table = head_groups(heads, runner.config.num_layers, runner.config.num_kv_heads)
+    assert table.fewest == 3 and len(table.per_layer) == runner.config.num_layers - 2
+    short = tokenizer.encode("Where did the keeper record the weather?")
+    assert len(short) + 6 <= table.fewest * 64
+    dense_tokens, dense_logits, _ = greedy(make(SparseSettings()), short, 6)
+    tokens, logits, _ = greedy(runner, short, 6)
+    assert tokens == dense_tokens and np.array_equal(logits, dense_logits)
+    prompt = tokenizer.encode(PASSAGE * 3 + "Where did the keeper record the weather?")
+    _, uniform_logits, _ = greedy(make(SparseSettings(True, 256, 2, 16, 64, selector="centroids")), prompt, 4)
+    tokens, logits, stats = greedy(runner, prompt, 4)
+    assert np.isfinite(logits).all() and not np.array_equal(logits[1:], uniform_logits[1:])
+    for i, (read, skipped) in enumerate(stats):
+        n = len(prompt) + i + 1
+        pages, groups = -(-n // 16), -(-n // 64)
+        want = [0, 0]
+        for counts in table.per_layer.values():
+            for count in counts:
+                dropped = max(0, groups - count) * 4
+                want = [want[0] + pages - dropped, want[1] + dropped]
+        assert (read, skipped) == tuple(want) and skipped > 0
+
+
 # ---- 3. live server ----------------------------------------------------------------------------
 
 def test_live_server_with_sparse_attention():

@@ -45,6 +45,7 @@ from backends.cuda.model import LlamaModel
 from backends.cuda.page_tables import PageTableStore
 from backends.cuda.parallel import TensorParallel
 from backends.cuda.sampler import DrawnTokens, TorchSampler
+from backends.head_budgets import head_groups
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "int8": torch.bfloat16,      # int8 / int4: weight-only matmuls, bfloat16 activations and KV
@@ -225,6 +226,11 @@ class TorchRunner:
         lengths = [c.end_position for c in batch.sequences if len(c.token_ids) == 1]
         if self.sparse.selector == "centroids":
             group_pages, budget, _, _ = group_counts(self.sparse, self.page_size)
+            table = head_groups(self.sparse, self.config.num_layers, self.config.num_kv_heads)
+            if table is not None:           # each (layer, KV head) its own count: summed by count
+                counted = [count_group_pages(lengths, self.page_size, group_pages, count) + (times,)
+                           for count, times in table.count_frequencies().items()]
+                return AttentionStats(sum(r * t for r, _, t in counted), sum(k * t for _, k, t in counted))
             read, skipped = count_group_pages(lengths, self.page_size, group_pages, budget)
         else:
             read, skipped = count_pages(lengths, self.page_size, page_counts(self.sparse, self.page_size)[0])

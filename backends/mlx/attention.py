@@ -19,7 +19,7 @@ import numpy as np
 from backends.base import SequenceChunk, SparseSettings
 from backends.mlx import centroids as centroid_selector
 from backends.mlx import sparse as quest_selector
-from backends.mlx.centroids import CentroidPlan, make_centroid_plan
+from backends.mlx.centroids import CentroidBudgets, CentroidPlan, make_centroid_plan
 from backends.mlx.kv_cache import PagedKVCache
 from backends.mlx.sparse import QuestPlan, make_quest_plan
 from kernels.metal.paged_decode import PagedDecode
@@ -53,8 +53,10 @@ class StepPlan:
 
 
 def plan_step(chunks: list[SequenceChunk], tables: np.ndarray, page_size: int, scratch_page: int,
-              sparse: SparseSettings | None) -> StepPlan:
-    """tables: int32 [B, max_pages] the chunks' rows of the page-table store, in batch order."""
+              sparse: SparseSettings | None, budgets: CentroidBudgets | None = None) -> StepPlan:
+    """tables: int32 [B, max_pages] the chunks' rows of the page-table store, in batch order.
+    budgets: the centroid selector's counts (centroids.centroid_budgets, built at start-up), which
+    it needs."""
     starts = np.array([c.start_position for c in chunks])
     lengths = np.array([len(c.token_ids) for c in chunks])
     ends = starts + lengths
@@ -74,8 +76,9 @@ def plan_step(chunks: list[SequenceChunk], tables: np.ndarray, page_size: int, s
     summary_pages = summary_unwritten = quest = centroid_plan = None
     if sparse is not None and sparse.selector == "centroids":
         # no per-write upkeep: the runner summarises the groups a step completes after its forward
+        assert budgets is not None, "the centroid selector plans with its start-up counts"
         if num_decode:
-            centroid_plan = make_centroid_plan(sparse, tables[:num_decode], ends[:num_decode], page_size,
+            centroid_plan = make_centroid_plan(budgets, tables[:num_decode], ends[:num_decode], page_size,
                                                scratch_page)
     elif sparse is not None:
         # every page this step writes into: its blocks are recomputed over slots [0, filled)
@@ -145,7 +148,7 @@ class PagedAttention:
     def centroid_pages(self, layer: int, qs: mx.array) -> tuple[mx.array, mx.array]:
         plan = self.step.centroids
         chosen = centroid_selector.choose_pages(qs, self.cache, layer, plan, self.scale)
-        return centroid_selector.chosen_lists(plan, chosen)
+        return centroid_selector.chosen_lists(plan, chosen, layer)
 
     def sparse_decode(self, layer: int, q: mx.array) -> mx.array:
         """The decode rows of a sparse layer: rows past the budget read their selector's pages, the

@@ -18,6 +18,14 @@ them, the max over the GQA group; the sink, recent and best groups fill the budg
 to the lower index: the Triton kernels' tie rule); the chosen groups' pages are read. Coarse to fine
 when some row has more runs than the shortlist keeps: its runs are scored the same way, each KV
 head keeps its best, and the groups are scored and chosen among the shortlisted runs' only.
+
+Budgets per (layer, KV head) (sparse_attention.head_budgets, backends/head_budgets.py): the counts
+are fixed at start-up (CentroidBudgets; without a table every sparse layer and KV head keeps the
+budget). A row is sparse when its groups exceed the fewest count anywhere; each sparse layer
+chooses as many groups per row as its largest head keeps (or as the row has), and each KV head
+keeps its own count of them, best first by the same scores and rule
+(centroid_reference.centroid_select_pages(head_budgets=...)), its list padded to the layer's width
+past its own virtual length, where attention never reads.
 """
 from __future__ import annotations
 
@@ -28,17 +36,13 @@ import mlx.core as mx
 import numpy as np
 import torch
 
-from backends.base import SparseSettings
-from backends.cuda.attention.centroids import (
-    KMEANS_STEPS,
-    count_group_pages,
-    group_counts,
-    shortlist_counts,
-    unit_layout,
-)
+from backends.base import AttentionStats, SparseSettings
+from backends.cuda.attention.centroids import KMEANS_STEPS, group_counts, shortlist_counts, unit_layout
 from backends.mlx.sparse import DecodeRows, decode_rows
+from kernels import centroid_reference as cref
 
 if TYPE_CHECKING:
+    from backends.head_budgets import HeadGroups
     from backends.mlx.kv_cache import PagedKVCache
 
 # torch.cdist (the reference's distances) switches to |x|^2 - 2 x.c + |c|^2 by one matmul when
@@ -120,6 +124,57 @@ def write_group_summaries(cache: PagedKVCache, groups: list[list[int]], runs: bo
         cstats[layer][last] = stats[layer]
 
 
+# ---- the counts, fixed at start-up -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CentroidBudgets:
+    """The centroid selector's counts for one model (centroid_budgets, once at start-up): groups
+    kept per (sparse layer, KV head), the budget everywhere without a per-head table."""
+
+    group_pages: int
+    sink: int                                       # forced groups from the start of a row
+    recent: int                                     # forced groups back from its last
+    per_layer: dict[int, tuple[int, ...]]           # groups each KV head keeps, every sparse layer
+    fewest: int                                     # a decode row of more groups is sparse
+    shortlist: tuple[int, int, int, int] | None     # (run_pages, runs kept, sink runs, recent runs), or one stage
+    head_keep: dict[tuple[int, ...], mx.array]      # each distinct per_layer entry as int32 [1, kv_heads, 1]
+    table: np.ndarray                               # per_layer as int64 [sparse layers, kv_heads] (the accounting)
+
+
+def centroid_budgets(sparse: SparseSettings, page_size: int, layers: int, kv_heads: int,
+                     head_table: HeadGroups | None) -> CentroidBudgets:
+    """The counts of a model of `layers` layers and `kv_heads` KV heads: head_table is
+    head_budgets.head_groups's for it (None: uniform). Raises ValueError naming a setting."""
+    group_pages, budget, sink, recent = group_counts(sparse, page_size)
+    sparse_layers = range(sparse.dense_layers, layers)
+    per_layer = (dict(head_table.per_layer) if head_table is not None
+                 else {layer: (budget,) * kv_heads for layer in sparse_layers})
+    assert sorted(per_layer) == list(sparse_layers) and all(len(c) == kv_heads for c in per_layer.values())
+    # the rule forces sink and recent groups within every head's count (head_groups floors them so)
+    assert min(min(c) for c in per_layer.values()) > sink + recent, per_layer
+    shortlist = shortlist_counts(sparse, page_size)
+    if head_table is not None and shortlist is not None:
+        shortlist = (shortlist[0], *layers_shortlist(sparse, page_size, group_pages, shortlist[0], head_table))
+    return CentroidBudgets(
+        group_pages=group_pages, sink=sink, recent=recent, per_layer=per_layer,
+        fewest=min(min(c) for c in per_layer.values()), shortlist=shortlist,
+        head_keep={c: mx.array(np.asarray(c, dtype=np.int32).reshape(1, kv_heads, 1)) for c in set(per_layer.values())},
+        table=np.asarray([per_layer[layer] for layer in sparse_layers], dtype=np.int64))
+
+
+def layers_shortlist(sparse: SparseSettings, page_size: int, group_pages: int, run_pages: int,
+                     head_table: HeadGroups) -> tuple[int, int, int]:
+    """(runs kept, sink runs, recent runs) of the coarse stage with a per-head table: the reference
+    sizes a layer's shortlist by its largest head (centroid_reference.centroid_select_pages), and
+    head_groups made shortlist_tokens hold twice the largest anywhere, so every layer keeps the
+    same runs and one coarse layout serves them all."""
+    counts = {cref.shortlist_run_counts(page_size, group_pages, run_pages, sparse.shortlist_tokens,
+                                        head_table.largest(layer) * sparse.group_tokens, sparse.sink_tokens,
+                                        sparse.recent_tokens) for layer in head_table.per_layer}
+    assert len(counts) == 1, f"the layers' shortlists differ: {counts}"
+    return counts.pop()
+
+
 # ---- the per-step plan -------------------------------------------------------------------------
 
 @dataclass
@@ -136,18 +191,26 @@ class ShortlistPlan:
 
 
 @dataclass
+class LayerChoice:
+    """What one sparse layer's choice reads of its counts this step (layers of equal counts share one)."""
+
+    width: int                      # groups chosen per row and KV head: its largest head's, at most the units scored
+    head_keep: mx.array             # int32 [1, kv_heads, 1] groups each KV head keeps of them (best first)
+    virtual_lengths: mx.array       # int32 [Bs, kv_heads] tokens each head reads of its list (its groups, the
+                                    # last one's only up to the row's end)
+
+
+@dataclass
 class CentroidPlan(DecodeRows):
     """Per-step layout of the decode rows, shared by every sparse layer (built on the host once)."""
 
     group_pages: int
-    budget_groups: int
     sparse_pages: mx.array          # [Bs, P] page tables, padded with the scratch page to whole groups (runs)
     last_pages: mx.array            # [Bs, G] physical id of each group's last page
     scored: mx.array                # [Bs, 1, 1, G] groups with a summary (complete before the row's token)
     bias: mx.array                  # [Bs, 1, G] +inf forced (sink, recent), -inf past the sequence, else 0
-    virtual_lengths: mx.array       # [Bs] tokens of the chosen groups, the last one's only up to the end
-    pages_read: int                 # per layer and KV head, summed over the decode rows
-    pages_skipped: int
+    layers: dict[int, LayerChoice]  # every sparse layer's counts
+    stats: AttentionStats           # pages read and skipped over every sparse layer and KV head, all decode rows
     shortlist: ShortlistPlan | None = None      # coarse to fine (some row is longer than the shortlist)
 
 
@@ -156,19 +219,19 @@ def as_mx(t: torch.Tensor) -> mx.array:
     return mx.array(t.numpy())
 
 
-def make_centroid_plan(sparse: SparseSettings, tables: np.ndarray, lengths: np.ndarray, page_size: int,
+def make_centroid_plan(budgets: CentroidBudgets, tables: np.ndarray, lengths: np.ndarray, page_size: int,
                        scratch_page: int) -> CentroidPlan | None:
     """tables: int32 [B, W] of the decode rows, lengths [B] (tokens including the new one). None when
-    no row has more groups than the budget (every layer then decodes densely)."""
-    group_pages, budget, sink, recent = group_counts(sparse, page_size)
+    no row has more groups than the fewest count (every layer then decodes densely)."""
+    group_pages, sink, recent = budgets.group_pages, budgets.sink, budgets.recent
     used = -(-lengths // page_size)
-    is_sparse = used > budget * group_pages
+    # a row of at most `fewest` groups keeps every group in every layer and KV head: exactly dense
+    is_sparse = used > budgets.fewest * group_pages
     if not is_sparse.any():
         return None
-    read, skipped = count_group_pages(lengths.tolist(), page_size, group_pages, budget)
     sparse_rows = np.flatnonzero(is_sparse)
     width = int(used[sparse_rows].max())
-    coarse = shortlist_counts(sparse, page_size)
+    coarse = budgets.shortlist
     if coarse is not None and -(-width // coarse[0]) <= coarse[1]:
         coarse = None           # every row within the shortlist: its own shortlist, the same choice
     whole = coarse[0] if coarse is not None else group_pages
@@ -177,7 +240,8 @@ def make_centroid_plan(sparse: SparseSettings, tables: np.ndarray, lengths: np.n
     pages[np.arange(pages.shape[1])[None, :] >= used[sparse_rows, None]] = scratch_page
     span = page_size * group_pages
     sparse_lengths = torch.from_numpy(lengths[sparse_rows].astype(np.int64))
-    scored, bias = unit_layout(sparse_lengths, pages.shape[1] // group_pages, span, sink, recent)
+    units = pages.shape[1] // group_pages               # groups the choice is made among
+    scored, bias = unit_layout(sparse_lengths, units, span, sink, recent)
     shortlisted, shortlist = sparse_lengths, None
     if coarse is not None:
         run_pages, keep, sink_runs, recent_runs = coarse
@@ -187,16 +251,43 @@ def make_centroid_plan(sparse: SparseSettings, tables: np.ndarray, lengths: np.n
         # the shortlist's length: its last run is the row's own (partial) last run
         assert pages.shape[1] // run_pages > keep, "the coarse stage runs only when some row has more runs"
         shortlisted = sparse_lengths - (-(-sparse_lengths // run_span) - keep).clamp(min=0) * run_span
-        short_scored, short_bias = unit_layout(shortlisted, keep * run_pages // group_pages, span, sink, recent)
+        units = keep * run_pages // group_pages
+        short_scored, short_bias = unit_layout(shortlisted, units, span, sink, recent)
         shortlist = ShortlistPlan(run_pages=run_pages, keep=keep, run_last=mx.array(pages[:, run_pages - 1::run_pages]),
                                   run_scored=as_mx(run_scored), run_bias=as_mx(run_bias), scored=as_mx(short_scored),
                                   bias=as_mx(short_bias))
-    dropped = (-(-shortlisted // span) - budget).clamp(min=0) * span
     return CentroidPlan(
-        group_pages=group_pages, budget_groups=budget, **decode_rows(tables, lengths, used, is_sparse),
+        group_pages=group_pages, **decode_rows(tables, lengths, used, is_sparse),
         sparse_pages=mx.array(pages), last_pages=mx.array(pages[:, group_pages - 1::group_pages]),
-        scored=as_mx(scored), bias=as_mx(bias), virtual_lengths=as_mx((shortlisted - dropped).int()),
-        pages_read=read, pages_skipped=skipped, shortlist=shortlist)
+        scored=as_mx(scored), bias=as_mx(bias), layers=layer_choices(budgets, shortlisted.numpy(), span, units),
+        stats=count_pages(budgets, lengths, page_size), shortlist=shortlist)
+
+
+def layer_choices(budgets: CentroidBudgets, shortlisted: np.ndarray, span: int, units: int) -> dict[int, LayerChoice]:
+    """Each sparse layer's LayerChoice for sparse rows choosing among `units` groups of their first
+    `shortlisted` tokens [Bs] (the row, or its shortlist). A head keeps min(its count, the row's
+    groups) groups, the last the row's own (partial) one, so it reads the shortlisted tokens less
+    its dropped groups' whole spans. Layers of equal counts (all of them without a table) share
+    one, built once a step."""
+    groups = -(-shortlisted // span)                                                 # [Bs]
+    shared = {}
+    for counts in set(budgets.per_layer.values()):
+        dropped = np.maximum(groups[:, None] - np.asarray(counts)[None, :], 0) * span   # [Bs, kv_heads]
+        shared[counts] = LayerChoice(width=min(max(counts), units), head_keep=budgets.head_keep[counts],
+                                     virtual_lengths=mx.array((shortlisted[:, None] - dropped).astype(np.int32)))
+    return {layer: shared[counts] for layer, counts in budgets.per_layer.items()}
+
+
+def count_pages(budgets: CentroidBudgets, lengths: np.ndarray, page_size: int) -> AttentionStats:
+    """Pages read and skipped by the decode rows of lengths [B] over every sparse layer and KV head
+    (count_group_pages's rule for each one's count): a head whose count a row's groups exceed skips
+    its unchosen groups' pages (its chosen last group may be partial); one that covers the row, and
+    every head of a dense row, reads them all."""
+    pages = -(-lengths.astype(np.int64) // page_size)                              # [B]
+    groups = -(-pages // budgets.group_pages)
+    dropped = np.maximum(groups[None, None, :] - budgets.table[..., None], 0)       # [layers, kv_heads, B]
+    skipped = int(dropped.sum()) * budgets.group_pages
+    return AttentionStats(int(pages.sum()) * budgets.table.size - skipped, skipped)
 
 
 # ---- scores and the choice ---------------------------------------------------------------------
@@ -224,11 +315,14 @@ def group_scores(q: mx.array, cents_layer: mx.array, cstats_layer: mx.array, las
     return (mass - mx.logsumexp(mass, axis=-1, keepdims=True)).max(axis=2)
 
 
-def best_units(scores: mx.array, bias: mx.array, keep: int, unit_pages: int) -> mx.array:
-    """The `keep` best units per row and KV head, forced ones first, as their pages ascending
-    [Bs, kv_heads, keep * unit_pages] (indices into whatever the scores were over). Equal scores go
-    to the lower index: each unit's key is its score's order as an integer, then its index reversed,
-    so that no two keys are equal and the choice does not depend on the partition's order."""
+def best_units(scores: mx.array, bias: mx.array, keep: int, unit_pages: int, head_keep: mx.array | int) -> mx.array:
+    """The `keep` best units per row and KV head, forced ones first, of which each KV head keeps its
+    head_keep best (an int: every head alike; int32 [1, kv_heads, 1]: each its own count), as their
+    pages ascending [Bs, kv_heads, keep * unit_pages] (indices into whatever the scores were over).
+    A head keeping fewer has its list padded with the last unit's pages, which it never reads: its
+    virtual length ends within its own units (LayerChoice). Equal scores go to the lower index: each
+    unit's key is its score's order as an integer, then its index reversed, so that no two keys are
+    equal and neither the choice nor a head's share of it depends on the sort's order."""
     # forced and padding units take the bias itself (adding it would make the unscored recent unit's
     # -inf + inf a NaN); + 0.0 turns a -0.0 into the 0.0 it equals
     ranked = mx.where(bias == 0, scores, bias) + 0.0
@@ -237,31 +331,38 @@ def best_units(scores: mx.array, bias: mx.array, keep: int, unit_pages: int) -> 
     units = ranked.shape[-1]
     assert 0 < keep <= units, (keep, units)
     key = order * units + (units - 1 - mx.arange(units))
-    picked = mx.sort(mx.argpartition(-key, kth=keep - 1, axis=-1)[..., :keep], axis=-1).astype(mx.int32)
+    best = mx.argsort(-key, axis=-1)[..., :keep].astype(mx.int32)                       # best first
+    # a head's units past its own count sort last as `units`, then stand in for the last unit
+    kept = mx.where(mx.arange(keep) < head_keep, best, units)
+    picked = mx.minimum(mx.sort(kept, axis=-1), units - 1)
     return (picked[..., None] * unit_pages + mx.arange(unit_pages, dtype=mx.int32)).reshape(
         *picked.shape[:2], keep * unit_pages)
 
 
 def choose_pages(q: mx.array, cache: PagedKVCache, layer: int, plan: CentroidPlan, scale: float) -> mx.array:
     """Logical pages of the chosen groups per sparse row and KV head, ascending, q [Bs, H, d] ->
-    int32 [Bs, kv_heads, budget_groups * group_pages] (the last group's pages past the sequence
-    included: attention stops at virtual_lengths before them). With a shortlist, the groups are
-    chosen among the best runs' (their pages in order, as one sequence per KV head)."""
+    int32 [Bs, kv_heads, width * group_pages] with the layer's width (LayerChoice): each head's own
+    count of groups first, then padding (the last group's pages past the sequence included):
+    attention stops at the head's virtual length before it. With a shortlist, the groups are chosen
+    among the best runs' (their pages in order, as one sequence per KV head)."""
+    choice = plan.layers[layer]
     cents, cstats, short = cache.cents[layer], cache.cstats[layer], plan.shortlist
     if short is None:
         scores = group_scores(q, cents, cstats, plan.last_pages, plan.scored, scale)
-        return best_units(scores, plan.bias, plan.budget_groups, plan.group_pages)
+        return best_units(scores, plan.bias, choice.width, plan.group_pages, choice.head_keep)
     runs = group_scores(q, cache.run_cents[layer], cache.run_cstats[layer], short.run_last, short.run_scored, scale)
-    logical = best_units(runs, short.run_bias, short.keep, short.run_pages)           # [Bs, kvh, keep * run_pages]
+    # every head keeps the shortlist's runs: it is sized by the layer's largest head (CentroidBudgets)
+    logical = best_units(runs, short.run_bias, short.keep, short.run_pages, short.keep)   # [Bs, kvh, keep * run_pages]
     physical = mx.take_along_axis(plan.sparse_pages[:, None, :], logical, axis=-1)
     scores = group_scores(q, cents, cstats, physical[..., plan.group_pages - 1::plan.group_pages], short.scored,
                           scale)
-    return mx.take_along_axis(logical, best_units(scores, short.bias, plan.budget_groups, plan.group_pages), axis=-1)
+    chosen = best_units(scores, short.bias, choice.width, plan.group_pages, choice.head_keep)
+    return mx.take_along_axis(logical, chosen, axis=-1)
 
 
-def chosen_lists(plan: CentroidPlan, chosen: mx.array) -> tuple[mx.array, mx.array]:
+def chosen_lists(plan: CentroidPlan, chosen: mx.array, layer: int) -> tuple[mx.array, mx.array]:
     """Each head's chosen physical pages [Bs, kv_heads, k] and how many of their positions to read
-    [Bs, kv_heads]: the chosen groups are ascending and the last is the row's own last group, so
-    every head reads the first virtual_lengths tokens."""
+    [Bs, kv_heads]: a head's own groups come first, ascending, the last of them the row's own last
+    group, so it reads the first virtual_lengths tokens of its list (its layer's, per head)."""
     physical = mx.take_along_axis(plan.sparse_pages[:, None, :], chosen, axis=-1)
-    return physical, mx.broadcast_to(plan.virtual_lengths[:, None], chosen.shape[:2])
+    return physical, plan.layers[layer].virtual_lengths

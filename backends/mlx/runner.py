@@ -2,7 +2,8 @@
 
 Chosen once at start-up: the activation dtype, the weights (quantised sources stay packed on a GPU;
 the CPU serves float32 linears, backends/mlx/cpu_linear.py), the paged decode (the Metal kernel or
-its MLX-ops mirror), the sparse page selector (Quest or centroids) and the KV pool size. A step
+its MLX-ops mirror), the sparse page selector (Quest or centroids, with its counts per layer and KV
+head: backends/head_budgets.py) and the KV pool size. A step
 syncs the page tables (appends only, host side: MLX shares memory with the GPU on Apple silicon),
 builds the step's plan, runs the model lazily, summarises the groups it completes (centroid
 selector), samples, and hands the whole step to MLX with async_eval: launch() returns at once, and
@@ -23,8 +24,9 @@ from backends.base import PENDING_TOKEN, AttentionStats, BackendInfo, ForwardBat
 from backends.cuda.attention.centroids import completed_groups, group_counts, shortlist_counts
 from backends.cuda.attention.sparse import check_sparse_settings
 from backends.cuda.page_tables import PageTableStore
+from backends.head_budgets import head_groups
 from backends.mlx.attention import PagedAttention, plan_step
-from backends.mlx.centroids import write_group_summaries
+from backends.mlx.centroids import centroid_budgets, write_group_summaries
 from backends.mlx.cpu_linear import cpu_streams, use_cpu_linears
 from backends.mlx.kv_cache import PagedKVCache
 from backends.mlx.kv_store import create_kv_store
@@ -103,6 +105,14 @@ class MlxRunner:
         self.group_pages = group_counts(self.sparse, settings.page_size)[0] if centroid_selector else None
         shortlist = shortlist_counts(self.sparse, settings.page_size) if centroid_selector else None
         self.run_pages = shortlist[0] if shortlist is not None else None
+        # the per-head table's counts for this model, once (None: uniform); ValueError when it does not fit
+        head_table = (head_groups(self.sparse, config.num_layers, config.num_kv_heads) if self.sparse is not None
+                      else None)
+        self.centroid_budgets = (centroid_budgets(self.sparse, settings.page_size, config.num_layers,
+                                                  config.num_kv_heads, head_table) if centroid_selector else None)
+        # a centroid plan counts its pages per sparse layer and KV head (their budgets may differ);
+        # Quest's per layer and KV head, alike in every one
+        self._stats = self._centroid_stats if centroid_selector else self._quest_stats
         self.page_size = page_size = settings.page_size
         self.context_length = settings.context_length or config.context_length
         self.max_sequences = settings.max_sequences
@@ -157,11 +167,16 @@ class MlxRunner:
         flat = np.concatenate(slots)
         assert len(np.unique(flat)) == len(flat), "two sequences write the same KV slot"
 
-    def _stats(self, step) -> AttentionStats:
+    def _quest_stats(self, step) -> AttentionStats:
         if step.sparse is None:
             return AttentionStats()     # no row past the budget: nothing skipped (dense reads uncounted)
         per_step = self.config.num_kv_heads * (self.config.num_layers - self.sparse.dense_layers)
         return AttentionStats(step.sparse.pages_read * per_step, step.sparse.pages_skipped * per_step)
+
+    @staticmethod
+    def _centroid_stats(step) -> AttentionStats:
+        # no row past the fewest count: nothing skipped (dense reads uncounted)
+        return step.centroids.stats if step.centroids is not None else AttentionStats()
 
     def forward(self, batch: ForwardBatch) -> ForwardResult:
         """Run every chunk's new tokens, write their K/V, sample where a chunk asks."""
@@ -180,7 +195,7 @@ class MlxRunner:
         if self.settings.validate_batches:
             self.tables.check(chunks, self.page_size)
         rows = self.table_rows[[c.seq_slot for c in chunks]]
-        step = plan_step(chunks, rows, self.page_size, self.cache.scratch_page, self.sparse)
+        step = plan_step(chunks, rows, self.page_size, self.cache.scratch_page, self.sparse, self.centroid_budgets)
         ids = np.fromiter((t for c in chunks for t in c.token_ids), dtype=np.int32)
         token_ids = mx.array(ids)
         if (ids == PENDING_TOKEN).any():

@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from backends.base import SparseSettings, sparse_unit_counts
-from backends.cuda.attention.sparse_rows import RowSplit, attend_pages, counted_all_dense, merge_dense_rows, split_rows
+from backends.cuda.attention.sparse_rows import RowSplit, attend_pages, merge_dense_rows, split_rows
+from backends.head_budgets import HeadGroups, head_groups
 from kernels import centroid_reference as cref
 
 if TYPE_CHECKING:
@@ -114,9 +115,21 @@ class ShortlistPlan:
 
 
 @dataclass
+class LayerBudgets:
+    """One sparse layer's counts under a budget per KV head (backends/head_budgets.py)."""
+
+    keep: int                       # groups chosen per row: the layer's largest head's, at most the row's units
+    groups: torch.Tensor            # [1, kv_heads, 1] each head's own count
+    virtual_lengths: torch.Tensor   # [Bs, kv_heads] tokens each head reads of its chosen groups
+    pages_read: int
+    pages_skipped: int
+
+
+@dataclass
 class CentroidPlan:
     """Per-forward layout of the decode rows for the centroid selector, shared by every sparse layer
-    (the attributes sparse_rows.attend_pages reads are named as in QuestPlan)."""
+    (the attributes sparse_rows.attend_pages reads are named as in QuestPlan). With a budget per
+    KV head (heads), each layer's counts are LayerBudgets, made on first use (layer_budgets)."""
 
     group_pages: int
     budget_groups: int
@@ -130,6 +143,32 @@ class CentroidPlan:
     pages_read: int
     pages_skipped: int
     shortlist: ShortlistPlan | None = None      # coarse to fine (some row is longer than the shortlist)
+    heads: HeadGroups | None = None             # a budget per (layer, KV head)
+    shortlisted: torch.Tensor | None = None     # [Bs] tokens each sparse row's selection is over
+    lengths: list[int] | None = None            # every decode row's tokens (the page accounting's)
+    by_layer: dict[int, LayerBudgets] | None = None
+
+    def layer_budgets(self, layer: int, page_size: int) -> LayerBudgets:
+        """The layer's counts under the table: each head keeps its own groups of the selection's
+        units (its whole row when its budget covers it), reads their tokens, and the page
+        accounting sums each head's reads over every decode row."""
+        assert self.heads is not None and self.by_layer is not None
+        if layer not in self.by_layer:
+            counts = self.heads.per_layer[layer]
+            span = page_size * self.group_pages
+            units = (self.shortlist.keep * self.shortlist.run_pages if self.shortlist is not None
+                     else self.sparse_pages.shape[1]) // self.group_pages
+            groups = torch.tensor(counts, device=self.shortlisted.device).view(1, -1, 1)
+            n_units = (self.shortlisted + span - 1) // span
+            dropped = (n_units.view(-1, 1) - groups.view(1, -1)).clamp(min=0) * span
+            read = skipped = 0
+            for count in counts:
+                r, k = count_group_pages(self.lengths, page_size, self.group_pages, count)
+                read, skipped = read + r, skipped + k
+            self.by_layer[layer] = LayerBudgets(
+                keep=min(max(counts), units), groups=groups, pages_read=read, pages_skipped=skipped,
+                virtual_lengths=(self.shortlisted.view(-1, 1) - dropped).int())
+        return self.by_layer[layer]
 
     @property
     def all_dense(self) -> bool:
@@ -174,10 +213,13 @@ def unit_layout(lengths: torch.Tensor, units: int, span: int, sink: int, recent:
     return scored.view(-1, 1, 1, units), bias.unsqueeze(1)
 
 
-def make_plan(meta: AttentionMetadata, page_size: int, kv_heads: int) -> CentroidPlan:
+def make_plan(meta: AttentionMetadata, page_size: int, kv_heads: int, heads: HeadGroups | None = None
+              ) -> CentroidPlan:
+    """heads: a budget per (layer, KV head): rows past the fewest anywhere are sparse (a head whose
+    budget covers such a row keeps all of it), and each layer's counts follow on first use."""
     group_pages, budget, sink, recent = group_counts(meta.sparse, page_size)
     lengths = meta.decode_lengths
-    rows = split_rows(meta, page_size, kv_heads, budget * group_pages)
+    rows = split_rows(meta, page_size, kv_heads, (budget if heads is None else heads.fewest) * group_pages)
     read, skipped = count_group_pages(lengths.tolist(), page_size, group_pages, budget)
     span = page_size * group_pages
     sparse_lengths = lengths[rows.sparse_rows]
@@ -207,7 +249,8 @@ def make_plan(meta: AttentionMetadata, page_size: int, kv_heads: int) -> Centroi
         group_pages=group_pages, budget_groups=budget, rows=rows, sparse_pages=pages,
         sparse_lengths=sparse_lengths.view(-1, 1, 1), last_pages=pages[:, group_pages - 1::group_pages],
         scored=scored, bias=bias, virtual_lengths=(sparse_shortlisted - dropped).int(), pages_read=read * kv_heads,
-        pages_skipped=skipped * kv_heads, shortlist=shortlist)
+        pages_skipped=skipped * kv_heads, shortlist=shortlist, heads=heads, shortlisted=sparse_shortlisted,
+        lengths=lengths.tolist() if heads is not None else None, by_layer={} if heads is not None else None)
 
 
 def group_scores(q: torch.Tensor, cents_layer: torch.Tensor, cstats_layer: torch.Tensor, last_pages: torch.Tensor,
@@ -239,10 +282,19 @@ def head_shares(q: torch.Tensor, cents_layer: torch.Tensor, cstats_layer: torch.
     return mass - mass.logsumexp(dim=-1, keepdim=True)
 
 
-def best_units(scores: torch.Tensor, keep: int, unit_pages: int) -> torch.Tensor:
+def best_units(scores: torch.Tensor, keep: int, unit_pages: int, head_keep: torch.Tensor | None = None
+               ) -> torch.Tensor:
     """The best `keep` units per row and KV head, ascending, as their pages [Bs, kv_heads, keep *
-    unit_pages] (indices into whatever the scores were over)."""
-    units = scores.topk(keep, dim=-1, sorted=False).indices.sort(dim=-1).values
+    unit_pages] (indices into whatever the scores were over). head_keep [1, kv_heads, 1]: each head
+    keeps only its own best head_keep (at most keep) first, ascending, the rest of its row padding
+    (units past every real one, which the attention's virtual lengths never reach)."""
+    if head_keep is None:
+        units = scores.topk(keep, dim=-1, sorted=False).indices.sort(dim=-1).values
+    else:
+        best = scores.topk(keep, dim=-1, sorted=True).indices                  # best first
+        rank = torch.arange(keep, device=scores.device)
+        units = best.masked_fill(rank >= head_keep, scores.shape[-1]).sort(dim=-1).values
+        units = units.clamp(max=scores.shape[-1] - 1)           # padding: a real unit's pages, never attended
     return (units.unsqueeze(-1) * unit_pages + torch.arange(unit_pages, device=scores.device)).flatten(2)
 
 
@@ -253,25 +305,47 @@ def choose_pages(q: torch.Tensor, cache: PagedKVCache, layer: int, plan: Centroi
     (their pages in order, as one sequence: the fine stage's last pages per KV head)."""
     cents, cstats = cache.cents[layer], cache.cstats[layer]
     short = plan.shortlist
+    keep, head_keep = plan.budget_groups, None
+    if plan.heads is not None:
+        counts = plan.layer_budgets(layer, cache.page_size)
+        keep, head_keep = counts.keep, counts.groups
     if short is None:
         scores = group_scores(q, cents, cstats, plan.last_pages, plan.scored, scale) + plan.bias
-        return best_units(scores, plan.budget_groups, plan.group_pages)
+        return best_units(scores, keep, plan.group_pages, head_keep)
     runs = group_scores(q, cache.run_cents[layer], cache.run_cstats[layer], short.run_last, short.run_scored, scale)
     logical = best_units(runs + short.run_bias, short.keep, short.run_pages)     # [Bs, kvh, keep * run_pages]
     physical = plan.sparse_pages.gather(1, logical.flatten(1)).view_as(logical)
     scores = group_scores(q, cents, cstats, physical[..., plan.group_pages - 1::plan.group_pages], short.scored,
                           scale) + short.bias
-    return logical.gather(2, best_units(scores, plan.budget_groups, plan.group_pages))
+    return logical.gather(2, best_units(scores, keep, plan.group_pages, head_keep))
+
+
+def head_lengths(plan: CentroidPlan, layer: int, batch: int, kv_heads: int, page_size: int) -> torch.Tensor:
+    """Tokens each (sparse row, KV head) reads of its chosen groups [Bs, kv_heads]: the chosen groups
+    are ascending and the last is the row's own last group, so each head reads the first ones."""
+    if plan.heads is not None:
+        return plan.layer_budgets(layer, page_size).virtual_lengths
+    return plan.virtual_lengths.view(batch, 1).expand(batch, kv_heads)
+
+
+def attend_chosen(q: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor, chosen: torch.Tensor,
+                  plan: CentroidPlan, scale: float, layer: int) -> torch.Tensor:
+    """sparse_rows.attend_pages; with a budget per KV head each head reads its own first
+    virtual lengths' tokens of its chosen groups (the rest of its row is padding)."""
+    if plan.heads is None:
+        return attend_pages(q, k_layer, v_layer, chosen, plan, scale)
+    page_size = k_layer.shape[1]
+    lengths = head_lengths(plan, layer, *chosen.shape[:2], page_size)
+    return attend_pages(q, k_layer, v_layer, chosen, plan, scale, virtual_lengths=lengths)
 
 
 def attend_fused(q: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor, chosen: torch.Tensor,
-                 plan: CentroidPlan, scale: float) -> torch.Tensor:
-    """The CPU kernel over each KV head's chosen pages: the chosen groups are ascending and the last
-    is the sequence's own last group, so each head attends the first virtual_lengths tokens."""
+                 plan: CentroidPlan, scale: float, layer: int) -> torch.Tensor:
+    """The CPU kernel over each KV head's chosen pages, the first head_lengths tokens of each."""
     batch, kv_heads, _ = chosen.shape
     page_size = k_layer.shape[1]
     physical = plan.sparse_pages.gather(1, chosen.flatten(1)).view_as(chosen)    # [Bs, kvh, k]
-    lengths = plan.virtual_lengths.long().view(batch, 1).expand(batch, kv_heads).contiguous()
+    lengths = head_lengths(plan, layer, batch, kv_heads, page_size).long().contiguous()
     return torch.ops.radixgate_cpu.paged_decode_attention(
         q, k_layer.view(-1, *k_layer.shape[2:]), v_layer.view(-1, *v_layer.shape[2:]),
         physical.contiguous(), lengths, page_size, scale)
@@ -281,7 +355,8 @@ def get_plan(cache: PagedKVCache, meta: AttentionMetadata) -> CentroidPlan:
     plan = getattr(meta, PLAN_ATTRIBUTE, None)
     if plan is None:
         assert cache.cents is not None, "the centroid selector needs centroid summaries in the cache"
-        plan = make_plan(meta, cache.page_size, cache.k.shape[3])
+        layers, _, _, kv_heads, _ = cache.k.shape
+        plan = make_plan(meta, cache.page_size, kv_heads, head_groups(meta.sparse, layers, kv_heads))
         assert plan.group_pages == cache.group_pages, "the cache was built for another group size"
         setattr(meta, PLAN_ATTRIBUTE, plan)
     return plan
@@ -292,11 +367,14 @@ def centroid_decode_attention(q: torch.Tensor, cache: PagedKVCache, layer: int, 
     """Decode attention of B single-token queries [B, H, d] for one sparse-eligible layer, as
     sparse.sparse_decode_attention but choosing whole groups by their centroids."""
     plan = get_plan(cache, meta)
-    if counted_all_dense(plan, meta):
+    counts = plan if plan.heads is None or plan.all_dense else plan.layer_budgets(layer, cache.page_size)
+    meta.stats.pages_read += counts.pages_read
+    meta.stats.pages_skipped += counts.pages_skipped
+    if plan.all_dense:
         return dense_decode(q, cache, layer, meta, scale)
     k_layer, v_layer = cache.k[layer], cache.v[layer]
     q_sparse = q[plan.sparse_rows]
     chosen = choose_pages(q_sparse, cache, layer, plan, scale)
-    attend = attend_fused if fused else attend_pages
-    sparse_out = attend(q_sparse, k_layer, v_layer, chosen, plan, scale)
+    attend = attend_fused if fused else attend_chosen
+    sparse_out = attend(q_sparse, k_layer, v_layer, chosen, plan, scale, layer)
     return merge_dense_rows(q, sparse_out, cache, layer, meta, plan.rows, scale, fused)

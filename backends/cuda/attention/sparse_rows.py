@@ -61,10 +61,13 @@ def dense_rows_attention(q: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.
 
 
 def attend_pages(q: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor, chosen: torch.Tensor,
-                 plan, scale: float) -> torch.Tensor:
+                 plan, scale: float, virtual_lengths: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of the sparse rows' q [Bs, H, d] over the chosen logical pages [Bs, kv_heads, k]
     of each KV head, read straight from the paged cache -> [Bs, H, d]. plan: a selector's plan
-    with sparse_pages [Bs, P], slot, slot_head and sparse_lengths [Bs, 1, 1] (QuestPlan's fields)."""
+    with sparse_pages [Bs, P], slot, slot_head and sparse_lengths [Bs, 1, 1] (QuestPlan's fields).
+    virtual_lengths [Bs, kv_heads]: each head reads only the first that many tokens of its chosen
+    pages (ascending pages whose last is the row's own: the same tokens as the positions' mask,
+    and nothing of a row's padding past a head's own count)."""
     batch, heads, head_dim = q.shape
     page_size, kv_heads = k_layer.shape[1:3]
     group = heads // kv_heads
@@ -74,8 +77,11 @@ def attend_pages(q: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor, 
     span = chosen.shape[-1] * page_size
     k = k_layer.view(-1, head_dim).index_select(0, rows).view(batch, kv_heads, span, head_dim)
     v = v_layer.view(-1, head_dim).index_select(0, rows).view(batch, kv_heads, span, head_dim)
-    positions = (chosen.unsqueeze(-1) * page_size + plan.slot).view(batch, kv_heads, 1, span)
-    mask = positions < plan.sparse_lengths.unsqueeze(-1)                         # [Bs, kvh, 1, span]
+    if virtual_lengths is None:
+        positions = (chosen.unsqueeze(-1) * page_size + plan.slot).view(batch, kv_heads, 1, span)
+        mask = positions < plan.sparse_lengths.unsqueeze(-1)                     # [Bs, kvh, 1, span]
+    else:
+        mask = (torch.arange(span, device=q.device) < virtual_lengths.unsqueeze(-1)).unsqueeze(2)
     qg = q.view(batch, kv_heads, group, head_dim)
     out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
     return out.reshape(batch, heads, head_dim)

@@ -18,6 +18,7 @@ from backends.cuda.attention.summaries import write_kv_and_summaries
 from backends.cuda.attention.torch_metadata import AttentionMetadata, PrefillSeq, build_metadata
 from backends.cuda.kv_cache import PagedKVCache
 from backends.cuda.layout import StepLayout
+from backends.head_budgets import head_groups
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -98,6 +99,7 @@ class TorchAttention(AttentionBackend):
         super().__init__(*args, **kwargs)
         if self.sparse is not None and self.sparse.selector == "centroids":     # chosen once, here
             self.sparse_decode = centroids.centroid_decode_attention
+            head_groups(self.sparse, self.cache.k.shape[0], self.shape.kv_heads)   # a table that does not fit: here
 
     def sparse_decode(self, q: torch.Tensor, cache: PagedKVCache, layer: int, meta: AttentionMetadata,
                       scale: float, dense_decode, fused: bool) -> torch.Tensor:

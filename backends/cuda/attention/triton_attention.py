@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import torch
 
+from backends.base import SparseSettings
 from backends.cuda.attention.base import AttentionBackend
 from backends.cuda.layout import StepLayout, graph_batch
+from backends.head_budgets import head_groups
 from kernels.centroid_reference import CentroidShortlist
 from kernels.reference import sparse_page_counts
 from kernels.triton import extend_attention, paged_decode, sparse_decode, update_page_summaries
-from kernels.triton.centroids import centroid_sparse_decode
+from kernels.triton.centroids import HeadBudgets, centroid_sparse_decode
 from kernels.triton.decode import default_num_splits, interpreting
 from kernels.triton.layer_ops import rotary_store
 
@@ -30,6 +32,8 @@ class TritonAttention(AttentionBackend):
         super().__init__(*args, **kwargs)
         if self.sparse is not None and self.sparse.selector == "centroids":     # chosen once, here
             self.sparse_decode = self._centroid_decode
+            self.head_budgets: dict[SparseSettings, dict] = {}
+            self._layer_head_budgets(self.sparse)       # a table that does not fit the model fails here
 
     def plan(self, layout: StepLayout) -> None:
         super().plan(layout)
@@ -82,13 +86,28 @@ class TritonAttention(AttentionBackend):
                       num_splits=self.sparse_splits, out=out, pmin=cache.pmin[layer], pmax=cache.pmax[layer],
                       shortlist_tokens=s.shortlist_tokens)
 
+    def _layer_head_budgets(self, sparse: SparseSettings) -> dict[int, tuple[int, HeadBudgets]]:
+        """With a budget per (layer, KV head) (backends/head_budgets.py): per sparse layer the
+        launcher's budget_tokens (its largest head's) and its HeadBudgets, put on the device once
+        per settings (a server's never change; benches swap settings between forwards)."""
+        if sparse not in self.head_budgets:
+            table = head_groups(sparse, self.cache.k.shape[0], self.shape.kv_heads)
+            span, device = sparse.group_tokens, self.cache.k.device
+            self.head_budgets[sparse] = {} if table is None else {
+                layer: (max(counts) * span, HeadBudgets(torch.tensor(counts, dtype=torch.int32, device=device),
+                                                        table.fewest))
+                for layer, counts in table.per_layer.items()}
+        return self.head_budgets[sparse]
+
     def _centroid_decode(self, layer: int, q: torch.Tensor, out: torch.Tensor) -> None:
         """The same by the centroid selector (kernels/triton/centroids.py); its summaries are
-        written by the runner after each step (attention/centroids.write_group_summaries)."""
+        written by the runner after each step (attention/centroids.write_group_summaries). With a
+        budget per KV head, each layer's own counts (its largest head sizes the launch)."""
         s, cache = self.sparse, self.cache
         shortlist = None if cache.run_cents is None else CentroidShortlist(
             cache.run_cents[layer], cache.run_cstats[layer], cache.run_pages, s.shortlist_tokens)
+        budget_tokens, heads = self._layer_head_budgets(s).get(layer, (s.token_budget, None))
         centroid_sparse_decode(q, cache.k[layer], cache.v[layer], cache.cents[layer], cache.cstats[layer],
-                               self.decode_tables, self.decode_lens, s.token_budget, s.sink_tokens,
+                               self.decode_tables, self.decode_lens, budget_tokens, s.sink_tokens,
                                s.recent_tokens, cache.group_pages, self.shape.scale, interpreted=interpreting(),
-                               out=out, shortlist=shortlist, **self.centroid_tuning)
+                               out=out, shortlist=shortlist, head_budgets=heads, **self.centroid_tuning)
