@@ -395,24 +395,25 @@ def test_combine_select_with_a_budget_per_kv_head(selection):
     assert cut, "no row kept different counts for its heads"
 
 
-@pytest.mark.parametrize("planned_batch", [None, 12, 64])
+@pytest.mark.parametrize("planned_batch,budgets", [(None, [8, 4]), (None, [7, 4]), (12, [8, 4]), (64, [8, 4])])
 @pytest.mark.parametrize("coarse", [False, True])
-def test_centroid_sparse_decode_with_a_budget_per_kv_head(planned_batch, coarse):
+def test_centroid_sparse_decode_with_a_budget_per_kv_head(planned_batch, budgets, coarse):
     """The launcher with HeadBudgets (8 and 4 groups), for few planned rows (select_attend: the
-    smaller head's split half empty), more (a selection launch, then split_k_decode over lengths per
-    KV head) and a wave (select_then_attend), in one stage and coarse to fine (the shortlist sized by
-    the larger budget), writes the reference's per-head selection and attention."""
+    smaller head's split half empty; with 7 and 4, the largest not a whole 8-group split either),
+    more (a selection launch, then split_k_decode over lengths per KV head) and a wave
+    (select_then_attend), in one stage and coarse to fine (the shortlist sized by the larger
+    budget), writes the reference's per-head selection and attention."""
     from kernels.triton.centroids import HeadBudgets
     x, shortlist = _shortlist_inputs()
-    budgets = [8, 4]
     heads = HeadBudgets(torch.tensor(budgets, dtype=torch.int32), min(budgets))
     out = torch.full_like(x["q"], float("nan"))
-    centroid_sparse_decode(x["q"], x["k"], x["v"], x["cents"], x["stats"], x["table"], x["seq_lens"], *x["tokens"],
+    tokens = (max(budgets) * x["span"], *x["tokens"][1:])
+    centroid_sparse_decode(x["q"], x["k"], x["v"], x["cents"], x["stats"], x["table"], x["seq_lens"], *tokens,
                            x["group_pages"], x["scale"], interpreted=True, planned_batch=planned_batch, out=out,
                            shortlist=shortlist if coarse else None, head_budgets=heads)
     for i, n in enumerate(x["lens"]):
         want = cref.centroid_select_pages(x["q"][i], x["cents"], x["stats"], x["table"][i], n, x["page_size"],
-                                          x["group_pages"], x["scale"], *x["tokens"],
+                                          x["group_pages"], x["scale"], *tokens,
                                           shortlist=shortlist if coarse else None,
                                           head_budgets=[b * x["span"] for b in budgets])
         torch.testing.assert_close(out[i], _attend_each_head(x, i, want), rtol=1e-4, atol=1e-4)

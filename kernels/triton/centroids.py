@@ -187,11 +187,14 @@ def centroid_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     # 17.2; 4096 groups 24.3 against 21.8)
     sort = "topk" if prefers_top_k(groups, force[0]) else None
     split_groups = max(1, 128 // span)
-    if rows <= num_sms(q.device) // 8 and force[0] % split_groups == 0:
+    # with head_budgets each head's own count comes from them, and select_attend's launch only
+    # needs whole splits covering the largest (its last split, like a smaller head's, part empty)
+    whole = force if head_budgets is None else (-(-force[0] // split_groups) * split_groups, *force[1:])
+    if rows <= num_sms(q.device) // 8 and whole[0] % split_groups == 0:
         # few rows: the selection inside each attention program, one launch fewer and no pages
         # written out and read back (select_attend; 128-key splits as attend_tuning's for few
         # rows; 4 warps for rows of up to 512 groups: H200 b1 x 32k 11.9 us against 12.6 with 8)
-        return select_attend(q, k_cache, v_cache, logits, page_tables, seq_lens, span, force, scale,
+        return select_attend(q, k_cache, v_cache, logits, page_tables, seq_lens, span, whole, scale,
                              split_groups=split_groups, out=out, sort=sort, num_warps=4 if groups <= 512 else 8,
                              head_budgets=groups_each)
     tuning = {**attend_tuning(rows, force[0] * span, q.device), **tuning}
