@@ -480,6 +480,35 @@ def test_embedded_model_counts_the_shipped_table_exactly():
     assert sparse_rows == [0, 1, 2] and stats[-1][0] == read
 
 
+def test_embedded_model_with_the_shipped_table_decodes_as_the_torch_runner():
+    """The same table through the MLX runner and the torch runner (the CUDA backends' reference
+    path): the same greedy tokens (a differing pick only at a near tie), logits and per-(layer, KV
+    head) page counts, with rows each layer's heads cut differently."""
+    from backends.cuda.runner import TorchRunner
+    from backends.mlx.runner import MlxRunner
+    from backends.source import resolve_source
+    from gateway.templating import load_tokenizer
+
+    long = load_tokenizer(resolve_source("packaged:smollm2-135m-instruct")).encode(
+        PASSAGE + "Where did the keeper record the weather?")
+    prompts, page, steps = [long, long[:50], long[:20]], 8, 6
+    sparse = SparseSettings(True, token_budget=4 * page, dense_layers=2, sink_tokens=page, recent_tokens=page,
+                            shortlist_tokens=0, selector="centroids", centroids=4, group_tokens=page,
+                            head_budget_weights=read_weights("smollm2-135m-instruct"))
+    settings, tables = packaged_runner_settings(sparse, prompts, steps, page)
+    got, got_logits, got_stats = greedy_batch(MlxRunner(settings), prompts, tables, steps)
+    torch_settings = dataclasses.replace(settings, device="cpu", dtype="float32", threads=1)
+    want, want_logits, want_stats = greedy_batch(TorchRunner(torch_settings), prompts, tables, steps)
+    assert got_stats == want_stats and all(skipped > 0 for _, skipped in got_stats)
+    for row, (got_row, want_row) in enumerate(zip(got, want, strict=True)):
+        end = steps
+        if got_row != want_row:
+            end = next(i for i, (a, b) in enumerate(zip(got_row, want_row, strict=True)) if a != b)
+            gap = float(want_logits[end, row].max() - want_logits[end, row, got_row[end]])
+            assert gap <= GREEDY_GAP, f"row {row} step {end}: MLX picked {got_row[end]}, {gap:.3f} below torch's max"
+        np.testing.assert_allclose(got_logits[:end + 1, row], want_logits[:end + 1, row], atol=0.01, rtol=0)
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(dense_layers=3), "the model's sparse layers are 3-29 of 3 KV heads"),
     (dict(head_budget_weights=tuple((layer, (1.0, 1.0)) for layer in range(2, 30))), "of 3 KV heads"),
