@@ -4,6 +4,7 @@ configured budget.
 
     python bench/sparse_layer_budgets.py calibrate --out budgets.json [sparse_quality.py args]
     python bench/sparse_layer_budgets.py eval budgets.json [sparse_quality.py args] --sweep rule=layer-budget
+    python bench/sparse_layer_budgets.py layer-max budgets.json --out layers.json
 
 Why: every layer of the engine attends the same token budget, but the quality bench's misses are
 the attention mass a layer's choice leaves out, and layers differ in how much they leave out at a
@@ -192,11 +193,34 @@ def main() -> None:
     cal.add_argument("--skip-tokens", type=int, default=28000, help="text the quality bench uses, skipped")
     ev = sub.add_parser("eval", allow_abbrev=False)
     ev.add_argument("budgets_file")
+    lm = sub.add_parser("layer-max", allow_abbrev=False,
+                        help="a per-head table's layers each at their largest head's weight, mean 1 again")
+    lm.add_argument("budgets_file")
+    lm.add_argument("--out", required=True)
     args, rest = parser.parse_known_args()
     if args.command == "calibrate":
         calibrate(args, rest)
+    elif args.command == "layer-max":
+        layer_max(args.budgets_file, args.out)
     else:
         evaluate(args, rest)
+
+
+def layer_max(path: str, out: str) -> None:
+    """Every KV head of a layer at the layer's largest weight of a per-head table, rescaled to mean 1.
+    A layer's launch lasts as long as its largest head at batch 1 and 16 (one program per row and
+    head, or splits sized by the largest), so the per-head table's time is already paid for the
+    smaller heads' keys: this table gives them to them, and at the same mean its step reads what the
+    uniform budget reads (sum over the layers unchanged)."""
+    report = json.loads(Path(path).read_text(encoding="utf-8"))
+    assert report.get("per_head"), "layer-max takes a per-(layer, KV head) table (calibrate --per-head)"
+    largest = {layer: max(heads) for layer, heads in report["weights"].items()}
+    mean = sum(largest.values()) / len(largest)
+    report["weights"] = {layer: [round(w / mean, 6)] * len(report["weights"][layer]) for layer, w in largest.items()}
+    report["derived"] = f"layer-max of {Path(path).name}: each layer's heads at its largest, rescaled by 1/{mean:.4f}"
+    Path(out).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    sq.say(f"layer-max: {len(largest)} layers, largest weights {min(largest.values()):.3f}-{max(largest.values()):.3f} "
+           f"(mean {mean:.4f}) -> mean 1")
 
 
 if __name__ == "__main__":

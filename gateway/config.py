@@ -175,8 +175,9 @@ class SparseAttentionConfig(Strict):
     head_budgets: str | None = Field(
         None, description="centroids: a budget per (layer, KV head) from a calibrated table, token_budget then "
         "being the mean per head: the name of a shipped table (backends/head_budget_tables: "
-        "smollm2-135m-instruct) or a JSON file from bench/sparse_layer_budgets.py calibrate --per-head; "
-        "null: every head keeps token_budget")
+        "smollm2-135m-instruct, each layer's heads at its neediest head's share; smollm2-135m-instruct-per-head) "
+        "or a JSON file from bench/sparse_layer_budgets.py calibrate --per-head; null: every head keeps "
+        "token_budget")
 
 
 class SchedulerConfig(Strict):

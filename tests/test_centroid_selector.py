@@ -372,3 +372,14 @@ def test_torch_and_cpu_paths_with_a_budget_per_kv_head(fused, settings):
                 dropped = max(0, groups - count) * GROUP_PAGES
                 read, skipped = read + pages - dropped, skipped + dropped
         assert (meta.stats.pages_read, meta.stats.pages_skipped) == (read, skipped)
+
+
+def test_the_shipped_layer_table_gives_each_layer_its_largest_head():
+    """backends/head_budget_tables: smollm2-135m-instruct is the per-head table's layer-max
+    (bench/sparse_layer_budgets.py layer-max): every KV head of a layer at the layer's largest
+    per-head weight, all rescaled by one factor to mean 1."""
+    from backends.head_budgets import read_weights
+    layers, per_head = dict(read_weights("smollm2-135m-instruct")), dict(read_weights("smollm2-135m-instruct-per-head"))
+    assert layers.keys() == per_head.keys() and len(layers) == 28
+    ratios = {round(heads[0] / max(per_head[layer]), 4) for layer, heads in layers.items() if len(set(heads)) == 1}
+    assert len(ratios) == 1 and len(layers) == sum(len(set(heads)) == 1 for heads in layers.values())

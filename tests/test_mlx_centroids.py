@@ -456,7 +456,7 @@ def test_embedded_model_counts_the_shipped_table_exactly():
     prompts, page, steps = [long, long[:50], long[:20]], 8, 6
     sparse = SparseSettings(True, token_budget=4 * page, dense_layers=2, sink_tokens=page, recent_tokens=page,
                             shortlist_tokens=0, selector="centroids", centroids=4, group_tokens=page,
-                            head_budget_weights=read_weights("smollm2-135m-instruct"))
+                            head_budget_weights=read_weights("smollm2-135m-instruct-per-head"))
     settings, tables = packaged_runner_settings(sparse, prompts, steps, page)
     runner = MlxRunner(settings)
     counts = head_groups(sparse, runner.config.num_layers, runner.config.num_kv_heads)
@@ -494,7 +494,7 @@ def test_embedded_model_with_the_shipped_table_decodes_as_the_torch_runner():
     prompts, page, steps = [long, long[:50], long[:20]], 8, 6
     sparse = SparseSettings(True, token_budget=4 * page, dense_layers=2, sink_tokens=page, recent_tokens=page,
                             shortlist_tokens=0, selector="centroids", centroids=4, group_tokens=page,
-                            head_budget_weights=read_weights("smollm2-135m-instruct"))
+                            head_budget_weights=read_weights("smollm2-135m-instruct-per-head"))
     settings, tables = packaged_runner_settings(sparse, prompts, steps, page)
     got, got_logits, got_stats = greedy_batch(MlxRunner(settings), prompts, tables, steps)
     torch_settings = dataclasses.replace(settings, device="cpu", dtype="float32", threads=1)
@@ -524,7 +524,7 @@ def test_a_table_that_does_not_fit_is_refused_at_start_up(change, message):
     page = 8
     sparse = SparseSettings(True, token_budget=4 * page, dense_layers=2, sink_tokens=page, recent_tokens=page,
                             shortlist_tokens=0, selector="centroids", centroids=4, group_tokens=page,
-                            run_tokens=2 * page, head_budget_weights=read_weights("smollm2-135m-instruct"))
+                            run_tokens=2 * page, head_budget_weights=read_weights("smollm2-135m-instruct-per-head"))
     settings, _ = packaged_runner_settings(dataclasses.replace(sparse, **change), [[1] * 8], 1, page)
     with pytest.raises(ValueError, match="sparse_attention.") as raised:
         MlxRunner(settings)

@@ -396,7 +396,7 @@ def test_real_model_centroid_head_budgets(smollm):
     from backends.head_budgets import head_groups, read_weights
     make, tokenizer = smollm
     heads = SparseSettings(True, 256, 2, 16, 64, selector="centroids",
-                           head_budget_weights=read_weights("smollm2-135m-instruct"))
+                           head_budget_weights=read_weights("smollm2-135m-instruct-per-head"))
     runner = make(heads)
     table = head_groups(heads, runner.config.num_layers, runner.config.num_kv_heads)
     assert table.fewest == 3 and len(table.per_layer) == runner.config.num_layers - 2
