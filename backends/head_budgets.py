@@ -64,8 +64,10 @@ class HeadGroups:
     def largest(self, layer: int) -> int:
         return max(self.per_layer[layer])
 
+    @functools.cached_property
     def count_frequencies(self) -> dict[int, int]:
-        """How many (layer, KV head) pairs keep each count (the page accounting sums by count)."""
+        """How many (layer, KV head) pairs keep each count (the page accounting sums by count, every
+        step: made once)."""
         return dict(Counter(count for heads in self.per_layer.values() for count in heads))
 
     @property

@@ -49,9 +49,10 @@ from kernels.triton.centroids import (
 )
 from kernels.triton.decode import paged_decode, split_k_decode
 from kernels.triton.select_attend import select_attend
-from kernels.triton.selection import combine_select, prefers_top_k
+from kernels.triton.selection import combine_select
 from kernels.triton.shortlist_scores import shortlisted_group_logits
 from kernels.triton.sparse import sparse_decode
+from kernels.triton.top_k import prefers_top_k
 
 GROUP_PAGES = 4
 SPAN = PAGE * GROUP_PAGES

@@ -135,7 +135,7 @@ def live_server():
 # decode) are refreshed by reloading the importers after what they import.
 TRITON_JIT_MODULES = ("triton.language.standard", "triton.language.random", "triton.language",
                       "kernels.triton.decode", "kernels.triton.extend", "kernels.triton.summaries",
-                      "kernels.triton.selection", "kernels.triton.sparse",
+                      "kernels.triton.top_k", "kernels.triton.selection", "kernels.triton.sparse",
                       "kernels.triton.select_attend", "kernels.triton.centroid_scores",
                       "kernels.triton.shortlist_scores", "kernels.triton.centroids",
                       "kernels.triton.layer_ops",

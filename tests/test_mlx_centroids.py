@@ -369,6 +369,19 @@ def greedy_batch(runner, prompts: list[list[int]], tables: list[list[int]], step
     return tokens, np.stack(logits), stats
 
 
+def assert_greedy_alike(got, got_logits, want, want_logits, steps: int) -> None:
+    """MLX's greedy rows against torch's: the same tokens but for a pick at a near tie (within
+    GREEDY_GAP of torch's max), and the same logits for every step fed the same tokens (after a
+    near tie the runs are different texts)."""
+    for row, (got_row, want_row) in enumerate(zip(got, want, strict=True)):
+        end = steps
+        if got_row != want_row:
+            end = next(i for i, (a, b) in enumerate(zip(got_row, want_row, strict=True)) if a != b)
+            gap = float(want_logits[end, row].max() - want_logits[end, row, got_row[end]])
+            assert gap <= GREEDY_GAP, f"row {row} step {end}: MLX picked {got_row[end]}, {gap:.3f} below torch's max"
+        np.testing.assert_allclose(got_logits[:end + 1, row], want_logits[:end + 1, row], atol=0.01, rtol=0)
+
+
 def test_embedded_model_decodes_as_the_torch_runner():
     """SmolLM2-135M with selector: centroids, coarse to fine, at sizes MLX's CPU prefills quickly:
     pages of 8 tokens, groups of one page, 4 in the budget, runs of 2 groups with 4 shortlisted.
@@ -418,14 +431,7 @@ def test_embedded_model_decodes_as_the_torch_runner():
                                               **common))
     want, want_logits, want_stats = greedy_batch(torch_runner, prompts, tables, steps)
     assert got_stats == want_stats and all(skipped > 0 for _, skipped in got_stats)
-    for row, (got_row, want_row) in enumerate(zip(got, want, strict=True)):
-        end = steps
-        if got_row != want_row:
-            end = next(i for i, (a, b) in enumerate(zip(got_row, want_row, strict=True)) if a != b)
-            gap = float(want_logits[end, row].max() - want_logits[end, row, got_row[end]])
-            assert gap <= GREEDY_GAP, f"row {row} step {end}: MLX picked {got_row[end]}, {gap:.3f} below torch's max"
-        # the same tokens fed so far: the same logits (after a near tie the runs are different texts)
-        np.testing.assert_allclose(got_logits[:end + 1, row], want_logits[:end + 1, row], atol=0.01, rtol=0)
+    assert_greedy_alike(got, got_logits, want, want_logits, steps)
 
 
 def packaged_runner_settings(sparse: SparseSettings, prompts: list[list[int]], steps: int, page: int):
@@ -500,13 +506,7 @@ def test_embedded_model_with_the_shipped_table_decodes_as_the_torch_runner():
     torch_settings = dataclasses.replace(settings, device="cpu", dtype="float32", threads=1)
     want, want_logits, want_stats = greedy_batch(TorchRunner(torch_settings), prompts, tables, steps)
     assert got_stats == want_stats and all(skipped > 0 for _, skipped in got_stats)
-    for row, (got_row, want_row) in enumerate(zip(got, want, strict=True)):
-        end = steps
-        if got_row != want_row:
-            end = next(i for i, (a, b) in enumerate(zip(got_row, want_row, strict=True)) if a != b)
-            gap = float(want_logits[end, row].max() - want_logits[end, row, got_row[end]])
-            assert gap <= GREEDY_GAP, f"row {row} step {end}: MLX picked {got_row[end]}, {gap:.3f} below torch's max"
-        np.testing.assert_allclose(got_logits[:end + 1, row], want_logits[:end + 1, row], atol=0.01, rtol=0)
+    assert_greedy_alike(got, got_logits, want, want_logits, steps)
 
 
 @pytest.mark.parametrize("change, message", [

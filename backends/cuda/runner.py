@@ -229,7 +229,7 @@ class TorchRunner:
             table = head_groups(self.sparse, self.config.num_layers, self.config.num_kv_heads)
             if table is not None:           # each (layer, KV head) its own count: summed by count
                 counted = [count_group_pages(lengths, self.page_size, group_pages, count) + (times,)
-                           for count, times in table.count_frequencies().items()]
+                           for count, times in table.count_frequencies.items()]
                 return AttentionStats(sum(r * t for r, _, t in counted), sum(k * t for _, k, t in counted))
             read, skipped = count_group_pages(lengths, self.page_size, group_pages, budget)
         else:

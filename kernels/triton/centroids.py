@@ -15,8 +15,9 @@ from kernels.reference import default_scale, sparse_page_counts
 from kernels.triton.centroid_scores import centroid_group_logits, score_tuning
 from kernels.triton.decode import check_kv, default_num_splits, num_sms, paged_decode, split_k_decode
 from kernels.triton.select_attend import select_attend, select_then_attend
-from kernels.triton.selection import combine_select, prefers_top_k
+from kernels.triton.selection import combine_select
 from kernels.triton.shortlist_scores import shortlisted_group_logits
+from kernels.triton.top_k import prefers_top_k
 
 
 class HeadBudgets(NamedTuple):
@@ -182,7 +183,7 @@ def centroid_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                                        **score_tuning(rows, q.device, page_tables.shape[-1] // group_pages))
     groups = logits.shape[2]
     # the k-th score from a bitonic top-k of the budget instead of the 32-step radix search where
-    # that is faster (selection.prefers_top_k; H200, 1024 groups: combine_select b64 13.9 us
+    # that is faster (top_k.prefers_top_k; H200, 1024 groups: combine_select b64 13.9 us
     # against 14.4, select_attend b1 13.4 against 14.6; 2048 groups, select_attend 16.3 against
     # 17.2; 4096 groups 24.3 against 21.8)
     sort = "topk" if prefers_top_k(groups, force[0]) else None

@@ -4,7 +4,7 @@ At batch 1 the centroid decode is a chain of latencies, not of bytes: the select
 row's top k, its pages written out) and the attention kernel (those pages read back, then K/V)
 each pay a launch and their own dependent memory trips. Here every attention program (sequence,
 KV head, split) runs the row's selection itself, in registers: the group scores of
-selection.group_scores, the exact top k of selection.keep_top_k, the kept groups compacted in
+selection.group_scores, the exact top k of top_k.keep_top_k, the kept groups compacted in
 ascending order as combine_select compacts them. A split covers SPLIT_GROUPS consecutive kept
 groups of that order (the virtual sequence split_k_decode(fixed_splits=True) reads from
 combine_select's output, so the keys, their order and the partials are the same), looks up their
@@ -28,13 +28,12 @@ import triton.language as tl
 from kernels.triton.decode import LOG2E, attend_split, check_kv, dot_upcast, merge_splits, mma
 from kernels.triton.selection import (
     group_scores,
-    keep_top_k,
     row_budget,
     row_group_pages,
     selection_outputs,
-    sort_width,
     store_selection,
 )
+from kernels.triton.top_k import keep_top_k, sort_width
 
 
 @triton.jit

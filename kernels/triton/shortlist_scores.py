@@ -19,7 +19,8 @@ import triton
 import triton.language as tl
 
 from kernels.triton.centroid_scores import score_tile, score_tile_rows
-from kernels.triton.selection import group_scores, keep_top_k, sort_width
+from kernels.triton.selection import group_scores
+from kernels.triton.top_k import keep_top_k, sort_width
 
 
 @triton.jit
@@ -109,7 +110,7 @@ def shortlisted_group_logits(q: torch.Tensor, run_logits: torch.Tensor, cents: t
     [batch, kv_heads, kept * run_pages], each KV head's shortlisted runs' pages in order; the
     shortlists' lengths int32 [batch]): what combine_select(run_logits, ..., expand=run_pages)
     followed by centroid_group_logits over its tables gives. sort: the run top-k's
-    (selection.sort_width); block_n, num_warps, row_tile: the scorer's tile (score_tuning)."""
+    (top_k.sort_width); block_n, num_warps, row_tile: the scorer's tile (score_tuning)."""
     batch, q_heads, head_dim = q.shape
     kv_heads, clusters = cents.shape[1:3]
     keep, sink, recent = runs
